@@ -1,0 +1,33 @@
+//! `lmstack-core`: the tokenizer and model types every other lmstack crate shares.
+//!
+//! - [`tokenizer`]: Hugging Face `tokenizer.json` loading, BPE and character-level training,
+//!   incremental (streaming) decoding.
+//! - [`config`]: `config.json` for `gpt2`, `llama` (and `mistral`) and `bert`.
+//! - [`models`]: the transformer architectures and [`Model`], with a differentiable
+//!   whole-batch forward and a KV-cached prefill/decode forward over per-sequence caches.
+//! - [`kv_cache`], [`sampling`], [`params`] (the parameter store), [`pretrained`] (model
+//!   directories), [`nn`] (building blocks, including the adapter hook on every projection).
+//!
+//! No HTTP, no CLI, no training loop: those live in `lmstack-serve`, the binaries and
+//! `lmstack-train`.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod io;
+pub mod kv_cache;
+pub mod models;
+pub mod nn;
+pub mod params;
+pub mod pretrained;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use candle_core::{DType, Device, Tensor};
+pub use config::{ModelConfig, ModelType};
+pub use error::{Error, Result};
+pub use kv_cache::KvCache;
+pub use models::{Model, SeqStep};
+pub use pretrained::Pretrained;
+pub use sampling::{Sampled, Sampler, SamplingParams};
+pub use tokenizer::{IncrementalDecoder, SpecialTokens, Tokenizer};

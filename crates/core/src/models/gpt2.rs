@@ -1,0 +1,138 @@
+//! GPT-2: "Language Models are Unsupervised Multitask Learners" (Radford et al., 2019).
+//!
+//! Mirrors `transformers.models.gpt2.modeling_gpt2`: learned absolute positions, pre-LN blocks,
+//! fused `c_attn` q/k/v projection and HF `Conv1D` weights stored `[in, out]`, GELU (tanh) MLP,
+//! LM head tied to the token embedding. Weight names are HF's (`transformer.h.0.attn.c_attn`).
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::Gpt2Config;
+use crate::nn::{attention, AttnCtx, Embedding, LayerNorm, Linear};
+use crate::Result;
+
+#[derive(Debug, Clone)]
+struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+    scale: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+/// A GPT-2 language model.
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    wte: Embedding,
+    wpe: Embedding,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear,
+    cfg: Gpt2Config,
+}
+
+impl Gpt2 {
+    /// Loads (or initialises) the model from `vb` rooted at the checkpoint's top level.
+    pub fn load(vb: VarBuilder<'_>, cfg: &Gpt2Config) -> Result<Self> {
+        let t = vb.pp("transformer");
+        let d = cfg.n_embd;
+        let std = 0.02;
+        // GPT-2's scaled init of residual projections: 0.02 / sqrt(2 * n_layer).
+        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+        let wte = Embedding::load(t.pp("wte"), cfg.vocab_size, d, std)?;
+        let wpe = Embedding::load(t.pp("wpe"), cfg.n_positions, d, std)?;
+        let h = (0..cfg.n_layer)
+            .map(|i| {
+                let b = t.pp("h").pp(i);
+                Ok(Block {
+                    ln_1: LayerNorm::load(b.pp("ln_1"), d, cfg.layer_norm_epsilon)?,
+                    attn: Attention {
+                        c_attn: Linear::load_conv1d(b.pp("attn").pp("c_attn"), d, 3 * d, std)?,
+                        c_proj: Linear::load_conv1d(b.pp("attn").pp("c_proj"), d, d, proj_std)?,
+                        n_head: cfg.n_head,
+                        scale: if cfg.scale_attn_weights { 1.0 / ((d / cfg.n_head) as f64).sqrt() } else { 1.0 },
+                    },
+                    ln_2: LayerNorm::load(b.pp("ln_2"), d, cfg.layer_norm_epsilon)?,
+                    mlp: Mlp {
+                        c_fc: Linear::load_conv1d(b.pp("mlp").pp("c_fc"), d, cfg.inner(), std)?,
+                        c_proj: Linear::load_conv1d(b.pp("mlp").pp("c_proj"), cfg.inner(), d, proj_std)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::load(t.pp("ln_f"), d, cfg.layer_norm_epsilon)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::from_tensors(wte.table().clone(), None, "lm_head")
+        } else {
+            Linear::load(vb.pp("lm_head"), d, cfg.vocab_size, false, std)?
+        };
+        Ok(Self { wte, wpe, h, ln_f, lm_head, cfg: cfg.clone() })
+    }
+
+    /// Final hidden states (after `ln_f`).
+    ///
+    /// # Shapes
+    /// `ids`, `positions`: `[b, t]` (u32) → `[b, t, n_embd]`.
+    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, ctx: &mut AttnCtx<'_, '_>) -> Result<Tensor> {
+        let mut x = self.wte.forward(ids)?.broadcast_add(&self.wpe.forward(positions)?)?;
+        let act = self.cfg.activation_function;
+        for (i, blk) in self.h.iter().enumerate() {
+            let (b, t, d) = x.dims3()?;
+            let qkv = blk.attn.c_attn.forward(&blk.ln_1.forward(&x)?)?;
+            let hd = d / blk.attn.n_head;
+            let q = qkv.narrow(2, 0, d)?.reshape((b, t, blk.attn.n_head, hd))?;
+            let k = qkv.narrow(2, d, d)?.reshape((b, t, blk.attn.n_head, hd))?;
+            let v = qkv.narrow(2, 2 * d, d)?.reshape((b, t, blk.attn.n_head, hd))?;
+            let a = attention(&q, &k, &v, ctx, i, blk.attn.scale)?;
+            x = (x + blk.attn.c_proj.forward(&a)?)?;
+            let m = blk.mlp.c_fc.forward(&blk.ln_2.forward(&x)?)?;
+            x = (&x + blk.mlp.c_proj.forward(&act.forward(&m)?)?)?;
+        }
+        Ok(self.ln_f.forward(&x)?)
+    }
+
+    /// The LM head: hidden states to vocabulary logits.
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// Every projection, for adapters.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = Vec::new();
+        for b in &mut self.h {
+            v.extend([&mut b.attn.c_attn, &mut b.attn.c_proj, &mut b.mlp.c_fc, &mut b.mlp.c_proj]);
+        }
+        v.push(&mut self.lm_head);
+        v
+    }
+}
+
+/// Renames checkpoint tensors to the canonical `transformer.*` layout (the original OpenAI
+/// checkpoints have no prefix) and drops the attention-mask buffers older files carry.
+pub fn normalize_names(tensors: &mut std::collections::HashMap<String, Tensor>) {
+    let keys: Vec<String> = tensors.keys().cloned().collect();
+    for k in keys {
+        if k.ends_with(".attn.bias") || k.ends_with(".attn.masked_bias") {
+            tensors.remove(&k);
+            continue;
+        }
+        if !k.starts_with("transformer.") && !k.starts_with("lm_head.") {
+            if let Some(t) = tensors.remove(&k) {
+                tensors.insert(format!("transformer.{k}"), t);
+            }
+        }
+    }
+}

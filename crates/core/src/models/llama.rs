@@ -1,0 +1,137 @@
+//! Llama: "LLaMA: Open and Efficient Foundation Language Models" (Touvron et al., 2023), with
+//! grouped-query attention ("GQA", Ainslie et al., 2023).
+//!
+//! Mirrors `transformers.models.llama.modeling_llama`: RMSNorm pre-norm blocks, rotary
+//! position embeddings in the "rotate half" layout with `rope_theta`, SwiGLU MLP
+//! (`down(act(gate(x)) * up(x))`), `num_key_value_heads` shared K/V heads, tied or untied LM
+//! head. Mistral checkpoints without a sliding window are the same network.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::LlamaConfig;
+use crate::nn::{attention, AttnCtx, Embedding, Linear, RmsNorm, Rotary};
+use crate::Result;
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    cfg: LlamaConfig,
+}
+
+impl Llama {
+    /// Loads (or initialises) the model from `vb` rooted at the checkpoint's top level.
+    pub fn load(vb: VarBuilder<'_>, cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let m = vb.pp("model");
+        let d = cfg.hidden_size;
+        let (h, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let std = cfg.extra.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+        let embed_tokens = Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, d, std)?;
+        let ab = cfg.attention_bias;
+        let mb = cfg.mlp_bias;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let b = m.pp("layers").pp(i);
+                let a = b.pp("self_attn");
+                let f = b.pp("mlp");
+                Ok(Block {
+                    input_layernorm: RmsNorm::load(b.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
+                    self_attn: Attention {
+                        q_proj: Linear::load(a.pp("q_proj"), d, h * hd, ab, std)?,
+                        k_proj: Linear::load(a.pp("k_proj"), d, kvh * hd, ab, std)?,
+                        v_proj: Linear::load(a.pp("v_proj"), d, kvh * hd, ab, std)?,
+                        o_proj: Linear::load(a.pp("o_proj"), h * hd, d, ab, std)?,
+                    },
+                    post_attention_layernorm: RmsNorm::load(b.pp("post_attention_layernorm"), d, cfg.rms_norm_eps)?,
+                    mlp: Mlp {
+                        gate_proj: Linear::load(f.pp("gate_proj"), d, cfg.intermediate_size, mb, std)?,
+                        up_proj: Linear::load(f.pp("up_proj"), d, cfg.intermediate_size, mb, std)?,
+                        down_proj: Linear::load(f.pp("down_proj"), cfg.intermediate_size, d, mb, std)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(m.pp("norm"), d, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::from_tensors(embed_tokens.table().clone(), None, "lm_head")
+        } else {
+            Linear::load(vb.pp("lm_head"), d, cfg.vocab_size, false, std)?
+        };
+        // RoPE tables are computed in f32 as transformers does, then cast once.
+        let rotary = Rotary::new(hd, cfg.max_position_embeddings, cfg.rope_theta(), dtype, device)?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone() })
+    }
+
+    /// Final hidden states (after the last RMSNorm).
+    ///
+    /// # Shapes
+    /// `ids`, `positions`: `[b, t]` (u32) → `[b, t, hidden_size]`.
+    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, ctx: &mut AttnCtx<'_, '_>) -> Result<Tensor> {
+        let (h, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self.embed_tokens.forward(ids)?;
+        for (i, blk) in self.layers.iter().enumerate() {
+            let (b, t, _) = x.dims3()?;
+            let xn = blk.input_layernorm.forward(&x)?;
+            let a = &blk.self_attn;
+            let q = a.q_proj.forward(&xn)?.reshape((b, t, h, hd))?;
+            let k = a.k_proj.forward(&xn)?.reshape((b, t, kvh, hd))?;
+            let v = a.v_proj.forward(&xn)?.reshape((b, t, kvh, hd))?;
+            let q = self.rotary.apply(&q, positions)?;
+            let k = self.rotary.apply(&k, positions)?;
+            let o = attention(&q, &k, &v, ctx, i, scale)?;
+            x = (x + a.o_proj.forward(&o)?)?;
+            let xn = blk.post_attention_layernorm.forward(&x)?;
+            let f = &blk.mlp;
+            let g = self.cfg.hidden_act.forward(&f.gate_proj.forward(&xn)?)?;
+            x = (&x + f.down_proj.forward(&(g * f.up_proj.forward(&xn)?)?)?)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// The LM head: hidden states to vocabulary logits.
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// Every projection, for adapters.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = Vec::new();
+        for b in &mut self.layers {
+            let a = &mut b.self_attn;
+            v.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            let f = &mut b.mlp;
+            v.extend([&mut f.gate_proj, &mut f.up_proj, &mut f.down_proj]);
+        }
+        v.push(&mut self.lm_head);
+        v
+    }
+}

@@ -1,0 +1,360 @@
+//! Model architectures (one file each) and [`Model`], the type the rest of lmstack uses.
+//!
+//! A [`Model`] is built from a [`ModelConfig`] and a [`ParamStore`]; it offers
+//! - [`Model::forward`]: whole sequences `[b, t]` with an optional padding mask, built only
+//!   from differentiable ops when parameters are trainable (training, scoring);
+//! - [`Model::forward_cached`]: new tokens of several sequences packed together, each continuing
+//!   its own [`KvCache`] at its own position: prefill (many tokens) and decode (one token) mixed
+//!   in one call, as a continuously batching server needs;
+//! - [`Model::classify`] and masked-LM logits for BERT.
+
+pub mod bert;
+pub mod gpt2;
+pub mod llama;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+use crate::nn::{batch_mask, AttnCtx, Linear};
+use crate::params::ParamStore;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+enum Arch {
+    Gpt2(gpt2::Gpt2),
+    Llama(llama::Llama),
+    Bert(bert::Bert),
+}
+
+/// A language model of any supported architecture.
+#[derive(Debug, Clone)]
+pub struct Model {
+    arch: Arch,
+    config: ModelConfig,
+    store: ParamStore,
+    dtype: DType,
+    device: Device,
+}
+
+/// One sequence's part of a [`Model::forward_cached`] call.
+#[derive(Debug)]
+pub struct SeqStep<'a> {
+    /// The new tokens: the whole prompt (or a chunk of it) for prefill, one token for decode.
+    pub tokens: &'a [u32],
+    /// The sequence's cache; the tokens take positions `cache.len()..`.
+    pub cache: &'a mut KvCache,
+    /// Return logits for every new token (prompt scoring) instead of only the last one.
+    pub all_logits: bool,
+}
+
+impl Model {
+    /// Builds a model from `config` with parameters from `store`.
+    pub fn new(config: ModelConfig, store: &ParamStore, dtype: DType, device: &Device) -> Result<Self> {
+        if config.model_type() == crate::config::ModelType::Bert && dtype != DType::F32 && dtype != DType::BF16 && dtype != DType::F16 {
+            return Err(Error::invalid("dtype", format!("{dtype:?} is not a float type")));
+        }
+        let vb = store.var_builder(dtype, device);
+        let arch = match &config {
+            ModelConfig::Gpt2(c) => Arch::Gpt2(gpt2::Gpt2::load(vb, c)?),
+            ModelConfig::Llama(c) => Arch::Llama(llama::Llama::load(vb, c, dtype, device)?),
+            ModelConfig::Bert(c) => {
+                let heads = bert::BertHeads::infer(c, &config.architectures(), &|n| store_has(store, n));
+                Arch::Bert(bert::Bert::load(vb, c, heads)?)
+            }
+        };
+        Ok(Self { arch, config, store: store.clone(), dtype, device: device.clone() })
+    }
+
+    /// A new model with freshly initialised trainable parameters (seeded).
+    pub fn init(config: ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        Self::new(config, &ParamStore::init(seed), dtype, device)
+    }
+
+    /// Loads `config.json` and `model.safetensors` (or a sharded index) from `dir` with frozen
+    /// parameters, for inference.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let (tensors, file) = load_checkpoint(dir, &config)?;
+        let store = ParamStore::frozen(tensors, &file);
+        let m = Self::new(config, &store, dtype, device)?;
+        store.release_source();
+        Ok(m)
+    }
+
+    /// Loads a model directory with trainable parameters; tensors the checkpoint lacks (a new
+    /// head) are initialised from `init_seed` when given, else are an error.
+    pub fn load_trainable(dir: &Path, dtype: DType, device: &Device, init_seed: Option<u64>) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let (tensors, file) = load_checkpoint(dir, &config)?;
+        let store = ParamStore::trainable(tensors, &file, init_seed);
+        let m = Self::new(config, &store, dtype, device)?;
+        store.release_source();
+        Ok(m)
+    }
+
+    /// Writes `config.json` and `model.safetensors` into `dir` (created if needed), each
+    /// atomically, in the Hugging Face layout.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+        crate::io::write_json(&dir.join("config.json"), &self.config_json())?;
+        save_safetensors(&dir.join("model.safetensors"), &self.store.tensors())
+    }
+
+    /// The `config.json` content for this model (with `architectures` and `torch_dtype`).
+    pub fn config_json(&self) -> serde_json::Value {
+        let mut cfg = self.config.clone();
+        let archs = match &self.arch {
+            Arch::Gpt2(_) => "GPT2LMHeadModel",
+            Arch::Llama(_) => "LlamaForCausalLM",
+            Arch::Bert(b) if b.heads().classifier.is_some() => "BertForSequenceClassification",
+            Arch::Bert(b) if b.heads().mlm => "BertForMaskedLM",
+            Arch::Bert(_) => "BertModel",
+        };
+        let extra = cfg.extra_mut();
+        extra.insert("architectures".into(), serde_json::json!([archs]));
+        let dt = match self.dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        };
+        extra.insert("torch_dtype".into(), dt.into());
+        extra.remove("dtype");
+        cfg.to_value()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The parameter store (names, tensors, trainable variables).
+    pub fn params(&self) -> &ParamStore {
+        &self.store
+    }
+
+    /// Number of parameters (tied weights counted once), as `model.num_parameters()` reports.
+    pub fn num_parameters(&self) -> usize {
+        self.store.num_parameters()
+    }
+
+    /// The dtype of the weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The context length.
+    pub fn max_len(&self) -> usize {
+        self.config.max_position_embeddings()
+    }
+
+    /// Every linear projection, by module path, so adapters can be attached by name.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        match &mut self.arch {
+            Arch::Gpt2(m) => m.linears_mut(),
+            Arch::Llama(m) => m.linears_mut(),
+            Arch::Bert(m) => m.linears_mut(),
+        }
+    }
+
+    /// The BERT model, for its encoder-specific methods.
+    pub fn as_bert(&self) -> Option<&bert::Bert> {
+        match &self.arch {
+            Arch::Bert(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// An empty KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        let (kvh, hd) = self.config.kv_shape();
+        KvCache::new(self.config.num_layers(), kvh, hd, self.max_len(), self.dtype, &self.device)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let v = self.config.vocab_size();
+        match ids.iter().find(|&&i| i as usize >= v) {
+            Some(&id) => Err(Error::TokenOutOfRange { id, vocab_size: v }),
+            None => Ok(()),
+        }
+    }
+
+    /// Logits for whole sequences: next-token logits for causal models, masked-LM logits for
+    /// BERT. `attention_mask` (`[b, t]`, 1 = token, 0 = padding) hides padded keys; positions
+    /// are `0..t` for every row, so pad on the right.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[b, t]` (u32) → `[b, t, vocab_size]`.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, None)?;
+        match &self.arch {
+            Arch::Gpt2(m) => Ok(m.lm_head().forward(&hidden)?),
+            Arch::Llama(m) => Ok(m.lm_head().forward(&hidden)?),
+            Arch::Bert(m) => m.mlm_logits(&hidden),
+        }
+    }
+
+    /// Final hidden states for whole sequences (see [`Model::forward`]); `token_type_ids` is
+    /// used by BERT only (zeros when `None`).
+    ///
+    /// # Shapes
+    /// `input_ids`: `[b, t]` (u32) → `[b, t, hidden_size]`.
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.max_len() {
+            return Err(Error::ContextOverflow { len: t, max: self.max_len() });
+        }
+        self.check_ids(&input_ids.flatten_all()?.to_vec1::<u32>()?)?;
+        let positions = Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
+        let mask = batch_mask(b, t, self.config.is_causal(), attention_mask, &self.device)?;
+        let mut ctx = AttnCtx::Batch { mask };
+        match &self.arch {
+            Arch::Gpt2(m) => m.hidden(input_ids, &positions, &mut ctx),
+            Arch::Llama(m) => m.hidden(input_ids, &positions, &mut ctx),
+            Arch::Bert(m) => {
+                let tt = match token_type_ids {
+                    Some(t) => t.clone(),
+                    None => input_ids.zeros_like()?,
+                };
+                m.hidden(input_ids, &positions, &tt, &mut ctx)
+            }
+        }
+    }
+
+    /// Sequence-classification logits of a BERT model with a classifier head.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[b, t]` (u32) → `[b, num_labels]`.
+    pub fn classify(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
+        let bert = self.as_bert().ok_or_else(|| Error::invalid("model", "classification needs a bert model"))?;
+        let hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)?;
+        bert.classify(&hidden)
+    }
+
+    /// Runs the new tokens of several sequences in one batched forward, each continuing its
+    /// own KV cache at its own position (prefill and decode steps may be mixed). Returns, per
+    /// sequence, f32 logits `[n_new, vocab]` when `all_logits`, else `[1, vocab]` for the last
+    /// new token.
+    pub fn forward_cached(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        if !self.config.is_causal() {
+            return Err(Error::invalid("model", "cached decoding needs a causal (gpt2 or llama) model"));
+        }
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut spans = Vec::with_capacity(steps.len());
+        let mut rows = Vec::new();
+        for s in steps.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::invalid("tokens", "each sequence needs at least one new token"));
+            }
+            self.check_ids(s.tokens)?;
+            let p0 = s.cache.len();
+            if p0 + s.tokens.len() > self.max_len() {
+                return Err(Error::ContextOverflow { len: p0 + s.tokens.len(), max: self.max_len() });
+            }
+            let start = ids.len();
+            spans.push((start, s.tokens.len()));
+            ids.extend_from_slice(s.tokens);
+            pos.extend((p0..p0 + s.tokens.len()).map(|p| p as u32));
+            if s.all_logits {
+                rows.extend((start..start + s.tokens.len()).map(|r| r as u32));
+            } else {
+                rows.push((start + s.tokens.len() - 1) as u32);
+            }
+        }
+        let n = ids.len();
+        let ids_t = Tensor::from_vec(ids, (1, n), &self.device)?;
+        let pos_t = Tensor::from_vec(pos, (1, n), &self.device)?;
+        let mut caches: Vec<&mut KvCache> = steps.iter_mut().map(|s| &mut *s.cache).collect();
+        let mut ctx = AttnCtx::Packed { spans: &spans, caches: &mut caches };
+        let (hidden, head) = match &self.arch {
+            Arch::Gpt2(m) => (m.hidden(&ids_t, &pos_t, &mut ctx)?, m.lm_head()),
+            Arch::Llama(m) => (m.hidden(&ids_t, &pos_t, &mut ctx)?, m.lm_head()),
+            Arch::Bert(_) => unreachable!("checked above"),
+        };
+        let n_rows = rows.len();
+        let sel = hidden.i(0)?.index_select(&Tensor::from_vec(rows, n_rows, &self.device)?, 0)?;
+        let logits = head.forward(&sel)?.to_dtype(DType::F32)?;
+        let mut out = Vec::with_capacity(steps.len());
+        let mut r = 0;
+        for s in steps.iter() {
+            let k = if s.all_logits { s.tokens.len() } else { 1 };
+            out.push(logits.narrow(0, r, k)?);
+            r += k;
+        }
+        Ok(out)
+    }
+}
+
+fn store_has(store: &ParamStore, name: &str) -> bool {
+    use candle_nn::var_builder::SimpleBackend;
+    store.contains_tensor(name)
+}
+
+/// Reads `model.safetensors` (or the shards listed in `model.safetensors.index.json`) from
+/// `dir`, normalising tensor names for `config`'s architecture. Returns the tensors and the
+/// file name used in errors.
+pub fn load_checkpoint(dir: &Path, config: &ModelConfig) -> Result<(HashMap<String, Tensor>, String)> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let (mut tensors, file) = if single.exists() {
+        (read_safetensors(&single)?, single.display().to_string())
+    } else if index.exists() {
+        let idx: serde_json::Value = crate::io::read_json(&index)?;
+        let map = idx
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::config(index.display().to_string(), "weight_map", "missing or not an object"))?;
+        let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        shards.sort();
+        shards.dedup();
+        let mut all = HashMap::new();
+        for s in shards {
+            all.extend(read_safetensors(&dir.join(s))?);
+        }
+        (all, index.display().to_string())
+    } else {
+        return Err(Error::io(
+            "reading",
+            &single,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors (nor a sharded index) in the model directory"),
+        ));
+    };
+    match config {
+        ModelConfig::Gpt2(_) => gpt2::normalize_names(&mut tensors),
+        ModelConfig::Bert(_) => bert::normalize_names(&mut tensors),
+        ModelConfig::Llama(_) => {}
+    }
+    Ok((tensors, file))
+}
+
+/// Reads one safetensors file onto the CPU; a truncated or corrupt file is an error naming it.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
+    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| Error::Weight {
+        file: path.display().to_string(),
+        name: "<file>".into(),
+        message: format!("not a valid safetensors file: {e}"),
+    })
+}
+
+/// Writes tensors to a safetensors file atomically, with `{"format": "pt"}` metadata as
+/// `transformers` expects.
+pub fn save_safetensors(path: &Path, tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let bytes = safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| Error::Weight { file: path.display().to_string(), name: "<file>".into(), message: e.to_string() })?;
+    crate::io::write_atomic(path, &bytes)
+}

@@ -1,0 +1,379 @@
+//! Building blocks shared by the model files: projections that accept adapters, embeddings,
+//! normalisation, rotary embeddings and attention (batched, or packed over per-sequence KV
+//! caches).
+//!
+//! Every block picks candle's fused kernels only when no gradient can flow through it
+//! (`Tensor::track_op` is false, i.e. no `Var` upstream) and a differentiable composition of
+//! primitive ops otherwise: candle's fused softmax and norms have no backward pass (candle issue
+//! 2168), so training through them would silently get zero gradients.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::kv_cache::KvCache;
+use crate::Result;
+
+/// A learned addition to a [`Linear`]'s output, such as a LoRA adapter.
+///
+/// The adapter receives the same input as the layer and returns `[.., out_features]`, which is
+/// added to the frozen projection: `y = x Wᵀ + b + adapter(x)`.
+pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
+    /// The additive delta for input `xs` of shape `[.., in_features]`.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// A linear projection `y = x Wᵀ + b` with a stable module path (its Hugging Face name, such
+/// as `model.layers.0.self_attn.q_proj`) and an optional [`LinearAdapter`].
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    path: String,
+    adapter: Option<Arc<dyn LinearAdapter>>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` of shape `[out, in]` (and `{prefix}.bias` when `bias`),
+    /// initialised `N(0, std)` when the store creates it.
+    pub fn load(vb: VarBuilder<'_>, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
+        let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
+        Ok(Self { weight, bias, path: vb.prefix(), adapter: None })
+    }
+
+    /// Loads a Hugging Face `Conv1D` (GPT-2), whose weight is stored `[in, out]`; the layer
+    /// keeps a transposed view so it behaves as any other `Linear`.
+    pub fn load_conv1d(vb: VarBuilder<'_>, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
+        let w = vb.get_with_hints((in_dim, out_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
+        let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight: w.t()?, bias: Some(bias), path: vb.prefix(), adapter: None })
+    }
+
+    /// A linear layer from explicit tensors (weight `[out, in]`).
+    pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, path: impl Into<String>) -> Self {
+        Self { weight, bias, path: path.into(), adapter: None }
+    }
+
+    /// The module path, e.g. `transformer.h.0.attn.c_attn`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The weight, logically `[out_features, in_features]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `(in_features, out_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[1], d[0])
+    }
+
+    /// Attaches (or with `None`, removes) an adapter.
+    pub fn set_adapter(&mut self, adapter: Option<Arc<dyn LinearAdapter>>) {
+        self.adapter = adapter;
+    }
+
+    /// The attached adapter, if any.
+    pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
+        self.adapter.as_ref()
+    }
+
+    /// Replaces the weight (same logical shape), e.g. when merging an adapter.
+    pub fn set_weight(&mut self, weight: Tensor) -> Result<()> {
+        if weight.dims() != self.weight.dims() {
+            return Err(crate::Error::invalid(
+                "weight",
+                format!("{}: shape {:?} does not match {:?}", self.path, weight.dims(), self.weight.dims()),
+            ));
+        }
+        self.weight = weight;
+        Ok(())
+    }
+}
+
+impl Module for Linear {
+    /// # Shapes
+    /// `xs`: `[.., in]` → `[.., out]`.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = xs.dims();
+        let (in_dim, out_dim) = self.dims();
+        let lead: Vec<usize> = dims[..dims.len() - 1].to_vec();
+        let rows: usize = lead.iter().product();
+        let x2 = xs.reshape((rows, in_dim))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_shape = lead;
+        out_shape.push(out_dim);
+        let mut y = y.reshape(out_shape)?;
+        if let Some(a) = &self.adapter {
+            y = (y + a.forward(xs)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// A token or position embedding table `[num, dim]`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Tensor,
+}
+
+impl Embedding {
+    /// Loads `{prefix}.weight` of shape `[num, dim]`, initialised `N(0, std)`.
+    pub fn load(vb: VarBuilder<'_>, num: usize, dim: usize, std: f64) -> Result<Self> {
+        let table = vb.get_with_hints((num, dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
+        Ok(Self { table })
+    }
+
+    /// The table `[num, dim]`.
+    pub fn table(&self) -> &Tensor {
+        &self.table
+    }
+
+    /// # Shapes
+    /// `ids`: `[..]` (u32) → `[.., dim]`.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut shape = ids.dims().to_vec();
+        shape.push(self.table.dim(1)?);
+        self.table.index_select(&ids.flatten_all()?, 0)?.reshape(shape)
+    }
+}
+
+/// LayerNorm with weight and bias (`{prefix}.weight`, `{prefix}.bias`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads a LayerNorm of width `dim`, initialised to the identity.
+    pub fn load(vb: VarBuilder<'_>, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// # Shapes
+    /// `xs`: `[.., dim]` → `[.., dim]`; computed in f32.
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = xs.dtype();
+        if !xs.track_op() && !self.weight.track_op() {
+            let x = xs.to_dtype(DType::F32)?;
+            let w = self.weight.to_dtype(DType::F32)?;
+            let b = self.bias.to_dtype(DType::F32)?;
+            return candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32)?.to_dtype(dtype);
+        }
+        let x = xs.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)
+    }
+}
+
+/// RMSNorm with a weight (`{prefix}.weight`), as in Llama.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Loads an RMSNorm of width `dim`, initialised to the identity.
+    pub fn load(vb: VarBuilder<'_>, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        Ok(Self { weight, eps })
+    }
+
+    /// # Shapes
+    /// `xs`: `[.., dim]` → `[.., dim]`; computed in f32.
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = xs.dtype();
+        if !xs.track_op() && !self.weight.track_op() {
+            let x = xs.to_dtype(DType::F32)?;
+            let w = self.weight.to_dtype(DType::F32)?;
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)?.to_dtype(dtype);
+        }
+        let x = xs.to_dtype(DType::F32)?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let xn = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        // Llama multiplies in the activation dtype after normalising in f32.
+        xn.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Softmax over the last dimension: fused for inference, differentiable when tracked.
+pub fn softmax_last(xs: &Tensor) -> candle_core::Result<Tensor> {
+    if xs.track_op() {
+        let max = xs.max_keepdim(D::Minus1)?.detach();
+        let e = xs.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    } else {
+        candle_nn::ops::softmax_last_dim(&xs.contiguous()?)
+    }
+}
+
+/// Rotary position embeddings (RoPE) in the Hugging Face (“rotate half”) layout.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    /// Tables for positions `0..max_pos` and head width `head_dim`, with base `theta`.
+    pub fn new(head_dim: usize, max_pos: usize, theta: f64, dtype: DType, device: &Device) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32).collect();
+        let mut cos = Vec::with_capacity(max_pos * head_dim);
+        let mut sin = Vec::with_capacity(max_pos * head_dim);
+        for p in 0..max_pos {
+            // HF layout: the same frequencies for both halves of the head.
+            for _half in 0..2 {
+                for f in &inv {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (max_pos, head_dim), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_pos, head_dim), device)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin })
+    }
+
+    /// Rotates `xs` by the angles of `positions`.
+    ///
+    /// # Shapes
+    /// `xs`: `[b, t, heads, head_dim]`, `positions`: `[b, t]` (u32) → `[b, t, heads, head_dim]`.
+    pub fn apply(&self, xs: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, _h, d) = xs.dims4()?;
+        let idx = positions.flatten_all()?;
+        let cos = self.cos.index_select(&idx, 0)?.reshape((b, t, 1, d))?;
+        let sin = self.sin.index_select(&idx, 0)?.reshape((b, t, 1, d))?;
+        let x1 = xs.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = xs.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        xs.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// A large negative number used to mask attention scores (finite, so a fully masked row gives
+/// a uniform distribution instead of NaN).
+pub const MASK_VALUE: f32 = -1e30;
+
+/// An additive attention mask `[b, 1, t, t]` (f32): `causal` hides later keys, and
+/// `attention_mask` (`[b, t]`, 1 for real tokens and 0 for padding) hides padded keys.
+pub fn batch_mask(b: usize, t: usize, causal: bool, attention_mask: Option<&Tensor>, device: &Device) -> Result<Option<Tensor>> {
+    if !causal && attention_mask.is_none() {
+        return Ok(None);
+    }
+    let mut m = vec![0f32; b * t * t];
+    let pad: Option<Vec<Vec<u32>>> = match attention_mask {
+        Some(am) => Some(am.to_dtype(DType::U32)?.to_vec2::<u32>()?),
+        None => None,
+    };
+    for bi in 0..b {
+        for q in 0..t {
+            for k in 0..t {
+                let hidden = (causal && k > q) || pad.as_ref().is_some_and(|p| p[bi][k] == 0);
+                if hidden {
+                    m[(bi * t + q) * t + k] = MASK_VALUE;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (b, 1, t, t), device)?))
+}
+
+/// How attention sees the keys and values of a forward pass.
+pub enum AttnCtx<'a, 'c> {
+    /// Whole sequences `[b, t]` with an optional additive mask `[b, 1, t, t]`.
+    Batch {
+        /// The mask (see [`batch_mask`]).
+        mask: Option<Tensor>,
+    },
+    /// The new tokens of several sequences packed as `[1, n_total]`, each sequence
+    /// continuing its own KV cache: `spans[i] = (start, len)` in the packed axis.
+    Packed {
+        /// Where each sequence's new tokens sit in the packed axis.
+        spans: &'a [(usize, usize)],
+        /// One cache per sequence.
+        caches: &'a mut [&'c mut KvCache],
+    },
+}
+
+/// Scaled dot-product attention with grouped-query heads.
+///
+/// # Shapes
+/// `q`: `[b, t, heads, d]`, `k`/`v`: `[b, t, kv_heads, d]` → `[b, t, heads * d]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &mut AttnCtx<'_, '_>, layer: usize, scale: f64) -> Result<Tensor> {
+    let (b, t, h, d) = q.dims4()?;
+    let kvh = k.dim(2)?;
+    let n_rep = h / kvh;
+    match ctx {
+        AttnCtx::Batch { mask } => {
+            let q = q.transpose(1, 2)?.contiguous()?;
+            let mut k = k.transpose(1, 2)?.contiguous()?;
+            let mut v = v.transpose(1, 2)?.contiguous()?;
+            if n_rep > 1 {
+                k = k.unsqueeze(2)?.expand((b, kvh, n_rep, t, d))?.reshape((b, h, t, d))?;
+                v = v.unsqueeze(2)?.expand((b, kvh, n_rep, t, d))?.reshape((b, h, t, d))?;
+            }
+            let dtype = q.dtype();
+            let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+            if let Some(m) = mask {
+                scores = scores.broadcast_add(m)?;
+            }
+            let probs = softmax_last(&scores)?.to_dtype(dtype)?;
+            let out = probs.matmul(&v)?;
+            Ok(out.transpose(1, 2)?.reshape((b, t, h * d))?)
+        }
+        AttnCtx::Packed { spans, caches } => {
+            let mut outs = Vec::with_capacity(spans.len());
+            for (i, &(start, n)) in spans.iter().enumerate() {
+                let qi = q.narrow(1, start, n)?.squeeze(0)?; // [n, h, d]
+                let ki = k.narrow(1, start, n)?.squeeze(0)?.transpose(0, 1)?; // [kvh, n, d]
+                let vi = v.narrow(1, start, n)?.squeeze(0)?.transpose(0, 1)?;
+                let (k_all, v_all) = caches[i].append(layer, &ki, &vi)?; // [kvh, L, d]
+                let l = k_all.dim(1)?;
+                let p0 = l - n;
+                // Heads sharing a KV head are stacked along the query axis: [kvh, n_rep * n, d].
+                let qg = qi.transpose(0, 1)?.contiguous()?.reshape((kvh, n_rep * n, d))?;
+                let dtype = qg.dtype();
+                let mut scores = (qg.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
+                if n > 1 {
+                    let mut m = vec![0f32; n * l];
+                    for qi in 0..n {
+                        for kj in (p0 + qi + 1)..l {
+                            m[qi * l + kj] = MASK_VALUE;
+                        }
+                    }
+                    let m = Tensor::from_vec(m, (n, l), q.device())?;
+                    scores = scores.reshape((kvh, n_rep, n, l))?.broadcast_add(&m)?.reshape((kvh, n_rep * n, l))?;
+                }
+                let probs = softmax_last(&scores)?.to_dtype(dtype)?;
+                let out = probs.matmul(&v_all.contiguous()?)?; // [kvh, n_rep * n, d]
+                let out = out.reshape((h, n, d))?.transpose(0, 1)?.reshape((n, h * d))?;
+                outs.push(out);
+            }
+            Ok(Tensor::cat(&outs, 0)?.unsqueeze(0)?)
+        }
+    }
+}

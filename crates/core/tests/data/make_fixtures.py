@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""Generates the tiny Hugging Face fixtures the lmstack-core tests compare against.
+
+Regenerate (needs `pip install torch transformers tokenizers safetensors`, no network):
+
+    python3 crates/core/tests/data/make_fixtures.py
+
+Writes, next to this script, one directory per model (`config.json`, `model.safetensors`,
+tokenizer files where the model has one) and `expected.json` in each: the input ids, the
+attention mask, the logits of `transformers` in float32 eval mode and `num_parameters()`.
+CI reads these files without Python.
+
+Verify an lmstack-written directory in transformers (the reverse direction):
+
+    python3 crates/core/tests/data/make_fixtures.py --verify DIR
+
+which loads DIR with `transformers` and compares its logits to DIR/expected.json.
+"""
+import json
+import os
+import sys
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors, normalizers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEXT = (
+    "First Citizen: Before we proceed any further, hear me speak.\n"
+    "All: Speak, speak.\n"
+    "First Citizen: You are all resolved rather to die than to famish?\n"
+    "All: Resolved. resolved.\n"
+    "Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001F600 emoji and accents.\n"
+) * 20
+
+
+def byte_bpe(vocab_size):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    return tok
+
+
+def wordpiece(vocab_size):
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok
+
+
+def save_tokenizer(tok, d, special):
+    tok.save(os.path.join(d, "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def tokenizer_cases(tok, d):
+    samples = ["Before we proceed, hear me speak.", "Caf\u00e9 \u65e5\u672c \U0001F600!", "  spaces\n\nand lines  "]
+    cases = []
+    for s in samples:
+        enc = tok.encode(s)
+        cases.append({"text": s, "ids": enc.ids, "decoded": tok.decode(enc.ids)})
+    with open(os.path.join(d, "tokenizer_cases.json"), "w") as f:
+        json.dump(cases, f, indent=1, ensure_ascii=False)
+
+
+def dump(model, d, ids, mask, token_type_ids=None, head="logits"):
+    model.eval()
+    model.save_pretrained(d, safe_serialization=True)
+    with torch.no_grad():
+        kw = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        if token_type_ids is not None:
+            kw["token_type_ids"] = torch.tensor(token_type_ids)
+        out = model(**kw).logits
+    exp = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": token_type_ids,
+        "logits": [[[round(float(x), 7) for x in row] for row in b] for b in out.tolist()]
+        if out.dim() == 3 else [[round(float(x), 7) for x in row] for row in out.tolist()],
+        "num_parameters": model.num_parameters(),
+        "transformers_version": transformers.__version__,
+    }
+    with open(os.path.join(d, "expected.json"), "w") as f:
+        json.dump(exp, f)
+
+
+def batch(vocab, lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids, mask = [], []
+    for n in lengths:
+        row = torch.randint(0, vocab, (n,), generator=g).tolist()
+        ids.append(row + [0] * (t - n))
+        mask.append([1] * n + [0] * (t - n))
+    return ids, mask
+
+
+def main():
+    torch.manual_seed(0)
+    # GPT-2 with a byte-level BPE tokenizer.
+    d = os.path.join(HERE, "tiny-gpt2")
+    os.makedirs(d, exist_ok=True)
+    tok = byte_bpe(300)
+    vocab = tok.get_vocab_size()
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # non-trivial LayerNorm parameters so their loading is tested
+        for n, p in model.named_parameters():
+            if "ln" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    ids, mask = batch(vocab, [12, 7], 1)
+    dump(model, d, ids, mask)
+    save_tokenizer(tok, d, {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                            "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"})
+    tokenizer_cases(tok, d)
+
+    # Llama with grouped-query attention (4 query heads sharing 2 KV heads), untied head.
+    d = os.path.join(HERE, "tiny-llama")
+    os.makedirs(d, exist_ok=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=500000.0,
+        tie_word_embeddings=False, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    ids, mask = batch(64, [20, 13, 5], 2)
+    dump(model, d, ids, mask)
+
+    # BERT with the masked-LM head and a WordPiece tokenizer.
+    d = os.path.join(HERE, "tiny-bert")
+    os.makedirs(d, exist_ok=True)
+    tok = wordpiece(120)
+    vocab = tok.get_vocab_size()
+    cfg = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForMaskedLM(cfg)
+    ids, mask = batch(vocab, [10, 6], 3)
+    tt = [[0] * 5 + [1] * 5, [0] * 3 + [1] * 3 + [0] * 4]
+    dump(model, d, ids, mask, tt)
+    save_tokenizer(tok, d, {"unk_token": "[UNK]", "pad_token": "[PAD]", "mask_token": "[MASK]",
+                            "cls_token": "[CLS]", "sep_token": "[SEP]"})
+    tokenizer_cases(tok, d)
+
+    # BERT with the pooled sequence-classification head.
+    d = os.path.join(HERE, "tiny-bert-cls")
+    os.makedirs(d, exist_ok=True)
+    cfg.num_labels = 3
+    cfg.id2label = {0: "negative", 1: "neutral", 2: "positive"}
+    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    model = transformers.BertForSequenceClassification(cfg)
+    dump(model, d, ids, mask, tt)
+
+
+def verify(d):
+    """Loads an lmstack-written directory in transformers and compares logits."""
+    with open(os.path.join(d, "expected.json")) as f:
+        exp = json.load(f)
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    arch = cfg.architectures[0]
+    model = getattr(transformers, arch).from_pretrained(d, attn_implementation="eager").eval()
+    kw = {"input_ids": torch.tensor(exp["input_ids"]), "attention_mask": torch.tensor(exp["attention_mask"])}
+    with torch.no_grad():
+        out = model(**kw).logits
+    ref = torch.tensor(exp["logits"])
+    m = torch.tensor(exp["attention_mask"]).bool()
+    diff = (out[m] - ref[m]).abs().max().item()
+    print(f"{d}: {arch}, {model.num_parameters()} parameters (lmstack: {exp['num_parameters']}), max |diff| = {diff:.2e}")
+    if os.path.exists(os.path.join(d, "tokenizer.json")):
+        tok = transformers.AutoTokenizer.from_pretrained(d)
+        for case in exp.get("tokenizer_cases", []):
+            ids = tok(case["text"], add_special_tokens=False)["input_ids"]
+            assert ids == case["ids"], (case, ids)
+            assert tok.decode(ids) == case["text"], (case, tok.decode(ids))
+        print(f"{d}: tokenizer loads in transformers ({len(tok)} tokens), {len(exp.get('tokenizer_cases', []))} cases match")
+    assert diff < 1e-4 and model.num_parameters() == exp["num_parameters"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--verify":
+        verify(sys.argv[2])
+    else:
+        main()

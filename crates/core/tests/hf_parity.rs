@@ -1,0 +1,80 @@
+//! Logits of tiny random models match Python `transformers` (float32) to 1e-4, and parameter
+//! counts match `model.num_parameters()`. Fixtures: `tests/data/make_fixtures.py`.
+
+mod common;
+
+use common::{expected, fixture, ids_tensor};
+use lmstack_core::{DType, Device, Model, Tensor};
+
+/// Compares the logits of `name` at every real (unpadded) position.
+fn check_lm(name: &str) {
+    let exp = expected(name);
+    let model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.num_parameters() as u64, exp["num_parameters"].as_u64().unwrap(), "{name}: parameter count");
+    let ids = ids_tensor(&exp["input_ids"]);
+    let mask = ids_tensor(&exp["attention_mask"]);
+    let tt = (!exp["token_type_ids"].is_null()).then(|| ids_tensor(&exp["token_type_ids"]));
+    let logits = match model.as_bert() {
+        Some(b) => b.mlm_logits(&model.hidden_states(&ids, Some(&mask), tt.as_ref()).unwrap()).unwrap(),
+        None => model.forward(&ids, Some(&mask)).unwrap(),
+    };
+    let want: Vec<Vec<Vec<f32>>> = serde_json::from_value(exp["logits"].clone()).unwrap();
+    let got = logits.to_vec3::<f32>().unwrap();
+    let mask_rows: Vec<Vec<u32>> = serde_json::from_value(exp["attention_mask"].clone()).unwrap();
+    let mut worst = 0f32;
+    for (b, row) in mask_rows.iter().enumerate() {
+        for (t, &m) in row.iter().enumerate() {
+            if m == 1 {
+                for (x, y) in got[b][t].iter().zip(&want[b][t]) {
+                    worst = worst.max((x - y).abs());
+                }
+            }
+        }
+    }
+    assert!(worst < 1e-4, "{name}: max |lmstack - transformers| = {worst}");
+}
+
+#[test]
+fn gpt2_logits_match_transformers() {
+    check_lm("tiny-gpt2");
+}
+
+#[test]
+fn llama_gqa_logits_match_transformers() {
+    check_lm("tiny-llama");
+}
+
+#[test]
+fn bert_masked_lm_logits_match_transformers() {
+    check_lm("tiny-bert");
+}
+
+#[test]
+fn bert_classifier_logits_match_transformers() {
+    let exp = expected("tiny-bert-cls");
+    let model = Model::load(&fixture("tiny-bert-cls"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.num_parameters() as u64, exp["num_parameters"].as_u64().unwrap());
+    let ids = ids_tensor(&exp["input_ids"]);
+    let mask = ids_tensor(&exp["attention_mask"]);
+    let tt = ids_tensor(&exp["token_type_ids"]);
+    let logits = model.classify(&ids, Some(&mask), Some(&tt)).unwrap();
+    let want: Vec<Vec<f32>> = serde_json::from_value(exp["logits"].clone()).unwrap();
+    let want = Tensor::new(want, &Device::Cpu).unwrap();
+    let d = common::max_diff(&logits, &want);
+    assert!(d < 1e-4, "max diff {d}");
+    let lmstack_core::ModelConfig::Bert(cfg) = model.config() else { panic!("not bert") };
+    assert_eq!(cfg.labels(), ["negative", "neutral", "positive"]);
+}
+
+#[test]
+fn bf16_logits_stay_close_to_f32() {
+    let exp = expected("tiny-llama");
+    let ids = ids_tensor(&exp["input_ids"]).narrow(0, 0, 1).unwrap();
+    let f32m = Model::load(&fixture("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
+    let bf16m = Model::load(&fixture("tiny-llama"), DType::BF16, &Device::Cpu).unwrap();
+    let a = f32m.forward(&ids, None).unwrap();
+    let b = bf16m.forward(&ids, None).unwrap();
+    assert_eq!(b.dtype(), DType::BF16);
+    let d = common::max_diff(&a, &b);
+    assert!(d < 0.05, "bf16 drifted {d} from f32");
+}

@@ -18,20 +18,66 @@ use crate::{Error, Result};
 /// Keys of `PretrainedConfig` that every architecture accepts and that do not change the
 /// network: they are kept verbatim and written back on save.
 const COMMON_KEYS: &[&str] = &[
-    "_name_or_path", "architectures", "torch_dtype", "dtype", "transformers_version",
-    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
-    "use_cache", "id2label", "label2id", "num_labels", "problem_type", "return_dict",
-    "output_hidden_states", "output_attentions", "torchscript", "is_decoder",
-    "is_encoder_decoder", "add_cross_attention", "tie_encoder_decoder", "chunk_size_feed_forward",
-    "finetuning_task", "prefix", "task_specific_params", "tokenizer_class", "max_length",
-    "min_length", "do_sample", "early_stopping", "num_beams", "temperature", "top_k", "top_p",
-    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
-    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-    "begin_suppress_tokens", "diversity_penalty", "num_beam_groups", "pruned_heads",
-    "cross_attention_hidden_size", "initializer_range", "gradient_checkpointing",
-    "tf_legacy_loss", "use_bfloat16", "output_router_logits",
+    "_name_or_path",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
+    "is_decoder",
+    "is_encoder_decoder",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "chunk_size_feed_forward",
+    "finetuning_task",
+    "prefix",
+    "task_specific_params",
+    "tokenizer_class",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "diversity_penalty",
+    "num_beam_groups",
+    "pruned_heads",
+    "cross_attention_hidden_size",
+    "initializer_range",
+    "gradient_checkpointing",
+    "tf_legacy_loss",
+    "use_bfloat16",
+    "output_router_logits",
 ];
 
 /// Activation functions named by `activation_function` / `hidden_act`.
@@ -149,8 +195,13 @@ impl Gpt2Config {
         0.1
     }
     const KEYS: &'static [&'static str] = &[
-        "n_ctx", "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-        "summary_first_dropout", "add_bias_linear",
+        "n_ctx",
+        "summary_type",
+        "summary_use_proj",
+        "summary_activation",
+        "summary_proj_to_labels",
+        "summary_first_dropout",
+        "add_bias_linear",
     ];
 
     /// The MLP width.
@@ -265,9 +316,7 @@ impl LlamaConfig {
     }
     /// RoPE base frequency from `rope_theta` or `rope_parameters.rope_theta` (default 10000).
     pub fn rope_theta(&self) -> f64 {
-        self.rope_theta
-            .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
-            .unwrap_or(10000.0)
+        self.rope_theta.or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64()).unwrap_or(10000.0)
     }
 }
 
@@ -423,8 +472,12 @@ impl ModelConfig {
         };
         let model_type = match map.remove("model_type") {
             Some(Value::String(s)) => s,
-            Some(other) => return Err(Error::config(source, "model_type", format!("expected a string, found {other}"))),
-            None => return Err(Error::config(source, "model_type", "missing; expected one of gpt2, llama, mistral, bert")),
+            Some(other) => {
+                return Err(Error::config(source, "model_type", format!("expected a string, found {other}")))
+            }
+            None => {
+                return Err(Error::config(source, "model_type", "missing; expected one of gpt2, llama, mistral, bert"))
+            }
         };
         let value = Value::Object(map);
         fn parse<T: serde::de::DeserializeOwned>(v: Value, source: &str) -> Result<T> {
@@ -621,7 +674,10 @@ impl ModelConfig {
                 if c.head_dim.is_none() && c.hidden_size % c.num_attention_heads != 0 {
                     return err(
                         "hidden_size",
-                        format!("{} is not divisible by num_attention_heads = {}", c.hidden_size, c.num_attention_heads),
+                        format!(
+                            "{} is not divisible by num_attention_heads = {}",
+                            c.hidden_size, c.num_attention_heads
+                        ),
                     );
                 }
                 if c.head_dim() % 2 != 0 {
@@ -633,7 +689,9 @@ impl ModelConfig {
                 if let Some(p) = &c.rope_parameters {
                     match p.get("rope_type").and_then(Value::as_str) {
                         None | Some("default") => {}
-                        Some(t) => return err("rope_parameters.rope_type", format!("`{t}` is not supported; only `default`")),
+                        Some(t) => {
+                            return err("rope_parameters.rope_type", format!("`{t}` is not supported; only `default`"))
+                        }
                     }
                 }
                 if c.pretraining_tp != 1 {
@@ -643,11 +701,17 @@ impl ModelConfig {
                     if w < c.max_position_embeddings {
                         return err(
                             "sliding_window",
-                            format!("{w} is below max_position_embeddings = {}; sliding-window attention is not supported", c.max_position_embeddings),
+                            format!(
+                                "{w} is below max_position_embeddings = {}; sliding-window attention is not supported",
+                                c.max_position_embeddings
+                            ),
                         );
                     }
                 }
-                if c.hidden_act != Activation::Silu && c.hidden_act != Activation::GeluTanh && c.hidden_act != Activation::Gelu {
+                if c.hidden_act != Activation::Silu
+                    && c.hidden_act != Activation::GeluTanh
+                    && c.hidden_act != Activation::Gelu
+                {
                     return err("hidden_act", "llama supports silu or gelu".into());
                 }
             }
@@ -661,11 +725,17 @@ impl ModelConfig {
                 if c.hidden_size % c.num_attention_heads != 0 {
                     return err(
                         "hidden_size",
-                        format!("{} is not divisible by num_attention_heads = {}", c.hidden_size, c.num_attention_heads),
+                        format!(
+                            "{} is not divisible by num_attention_heads = {}",
+                            c.hidden_size, c.num_attention_heads
+                        ),
                     );
                 }
                 if c.position_embedding_type != "absolute" {
-                    return err("position_embedding_type", format!("`{}` is not supported; only `absolute`", c.position_embedding_type));
+                    return err(
+                        "position_embedding_type",
+                        format!("`{}` is not supported; only `absolute`", c.position_embedding_type),
+                    );
                 }
             }
         }

@@ -34,7 +34,14 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `num_layers` layers of `kv_heads × head_dim`, holding at most
     /// `max_len` tokens.
-    pub fn new(num_layers: usize, kv_heads: usize, head_dim: usize, max_len: usize, dtype: DType, device: &Device) -> Self {
+    pub fn new(
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
         Self { layers: vec![None; num_layers], kv_heads, head_dim, max_len, dtype, device: device.clone() }
     }
 
@@ -75,13 +82,16 @@ impl KvCache {
         let layers = self
             .layers
             .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|l| Ok(LayerKv { k: l.k.copy()?, v: l.v.copy()?, len: l.len }))
-                    .transpose()
-            })
+            .map(|l| l.as_ref().map(|l| Ok(LayerKv { k: l.k.copy()?, v: l.v.copy()?, len: l.len })).transpose())
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, kv_heads: self.kv_heads, head_dim: self.head_dim, max_len: self.max_len, dtype: self.dtype, device: self.device.clone() })
+        Ok(Self {
+            layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            max_len: self.max_len,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
     }
 
     /// Empties the cache, keeping its allocation.

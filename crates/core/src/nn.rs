@@ -170,20 +170,19 @@ impl LayerNorm {
     /// `xs`: `[.., dim]` → `[.., dim]`; computed in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = xs.dtype();
+        let cd = compute_dtype(dtype);
         if !xs.track_op() && !self.weight.track_op() {
-            let x = xs.to_dtype(DType::F32)?;
-            let w = self.weight.to_dtype(DType::F32)?;
-            let b = self.bias.to_dtype(DType::F32)?;
+            let x = xs.to_dtype(cd)?;
+            let w = self.weight.to_dtype(cd)?;
+            let b = self.bias.to_dtype(cd)?;
             return candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32)?.to_dtype(dtype);
         }
-        let x = xs.to_dtype(DType::F32)?;
+        let x = xs.to_dtype(cd)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
-            .to_dtype(dtype)
+        xn.broadcast_mul(&self.weight.to_dtype(cd)?)?.broadcast_add(&self.bias.to_dtype(cd)?)?.to_dtype(dtype)
     }
 }
 
@@ -205,16 +204,26 @@ impl RmsNorm {
     /// `xs`: `[.., dim]` → `[.., dim]`; computed in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = xs.dtype();
+        let cd = compute_dtype(dtype);
         if !xs.track_op() && !self.weight.track_op() {
-            let x = xs.to_dtype(DType::F32)?;
-            let w = self.weight.to_dtype(DType::F32)?;
+            let x = xs.to_dtype(cd)?;
+            let w = self.weight.to_dtype(cd)?;
             return candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)?.to_dtype(dtype);
         }
-        let x = xs.to_dtype(DType::F32)?;
+        let x = xs.to_dtype(cd)?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let xn = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
         // Llama multiplies in the activation dtype after normalising in f32.
         xn.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// The dtype normalisation and softmax run in: f32 for half-precision activations, else the
+/// activations' own (so f64 stays f64 for gradient checks).
+fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
     }
 }
 
@@ -280,7 +289,13 @@ pub const MASK_VALUE: f32 = -1e30;
 
 /// An additive attention mask `[b, 1, t, t]` (f32): `causal` hides later keys, and
 /// `attention_mask` (`[b, t]`, 1 for real tokens and 0 for padding) hides padded keys.
-pub fn batch_mask(b: usize, t: usize, causal: bool, attention_mask: Option<&Tensor>, device: &Device) -> Result<Option<Tensor>> {
+pub fn batch_mask(
+    b: usize,
+    t: usize,
+    causal: bool,
+    attention_mask: Option<&Tensor>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
     if !causal && attention_mask.is_none() {
         return Ok(None);
     }
@@ -323,7 +338,14 @@ pub enum AttnCtx<'a, 'c> {
 ///
 /// # Shapes
 /// `q`: `[b, t, heads, d]`, `k`/`v`: `[b, t, kv_heads, d]` → `[b, t, heads * d]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &mut AttnCtx<'_, '_>, layer: usize, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    ctx: &mut AttnCtx<'_, '_>,
+    layer: usize,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, t, h, d) = q.dims4()?;
     let kvh = k.dim(2)?;
     let n_rep = h / kvh;
@@ -337,9 +359,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &mut AttnCtx<'_, '_>, 
                 v = v.unsqueeze(2)?.expand((b, kvh, n_rep, t, d))?.reshape((b, h, t, d))?;
             }
             let dtype = q.dtype();
-            let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(compute_dtype(dtype))?;
             if let Some(m) = mask {
-                scores = scores.broadcast_add(m)?;
+                scores = scores.broadcast_add(&m.to_dtype(scores.dtype())?)?;
             }
             let probs = softmax_last(&scores)?.to_dtype(dtype)?;
             let out = probs.matmul(&v)?;
@@ -357,7 +379,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &mut AttnCtx<'_, '_>, 
                 // Heads sharing a KV head are stacked along the query axis: [kvh, n_rep * n, d].
                 let qg = qi.transpose(0, 1)?.contiguous()?.reshape((kvh, n_rep * n, d))?;
                 let dtype = qg.dtype();
-                let mut scores = (qg.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
+                let mut scores = (qg.matmul(&k_all.t()?)? * scale)?.to_dtype(compute_dtype(dtype))?;
                 if n > 1 {
                     let mut m = vec![0f32; n * l];
                     for qi in 0..n {
@@ -365,7 +387,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, ctx: &mut AttnCtx<'_, '_>, 
                             m[qi * l + kj] = MASK_VALUE;
                         }
                     }
-                    let m = Tensor::from_vec(m, (n, l), q.device())?;
+                    let m = Tensor::from_vec(m, (n, l), q.device())?.to_dtype(scores.dtype())?;
                     scores = scores.reshape((kvh, n_rep, n, l))?.broadcast_add(&m)?.reshape((kvh, n_rep * n, l))?;
                 }
                 let probs = softmax_last(&scores)?.to_dtype(dtype)?;

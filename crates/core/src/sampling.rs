@@ -178,7 +178,8 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         // Candidates as (token, unnormalised probability).
-        let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &x)| (i as u32, ((x - max) * inv_t).exp())).collect();
+        let mut cand: Vec<(u32, f32)> =
+            l.iter().enumerate().map(|(i, &x)| (i as u32, ((x - max) * inv_t).exp())).collect();
         let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, desc);

@@ -35,6 +35,15 @@ pub struct SpecialTokens {
     pub mask: Option<String>,
 }
 
+/// Token ids with the byte span each covers in the encoded text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedText {
+    /// The token ids.
+    pub ids: Vec<u32>,
+    /// `(start, end)` byte offsets into the text, one per token.
+    pub offsets: Vec<(usize, usize)>,
+}
+
 /// A tokenizer with its special tokens and chat template. Cheap to clone.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -257,9 +266,9 @@ impl Tokenizer {
     }
 
     /// Encodes `text`, also returning each token's byte span in `text`.
-    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<EncodedText> {
         let e = self.inner.encode(text, add_special_tokens)?;
-        Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
+        Ok(EncodedText { ids: e.get_ids().to_vec(), offsets: e.get_offsets().to_vec() })
     }
 
     /// Encodes several texts (in parallel where the crate allows).
@@ -284,7 +293,10 @@ impl Tokenizer {
     pub fn train_bpe(files: &[&Path], vocab_size: usize, special: &[&str]) -> Result<Self> {
         let min = ByteLevel::alphabet().len() + special.len();
         if vocab_size < min {
-            return Err(Error::invalid("vocab_size", format!("{vocab_size} is below the {min} tokens of the byte alphabet and special tokens")));
+            return Err(Error::invalid(
+                "vocab_size",
+                format!("{vocab_size} is below the {min} tokens of the byte alphabet and special tokens"),
+            ));
         }
         check_files(files)?;
         let specials: Vec<AddedToken> = special.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();

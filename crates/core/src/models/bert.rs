@@ -141,7 +141,13 @@ impl Bert {
     ///
     /// # Shapes
     /// `ids`, `positions`, `token_types`: `[b, t]` (u32) → `[b, t, hidden_size]`.
-    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, token_types: &Tensor, ctx: &mut AttnCtx<'_, '_>) -> Result<Tensor> {
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        token_types: &Tensor,
+        ctx: &mut AttnCtx<'_, '_>,
+    ) -> Result<Tensor> {
         let x = (self.word.forward(ids)? + self.position.forward(positions)?)?;
         let mut x = self.emb_ln.forward(&(x + self.token_type.forward(token_types)?)?)?;
         let nh = self.cfg.num_attention_heads;
@@ -165,9 +171,10 @@ impl Bert {
     /// # Shapes
     /// `hidden`: `[.., hidden_size]` → `[.., vocab_size]`.
     pub fn mlm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = self.mlm.as_ref().ok_or_else(|| {
-            crate::Error::invalid("model", "this BERT model has no masked-LM head (cls.predictions)")
-        })?;
+        let head = self
+            .mlm
+            .as_ref()
+            .ok_or_else(|| crate::Error::invalid("model", "this BERT model has no masked-LM head (cls.predictions)"))?;
         let x = self.cfg.hidden_act.forward(&head.dense.forward(hidden)?)?;
         let x = head.ln.forward(&x)?;
         Ok(head.decoder.forward(&x)?)
@@ -178,7 +185,8 @@ impl Bert {
     /// # Shapes
     /// `hidden`: `[b, t, hidden_size]` → `[b, hidden_size]`.
     pub fn pooled(&self, hidden: &Tensor) -> Result<Tensor> {
-        let pooler = self.pooler.as_ref().ok_or_else(|| crate::Error::invalid("model", "this BERT model has no pooler"))?;
+        let pooler =
+            self.pooler.as_ref().ok_or_else(|| crate::Error::invalid("model", "this BERT model has no pooler"))?;
         let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
         Ok(pooler.forward(&cls)?.tanh()?)
     }

@@ -54,7 +54,7 @@ pub struct SeqStep<'a> {
 impl Model {
     /// Builds a model from `config` with parameters from `store`.
     pub fn new(config: ModelConfig, store: &ParamStore, dtype: DType, device: &Device) -> Result<Self> {
-        if config.model_type() == crate::config::ModelType::Bert && dtype != DType::F32 && dtype != DType::BF16 && dtype != DType::F16 {
+        if !dtype.is_float() {
             return Err(Error::invalid("dtype", format!("{dtype:?} is not a float type")));
         }
         let vb = store.var_builder(dtype, device);
@@ -207,7 +207,12 @@ impl Model {
     ///
     /// # Shapes
     /// `input_ids`: `[b, t]` (u32) → `[b, t, hidden_size]`.
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t > self.max_len() {
             return Err(Error::ContextOverflow { len: t, max: self.max_len() });
@@ -233,7 +238,12 @@ impl Model {
     ///
     /// # Shapes
     /// `input_ids`: `[b, t]` (u32) → `[b, num_labels]`.
-    pub fn classify(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, token_type_ids: Option<&Tensor>) -> Result<Tensor> {
+    pub fn classify(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let bert = self.as_bert().ok_or_else(|| Error::invalid("model", "classification needs a bert model"))?;
         let hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)?;
         bert.classify(&hidden)
@@ -325,7 +335,10 @@ pub fn load_checkpoint(dir: &Path, config: &ModelConfig) -> Result<(HashMap<Stri
         return Err(Error::io(
             "reading",
             &single,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no model.safetensors (nor a sharded index) in the model directory"),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no model.safetensors (nor a sharded index) in the model directory",
+            ),
         ));
     };
     match config {
@@ -354,7 +367,8 @@ pub fn save_safetensors(path: &Path, tensors: &std::collections::BTreeMap<String
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes = safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-        .map_err(|e| Error::Weight { file: path.display().to_string(), name: "<file>".into(), message: e.to_string() })?;
+    let bytes = safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta)).map_err(|e| {
+        Error::Weight { file: path.display().to_string(), name: "<file>".into(), message: e.to_string() }
+    })?;
     crate::io::write_atomic(path, &bytes)
 }

@@ -1,0 +1,174 @@
+//! KV-cached prefill/decode equals the full forward at every position, and sequences batched
+//! together (different lengths, positions, prefill mixed with decode) get the same logits as
+//! when run alone.
+
+mod common;
+
+use common::{fixture, max_diff};
+use lmstack_core::{DType, Device, Model, SeqStep, Tensor};
+
+const TOL: f32 = 1e-5;
+
+fn models() -> Vec<(&'static str, Model)> {
+    ["tiny-gpt2", "tiny-llama"]
+        .into_iter()
+        .map(|n| (n, Model::load(&fixture(n), DType::F32, &Device::Cpu).unwrap()))
+        .collect()
+}
+
+fn tokens(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7 + seed * 13 + i * i) % vocab as u32).collect()
+}
+
+fn full_logits(m: &Model, toks: &[u32]) -> Tensor {
+    let ids = Tensor::new(toks, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    m.forward(&ids, None).unwrap().squeeze(0).unwrap()
+}
+
+#[test]
+fn decode_one_token_at_a_time_equals_full_forward() {
+    for (name, m) in models() {
+        let toks = tokens(20, 1, m.config().vocab_size());
+        let full = full_logits(&m, &toks);
+        let mut cache = m.new_cache();
+        for (p, &t) in toks.iter().enumerate() {
+            let out = m.forward_cached(&mut [SeqStep { tokens: &[t], cache: &mut cache, all_logits: false }]).unwrap();
+            let d = max_diff(&out[0], &full.narrow(0, p, 1).unwrap());
+            assert!(d < TOL, "{name}: position {p} differs by {d}");
+        }
+        assert_eq!(cache.len(), 20);
+    }
+}
+
+#[test]
+fn prefill_then_decode_equals_full_forward() {
+    for (name, m) in models() {
+        let toks = tokens(24, 2, m.config().vocab_size());
+        let full = full_logits(&m, &toks);
+        let mut cache = m.new_cache();
+        // Prefill in two chunks (chunked prefill), asking for every position's logits.
+        let a = m.forward_cached(&mut [SeqStep { tokens: &toks[..9], cache: &mut cache, all_logits: true }]).unwrap();
+        let b = m.forward_cached(&mut [SeqStep { tokens: &toks[9..17], cache: &mut cache, all_logits: true }]).unwrap();
+        assert!(max_diff(&a[0], &full.narrow(0, 0, 9).unwrap()) < TOL, "{name}: chunk 1");
+        assert!(max_diff(&b[0], &full.narrow(0, 9, 8).unwrap()) < TOL, "{name}: chunk 2");
+        for p in 17..24 {
+            let o = m
+                .forward_cached(&mut [SeqStep { tokens: &toks[p..p + 1], cache: &mut cache, all_logits: false }])
+                .unwrap();
+            assert!(max_diff(&o[0], &full.narrow(0, p, 1).unwrap()) < TOL, "{name}: decode {p}");
+        }
+    }
+}
+
+#[test]
+fn batched_sequences_of_different_lengths_match_running_alone() {
+    for (name, m) in models() {
+        let v = m.config().vocab_size();
+        let seqs: Vec<Vec<u32>> = vec![tokens(13, 3, v), tokens(5, 4, v), tokens(21, 5, v), tokens(1, 6, v)];
+        let alone: Vec<Tensor> = seqs.iter().map(|s| full_logits(&m, s)).collect();
+        let mut caches: Vec<_> = seqs.iter().map(|_| m.new_cache()).collect();
+        // Step 1: prefill all but the last 3 tokens (or all of a 1-token prompt), batched.
+        let cut: Vec<usize> = seqs.iter().map(|s| s.len().saturating_sub(3).max(1)).collect();
+        {
+            let mut steps: Vec<SeqStep<'_>> = seqs
+                .iter()
+                .zip(caches.iter_mut())
+                .zip(&cut)
+                .map(|((s, c), &k)| SeqStep { tokens: &s[..k], cache: c, all_logits: true })
+                .collect();
+            let out = m.forward_cached(&mut steps).unwrap();
+            for (i, o) in out.iter().enumerate() {
+                let d = max_diff(o, &alone[i].narrow(0, 0, cut[i]).unwrap());
+                assert!(d < TOL, "{name}: prefill of sequence {i} differs by {d}");
+            }
+        }
+        // Then decode steps where sequences are at different positions; a finished sequence
+        // leaves the batch, as in continuous batching.
+        for round in 0..3 {
+            let mut idx = Vec::new();
+            let mut steps = Vec::new();
+            for (i, (s, c)) in seqs.iter().zip(caches.iter_mut()).enumerate() {
+                let p = cut[i] + round;
+                if p < s.len() {
+                    idx.push((i, p));
+                    steps.push(SeqStep { tokens: &s[p..p + 1], cache: c, all_logits: false });
+                }
+            }
+            let out = m.forward_cached(&mut steps).unwrap();
+            for (o, &(i, p)) in out.iter().zip(&idx) {
+                let d = max_diff(o, &alone[i].narrow(0, p, 1).unwrap());
+                assert!(d < TOL, "{name}: decode of sequence {i} at {p} differs by {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn mixed_prefill_and_decode_in_one_step() {
+    for (name, m) in models() {
+        let v = m.config().vocab_size();
+        let (a, b) = (tokens(10, 7, v), tokens(8, 8, v));
+        let (fa, fb) = (full_logits(&m, &a), full_logits(&m, &b));
+        let mut ca = m.new_cache();
+        let mut cb = m.new_cache();
+        m.forward_cached(&mut [SeqStep { tokens: &a[..9], cache: &mut ca, all_logits: false }]).unwrap();
+        // `a` decodes its 10th token while `b` is prefilled whole.
+        let out = m
+            .forward_cached(&mut [
+                SeqStep { tokens: &a[9..], cache: &mut ca, all_logits: false },
+                SeqStep { tokens: &b, cache: &mut cb, all_logits: false },
+            ])
+            .unwrap();
+        assert!(max_diff(&out[0], &fa.narrow(0, 9, 1).unwrap()) < TOL, "{name}: decode");
+        assert!(max_diff(&out[1], &fb.narrow(0, 7, 1).unwrap()) < TOL, "{name}: prefill");
+    }
+}
+
+#[test]
+fn padded_batch_forward_matches_each_sequence_alone() {
+    for (name, m) in models() {
+        let v = m.config().vocab_size();
+        let (a, b) = (tokens(11, 9, v), tokens(6, 10, v));
+        let mut padded = b.clone();
+        padded.resize(11, 0);
+        let ids = Tensor::new(vec![a.clone(), padded], &Device::Cpu).unwrap();
+        let mask = Tensor::new(vec![vec![1u32; 11], [vec![1u32; 6], vec![0u32; 5]].concat()], &Device::Cpu).unwrap();
+        let out = m.forward(&ids, Some(&mask)).unwrap();
+        let d0 = max_diff(&out.get(0).unwrap(), &full_logits(&m, &a));
+        let d1 = max_diff(&out.get(1).unwrap().narrow(0, 0, 6).unwrap(), &full_logits(&m, &b));
+        assert!(d0 < TOL && d1 < TOL, "{name}: padded batch differs ({d0}, {d1})");
+    }
+}
+
+#[test]
+fn context_overflow_and_bad_ids_are_errors_not_panics() {
+    let m = Model::load(&fixture("tiny-gpt2"), DType::F32, &Device::Cpu).unwrap();
+    let max = m.max_len();
+    let mut cache = m.new_cache();
+    let long = vec![1u32; max + 1];
+    let e = m.forward_cached(&mut [SeqStep { tokens: &long, cache: &mut cache, all_logits: false }]).unwrap_err();
+    assert!(e.to_string().contains("exceeds the context length"), "{e}");
+    let e = m.forward_cached(&mut [SeqStep { tokens: &[999_999], cache: &mut cache, all_logits: false }]).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    assert!(cache.is_empty(), "a failed step must not advance the cache");
+    let e = m.forward_cached(&mut [SeqStep { tokens: &[], cache: &mut cache, all_logits: false }]).unwrap_err();
+    assert!(e.to_string().contains("at least one new token"), "{e}");
+}
+
+#[test]
+fn cache_reports_memory_and_truncates() {
+    let m = Model::load(&fixture("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
+    let toks = tokens(12, 11, 64);
+    let full = full_logits(&m, &toks);
+    let mut cache = m.new_cache();
+    m.forward_cached(&mut [SeqStep { tokens: &toks[..10], cache: &mut cache, all_logits: false }]).unwrap();
+    // 2 layers × (K and V) × 2 kv heads × head_dim 8 × 4 bytes.
+    assert_eq!(cache.bytes_per_token(), 2 * 2 * 2 * 8 * 4);
+    assert!(cache.allocated_bytes() >= 10 * cache.bytes_per_token());
+    // Roll back to 6 tokens and continue: same as never having seen tokens 6..10.
+    cache.truncate(6);
+    let o = m.forward_cached(&mut [SeqStep { tokens: &toks[6..12], cache: &mut cache, all_logits: true }]).unwrap();
+    assert!(max_diff(&o[0], &full.narrow(0, 6, 6).unwrap()) < TOL);
+    let fork = cache.fork().unwrap();
+    assert_eq!(fork.len(), 12);
+}

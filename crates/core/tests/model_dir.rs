@@ -1,0 +1,215 @@
+//! Model directories: save and reload give identical logits, files are in the Hugging Face
+//! layout, corrupt checkpoints are refused with a clear error, and adapters hook into every
+//! named projection.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{fixture, max_diff};
+use lmstack_core::nn::LinearAdapter;
+use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, Tensor, Tokenizer};
+
+fn tmp(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("lmstack-dir-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn ids() -> Tensor {
+    Tensor::new(&[[1u32, 5, 9, 2, 7, 3, 3, 8]], &Device::Cpu).unwrap()
+}
+
+#[test]
+fn save_and_reload_gives_identical_logits() {
+    for name in ["tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-bert-cls"] {
+        let m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let dir = tmp(name);
+        m.save(&dir).unwrap();
+        let back = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(back.num_parameters(), m.num_parameters());
+        let (a, b) = match m.as_bert() {
+            Some(bert) if bert.heads().classifier.is_some() => {
+                (m.classify(&ids(), None, None).unwrap(), back.classify(&ids(), None, None).unwrap())
+            }
+            _ => (m.forward(&ids(), None).unwrap(), back.forward(&ids(), None).unwrap()),
+        };
+        assert_eq!(max_diff(&a, &b), 0.0, "{name}");
+        // Same tensor names as transformers wrote (tied weights are not duplicated).
+        let orig = lmstack_core::models::read_safetensors(&fixture(name).join("model.safetensors")).unwrap();
+        let ours = lmstack_core::models::read_safetensors(&dir.join("model.safetensors")).unwrap();
+        let mut k1: Vec<_> = orig.keys().collect();
+        let mut k2: Vec<_> = ours.keys().collect();
+        k1.sort();
+        k2.sort();
+        assert_eq!(k1, k2, "{name}");
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            cfg["model_type"],
+            ModelConfig::from_file(&fixture(name).join("config.json")).unwrap().model_type_str()
+        );
+        assert!(cfg["architectures"][0].is_string());
+    }
+}
+
+#[test]
+fn pretrained_dir_round_trips_with_tokenizer() {
+    let p = Pretrained::load(&fixture("tiny-gpt2"), DType::F32, &Device::Cpu).unwrap();
+    let dir = tmp("pretrained");
+    p.save(&dir).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let back = Pretrained::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        back.tokenizer.encode("hear me speak", false).unwrap(),
+        p.tokenizer.encode("hear me speak", false).unwrap()
+    );
+    assert_eq!(back.tokenizer.chat_template(), p.tokenizer.chat_template());
+}
+
+#[test]
+fn bf16_model_saves_bf16() {
+    let m = Model::load(&fixture("tiny-llama"), DType::BF16, &Device::Cpu).unwrap();
+    let dir = tmp("bf16");
+    m.save(&dir).unwrap();
+    let t = lmstack_core::models::read_safetensors(&dir.join("model.safetensors")).unwrap();
+    assert!(t.values().all(|t| t.dtype() == DType::BF16));
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    assert!(cfg.contains("\"torch_dtype\": \"bfloat16\""), "{cfg}");
+    Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+}
+
+#[test]
+fn corrupt_or_mismatched_checkpoints_are_refused() {
+    let dir = tmp("corrupt");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("tiny-gpt2/config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(fixture("tiny-gpt2/model.safetensors")).unwrap();
+    // Truncated file.
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let e = Model::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    // Missing file.
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let e = Model::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    // Config that disagrees with the weights: the error names the tensor and both shapes.
+    std::fs::write(dir.join("model.safetensors"), &bytes).unwrap();
+    let cfg =
+        std::fs::read_to_string(fixture("tiny-gpt2/config.json")).unwrap().replace("\"n_embd\": 16", "\"n_embd\": 32");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let e = Model::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("transformer.wte.weight") && e.contains("shape"), "{e}");
+    // A missing tensor is named.
+    let mut t = lmstack_core::models::read_safetensors(&fixture("tiny-gpt2/model.safetensors")).unwrap();
+    t.remove("transformer.h.1.mlp.c_fc.weight");
+    lmstack_core::models::save_safetensors(&dir.join("model.safetensors"), &t.into_iter().collect()).unwrap();
+    std::fs::copy(fixture("tiny-gpt2/config.json"), dir.join("config.json")).unwrap();
+    let e = Model::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("transformer.h.1.mlp.c_fc.weight") && e.contains("missing"), "{e}");
+}
+
+/// A LoRA-shaped adapter: `scale · B(A x)`.
+#[derive(Debug)]
+struct LowRank {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+impl LinearAdapter for LowRank {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        xs.broadcast_matmul(&self.a.t()?)?.broadcast_matmul(&self.b.t()?)? * self.scale
+    }
+}
+
+#[test]
+fn adapters_attach_to_named_projections() {
+    for (name, targets) in [("tiny-llama", ["q_proj", "v_proj"]), ("tiny-gpt2", ["c_attn", "c_fc"])] {
+        let base = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let reference = base.forward(&ids(), None).unwrap();
+        let mut m = base.clone();
+        let mut wrapped = 0;
+        let mut first_path = String::new();
+        for lin in m.linears_mut() {
+            if targets.iter().any(|t| lin.path().ends_with(t)) {
+                let (i, o) = lin.dims();
+                let a = Tensor::randn(0f32, 0.5, (4, i), &Device::Cpu).unwrap();
+                let b = Tensor::zeros((o, 4), DType::F32, &Device::Cpu).unwrap();
+                if first_path.is_empty() {
+                    first_path = lin.path().to_owned();
+                }
+                lin.set_adapter(Some(Arc::new(LowRank { a, b, scale: 2.0 })));
+                wrapped += 1;
+            }
+        }
+        assert_eq!(wrapped, 4, "{name}: two layers × two targets");
+        assert!(
+            first_path.starts_with("model.layers.0.") || first_path.starts_with("transformer.h.0."),
+            "{first_path}"
+        );
+        // B = 0: logits unchanged.
+        assert_eq!(max_diff(&m.forward(&ids(), None).unwrap(), &reference), 0.0);
+        // A non-zero B changes them, and merging W + scale·BA into the weight reproduces it.
+        let mut merged = base.clone();
+        for lin in m.linears_mut() {
+            if targets.iter().any(|t| lin.path().ends_with(t)) {
+                let (i, o) = lin.dims();
+                let a = Tensor::randn(0f32, 0.5, (4, i), &Device::Cpu).unwrap();
+                let b = Tensor::randn(0f32, 0.1, (o, 4), &Device::Cpu).unwrap();
+                let delta = (b.matmul(&a).unwrap() * 2.0).unwrap();
+                let target = merged.linears_mut().into_iter().find(|l| l.path() == lin.path()).unwrap();
+                let w = (target.weight() + &delta).unwrap();
+                target.set_weight(w).unwrap();
+                lin.set_adapter(Some(Arc::new(LowRank { a, b, scale: 2.0 })));
+            }
+        }
+        let with_adapter = m.forward(&ids(), None).unwrap();
+        assert!(max_diff(&with_adapter, &reference) > 1e-3, "{name}: adapter had no effect");
+        let d = max_diff(&with_adapter, &merged.forward(&ids(), None).unwrap());
+        assert!(d < 1e-5, "{name}: merged differs by {d}");
+    }
+}
+
+/// Writes an lmstack-initialised model directory plus expected logits for the reverse check
+/// in Python (`make_fixtures.py --verify DIR`); see docs/ARCHITECTURE.md.
+#[test]
+fn lmstack_written_dirs_carry_expected_logits() {
+    let base = std::env::var_os("LMSTACK_EXPORT_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| tmp("export"));
+    let configs = [
+        ("gpt2", r#"{"model_type":"gpt2","vocab_size":66,"n_positions":32,"n_embd":16,"n_layer":2,"n_head":2}"#),
+        (
+            "llama",
+            r#"{"model_type":"llama","vocab_size":66,"hidden_size":32,"intermediate_size":40,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":32,"rope_theta":10000.0}"#,
+        ),
+        (
+            "bert",
+            r#"{"model_type":"bert","vocab_size":66,"hidden_size":16,"num_hidden_layers":2,"num_attention_heads":2,
+            "intermediate_size":32,"max_position_embeddings":32,"architectures":["BertForMaskedLM"]}"#,
+        ),
+    ];
+    let tok = Tokenizer::train_chars(&[&common::repo_data("tinyshakespeare.txt")]).unwrap();
+    for (name, json) in configs {
+        let cfg = ModelConfig::from_json(json, name).unwrap();
+        let model = Model::init(cfg, 11, DType::F32, &Device::Cpu).unwrap();
+        let dir = base.join(name);
+        let p = Pretrained { model, tokenizer: tok.clone(), dir: None };
+        p.save(&dir).unwrap();
+        let text = "ROMEO:\nBut soft";
+        let ids_v = tok.encode(text, false).unwrap();
+        let ids = Tensor::new(ids_v.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = p.model.forward(&ids, None).unwrap().to_vec3::<f32>().unwrap();
+        let exp = serde_json::json!({
+            "input_ids": [ids_v], "attention_mask": [vec![1; ids_v.len()]], "logits": logits,
+            "num_parameters": p.model.num_parameters(),
+            "tokenizer_cases": [{"text": text, "ids": ids_v}],
+        });
+        std::fs::write(dir.join("expected.json"), exp.to_string()).unwrap();
+        let back = Pretrained::load(&dir, DType::F32, &Device::Cpu).unwrap();
+        // The reloaded model is frozen (fused kernels), the initialised one trainable (composed ops).
+        assert!(max_diff(&back.model.forward(&ids, None).unwrap(), &p.model.forward(&ids, None).unwrap()) < 1e-5);
+    }
+}

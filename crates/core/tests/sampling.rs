@@ -1,0 +1,98 @@
+//! Sampling: each filter and penalty does what its definition says, seeds reproduce, and
+//! log-probabilities are those of the raw distribution.
+
+use lmstack_core::sampling::{log_softmax, top_n};
+use lmstack_core::{Sampler, SamplingParams};
+
+const LOGITS: [f32; 6] = [2.0, 1.0, 0.5, 3.0, -1.0, 2.9];
+
+fn draws(params: SamplingParams, n: usize) -> Vec<u32> {
+    let mut s = Sampler::new(params, &[], 0).unwrap();
+    (0..n).map(|_| s.sample(&LOGITS).unwrap().token).collect()
+}
+
+fn seeded(p: SamplingParams) -> SamplingParams {
+    SamplingParams { seed: Some(42), ..p }
+}
+
+#[test]
+fn greedy_takes_the_argmax() {
+    assert!(draws(SamplingParams::greedy(), 5).iter().all(|&t| t == 3));
+}
+
+#[test]
+fn same_seed_same_tokens_and_different_seed_differs() {
+    let p = seeded(SamplingParams::default());
+    assert_eq!(draws(p.clone(), 50), draws(p.clone(), 50));
+    assert_ne!(draws(p, 50), draws(SamplingParams { seed: Some(7), ..SamplingParams::default() }, 50));
+}
+
+#[test]
+fn top_k_keeps_only_the_k_best() {
+    let d = draws(seeded(SamplingParams { top_k: 2, ..Default::default() }), 200);
+    assert!(d.iter().all(|&t| t == 3 || t == 5));
+    assert!(d.contains(&3) && d.contains(&5));
+    assert!(draws(seeded(SamplingParams { top_k: 1, ..Default::default() }), 20).iter().all(|&t| t == 3));
+}
+
+#[test]
+fn top_p_keeps_the_nucleus() {
+    // p(3) ≈ 0.39, p(5) ≈ 0.35: top_p 0.5 needs both, top_p 0.3 only the best.
+    let d = draws(seeded(SamplingParams { top_p: 0.5, ..Default::default() }), 200);
+    assert!(d.iter().all(|&t| t == 3 || t == 5), "{d:?}");
+    assert!(draws(seeded(SamplingParams { top_p: 0.3, ..Default::default() }), 20).iter().all(|&t| t == 3));
+}
+
+#[test]
+fn min_p_drops_unlikely_tokens() {
+    // Relative to the best (e^3): token 0 has e^-1 ≈ 0.37, token 1 e^-2 ≈ 0.14.
+    let d = draws(seeded(SamplingParams { min_p: 0.3, ..Default::default() }), 300);
+    assert!(d.iter().all(|&t| [0, 3, 5].contains(&t)), "{d:?}");
+}
+
+#[test]
+fn low_temperature_sharpens() {
+    let d = draws(seeded(SamplingParams { temperature: 0.05, ..Default::default() }), 100);
+    assert!(d.iter().filter(|&&t| t == 3).count() > 85);
+}
+
+#[test]
+fn penalties_change_what_greedy_picks() {
+    // Repetition penalty: token 3 in the prompt, 3.0 / 2 = 1.5 < 2.9.
+    let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() }, &[3], 0).unwrap();
+    assert_eq!(s.sample(&LOGITS).unwrap().token, 5);
+    // Frequency penalty: after choosing 3 once, 3.0 - 0.5 < 2.9.
+    let mut s = Sampler::new(SamplingParams { frequency_penalty: 0.5, ..SamplingParams::greedy() }, &[], 0).unwrap();
+    assert_eq!(s.sample(&LOGITS).unwrap().token, 3);
+    assert_eq!(s.sample(&LOGITS).unwrap().token, 5);
+    // Presence penalty works the same way, once per distinct token.
+    let mut s = Sampler::new(SamplingParams { presence_penalty: 0.2, ..SamplingParams::greedy() }, &[], 0).unwrap();
+    assert_eq!([s.sample(&LOGITS).unwrap().token, s.sample(&LOGITS).unwrap().token], [3, 5]);
+}
+
+#[test]
+fn logprobs_are_of_the_raw_distribution() {
+    let mut s = Sampler::new(SamplingParams { temperature: 0.1, seed: Some(1), ..Default::default() }, &[], 3).unwrap();
+    let out = s.sample(&LOGITS).unwrap();
+    let lp = log_softmax(&LOGITS);
+    assert!((out.logprob - lp[out.token as usize]).abs() < 1e-6);
+    assert_eq!(out.top_logprobs.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 5, 0]);
+    let total: f64 = lp.iter().map(|&x| (x as f64).exp()).sum();
+    assert!((total - 1.0).abs() < 1e-6);
+    assert_eq!(top_n(&[1.0, 5.0, 3.0], 2), vec![(1, 5.0), (2, 3.0)]);
+}
+
+#[test]
+fn invalid_parameters_name_the_field() {
+    for (p, field) in [
+        (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
+        (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
+        (SamplingParams { min_p: 1.5, ..Default::default() }, "min_p"),
+        (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
+        (SamplingParams { frequency_penalty: 3.0, ..Default::default() }, "frequency_penalty"),
+        (SamplingParams { presence_penalty: f32::NAN, ..Default::default() }, "presence_penalty"),
+    ] {
+        let e = Sampler::new(p, &[], 0).unwrap_err().to_string();
+        assert!(e.contains(&format!("`{field}`")), "{e}");
+    }
+}

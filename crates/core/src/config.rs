@@ -100,6 +100,18 @@ pub enum Activation {
 impl Activation {
     /// Applies the activation elementwise (differentiable).
     pub fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        use crate::ops::{Act, ActKind};
+        if xs.track_op() && crate::ops::supported(xs) {
+            let kind = match self {
+                Activation::Gelu => Some(ActKind::GeluErf),
+                Activation::GeluTanh => Some(ActKind::GeluTanh),
+                Activation::Silu => Some(ActKind::Silu),
+                Activation::Relu => None,
+            };
+            if let Some(k) = kind {
+                return xs.contiguous()?.apply_op1(Act(k));
+            }
+        }
         match self {
             Activation::Gelu => xs.gelu_erf(),
             Activation::GeluTanh => xs.gelu(),

@@ -18,6 +18,7 @@ pub mod io;
 pub mod kv_cache;
 pub mod models;
 pub mod nn;
+pub mod ops;
 pub mod params;
 pub mod pretrained;
 pub mod sampling;

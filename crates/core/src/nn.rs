@@ -177,6 +177,9 @@ impl LayerNorm {
             let b = self.bias.to_dtype(cd)?;
             return candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32)?.to_dtype(dtype);
         }
+        if crate::ops::supported(xs) && self.weight.dtype() == dtype {
+            return xs.contiguous()?.apply_op3(&self.weight, &self.bias, crate::ops::LayerNormOp { eps: self.eps });
+        }
         let x = xs.to_dtype(cd)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
@@ -210,6 +213,9 @@ impl RmsNorm {
             let w = self.weight.to_dtype(cd)?;
             return candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)?.to_dtype(dtype);
         }
+        if crate::ops::supported(xs) && self.weight.dtype() == dtype {
+            return xs.contiguous()?.apply_op2(&self.weight, crate::ops::RmsNormOp { eps: self.eps });
+        }
         let x = xs.to_dtype(cd)?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let xn = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
@@ -229,6 +235,9 @@ fn compute_dtype(dtype: DType) -> DType {
 
 /// Softmax over the last dimension: fused for inference, differentiable when tracked.
 pub fn softmax_last(xs: &Tensor) -> candle_core::Result<Tensor> {
+    if xs.track_op() && crate::ops::supported(xs) {
+        return xs.contiguous()?.apply_op1(crate::ops::Softmax);
+    }
     if xs.track_op() {
         let max = xs.max_keepdim(D::Minus1)?.detach();
         let e = xs.broadcast_sub(&max)?.exp()?;

@@ -1,0 +1,115 @@
+//! The fused training kernels (`lmstack_core::ops`) give the same values and gradients as the
+//! differentiable compositions of candle primitives, on whole models and op by op.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use lmstack_core::ops::{self, cross_entropy, IGNORE_INDEX};
+use lmstack_core::{Model, ModelConfig};
+
+/// Loss and gradients of every parameter, with the fused kernels on or off.
+fn run(cfg: &str, fused: bool) -> (f64, Vec<(String, Vec<f64>)>) {
+    ops::set_enabled(fused);
+    let m = Model::init(ModelConfig::from_json(cfg, "t").unwrap(), 5, DType::F64, &Device::Cpu).unwrap();
+    let ids =
+        Tensor::from_vec((0..30u32).map(|i| (i * 7 + 1) % 29).collect::<Vec<_>>(), (3, 10), &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u32; 10], [1; 10], [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]], &Device::Cpu).unwrap();
+    let logits = m.forward(&ids, Some(&mask)).unwrap();
+    let mut targets: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
+    targets[3] = IGNORE_INDEX;
+    targets[27] = IGNORE_INDEX;
+    let targets = Tensor::new(targets, &Device::Cpu).unwrap();
+    let (loss, n) = cross_entropy(&logits.reshape((30, 29)).unwrap(), &targets).unwrap();
+    assert_eq!(n, 28);
+    let grads = loss.backward().unwrap();
+    let g = m
+        .params()
+        .vars()
+        .into_iter()
+        .map(|(k, v)| (k, grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()))
+        .collect();
+    ops::set_enabled(true);
+    (loss.to_scalar::<f64>().unwrap(), g)
+}
+
+#[test]
+fn fused_and_composed_training_agree() {
+    for cfg in [
+        r#"{"model_type":"gpt2","vocab_size":29,"n_positions":16,"n_embd":12,"n_layer":2,"n_head":3}"#,
+        r#"{"model_type":"llama","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":16}"#,
+        r#"{"model_type":"bert","vocab_size":29,"hidden_size":12,"num_hidden_layers":2,"num_attention_heads":3,"intermediate_size":20,"max_position_embeddings":16}"#,
+    ] {
+        let (l1, g1) = run(cfg, true);
+        let (l2, g2) = run(cfg, false);
+        assert!((l1 - l2).abs() < 1e-10, "{cfg}: loss {l1} vs {l2}");
+        for ((name, a), (_, b)) in g1.iter().zip(&g2) {
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            assert!(d < 1e-7, "{cfg}: gradient of {name} differs by {d}");
+        }
+    }
+}
+
+/// Finite differences on each kernel directly, in f64.
+#[test]
+fn kernels_match_finite_differences() {
+    let dev = Device::Cpu;
+    let x0: Vec<f64> = (0..24).map(|i| ((i * 37 % 17) as f64 - 8.0) / 5.0).collect();
+    let w0: Vec<f64> = (0..6).map(|i| 0.5 + i as f64 / 7.0).collect();
+    let b0: Vec<f64> = (0..6).map(|i| i as f64 / 11.0 - 0.2).collect();
+    let probe: Vec<f64> = (0..24).map(|i| ((i * 13 % 7) as f64 - 3.0) / 3.0).collect();
+    let probe = Tensor::from_vec(probe, (4, 6), &dev).unwrap();
+    type F = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor>;
+    let cases: Vec<(&str, F)> = vec![
+        ("layer_norm", Box::new(|x, w, b| x.apply_op3(w, b, ops::LayerNormOp { eps: 1e-5 }).unwrap())),
+        ("rms_norm", Box::new(|x, w, _| x.apply_op2(w, ops::RmsNormOp { eps: 1e-6 }).unwrap())),
+        ("softmax", Box::new(|x, _, _| x.apply_op1(ops::Softmax).unwrap())),
+        ("gelu_tanh", Box::new(|x, _, _| x.apply_op1(ops::Act(ops::ActKind::GeluTanh)).unwrap())),
+        ("gelu_erf", Box::new(|x, _, _| x.apply_op1(ops::Act(ops::ActKind::GeluErf)).unwrap())),
+        ("silu", Box::new(|x, _, _| x.apply_op1(ops::Act(ops::ActKind::Silu)).unwrap())),
+    ];
+    for (name, f) in cases {
+        let x = Var::from_vec(x0.clone(), (4, 6), &dev).unwrap();
+        let w = Var::from_vec(w0.clone(), 6, &dev).unwrap();
+        let b = Var::from_vec(b0.clone(), 6, &dev).unwrap();
+        let scalar = |x: &Tensor, w: &Tensor, b: &Tensor| (f(x, w, b) * &probe).unwrap().sum_all().unwrap();
+        let grads = scalar(&x, &w, &b).backward().unwrap();
+        for (pname, var, base) in [("x", &x, &x0), ("w", &w, &w0), ("b", &b, &b0)] {
+            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for i in 0..base.len() {
+                let eps = 1e-6;
+                let at = |d: f64| {
+                    let mut v = base.clone();
+                    v[i] += d;
+                    let t = Tensor::from_vec(v, var.shape(), &dev).unwrap();
+                    let (xx, ww, bb) = match pname {
+                        "x" => (t, w.as_tensor().clone(), b.as_tensor().clone()),
+                        "w" => (x.as_tensor().clone(), t, b.as_tensor().clone()),
+                        _ => (x.as_tensor().clone(), w.as_tensor().clone(), t),
+                    };
+                    scalar(&xx, &ww, &bb).to_scalar::<f64>().unwrap()
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                assert!((fd - g[i]).abs() < 1e-6, "{name}: d/d{pname}[{i}] analytic {} vs numeric {fd}", g[i]);
+            }
+        }
+    }
+    // Cross-entropy: value equals candle's, gradient equals softmax − one-hot.
+    let logits = Var::from_vec(x0.clone(), (4, 6), &dev).unwrap();
+    let targets = Tensor::new(&[2u32, IGNORE_INDEX, 5, 0], &dev).unwrap();
+    let (loss, n) = cross_entropy(logits.as_tensor(), &targets).unwrap();
+    assert_eq!(n, 3);
+    let keep = Tensor::new(&[0u32, 2, 3], &dev).unwrap();
+    let want = candle_nn::loss::cross_entropy(
+        &logits.as_tensor().index_select(&keep, 0).unwrap(),
+        &Tensor::new(&[2u32, 5, 0], &dev).unwrap(),
+    )
+    .unwrap();
+    assert!((loss.to_scalar::<f64>().unwrap() - want.to_scalar::<f64>().unwrap()).abs() < 1e-12);
+    let g = loss.backward().unwrap().get(logits.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+    assert!(g[1].iter().all(|&v| v == 0.0), "ignored row got a gradient");
+    let p = candle_nn::ops::softmax(logits.as_tensor(), D::Minus1).unwrap().to_vec2::<f64>().unwrap();
+    assert!((g[0][2] - (p[0][2] - 1.0) / 3.0).abs() < 1e-12);
+    assert!((g[0][1] - p[0][1] / 3.0).abs() < 1e-12);
+    let bad = Tensor::new(&[9u32, 0, 0, 0], &dev).unwrap();
+    assert!(cross_entropy(logits.as_tensor(), &bad).is_err());
+    let _ = DType::F32;
+}

@@ -327,14 +327,14 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f64, rms: bool) -> (Vec<T>,
             }
             (dw, db)
         })
-        .reduce(
-            || (vec![T::zero(); d], vec![T::zero(); d]),
-            |(mut a, mut b), (c2, d2)| {
-                a.iter_mut().zip(&c2).for_each(|(a, c)| *a += *c);
-                b.iter_mut().zip(&d2).for_each(|(b, d)| *b += *d);
-                (a, b)
-            },
-        );
+        .collect::<Vec<_>>()
+        .into_iter()
+        // Summed in chunk order, so gradients are bitwise reproducible whatever the threads do.
+        .fold((vec![T::zero(); d], vec![T::zero(); d]), |(mut a, mut b), (c2, d2)| {
+            a.iter_mut().zip(&c2).for_each(|(a, c)| *a += *c);
+            b.iter_mut().zip(&d2).for_each(|(b, d)| *b += *d);
+            (a, b)
+        });
     (dx, dw, db)
 }
 

@@ -205,6 +205,20 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// Adds special tokens (e.g. `[MASK]`) that are not yet in the vocabulary; returns how many
+    /// were added. New tokens take the next ids.
+    pub fn add_special_tokens(&mut self, tokens: &[&str]) -> usize {
+        let new: Vec<AddedToken> = tokens
+            .iter()
+            .filter(|t| self.inner.token_to_id(t).is_none())
+            .map(|t| AddedToken::from(t.to_string(), true))
+            .collect();
+        if new.is_empty() {
+            return 0;
+        }
+        Arc::make_mut(&mut self.inner).add_special_tokens(&new)
+    }
+
     /// The chat template (Jinja), if the tokenizer has one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()

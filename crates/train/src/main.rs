@@ -1,0 +1,307 @@
+//! The `train` binary: pretraining (the default command), sampling from a model directory, and
+//! tokenizer training. `train --help` and `train <command> --help` describe every flag.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use lmstack_core::{DType, Device, Pretrained, Sampler, SamplingParams, SeqStep, Tokenizer};
+use lmstack_train::config::PretrainConfig;
+use lmstack_train::pretrain::{self, RunOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "train", version, about = "lmstack model development: pretrain, sample, train tokenizers")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no command, `train` pretrains (nanoGPT's character-level Shakespeare by default).
+    #[command(flatten)]
+    pretrain: PretrainArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Pretrain a model (causal LM: gpt2, llama; masked LM: bert).
+    Pretrain(PretrainArgs),
+    /// Generate text from a model directory.
+    Sample(SampleArgs),
+    /// Train a tokenizer (byte-level BPE or character-level) and save it as tokenizer.json.
+    Tokenizer(TokenizerArgs),
+}
+
+/// Flags override the `--config` file, which overrides the defaults.
+#[derive(Args, Debug, Default)]
+struct PretrainArgs {
+    /// TOML configuration file (see docs/training.md for every key).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the run in --out-dir from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Run directory [default: runs/shakespeare-char].
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Training text: a file or a directory of .txt files [default: embedded tiny Shakespeare].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// `char`, `bpe:VOCAB_SIZE`, or a directory with tokenizer.json [default: char].
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Architecture: gpt2, llama or bert [default: gpt2].
+    #[arg(long)]
+    arch: Option<String>,
+    /// Transformer blocks [default: 4].
+    #[arg(long)]
+    n_layer: Option<usize>,
+    /// Attention heads [default: 4].
+    #[arg(long)]
+    n_head: Option<usize>,
+    /// Key/value heads for llama (grouped-query attention) [default: n_head].
+    #[arg(long)]
+    n_kv_head: Option<usize>,
+    /// Hidden width [default: 128].
+    #[arg(long)]
+    n_embd: Option<usize>,
+    /// Context length [default: 64].
+    #[arg(long)]
+    block_size: Option<usize>,
+    /// Sequences per micro-batch [default: 12].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Optimizer steps [default: 2000].
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Peak learning rate [default: 1e-3].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Final learning rate [default: 1e-4].
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Warmup steps [default: 100].
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Steps until the cosine reaches min_lr [default: max_steps].
+    #[arg(long)]
+    lr_decay_steps: Option<u64>,
+    /// AdamW β₂ [default: 0.99].
+    #[arg(long)]
+    beta2: Option<f64>,
+    /// Weight decay [default: 0.1].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Gradient-norm clip, 0 = off [default: 1.0].
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Seed for initialisation and data order [default: 1337].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Steps between validation estimates [default: 250].
+    #[arg(long)]
+    eval_interval: Option<u64>,
+    /// Batches per validation estimate [default: 20].
+    #[arg(long)]
+    eval_iters: Option<usize>,
+    /// Steps between metrics lines [default: 10].
+    #[arg(long)]
+    log_interval: Option<u64>,
+    /// Steps between checkpoints, 0 = only at the end [default: 500].
+    #[arg(long)]
+    checkpoint_interval: Option<u64>,
+    /// Tokens sampled at the end [default: 300].
+    #[arg(long)]
+    sample_tokens: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl PretrainArgs {
+    fn resolve(&self) -> Result<PretrainConfig> {
+        let mut c = match &self.config {
+            Some(p) => PretrainConfig::from_toml_file(p)?,
+            None => PretrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(out_dir, tokenizer, arch, n_layer, n_head, n_kv_head, n_embd, block_size, batch_size, grad_accum);
+        set!(max_steps, lr, min_lr, warmup_steps, lr_decay_steps, beta2, weight_decay, grad_clip, seed);
+        set!(eval_interval, eval_iters, log_interval, checkpoint_interval, sample_tokens);
+        if self.data.is_some() {
+            c.data = self.data.clone();
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Args, Debug)]
+struct SampleArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 300)]
+    max_tokens: usize,
+    /// Sampling temperature, 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Top-k filter, 0 = off.
+    #[arg(long, default_value_t = 200)]
+    top_k: usize,
+    /// Top-p filter, 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// RNG seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct TokenizerArgs {
+    /// Text files to train on.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// `bpe` (byte-level) or `char`.
+    #[arg(long, default_value = "bpe")]
+    kind: String,
+    /// Vocabulary size (bpe).
+    #[arg(long, default_value_t = 4096)]
+    vocab_size: usize,
+    /// Output directory for tokenizer.json and tokenizer_config.json.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn pretrain_cmd(args: &PretrainArgs) -> Result<ExitCode> {
+    let cfg = args.resolve()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let opts = RunOptions { resume: args.resume, progress: !args.quiet, stop, verbose: true };
+    let s = pretrain::run(&cfg, &opts)?;
+    if s.interrupted {
+        println!(
+            "stopped at step {}; checkpoint saved in {}. Continue with: train --resume --out-dir {}",
+            s.steps,
+            cfg.out_dir.join("checkpoints").display(),
+            cfg.out_dir.display()
+        );
+        return Ok(ExitCode::from(130));
+    }
+    if let Some(sample) = &s.sample {
+        println!("--- sample ---\n{sample}\n--------------");
+    }
+    println!(
+        "done: {} steps, validation loss {:.4} (perplexity {:.2}) over the whole validation split{}",
+        s.steps,
+        s.val_loss.unwrap_or(f64::NAN),
+        s.val_loss.unwrap_or(f64::NAN).exp(),
+        s.best_val.map(|(st, v)| format!("; best estimate {v:.4} at step {st}")).unwrap_or_default()
+    );
+    println!(
+        "speed: {:.0} tokens/s, {:.1} ms/step; peak memory {}",
+        s.tokens_per_sec,
+        s.ms_per_step,
+        s.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into())
+    );
+    let d = cfg.out_dir.display();
+    println!("model: {d}/model (best: {d}/best); metrics: {d}/metrics.jsonl; curve: {d}/loss.svg");
+    println!("try: cargo run --release --bin train -- sample --model {d}/model --prompt \"ROMEO:\"");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
+    let p = Pretrained::load(&a.model, DType::F32, &Device::Cpu)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    if !p.model.config().is_causal() {
+        anyhow::bail!("{}: sampling needs a causal model (gpt2 or llama)", a.model.display());
+    }
+    let mut ids = p.tokenizer.encode(&a.prompt, false)?;
+    if ids.is_empty() {
+        ids = vec![p.tokenizer.bos_id().unwrap_or(0)];
+    }
+    let max = p.model.max_len();
+    if ids.len() >= max {
+        anyhow::bail!("--prompt is {} tokens; the model's context is {max}", ids.len());
+    }
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let mut sampler = Sampler::new(params, &ids, 0)?;
+    let mut cache = p.model.new_cache();
+    let mut dec = p.tokenizer.incremental_decoder(true);
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", a.prompt)?;
+    let mut next = ids;
+    for _ in 0..a.max_tokens {
+        if cache.len() + next.len() > max {
+            break;
+        }
+        let logits = p.model.forward_cached(&mut [SeqStep { tokens: &next, cache: &mut cache, all_logits: false }])?;
+        let t = sampler.sample(&logits[0].squeeze(0)?.to_vec1::<f32>()?)?.token;
+        if Some(t) == p.tokenizer.eos_id() {
+            break;
+        }
+        if let Some(piece) = dec.push(t)? {
+            write!(stdout, "{piece}")?;
+            stdout.flush()?;
+        }
+        next = vec![t];
+    }
+    if let Some(rest) = dec.finish()? {
+        write!(stdout, "{rest}")?;
+    }
+    writeln!(stdout)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn tokenizer_cmd(a: &TokenizerArgs) -> Result<ExitCode> {
+    let files: Vec<&std::path::Path> = a.input.iter().map(PathBuf::as_path).collect();
+    let tok = match a.kind.as_str() {
+        "bpe" => Tokenizer::train_bpe(&files, a.vocab_size, &["<|endoftext|>"])?,
+        "char" => Tokenizer::train_chars(&files)?,
+        other => anyhow::bail!("--kind `{other}`: expected bpe or char"),
+    };
+    tok.save(&a.out)?;
+    println!("{} tokenizer, {} tokens, saved to {}", a.kind, tok.vocab_size(), a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match &cli.command {
+        None => pretrain_cmd(&cli.pretrain),
+        Some(Command::Pretrain(a)) => pretrain_cmd(a),
+        Some(Command::Sample(a)) => sample_cmd(a),
+        Some(Command::Tokenizer(a)) => tokenizer_cmd(a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

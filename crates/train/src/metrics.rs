@@ -1,0 +1,173 @@
+//! Run metrics: `metrics.jsonl` (one JSON object per line: training loss, learning rate,
+//! throughput, validation loss and perplexity) and `loss.svg`, the train and validation loss
+//! curves drawn from it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Optimizer step the record describes.
+    pub step: u64,
+    /// `"train"` or `"val"`.
+    pub split: String,
+    /// Mean loss (nats per token).
+    pub loss: f64,
+    /// Learning rate (train records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// Training throughput (train records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_sec: Option<f64>,
+    /// Global gradient norm before clipping (train records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    /// `exp(loss)` (val records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+}
+
+/// Appends records to `metrics.jsonl`.
+#[derive(Debug)]
+pub struct MetricsLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// Opens `path` for appending. With `resume_step`, records after that step (written by the
+    /// interrupted run after its last checkpoint) are dropped first, so the log reads as one
+    /// uninterrupted run; without it the file starts empty.
+    pub fn open(path: &Path, resume_step: Option<u64>) -> Result<Self> {
+        let kept: Vec<String> = match resume_step {
+            Some(step) if path.exists() => read(path)?
+                .into_iter()
+                .filter(|r| r.step <= step)
+                .map(|r| serde_json::to_string(&r).expect("record serialises"))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let mut text = kept.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        lmstack_core::io::write_atomic(path, text.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::Msg(format!("opening {}: {e}", path.display())))?;
+        Ok(Self { path: path.to_owned(), file })
+    }
+
+    /// Appends one record and flushes it.
+    pub fn write(&mut self, r: &Record) -> Result<()> {
+        let line = serde_json::to_string(r).expect("record serialises");
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| Error::Msg(format!("writing {}: {e}", self.path.display())))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads every record of a `metrics.jsonl`; a bad line is an error naming its number.
+pub fn read(path: &Path) -> Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Msg(format!("reading {}: {e}", path.display())))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::Msg(format!("{}:{}: {e}", path.display(), i + 1))))
+        .collect()
+}
+
+/// Draws the train and validation loss curves as a self-contained SVG.
+pub fn loss_svg(records: &[Record], title: &str) -> String {
+    let (w, h) = (720.0, 420.0);
+    let (left, right, top, bottom) = (64.0, 20.0, 40.0, 48.0);
+    let train: Vec<(f64, f64)> =
+        records.iter().filter(|r| r.split == "train").map(|r| (r.step as f64, r.loss)).collect();
+    let val: Vec<(f64, f64)> = records.iter().filter(|r| r.split == "val").map(|r| (r.step as f64, r.loss)).collect();
+    let all = train.iter().chain(&val);
+    let xmax = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let (mut ymin, mut ymax) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    if !ymin.is_finite() {
+        (ymin, ymax) = (0.0, 1.0);
+    }
+    if ymax - ymin < 1e-9 {
+        ymax = ymin + 1.0;
+    }
+    let pad = (ymax - ymin) * 0.05;
+    let (ymin, ymax) = (ymin - pad, ymax + pad);
+    let sx = |x: f64| left + x / xmax * (w - left - right);
+    let sy = |y: f64| top + (ymax - y) / (ymax - ymin) * (h - top - bottom);
+    let path = |pts: &[(f64, f64)]| -> String {
+        pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect::<Vec<_>>().join(" ")
+    };
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
+        w / 2.0,
+        escape(title)
+    );
+    for i in 0..=5 {
+        let y = ymin + (ymax - ymin) * i as f64 / 5.0;
+        let (x2, yy, tx, ty) = (w - right, sy(y), left - 6.0, sy(y) + 4.0);
+        s += &format!(
+            "<line x1=\"{left}\" x2=\"{x2}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/><text x=\"{tx}\" y=\"{ty:.1}\" text-anchor=\"end\">{y:.2}</text>\n"
+        );
+        let x = xmax * i as f64 / 5.0;
+        s += &format!(
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            sx(x),
+            h - bottom + 18.0,
+            x.round()
+        );
+    }
+    s += &format!(
+        "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{0}\" stroke=\"black\"/><line x1=\"{left}\" x2=\"{1}\" y1=\"{0}\" y2=\"{0}\" stroke=\"black\"/>\n",
+        h - bottom,
+        w - right
+    );
+    s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>\n", (left + w - right) / 2.0, h - 10.0);
+    s += &format!(
+        "<text transform=\"translate(16 {}) rotate(-90)\" text-anchor=\"middle\">loss (nats/token)</text>\n",
+        (top + h - bottom) / 2.0
+    );
+    if !train.is_empty() {
+        s +=
+            &format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n", path(&train));
+    }
+    if !val.is_empty() {
+        s += &format!("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"{}\"/>\n", path(&val));
+        for &(x, y) in &val {
+            s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#d62728\"/>\n", sx(x), sy(y));
+        }
+    }
+    let lx = w - right - 150.0;
+    let (ly, y1, y2) = (top + 4.0, top + 18.0, top + 36.0);
+    let (x1, x2, xt) = (lx + 8.0, lx + 32.0, lx + 40.0);
+    s += &format!("<rect x=\"{lx}\" y=\"{ly}\" width=\"140\" height=\"44\" fill=\"white\" stroke=\"#999\"/>\n");
+    s += &format!(
+        "<line x1=\"{x1}\" x2=\"{x2}\" y1=\"{y1}\" y2=\"{y1}\" stroke=\"#1f77b4\" stroke-width=\"2\"/><text x=\"{xt}\" y=\"{}\">train</text>\n",
+        y1 + 4.0
+    );
+    s += &format!(
+        "<line x1=\"{x1}\" x2=\"{x2}\" y1=\"{y2}\" y2=\"{y2}\" stroke=\"#d62728\" stroke-width=\"2\"/><text x=\"{xt}\" y=\"{}\">validation</text>\n",
+        y2 + 4.0
+    );
+    s += "</svg>\n";
+    s
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}

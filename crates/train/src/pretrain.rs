@@ -1,0 +1,475 @@
+//! The pretraining loop: causal LM (gpt2, llama) or masked LM (bert) on a text corpus, with
+//! AdamW, warmup + cosine schedule, gradient clipping and accumulation, periodic validation,
+//! atomic checkpoints, exact resumption, best-model tracking, metrics and a loss curve.
+//!
+//! A run directory holds:
+//! - `config.toml`: the resolved configuration;
+//! - `tokenizer/`: the tokenizer the run was started with (reused on resume);
+//! - `checkpoints/`: resumable state (see [`crate::checkpoint`]);
+//! - `model/`: the final model, a Hugging Face directory `serve` and `eval` load;
+//! - `best/`: the model with the lowest validation loss so far;
+//! - `metrics.jsonl`, `loss.svg`, `sample.txt`, `summary.json`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use lmstack_core::ops::cross_entropy;
+use lmstack_core::params::ParamStore;
+use lmstack_core::{Model, ModelConfig, Pretrained, Sampler, SamplingParams, SeqStep, Tokenizer};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::batches::{self, Objective};
+use crate::checkpoint::{self, TrainerState};
+use crate::config::PretrainConfig;
+use crate::metrics::{self, MetricsLog, Record};
+use crate::optim::{self, AdamW, AdamWConfig};
+use crate::{corpus, Error, Result};
+
+/// How a run is driven (not part of the saved configuration).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+    /// Show a progress bar on the terminal.
+    pub progress: bool,
+    /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+    /// Print one line per evaluation.
+    pub verbose: bool,
+}
+
+/// What a finished (or interrupted) run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Steps completed.
+    pub steps: u64,
+    /// Whether the run stopped early on request.
+    pub interrupted: bool,
+    /// Validation loss over the whole validation split at the end (not when interrupted).
+    pub val_loss: Option<f64>,
+    /// Best periodic validation estimate and its step.
+    pub best_val: Option<(u64, f64)>,
+    /// Mean training throughput of this invocation.
+    pub tokens_per_sec: f64,
+    /// Mean wall time of an optimizer step in this invocation.
+    pub ms_per_step: f64,
+    /// Peak resident memory of the process (MiB), where the OS reports it.
+    pub peak_rss_mib: Option<f64>,
+    /// Parameters in the model.
+    pub num_parameters: usize,
+    /// Tokens in the train / validation splits.
+    pub split_tokens: (usize, usize),
+    /// The generated sample, if any.
+    pub sample: Option<String>,
+    /// The run directory.
+    pub out_dir: PathBuf,
+}
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`).
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn build_tokenizer(cfg: &PretrainConfig, text: &str, files: &[PathBuf], out_dir: &Path) -> Result<Tokenizer> {
+    let mut tok = if cfg.tokenizer == "char" {
+        Tokenizer::from_chars(text.chars())?
+    } else if let Some(n) = cfg.tokenizer.strip_prefix("bpe:") {
+        let n: usize = n.parse().map_err(|_| {
+            Error::Msg(format!("config field `tokenizer`: `{}` needs a number after bpe:", cfg.tokenizer))
+        })?;
+        let tmp;
+        let paths: Vec<&Path> = if files.is_empty() {
+            tmp = out_dir.join("corpus.tmp.txt");
+            std::fs::write(&tmp, text).map_err(|e| Error::Msg(format!("writing {}: {e}", tmp.display())))?;
+            vec![tmp.as_path()]
+        } else {
+            files.iter().map(PathBuf::as_path).collect()
+        };
+        let t = Tokenizer::train_bpe(&paths, n, &["<|endoftext|>"]);
+        let _ = std::fs::remove_file(out_dir.join("corpus.tmp.txt"));
+        t?
+    } else {
+        Tokenizer::from_dir(Path::new(&cfg.tokenizer))?
+    };
+    if cfg.arch == "bert" && tok.mask_id().is_none() {
+        tok.add_special_tokens(&["[MASK]"]);
+        let mut sp = tok.special_tokens().clone();
+        sp.mask = Some("[MASK]".into());
+        tok.set_special_tokens(sp)?;
+    }
+    tok.set_model_max_length(Some(cfg.block_size));
+    Ok(tok)
+}
+
+/// The `config.json` of the model a configuration describes.
+pub fn model_config(cfg: &PretrainConfig, vocab_size: usize) -> Result<ModelConfig> {
+    let d = cfg.n_embd;
+    let json = match cfg.arch.as_str() {
+        "gpt2" => serde_json::json!({
+            "model_type": "gpt2", "vocab_size": vocab_size, "n_positions": cfg.block_size, "n_embd": d,
+            "n_layer": cfg.n_layer, "n_head": cfg.n_head, "activation_function": "gelu_new",
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        }),
+        "llama" => {
+            // SwiGLU width ≈ 8/3 · d, rounded up to a multiple of 32 (as Llama does with 256).
+            let inter = (8 * d / 3).div_ceil(32) * 32;
+            serde_json::json!({
+                "model_type": "llama", "vocab_size": vocab_size, "hidden_size": d, "intermediate_size": inter,
+                "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+                "num_key_value_heads": if cfg.n_kv_head == 0 { cfg.n_head } else { cfg.n_kv_head },
+                "max_position_embeddings": cfg.block_size, "rope_theta": 10000.0, "tie_word_embeddings": true,
+            })
+        }
+        "bert" => serde_json::json!({
+            "model_type": "bert", "vocab_size": vocab_size, "hidden_size": d, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "intermediate_size": 4 * d, "max_position_embeddings": cfg.block_size,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "architectures": ["BertForMaskedLM"],
+        }),
+        other => return Err(Error::Msg(format!("config field `arch`: `{other}` is not one of gpt2, llama, bert"))),
+    };
+    Ok(ModelConfig::from_value(json, "pretrain config")?)
+}
+
+/// A frozen copy of `model` sharing its current weights, for evaluation and sampling without
+/// building a backward graph.
+pub fn frozen(model: &Model) -> Result<Model> {
+    let tensors: HashMap<String, Tensor> = model.params().tensors().into_iter().map(|(k, t)| (k, t.detach())).collect();
+    let store = ParamStore::frozen(tensors, "<training weights>");
+    Ok(Model::new(model.config().clone(), &store, model.dtype(), model.device())?)
+}
+
+/// Mean loss of `model` on a batch (differentiable when the model is trainable).
+pub fn batch_loss(model: &Model, batch: &batches::Batch) -> Result<(Tensor, usize)> {
+    let logits = model.forward(&batch.inputs, None)?;
+    let (b, t, v) = logits.dims3()?;
+    Ok(cross_entropy(&logits.reshape((b * t, v))?, &batch.labels.reshape(b * t)?)?)
+}
+
+fn objective(cfg: &PretrainConfig, tok: &Tokenizer, vocab: usize) -> Result<Objective> {
+    if cfg.arch != "bert" {
+        return Ok(Objective::Causal);
+    }
+    let mask_id = tok.mask_id().ok_or_else(|| Error::Msg("the tokenizer has no mask token".into()))?;
+    Ok(Objective::Masked { mask_id, vocab_size: vocab as u32, prob: cfg.mlm_probability })
+}
+
+/// Loss over `iters` random validation batches.
+fn estimate(
+    model: &Model,
+    data: &[u32],
+    cfg: &PretrainConfig,
+    obj: Objective,
+    iters: usize,
+    rng: &mut ChaCha8Rng,
+) -> Result<f64> {
+    let eval = frozen(model)?;
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for _ in 0..iters {
+        let b = batches::sample_batch(data, cfg.batch_size, cfg.block_size, obj, rng, eval.device())?;
+        let (l, n) = batch_loss(&eval, &b)?;
+        total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+        count += n;
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+/// Loss over the whole validation split in consecutive windows (masked LM: a fixed masking).
+pub fn full_eval(model: &Model, data: &[u32], cfg: &PretrainConfig, obj: Objective) -> Result<f64> {
+    let eval = frozen(model)?;
+    let t = cfg.block_size;
+    let starts: Vec<usize> = (0..(data.len() - 1) / t).map(|i| i * t).filter(|&s| s + t < data.len()).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (mut total, mut count) = (0.0, 0usize);
+    for chunk in starts.chunks(cfg.batch_size.max(32)) {
+        let b = batches::windows(data, chunk, t, obj, &mut rng, eval.device())?;
+        if let Ok((l, n)) = batch_loss(&eval, &b) {
+            total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+            count += n;
+        }
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+/// Generates `n` tokens after `prompt` with nanoGPT's sampling defaults (temperature 0.8,
+/// top-k 200), stopping early at the context length.
+pub fn sample(model: &Model, tok: &Tokenizer, prompt: &str, n: usize, seed: u64) -> Result<String> {
+    let eval = frozen(model)?;
+    let mut ids = tok.encode(prompt, false)?;
+    if ids.is_empty() {
+        ids.push(0);
+    }
+    let mut cache = eval.new_cache();
+    let params = SamplingParams { temperature: 0.8, top_k: 200, seed: Some(seed), ..Default::default() };
+    let mut sampler = Sampler::new(params, &ids, 0)?;
+    let mut out = Vec::new();
+    let mut next = ids.clone();
+    for _ in 0..n {
+        if cache.len() + next.len() > eval.max_len() {
+            // Slide the window: re-prefill the last half of the context.
+            let keep: Vec<u32> = ids.iter().chain(&out).copied().collect::<Vec<_>>();
+            next = keep[keep.len() - eval.max_len() / 2..].to_vec();
+            cache.clear();
+        }
+        let logits = eval.forward_cached(&mut [SeqStep { tokens: &next, cache: &mut cache, all_logits: false }])?;
+        let t = sampler.sample(&logits[0].squeeze(0)?.to_vec1::<f32>()?)?.token;
+        out.push(t);
+        next = vec![t];
+    }
+    Ok(tok.decode(&out, true)?)
+}
+
+fn save_model_dir(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {
+    let p = Pretrained { model: frozen(model)?, tokenizer: tok.clone(), dir: None };
+    p.save(dir)?;
+    Ok(())
+}
+
+/// Runs (or resumes) pretraining as configured.
+pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
+    cfg.validate()?;
+    let out = &cfg.out_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::Msg(format!("creating {}: {e}", out.display())))?;
+    let ckpt_root = out.join("checkpoints");
+    let resume_from = if opts.resume {
+        match checkpoint::latest(&ckpt_root)? {
+            Some(dir) => Some(checkpoint::load(&dir)?),
+            None => {
+                return Err(Error::Msg(format!(
+                    "--resume: no checkpoint in {} (start without --resume)",
+                    ckpt_root.display()
+                )))
+            }
+        }
+    } else {
+        if checkpoint::latest(&ckpt_root)?.is_some() {
+            return Err(Error::Msg(format!(
+                "{} already holds a run; pass --resume to continue it, or choose another --out-dir",
+                out.display()
+            )));
+        }
+        None
+    };
+    if resume_from.is_some() {
+        let saved = PretrainConfig::from_toml_file(&out.join("config.toml"))?;
+        if saved.arch != cfg.arch
+            || saved.n_layer != cfg.n_layer
+            || saved.n_embd != cfg.n_embd
+            || saved.block_size != cfg.block_size
+        {
+            return Err(Error::Msg(format!(
+                "--resume: the model settings differ from the run's {}; resume with the same configuration",
+                out.join("config.toml").display()
+            )));
+        }
+    }
+    lmstack_core::io::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+
+    let corpus = corpus::load(cfg.data.as_deref())?;
+    let tok_dir = out.join("tokenizer");
+    let tok = if resume_from.is_some() {
+        Tokenizer::from_dir(&tok_dir)?
+    } else {
+        let t = build_tokenizer(cfg, &corpus.text, &corpus.files, out)?;
+        t.save(&tok_dir)?;
+        t
+    };
+    let tokens = corpus::tokenize(&tok, &corpus.text)?;
+    let (train, val) = corpus::split(&tokens, cfg.val_fraction);
+    batches::check_len(train, cfg.block_size, "training")?;
+    batches::check_len(val, cfg.block_size, "validation")?;
+    let vocab = tok.vocab_size();
+    let obj = objective(cfg, &tok, vocab)?;
+    let mcfg = model_config(cfg, vocab)?;
+    let dev = Device::Cpu;
+    let (model, mut state, opt_state) = match resume_from {
+        Some(l) => {
+            let store = ParamStore::trainable(l.weights, &l.dir.join("model.safetensors").display().to_string(), None);
+            let model = Model::new(mcfg, &store, DType::F32, &dev)?;
+            store.release_source();
+            (model, l.state, Some(l.optimizer))
+        }
+        None => {
+            let model = Model::init(mcfg, cfg.seed, DType::F32, &dev)?;
+            let state = TrainerState {
+                version: checkpoint::VERSION,
+                step: 0,
+                data_rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+                eval_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EED),
+                best_val: None,
+                tokens_seen: 0,
+                files: Default::default(),
+            };
+            (model, state, None)
+        }
+    };
+    let adam = AdamWConfig { beta1: cfg.beta1, beta2: cfg.beta2, eps: 1e-8, weight_decay: cfg.weight_decay };
+    let mut opt = AdamW::new(model.params().vars(), adam);
+    if let Some(s) = &opt_state {
+        opt.load_state(s, state.step, "optimizer.safetensors")?;
+    }
+    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), opts.resume.then_some(state.step))?;
+    let n_params = model.num_parameters();
+    if opts.verbose {
+        println!(
+            "{} model, {} parameters ({:.2}M); vocabulary {vocab}; {} train / {} val tokens; {} steps of {} tokens{}",
+            cfg.arch,
+            n_params,
+            n_params as f64 / 1e6,
+            train.len(),
+            val.len(),
+            cfg.max_steps,
+            cfg.batch_size * cfg.block_size * cfg.grad_accum,
+            if opts.resume { format!("; resuming at step {}", state.step) } else { String::new() }
+        );
+    }
+
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new(cfg.max_steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        b.set_position(state.step);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.grad_accum) as f64;
+    let started = Instant::now();
+    let first_step = state.step;
+    let mut window = (0.0f64, 0u64, Instant::now());
+    let clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
+    let mut interrupted = false;
+    let save_ckpt = |state: &TrainerState, model: &Model, opt: &AdamW| -> Result<()> {
+        checkpoint::save(&ckpt_root, state.clone(), &model.params().tensors(), &opt.state_tensors()?, 2)?;
+        Ok(())
+    };
+
+    while state.step < cfg.max_steps {
+        if opts.stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        let step = state.step;
+        let lr = optim::lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps());
+        let mut grads = HashMap::new();
+        let mut loss_sum = 0.0;
+        let mut norm = 0.0;
+        for _ in 0..cfg.grad_accum {
+            let b = batches::sample_batch(train, cfg.batch_size, cfg.block_size, obj, &mut state.data_rng, &dev)?;
+            let (loss, _) = batch_loss(&model, &b)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = loss.backward()?;
+            let (g, _) = optim::collect_grads(&opt, &g, 1.0 / cfg.grad_accum as f32, None)?;
+            optim::accumulate(&mut grads, g);
+        }
+        if let Some(max) = clip {
+            let sq: f64 = grads.values().flat_map(|v| v.iter()).map(|&x| (x as f64) * (x as f64)).sum();
+            norm = sq.sqrt();
+            if norm > max {
+                let c = (max / (norm + 1e-6)) as f32;
+                grads.values_mut().for_each(|v| v.iter_mut().for_each(|x| *x *= c));
+            }
+        }
+        let loss = loss_sum / cfg.grad_accum as f64;
+        if !loss.is_finite() {
+            save_ckpt(&state, &model, &opt)?;
+            return Err(Error::Msg(format!(
+                "step {step}: the loss is {loss}; stopping (checkpoint of step {step} saved). Try a lower `lr`"
+            )));
+        }
+        opt.step(&grads, lr)?;
+        state.step += 1;
+        state.tokens_seen += tokens_per_step as u64;
+        window.0 += loss;
+        window.1 += 1;
+        let done = state.step;
+        if done % cfg.log_interval == 0 || done == cfg.max_steps {
+            let secs = window.2.elapsed().as_secs_f64();
+            let tps = window.1 as f64 * tokens_per_step / secs.max(1e-9);
+            let mean = window.0 / window.1 as f64;
+            log.write(&Record {
+                step: done,
+                split: "train".into(),
+                loss: mean,
+                lr: Some(lr),
+                tokens_per_sec: Some(tps),
+                grad_norm: clip.map(|_| norm),
+                perplexity: None,
+            })?;
+            bar.set_message(format!("loss {mean:.4} lr {lr:.2e} {tps:.0} tok/s"));
+            window = (0.0, 0, Instant::now());
+        }
+        bar.set_position(done);
+        if done % cfg.eval_interval == 0 || done == cfg.max_steps {
+            let v = estimate(&model, val, cfg, obj, cfg.eval_iters, &mut state.eval_rng)?;
+            log.write(&Record {
+                step: done,
+                split: "val".into(),
+                loss: v,
+                lr: None,
+                tokens_per_sec: None,
+                grad_norm: None,
+                perplexity: Some(v.exp()),
+            })?;
+            if opts.verbose {
+                let line = format!("step {done}: train loss {loss:.4}, val loss {v:.4} (perplexity {:.2})", v.exp());
+                if bar.is_hidden() {
+                    println!("{line}");
+                } else {
+                    bar.println(line);
+                }
+            }
+            if state.best_val.is_none_or(|(_, b)| v < b) {
+                state.best_val = Some((done, v));
+                save_model_dir(&model, &tok, &out.join("best"))?;
+            }
+        }
+        if cfg.checkpoint_interval > 0 && done % cfg.checkpoint_interval == 0 && done < cfg.max_steps {
+            save_ckpt(&state, &model, &opt)?;
+        }
+    }
+    bar.finish_and_clear();
+    save_ckpt(&state, &model, &opt)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let steps_run = state.step - first_step;
+    let records = metrics::read(log.path())?;
+    let title = format!("{} {}L {}H {}d, {} steps", cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_embd, state.step);
+    lmstack_core::io::write_atomic(&out.join("loss.svg"), metrics::loss_svg(&records, &title).as_bytes())?;
+    let mut summary = Summary {
+        steps: state.step,
+        interrupted,
+        val_loss: None,
+        best_val: state.best_val,
+        tokens_per_sec: steps_run as f64 * tokens_per_step / elapsed.max(1e-9),
+        ms_per_step: elapsed * 1e3 / steps_run.max(1) as f64,
+        peak_rss_mib: peak_rss_mib(),
+        num_parameters: n_params,
+        split_tokens: (train.len(), val.len()),
+        sample: None,
+        out_dir: out.clone(),
+    };
+    if !interrupted {
+        save_model_dir(&model, &tok, &out.join("model"))?;
+        summary.val_loss = Some(full_eval(&model, val, cfg, obj)?);
+        if cfg.sample_tokens > 0 && cfg.arch != "bert" {
+            let s = sample(&model, &tok, "\n", cfg.sample_tokens, cfg.seed)?;
+            lmstack_core::io::write_atomic(&out.join("sample.txt"), s.as_bytes())?;
+            summary.sample = Some(s);
+        }
+    }
+    lmstack_core::io::write_json(&out.join("summary.json"), &summary)?;
+    Ok(summary)
+}

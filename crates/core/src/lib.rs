@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gemm;
 pub mod io;
 pub mod kv_cache;
 pub mod models;

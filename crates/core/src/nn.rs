@@ -104,6 +104,17 @@ impl Module for Linear {
     /// # Shapes
     /// `xs`: `[.., in]` → `[.., out]`.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::ops::supported(xs) && self.weight.dtype() == xs.dtype() && self.weight.device().is_cpu() {
+            let x = xs.contiguous()?;
+            let mut y = match &self.bias {
+                Some(b) => x.apply_op3(&self.weight, b, crate::ops::LinearOp)?,
+                None => x.apply_op2(&self.weight, crate::ops::LinearOp)?,
+            };
+            if let Some(a) = &self.adapter {
+                y = (y + a.forward(xs)?)?;
+            }
+            return Ok(y);
+        }
         let dims = xs.dims();
         let (in_dim, out_dim) = self.dims();
         let lead: Vec<usize> = dims[..dims.len() - 1].to_vec();
@@ -330,8 +341,12 @@ pub fn batch_mask(
 pub enum AttnCtx<'a, 'c> {
     /// Whole sequences `[b, t]` with an optional additive mask `[b, 1, t, t]`.
     Batch {
-        /// The mask (see [`batch_mask`]).
+        /// The mask (see [`batch_mask`]), used by the composed path.
         mask: Option<Tensor>,
+        /// Whether later keys are hidden (causal LM), for the fused path.
+        causal: bool,
+        /// `[b · t]`, 0 where a key is padding, for the fused path.
+        key_mask: Option<Vec<u8>>,
     },
     /// The new tokens of several sequences packed as `[1, n_total]`, each sequence
     /// continuing its own KV cache: `spans[i] = (start, len)` in the packed axis.
@@ -341,6 +356,32 @@ pub enum AttnCtx<'a, 'c> {
         /// One cache per sequence.
         caches: &'a mut [&'c mut KvCache],
     },
+}
+
+/// Attention over a packed `[b, t, 3 · heads · d]` q/k/v projection (GPT-2's `c_attn`).
+///
+/// # Shapes
+/// `qkv`: `[b, t, 3 · heads · d]` → `[b, t, heads · d]`.
+pub fn attention_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    ctx: &mut AttnCtx<'_, '_>,
+    layer: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, w) = qkv.dims3()?;
+    let d = w / 3 / heads;
+    if let AttnCtx::Batch { causal, key_mask, .. } = ctx {
+        if crate::ops::supported(qkv) {
+            let op = crate::ops::AttentionQkv::new(b, t, heads, d, *causal, scale, key_mask.clone());
+            return Ok(qkv.contiguous()?.apply_op1(op)?);
+        }
+    }
+    let hd = heads * d;
+    let q = qkv.narrow(2, 0, hd)?.reshape((b, t, heads, d))?;
+    let k = qkv.narrow(2, hd, hd)?.reshape((b, t, heads, d))?;
+    let v = qkv.narrow(2, 2 * hd, hd)?.reshape((b, t, heads, d))?;
+    attention(&q, &k, &v, ctx, layer, scale)
 }
 
 /// Scaled dot-product attention with grouped-query heads.
@@ -359,7 +400,11 @@ pub fn attention(
     let kvh = k.dim(2)?;
     let n_rep = h / kvh;
     match ctx {
-        AttnCtx::Batch { mask } => {
+        AttnCtx::Batch { causal, key_mask, .. } if crate::ops::supported(q) => {
+            let op = crate::ops::Attention::new(b, t, h, kvh, d, *causal, scale, key_mask.clone());
+            Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+        }
+        AttnCtx::Batch { mask, .. } => {
             let q = q.transpose(1, 2)?.contiguous()?;
             let mut k = k.transpose(1, 2)?.contiguous()?;
             let mut v = v.transpose(1, 2)?.contiguous()?;

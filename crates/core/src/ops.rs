@@ -8,6 +8,9 @@
 //! to the compositions on other devices and dtypes. `tests/ops.rs` checks values and gradients
 //! against the compositions and against finite differences.
 
+// Kernels take shapes, strides and buffers as separate arguments, as BLAS-style code does.
+#![allow(clippy::too_many_arguments)]
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -28,14 +31,25 @@ pub fn set_enabled(enabled: bool) {
 
 /// Whether the fused kernels can run on `t` (enabled, CPU, f32 or f64).
 pub fn supported(t: &Tensor) -> bool {
-    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        && t.device().is_cpu()
-        && matches!(t.dtype(), DType::F32 | DType::F64)
+    supported_for(t.dtype(), t.device())
+}
+
+/// Whether the fused kernels can run on tensors of `dtype` on `device`.
+pub fn supported_for(dtype: DType, device: &candle_core::Device) -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed) && device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
 }
 
 /// Numeric element types the kernels run on.
 trait Elem:
-    WithDType + Float + Send + Sync + std::iter::Sum + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign
+    crate::gemm::GemmElem
+    + WithDType
+    + Float
+    + Send
+    + Sync
+    + std::iter::Sum
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
 {
     fn erf(self) -> Self;
     /// tanh; f32 uses `1 - 2 / (1 + e^{2x})`, several times faster than libm's `tanhf` and
@@ -516,4 +530,537 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> crate::Result<(Tensor
         (picked.neg()? * keep)?
     };
     Ok(((per_row.sum_all()? / count as f64)?, count))
+}
+
+// ---------------------------------------------------------------- linear
+
+/// `y = x Wᵀ (+ b)` for `x [n, in]` (contiguous rows), `W [out, in]` (any strides, e.g. the
+/// transposed view of a GPT-2 `Conv1D` weight) and optional `b [out]`, as one autograd node.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearOp;
+
+fn w_view(l: &Layout) -> Result<crate::gemm::View> {
+    let s = l.stride();
+    if s.len() != 2 {
+        candle_core::bail!("linear: weight must be 2-D");
+    }
+    Ok(crate::gemm::View { off: l.start_offset(), rs: s[0], cs: s[1] })
+}
+
+fn linear_fwd<T: Elem>(
+    x: &[T],
+    w: &[T],
+    wv: crate::gemm::View,
+    b: Option<&[T]>,
+    n: usize,
+    i: usize,
+    o: usize,
+) -> Vec<T> {
+    use crate::gemm::{matmul_par, View};
+    let mut y = vec![T::zero(); n * o];
+    if let Some(b) = b {
+        y.chunks_mut(o).for_each(|r| r.copy_from_slice(b));
+    }
+    matmul_par(
+        n,
+        o,
+        i,
+        x,
+        View::rows(0, i),
+        w,
+        wv.t(),
+        &mut y,
+        View::rows(0, o),
+        b.is_some(),
+        T::one(),
+        n * o * i > 1 << 16,
+    );
+    y
+}
+
+impl LinearOp {
+    fn fwd_any(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = xl.shape().dims();
+        let i = *dims.last().unwrap_or(&0);
+        let n = xl.shape().elem_count() / i.max(1);
+        let (o, wi) = wl.shape().dims2()?;
+        if wi != i {
+            candle_core::bail!("linear: input has {i} features, the weight {wi}");
+        }
+        let wv = w_view(wl)?;
+        fn go<T: Elem>(
+            xs: &CpuStorage,
+            xl: &Layout,
+            ws: &CpuStorage,
+            wv: crate::gemm::View,
+            b: Option<(&CpuStorage, &Layout)>,
+            n: usize,
+            i: usize,
+            o: usize,
+        ) -> Result<CpuStorage> {
+            let x = slice::<T>(xs, xl)?;
+            let w = ws.as_slice::<T>()?;
+            let b = match b {
+                Some((s, l)) => Some(slice::<T>(s, l)?),
+                None => None,
+            };
+            Ok(T::to_cpu_storage_owned(linear_fwd(x, w, wv, b, n, i, o)))
+        }
+        let out = dispatch!(xs.dtype(), go(xs, xl, ws, wv, b, n, i, o))?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("non-empty") = o;
+        Ok((out, Shape::from(shape)))
+    }
+}
+
+/// Returns `(dx, dw [out, in] contiguous, db)`.
+fn linear_bwd<T: Elem>(x: &Tensor, w: &Tensor, g: &Tensor, bias: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    use crate::gemm::{matmul_par, View};
+    let (o, i) = w.dims2()?;
+    let n = x.elem_count() / i.max(1);
+    let w = w.contiguous()?;
+    let (dx, dw, db) = with_data::<T, _>(x, |xs| {
+        with_data::<T, _>(&w, |ws| {
+            with_data::<T, _>(g, |gs| {
+                let par = n * o * i > 1 << 16;
+                let mut dx = vec![T::zero(); n * i];
+                matmul_par(
+                    n,
+                    i,
+                    o,
+                    gs,
+                    View::rows(0, o),
+                    ws,
+                    View::rows(0, i),
+                    &mut dx,
+                    View::rows(0, i),
+                    false,
+                    T::one(),
+                    par,
+                );
+                let mut dw = vec![T::zero(); o * i];
+                matmul_par(
+                    o,
+                    i,
+                    n,
+                    gs,
+                    View::rows(0, o).t(),
+                    xs,
+                    View::rows(0, i),
+                    &mut dw,
+                    View::rows(0, i),
+                    false,
+                    T::one(),
+                    par,
+                );
+                let db = bias.then(|| {
+                    let mut db = vec![T::zero(); o];
+                    for r in gs.chunks(o) {
+                        db.iter_mut().zip(r).for_each(|(d, &v)| *d += v);
+                    }
+                    db
+                });
+                Ok((dx, dw, db))
+            })
+        })
+    })?;
+    Ok((
+        new_tensor(dx, x.shape(), x)?,
+        new_tensor(dw, w.shape(), &w)?,
+        db.map(|d| new_tensor(d, &Shape::from(o), &w)).transpose()?,
+    ))
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "lmstack-linear"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.fwd_any(s1, l1, s2, l2, None)
+    }
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = dispatch!(x.dtype(), linear_bwd(x, w, g, false))?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "lmstack-linear-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd_any(s1, l1, s2, l2, Some((s3, l3)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = dispatch!(x.dtype(), linear_bwd(x, w, g, true))?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+// ---------------------------------------------------------------- attention
+
+/// A 4-D `[batch, time, heads, head_dim]` view into a slice (last dimension contiguous).
+#[derive(Debug, Clone, Copy)]
+struct Heads {
+    off: usize,
+    sb: usize,
+    st: usize,
+    sh: usize,
+}
+
+impl Heads {
+    fn of(l: &Layout) -> Result<Self> {
+        let s = l.stride();
+        if s.len() != 4 || s[3] != 1 {
+            candle_core::bail!("attention: expected a [b, t, heads, d] input with a contiguous last dimension");
+        }
+        Ok(Self { off: l.start_offset(), sb: s[0], st: s[1], sh: s[2] })
+    }
+    fn at(&self, b: usize, h: usize) -> crate::gemm::View {
+        crate::gemm::View::rows(self.off + b * self.sb + h * self.sh, self.st)
+    }
+}
+
+/// Sizes and options of an attention call.
+#[derive(Debug, Clone)]
+struct AttnSpec {
+    b: usize,
+    t: usize,
+    h: usize,
+    kvh: usize,
+    d: usize,
+    causal: bool,
+    scale: f64,
+    /// `[b * t]`, 0 where the key is padding.
+    key_mask: Option<Arc<Vec<u8>>>,
+}
+
+use std::sync::Arc;
+
+impl AttnSpec {
+    /// Scores `S = scale · Q Kᵀ` for one head, masked, then softmax in place; rows with no
+    /// visible key become all zeros.
+    fn probs<T: Elem>(&self, q: &[T], qv: crate::gemm::View, k: &[T], kv: crate::gemm::View, b: usize, p: &mut [T]) {
+        let t = self.t;
+        crate::gemm::matmul(
+            t,
+            t,
+            self.d,
+            q,
+            qv,
+            k,
+            kv.t(),
+            p,
+            crate::gemm::View::rows(0, t),
+            false,
+            c::<T>(self.scale),
+        );
+        for i in 0..t {
+            let row = &mut p[i * t..(i + 1) * t];
+            let mut max = T::neg_infinity();
+            for (j, s) in row.iter_mut().enumerate() {
+                let hidden = (self.causal && j > i) || self.key_mask.as_ref().is_some_and(|m| m[b * t + j] == 0);
+                if hidden {
+                    *s = T::neg_infinity();
+                } else if *s > max {
+                    max = *s;
+                }
+            }
+            if max == T::neg_infinity() {
+                row.iter_mut().for_each(|s| *s = T::zero());
+                continue;
+            }
+            let mut sum = T::zero();
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = T::one() / sum;
+            row.iter_mut().for_each(|s| *s *= inv);
+        }
+    }
+
+    /// Output `[b, t, h * d]`.
+    fn forward<T: Elem>(&self, q: &[T], ql: Heads, k: &[T], kl: Heads, v: &[T], vl: Heads) -> Vec<T> {
+        let (t, d, h) = (self.t, self.d, self.h);
+        let rep = h / self.kvh;
+        let blocks: Vec<Vec<T>> = (0..self.b * h)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, hh) = (bh / h, bh % h);
+                let mut p = vec![T::zero(); t * t];
+                self.probs(q, ql.at(b, hh), k, kl.at(b, hh / rep), b, &mut p);
+                let mut o = vec![T::zero(); t * d];
+                crate::gemm::matmul(
+                    t,
+                    d,
+                    t,
+                    &p,
+                    crate::gemm::View::rows(0, t),
+                    v,
+                    vl.at(b, hh / rep),
+                    &mut o,
+                    crate::gemm::View::rows(0, d),
+                    false,
+                    T::one(),
+                );
+                o
+            })
+            .collect();
+        let mut out = vec![T::zero(); self.b * t * h * d];
+        for (bh, o) in blocks.iter().enumerate() {
+            let (b, hh) = (bh / h, bh % h);
+            for i in 0..t {
+                let dst = ((b * t + i) * h + hh) * d;
+                out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
+            }
+        }
+        out
+    }
+
+    /// Gradients `(dq [b,t,h,d], dk [b,t,kvh,d], dv [b,t,kvh,d])`, contiguous.
+    #[allow(clippy::type_complexity)]
+    fn backward<T: Elem>(
+        &self,
+        q: &[T],
+        ql: Heads,
+        k: &[T],
+        kl: Heads,
+        v: &[T],
+        vl: Heads,
+        dout: &[T],
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        use crate::gemm::{matmul, View};
+        let (t, d, h, kvh) = (self.t, self.d, self.h, self.kvh);
+        let rep = h / kvh;
+        let scale = c::<T>(self.scale);
+        let groups: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..self.b * kvh)
+            .into_par_iter()
+            .map(|bg| {
+                let (b, g) = (bg / kvh, bg % kvh);
+                let (kv_k, kv_v) = (kl.at(b, g), vl.at(b, g));
+                let mut dk = vec![T::zero(); t * d];
+                let mut dv = vec![T::zero(); t * d];
+                let mut dqs = Vec::with_capacity(rep);
+                let mut p = vec![T::zero(); t * t];
+                let mut dp = vec![T::zero(); t * t];
+                for r in 0..rep {
+                    let hh = g * rep + r;
+                    let qv = ql.at(b, hh);
+                    self.probs(q, qv, k, kv_k, b, &mut p);
+                    let dov = View::rows((b * t * h + hh) * d, h * d);
+                    // dV += Pᵀ dO ; dP = dO Vᵀ
+                    matmul(t, d, t, &p, View::rows(0, t).t(), dout, dov, &mut dv, View::rows(0, d), true, T::one());
+                    matmul(t, t, d, dout, dov, v, kv_v.t(), &mut dp, View::rows(0, t), false, T::one());
+                    // dS = P ⊙ (dP − rowsum(dP ⊙ P))
+                    for i in 0..t {
+                        let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
+                        let dot: T = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum();
+                        for (dv_, &pv) in dr.iter_mut().zip(pr) {
+                            *dv_ = pv * (*dv_ - dot);
+                        }
+                    }
+                    // dQ = scale · dS K ; dK += scale · dSᵀ Q
+                    let mut dq = vec![T::zero(); t * d];
+                    matmul(t, d, t, &dp, View::rows(0, t), k, kv_k, &mut dq, View::rows(0, d), false, scale);
+                    matmul(t, d, t, &dp, View::rows(0, t).t(), q, qv, &mut dk, View::rows(0, d), true, scale);
+                    dqs.push(dq);
+                }
+                (dqs, dk, dv)
+            })
+            .collect();
+        let mut dq = vec![T::zero(); self.b * t * h * d];
+        let mut dk = vec![T::zero(); self.b * t * kvh * d];
+        let mut dv = vec![T::zero(); self.b * t * kvh * d];
+        for (bg, (dqs, gk, gv)) in groups.iter().enumerate() {
+            let (b, g) = (bg / kvh, bg % kvh);
+            for i in 0..t {
+                let kd = ((b * t + i) * kvh + g) * d;
+                dk[kd..kd + d].copy_from_slice(&gk[i * d..(i + 1) * d]);
+                dv[kd..kd + d].copy_from_slice(&gv[i * d..(i + 1) * d]);
+                for (r, gq) in dqs.iter().enumerate() {
+                    let qd = ((b * t + i) * h + g * rep + r) * d;
+                    dq[qd..qd + d].copy_from_slice(&gq[i * d..(i + 1) * d]);
+                }
+            }
+        }
+        (dq, dk, dv)
+    }
+}
+
+/// Fused scaled dot-product attention over `q [b,t,h,d]`, `k`, `v` `[b,t,kvh,d]` (grouped
+/// heads), causal and/or with a key padding mask; output `[b, t, h·d]`. Backward recomputes
+/// the probabilities instead of storing them.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    spec: AttnSpec,
+}
+
+impl Attention {
+    /// An attention op; `key_mask` is `[b·t]` with 0 for padded keys.
+    pub fn new(
+        b: usize,
+        t: usize,
+        h: usize,
+        kvh: usize,
+        d: usize,
+        causal: bool,
+        scale: f64,
+        key_mask: Option<Vec<u8>>,
+    ) -> Self {
+        Self { spec: AttnSpec { b, t, h, kvh, d, causal, scale, key_mask: key_mask.map(Arc::new) } }
+    }
+}
+
+fn storage_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let _ = l;
+    s.as_slice::<T>()
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "lmstack-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let sp = &self.spec;
+        fn go<T: Elem>(sp: &AttnSpec, s: [(&CpuStorage, &Layout); 3]) -> Result<CpuStorage> {
+            let (q, k, v) = (
+                storage_slice::<T>(s[0].0, s[0].1)?,
+                storage_slice::<T>(s[1].0, s[1].1)?,
+                storage_slice::<T>(s[2].0, s[2].1)?,
+            );
+            let out = sp.forward(q, Heads::of(s[0].1)?, k, Heads::of(s[1].1)?, v, Heads::of(s[2].1)?);
+            Ok(T::to_cpu_storage_owned(out))
+        }
+        let out = dispatch!(s1.dtype(), go(sp, [(s1, l1), (s2, l2), (s3, l3)]))?;
+        Ok((out, Shape::from((sp.b, sp.t, sp.h * sp.d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn go<T: Elem>(
+            sp: &AttnSpec,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            g: &Tensor,
+        ) -> Result<(Tensor, Tensor, Tensor)> {
+            let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+            let (dq, dk, dv) = with_data::<T, _>(&q, |qs| {
+                with_data::<T, _>(&k, |ks| {
+                    with_data::<T, _>(&v, |vs| {
+                        with_data::<T, _>(g, |gs| {
+                            let hq = Heads { off: 0, sb: sp.t * sp.h * sp.d, st: sp.h * sp.d, sh: sp.d };
+                            let hk = Heads { off: 0, sb: sp.t * sp.kvh * sp.d, st: sp.kvh * sp.d, sh: sp.d };
+                            Ok(sp.backward(qs, hq, ks, hk, vs, hk, gs))
+                        })
+                    })
+                })
+            })?;
+            Ok((new_tensor(dq, q.shape(), &q)?, new_tensor(dk, k.shape(), &k)?, new_tensor(dv, v.shape(), &v)?))
+        }
+        let (dq, dk, dv) = dispatch!(q.dtype(), go(&self.spec, q, k, v, grad))?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Fused attention over GPT-2's packed projection `qkv [b, t, 3·h·d]` (q, k, v side by side),
+/// returning `[b, t, h·d]`; the backward pass returns the gradient of `qkv` in one piece.
+#[derive(Debug, Clone)]
+pub struct AttentionQkv {
+    spec: AttnSpec,
+}
+
+impl AttentionQkv {
+    /// An attention op over packed projections; `key_mask` as in [`Attention::new`].
+    pub fn new(b: usize, t: usize, h: usize, d: usize, causal: bool, scale: f64, key_mask: Option<Vec<u8>>) -> Self {
+        Self { spec: AttnSpec { b, t, h, kvh: h, d, causal, scale, key_mask: key_mask.map(Arc::new) } }
+    }
+
+    fn views(&self, off: usize) -> [Heads; 3] {
+        let sp = &self.spec;
+        let w = 3 * sp.h * sp.d;
+        let hv = |i: usize| Heads { off: off + i * sp.h * sp.d, sb: sp.t * w, st: w, sh: sp.d };
+        [hv(0), hv(1), hv(2)]
+    }
+}
+
+impl CustomOp1 for AttentionQkv {
+    fn name(&self) -> &'static str {
+        "lmstack-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if !l.is_contiguous() {
+            candle_core::bail!("attention: qkv must be contiguous");
+        }
+        let [hq, hk, hv] = self.views(l.start_offset());
+        fn go<T: Elem>(sp: &AttnSpec, s: &CpuStorage, h: [Heads; 3]) -> Result<CpuStorage> {
+            let x = s.as_slice::<T>()?;
+            Ok(T::to_cpu_storage_owned(sp.forward(x, h[0], x, h[1], x, h[2])))
+        }
+        let out = dispatch!(s.dtype(), go(&self.spec, s, [hq, hk, hv]))?;
+        let sp = &self.spec;
+        Ok((out, Shape::from((sp.b, sp.t, sp.h * sp.d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        fn go<T: Elem>(op: &AttentionQkv, qkv: &Tensor, g: &Tensor) -> Result<Tensor> {
+            let sp = &op.spec;
+            let [hq, hk, hv] = op.views(0);
+            let out = with_data::<T, _>(qkv, |x| {
+                with_data::<T, _>(g, |gs| {
+                    let (dq, dk, dv) = sp.backward(x, hq, x, hk, x, hv, gs);
+                    let hd = sp.h * sp.d;
+                    let mut out = vec![T::zero(); sp.b * sp.t * 3 * hd];
+                    for row in 0..sp.b * sp.t {
+                        let o = row * 3 * hd;
+                        out[o..o + hd].copy_from_slice(&dq[row * hd..(row + 1) * hd]);
+                        out[o + hd..o + 2 * hd].copy_from_slice(&dk[row * hd..(row + 1) * hd]);
+                        out[o + 2 * hd..o + 3 * hd].copy_from_slice(&dv[row * hd..(row + 1) * hd]);
+                    }
+                    Ok(out)
+                })
+            })?;
+            new_tensor(out, qkv.shape(), qkv)
+        }
+        Ok(Some(dispatch!(qkv.dtype(), go(self, qkv, grad))?))
+    }
 }

@@ -119,7 +119,7 @@ impl PretrainConfig {
     /// Parses TOML text; `source` names it in errors.
     pub fn from_toml(text: &str, source: &str) -> Result<Self> {
         toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             match line {
                 Some(l) => Error::Msg(format!("{source}:{l}: {}", e.message())),
                 None => Error::Msg(format!("{source}: {}", e.message())),

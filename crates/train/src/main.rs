@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Pretrain a model (causal LM: gpt2, llama; masked LM: bert).
-    Pretrain(PretrainArgs),
+    Pretrain(Box<PretrainArgs>),
     /// Generate text from a model directory.
     Sample(SampleArgs),
     /// Train a tokenizer (byte-level BPE or character-level) and save it as tokenizer.json.

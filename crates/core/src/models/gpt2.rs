@@ -8,7 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::Gpt2Config;
-use crate::nn::{attention, AttnCtx, Embedding, LayerNorm, Linear};
+use crate::nn::{attention_qkv, AttnCtx, Embedding, LayerNorm, Linear};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -90,13 +90,8 @@ impl Gpt2 {
         let mut x = self.wte.forward(ids)?.broadcast_add(&self.wpe.forward(positions)?)?;
         let act = self.cfg.activation_function;
         for (i, blk) in self.h.iter().enumerate() {
-            let (b, t, d) = x.dims3()?;
             let qkv = blk.attn.c_attn.forward(&blk.ln_1.forward(&x)?)?;
-            let hd = d / blk.attn.n_head;
-            let q = qkv.narrow(2, 0, d)?.reshape((b, t, blk.attn.n_head, hd))?;
-            let k = qkv.narrow(2, d, d)?.reshape((b, t, blk.attn.n_head, hd))?;
-            let v = qkv.narrow(2, 2 * d, d)?.reshape((b, t, blk.attn.n_head, hd))?;
-            let a = attention(&q, &k, &v, ctx, i, blk.attn.scale)?;
+            let a = attention_qkv(&qkv, blk.attn.n_head, ctx, i, blk.attn.scale)?;
             x = (x + blk.attn.c_proj.forward(&a)?)?;
             let m = blk.mlp.c_fc.forward(&blk.ln_2.forward(&x)?)?;
             x = (&x + blk.mlp.c_proj.forward(&act.forward(&m)?)?)?;

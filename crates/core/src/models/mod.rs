@@ -219,8 +219,27 @@ impl Model {
         }
         self.check_ids(&input_ids.flatten_all()?.to_vec1::<u32>()?)?;
         let positions = Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
-        let mask = batch_mask(b, t, self.config.is_causal(), attention_mask, &self.device)?;
-        let mut ctx = AttnCtx::Batch { mask };
+        let causal = self.config.is_causal();
+        if let Some(m) = attention_mask {
+            if m.dims() != [b, t] {
+                return Err(Error::invalid(
+                    "attention_mask",
+                    format!("shape {:?} does not match input_ids {:?}", m.dims(), [b, t]),
+                ));
+            }
+        }
+        let key_mask = match attention_mask {
+            Some(m) => Some(
+                m.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?.into_iter().map(|x| (x != 0) as u8).collect(),
+            ),
+            None => None,
+        };
+        let mask = if crate::ops::supported_for(self.dtype, &self.device) {
+            None
+        } else {
+            batch_mask(b, t, causal, attention_mask, &self.device)?
+        };
+        let mut ctx = AttnCtx::Batch { mask, causal, key_mask };
         match &self.arch {
             Arch::Gpt2(m) => m.hidden(input_ids, &positions, &mut ctx),
             Arch::Llama(m) => m.hidden(input_ids, &positions, &mut ctx),

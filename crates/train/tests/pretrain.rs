@@ -1,0 +1,198 @@
+//! End-to-end pretraining on tiny models: the loss falls, an interrupted-and-resumed run
+//! reproduces the uninterrupted one exactly, corrupt checkpoints are refused, and the run
+//! directory holds a loadable Hugging Face model.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use lmstack_train::config::PretrainConfig;
+use lmstack_train::metrics;
+use lmstack_train::pretrain::{run, RunOptions};
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lmstack-pretrain-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A small corpus file (the first 40k characters of the embedded Shakespeare).
+fn corpus(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let text: String = lmstack_train::corpus::TINY_SHAKESPEARE.chars().take(40_000).collect();
+    let p = dir.join("corpus.txt");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn tiny(out: &Path, arch: &str) -> PretrainConfig {
+    PretrainConfig {
+        out_dir: out.to_owned(),
+        data: Some(corpus(&out.with_extension("data"))),
+        arch: arch.into(),
+        n_layer: 2,
+        n_head: 2,
+        n_kv_head: if arch == "llama" { 1 } else { 0 },
+        n_embd: 32,
+        block_size: 32,
+        batch_size: 8,
+        max_steps: 40,
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 5,
+        eval_interval: 20,
+        eval_iters: 4,
+        log_interval: 5,
+        checkpoint_interval: 0,
+        sample_tokens: 20,
+        ..PretrainConfig::default()
+    }
+}
+
+fn opts() -> RunOptions {
+    RunOptions { resume: false, progress: false, stop: Arc::new(AtomicBool::new(false)), verbose: false }
+}
+
+fn train_losses(dir: &Path) -> Vec<(u64, f64)> {
+    metrics::read(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.split == "train")
+        .map(|r| (r.step, r.loss))
+        .collect()
+}
+
+#[test]
+fn loss_falls_for_every_architecture() {
+    for arch in ["gpt2", "llama", "bert"] {
+        let out = tmp(arch);
+        let s = run(&tiny(&out, arch), &opts()).unwrap();
+        let l = train_losses(&out);
+        let (first, last) = (l.first().unwrap().1, l.last().unwrap().1);
+        assert!(last < first - 0.5, "{arch}: loss went from {first} to {last}");
+        assert!(s.val_loss.unwrap().is_finite());
+        // The run directory holds a model that loads as a Hugging Face directory.
+        let p =
+            lmstack_core::Pretrained::load(&out.join("model"), lmstack_core::DType::F32, &lmstack_core::Device::Cpu)
+                .unwrap();
+        assert_eq!(p.model.num_parameters(), s.num_parameters);
+        assert!(out.join("best/model.safetensors").is_file());
+        assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().contains("<polyline"));
+        if arch != "bert" {
+            assert!(!s.sample.unwrap().is_empty());
+        } else {
+            assert!(p.tokenizer.mask_id().is_some(), "bert run must add a [MASK] token");
+        }
+    }
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let a = tmp("whole");
+    let mut cfg = tiny(&a, "gpt2");
+    cfg.max_steps = 30;
+    cfg.log_interval = 1;
+    cfg.eval_interval = 10;
+    cfg.checkpoint_interval = 10;
+    run(&cfg, &opts()).unwrap();
+    let whole = train_losses(&a);
+
+    // Same run, stopped after step 17 (as Ctrl-C would), then resumed.
+    let b = tmp("resumed");
+    let mut cfg_b = cfg.clone();
+    cfg_b.out_dir = b.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let metrics = b.join("metrics.jsonl");
+        std::thread::spawn(move || loop {
+            if let Ok(r) = metrics::read(&metrics) {
+                if r.iter().any(|r| r.step >= 17) {
+                    stop.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        })
+    };
+    let s = run(&cfg_b, &RunOptions { stop, ..opts() }).unwrap();
+    watcher.join().unwrap();
+    assert!(s.interrupted && s.steps < 30, "run was not interrupted: {s:?}");
+    // Resuming without --resume is refused; with it the run completes.
+    let e = run(&cfg_b, &opts()).unwrap_err().to_string();
+    assert!(e.contains("--resume"), "{e}");
+    run(&cfg_b, &RunOptions { resume: true, ..opts() }).unwrap();
+    let resumed = train_losses(&b);
+    assert_eq!(whole.len(), resumed.len());
+    for ((s1, l1), (s2, l2)) in whole.iter().zip(&resumed) {
+        assert_eq!(s1, s2);
+        assert_eq!(l1, l2, "loss at step {s1} differs after resume");
+    }
+    // The final weights are identical too.
+    let w1 = lmstack_core::models::read_safetensors(&a.join("model/model.safetensors")).unwrap();
+    let w2 = lmstack_core::models::read_safetensors(&b.join("model/model.safetensors")).unwrap();
+    for (k, t) in &w1 {
+        let d = (t - &w2[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{k}");
+    }
+}
+
+#[test]
+fn corrupt_checkpoints_are_refused() {
+    let out = tmp("corrupt");
+    let mut cfg = tiny(&out, "gpt2");
+    cfg.max_steps = 6;
+    run(&cfg, &opts()).unwrap();
+    let ckpt = lmstack_train::checkpoint::latest(&out.join("checkpoints")).unwrap().unwrap();
+    let model = ckpt.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    // Flip one byte in the middle: the checksum catches it.
+    let mut flipped = bytes.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xFF;
+    std::fs::write(&model, &flipped).unwrap();
+    cfg.max_steps = 8;
+    let e = run(&cfg, &RunOptions { resume: true, ..opts() }).unwrap_err().to_string();
+    assert!(e.contains("checksum") && e.contains("model.safetensors"), "{e}");
+    // Truncate it: the size check catches it.
+    std::fs::write(&model, &bytes[..bytes.len() - 100]).unwrap();
+    let e = run(&cfg, &RunOptions { resume: true, ..opts() }).unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+    // Restored, the run resumes.
+    std::fs::write(&model, &bytes).unwrap();
+    let s = run(&cfg, &RunOptions { resume: true, ..opts() }).unwrap();
+    assert_eq!(s.steps, 8);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let out = tmp("bad");
+    std::fs::create_dir_all(&out).unwrap();
+    type Edit = Box<dyn Fn(&mut PretrainConfig)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (Box::new(|c| c.data = Some(PathBuf::from("/nonexistent/corpus.txt"))), "/nonexistent/corpus.txt"),
+        (Box::new(|c| c.block_size = 100_000), "context length"),
+        (Box::new(|c| c.n_head = 3), "n_embd"),
+        (Box::new(|c| c.arch = "t5".into()), "arch"),
+        (Box::new(|c| c.tokenizer = "bpe:lots".into()), "tokenizer"),
+        (Box::new(|c| c.lr = -1.0), "lr"),
+    ];
+    for (i, (edit, want)) in cases.into_iter().enumerate() {
+        let mut cfg = tiny(&out.join(format!("c{i}")), "gpt2");
+        edit(&mut cfg);
+        let e = run(&cfg, &opts()).unwrap_err().to_string();
+        assert!(e.contains(want), "case {i}: `{e}` does not mention `{want}`");
+    }
+    let empty = out.join("empty.txt");
+    std::fs::write(&empty, "  \n").unwrap();
+    let mut cfg = tiny(&out.join("e"), "gpt2");
+    cfg.data = Some(empty);
+    assert!(run(&cfg, &opts()).unwrap_err().to_string().contains("empty"));
+    let binary = out.join("binary.txt");
+    std::fs::write(&binary, b"line one\nline two \xff\xfe\n").unwrap();
+    cfg.data = Some(binary);
+    let e = run(&cfg, &opts()).unwrap_err().to_string();
+    assert!(e.contains("binary.txt:2") && e.contains("UTF-8"), "{e}");
+    let e = PretrainConfig::from_toml("lr = 0.1\nn_layers = 4\n", "run.toml").unwrap_err().to_string();
+    assert!(e.contains("run.toml:2") && e.contains("n_layers"), "{e}");
+}

@@ -6,7 +6,11 @@
 //! - `verify-hf DIR`: loads an lmstack-written model directory in Python `transformers` and
 //!   compares its logits to the `expected.json` lmstack wrote beside it.
 //!
-//! Kept dependency-free so it compiles in seconds.
+//! - `bench train`: nanoGPT's CPU configuration on character-level tiny Shakespeare (the
+//!   `train` defaults), printing validation loss, tokens/s, ms/step and peak memory against the
+//!   targets (validation loss ≤ 1.88; PyTorch's ~15,000 tokens/s on the 2-core machine).
+//!
+//! Kept nearly dependency-free (serde_json only) so it compiles in seconds.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -32,6 +36,35 @@ fn run(cmd: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
 
 const FIXTURES: &str = "crates/core/tests/data/make_fixtures.py";
 
+fn bench_train(extra: &[String]) -> Result<(), String> {
+    let out = root().join("runs/bench-train");
+    let _ = std::fs::remove_dir_all(&out);
+    let out_s = out.display().to_string();
+    let mut args =
+        vec!["run", "--release", "-p", "lmstack-train", "--bin", "train", "--", "--out-dir", &out_s, "--quiet"];
+    args.extend(extra.iter().map(String::as_str));
+    run("cargo", &args, &[])?;
+    let text = std::fs::read_to_string(out.join("summary.json")).map_err(|e| format!("reading summary.json: {e}"))?;
+    let s: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("summary.json: {e}"))?;
+    let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+    let best = &s["best_val"];
+    println!("\n== bench train: nanoGPT CPU configuration, character-level tiny Shakespeare");
+    println!("validation loss, whole split:     {:.4}   (target <= 1.88)", f("val_loss"));
+    println!(
+        "validation loss, 20-batch estimate at step {}: {:.4}   (nanoGPT's estimator; PyTorch reached 1.886)",
+        best[0].as_u64().unwrap_or(0),
+        best[1].as_f64().unwrap_or(f64::NAN)
+    );
+    println!(
+        "throughput:                        {:.0} tokens/s, {:.1} ms/step   (PyTorch: ~15,000 tokens/s, ~50 ms/step)",
+        f("tokens_per_sec"),
+        f("ms_per_step")
+    );
+    println!("peak memory:                       {:.0} MiB", f("peak_rss_mib"));
+    println!("parameters:                        {}", s["num_parameters"]);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let res = match args.first().map(String::as_str) {
@@ -41,13 +74,17 @@ fn main() -> ExitCode {
             run("cargo", &["test", "--workspace"], &[])?;
             run("cargo", &["doc", "--no-deps", "--workspace"], &[("RUSTDOCFLAGS", "-D warnings")])
         })(),
+        Some("bench") => match args.get(1).map(String::as_str) {
+            Some("train") => bench_train(&args[2..]),
+            _ => Err("usage: cargo xtask bench train [extra train flags]".into()),
+        },
         Some("fixtures") => run("python3", &[FIXTURES], &[]),
         Some("verify-hf") => match args.get(1) {
             Some(dir) => run("python3", &[FIXTURES, "--verify", dir], &[]),
             None => Err("usage: cargo xtask verify-hf DIR".into()),
         },
-        Some(other) => Err(format!("unknown command `{other}`; expected one of: ci, fixtures, verify-hf")),
-        None => Err("usage: cargo xtask <ci | fixtures | verify-hf DIR>".into()),
+        Some(other) => Err(format!("unknown command `{other}`; expected one of: ci, bench, fixtures, verify-hf")),
+        None => Err("usage: cargo xtask <ci | bench train | fixtures | verify-hf DIR>".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,7 @@ use lmstack_core::ops::IGNORE_INDEX;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::data::Tokens;
 use crate::{Error, Result};
 
 /// A batch of inputs and labels.
@@ -42,7 +43,7 @@ pub enum Objective {
 }
 
 /// Checks that `tokens` can hold at least one window of `block + 1` tokens.
-pub fn check_len(tokens: &[u32], block: usize, what: &str) -> Result<()> {
+pub fn check_len(tokens: &dyn Tokens, block: usize, what: &str) -> Result<()> {
     if tokens.len() < block + 2 {
         return Err(Error::Msg(format!(
             "the {what} split has {} tokens, fewer than the context length {block} + 2; use a shorter `block_size` or more data",
@@ -54,7 +55,7 @@ pub fn check_len(tokens: &[u32], block: usize, what: &str) -> Result<()> {
 
 /// Draws `batch` random windows of `tokens` and builds inputs and labels for `objective`.
 pub fn sample_batch(
-    tokens: &[u32],
+    tokens: &dyn Tokens,
     batch: usize,
     block: usize,
     objective: Objective,
@@ -67,7 +68,7 @@ pub fn sample_batch(
 
 /// Builds a batch from windows starting at `starts`.
 pub fn windows(
-    tokens: &[u32],
+    tokens: &dyn Tokens,
     starts: &[usize],
     block: usize,
     objective: Objective,
@@ -77,14 +78,17 @@ pub fn windows(
     let b = starts.len();
     let mut x = Vec::with_capacity(b * block);
     let mut y = Vec::with_capacity(b * block);
+    let mut w = Vec::with_capacity(block + 1);
     for &s in starts {
+        w.clear();
+        tokens.extend_into(s, block + 1, &mut w);
         match objective {
             Objective::Causal => {
-                x.extend_from_slice(&tokens[s..s + block]);
-                y.extend_from_slice(&tokens[s + 1..s + block + 1]);
+                x.extend_from_slice(&w[..block]);
+                y.extend_from_slice(&w[1..]);
             }
             Objective::Masked { mask_id, vocab_size, prob } => {
-                for &t in &tokens[s..s + block] {
+                for &t in &w[..block] {
                     if rng.random::<f64>() < prob {
                         y.push(t);
                         let r = rng.random::<f64>();

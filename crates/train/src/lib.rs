@@ -14,6 +14,7 @@ pub mod batches;
 pub mod checkpoint;
 pub mod config;
 pub mod corpus;
+pub mod data;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;

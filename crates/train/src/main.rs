@@ -30,6 +30,105 @@ enum Command {
     Sample(SampleArgs),
     /// Train a tokenizer (byte-level BPE or character-level) and save it as tokenizer.json.
     Tokenizer(TokenizerArgs),
+    /// Prepare a dataset: ingest, clean, deduplicate, filter, split, tokenize, pack shards.
+    Data(Box<DataArgs>),
+}
+
+#[derive(Args, Debug)]
+struct DataArgs {
+    /// Text files, JSONL files, or directories of them (.txt, .jsonl, .json).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output directory (manifest.json, stats.json, tokenizer/, *.bin shards).
+    #[arg(long)]
+    out: PathBuf,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// `char`, `bpe:VOCAB_SIZE` (trained on the cleaned corpus), or a tokenizer directory.
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    /// Fraction held out for validation (by document; by tail for a single document).
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Seed of the split and of MinHash.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// How text files become documents: `file` or `paragraphs`.
+    #[arg(long, default_value = "file")]
+    doc_split: String,
+    /// Skip cleaning (NFC, control characters, whitespace).
+    #[arg(long)]
+    no_clean: bool,
+    /// Keep exact duplicates.
+    #[arg(long)]
+    no_exact_dedup: bool,
+    /// Jaccard threshold for near-duplicates, 0 = off.
+    #[arg(long, default_value_t = 0.8)]
+    near_dup_threshold: f64,
+    /// MinHash permutations.
+    #[arg(long, default_value_t = 128)]
+    num_perm: usize,
+    /// Drop documents shorter than this (characters).
+    #[arg(long, default_value_t = 1)]
+    min_chars: usize,
+    /// Drop documents longer than this (characters), 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    max_chars: usize,
+    /// Drop documents with more symbols per alphanumeric character than this.
+    #[arg(long, default_value_t = 1.0)]
+    max_symbol_ratio: f64,
+    /// Drop documents whose fraction of repeated lines exceeds this, 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    max_repeated_lines: f64,
+    /// Tokens per shard.
+    #[arg(long, default_value_t = 1 << 24)]
+    shard_tokens: usize,
+    /// Skip malformed JSONL lines (counted) instead of stopping.
+    #[arg(long)]
+    skip_bad_lines: bool,
+}
+
+fn data_cmd(a: &DataArgs) -> Result<ExitCode> {
+    use lmstack_train::data::{self, filter::Filters, DataConfig, DocSplit};
+    let doc_split = match a.doc_split.as_str() {
+        "file" => DocSplit::File,
+        "paragraphs" => DocSplit::Paragraphs,
+        other => anyhow::bail!("--doc-split `{other}`: expected file or paragraphs"),
+    };
+    let cfg = DataConfig {
+        inputs: a.input.clone(),
+        text_field: a.text_field.clone(),
+        out: a.out.clone(),
+        tokenizer: a.tokenizer.clone(),
+        val_fraction: a.val_fraction,
+        seed: a.seed,
+        clean: !a.no_clean,
+        exact_dedup: !a.no_exact_dedup,
+        near_dup_threshold: a.near_dup_threshold,
+        num_perm: a.num_perm,
+        filters: Filters {
+            min_chars: a.min_chars,
+            max_chars: a.max_chars,
+            max_symbol_ratio: a.max_symbol_ratio,
+            max_repeated_lines: a.max_repeated_lines,
+        },
+        doc_split,
+        shard_tokens: a.shard_tokens,
+        skip_bad_lines: a.skip_bad_lines,
+    };
+    let m = data::prepare(&cfg)?;
+    print!("{}", data::report(&m.stats));
+    println!(
+        "vocabulary {} ({} bytes per token); {} train and {} validation shards in {}",
+        m.vocab_size,
+        m.token_bytes,
+        m.train.len(),
+        m.val.len(),
+        a.out.display()
+    );
+    println!("train on it with: cargo run --release --bin train -- --data {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Flags override the `--config` file, which overrides the defaults.
@@ -44,7 +143,8 @@ struct PretrainArgs {
     /// Run directory [default: runs/shakespeare-char].
     #[arg(long)]
     out_dir: Option<PathBuf>,
-    /// Training text: a file or a directory of .txt files [default: embedded tiny Shakespeare].
+    /// Training text (a file or a directory of .txt files) or a dataset prepared by `train data`
+    /// [default: embedded tiny Shakespeare].
     #[arg(long)]
     data: Option<PathBuf>,
     /// `char`, `bpe:VOCAB_SIZE`, or a directory with tokenizer.json [default: char].
@@ -303,6 +403,7 @@ fn main() -> ExitCode {
         Some(Command::Pretrain(a)) => pretrain_cmd(a),
         Some(Command::Sample(a)) => sample_cmd(a),
         Some(Command::Tokenizer(a)) => tokenizer_cmd(a),
+        Some(Command::Data(a)) => data_cmd(a),
     };
     match res {
         Ok(code) => code,

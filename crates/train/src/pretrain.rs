@@ -27,6 +27,7 @@ use serde::Serialize;
 use crate::batches::{self, Objective};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::PretrainConfig;
+use crate::data::{Dataset, Tokens};
 use crate::metrics::{self, MetricsLog, Record};
 use crate::optim::{self, AdamW, AdamWConfig};
 use crate::{corpus, Error, Result};
@@ -165,7 +166,7 @@ fn objective(cfg: &PretrainConfig, tok: &Tokenizer, vocab: usize) -> Result<Obje
 /// Loss over `iters` random validation batches.
 fn estimate(
     model: &Model,
-    data: &[u32],
+    data: &dyn Tokens,
     cfg: &PretrainConfig,
     obj: Objective,
     iters: usize,
@@ -184,7 +185,7 @@ fn estimate(
 }
 
 /// Loss over the whole validation split in consecutive windows (masked LM: a fixed masking).
-pub fn full_eval(model: &Model, data: &[u32], cfg: &PretrainConfig, obj: Objective) -> Result<f64> {
+pub fn full_eval(model: &Model, data: &dyn Tokens, cfg: &PretrainConfig, obj: Objective) -> Result<f64> {
     let eval = frozen(model)?;
     let t = cfg.block_size;
     let starts: Vec<usize> = (0..(data.len() - 1) / t).map(|i| i * t).filter(|&s| s + t < data.len()).collect();
@@ -274,17 +275,39 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     }
     lmstack_core::io::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
 
-    let corpus = corpus::load(cfg.data.as_deref())?;
     let tok_dir = out.join("tokenizer");
-    let tok = if resume_from.is_some() {
-        Tokenizer::from_dir(&tok_dir)?
+    let dataset_dir = cfg.data.as_ref().filter(|d| d.join("manifest.json").is_file());
+    let (train_vec, val_vec);
+    let dataset;
+    let (train, val, tok): (&dyn Tokens, &dyn Tokens, Tokenizer) = if let Some(dir) = dataset_dir {
+        // A prepared dataset: memory-mapped shards and the tokenizer they were made with.
+        dataset = Dataset::open(dir)?;
+        let mut t = dataset.tokenizer.clone();
+        if cfg.arch == "bert" && t.mask_id().is_none() {
+            return Err(Error::Msg(format!(
+                "{}: bert needs a tokenizer with a mask token; prepare the dataset with one",
+                dir.display()
+            )));
+        }
+        t.set_model_max_length(Some(cfg.block_size));
+        if resume_from.is_none() {
+            t.save(&tok_dir)?;
+        }
+        (&dataset.train, &dataset.val, t)
     } else {
-        let t = build_tokenizer(cfg, &corpus.text, &corpus.files, out)?;
-        t.save(&tok_dir)?;
-        t
+        let corpus = corpus::load(cfg.data.as_deref())?;
+        let t = if resume_from.is_some() {
+            Tokenizer::from_dir(&tok_dir)?
+        } else {
+            let t = build_tokenizer(cfg, &corpus.text, &corpus.files, out)?;
+            t.save(&tok_dir)?;
+            t
+        };
+        let tokens = corpus::tokenize(&t, &corpus.text)?;
+        let (a, b) = corpus::split(&tokens, cfg.val_fraction);
+        (train_vec, val_vec) = (a.to_vec(), b.to_vec());
+        (&train_vec, &val_vec, t)
     };
-    let tokens = corpus::tokenize(&tok, &corpus.text)?;
-    let (train, val) = corpus::split(&tokens, cfg.val_fraction);
     batches::check_len(train, cfg.block_size, "training")?;
     batches::check_len(val, cfg.block_size, "validation")?;
     let vocab = tok.vocab_size();

@@ -113,3 +113,18 @@ fn kernels_match_finite_differences() {
     assert!(cross_entropy(logits.as_tensor(), &bad).is_err());
     let _ = DType::F32;
 }
+
+/// The f32 tanh approximation GELU uses stays within 1e-6 of the exact value.
+#[test]
+fn fast_tanh_is_accurate() {
+    let mut worst = 0f64;
+    for i in -200_000..=200_000 {
+        let x = i as f32 * 1e-4;
+        let d = (ops::tanh_f32(x) as f64 - (x as f64).tanh()).abs();
+        worst = worst.max(d);
+    }
+    for x in [-1e4f32, -50.0, 50.0, 1e4] {
+        worst = worst.max((ops::tanh_f32(x) as f64 - (x as f64).tanh()).abs());
+    }
+    assert!(worst < 1e-6, "max error {worst}");
+}

@@ -389,6 +389,12 @@ fn tokenizer_cmd(a: &TokenizerArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+// Training allocates and frees many tensors of the same few sizes each step; glibc returns
+// large blocks to the OS and the next step pays for fresh zeroed pages, while mimalloc keeps
+// and reuses them (measured ~10% faster steps on the default run).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // candle runs elementwise ops on a thread pool of its own beside rayon's (which gemm and
     // lmstack's kernels use); on a small machine the two pools' spinning workers slow each

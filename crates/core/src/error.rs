@@ -7,15 +7,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {cause}")]
     Io {
         /// What was being done (`reading`, `writing`, …).
         op: &'static str,
         /// The file concerned.
         path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error (in the message, not chained, so it prints once).
+        cause: std::io::Error,
     },
     /// A JSON file did not parse.
     #[error("{path}:{line}:{column}: {message}")]
@@ -87,7 +86,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An I/O error while doing `op` on `path`.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { op, path: path.into(), source }
+        Error::Io { op, path: path.into(), cause: source }
     }
 
     /// A JSON error in `path`, with its line and column.

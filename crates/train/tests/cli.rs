@@ -1,0 +1,113 @@
+//! The `train` binary as a user runs it: Ctrl-C (SIGINT) checkpoints and exits 130, `--resume`
+//! finishes the run, `sample` generates from the result, and bad flags fail with one line.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lmstack-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn train() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+}
+
+const TINY: &[&str] = &[
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "16",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-interval",
+    "50",
+    "--eval-iters",
+    "2",
+    "--log-interval",
+    "1",
+    "--checkpoint-interval",
+    "0",
+    "--sample-tokens",
+    "10",
+    "--quiet",
+];
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_finishes() {
+    let dir = tmp("sigint");
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, lmstack_train::corpus::TINY_SHAKESPEARE.chars().take(20_000).collect::<String>()).unwrap();
+    let out = dir.join("run");
+    let child = train()
+        .args(["--out-dir", out.to_str().unwrap(), "--data", corpus.to_str().unwrap(), "--max-steps", "100000"])
+        .args(TINY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a few steps are logged, then interrupt as Ctrl-C would.
+    let start = Instant::now();
+    while !std::fs::read_to_string(out.join("metrics.jsonl")).map(|s| s.lines().count() >= 3).unwrap_or(false) {
+        assert!(start.elapsed() < Duration::from_secs(120), "training never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let res = child.wait_with_output().unwrap();
+    assert_eq!(res.status.code(), Some(130), "stderr: {}", String::from_utf8_lossy(&res.stderr));
+    let ckpt = lmstack_train::checkpoint::latest(&out.join("checkpoints")).unwrap().expect("a checkpoint on Ctrl-C");
+    let state = lmstack_train::checkpoint::load(&ckpt).unwrap().state;
+    assert!(state.step >= 3);
+    // Resume to a nearby end.
+    let end = (state.step + 5).to_string();
+    let res = train()
+        .args(["--resume", "--out-dir", out.to_str().unwrap(), "--data", corpus.to_str().unwrap(), "--max-steps", &end])
+        .args(TINY)
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let stdout = String::from_utf8_lossy(&res.stdout);
+    assert!(stdout.contains(&format!("done: {end} steps")), "{stdout}");
+    // The result samples.
+    let res = train()
+        .args([
+            "sample",
+            "--model",
+            out.join("model").to_str().unwrap(),
+            "--prompt",
+            "ROMEO:",
+            "--max-tokens",
+            "8",
+            "--seed",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(String::from_utf8_lossy(&res.stdout).starts_with("ROMEO:"));
+}
+
+#[test]
+fn bad_flags_fail_with_one_clear_line() {
+    for (args, want) in [
+        (vec!["--n-head", "3"], "n_embd"),
+        (vec!["--arch", "t5"], "arch"),
+        (vec!["sample", "--model", "/nonexistent/model"], "/nonexistent/model"),
+        (vec!["data", "--input", "/nonexistent/in.txt", "--out", "/tmp/x"], "/nonexistent/in.txt"),
+        (vec!["--lr", "abc"], "invalid value"),
+    ] {
+        let res = train().args(&args).output().unwrap();
+        assert!(!res.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}

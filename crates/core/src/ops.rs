@@ -603,7 +603,7 @@ fn linear_fwd<T: Elem>(
         View::rows(0, o),
         b.is_some(),
         T::one(),
-        n * o * i > 1 << 16,
+        n * o * i > 1 << 16 && rayon::current_thread_index().is_none(),
     );
     y
 }
@@ -659,7 +659,7 @@ fn linear_bwd<T: Elem>(x: &Tensor, w: &Tensor, g: &Tensor, bias: bool) -> Result
     let (dx, dw, db) = with_data::<T, _>(x, |xs| {
         with_data::<T, _>(&w, |ws| {
             with_data::<T, _>(g, |gs| {
-                let par = n * o * i > 1 << 16;
+                let par = n * o * i > 1 << 16 && rayon::current_thread_index().is_none();
                 let mut dx = vec![T::zero(); n * i];
                 matmul_par(
                     n,

@@ -40,6 +40,9 @@ pub struct PretrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Slices of each micro-batch computed in parallel (data parallelism over cores). Fixed
+    /// rather than taken from the machine so a seed gives the same run everywhere.
+    pub parallel_shards: usize,
     /// Optimizer steps.
     pub max_steps: u64,
     /// Peak learning rate.
@@ -89,6 +92,7 @@ impl Default for PretrainConfig {
             block_size: 64,
             batch_size: 12,
             grad_accum: 1,
+            parallel_shards: 2,
             max_steps: 2000,
             lr: 1e-3,
             min_lr: 1e-4,
@@ -151,6 +155,7 @@ impl PretrainConfig {
             ("block_size", self.block_size),
             ("batch_size", self.batch_size),
             ("grad_accum", self.grad_accum),
+            ("parallel_shards", self.parallel_shards),
         ] {
             if v == 0 {
                 return bad(f, "must be at least 1".into());

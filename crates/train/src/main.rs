@@ -174,6 +174,9 @@ struct PretrainArgs {
     /// Micro-batches per optimizer step [default: 1].
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Slices of each micro-batch run in parallel on the cores [default: 2].
+    #[arg(long)]
+    parallel_shards: Option<usize>,
     /// Optimizer steps [default: 2000].
     #[arg(long)]
     max_steps: Option<u64>,
@@ -230,7 +233,19 @@ impl PretrainArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }
-        set!(out_dir, tokenizer, arch, n_layer, n_head, n_kv_head, n_embd, block_size, batch_size, grad_accum);
+        set!(
+            out_dir,
+            tokenizer,
+            arch,
+            n_layer,
+            n_head,
+            n_kv_head,
+            n_embd,
+            block_size,
+            batch_size,
+            grad_accum,
+            parallel_shards
+        );
         set!(max_steps, lr, min_lr, warmup_steps, lr_decay_steps, beta2, weight_decay, grad_clip, seed);
         set!(eval_interval, eval_iters, log_interval, checkpoint_interval, sample_tokens);
         if self.data.is_some() {

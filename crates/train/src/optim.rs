@@ -110,27 +110,35 @@ impl AdamW {
         let (b1, b2) = (beta1 as f32, beta2 as f32);
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
-        for (name, slot) in self.slots.iter_mut() {
-            let Some(g) = grads.get(name) else { continue };
-            let mut w = to_f32(slot.var.as_tensor())?;
-            if g.len() != w.len() {
-                return Err(Error::Msg(format!(
-                    "gradient of `{name}` has {} values, the parameter {}",
-                    g.len(),
-                    w.len()
-                )));
-            }
-            let decay = if slot.decay { (lr * weight_decay) as f32 } else { 0.0 };
-            for i in 0..w.len() {
-                let gi = g[i];
-                slot.m[i] = b1 * slot.m[i] + (1.0 - b1) * gi;
-                slot.v[i] = b2 * slot.v[i] + (1.0 - b2) * gi * gi;
-                w[i] -= decay * w[i];
-                w[i] -= step_size * slot.m[i] / (slot.v[i].sqrt() / bc2_sqrt + eps as f32);
-            }
-            let t = Tensor::from_vec(w, slot.var.shape(), slot.var.device())?.to_dtype(slot.var.dtype())?;
-            slot.var.set(&t)?;
-        }
+        use rayon::prelude::*;
+        let mut slots: Vec<(&String, &mut Slot)> = self.slots.iter_mut().collect();
+        // Parameters are independent: update them in parallel.
+        slots
+            .par_iter_mut()
+            .map(|(name, slot)| -> Result<()> {
+                let Some(g) = grads.get(*name) else { return Ok(()) };
+                let mut w = to_f32(slot.var.as_tensor())?;
+                if g.len() != w.len() {
+                    return Err(Error::Msg(format!(
+                        "gradient of `{name}` has {} values, the parameter {}",
+                        g.len(),
+                        w.len()
+                    )));
+                }
+                let decay = if slot.decay { (lr * weight_decay) as f32 } else { 0.0 };
+                let (m, v) = (&mut slot.m, &mut slot.v);
+                for i in 0..w.len() {
+                    let gi = g[i];
+                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                    w[i] -= decay * w[i];
+                    w[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps as f32);
+                }
+                let t = Tensor::from_vec(w, slot.var.shape(), slot.var.device())?.to_dtype(slot.var.dtype())?;
+                slot.var.set(&t)?;
+                Ok(())
+            })
+            .collect::<Result<Vec<()>>>()?;
         Ok(())
     }
 

@@ -155,6 +155,62 @@ pub fn batch_loss(model: &Model, batch: &batches::Batch) -> Result<(Tensor, usiz
     Ok(cross_entropy(&logits.reshape((b * t, v))?, &batch.labels.reshape(b * t)?)?)
 }
 
+/// Loss and gradients of `batch`, computed as `shards` slices of the batch in parallel (data
+/// parallelism across cores: each slice is an independent forward and backward pass) and
+/// combined weighted by their scored tokens, in slice order so the result is reproducible.
+/// Equals the whole-batch loss and gradient up to float rounding.
+pub fn shard_grads(
+    model: &Model,
+    opt: &AdamW,
+    batch: &batches::Batch,
+    shards: usize,
+) -> Result<(f64, HashMap<String, Vec<f32>>)> {
+    use rayon::prelude::*;
+    let b = batch.inputs.dim(0)?;
+    let shards = shards.clamp(1, b);
+    let bounds: Vec<(usize, usize)> = (0..shards).map(|i| (i * b / shards, (i + 1) * b / shards)).collect();
+    type Part = (f64, usize, HashMap<String, Vec<f32>>);
+    let parts: Vec<Result<Part>> = bounds
+        .par_iter()
+        .map(|&(lo, hi)| {
+            let part = batches::Batch {
+                inputs: batch.inputs.narrow(0, lo, hi - lo)?,
+                labels: batch.labels.narrow(0, lo, hi - lo)?,
+            };
+            match batch_loss(model, &part) {
+                Ok((loss, n)) => {
+                    let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                    let g = loss.backward()?;
+                    let (g, _) = optim::collect_grads(opt, &g, 1.0, None)?;
+                    Ok((l, n, g))
+                }
+                // A masked-LM slice may happen to have nothing masked: it contributes nothing.
+                Err(Error::Core(lmstack_core::Error::InvalidArgument { name: "targets", .. })) => {
+                    Ok((0.0, 0, HashMap::new()))
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .collect();
+    let parts: Vec<_> = parts.into_iter().collect::<Result<_>>()?;
+    let total: usize = parts.iter().map(|p| p.1).sum();
+    if total == 0 {
+        return Err(Error::Msg("the batch has no scored tokens".into()));
+    }
+    let mut grads = HashMap::new();
+    let mut loss = 0.0;
+    for (l, n, g) in parts {
+        let w = n as f64 / total as f64;
+        loss += l * w;
+        let g = g.into_iter().map(|(k, mut v)| {
+            v.iter_mut().for_each(|x| *x *= w as f32);
+            (k, v)
+        });
+        optim::accumulate(&mut grads, g.collect());
+    }
+    Ok((loss, grads))
+}
+
 fn objective(cfg: &PretrainConfig, tok: &Tokenizer, vocab: usize) -> Result<Objective> {
     if cfg.arch != "bert" {
         return Ok(Objective::Causal);
@@ -392,11 +448,14 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         let mut norm = 0.0;
         for _ in 0..cfg.grad_accum {
             let b = batches::sample_batch(train, cfg.batch_size, cfg.block_size, obj, &mut state.data_rng, &dev)?;
-            let (loss, _) = batch_loss(&model, &b)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let g = loss.backward()?;
-            let (g, _) = optim::collect_grads(&opt, &g, 1.0 / cfg.grad_accum as f32, None)?;
-            optim::accumulate(&mut grads, g);
+            let (l, g) = shard_grads(&model, &opt, &b, cfg.parallel_shards)?;
+            loss_sum += l;
+            let scale = 1.0 / cfg.grad_accum as f32;
+            let g = g.into_iter().map(|(k, mut v)| {
+                v.iter_mut().for_each(|x| *x *= scale);
+                (k, v)
+            });
+            optim::accumulate(&mut grads, g.collect());
         }
         if let Some(max) = clip {
             let sq: f64 = grads.values().flat_map(|v| v.iter()).map(|&x| (x as f64) * (x as f64)).sum();

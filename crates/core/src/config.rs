@@ -101,7 +101,7 @@ impl Activation {
     /// Applies the activation elementwise (differentiable).
     pub fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
         use crate::ops::{Act, ActKind};
-        if xs.track_op() && crate::ops::supported(xs) {
+        if crate::ops::supported(xs) {
             let kind = match self {
                 Activation::Gelu => Some(ActKind::GeluErf),
                 Activation::GeluTanh => Some(ActKind::GeluTanh),

@@ -1,7 +1,7 @@
 //! A tour of `lmstack-core` on the embedded tiny-Shakespeare corpus: tokens and vocabularies,
 //! parameter counts of the three architectures, and batched prefill + decode with KV caches and
 //! per-sequence sampling. The models here are untrained (random weights), so their text is
-//! noise; `train` (the pretraining issue) replaces this demo as the main command.
+//! noise; `cargo run --release --bin train` pretrains one.
 //!
 //! Run: `cargo run --release -p lmstack-core --example tour`
 
@@ -138,7 +138,7 @@ fn main() -> Result<()> {
         caches[2].bytes_per_token(),
         caches[2].len()
     );
-    println!("\n(The weights are random, so the text is noise: `train` will pretrain them.)");
+    println!("\n(The weights are random, so the text is noise: `cargo run --release --bin train` pretrains a model.)");
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }

@@ -295,6 +295,10 @@ struct TokenizerArgs {
     /// Output directory for tokenizer.json and tokenizer_config.json.
     #[arg(long)]
     out: PathBuf,
+    /// Train on the raw text instead of the cleaned text (NFC, control characters removed,
+    /// whitespace normalised, as `train data` cleans it).
+    #[arg(long)]
+    no_clean: bool,
 }
 
 fn pretrain_cmd(args: &PretrainArgs) -> Result<ExitCode> {
@@ -393,12 +397,31 @@ fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
 }
 
 fn tokenizer_cmd(a: &TokenizerArgs) -> Result<ExitCode> {
-    let files: Vec<&std::path::Path> = a.input.iter().map(PathBuf::as_path).collect();
-    let tok = match a.kind.as_str() {
-        "bpe" => Tokenizer::train_bpe(&files, a.vocab_size, &["<|endoftext|>"])?,
-        "char" => Tokenizer::train_chars(&files)?,
-        other => anyhow::bail!("--kind `{other}`: expected bpe or char"),
+    // Clean each input into a scratch directory first, so the vocabulary is learnt on the same
+    // text `train data` would tokenize.
+    let scratch = a.out.join(".clean-inputs.tmp");
+    let cleaned: Vec<PathBuf> = if a.no_clean {
+        a.input.clone()
+    } else {
+        std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+        let mut v = Vec::new();
+        for (i, f) in a.input.iter().enumerate() {
+            let corpus = lmstack_train::corpus::load(Some(f))?;
+            let p = scratch.join(format!("{i}.txt"));
+            std::fs::write(&p, lmstack_train::data::clean::clean(&corpus.text))
+                .with_context(|| format!("writing {}", p.display()))?;
+            v.push(p);
+        }
+        v
     };
+    let files: Vec<&std::path::Path> = cleaned.iter().map(PathBuf::as_path).collect();
+    let tok = match a.kind.as_str() {
+        "bpe" => Tokenizer::train_bpe(&files, a.vocab_size, &["<|endoftext|>"]),
+        "char" => Tokenizer::train_chars(&files),
+        other => Err(lmstack_core::Error::invalid("kind", format!("`{other}`: expected bpe or char"))),
+    };
+    let _ = std::fs::remove_dir_all(&scratch);
+    let tok = tok?;
     tok.save(&a.out)?;
     println!("{} tokenizer, {} tokens, saved to {}", a.kind, tok.vocab_size(), a.out.display());
     Ok(ExitCode::SUCCESS)

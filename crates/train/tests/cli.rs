@@ -111,3 +111,42 @@ fn bad_flags_fail_with_one_clear_line() {
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
 }
+
+#[test]
+fn tokenizer_command_trains_on_cleaned_text() {
+    let dir = tmp("tok");
+    let input = dir.join("in.txt");
+    let text: String = lmstack_train::corpus::TINY_SHAKESPEARE.chars().take(20_000).collect();
+    std::fs::write(&input, text.replace('\n', "\r\n")).unwrap();
+    let out = dir.join("tok");
+    let res = train()
+        .args(["tokenizer", "--input", input.to_str().unwrap(), "--kind", "char", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let tok = lmstack_core::Tokenizer::from_dir(&out).unwrap();
+    assert!(tok.token_to_id("\r").is_none(), "cleaning should have turned \\r\\n into \\n");
+    assert!(tok.token_to_id("\n").is_some());
+    assert!(!out.join(".clean-inputs.tmp").exists());
+    let res = train()
+        .args([
+            "tokenizer",
+            "--input",
+            input.to_str().unwrap(),
+            "--kind",
+            "bpe",
+            "--vocab-size",
+            "300",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(lmstack_core::Tokenizer::from_dir(&out).unwrap().vocab_size(), 300);
+    let res = train()
+        .args(["tokenizer", "--input", input.to_str().unwrap(), "--kind", "wordpiece", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!res.status.success() && String::from_utf8_lossy(&res.stderr).contains("wordpiece"));
+}

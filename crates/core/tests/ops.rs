@@ -5,6 +5,9 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use lmstack_core::ops::{self, cross_entropy, IGNORE_INDEX};
 use lmstack_core::{Model, ModelConfig};
 
+/// Serialises the tests of this file: one of them switches the process-wide kernel toggle.
+static TOGGLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Loss and gradients of every parameter, with the fused kernels on or off.
 fn run(cfg: &str, fused: bool) -> (f64, Vec<(String, Vec<f64>)>) {
     ops::set_enabled(fused);
@@ -32,6 +35,7 @@ fn run(cfg: &str, fused: bool) -> (f64, Vec<(String, Vec<f64>)>) {
 
 #[test]
 fn fused_and_composed_training_agree() {
+    let _guard = TOGGLE.lock().unwrap_or_else(|p| p.into_inner());
     for cfg in [
         r#"{"model_type":"gpt2","vocab_size":29,"n_positions":16,"n_embd":12,"n_layer":2,"n_head":3}"#,
         r#"{"model_type":"llama","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":16}"#,
@@ -50,6 +54,7 @@ fn fused_and_composed_training_agree() {
 /// Finite differences on each kernel directly, in f64.
 #[test]
 fn kernels_match_finite_differences() {
+    let _guard = TOGGLE.lock().unwrap_or_else(|p| p.into_inner());
     let dev = Device::Cpu;
     let x0: Vec<f64> = (0..24).map(|i| ((i * 37 % 17) as f64 - 8.0) / 5.0).collect();
     let w0: Vec<f64> = (0..6).map(|i| 0.5 + i as f64 / 7.0).collect();

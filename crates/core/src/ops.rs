@@ -162,6 +162,7 @@ pub struct Act(pub ActKind);
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_C: f64 = 0.044_715;
 
+#[inline(always)]
 fn act_f<T: Elem>(k: ActKind, x: T) -> T {
     let half = c::<T>(0.5);
     match k {
@@ -173,6 +174,7 @@ fn act_f<T: Elem>(k: ActKind, x: T) -> T {
     }
 }
 
+#[inline(always)]
 fn act_df<T: Elem>(k: ActKind, x: T) -> T {
     let half = c::<T>(0.5);
     match k {
@@ -193,13 +195,43 @@ fn act_df<T: Elem>(k: ActKind, x: T) -> T {
     }
 }
 
-// Outputs are collected from iterators rather than written into zeroed buffers: no memset.
+/// `y[i] = f(x[i])` in parallel chunks; `f` is monomorphic so the inner loop vectorises.
+fn map1<T: Elem>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(y, x)| {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = f(x);
+        }
+    });
+    y
+}
+
+/// `y[i] = f(x[i], g[i])` in parallel chunks.
+fn map2<T: Elem>(x: &[T], g: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(16384).zip(x.par_chunks(16384).zip(g.par_chunks(16384))).for_each(|(y, (x, g))| {
+        for ((y, &x), &g) in y.iter_mut().zip(x).zip(g) {
+            *y = f(x, g);
+        }
+    });
+    y
+}
+
+// The activation kind is matched once, outside the loops.
 fn act_fwd<T: Elem>(k: ActKind, x: &[T]) -> Vec<T> {
-    x.par_iter().with_min_len(16384).map(|&x| act_f(k, x)).collect()
+    match k {
+        ActKind::GeluTanh => map1(x, |x| act_f(ActKind::GeluTanh, x)),
+        ActKind::GeluErf => map1(x, |x| act_f(ActKind::GeluErf, x)),
+        ActKind::Silu => map1(x, |x| act_f(ActKind::Silu, x)),
+    }
 }
 
 fn act_bwd<T: Elem>(k: ActKind, x: &[T], g: &[T]) -> Vec<T> {
-    x.par_iter().with_min_len(16384).zip(g.par_iter()).map(|(&x, &g)| g * act_df(k, x)).collect()
+    match k {
+        ActKind::GeluTanh => map2(x, g, |x, g| g * act_df(ActKind::GeluTanh, x)),
+        ActKind::GeluErf => map2(x, g, |x, g| g * act_df(ActKind::GeluErf, x)),
+        ActKind::Silu => map2(x, g, |x, g| g * act_df(ActKind::Silu, x)),
+    }
 }
 
 impl CustomOp1 for Act {

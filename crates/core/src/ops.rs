@@ -704,26 +704,17 @@ fn linear_bwd<T: Elem>(x: &Tensor, w: &Tensor, g: &Tensor, bias: bool) -> Result
     use crate::gemm::{matmul_par, View};
     let (o, i) = w.dims2()?;
     let n = x.elem_count() / i.max(1);
-    let w = w.contiguous()?;
+    // The weight is read through its own strides (GPT-2's are a transposed view): no copy.
+    let (wstore, wl) = w.storage_and_layout();
+    let Storage::Cpu(wcpu) = &*wstore else { candle_core::bail!("fused op: CPU tensors only") };
+    let ws = wcpu.as_slice::<T>()?;
+    let wv = w_view(wl)?;
     let (dx, dw, db) = with_data::<T, _>(x, |xs| {
-        with_data::<T, _>(&w, |ws| {
+        {
             with_data::<T, _>(g, |gs| {
                 let par = n * o * i > 1 << 16 && rayon::current_thread_index().is_none();
                 let mut dx = vec![T::zero(); n * i];
-                matmul_par(
-                    n,
-                    i,
-                    o,
-                    gs,
-                    View::rows(0, o),
-                    ws,
-                    View::rows(0, i),
-                    &mut dx,
-                    View::rows(0, i),
-                    false,
-                    T::one(),
-                    par,
-                );
+                matmul_par(n, i, o, gs, View::rows(0, o), ws, wv, &mut dx, View::rows(0, i), false, T::one(), par);
                 let mut dw = vec![T::zero(); o * i];
                 matmul_par(
                     o,
@@ -748,12 +739,13 @@ fn linear_bwd<T: Elem>(x: &Tensor, w: &Tensor, g: &Tensor, bias: bool) -> Result
                 });
                 Ok((dx, dw, db))
             })
-        })
+        }
     })?;
+    drop(wstore);
     Ok((
         new_tensor(dx, x.shape(), x)?,
-        new_tensor(dw, w.shape(), &w)?,
-        db.map(|d| new_tensor(d, &Shape::from(o), &w)).transpose()?,
+        new_tensor(dw, w.shape(), w)?,
+        db.map(|d| new_tensor(d, &Shape::from(o), w)).transpose()?,
     ))
 }
 

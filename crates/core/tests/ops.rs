@@ -133,3 +133,16 @@ fn fast_tanh_is_accurate() {
     }
     assert!(worst < 1e-6, "max error {worst}");
 }
+
+/// The f32 exp approximation attention uses stays within 2e-7 relative of the exact value.
+#[test]
+fn fast_exp_is_accurate() {
+    let mut worst = 0f64;
+    for i in -870_000..=0 {
+        let x = i as f32 * 1e-4;
+        let exact = (x as f64).exp();
+        worst = worst.max((ops::exp_f32(x) as f64 - exact).abs() / exact);
+    }
+    assert!(worst < 2e-7, "max relative error {worst}");
+    assert!(ops::exp_f32(f32::NEG_INFINITY) < 1e-37 && ops::exp_f32(0.0) == 1.0);
+}

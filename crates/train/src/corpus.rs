@@ -44,13 +44,7 @@ pub fn load(path: Option<&Path>) -> Result<Corpus> {
     };
     let mut text = String::new();
     for f in &files {
-        let bytes = std::fs::read(f).map_err(|e| Error::Msg(format!("reading {}: {e}", f.display())))?;
-        let s = String::from_utf8(bytes).map_err(|e| {
-            let at = e.utf8_error().valid_up_to();
-            let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-            Error::Msg(format!("{}:{line}: not valid UTF-8 (byte offset {at})", f.display()))
-        })?;
-        text.push_str(&s);
+        text.push_str(&crate::data::read_utf8(f)?);
     }
     if text.trim().is_empty() {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();

@@ -172,7 +172,8 @@ fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     }
 }
 
-fn read_utf8(f: &Path) -> Result<String> {
+/// Reads a UTF-8 text file; invalid bytes are an error with the file, line and byte offset.
+pub fn read_utf8(f: &Path) -> Result<String> {
     let bytes = std::fs::read(f).map_err(|e| Error::Msg(format!("reading {}: {e}", f.display())))?;
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();

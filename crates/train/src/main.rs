@@ -138,8 +138,11 @@ struct PretrainArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Continue the run in --out-dir from its latest checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Start again in --out-dir even if it holds a run (its checkpoints and models are replaced).
+    #[arg(long)]
+    overwrite: bool,
     /// Run directory [default: runs/shakespeare-char].
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -313,7 +316,8 @@ fn pretrain_cmd(args: &PretrainArgs) -> Result<ExitCode> {
         eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)");
     })
     .context("installing the Ctrl-C handler")?;
-    let opts = RunOptions { resume: args.resume, progress: !args.quiet, stop, verbose: true };
+    let opts =
+        RunOptions { resume: args.resume, progress: !args.quiet, stop, verbose: true, overwrite: args.overwrite };
     let s = pretrain::run(&cfg, &opts)?;
     if s.interrupted {
         println!(

@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Print one line per evaluation.
     pub verbose: bool,
+    /// Start afresh in a run directory that already holds a run, replacing it.
+    pub overwrite: bool,
 }
 
 /// What a finished (or interrupted) run reports.
@@ -309,10 +311,19 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         }
     } else {
         if checkpoint::latest(&ckpt_root)?.is_some() {
-            return Err(Error::Msg(format!(
-                "{} already holds a run; pass --resume to continue it, or choose another --out-dir",
-                out.display()
-            )));
+            if !opts.overwrite {
+                return Err(Error::Msg(format!(
+                    "{} already holds a run; pass --resume to continue it, --overwrite to start again, or another --out-dir",
+                    out.display()
+                )));
+            }
+            // Only what a run writes is removed, never other files the user keeps there.
+            for d in ["checkpoints", "model", "best", "tokenizer"] {
+                let p = out.join(d);
+                if p.exists() {
+                    std::fs::remove_dir_all(&p).map_err(|e| Error::Msg(format!("removing {}: {e}", p.display())))?;
+                }
+            }
         }
         None
     };

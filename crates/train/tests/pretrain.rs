@@ -50,7 +50,13 @@ fn tiny(out: &Path, arch: &str) -> PretrainConfig {
 }
 
 fn opts() -> RunOptions {
-    RunOptions { resume: false, progress: false, stop: Arc::new(AtomicBool::new(false)), verbose: false }
+    RunOptions {
+        resume: false,
+        progress: false,
+        stop: Arc::new(AtomicBool::new(false)),
+        verbose: false,
+        overwrite: false,
+    }
 }
 
 fn train_losses(dir: &Path) -> Vec<(u64, f64)> {
@@ -162,6 +168,13 @@ fn corrupt_checkpoints_are_refused() {
     std::fs::write(&model, &bytes).unwrap();
     let s = run(&cfg, &RunOptions { resume: true, ..opts() }).unwrap();
     assert_eq!(s.steps, 8);
+    // Starting again in the same directory needs --overwrite, which begins at step 0.
+    let e = run(&cfg, &opts()).unwrap_err().to_string();
+    assert!(e.contains("--overwrite"), "{e}");
+    let metrics_before = train_losses(&out).len();
+    let s = run(&cfg, &RunOptions { overwrite: true, ..opts() }).unwrap();
+    assert_eq!(s.steps, 8);
+    assert!(train_losses(&out).len() <= metrics_before && train_losses(&out)[0].0 <= 5, "the log restarted");
 }
 
 #[test]

@@ -182,46 +182,41 @@ impl AdamW {
     }
 }
 
-/// Collects each variable's gradient as f32 values, scaled by `scale` and clipped so the global
-/// L2 norm is at most `max_norm` (when set). Returns the gradients and the norm before clipping.
-pub fn collect_grads(
-    opt: &AdamW,
-    grads: &candle_core::backprop::GradStore,
-    scale: f32,
-    max_norm: Option<f64>,
-) -> Result<(HashMap<String, Vec<f32>>, f64)> {
+/// Collects each variable's gradient as f32 values.
+pub fn collect_grads(opt: &AdamW, grads: &candle_core::backprop::GradStore) -> Result<HashMap<String, Vec<f32>>> {
     let mut out = HashMap::new();
-    let mut sq = 0f64;
     for (name, var) in opt.vars() {
         if let Some(g) = grads.get(var.as_tensor()) {
-            let mut v = to_f32(g)?;
-            if scale != 1.0 {
-                v.iter_mut().for_each(|x| *x *= scale);
-            }
-            sq += v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
-            out.insert(name.to_owned(), v);
+            out.insert(name.to_owned(), to_f32(g)?);
         }
     }
-    let norm = sq.sqrt();
-    if let Some(max) = max_norm {
-        if norm > max && norm.is_finite() {
-            let c = (max / (norm + 1e-6)) as f32;
-            out.values_mut().for_each(|v| v.iter_mut().for_each(|x| *x *= c));
-        }
-    }
-    Ok((out, norm))
+    Ok(out)
 }
 
-/// Adds `more` into `acc` (gradient accumulation over micro-batches).
-pub fn accumulate(acc: &mut HashMap<String, Vec<f32>>, more: HashMap<String, Vec<f32>>) {
-    for (k, v) in more {
+/// Adds `scale · more` into `acc` (gradient accumulation over micro-batches and slices).
+pub fn accumulate(acc: &mut HashMap<String, Vec<f32>>, more: HashMap<String, Vec<f32>>, scale: f32) {
+    for (k, mut v) in more {
         match acc.get_mut(&k) {
-            Some(a) => a.iter_mut().zip(&v).for_each(|(a, b)| *a += b),
+            Some(a) => a.iter_mut().zip(&v).for_each(|(a, b)| *a += scale * b),
             None => {
+                if scale != 1.0 {
+                    v.iter_mut().for_each(|x| *x *= scale);
+                }
                 acc.insert(k, v);
             }
         }
     }
+}
+
+/// Scales gradients so their global L2 norm is at most `max_norm` (as
+/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut HashMap<String, Vec<f32>>, max_norm: f64) -> f64 {
+    let norm = grads.values().flat_map(|v| v.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    if norm > max_norm && norm.is_finite() {
+        let c = (max_norm / (norm + 1e-6)) as f32;
+        grads.values_mut().for_each(|v| v.iter_mut().for_each(|x| *x *= c));
+    }
+    norm
 }
 
 /// Linear warmup to `max_lr` over `warmup` steps, then cosine decay to `min_lr` at

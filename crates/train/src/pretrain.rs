@@ -183,8 +183,7 @@ pub fn shard_grads(
                 Ok((loss, n)) => {
                     let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                     let g = loss.backward()?;
-                    let (g, _) = optim::collect_grads(opt, &g, 1.0, None)?;
-                    Ok((l, n, g))
+                    Ok((l, n, optim::collect_grads(opt, &g)?))
                 }
                 // A masked-LM slice may happen to have nothing masked: it contributes nothing.
                 Err(Error::Core(lmstack_core::Error::InvalidArgument { name: "targets", .. })) => {
@@ -204,11 +203,7 @@ pub fn shard_grads(
     for (l, n, g) in parts {
         let w = n as f64 / total as f64;
         loss += l * w;
-        let g = g.into_iter().map(|(k, mut v)| {
-            v.iter_mut().for_each(|x| *x *= w as f32);
-            (k, v)
-        });
-        optim::accumulate(&mut grads, g.collect());
+        optim::accumulate(&mut grads, g, w as f32);
     }
     Ok((loss, grads))
 }
@@ -461,20 +456,10 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             let b = batches::sample_batch(train, cfg.batch_size, cfg.block_size, obj, &mut state.data_rng, &dev)?;
             let (l, g) = shard_grads(&model, &opt, &b, cfg.parallel_shards)?;
             loss_sum += l;
-            let scale = 1.0 / cfg.grad_accum as f32;
-            let g = g.into_iter().map(|(k, mut v)| {
-                v.iter_mut().for_each(|x| *x *= scale);
-                (k, v)
-            });
-            optim::accumulate(&mut grads, g.collect());
+            optim::accumulate(&mut grads, g, 1.0 / cfg.grad_accum as f32);
         }
         if let Some(max) = clip {
-            let sq: f64 = grads.values().flat_map(|v| v.iter()).map(|&x| (x as f64) * (x as f64)).sum();
-            norm = sq.sqrt();
-            if norm > max {
-                let c = (max / (norm + 1e-6)) as f32;
-                grads.values_mut().for_each(|v| v.iter_mut().for_each(|x| *x *= c));
-            }
+            norm = optim::clip_grad_norm(&mut grads, max);
         }
         let loss = loss_sum / cfg.grad_accum as f64;
         if !loss.is_finite() {

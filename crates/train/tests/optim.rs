@@ -111,3 +111,17 @@ fn masked_lm_masks_fifteen_percent_eighty_ten_ten() {
     // Unchosen positions keep their token and have no label.
     assert!((0..y.len()).filter(|i| y[*i] == IGNORE_INDEX).all(|i| x[i] < 50));
 }
+
+#[test]
+fn clipping_and_scaled_accumulation() {
+    use lmstack_train::optim::{accumulate, clip_grad_norm};
+    let mut g = HashMap::from([("a".to_string(), vec![3.0f32, 0.0]), ("b".to_string(), vec![4.0f32])]);
+    assert_eq!(clip_grad_norm(&mut g, 10.0), 5.0);
+    assert_eq!(g["a"], vec![3.0, 0.0], "below the limit nothing changes");
+    assert_eq!(clip_grad_norm(&mut g, 1.0), 5.0);
+    assert!((g["a"][0] - 0.6).abs() < 1e-5 && (g["b"][0] - 0.8).abs() < 1e-5);
+    let mut acc = HashMap::new();
+    accumulate(&mut acc, HashMap::from([("a".to_string(), vec![2.0f32])]), 0.25);
+    accumulate(&mut acc, HashMap::from([("a".to_string(), vec![4.0f32])]), 0.75);
+    assert_eq!(acc["a"], vec![3.5]);
+}

@@ -11,21 +11,12 @@ use crate::{Error, Result};
 /// embedded so the default run needs no files and no network.
 pub const TINY_SHAKESPEARE: &str = include_str!("../../../data/tinyshakespeare.txt");
 
-/// Text and where it came from.
-#[derive(Debug, Clone)]
-pub struct Corpus {
-    /// The text of all documents, in order.
-    pub text: String,
-    /// Source files (empty for the embedded corpus).
-    pub files: Vec<PathBuf>,
-}
-
 /// Reads `path` (a file, or a directory whose `.txt` files are read in name order), or the
 /// embedded corpus when `None`. Empty input and non-UTF-8 bytes are errors naming the file
 /// (and byte offset).
-pub fn load(path: Option<&Path>) -> Result<Corpus> {
+pub fn load(path: Option<&Path>) -> Result<String> {
     let Some(path) = path else {
-        return Ok(Corpus { text: TINY_SHAKESPEARE.to_owned(), files: Vec::new() });
+        return Ok(TINY_SHAKESPEARE.to_owned());
     };
     let files: Vec<PathBuf> = if path.is_dir() {
         let mut v: Vec<PathBuf> = std::fs::read_dir(path)
@@ -50,7 +41,7 @@ pub fn load(path: Option<&Path>) -> Result<Corpus> {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         return Err(Error::Msg(format!("{}: the training text is empty", names.join(", "))));
     }
-    Ok(Corpus { text, files })
+    Ok(text)
 }
 
 /// Tokenizes `text` in parallel pieces cut after newlines (so no token spans two pieces for

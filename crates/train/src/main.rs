@@ -410,9 +410,9 @@ fn tokenizer_cmd(a: &TokenizerArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
         let mut v = Vec::new();
         for (i, f) in a.input.iter().enumerate() {
-            let corpus = lmstack_train::corpus::load(Some(f))?;
+            let text = lmstack_train::corpus::load(Some(f))?;
             let p = scratch.join(format!("{i}.txt"));
-            std::fs::write(&p, lmstack_train::data::clean::clean(&corpus.text))
+            std::fs::write(&p, lmstack_train::data::clean::clean(&text))
                 .with_context(|| format!("writing {}", p.display()))?;
             v.push(p);
         }

@@ -82,27 +82,8 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn build_tokenizer(cfg: &PretrainConfig, text: &str, files: &[PathBuf], out_dir: &Path) -> Result<Tokenizer> {
-    let mut tok = if cfg.tokenizer == "char" {
-        Tokenizer::from_chars(text.chars())?
-    } else if let Some(n) = cfg.tokenizer.strip_prefix("bpe:") {
-        let n: usize = n.parse().map_err(|_| {
-            Error::Msg(format!("config field `tokenizer`: `{}` needs a number after bpe:", cfg.tokenizer))
-        })?;
-        let tmp;
-        let paths: Vec<&Path> = if files.is_empty() {
-            tmp = out_dir.join("corpus.tmp.txt");
-            std::fs::write(&tmp, text).map_err(|e| Error::Msg(format!("writing {}: {e}", tmp.display())))?;
-            vec![tmp.as_path()]
-        } else {
-            files.iter().map(PathBuf::as_path).collect()
-        };
-        let t = Tokenizer::train_bpe(&paths, n, &["<|endoftext|>"]);
-        let _ = std::fs::remove_file(out_dir.join("corpus.tmp.txt"));
-        t?
-    } else {
-        Tokenizer::from_dir(Path::new(&cfg.tokenizer))?
-    };
+fn build_tokenizer(cfg: &PretrainConfig, text: &str, out_dir: &Path) -> Result<Tokenizer> {
+    let mut tok = crate::data::tokenizer_from_spec(&cfg.tokenizer, &[text], &[text], out_dir)?;
     if cfg.arch == "bert" && tok.mask_id().is_none() {
         tok.add_special_tokens(&["[MASK]"]);
         let mut sp = tok.special_tokens().clone();
@@ -357,15 +338,15 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         }
         (&dataset.train, &dataset.val, t)
     } else {
-        let corpus = corpus::load(cfg.data.as_deref())?;
+        let text = corpus::load(cfg.data.as_deref())?;
         let t = if resume_from.is_some() {
             Tokenizer::from_dir(&tok_dir)?
         } else {
-            let t = build_tokenizer(cfg, &corpus.text, &corpus.files, out)?;
+            let t = build_tokenizer(cfg, &text, out)?;
             t.save(&tok_dir)?;
             t
         };
-        let tokens = corpus::tokenize(&t, &corpus.text)?;
+        let tokens = corpus::tokenize(&t, &text)?;
         let (a, b) = corpus::split(&tokens, cfg.val_fraction);
         (train_vec, val_vec) = (a.to_vec(), b.to_vec());
         (&train_vec, &val_vec, t)

@@ -288,6 +288,25 @@ pub fn curate(cfg: &DataConfig, docs: Vec<String>, stats: &mut Stats) -> Vec<Str
     docs
 }
 
+/// Builds the tokenizer a `--tokenizer` value names: `char` (every character of `all`),
+/// `bpe:N` (byte-level BPE of N tokens learnt on `train`, through a scratch file in
+/// `scratch_dir`), or a directory holding `tokenizer.json`.
+pub fn tokenizer_from_spec(spec: &str, all: &[&str], train: &[&str], scratch_dir: &Path) -> Result<Tokenizer> {
+    if spec == "char" {
+        return Ok(Tokenizer::from_chars(all.iter().flat_map(|d| d.chars()))?);
+    }
+    let Some(n) = spec.strip_prefix("bpe:") else {
+        return Ok(Tokenizer::from_dir(Path::new(spec))?);
+    };
+    let n: usize = n.parse().map_err(|_| Error::Msg(format!("tokenizer `{spec}`: expected bpe:VOCAB_SIZE")))?;
+    std::fs::create_dir_all(scratch_dir).map_err(|e| Error::Msg(format!("creating {}: {e}", scratch_dir.display())))?;
+    let tmp = scratch_dir.join(".tokenizer-text.tmp");
+    std::fs::write(&tmp, train.join("\n\n")).map_err(|e| Error::Msg(format!("writing {}: {e}", tmp.display())))?;
+    let r = Tokenizer::train_bpe(&[&tmp], n, &["<|endoftext|>"]);
+    let _ = std::fs::remove_file(&tmp);
+    Ok(r?)
+}
+
 /// Runs the whole pipeline and writes the dataset directory.
 pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
     if !(cfg.val_fraction > 0.0 && cfg.val_fraction < 1.0) {
@@ -318,22 +337,9 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
         }
     }
     std::fs::create_dir_all(&cfg.out).map_err(|e| Error::Msg(format!("creating {}: {e}", cfg.out.display())))?;
-    let tok = match cfg.tokenizer.as_str() {
-        "char" => Tokenizer::from_chars(docs.iter().flat_map(|d| d.chars()))?,
-        t if t.starts_with("bpe:") => {
-            let n: usize =
-                t[4..].parse().map_err(|_| Error::Msg(format!("--tokenizer `{t}`: expected bpe:VOCAB_SIZE")))?;
-            let tmp = cfg.out.join("train-text.tmp");
-            let text: Vec<&str> =
-                docs.iter().zip(&is_val).filter(|(_, v)| !by_doc || !**v).map(|(d, _)| d.as_str()).collect();
-            std::fs::write(&tmp, text.join("\n\n"))
-                .map_err(|e| Error::Msg(format!("writing {}: {e}", tmp.display())))?;
-            let r = Tokenizer::train_bpe(&[&tmp], n, &["<|endoftext|>"]);
-            let _ = std::fs::remove_file(&tmp);
-            r?
-        }
-        dir => Tokenizer::from_dir(Path::new(dir))?,
-    };
+    let all: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let train_docs: Vec<&str> = all.iter().zip(&is_val).filter(|(_, v)| !by_doc || !**v).map(|(d, _)| *d).collect();
+    let tok = tokenizer_from_spec(&cfg.tokenizer, &all, &train_docs, &cfg.out)?;
     tok.save(&cfg.out.join("tokenizer"))?;
     let sep: Vec<u32> = match tok.eos_id() {
         Some(e) => vec![e],

@@ -1042,11 +1042,6 @@ impl Attention {
     }
 }
 
-fn storage_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let _ = l;
-    s.as_slice::<T>()
-}
-
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "lmstack-attention"
@@ -1063,11 +1058,8 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let sp = &self.spec;
         fn go<T: Elem>(sp: &AttnSpec, s: [(&CpuStorage, &Layout); 3]) -> Result<CpuStorage> {
-            let (q, k, v) = (
-                storage_slice::<T>(s[0].0, s[0].1)?,
-                storage_slice::<T>(s[1].0, s[1].1)?,
-                storage_slice::<T>(s[2].0, s[2].1)?,
-            );
+            // Whole storages: the head views carry each layout's offset and strides.
+            let (q, k, v) = (s[0].0.as_slice::<T>()?, s[1].0.as_slice::<T>()?, s[2].0.as_slice::<T>()?);
             let out = sp.forward(q, Heads::of(s[0].1)?, k, Heads::of(s[1].1)?, v, Heads::of(s[2].1)?);
             Ok(T::to_cpu_storage_owned(out))
         }

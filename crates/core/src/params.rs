@@ -187,7 +187,7 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let shape = {
             let inner = self.lock();
-            match inner.params.get(name).or(None) {
+            match inner.params.get(name) {
                 Some(p) => p.tensor.shape().clone(),
                 None => match inner.source.get(name) {
                     Some(t) => t.shape().clone(),

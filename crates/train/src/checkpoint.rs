@@ -58,15 +58,6 @@ fn crc(bytes: &[u8]) -> u32 {
     h.finalize()
 }
 
-fn serialize(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<Vec<u8>> {
-    let owned: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&candle_core::Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    safetensors::serialize(owned.iter().map(|(k, t)| (k.as_str(), t)), None)
-        .map_err(|e| Error::Msg(format!("serialising {}: {e}", path.display())))
-}
-
 /// Writes a checkpoint for `state.step` under `root` (the run's `checkpoints/` directory) and
 /// points `latest` at it; keeps the newest `keep` checkpoints.
 pub fn save(
@@ -82,7 +73,7 @@ pub fn save(
     state.files.clear();
     for (file, tensors) in [("model.safetensors", weights), ("optimizer.safetensors", optimizer)] {
         let path = dir.join(file);
-        let bytes = serialize(tensors, &path)?;
+        let bytes = lmstack_core::models::safetensors_bytes(tensors, &path)?;
         write_atomic(&path, &bytes)?;
         state.files.insert(file.to_owned(), (bytes.len() as u64, crc(&bytes)));
     }

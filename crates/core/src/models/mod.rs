@@ -378,16 +378,22 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     })
 }
 
-/// Writes tensors to a safetensors file atomically, with `{"format": "pt"}` metadata as
-/// `transformers` expects.
-pub fn save_safetensors(path: &Path, tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
+/// Serialises tensors (moved to the CPU, made contiguous) to safetensors bytes with
+/// `{"format": "pt"}` metadata, as `transformers` expects; `file` names the target in errors.
+pub fn safetensors_bytes(tensors: &std::collections::BTreeMap<String, Tensor>, file: &Path) -> Result<Vec<u8>> {
     let contiguous: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes = safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta)).map_err(|e| {
-        Error::Weight { file: path.display().to_string(), name: "<file>".into(), message: e.to_string() }
-    })?;
-    crate::io::write_atomic(path, &bytes)
+    safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta)).map_err(|e| Error::Weight {
+        file: file.display().to_string(),
+        name: "<file>".into(),
+        message: e.to_string(),
+    })
+}
+
+/// Writes tensors to a safetensors file atomically (see [`safetensors_bytes`]).
+pub fn save_safetensors(path: &Path, tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
+    crate::io::write_atomic(path, &safetensors_bytes(tensors, path)?)
 }

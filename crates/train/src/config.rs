@@ -136,6 +136,24 @@ impl PretrainConfig {
         toml::to_string_pretty(self).expect("config serialises")
     }
 
+    /// The first setting that defines the model (architecture, sizes, tokenizer) and differs
+    /// between `self` and `other`, if any; a resumed run must keep all of them.
+    pub fn model_field_differing_from(&self, other: &Self) -> Option<&'static str> {
+        [
+            ("arch", self.arch == other.arch),
+            ("n_layer", self.n_layer == other.n_layer),
+            ("n_head", self.n_head == other.n_head),
+            ("n_kv_head", self.n_kv_head == other.n_kv_head),
+            ("n_embd", self.n_embd == other.n_embd),
+            ("block_size", self.block_size == other.block_size),
+            ("tokenizer", self.tokenizer == other.tokenizer),
+            ("data", self.data == other.data),
+        ]
+        .into_iter()
+        .find(|(_, same)| !same)
+        .map(|(f, _)| f)
+    }
+
     /// The step at which the cosine decay ends.
     pub fn decay_steps(&self) -> u64 {
         if self.lr_decay_steps == 0 {

@@ -305,13 +305,9 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     };
     if resume_from.is_some() {
         let saved = PretrainConfig::from_toml_file(&out.join("config.toml"))?;
-        if saved.arch != cfg.arch
-            || saved.n_layer != cfg.n_layer
-            || saved.n_embd != cfg.n_embd
-            || saved.block_size != cfg.block_size
-        {
+        if let Some(field) = cfg.model_field_differing_from(&saved) {
             return Err(Error::Msg(format!(
-                "--resume: the model settings differ from the run's {}; resume with the same configuration",
+                "--resume: `{field}` differs from the run's {}; the model must stay the same (training settings such as max_steps may change)",
                 out.join("config.toml").display()
             )));
         }

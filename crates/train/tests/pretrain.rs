@@ -168,6 +168,10 @@ fn corrupt_checkpoints_are_refused() {
     std::fs::write(&model, &bytes).unwrap();
     let s = run(&cfg, &RunOptions { resume: true, ..opts() }).unwrap();
     assert_eq!(s.steps, 8);
+    // Resuming with a different model is refused and names the setting.
+    let other = PretrainConfig { n_head: 4, max_steps: 10, ..cfg.clone() };
+    let e = run(&other, &RunOptions { resume: true, ..opts() }).unwrap_err().to_string();
+    assert!(e.contains("`n_head`"), "{e}");
     // Starting again in the same directory needs --overwrite, which begins at step 0.
     let e = run(&cfg, &opts()).unwrap_err().to_string();
     assert!(e.contains("--overwrite"), "{e}");

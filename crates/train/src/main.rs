@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use lmstack_core::{DType, Device, Pretrained, Sampler, SamplingParams, SeqStep, Tokenizer};
+use lmstack_core::{DType, Device, Pretrained, SamplingParams, Tokenizer};
 use lmstack_train::config::PretrainConfig;
 use lmstack_train::pretrain::{self, RunOptions};
 
@@ -356,13 +356,8 @@ fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
     if !p.model.config().is_causal() {
         anyhow::bail!("{}: sampling needs a causal model (gpt2 or llama)", a.model.display());
     }
-    let mut ids = p.tokenizer.encode(&a.prompt, false)?;
-    if ids.is_empty() {
-        ids = vec![p.tokenizer.bos_id().unwrap_or(0)];
-    }
-    let max = p.model.max_len();
-    if ids.len() >= max {
-        anyhow::bail!("--prompt is {} tokens; the model's context is {max}", ids.len());
+    if p.tokenizer.encode(&a.prompt, false)?.len() >= p.model.max_len() {
+        anyhow::bail!("--prompt is longer than the model's context of {} tokens", p.model.max_len());
     }
     let params = SamplingParams {
         temperature: a.temperature,
@@ -371,31 +366,13 @@ fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
         seed: a.seed,
         ..Default::default()
     };
-    let mut sampler = Sampler::new(params, &ids, 0)?;
-    let mut cache = p.model.new_cache();
-    let mut dec = p.tokenizer.incremental_decoder(true);
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", a.prompt)?;
-    let mut next = ids;
-    for _ in 0..a.max_tokens {
-        if cache.len() + next.len() > max {
-            break;
-        }
-        let logits = p.model.forward_cached(&mut [SeqStep { tokens: &next, cache: &mut cache, all_logits: false }])?;
-        let t = sampler.sample(&logits[0].squeeze(0)?.to_vec1::<f32>()?)?.token;
-        if Some(t) == p.tokenizer.eos_id() {
-            break;
-        }
-        if let Some(piece) = dec.push(t)? {
-            write!(stdout, "{piece}")?;
-            stdout.flush()?;
-        }
-        next = vec![t];
-    }
-    if let Some(rest) = dec.finish()? {
-        write!(stdout, "{rest}")?;
-    }
+    pretrain::generate(&p.model, &p.tokenizer, &a.prompt, a.max_tokens, params, |piece| {
+        let _ = write!(stdout, "{piece}");
+        let _ = stdout.flush();
+    })?;
     writeln!(stdout)?;
     Ok(ExitCode::SUCCESS)
 }

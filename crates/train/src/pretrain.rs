@@ -235,32 +235,57 @@ pub fn full_eval(model: &Model, data: &dyn Tokens, cfg: &PretrainConfig, obj: Ob
     Ok(total / count.max(1) as f64)
 }
 
-/// Generates `n` tokens after `prompt` with nanoGPT's sampling defaults (temperature 0.8,
-/// top-k 200), stopping early at the context length.
-pub fn sample(model: &Model, tok: &Tokenizer, prompt: &str, n: usize, seed: u64) -> Result<String> {
-    let eval = frozen(model)?;
+/// Generates up to `n` tokens after `prompt` with `model` (a frozen, inference model), handing
+/// each complete piece of text to `on_text` as it is decoded; stops at the end-of-sequence
+/// token. When the context fills up, the window slides: the last half is prefilled again (as
+/// nanoGPT crops its context). Returns the generated text.
+pub fn generate(
+    model: &Model,
+    tok: &Tokenizer,
+    prompt: &str,
+    n: usize,
+    params: SamplingParams,
+    mut on_text: impl FnMut(&str),
+) -> Result<String> {
     let mut ids = tok.encode(prompt, false)?;
     if ids.is_empty() {
-        ids.push(0);
+        ids.push(tok.bos_id().unwrap_or(0));
     }
-    let mut cache = eval.new_cache();
-    let params = SamplingParams { temperature: 0.8, top_k: 200, seed: Some(seed), ..Default::default() };
+    let max = model.max_len();
+    let mut cache = model.new_cache();
     let mut sampler = Sampler::new(params, &ids, 0)?;
-    let mut out = Vec::new();
+    let mut dec = tok.incremental_decoder(true);
+    let mut text = String::new();
     let mut next = ids.clone();
     for _ in 0..n {
-        if cache.len() + next.len() > eval.max_len() {
-            // Slide the window: re-prefill the last half of the context.
-            let keep: Vec<u32> = ids.iter().chain(&out).copied().collect::<Vec<_>>();
-            next = keep[keep.len() - eval.max_len() / 2..].to_vec();
+        if cache.len() + next.len() > max {
+            let keep = max / 2;
+            next = ids[ids.len().saturating_sub(keep)..].to_vec();
             cache.clear();
         }
-        let logits = eval.forward_cached(&mut [SeqStep { tokens: &next, cache: &mut cache, all_logits: false }])?;
+        let logits = model.forward_cached(&mut [SeqStep { tokens: &next, cache: &mut cache, all_logits: false }])?;
         let t = sampler.sample(&logits[0].squeeze(0)?.to_vec1::<f32>()?)?.token;
-        out.push(t);
+        if Some(t) == tok.eos_id() {
+            break;
+        }
+        ids.push(t);
+        if let Some(piece) = dec.push(t)? {
+            on_text(&piece);
+            text.push_str(&piece);
+        }
         next = vec![t];
     }
-    Ok(tok.decode(&out, true)?)
+    if let Some(rest) = dec.finish()? {
+        on_text(&rest);
+        text.push_str(&rest);
+    }
+    Ok(text)
+}
+
+/// The end-of-run sample: nanoGPT's sampling defaults (temperature 0.8, top-k 200).
+pub fn sample(model: &Model, tok: &Tokenizer, prompt: &str, n: usize, seed: u64) -> Result<String> {
+    let params = SamplingParams { temperature: 0.8, top_k: 200, seed: Some(seed), ..Default::default() };
+    generate(&frozen(model)?, tok, prompt, n, params, |_| {})
 }
 
 fn save_model_dir(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {

@@ -2,6 +2,7 @@
 //!
 //! - [`tokenizer`]: Hugging Face `tokenizer.json` loading, BPE and character-level training,
 //!   incremental (streaming) decoding.
+//! - [`chat`]: Hugging Face chat templates rendered as `transformers` renders them.
 //! - [`config`]: `config.json` for `gpt2`, `llama` (and `mistral`) and `bert`.
 //! - [`models`]: the transformer architectures and [`Model`], with a differentiable
 //!   whole-batch forward and a KV-cached prefill/decode forward over per-sequence caches.
@@ -12,6 +13,7 @@
 //! `lmstack-train`.
 #![deny(missing_docs)]
 
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod gemm;

@@ -229,6 +229,17 @@ impl Tokenizer {
         self.chat_template = template;
     }
 
+    /// Renders `messages` with the chat template (see [`crate::chat`]); an error if the
+    /// tokenizer has none. Encode the result with `add_special_tokens = false`: templates write
+    /// their own `bos_token`.
+    pub fn apply_chat_template(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
+        let src = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::invalid("chat_template", "the tokenizer has no chat template"))?;
+        crate::chat::ChatTemplate::new(src)?.render(messages, add_generation_prompt, &self.special, &Default::default())
+    }
+
     /// `model_max_length` from the configuration, if set.
     pub fn model_max_length(&self) -> Option<usize> {
         self.model_max_length

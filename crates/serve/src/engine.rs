@@ -1,0 +1,644 @@
+//! The engine: one thread that owns the model and runs **continuous batching**.
+//!
+//! Requests arrive through an [`EngineHandle`] into a bounded waiting queue. Each step the
+//! scheduler
+//! 1. drops sequences whose client went away (their KV cache is freed at once) or whose
+//!    deadline passed,
+//! 2. admits waiting requests while there is room: at most `max_num_seqs` running, and the KV
+//!    tokens each may need (prompt + `max_tokens`) within the KV budget,
+//! 3. plans one batch of at most `max_batch_tokens` tokens: one **decode** token for every
+//!    running sequence, then **prefill** chunks of the prompts not yet in cache (a long prompt
+//!    is prefilled over several steps so decoding streams keep flowing),
+//! 4. runs one packed forward over all of them ([`Model::forward_cached`], every sequence at its
+//!    own position in its own cache), samples each sequence's next token with its own
+//!    [`Sampler`], and streams the result to the client. Finished sequences leave at once.
+//!
+//! Model compute runs on this thread (and the rayon pool its matrix products use), never on
+//! the async runtime that serves HTTP.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use lmstack_core::sampling::{log_softmax, top_n};
+use lmstack_core::{IncrementalDecoder, KvCache, Model, Sampler, SamplingParams, SeqStep, Tokenizer};
+use tokio::sync::mpsc as tmpsc;
+
+use crate::metrics::Metrics;
+
+/// Scheduler limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most tokens (decode + prefill) in one forward step.
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Most requests waiting for a slot; beyond it requests are refused.
+    pub max_queued: usize,
+    /// KV-cache budget in tokens over all running sequences (0: `max_num_seqs` × context).
+    pub kv_cache_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_batch_tokens: 512, max_num_seqs: 32, max_queued: 256, kv_cache_tokens: 0 }
+    }
+}
+
+/// One generation request, already tokenized and validated by the API layer.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Request id (for logs).
+    pub id: String,
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// Sampling parameters.
+    pub params: SamplingParams,
+    /// Most tokens to generate (0: only score the prompt).
+    pub max_tokens: usize,
+    /// Strings that end generation; not included in the output.
+    pub stop: Vec<String>,
+    /// Token ids that end generation (besides end-of-sequence).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past end-of-sequence.
+    pub ignore_eos: bool,
+    /// Report log-probabilities of generated tokens with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Report log-probabilities of prompt tokens with this many alternatives (`echo`).
+    pub prompt_logprobs: Option<usize>,
+    /// Leave special tokens out of the text.
+    pub skip_special_tokens: bool,
+    /// Give up (with [`Event::Failed`]) after this instant.
+    pub deadline: Option<Instant>,
+}
+
+/// A token with its log-probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// Token id.
+    pub id: u32,
+    /// The token's own text.
+    pub text: String,
+    /// Log-probability under the model.
+    pub logprob: f32,
+    /// Most likely tokens at this position: (id, text, log-probability).
+    pub top: Vec<(u32, String, f32)>,
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End of sequence, a stop string or a stop token.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// OpenAI's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// What the engine streams back for one request.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Log-probabilities of the prompt tokens (the first has none); sent once, before tokens.
+    Prompt(Vec<Option<TokenLogprob>>),
+    /// One generated token: the text it released (may be empty while a multi-byte character
+    /// or a possible stop string is incomplete) and, if asked, its log-probability.
+    Token {
+        /// Text released by this token.
+        text: String,
+        /// The token and its log-probability (when `logprobs` was asked for).
+        logprob: Option<TokenLogprob>,
+    },
+    /// The end: any text still held back, why, and token counts.
+    Finished {
+        /// Text released at the end (held-back bytes).
+        text: String,
+        /// Why generation stopped.
+        reason: FinishReason,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Generated tokens.
+        completion_tokens: usize,
+    },
+    /// The request failed; the message is safe to show.
+    Failed {
+        /// The deadline passed (rather than an internal fault).
+        timeout: bool,
+        /// What happened.
+        message: String,
+    },
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The waiting queue is full.
+    #[error("the server is overloaded: {0} requests are already waiting")]
+    QueueFull(usize),
+    /// The request can never fit.
+    #[error("{0}")]
+    TooLong(String),
+    /// The engine has stopped (shutting down).
+    #[error("the server is shutting down")]
+    Stopped,
+}
+
+/// A cloneable handle to submit requests to the engine.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<(Request, tmpsc::UnboundedSender<Event>, Instant)>,
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+    max_len: usize,
+    kv_budget: usize,
+    stopped: Arc<AtomicBool>,
+}
+
+impl EngineHandle {
+    /// Queues `req`; events arrive on the returned receiver. Dropping the receiver cancels the
+    /// request at the next step.
+    pub fn submit(&self, req: Request) -> Result<tmpsc::UnboundedReceiver<Event>, SubmitError> {
+        if self.stopped.load(Ordering::Relaxed) {
+            return Err(SubmitError::Stopped);
+        }
+        let need = req.prompt.len() + req.max_tokens;
+        if need > self.max_len {
+            return Err(SubmitError::TooLong(format!(
+                "this model's maximum context length is {} tokens, but {need} were requested ({} in the prompt, {} to \
+                 generate); shorten the prompt or lower max_tokens",
+                self.max_len,
+                req.prompt.len(),
+                req.max_tokens
+            )));
+        }
+        if need > self.kv_budget {
+            return Err(SubmitError::TooLong(format!(
+                "the request needs {need} KV-cache tokens but the server's whole budget is {} (--kv-cache-tokens)",
+                self.kv_budget
+            )));
+        }
+        let q = self.queued.fetch_add(1, Ordering::SeqCst);
+        if q >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(q));
+        }
+        let (etx, erx) = tmpsc::unbounded_channel();
+        if self.tx.send((req, etx, Instant::now())).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(erx)
+    }
+
+    /// Requests waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// The model's context length.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Refuses further requests (graceful shutdown); running ones finish.
+    pub fn stop_accepting(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Starts the engine thread for `model`; it runs until every handle is dropped and all work is
+/// done.
+pub fn start(
+    model: Model,
+    tokenizer: Tokenizer,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let max_len = model.max_len();
+    let kv_budget = if config.kv_cache_tokens == 0 { config.max_num_seqs * max_len } else { config.kv_cache_tokens };
+    let queued = Arc::new(AtomicUsize::new(0));
+    let handle = EngineHandle {
+        tx,
+        queued: queued.clone(),
+        max_queued: config.max_queued,
+        max_len,
+        kv_budget,
+        stopped: Arc::new(AtomicBool::new(false)),
+    };
+    metrics.kv_cache_capacity_tokens.set(kv_budget as i64);
+    let bytes_per_token = model.new_cache().bytes_per_token();
+    let engine = Engine {
+        model,
+        tokenizer,
+        config,
+        kv_budget,
+        bytes_per_token,
+        metrics,
+        queued,
+        rx,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        reserved: 0,
+    };
+    let join = std::thread::Builder::new().name("lmstack-engine".into()).spawn(move || engine.run()).expect("spawn");
+    (handle, join)
+}
+
+struct Waiting {
+    req: Request,
+    tx: tmpsc::UnboundedSender<Event>,
+    arrived: Instant,
+}
+
+struct Seq {
+    req: Request,
+    tx: tmpsc::UnboundedSender<Event>,
+    cache: KvCache,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// Last sampled token, not yet in the cache.
+    pending: Option<u32>,
+    generated: usize,
+    /// Output text decoded so far (truncated at a stop string) and how much of it was sent.
+    text: String,
+    sent: usize,
+    /// A stop string ended the output.
+    stop_hit: bool,
+    prompt_lps: Vec<Option<TokenLogprob>>,
+    arrived: Instant,
+    last_token: Option<Instant>,
+    reserve: usize,
+}
+
+struct Engine {
+    model: Model,
+    tokenizer: Tokenizer,
+    config: EngineConfig,
+    kv_budget: usize,
+    bytes_per_token: usize,
+    metrics: Arc<Metrics>,
+    queued: Arc<AtomicUsize>,
+    rx: mpsc::Receiver<(Request, tmpsc::UnboundedSender<Event>, Instant)>,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Seq>,
+    reserved: usize,
+}
+
+enum Outcome {
+    Continue,
+    Finished(FinishReason),
+}
+
+impl Engine {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok((req, tx, arrived)) => self.waiting.push_back(Waiting { req, tx, arrived }),
+                    Err(_) => break,
+                }
+            }
+            while let Ok((req, tx, arrived)) = self.rx.try_recv() {
+                self.waiting.push_back(Waiting { req, tx, arrived });
+            }
+            self.reap();
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+            self.update_gauges();
+        }
+        self.update_gauges();
+    }
+
+    /// Drops cancelled and timed-out requests, running or waiting.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        let expired = |r: &Request| r.deadline.is_some_and(|d| now >= d);
+        let before = self.waiting.len();
+        self.waiting.retain(|w| {
+            if expired(&w.req) {
+                let _ = w.tx.send(Event::Failed {
+                    timeout: true,
+                    message: "the request timed out while waiting in the queue".into(),
+                });
+                return false;
+            }
+            !w.tx.is_closed()
+        });
+        self.queued.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            if s.tx.is_closed() {
+                self.metrics.cancelled.inc();
+                self.remove(i);
+            } else if expired(&s.req) {
+                let _ = s.tx.send(Event::Failed { timeout: true, message: "the request timed out".into() });
+                self.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, i: usize) -> Seq {
+        let s = self.running.remove(i);
+        self.reserved -= s.reserve;
+        s
+    }
+
+    fn admit(&mut self) {
+        while let Some(w) = self.waiting.front() {
+            let reserve = w.req.prompt.len() + w.req.max_tokens;
+            if self.running.len() >= self.config.max_num_seqs || self.reserved + reserve > self.kv_budget {
+                break;
+            }
+            let w = self.waiting.pop_front().expect("front exists");
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.queue_time.observe(w.arrived.elapsed().as_secs_f64());
+            let top = w.req.logprobs.unwrap_or(0);
+            let sampler = match Sampler::new(w.req.params.clone(), &w.req.prompt, top) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = w.tx.send(Event::Failed { timeout: false, message: e.to_string() });
+                    continue;
+                }
+            };
+            self.reserved += reserve;
+            let decoder = self.tokenizer.incremental_decoder(w.req.skip_special_tokens);
+            self.running.push(Seq {
+                cache: self.model.new_cache(),
+                sampler,
+                decoder,
+                prefilled: 0,
+                pending: None,
+                generated: 0,
+                text: String::new(),
+                sent: 0,
+                stop_hit: false,
+                prompt_lps: Vec::new(),
+                arrived: w.arrived,
+                last_token: None,
+                reserve,
+                req: w.req,
+                tx: w.tx,
+            });
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.queue_length.set(self.waiting.len() as i64);
+        m.running.set(self.running.len() as i64);
+        let used: usize = self.running.iter().map(|s| s.cache.len()).sum();
+        m.kv_cache_used_tokens.set(used as i64);
+        m.kv_cache_used_bytes.set((used * self.bytes_per_token) as i64);
+        m.kv_cache_usage.set(used as f64 / self.kv_budget.max(1) as f64);
+        m.kv_cache_reserved_tokens.set(self.reserved as i64);
+    }
+
+    /// One forward over a batch of decode tokens and prefill chunks.
+    fn step(&mut self) {
+        let mut budget = self.config.max_batch_tokens;
+        let mut plan: Vec<Option<(Vec<u32>, bool)>> = vec![None; self.running.len()];
+        let mut n_prefill = 0;
+        for (p, s) in plan.iter_mut().zip(&self.running) {
+            if let Some(t) = s.pending {
+                *p = Some((vec![t], false));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for (p, s) in plan.iter_mut().zip(&self.running) {
+            if budget == 0 {
+                break;
+            }
+            if s.pending.is_none() && s.prefilled < s.req.prompt.len() {
+                let n = (s.req.prompt.len() - s.prefilled).min(budget);
+                *p = Some((s.req.prompt[s.prefilled..s.prefilled + n].to_vec(), s.req.prompt_logprobs.is_some()));
+                budget -= n;
+                n_prefill += n;
+            }
+        }
+        let mut steps: Vec<SeqStep<'_>> = Vec::new();
+        let mut idx = Vec::new();
+        for (i, (s, p)) in self.running.iter_mut().zip(&plan).enumerate() {
+            if let Some((tokens, all_logits)) = p {
+                steps.push(SeqStep { tokens, cache: &mut s.cache, all_logits: *all_logits });
+                idx.push(i);
+            }
+        }
+        if steps.is_empty() {
+            return;
+        }
+        let n_tokens: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        let t0 = Instant::now();
+        let result = self.model.forward_cached(&mut steps).and_then(|ls| {
+            ls.into_iter().map(|l| l.to_vec2::<f32>().map_err(Into::into)).collect::<lmstack_core::Result<Vec<_>>>()
+        });
+        drop(steps);
+        let dt = t0.elapsed().as_secs_f64();
+        let m = &self.metrics;
+        m.batch_size.observe(idx.len() as f64);
+        m.batch_tokens.observe(n_tokens as f64);
+        if n_prefill > 0 {
+            m.prefill_step.observe(dt);
+        } else {
+            m.decode_step.observe(dt);
+        }
+        m.prompt_tokens.inc_by(n_prefill as u64);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward step failed");
+                let mut failed: Vec<usize> = idx;
+                failed.sort_unstable_by(|a, b| b.cmp(a));
+                for i in failed {
+                    let s = self.remove(i);
+                    let _ = s.tx.send(Event::Failed {
+                        timeout: false,
+                        message: "internal error while running the model".into(),
+                    });
+                }
+                return;
+            }
+        };
+        let mut finished = Vec::new();
+        for (&i, rows) in idx.iter().zip(logits) {
+            let (tokens, _) = plan[i].take().expect("planned");
+            match self.advance(i, &tokens, rows) {
+                Outcome::Continue => {}
+                Outcome::Finished(reason) => finished.push((i, reason)),
+            }
+        }
+        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in finished {
+            let mut s = self.remove(i);
+            self.finish(&mut s, reason);
+        }
+    }
+
+    /// Takes one sequence's logits from the step and samples or records as needed.
+    fn advance(&mut self, i: usize, tokens: &[u32], rows: Vec<Vec<f32>>) -> Outcome {
+        let tok = self.tokenizer.clone();
+        let max_len = self.model.max_len();
+        let s = &mut self.running[i];
+        if s.pending.take().is_none() {
+            // A prefill chunk.
+            let start = s.prefilled;
+            s.prefilled += tokens.len();
+            if let Some(top) = s.req.prompt_logprobs {
+                if start == 0 {
+                    s.prompt_lps.push(None);
+                }
+                for (r, row) in rows.iter().enumerate() {
+                    let p = start + r + 1;
+                    if p < s.req.prompt.len() {
+                        s.prompt_lps.push(Some(token_logprob(&tok, row, s.req.prompt[p], top)));
+                    }
+                }
+            }
+            if s.prefilled < s.req.prompt.len() {
+                return Outcome::Continue;
+            }
+            if s.req.prompt_logprobs.is_some() {
+                let _ = s.tx.send(Event::Prompt(std::mem::take(&mut s.prompt_lps)));
+            }
+            if s.req.max_tokens == 0 {
+                return Outcome::Finished(FinishReason::Length);
+            }
+        }
+        let row = rows.last().expect("at least one row");
+        let sampled = match s.sampler.sample(row) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = s.tx.send(Event::Failed { timeout: false, message: e.to_string() });
+                return Outcome::Finished(FinishReason::Stop);
+            }
+        };
+        let now = Instant::now();
+        match s.last_token {
+            None => self.metrics.ttft.observe((now - s.arrived).as_secs_f64()),
+            Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
+        }
+        s.last_token = Some(now);
+        s.generated += 1;
+        self.metrics.generation_tokens.inc();
+        let logprob = s.req.logprobs.map(|_| TokenLogprob {
+            id: sampled.token,
+            text: piece(&tok, sampled.token),
+            logprob: sampled.logprob,
+            top: sampled.top_logprobs.iter().map(|&(id, lp)| (id, piece(&tok, id), lp)).collect(),
+        });
+        let is_eos = !s.req.ignore_eos && tok.eos_id() == Some(sampled.token);
+        if is_eos || s.req.stop_token_ids.contains(&sampled.token) {
+            let _ = s.tx.send(Event::Token { text: String::new(), logprob });
+            return Outcome::Finished(FinishReason::Stop);
+        }
+        let piece = s.decoder.push(sampled.token).unwrap_or_default().unwrap_or_default();
+        let (text, stopped) = s.push_text(&piece);
+        let _ = s.tx.send(Event::Token { text, logprob });
+        if stopped {
+            return Outcome::Finished(FinishReason::Stop);
+        }
+        if s.generated >= s.req.max_tokens || s.cache.len() + 1 > max_len {
+            return Outcome::Finished(FinishReason::Length);
+        }
+        s.pending = Some(sampled.token);
+        Outcome::Continue
+    }
+
+    fn finish(&self, s: &mut Seq, reason: FinishReason) {
+        let mut text = String::new();
+        if !s.stop_hit {
+            if let Ok(Some(rest)) = s.decoder.finish() {
+                let (t, _) = s.push_text(&rest);
+                text.push_str(&t);
+            }
+        }
+        // Whatever was held back as a possible stop-string prefix is output after all.
+        if !s.stop_hit && s.sent < s.text.len() {
+            text.push_str(&s.text[s.sent..]);
+            s.sent = s.text.len();
+        }
+        self.metrics.e2e.observe(s.arrived.elapsed().as_secs_f64());
+        self.metrics.finished.with_label_values(&[reason.as_str()]).inc();
+        let _ = s.tx.send(Event::Finished {
+            text,
+            reason,
+            prompt_tokens: s.req.prompt.len(),
+            completion_tokens: s.generated,
+        });
+    }
+}
+
+impl Seq {
+    /// Appends decoded text; returns the text that may be released now and whether a stop
+    /// string ended the output.
+    fn push_text(&mut self, piece: &str) -> (String, bool) {
+        self.text.push_str(piece);
+        let stops = &self.req.stop;
+        if stops.is_empty() {
+            let out = self.text[self.sent..].to_owned();
+            self.sent = self.text.len();
+            return (out, false);
+        }
+        let longest = stops.iter().map(String::len).max().unwrap_or(0);
+        let from = floor_char_boundary(&self.text, self.sent.saturating_sub(longest));
+        let hit = stops.iter().filter_map(|st| self.text[from..].find(st.as_str()).map(|p| from + p)).min();
+        if let Some(pos) = hit {
+            let pos = pos.max(self.sent);
+            let out = self.text[self.sent..pos].to_owned();
+            self.text.truncate(pos);
+            self.sent = pos;
+            self.stop_hit = true;
+            return (out, true);
+        }
+        // Hold back the longest tail that could still grow into a stop string.
+        let mut release = self.text.len();
+        for (p, _) in self.text[self.sent..].char_indices() {
+            let tail = &self.text[self.sent + p..];
+            if stops.iter().any(|st| st.starts_with(tail)) {
+                release = self.sent + p;
+                break;
+            }
+        }
+        let out = self.text[self.sent..release].to_owned();
+        self.sent = release;
+        (out, false)
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// The text of one token on its own (as OpenAI's `logprobs.tokens` reports it).
+fn piece(tok: &Tokenizer, id: u32) -> String {
+    tok.decode(&[id], false).unwrap_or_default()
+}
+
+fn token_logprob(tok: &Tokenizer, row: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let lp = log_softmax(row);
+    TokenLogprob {
+        id,
+        text: piece(tok, id),
+        logprob: lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY),
+        top: top_n(&lp, top).into_iter().map(|(t, l)| (t, piece(tok, t), l)).collect(),
+    }
+}

@@ -1,0 +1,142 @@
+//! `serve`: an OpenAI-compatible, continuously batching inference server for an lmstack or
+//! Hugging Face model directory.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use lmstack_core::DType;
+use lmstack_serve::{EngineConfig, ServeOptions};
+
+/// Serve a model over an OpenAI-compatible HTTP API with continuous batching.
+///
+/// Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true),
+/// GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /ready, GET /metrics.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Model directory (config.json, model.safetensors, tokenizer.json); the default is the
+    /// README's training run.
+    #[arg(long, default_value = "runs/shakespeare-char/model")]
+    model: PathBuf,
+    /// Name clients pass as `model` (default: the directory's name, or its parent's for
+    /// `.../model`).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// A Jinja chat template file to use instead of the model's.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on (0 picks a free one; the log says which).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
+    /// Most tokens (prefill + decode) in one forward step; long prompts are prefilled in chunks
+    /// of what is left.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Most sequences decoding at once.
+    #[arg(long, default_value_t = 32)]
+    max_num_seqs: usize,
+    /// Most requests waiting for a slot; more are refused with 429.
+    #[arg(long, default_value_t = 256)]
+    max_queued: usize,
+    /// KV-cache budget in tokens over all sequences (default: max-num-seqs × context length).
+    #[arg(long, default_value_t = 0)]
+    kv_cache_tokens: usize,
+    /// Require `Authorization: Bearer KEY` (also read from LMSTACK_API_KEY); /health, /ready
+    /// and /metrics stay open.
+    #[arg(long, env = "LMSTACK_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Allowed CORS origin (repeatable; `*` for any). None by default.
+    #[arg(long = "cors-origin")]
+    cors_origins: Vec<String>,
+    /// Seconds a request may take before it is cancelled (0 = no limit).
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout: f64,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Seconds in-flight requests may continue after SIGTERM / Ctrl-C.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_timeout: f64,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => Err(format!("`{other}`: expected f32, bf16 or f16")),
+    }
+}
+
+fn seconds(name: &str, s: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|_| format!("--{name} {s}: expected a non-negative number of seconds"))
+}
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    // The engine's matrix products run on rayon; candle's own pool gets one thread so the two
+    // do not fight over the cores (see the train binary).
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let timeouts = seconds("request-timeout", cli.request_timeout)
+        .and_then(|r| Ok((r, seconds("shutdown-timeout", cli.shutdown_timeout)?)));
+    let (request_timeout, shutdown_timeout) = match timeouts {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = ServeOptions {
+        model: cli.model,
+        served_model_name: cli.served_model_name,
+        chat_template: cli.chat_template,
+        dtype: cli.dtype,
+        addr: SocketAddr::new(cli.host, cli.port),
+        engine: EngineConfig {
+            max_batch_tokens: cli.max_batch_tokens,
+            max_num_seqs: cli.max_num_seqs,
+            max_queued: cli.max_queued,
+            kv_cache_tokens: cli.kv_cache_tokens,
+        },
+        api_key: cli.api_key.filter(|k| !k.is_empty()),
+        cors_origins: cli.cors_origins,
+        request_timeout: (!request_timeout.is_zero()).then_some(request_timeout),
+        max_body_bytes: cli.max_body_bytes,
+        shutdown_timeout,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(lmstack_serve::run(opts, lmstack_serve::server::shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! OpenAI request bodies and the error shape, with validation that names the offending field.
+//!
+//! Fields OpenAI defines but lmstack cannot honour (`logit_bias`, `suffix`, tools …) are
+//! refused with a 400 naming them rather than silently ignored; unknown fields are refused the
+//! same way. vLLM's extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`,
+//! `ignore_eos`, `skip_special_tokens`, …) are accepted.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable message.
+    pub message: String,
+    /// The offending request field, if any.
+    pub param: Option<String>,
+    /// A machine-readable code.
+    pub code: Option<&'static str>,
+    /// Seconds after which to retry (429, 503).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// 400 naming `param`.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: Some(param.into()),
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// Any status without a field.
+    pub fn status(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), param: None, code: None, retry_after: None }
+    }
+
+    /// With a machine-readable code.
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind(), "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+/// Parses a JSON object body into `T`, refusing keys outside `fields`; errors name the field
+/// path (`messages[1].content`).
+pub fn parse<T: DeserializeOwned>(bytes: &[u8], fields: &[&str]) -> Result<T, ApiError> {
+    from_value(&parse_object(bytes, fields)?)
+}
+
+/// Parses a JSON object body, refusing keys outside `fields`.
+pub fn parse_object(bytes: &[u8], fields: &[&str]) -> Result<Value, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid("body", "the request body is empty; send a JSON object"));
+    }
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid("body", format!("the request body is not valid JSON: {e}")))?;
+    let Some(obj) = value.as_object() else {
+        return Err(ApiError::invalid("body", "the request body must be a JSON object"));
+    };
+    if let Some(k) = obj.keys().find(|k| !fields.contains(&k.as_str())) {
+        return Err(ApiError::invalid(
+            k.clone(),
+            format!("unknown field `{k}`; expected one of: {}", fields.join(", ")),
+        ));
+    }
+    Ok(value)
+}
+
+/// Deserializes `T` from a parsed body; errors name the field path.
+pub fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.into_inner().to_string();
+        let msg = msg.replace("data did not match any variant of untagged enum ", "unexpected type for ");
+        if path == "." {
+            // Missing top-level fields come without a path; serde names them.
+            let param = msg.split('`').nth(1).unwrap_or("body").to_owned();
+            ApiError::invalid(param, msg)
+        } else {
+            ApiError::invalid(path.clone(), format!("{path}: {msg}"))
+        }
+    })
+}
+
+const SAMPLING_FIELDS: [&str; 18] = [
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "skip_special_tokens",
+    "n",
+    "stream",
+    "stream_options",
+    "logit_bias",
+    "user",
+    "model",
+];
+
+/// Fields of [`CompletionRequest`].
+pub fn completion_fields() -> Vec<&'static str> {
+    let mut f = SAMPLING_FIELDS.to_vec();
+    f.extend(["prompt", "max_tokens", "logprobs", "echo", "best_of", "suffix", "add_special_tokens"]);
+    f
+}
+
+/// Fields of [`ChatRequest`].
+pub fn chat_fields() -> Vec<&'static str> {
+    let mut f = SAMPLING_FIELDS.to_vec();
+    f.extend([
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "logprobs",
+        "top_logprobs",
+        "add_generation_prompt",
+        "chat_template_kwargs",
+        "response_format",
+        "tools",
+        "tool_choice",
+    ]);
+    f
+}
+
+/// Fields of [`TokenizeRequest`].
+pub const TOKENIZE_FIELDS: [&str; 5] = ["model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"];
+/// Fields of [`DetokenizeRequest`].
+pub const DETOKENIZE_FIELDS: [&str; 2] = ["model", "tokens"];
+
+/// `prompt`: a string, a list of strings, token ids, or a list of token-id lists.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// One text prompt.
+    Text(String),
+    /// Several text prompts.
+    Texts(Vec<String>),
+    /// One tokenized prompt.
+    Ids(Vec<u32>),
+    /// Several tokenized prompts.
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Up to several stop strings.
+    Many(Vec<String>),
+}
+
+impl Stop {
+    /// As a list, refusing empty strings.
+    pub fn into_vec(self) -> Result<Vec<String>, ApiError> {
+        let v = match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        };
+        if v.iter().any(String::is_empty) {
+            return Err(ApiError::invalid("stop", "stop strings must not be empty"));
+        }
+        Ok(v)
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
+    /// Put usage in every chunk (vLLM).
+    #[serde(default)]
+    pub continuous_usage_stats: bool,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Sampling {
+    /// 0 = greedy; default 1.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    pub top_p: Option<f32>,
+    /// vLLM extension: keep the k most likely (0 or -1 = off).
+    pub top_k: Option<i64>,
+    /// vLLM extension.
+    pub min_p: Option<f32>,
+    /// vLLM extension.
+    pub repetition_penalty: Option<f32>,
+    /// OpenAI.
+    pub presence_penalty: Option<f32>,
+    /// OpenAI.
+    pub frequency_penalty: Option<f32>,
+    /// RNG seed.
+    pub seed: Option<u64>,
+    /// Stop strings.
+    pub stop: Option<Stop>,
+    /// vLLM extension.
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// vLLM extension.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// vLLM extension (default true).
+    pub skip_special_tokens: Option<bool>,
+    /// Number of choices per prompt.
+    pub n: Option<u32>,
+    /// Stream as Server-Sent Events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// Not supported (refused when non-empty).
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    /// Accepted and ignored (an end-user id for abuse monitoring).
+    pub user: Option<String>,
+    /// Model name (optional: the served model).
+    pub model: Option<String>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// The prompt(s).
+    pub prompt: Prompt,
+    /// Default 16, as OpenAI.
+    pub max_tokens: Option<u32>,
+    /// Top-n log-probabilities per token (0..=20).
+    pub logprobs: Option<u32>,
+    /// Return the prompt before the completion (with its log-probabilities when `logprobs`).
+    #[serde(default)]
+    pub echo: bool,
+    /// Must equal `n` when given.
+    pub best_of: Option<u32>,
+    /// Not supported.
+    pub suffix: Option<String>,
+    /// Add the tokenizer's special tokens (BOS) to text prompts (default true).
+    pub add_special_tokens: Option<bool>,
+    /// Shared sampling fields (read from the same object).
+    #[serde(skip)]
+    pub sampling: Sampling,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// The conversation.
+    pub messages: Vec<Value>,
+    /// Most tokens to generate (default: the rest of the context).
+    pub max_tokens: Option<u32>,
+    /// The newer name of `max_tokens`.
+    pub max_completion_tokens: Option<u32>,
+    /// Return log-probabilities of the generated tokens.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Alternatives per token (0..=20), needs `logprobs`.
+    pub top_logprobs: Option<u32>,
+    /// Append the assistant-turn opener (default true).
+    pub add_generation_prompt: Option<bool>,
+    /// Extra variables for the chat template.
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Only `{"type": "text"}` is supported.
+    pub response_format: Option<Value>,
+    /// Not supported.
+    pub tools: Option<Value>,
+    /// Not supported.
+    pub tool_choice: Option<Value>,
+    /// Shared sampling fields (read from the same object).
+    #[serde(skip)]
+    pub sampling: Sampling,
+}
+
+/// `POST /tokenize`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizeRequest {
+    /// Model name (optional).
+    pub model: Option<String>,
+    /// Text to tokenize.
+    pub prompt: Option<String>,
+    /// Or a conversation, rendered with the chat template first.
+    pub messages: Option<Vec<Value>>,
+    /// Add special tokens to `prompt` (default true).
+    pub add_special_tokens: Option<bool>,
+    /// With `messages` (default true).
+    pub add_generation_prompt: Option<bool>,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetokenizeRequest {
+    /// Model name (optional).
+    pub model: Option<String>,
+    /// Token ids.
+    pub tokens: Vec<u32>,
+}

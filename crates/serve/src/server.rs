@@ -1,0 +1,185 @@
+//! Starting and stopping the server: bind, load the model in the background (`/ready` turns
+//! 200 when done), serve, and on SIGTERM / Ctrl-C stop accepting, let in-flight requests finish
+//! within a grace period, then return.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use lmstack_core::chat::{self, ChatTemplate};
+use lmstack_core::{DType, Device, Pretrained};
+
+use crate::api::{self, AppState, Ready};
+use crate::engine::{self, EngineConfig};
+use crate::metrics::Metrics;
+
+/// Everything `serve` is configured with.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Model directory (HF layout).
+    pub model: PathBuf,
+    /// Name clients use in `model` (default: the directory name).
+    pub served_model_name: Option<String>,
+    /// Chat template file overriding the model's.
+    pub chat_template: Option<PathBuf>,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// Scheduler limits.
+    pub engine: EngineConfig,
+    /// Required bearer token.
+    pub api_key: Option<String>,
+    /// Allowed CORS origins.
+    pub cors_origins: Vec<String>,
+    /// Per-request deadline.
+    pub request_timeout: Option<Duration>,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_timeout: Duration,
+}
+
+/// The name a model directory is served under: its last path component, or the parent's
+/// when that is a generic `model` (so `runs/shakespeare-char/model` is `shakespeare-char`).
+pub fn default_model_name(dir: &Path) -> String {
+    let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    let last = canon.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    if matches!(last.as_str(), "model" | "best") {
+        if let Some(parent) = canon.parent().and_then(Path::file_name) {
+            return parent.to_string_lossy().into_owned();
+        }
+    }
+    last
+}
+
+/// Loads the model directory and starts the engine.
+pub fn load(opts: &ServeOptions, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
+    let p = Pretrained::load(&opts.model, opts.dtype, &Device::Cpu)
+        .with_context(|| format!("loading the model directory {}", opts.model.display()))?;
+    let source = match &opts.chat_template {
+        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading the chat template {}", f.display()))?,
+        None => match p.tokenizer.chat_template() {
+            Some(t) => t.to_owned(),
+            None => {
+                tracing::warn!("the model has no chat template; chat requests use a plain `role: content` template");
+                chat::PLAIN.to_owned()
+            }
+        },
+    };
+    let template = ChatTemplate::new(&source).context("compiling the chat template")?;
+    if opts.engine.max_num_seqs == 0 || opts.engine.max_batch_tokens < opts.engine.max_num_seqs {
+        anyhow::bail!(
+            "--max-batch-tokens ({}) must be at least --max-num-seqs ({}), which must be positive",
+            opts.engine.max_batch_tokens,
+            opts.engine.max_num_seqs
+        );
+    }
+    let vocab_size = p.model.config().vocab_size();
+    let tokenizer = p.tokenizer.clone();
+    let (engine, _join) = engine::start(p.model, p.tokenizer, opts.engine.clone(), metrics);
+    Ok(Ready { tokenizer, template, engine, vocab_size })
+}
+
+/// The shared state for `opts` (model not loaded yet).
+pub fn state(opts: &ServeOptions, metrics: Arc<Metrics>) -> AppState {
+    let name = opts.served_model_name.clone().unwrap_or_else(|| default_model_name(&opts.model));
+    let mut st = AppState::new(name, metrics);
+    st.api_key = opts.api_key.clone();
+    st.cors_origins = opts.cors_origins.clone();
+    st.request_timeout = opts.request_timeout;
+    st.max_body_bytes = opts.max_body_bytes;
+    st
+}
+
+/// Runs the server until a shutdown signal (or `shutdown` resolves) and in-flight requests are
+/// done or the grace period is over.
+pub async fn run(
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    if !opts.model.is_dir() {
+        anyhow::bail!(
+            "no model directory at {}; train one with `cargo run --release --bin train` or pass --model DIR",
+            opts.model.display()
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(opts.addr).await.with_context(|| format!("binding {}", opts.addr))?;
+    serve_on(listener, opts, shutdown).await
+}
+
+/// [`run`] on a listener bound already (e.g. to port 0 in tests).
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let state = Arc::new(state(&opts, metrics.clone()));
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, model = %state.model_name, "listening; loading the model");
+    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
+    {
+        let (state, opts) = (state.clone(), opts.clone());
+        tokio::task::spawn_blocking(move || match load(&opts, metrics) {
+            Ok(ready) => {
+                let _ = state.ready.set(ready);
+                tracing::info!(model = %state.model_name, "model loaded; ready");
+            }
+            Err(e) => {
+                let _ = fail_tx.blocking_send(e);
+            }
+        });
+    }
+    let (sig_tx, sig_rx) = tokio::sync::watch::channel(false);
+    let stopping = {
+        let state = state.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new requests; waiting for in-flight ones");
+            if let Some(r) = state.ready.get() {
+                r.engine.stop_accepting();
+            }
+            let _ = sig_tx.send(true);
+        }
+    };
+    let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(stopping);
+    let grace = opts.shutdown_timeout;
+    let mut sig_rx2 = sig_rx.clone();
+    tokio::select! {
+        r = server => r.context("serving")?,
+        Some(e) = fail_rx.recv() => return Err(e),
+        () = async move {
+            let _ = sig_rx2.wait_for(|&v| v).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!(seconds = grace.as_secs_f64(), "grace period over; exiting with requests still in flight");
+        }
+    }
+    drop(sig_rx);
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

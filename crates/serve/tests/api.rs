@@ -1,0 +1,428 @@
+//! The HTTP API through `tower::ServiceExt::oneshot`: every endpoint, the streaming format,
+//! error statuses, log-probabilities against a direct forward pass, stop strings, and
+//! seeded outputs that are the same alone and batched.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use lmstack_core::sampling::log_softmax;
+use lmstack_core::{DType, Device, Pretrained, Tensor};
+use lmstack_serve::api::{self, AppState};
+use lmstack_serve::metrics::Metrics;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct Resp {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    text: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// The `data:` payloads of an SSE body.
+    fn events(&self) -> Vec<String> {
+        self.text
+            .split("\n\n")
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_owned))
+            .collect()
+    }
+}
+
+async fn call(app: &Router, method: &str, path: &str, body: Option<String>, headers: &[(&str, &str)]) -> Resp {
+    let mut b = Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(body.map_or_else(Body::empty, Body::from)).unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    Resp { status, headers, text: String::from_utf8(bytes.to_vec()).unwrap() }
+}
+
+async fn post(app: &Router, path: &str, body: Value) -> Resp {
+    call(app, "POST", path, Some(body.to_string()), &[("content-type", "application/json")]).await
+}
+
+fn setup() -> (tempfile::TempDir, lmstack_serve::ServeOptions) {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_model(dir.path());
+    let opts = common::options(dir.path());
+    (dir, opts)
+}
+
+fn assert_error(r: &Resp, status: StatusCode, param: Option<&str>) {
+    assert_eq!(r.status, status, "{}", r.text);
+    let e = &r.json()["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", r.text);
+    assert!(e["type"].is_string(), "{}", r.text);
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{}", r.text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_respond() {
+    let (_d, opts) = setup();
+    let app = common::router(&opts);
+    assert_eq!(call(&app, "GET", "/health", None, &[]).await.status, StatusCode::OK);
+    assert_eq!(call(&app, "GET", "/ready", None, &[]).await.status, StatusCode::OK);
+    let models = call(&app, "GET", "/v1/models", None, &[]).await.json();
+    assert_eq!(models["data"][0]["id"], "tiny");
+    assert_eq!(models["data"][0]["max_model_len"], 128);
+
+    let t = post(&app, "/tokenize", json!({"prompt": "Hello there"})).await.json();
+    assert_eq!(t["count"], 11);
+    let d = post(&app, "/detokenize", json!({"tokens": t["tokens"]})).await.json();
+    assert_eq!(d["prompt"], "Hello there");
+    let chat = post(&app, "/tokenize", json!({"messages": [{"role": "user", "content": "hi"}]})).await.json();
+    // <|im_start|> user \n h i <|im_end|> \n <|im_start|> assistant \n
+    assert_eq!(chat["count"], 1 + 4 + 1 + 2 + 1 + 1 + 1 + 9 + 1);
+
+    let c = post(&app, "/v1/completions", json!({"prompt": "Hello", "max_tokens": 5, "ignore_eos": true})).await;
+    assert_eq!(c.status, StatusCode::OK, "{}", c.text);
+    let c = c.json();
+    assert_eq!(c["object"], "text_completion");
+    assert_eq!(c["choices"][0]["finish_reason"], "length");
+    assert_eq!(c["usage"], json!({"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}));
+
+    let m = call(&app, "GET", "/metrics", None, &[]).await;
+    for name in [
+        "lmstack_requests_total{endpoint=\"/v1/completions\",status=\"200\"} 1",
+        "lmstack_time_to_first_token_seconds_count 1",
+        "lmstack_inter_token_latency_seconds_count 4",
+        "lmstack_generation_tokens_total 5",
+        "lmstack_prompt_tokens_total 5",
+        "lmstack_kv_cache_usage_ratio",
+        "lmstack_queue_length 0",
+        "lmstack_batch_size_bucket",
+        "lmstack_prefill_step_duration_seconds_count",
+        "lmstack_decode_step_duration_seconds_count",
+        "lmstack_e2e_request_latency_seconds_count 1",
+        "lmstack_queue_time_seconds_count 1",
+    ] {
+        assert!(m.text.contains(name), "metrics lack `{name}`:\n{}", m.text);
+    }
+}
+
+#[tokio::test]
+async fn not_ready_until_loaded() {
+    let (_d, opts) = setup();
+    let state = Arc::new(lmstack_serve::server::state(&opts, Arc::new(Metrics::new())));
+    let app = api::router(state);
+    assert_eq!(call(&app, "GET", "/health", None, &[]).await.status, StatusCode::OK);
+    let r = call(&app, "GET", "/ready", None, &[]).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, None);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_error(&post(&app, "/v1/completions", json!({"prompt": "a"})).await, StatusCode::SERVICE_UNAVAILABLE, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_openai_shape_and_name_the_field() {
+    let (_d, mut opts) = setup();
+    opts.max_body_bytes = 2000;
+    let app = common::router(&opts);
+    let raw = |body: &str| call(&app, "POST", "/v1/completions", Some(body.to_owned()), &[]);
+    assert_error(&raw("{\"prompt\": ").await, StatusCode::BAD_REQUEST, Some("body"));
+    assert_error(&raw("").await, StatusCode::BAD_REQUEST, Some("body"));
+    assert_error(&raw("[1]").await, StatusCode::BAD_REQUEST, Some("body"));
+    let bad = |body: Value, param: &'static str| {
+        let app = app.clone();
+        async move { assert_error(&post(&app, "/v1/completions", body).await, StatusCode::BAD_REQUEST, Some(param)) }
+    };
+    bad(json!({"prompt": "a", "temperature": "hot"}), "temperature").await;
+    bad(json!({"prompt": "a", "temperature": -1}), "temperature").await;
+    bad(json!({"prompt": "a", "top_p": 0}), "top_p").await;
+    bad(json!({"prompt": "a", "max_tokens": -3}), "max_tokens").await;
+    bad(json!({"prompt": "a", "n": 0}), "n").await;
+    bad(json!({"prompt": "a", "logprobs": 50}), "logprobs").await;
+    bad(json!({"prompt": "a", "colour": 1}), "colour").await;
+    bad(json!({"prompt": "a", "logit_bias": {"1": 5}}), "logit_bias").await;
+    bad(json!({"prompt": "a", "stop": ""}), "stop").await;
+    bad(json!({"prompt": {"text": "a"}}), "prompt").await;
+    bad(json!({"prompt": [3, 100000]}), "prompt[1]").await;
+    bad(json!({"prompt": ""}), "prompt").await;
+    bad(json!({"max_tokens": 3}), "prompt").await;
+    let long = post(&app, "/v1/completions", json!({"prompt": "a", "max_tokens": 500})).await;
+    assert_error(&long, StatusCode::BAD_REQUEST, Some("max_tokens"));
+    assert_eq!(long.json()["error"]["code"], "context_length_exceeded");
+
+    let chat = |body: Value, param: &'static str| {
+        let app = app.clone();
+        async move { assert_error(&post(&app, "/v1/chat/completions", body).await, StatusCode::BAD_REQUEST, Some(param)) }
+    };
+    chat(json!({"messages": []}), "messages").await;
+    chat(json!({"messages": [{"content": "x"}]}), "messages[0].role").await;
+    chat(json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content").await;
+    chat(json!({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}), "tools").await;
+    chat(json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), "top_logprobs").await;
+
+    let unknown = post(&app, "/v1/completions", json!({"prompt": "a", "model": "gpt-4"})).await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, Some("model"));
+    assert_eq!(unknown.json()["error"]["code"], "model_not_found");
+    assert_error(&call(&app, "GET", "/v2/nothing", None, &[]).await, StatusCode::NOT_FOUND, None);
+    assert_error(&call(&app, "GET", "/v1/completions", None, &[]).await, StatusCode::METHOD_NOT_ALLOWED, None);
+    let big = json!({"prompt": "a".repeat(5000)});
+    assert_error(&post(&app, "/v1/completions", big).await, StatusCode::PAYLOAD_TOO_LARGE, None);
+
+    // Authentication: everything but the open paths needs the key.
+    opts.api_key = Some("sekrit".into());
+    let app = common::router(&opts);
+    let body = json!({"prompt": "a", "max_tokens": 1}).to_string();
+    let r = call(&app, "POST", "/v1/completions", Some(body.clone()), &[]).await;
+    assert_error(&r, StatusCode::UNAUTHORIZED, None);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let wrong = call(&app, "POST", "/v1/completions", Some(body.clone()), &[("authorization", "Bearer nope")]).await;
+    assert_error(&wrong, StatusCode::UNAUTHORIZED, None);
+    let ok = call(&app, "POST", "/v1/completions", Some(body), &[("authorization", "Bearer sekrit")]).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
+    assert_eq!(call(&app, "GET", "/health", None, &[]).await.status, StatusCode::OK);
+    assert_error(&call(&app, "GET", "/v1/models", None, &[]).await, StatusCode::UNAUTHORIZED, None);
+}
+
+/// `echo` + `logprobs` + `max_tokens: 0` (lm-evaluation-harness's loglikelihood request) returns
+/// the prompt's log-probabilities as a full forward computes them, also when the prompt is
+/// prefilled in chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompt_logprobs_match_a_full_forward() {
+    let (d, mut opts) = setup();
+    let text = "To be, or not to be, that is the question: whether 'tis nobler in the mind";
+    let p = Pretrained::load(d.path(), DType::F32, &Device::Cpu).unwrap();
+    let ids = p.tokenizer.encode(text, false).unwrap();
+    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+    let logits = p.model.forward(&input, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+    let expected: Vec<f32> = (1..ids.len()).map(|i| log_softmax(&logits[i - 1])[ids[i] as usize]).collect();
+    for max_batch_tokens in [512, 8] {
+        opts.engine.max_batch_tokens = max_batch_tokens;
+        opts.engine.max_num_seqs = 4;
+        let app = common::router(&opts);
+        let body = json!({"prompt": text, "max_tokens": 0, "echo": true, "logprobs": 1});
+        let r = post(&app, "/v1/completions", body).await.json();
+        let choice = &r["choices"][0];
+        assert_eq!(choice["text"], text);
+        let lps = &choice["logprobs"];
+        assert!(lps["token_logprobs"][0].is_null());
+        let got: Vec<f32> =
+            lps["token_logprobs"].as_array().unwrap()[1..].iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(got.len(), expected.len());
+        for (g, e) in got.iter().zip(&expected) {
+            assert!((g - e).abs() < 1e-4, "chunk {max_batch_tokens}: {g} vs {e}");
+        }
+        assert_eq!(lps["tokens"].as_array().unwrap().len(), ids.len());
+        assert_eq!(lps["text_offset"][3], 3);
+        assert_eq!(r["usage"]["completion_tokens"], 0);
+    }
+}
+
+fn stream_text(r: &Resp) -> (String, Option<String>, Value) {
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", r.text);
+    let mut text = String::new();
+    let mut finish = None;
+    let mut usage = Value::Null;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(u) = v.get("usage") {
+            usage = u.clone();
+        }
+        for c in v["choices"].as_array().unwrap() {
+            text.push_str(c["text"].as_str().or(c["delta"]["content"].as_str()).unwrap_or(""));
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = Some(f.to_owned());
+            }
+        }
+    }
+    (text, finish, usage)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_matches_the_whole_response() {
+    let (_d, opts) = setup();
+    let app = common::router(&opts);
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let mut body = json!({"max_tokens": 24, "temperature": 0.9, "seed": 11, "ignore_eos": true});
+        if path == "/v1/completions" {
+            body["prompt"] = json!("Once upon a time");
+        } else {
+            body["messages"] = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]);
+        }
+        let whole = post(&app, path, body.clone()).await.json();
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let r = post(&app, path, body).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let (text, finish, usage) = stream_text(&r);
+        let choice = &whole["choices"][0];
+        assert_eq!(text, choice["text"].as_str().or(choice["message"]["content"].as_str()).unwrap(), "{path}");
+        assert_eq!(finish.as_deref(), Some("length"));
+        assert_eq!(usage, whole["usage"]);
+        let first: Value = serde_json::from_str(&r.events()[0]).unwrap();
+        if path == "/v1/chat/completions" {
+            assert_eq!(first["object"], "chat.completion.chunk");
+            assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+        } else {
+            assert_eq!(first["object"], "text_completion");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_and_tokens_end_generation() {
+    let (_d, opts) = setup();
+    let app = common::router(&opts);
+    let base = json!({"prompt": "The quick brown fox", "max_tokens": 40, "temperature": 0, "ignore_eos": true});
+    let full = post(&app, "/v1/completions", base.clone()).await.json();
+    let full_text = full["choices"][0]["text"].as_str().unwrap().to_owned();
+    assert_eq!(full_text.chars().count(), 40);
+    let stop: String = full_text.chars().skip(12).take(3).collect();
+    let cut = full_text.find(&stop).unwrap();
+    for stream in [false, true] {
+        let mut body = base.clone();
+        body["stop"] = json!(["@@never@@", stop]);
+        body["stream"] = json!(stream);
+        let r = post(&app, "/v1/completions", body).await;
+        let (text, finish) = if stream {
+            let (t, f, _) = stream_text(&r);
+            (t, f.unwrap())
+        } else {
+            let v = r.json();
+            (
+                v["choices"][0]["text"].as_str().unwrap().to_owned(),
+                v["choices"][0]["finish_reason"].as_str().unwrap().to_owned(),
+            )
+        };
+        assert_eq!(text, full_text[..cut], "stream={stream}");
+        assert_eq!(finish, "stop");
+    }
+    // A stop token id: the token that would have come next.
+    let ids = post(&app, "/tokenize", json!({"prompt": full_text, "add_special_tokens": false})).await.json();
+    let fifth = ids["tokens"][5].as_u64().unwrap();
+    let mut body = base.clone();
+    body["stop_token_ids"] = json!([fifth]);
+    let v = post(&app, "/v1/completions", body).await.json();
+    let pos = ids["tokens"].as_array().unwrap().iter().position(|t| t.as_u64() == Some(fifth)).unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), full_text.chars().take(pos).collect::<String>());
+    assert_eq!(v["usage"]["completion_tokens"], pos + 1);
+}
+
+/// Requests with different sampling parameters give the same output whether each runs alone
+/// or all run batched together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_outputs_are_the_same_alone_and_batched() {
+    let (_d, mut opts) = setup();
+    opts.engine.max_batch_tokens = 32; // long prompts are prefilled in chunks beside decodes
+    let state = common::loaded_state(&opts);
+    let app = api::router(state.clone());
+    let bodies: Vec<Value> = (0..8)
+        .map(|i| {
+            let (top_k, top_p, min_p) = ([0, 5, 20][i % 3], [1.0, 0.9, 0.7][i % 3], [0.0, 0.05][i % 2]);
+            let (presence, repetition) = ([0.0, 0.5][i % 2], [1.0, 1.2][i % 2]);
+            json!({
+                "prompt": format!("{} request number {i}", "A fairly long prompt. ".repeat(i % 3 + 1)),
+                "max_tokens": 20 + i * 3,
+                "temperature": 0.5 + 0.1 * i as f64,
+                "top_k": top_k,
+                "top_p": top_p,
+                "min_p": min_p,
+                "presence_penalty": presence,
+                "repetition_penalty": repetition,
+                "seed": 100 + i,
+                "logprobs": 2,
+                "ignore_eos": true,
+            })
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for b in &bodies {
+        alone.push(post(&app, "/v1/completions", b.clone()).await.json()["choices"][0].clone());
+    }
+    let batched = futures_util::future::join_all(bodies.iter().map(|b| post(&app, "/v1/completions", b.clone()))).await;
+    for (a, b) in alone.iter().zip(&batched) {
+        let b = &b.json()["choices"][0];
+        assert_eq!(a["text"], b["text"]);
+        assert_eq!(a["logprobs"]["tokens"], b["logprobs"]["tokens"]);
+    }
+    let m = state.metrics.batch_size.get_sample_sum() / state.metrics.batch_size.get_sample_count() as f64;
+    assert!(m > 1.5, "requests were not batched (mean batch size {m})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_beyond_the_queue_is_refused_with_429() {
+    let (_d, mut opts) = setup();
+    opts.engine.max_num_seqs = 1;
+    opts.engine.max_batch_tokens = 1;
+    opts.engine.max_queued = 2;
+    let app = common::router(&opts);
+    let body = json!({"prompt": "Some prompt text", "max_tokens": 100, "ignore_eos": true});
+    let all = futures_util::future::join_all((0..8).map(|_| post(&app, "/v1/completions", body.clone()))).await;
+    let ok = all.iter().filter(|r| r.status == StatusCode::OK).count();
+    let refused: Vec<&Resp> = all.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert!(ok >= 1 && ok <= 3, "ok = {ok}");
+    assert_eq!(ok + refused.len(), 8);
+    for r in refused {
+        assert_error(r, StatusCode::TOO_MANY_REQUESTS, None);
+        assert_eq!(r.headers["retry-after"], "1");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_gets_504() {
+    let (_d, mut opts) = setup();
+    opts.request_timeout = Some(std::time::Duration::from_millis(30));
+    let app = common::router(&opts);
+    let body = json!({"prompt": "x", "max_tokens": 120, "ignore_eos": true});
+    let mut long = body.clone();
+    long["prompt"] = json!("y");
+    let state_free = post(&app, "/v1/completions", body).await;
+    // 120 tokens of a tiny model may finish inside 30 ms on a fast machine; either way the
+    // response is a completion or a 504 in OpenAI's shape.
+    if state_free.status != StatusCode::OK {
+        assert_error(&state_free, StatusCode::GATEWAY_TIMEOUT, None);
+    }
+    opts.request_timeout = Some(std::time::Duration::from_nanos(1));
+    let app = common::router(&opts);
+    assert_error(&post(&app, "/v1/completions", long).await, StatusCode::GATEWAY_TIMEOUT, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_and_choices() {
+    let (_d, opts) = setup();
+    let app: Router = common::router(&opts);
+    let r = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 6,
+               "n": 3, "seed": 5, "logprobs": true, "top_logprobs": 2, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+    let c = &v["choices"][0];
+    assert_eq!(c["message"]["role"], "assistant");
+    assert_eq!(c["logprobs"]["content"].as_array().unwrap().len(), 6);
+    assert_eq!(c["logprobs"]["content"][0]["top_logprobs"].as_array().unwrap().len(), 2);
+    // Prompt: <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n = 1+4+1+2+1+1+1+9+1.
+    assert_eq!(v["usage"]["prompt_tokens"], 21);
+    assert_eq!(v["usage"]["completion_tokens"], 18);
+    // Several prompts × n choices, indexed prompt-major.
+    let r = post(&app, "/v1/completions", json!({"prompt": ["ab", "cd"], "n": 2, "max_tokens": 2, "ignore_eos": true}))
+        .await;
+    let v = r.json();
+    let idx: Vec<u64> = v["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    assert_eq!(idx, [0, 1, 2, 3]);
+    assert_eq!(v["usage"]["prompt_tokens"], 8);
+    let _: &AppState; // type used by the helpers
+}

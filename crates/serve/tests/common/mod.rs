@@ -1,0 +1,65 @@
+//! A tiny random-weight GPT-2 with a character tokenizer, an end-of-sequence token and a ChatML
+//! template, and helpers to serve it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lmstack_core::chat::{CHATML, CHATML_TOKENS};
+use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, SpecialTokens, Tokenizer};
+use lmstack_serve::api::{self, AppState};
+use lmstack_serve::metrics::Metrics;
+use lmstack_serve::{server, EngineConfig, ServeOptions};
+
+pub const CHARS: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'-\n";
+
+/// Writes the model directory (context 128) into `dir`.
+pub fn write_model(dir: &Path) {
+    let mut tok = Tokenizer::from_chars(CHARS.chars()).unwrap();
+    tok.add_special_tokens(&["<|endoftext|>"]);
+    tok.add_special_tokens(&CHATML_TOKENS);
+    tok.set_special_tokens(SpecialTokens {
+        eos: Some("<|endoftext|>".into()),
+        bos: Some("<|endoftext|>".into()),
+        unk: Some("<unk>".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    tok.set_chat_template(Some(CHATML.into()));
+    let cfg = format!(
+        r#"{{"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 128, "vocab_size": {}}}"#,
+        tok.vocab_size()
+    );
+    let model = Model::init(ModelConfig::from_json(&cfg, "test").unwrap(), 7, DType::F32, &Device::Cpu).unwrap();
+    Pretrained { model, tokenizer: tok, dir: None }.save(dir).unwrap();
+}
+
+pub fn options(dir: &Path) -> ServeOptions {
+    ServeOptions {
+        model: dir.to_owned(),
+        served_model_name: Some("tiny".into()),
+        chat_template: None,
+        dtype: DType::F32,
+        addr: "127.0.0.1:0".parse().unwrap(),
+        engine: EngineConfig::default(),
+        api_key: None,
+        cors_origins: Vec::new(),
+        request_timeout: None,
+        max_body_bytes: 1 << 20,
+        shutdown_timeout: Duration::from_secs(10),
+    }
+}
+
+/// A loaded state (engine running) for `tower::ServiceExt::oneshot` tests.
+pub fn loaded_state(opts: &ServeOptions) -> Arc<AppState> {
+    let metrics = Arc::new(Metrics::new());
+    let state = server::state(opts, metrics.clone());
+    let ready = server::load(opts, metrics).unwrap();
+    assert!(state.ready.set(ready).is_ok());
+    Arc::new(state)
+}
+
+pub fn router(opts: &ServeOptions) -> axum::Router {
+    api::router(loaded_state(opts))
+}

@@ -5,6 +5,11 @@
 //! model's context length) and written in place, so appending is amortised O(new tokens).
 //! One cache belongs to one sequence, which is what lets a server batch unrelated requests,
 //! each at its own position.
+//!
+//! On CPU in f32 the cache lives in plain host vectors instead (token-major:
+//! `[len, kv_heads, head_dim]`), read directly by [`packed_attention`]: a step over many
+//! sequences then costs two tensor copies per layer instead of a dozen tensor ops per sequence,
+//! which is what makes batching many small decode streams pay off.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -24,6 +29,9 @@ struct LayerKv {
 #[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
+    /// Host storage per layer (keys, values), used instead of `layers` when `host`.
+    host_kv: Vec<(Vec<f32>, Vec<f32>)>,
+    host: bool,
     kv_heads: usize,
     head_dim: usize,
     max_len: usize,
@@ -42,12 +50,34 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Self {
-        Self { layers: vec![None; num_layers], kv_heads, head_dim, max_len, dtype, device: device.clone() }
+        let host = dtype == DType::F32 && crate::ops::supported_for(dtype, device);
+        Self {
+            layers: vec![None; if host { 0 } else { num_layers }],
+            host_kv: vec![(Vec::new(), Vec::new()); if host { num_layers } else { 0 }],
+            host,
+            kv_heads,
+            head_dim,
+            max_len,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Whether the cache lives in host vectors (CPU, f32) for [`packed_attention`].
+    pub fn is_host(&self) -> bool {
+        self.host
     }
 
     /// Number of tokens cached (the position the next token takes).
     pub fn len(&self) -> usize {
+        if self.host {
+            return self.host_kv.first().map_or(0, |l| l.0.len() / (self.kv_heads * self.head_dim));
+        }
         self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.len)
+    }
+
+    fn host_layer_len(&self, layer: usize) -> usize {
+        self.host_kv.get(layer).map_or(0, |l| l.0.len() / (self.kv_heads * self.head_dim))
     }
 
     /// Whether nothing is cached yet.
@@ -62,16 +92,24 @@ impl KvCache {
 
     /// Bytes of key/value storage currently allocated.
     pub fn allocated_bytes(&self) -> usize {
+        if self.host {
+            return self.host_kv.iter().map(|(k, v)| (k.capacity() + v.capacity()) * 4).sum();
+        }
         self.layers.iter().flatten().map(|l| 2 * l.k.elem_count() * self.dtype.size_in_bytes()).sum()
     }
 
     /// Bytes one cached token takes across all layers (keys and values).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.layers.len() * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        2 * self.layers.len().max(self.host_kv.len()) * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
     }
 
     /// Forgets everything past the first `len` tokens (e.g. to reuse a shared prefix).
     pub fn truncate(&mut self, len: usize) {
+        let row = self.kv_heads * self.head_dim;
+        for (k, v) in &mut self.host_kv {
+            k.truncate(len * row);
+            v.truncate(len * row);
+        }
         for l in self.layers.iter_mut().flatten() {
             l.len = l.len.min(len);
         }
@@ -86,6 +124,8 @@ impl KvCache {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             layers,
+            host_kv: self.host_kv.clone(),
+            host: self.host,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             max_len: self.max_len,
@@ -105,6 +145,18 @@ impl KvCache {
     /// `k`, `v`: `[kv_heads, n, head_dim]` → `([kv_heads, len, head_dim], [kv_heads, len, head_dim])`.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = k.dim(1)?;
+        if self.host {
+            // [kvh, n, d] → token-major rows.
+            let kr = k.transpose(0, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let vr = v.transpose(0, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            self.host_append(layer, &kr, &vr)?;
+            let (kh, vh) = self.host_kv(layer);
+            let l = kh.len() / (self.kv_heads * self.head_dim);
+            let shape = (l, self.kv_heads, self.head_dim);
+            let kt = Tensor::from_slice(kh, shape, &self.device)?.transpose(0, 1)?;
+            let vt = Tensor::from_slice(vh, shape, &self.device)?.transpose(0, 1)?;
+            return Ok((kt, vt));
+        }
         let (kvh, hd, max_len, dtype) = (self.kv_heads, self.head_dim, self.max_len, self.dtype);
         let device = self.device.clone();
         let slot = self
@@ -134,4 +186,170 @@ impl KvCache {
         l.len = len + n;
         Ok((l.k.narrow(1, 0, l.len)?, l.v.narrow(1, 0, l.len)?))
     }
+
+    /// Appends token-major keys and values (`[n, kv_heads, head_dim]`, flattened) to a host
+    /// cache.
+    pub fn host_append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let row = self.kv_heads * self.head_dim;
+        if !self.host || k.len() != v.len() || k.len() % row != 0 {
+            return Err(Error::invalid("kv", "host append needs a host cache and whole [n, kv_heads, head_dim] rows"));
+        }
+        let len = self.host_layer_len(layer);
+        if len + k.len() / row > self.max_len {
+            return Err(Error::ContextOverflow { len: len + k.len() / row, max: self.max_len });
+        }
+        let (kc, vc) = self
+            .host_kv
+            .get_mut(layer)
+            .ok_or_else(|| Error::invalid("layer", format!("layer {layer} is outside the cache")))?;
+        if kc.capacity() == 0 {
+            // Room for the prompt and some output without regrowing.
+            let cap = (len + k.len() / row).next_power_of_two().max(16).min(self.max_len) * row;
+            kc.reserve_exact(cap);
+            vc.reserve_exact(cap);
+        }
+        kc.extend_from_slice(k);
+        vc.extend_from_slice(v);
+        Ok(())
+    }
+
+    /// A host cache's keys and values for `layer` (token-major).
+    pub fn host_kv(&self, layer: usize) -> (&[f32], &[f32]) {
+        self.host_kv.get(layer).map_or((&[], &[]), |(k, v)| (k.as_slice(), v.as_slice()))
+    }
+}
+
+/// Causal attention of the new tokens of several sequences over their host caches, on CPU in
+/// f32: appends each sequence's new keys and values to its cache, then computes each
+/// (sequence, head) with two matrix products over the cache in place, in parallel.
+///
+/// # Shapes
+/// `q`: `[N, heads, d]`, `k`/`v`: `[N, kv_heads, d]` flattened, where the `N` packed tokens are
+/// split among sequences by `spans` (`(start, n)`) → `[N, heads · d]` flattened.
+#[allow(clippy::too_many_arguments)]
+pub fn packed_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (heads, kv_heads, d): (usize, usize, usize),
+    spans: &[(usize, usize)],
+    caches: &mut [&mut KvCache],
+    layer: usize,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    use crate::gemm::{matmul, View};
+    use rayon::prelude::*;
+    let row = kv_heads * d;
+    for (&(start, n), c) in spans.iter().zip(caches.iter_mut()) {
+        c.host_append(layer, &k[start * row..(start + n) * row], &v[start * row..(start + n) * row])?;
+    }
+    let n_rep = heads / kv_heads;
+    let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
+    let work: Vec<(usize, usize)> = (0..spans.len()).flat_map(|i| (0..heads).map(move |h| (i, h))).collect();
+    // Multiply-adds of the whole step; waking the thread pool costs more than small steps take.
+    let macs: usize = spans.iter().zip(&caches).map(|(s, c)| 2 * s.1 * c.len() * d * heads).sum();
+    let one = |&(i, h): &(usize, usize)| {
+        let (start, n) = spans[i];
+        let (kc, vc) = caches[i].host_kv(layer);
+        let l = kc.len() / row;
+        let p0 = l - n;
+        let g = h / n_rep;
+        let mut scores = vec![0f32; n * l];
+        let qoff = |t: usize| (start + t) * heads * d + h * d;
+        if n <= 4 {
+            // Decode: a few dot products per cached token; a gemm call would cost more.
+            for t in 0..n {
+                let qr = &q[qoff(t)..qoff(t) + d];
+                for (j, s) in scores[t * l..t * l + p0 + t + 1].iter_mut().enumerate() {
+                    let kr = &kc[j * row + g * d..j * row + g * d + d];
+                    *s = dot(qr, kr) * scale;
+                }
+            }
+        } else {
+            // scores[n×l] = Q_h[n×d] · K_gᵀ[d×l]
+            matmul(
+                n,
+                l,
+                d,
+                q,
+                View { off: qoff(0), rs: heads * d, cs: 1 },
+                kc,
+                View { off: g * d, rs: 1, cs: row },
+                &mut scores,
+                View::rows(0, l),
+                false,
+                scale,
+            );
+        }
+        for (t, s) in scores.chunks_mut(l).enumerate() {
+            let valid = p0 + t + 1;
+            let max = s[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in &mut s[..valid] {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            for x in &mut s[..valid] {
+                *x *= inv;
+            }
+            for x in &mut s[valid..] {
+                *x = 0.0;
+            }
+        }
+        let mut out = vec![0f32; n * d];
+        if n <= 4 {
+            for t in 0..n {
+                let o = &mut out[t * d..(t + 1) * d];
+                for (j, &p) in scores[t * l..t * l + p0 + t + 1].iter().enumerate() {
+                    let vr = &vc[j * row + g * d..j * row + g * d + d];
+                    o.iter_mut().zip(vr).for_each(|(a, b)| *a += p * b);
+                }
+            }
+        } else {
+            // out[n×d] = P[n×l] · V_g[l×d]
+            matmul(
+                n,
+                d,
+                l,
+                &scores,
+                View::rows(0, l),
+                vc,
+                View { off: g * d, rs: row, cs: 1 },
+                &mut out,
+                View::rows(0, d),
+                false,
+                1.0,
+            );
+        }
+        out
+    };
+    let parts: Vec<Vec<f32>> = if macs > 1 << 20 && rayon::current_thread_index().is_none() {
+        work.par_iter().map(one).collect()
+    } else {
+        work.iter().map(one).collect()
+    };
+    let total: usize = spans.iter().map(|s| s.1).sum();
+    let mut out = vec![0f32; total * heads * d];
+    for (&(i, h), part) in work.iter().zip(parts) {
+        let (start, n) = spans[i];
+        for t in 0..n {
+            let o = (start + t) * heads * d + h * d;
+            out[o..o + d].copy_from_slice(&part[t * d..(t + 1) * d]);
+        }
+    }
+    Ok(out)
+}
+
+/// Dot product with eight independent accumulators, so it vectorises.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }

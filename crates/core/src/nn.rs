@@ -421,6 +421,21 @@ pub fn attention(
             let out = probs.matmul(&v)?;
             Ok(out.transpose(1, 2)?.reshape((b, t, h * d))?)
         }
+        AttnCtx::Packed { spans, caches } if b == 1 && caches.iter().all(|c| c.is_host()) => {
+            let flat =
+                |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+            let out = crate::kv_cache::packed_attention(
+                &flat(q)?,
+                &flat(k)?,
+                &flat(v)?,
+                (h, kvh, d),
+                spans,
+                caches,
+                layer,
+                scale as f32,
+            )?;
+            Ok(Tensor::from_vec(out, (1, t, h * d), q.device())?.to_dtype(q.dtype())?)
+        }
         AttnCtx::Packed { spans, caches } => {
             let mut outs = Vec::with_capacity(spans.len());
             for (i, &(start, n)) in spans.iter().enumerate() {

@@ -464,7 +464,7 @@ impl Engine {
             Err(e) => {
                 tracing::error!(error = %e, "forward step failed");
                 let mut failed: Vec<usize> = idx;
-                failed.sort_unstable_by(|a, b| b.cmp(a));
+                failed.sort_unstable_by_key(|&i| std::cmp::Reverse(i));
                 for i in failed {
                     let s = self.remove(i);
                     let _ = s.tx.send(Event::Failed {
@@ -483,7 +483,7 @@ impl Engine {
                 Outcome::Finished(reason) => finished.push((i, reason)),
             }
         }
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
             let mut s = self.remove(i);
             self.finish(&mut s, reason);

@@ -145,6 +145,14 @@ pub async fn serve_on(
             let _ = sig_tx.send(true);
         }
     };
+    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
+    // back until the client's delayed ACK (~40 ms), which batches the stream into bursts.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(stopping);
     let grace = opts.shutdown_timeout;
     let mut sig_rx2 = sig_rx.clone();

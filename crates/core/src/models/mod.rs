@@ -272,7 +272,48 @@ impl Model {
     /// own KV cache at its own position (prefill and decode steps may be mixed). Returns, per
     /// sequence, f32 logits `[n_new, vocab]` when `all_logits`, else `[1, vocab]` for the last
     /// new token.
+    ///
+    /// On CPU, a step of several sequences is split into two halves of about equal token
+    /// counts that run on two threads: per-operation parallelism costs a thread hand-off per
+    /// matrix product, which small decode batches cannot amortise, while two independent
+    /// halves synchronise once per step.
     pub fn forward_cached(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        // Check every sequence first, so a bad one fails the step before any cache advances.
+        for s in steps.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::invalid("tokens", "each sequence needs at least one new token"));
+            }
+            self.check_ids(s.tokens)?;
+            if s.cache.len() + s.tokens.len() > self.max_len() {
+                return Err(Error::ContextOverflow { len: s.cache.len() + s.tokens.len(), max: self.max_len() });
+            }
+        }
+        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        if steps.len() >= 2
+            && total >= 4
+            && self.device.is_cpu()
+            && rayon::current_num_threads() >= 2
+            && rayon::current_thread_index().is_none()
+        {
+            let mut acc = 0;
+            let cut = steps
+                .iter()
+                .position(|s| {
+                    acc += s.tokens.len();
+                    2 * acc >= total
+                })
+                .map_or(steps.len() / 2, |i| i + 1)
+                .clamp(1, steps.len() - 1);
+            let (a, b) = steps.split_at_mut(cut);
+            let (ra, rb) = rayon::join(|| self.forward_cached_one(a), || self.forward_cached_one(b));
+            let mut out = ra?;
+            out.extend(rb?);
+            return Ok(out);
+        }
+        self.forward_cached_one(steps)
+    }
+
+    fn forward_cached_one(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
         if !self.config.is_causal() {
             return Err(Error::invalid("model", "cached decoding needs a causal (gpt2 or llama) model"));
         }

@@ -1,0 +1,36 @@
+//! Times one cached forward step for 1 and many sequences (decode), for tuning.
+use std::time::Instant;
+
+use lmstack_core::{DType, Device, Model, ModelConfig, SeqStep};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (layers, heads, width, ctx, vocab) =
+        if args.get(1).map(String::as_str) == Some("gpt2") { (12, 12, 768, 1024, 50257) } else { (4, 4, 128, 64, 65) };
+    let cfg = serde_json::json!({"model_type": "gpt2", "n_layer": layers, "n_head": heads, "n_embd": width,
+                                 "n_positions": ctx, "vocab_size": vocab});
+    let m = Model::init(ModelConfig::from_value(cfg, "bench").unwrap(), 1, DType::F32, &Device::Cpu).unwrap();
+    let only: Option<usize> = std::env::var("B").ok().and_then(|v| v.parse().ok());
+    for b in [1usize, 4, 16, 32].into_iter().filter(|b| only.is_none_or(|o| o == *b)) {
+        let mut caches: Vec<_> = (0..b).map(|_| m.new_cache()).collect();
+        let prompt: Vec<u32> = (0..30).map(|i| (i * 7 % vocab) as u32).collect();
+        for c in caches.iter_mut() {
+            m.forward_cached(&mut [SeqStep { tokens: &prompt, cache: c, all_logits: false }]).unwrap();
+        }
+        let steps = if only.is_some() { 2000 } else { 20 };
+        let t0 = Instant::now();
+        for s in 0..steps {
+            let toks: Vec<[u32; 1]> = (0..b).map(|i| [((s + i) % vocab) as u32]).collect();
+            let mut st: Vec<SeqStep<'_>> =
+                caches.iter_mut().zip(&toks).map(|(c, t)| SeqStep { tokens: t, cache: c, all_logits: false }).collect();
+            m.forward_cached(&mut st).unwrap();
+            if s % 30 == 29 {
+                for c in caches.iter_mut() {
+                    c.truncate(30);
+                }
+            }
+        }
+        let dt = t0.elapsed().as_secs_f64() / steps as f64;
+        println!("batch {b:>2}: {:.3} ms/step, {:.0} tokens/s", dt * 1e3, b as f64 / dt);
+    }
+}

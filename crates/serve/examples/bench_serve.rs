@@ -1,0 +1,407 @@
+//! Load generator for `serve` (run through `cargo xtask bench serve`).
+//!
+//! Starts the release `serve` binary on a model, then drives it with N concurrent streaming
+//! clients sending a seeded mix of prompt and output lengths, and reports generated tokens/s,
+//! time to first token and inter-token latency (p50/p99) per concurrency level; optionally a
+//! single-stream decode run on a GPT-2 124M-shaped model (random weights) and a memory soak of
+//! thousands of requests that samples the server's resident memory.
+//!
+//! ```text
+//! cargo run --release -p lmstack-serve --example bench_serve -- \
+//!     [--model DIR] [--concurrency 1,16] [--seconds 15] [--gpt2] [--soak 3000]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, Tokenizer};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+struct Args {
+    model: Option<PathBuf>,
+    concurrency: Vec<usize>,
+    seconds: f64,
+    gpt2: bool,
+    soak: usize,
+    serve: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut a = Args {
+        model: None,
+        concurrency: vec![1, 16],
+        seconds: 15.0,
+        gpt2: false,
+        soak: 0,
+        serve: root.join("target/release/serve"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut val = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => a.model = Some(val()?.into()),
+            "--concurrency" => {
+                a.concurrency = val()?
+                    .split(',')
+                    .map(|s| s.trim().parse().map_err(|_| format!("--concurrency: `{s}` is not a number")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--seconds" => a.seconds = val()?.parse().map_err(|_| "--seconds: not a number")?,
+            "--soak" => a.soak = val()?.parse().map_err(|_| "--soak: not a number")?,
+            "--serve" => a.serve = val()?.into(),
+            "--gpt2" => a.gpt2 = true,
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(a)
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+/// A random-weight model directory of the given GPT-2 shape, with a character tokenizer over
+/// the Shakespeare text (written once, reused).
+fn random_model(name: &str, n_layer: usize, n_head: usize, n_embd: usize, ctx: usize, vocab: Option<usize>) -> PathBuf {
+    let dir = root().join("target/bench-models").join(name);
+    if dir.join("model.safetensors").is_file() {
+        return dir;
+    }
+    let text = std::fs::read_to_string(root().join("data/tinyshakespeare.txt")).expect("data/tinyshakespeare.txt");
+    let tok = Tokenizer::from_chars(text.chars()).expect("char tokenizer");
+    let cfg = json!({"model_type": "gpt2", "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
+                     "n_positions": ctx, "vocab_size": vocab.unwrap_or(tok.vocab_size())});
+    let model = Model::init(ModelConfig::from_value(cfg, name).expect("config"), 1, DType::F32, &Device::Cpu)
+        .expect("init model");
+    eprintln!("writing a random-weight {name} ({} parameters) to {}", model.num_parameters(), dir.display());
+    Pretrained { model, tokenizer: tok, dir: None }.save(&dir).expect("save model");
+    dir
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_server(serve: &Path, model: &Path, extra: &[&str]) -> Result<Server, String> {
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let child = Command::new(serve)
+        .args(["--model", &model.display().to_string(), "--port", &port.to_string(), "--max-queued", "10000"])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| {
+            format!("starting {}: {e} (build it with `cargo build --release -p lmstack-serve`)", serve.display())
+        })?;
+    let server = Server { child, url: format!("http://127.0.0.1:{port}") };
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{}/ready", server.url)).send().await {
+            if r.status().is_success() {
+                return Ok(server);
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            return Err("the server did not become ready within 120 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    tokens: usize,
+    requests: usize,
+    ttft: Vec<f64>,
+    itl: Vec<f64>,
+}
+
+/// One streaming request; returns (generated tokens, TTFT, inter-token gaps).
+async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Result<(usize, f64, Vec<f64>), String> {
+    let t0 = Instant::now();
+    let resp = client.post(format!("{url}/v1/completions")).json(body).send().await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}: {}", resp.status(), resp.text().await.unwrap_or_default()));
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut times = Vec::new();
+    let mut tokens = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
+            }
+            // Each chunk carrying text is a token (a character-level model's tokens are single
+            // characters; with `logprobs` every token gets a chunk).
+            let c = &v["choices"][0];
+            if c["text"].as_str().is_some_and(|t| !t.is_empty())
+                || c["logprobs"]["tokens"].as_array().is_some_and(|t| !t.is_empty())
+            {
+                times.push(now);
+            }
+        }
+    }
+    let Some(&first) = times.first() else { return Err("no tokens streamed".into()) };
+    let gaps = times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
+    Ok((tokens, (first - t0).as_secs_f64(), gaps))
+}
+
+fn request_body(rng: &mut impl Rng, text: &str, ctx: usize) -> Value {
+    // Prompts of 8..=24 characters, outputs of 16..=ctx-24 tokens (at most 96).
+    let plen = rng.random_range(8..=24usize);
+    let start = rng.random_range(0..text.len() - 64);
+    let start = (start..).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let prompt: String = text[start..].chars().take(plen).collect();
+    let max_out = (ctx - 24).clamp(16, 96);
+    let max_tokens = rng.random_range(16..=max_out);
+    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "ignore_eos": true, "stream": true,
+           "stream_options": {"include_usage": true}, "seed": rng.random::<u32>()})
+}
+
+/// `clients` concurrent clients sending back-to-back requests for `seconds`.
+async fn load(
+    url: &str,
+    clients: usize,
+    seconds: f64,
+    text: Arc<String>,
+    ctx: usize,
+    max_requests: Option<usize>,
+) -> (Stats, f64) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (client, url, text, counter) = (client.clone(), url.to_owned(), text.clone(), counter.clone());
+            tokio::spawn(async move {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
+                let mut s = Stats::default();
+                loop {
+                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let done = match max_requests {
+                        Some(m) => n >= m,
+                        None => Instant::now() >= deadline,
+                    };
+                    if done {
+                        break;
+                    }
+                    let body = request_body(&mut rng, &text, ctx);
+                    match one_request(&client, &url, &body).await {
+                        Ok((tokens, ttft, gaps)) => {
+                            s.tokens += tokens;
+                            s.requests += 1;
+                            s.ttft.push(ttft);
+                            s.itl.extend(gaps);
+                        }
+                        Err(e) => panic!("request failed: {e}"),
+                    }
+                }
+                s
+            })
+        })
+        .collect();
+    let mut all = Stats::default();
+    for t in tasks {
+        let s = t.await.expect("client task");
+        all.tokens += s.tokens;
+        all.requests += s.requests;
+        all.ttft.extend(s.ttft);
+        all.itl.extend(s.itl);
+    }
+    (all, t0.elapsed().as_secs_f64())
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+async fn metric_mean(url: &str, name: &str) -> f64 {
+    let text = match reqwest::get(format!("{url}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let get = |suffix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{suffix} ")).and_then(|v| v.parse::<f64>().ok()))
+            .unwrap_or(f64::NAN)
+    };
+    get("_sum") / get("_count")
+}
+
+/// Sums and counts of the batch-size, batch-token and step-duration histograms.
+async fn server_stats(url: &str) -> [f64; 7] {
+    let text = match reqwest::get(format!("{url}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let get = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.parse::<f64>().ok()))
+            .unwrap_or(0.0)
+    };
+    [
+        get("lmstack_batch_size_sum"),
+        get("lmstack_batch_size_count"),
+        get("lmstack_batch_tokens_sum"),
+        get("lmstack_decode_step_duration_seconds_sum"),
+        get("lmstack_decode_step_duration_seconds_count"),
+        get("lmstack_prefill_step_duration_seconds_sum"),
+        get("lmstack_prefill_step_duration_seconds_count"),
+    ]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let text =
+        Arc::new(std::fs::read_to_string(root().join("data/tinyshakespeare.txt")).expect("data/tinyshakespeare.txt"));
+    let default = root().join("runs/shakespeare-char/model");
+    let (model, what) = match &args.model {
+        Some(m) => (m.clone(), m.display().to_string()),
+        None if default.is_dir() => (default.clone(), "the default model (runs/shakespeare-char/model)".into()),
+        None => (
+            random_model("shakespeare-char-shape", 4, 4, 128, 64, None),
+            "a random-weight model of the default shape (train the default model for the real one)".into(),
+        ),
+    };
+    let ctx = ModelConfig::from_file(&model.join("config.json")).expect("config.json").max_position_embeddings();
+    println!(
+        "\n== bench serve: {what}, context {ctx}; streaming clients, prompts 8-24 chars, outputs 16-{} tokens",
+        (ctx - 24).clamp(16, 96)
+    );
+    let server = start_server(&args.serve, &model, &[]).await.unwrap_or_else(|e| panic!("{e}"));
+    // Warm-up.
+    let _ = load(&server.url, 2, 1.0, text.clone(), ctx, None).await;
+    let mut single = None;
+    println!(
+        "{:>11} {:>9} {:>12} {:>11} {:>11} {:>11} {:>11}",
+        "concurrency", "requests", "tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"
+    );
+    for &c in &args.concurrency {
+        let before = server_stats(&server.url).await;
+        let (mut s, wall) = load(&server.url, c, args.seconds, text.clone(), ctx, None).await;
+        let after = server_stats(&server.url).await;
+        let tps = s.tokens as f64 / wall;
+        if c == 1 {
+            single = Some(tps);
+        }
+        println!(
+            "{c:>11} {:>9} {tps:>12.0} {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>9.1}ms",
+            s.requests,
+            pct(&mut s.ttft, 0.5) * 1e3,
+            pct(&mut s.ttft, 0.99) * 1e3,
+            pct(&mut s.itl, 0.5) * 1e3,
+            pct(&mut s.itl, 0.99) * 1e3
+        );
+        let d = |i: usize| after[i] - before[i];
+        println!(
+            "{:>11} server: {:.1} sequences and {:.1} tokens per step, {:.2} ms per step",
+            "",
+            d(0) / d(1),
+            d(2) / d(1),
+            (d(3) + d(5)) / (d(4) + d(6)) * 1e3
+        );
+        if let (Some(one), true) = (single, c > 1) {
+            println!("{:>11} aggregate / single-stream = {:.1}x   (target at 16 streams: >= 4x)", "", tps / one);
+        }
+    }
+    println!(
+        "server: mean batch size {:.1}, mean decode step {:.2} ms",
+        metric_mean(&server.url, "lmstack_batch_size").await,
+        metric_mean(&server.url, "lmstack_decode_step_duration_seconds").await * 1e3
+    );
+    if args.soak > 0 {
+        let pid = server.child.id();
+        println!("\n== memory soak: {} requests at 16 concurrent streams", args.soak);
+        let chunk = (args.soak / 6).max(1);
+        let mut done = 0;
+        while done < args.soak {
+            let n = chunk.min(args.soak - done);
+            let (s, wall) = load(&server.url, 16, 0.0, text.clone(), ctx, Some(n)).await;
+            done += s.requests;
+            println!(
+                "after {done:>6} requests: server RSS {:>7.1} MiB  ({:.0} tokens/s)",
+                rss_mib(pid),
+                s.tokens as f64 / wall
+            );
+        }
+    }
+    drop(server);
+    if args.gpt2 {
+        let dir = random_model("gpt2-124m", 12, 12, 768, 1024, Some(50257));
+        println!("\n== single-stream decode, GPT-2 124M shape (random weights, f32)");
+        let server = start_server(&args.serve, &dir, &[]).await.unwrap_or_else(|e| panic!("{e}"));
+        let client = reqwest::Client::new();
+        let body = json!({"prompt": "ROMEO: But soft, what light", "max_tokens": 128, "temperature": 0, "ignore_eos": true,
+                          "stream": true, "logprobs": 0, "stream_options": {"include_usage": true}});
+        let _ = one_request(
+            &client,
+            &server.url,
+            &json!({"prompt": "warm up", "max_tokens": 8, "stream": true, "logprobs": 0}),
+        )
+        .await;
+        let mut best: f64 = 0.0;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let (tokens, ttft, gaps) = one_request(&client, &server.url, &body).await.unwrap_or_else(|e| panic!("{e}"));
+            let decode = gaps.iter().sum::<f64>();
+            let tps = gaps.len() as f64 / decode;
+            best = best.max(tps);
+            println!(
+                "{tokens} tokens in {:.2} s: TTFT {:.0} ms, decode {tps:.1} tokens/s",
+                t0.elapsed().as_secs_f64(),
+                ttft * 1e3
+            );
+        }
+        println!(
+            "best decode: {best:.1} tokens/s; engine decode step {:.1} ms   (Python transformers `generate`: ~24 tokens/s)",
+            metric_mean(&server.url, "lmstack_decode_step_duration_seconds").await * 1e3
+        );
+    }
+}

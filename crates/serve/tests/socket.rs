@@ -1,0 +1,87 @@
+//! The server on a real socket: a client that disconnects mid-stream frees its sequence and KV
+//! cache; a shutdown signal lets the in-flight stream finish, then the server exits cleanly.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+async fn start(
+    opts: lmstack_serve::ServeOptions,
+) -> (String, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(lmstack_serve::server::serve_on(listener, opts, async {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    while client.get(format!("{url}/ready")).send().await.map_or(true, |r| !r.status().is_success()) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "server never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (url, tx, server)
+}
+
+/// The value of an unlabelled metric.
+async fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).map(|v| v.parse().unwrap()))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+fn long_stream() -> Value {
+    json!({"prompt": "Stream me", "max_tokens": 110, "ignore_eos": true, "stream": true})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_stream_is_cancelled_and_its_cache_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_model(dir.path());
+    let (url, _stop, _server) = start(common::options(dir.path())).await;
+    let client = reqwest::Client::new();
+    let resp = client.post(format!("{url}/v1/completions")).json(&long_stream()).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    assert!(metric(&url, "lmstack_kv_cache_used_tokens").await > 0.0);
+    drop(body); // the client goes away mid-stream
+    let t0 = Instant::now();
+    loop {
+        let running = metric(&url, "lmstack_running_sequences").await;
+        let used = metric(&url, "lmstack_kv_cache_used_tokens").await;
+        if running == 0.0 && used == 0.0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "sequence still running: {running}, {used} KV tokens");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric(&url, "lmstack_request_cancelled_total").await, 1.0);
+    // It stopped early: far fewer tokens than asked for were generated.
+    assert!(metric(&url, "lmstack_generation_tokens_total").await < 110.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_in_flight_streams_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_model(dir.path());
+    let (url, stop, server) = start(common::options(dir.path())).await;
+    let client = reqwest::Client::new();
+    let resp = client.post(format!("{url}/v1/completions")).json(&long_stream()).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    stop.send(()).unwrap();
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert!(text.trim_end().ends_with("data: [DONE]"), "stream cut short: {text}");
+    let finish: Vec<&str> = text.lines().filter(|l| l.contains("\"finish_reason\":\"length\"")).collect();
+    assert_eq!(finish.len(), 1);
+    tokio::time::timeout(Duration::from_secs(10), server).await.expect("server did not exit").unwrap().unwrap();
+    assert!(client.get(format!("{url}/health")).send().await.is_err(), "still accepting connections");
+}

@@ -21,6 +21,10 @@ struct Cli {
     /// README's training run.
     #[arg(long, default_value = "runs/shakespeare-char/model")]
     model: PathBuf,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to
+    /// apply on top of the model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Name clients pass as `model` (default: the directory's name, or its parent's for
     /// `.../model`).
     #[arg(long)]
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
     };
     let opts = ServeOptions {
         model: cli.model,
+        adapter: cli.adapter,
         served_model_name: cli.served_model_name,
         chat_template: cli.chat_template,
         dtype: cli.dtype,

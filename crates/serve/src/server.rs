@@ -22,6 +22,8 @@ pub struct ServeOptions {
     pub model: PathBuf,
     /// Name clients use in `model` (default: the directory name).
     pub served_model_name: Option<String>,
+    /// A PEFT LoRA adapter directory applied on top of the model.
+    pub adapter: Option<PathBuf>,
     /// Chat template file overriding the model's.
     pub chat_template: Option<PathBuf>,
     /// Compute dtype.
@@ -57,8 +59,13 @@ pub fn default_model_name(dir: &Path) -> String {
 
 /// Loads the model directory and starts the engine.
 pub fn load(opts: &ServeOptions, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
-    let p = Pretrained::load(&opts.model, opts.dtype, &Device::Cpu)
+    let mut p = Pretrained::load(&opts.model, opts.dtype, &Device::Cpu)
         .with_context(|| format!("loading the model directory {}", opts.model.display()))?;
+    if let Some(dir) = &opts.adapter {
+        let n = lmstack_core::lora::load_peft(&mut p.model, dir)
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        tracing::info!(adapter = %dir.display(), projections = n, "LoRA adapter attached");
+    }
     let source = match &opts.chat_template {
         Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading the chat template {}", f.display()))?,
         None => match p.tokenizer.chat_template() {

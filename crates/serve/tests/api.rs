@@ -426,3 +426,40 @@ async fn chat_and_choices() {
     assert_eq!(v["usage"]["prompt_tokens"], 8);
     let _: &AppState; // type used by the helpers
 }
+
+/// `--adapter`: a PEFT LoRA directory changes the model's log-probabilities; one with B = 0
+/// does not; a broken one fails the load with the tensor named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_adapters_apply_on_top_of_the_model() {
+    use lmstack_core::lora::{self, LoraConfig};
+    let (d, mut opts) = setup();
+    let body = json!({"prompt": "Hello world", "max_tokens": 0, "echo": true, "logprobs": 1});
+    let lps = |app: Router| {
+        let body = body.clone();
+        async move { post(&app, "/v1/completions", body).await.json()["choices"][0]["logprobs"]["token_logprobs"].clone() }
+    };
+    let base = lps(common::router(&opts)).await;
+    let cfg: LoraConfig =
+        serde_json::from_value(json!({"r": 2, "lora_alpha": 4, "target_modules": ["c_attn", "c_fc"]})).unwrap();
+    let mut model = Pretrained::load(d.path(), DType::F32, &Device::Cpu).unwrap().model;
+    for zero in [true, false] {
+        let mut ad = std::collections::BTreeMap::new();
+        for lin in model.linears_mut() {
+            if cfg.targets(lin.path()).unwrap() {
+                let (i, o) = lin.dims();
+                let a = Tensor::randn(0f32, 0.5, (2, i), &Device::Cpu).unwrap();
+                let b =
+                    (Tensor::randn(0f32, 0.5, (o, 2), &Device::Cpu).unwrap() * if zero { 0.0 } else { 1.0 }).unwrap();
+                ad.insert(lin.path().to_owned(), (a, b));
+            }
+        }
+        let dir = d.path().join(if zero { "zero" } else { "trained" });
+        lora::save_peft(&dir, &cfg, &ad).unwrap();
+        opts.adapter = Some(dir);
+        let with = lps(common::router(&opts)).await;
+        assert_eq!(with == base, zero, "zero = {zero}: {with} vs {base}");
+    }
+    opts.adapter = Some(d.path().to_owned()); // a model dir is not an adapter dir
+    let err = lmstack_serve::server::load(&opts, Arc::new(Metrics::new())).map(|_| ()).unwrap_err();
+    assert!(format!("{err:#}").contains("adapter_config.json"), "{err:#}");
+}

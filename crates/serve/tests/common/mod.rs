@@ -38,6 +38,7 @@ pub fn write_model(dir: &Path) {
 pub fn options(dir: &Path) -> ServeOptions {
     ServeOptions {
         model: dir.to_owned(),
+        adapter: None,
         served_model_name: Some("tiny".into()),
         chat_template: None,
         dtype: DType::F32,

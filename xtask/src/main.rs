@@ -10,6 +10,12 @@
 //!   `train` defaults), printing validation loss, tokens/s, ms/step and peak memory against the
 //!   targets (validation loss ≤ 1.88; PyTorch's ~15,000 tokens/s on the 2-core machine).
 //!
+//! - `bench serve [--gpt2] [--soak N] [--concurrency 1,16] [--seconds S] [--model DIR]`: builds
+//!   the release `serve` and its load generator (`crates/serve/examples/bench_serve.rs`) and
+//!   reports generated tokens/s, time to first token and inter-token latency at each
+//!   concurrency, optionally single-stream decode of a GPT-2 124M-shaped model and a memory
+//!   soak.
+//!
 //! Kept nearly dependency-free (serde_json only) so it compiles in seconds.
 
 use std::path::{Path, PathBuf};
@@ -65,6 +71,13 @@ fn bench_train(extra: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+fn bench_serve(extra: &[String]) -> Result<(), String> {
+    run("cargo", &["build", "--release", "-p", "lmstack-serve", "--bin", "serve", "--example", "bench_serve"], &[])?;
+    let exe = root().join("target/release/examples/bench_serve");
+    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    run(&exe.display().to_string(), &args, &[])
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let res = match args.first().map(String::as_str) {
@@ -76,7 +89,8 @@ fn main() -> ExitCode {
         })(),
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("train") => bench_train(&args[2..]),
-            _ => Err("usage: cargo xtask bench train [extra train flags]".into()),
+            Some("serve") => bench_serve(&args[2..]),
+            _ => Err("usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N]".into()),
         },
         Some("fixtures") => run("python3", &[FIXTURES], &[]),
         Some("verify-hf") => match args.get(1) {

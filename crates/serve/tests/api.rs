@@ -463,3 +463,45 @@ async fn lora_adapters_apply_on_top_of_the_model() {
     let err = lmstack_serve::server::load(&opts, Arc::new(Metrics::new())).map(|_| ()).unwrap_err();
     assert!(format!("{err:#}").contains("adapter_config.json"), "{err:#}");
 }
+
+/// Every metric the shipped Grafana dashboard queries exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_exported_metrics() {
+    let (_d, opts) = setup();
+    let app = common::router(&opts);
+    post(&app, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 2})).await;
+    let metrics = call(&app, "GET", "/metrics", None, &[]).await.text;
+    let dash =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/grafana/lmstack.json")).unwrap();
+    let mut names: Vec<&str> =
+        dash.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("lmstack_")).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for n in names {
+        assert!(
+            metrics.contains(&format!("\n{n}")) || metrics.contains(&format!("\n{n}{{")),
+            "dashboard uses unknown {n}"
+        );
+    }
+}
+
+/// CORS is closed by default and opens to the configured origins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_closed_unless_configured() {
+    let (_d, mut opts) = setup();
+    let preflight = [
+        ("origin", "http://example.com"),
+        ("access-control-request-method", "POST"),
+        ("access-control-request-headers", "content-type"),
+    ];
+    let r = call(&common::router(&opts), "OPTIONS", "/v1/completions", None, &preflight).await;
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+    opts.cors_origins = vec!["http://example.com".into()];
+    let app = common::router(&opts);
+    let r = call(&app, "OPTIONS", "/v1/completions", None, &preflight).await;
+    assert_eq!(r.headers["access-control-allow-origin"], "http://example.com");
+    let other = [("origin", "http://evil.example"), ("access-control-request-method", "POST")];
+    let r = call(&app, "OPTIONS", "/v1/completions", None, &other).await;
+    assert!(r.headers.get("access-control-allow-origin").is_none());
+}

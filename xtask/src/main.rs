@@ -1,8 +1,9 @@
 //! Project chores: `cargo xtask <command>`.
 //!
 //! - `ci`: what `.ci/run` runs — formatting, clippy with warnings denied, the tests and the docs.
-//! - `fixtures`: regenerates the Hugging Face parity fixtures of `lmstack-core` with Python
-//!   (`pip install torch transformers tokenizers safetensors`); CI never needs Python.
+//! - `fixtures`: regenerates the Hugging Face parity fixtures of `lmstack-core` and the golden
+//!   chat-template renderings with Python (`pip install torch transformers tokenizers
+//!   safetensors`); CI never needs Python.
 //! - `verify-hf DIR`: loads an lmstack-written model directory in Python `transformers` and
 //!   compares its logits to the `expected.json` lmstack wrote beside it.
 //!
@@ -92,7 +93,8 @@ fn main() -> ExitCode {
             Some("serve") => bench_serve(&args[2..]),
             _ => Err("usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N]".into()),
         },
-        Some("fixtures") => run("python3", &[FIXTURES], &[]),
+        Some("fixtures") => run("python3", &[FIXTURES], &[])
+            .and_then(|()| run("python3", &["crates/core/tests/data/make_chat_golden.py"], &[])),
         Some("verify-hf") => match args.get(1) {
             Some(dir) => run("python3", &[FIXTURES, "--verify", dir], &[]),
             None => Err("usage: cargo xtask verify-hf DIR".into()),

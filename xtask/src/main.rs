@@ -17,6 +17,10 @@
 //!   concurrency, optionally single-stream decode of a GPT-2 124M-shaped model and a memory
 //!   soak.
 //!
+//! - `eval [--suite S] [--model DIR] [--limit N] …`: runs an eval suite (default: the
+//!   Shakespeare suite on the default model) through `lmstack-eval`; exits non-zero when a
+//!   suite threshold is not met.
+//!
 //! Kept nearly dependency-free (serde_json only) so it compiles in seconds.
 
 use std::path::{Path, PathBuf};
@@ -79,6 +83,12 @@ fn bench_serve(extra: &[String]) -> Result<(), String> {
     run(&exe.display().to_string(), &args, &[])
 }
 
+fn eval(extra: &[String]) -> Result<(), String> {
+    let mut args = vec!["run", "--release", "-q", "-p", "lmstack-app", "--bin", "lmstack-eval", "--"];
+    args.extend(extra.iter().map(String::as_str));
+    run("cargo", &args, &[])
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let res = match args.first().map(String::as_str) {
@@ -93,14 +103,15 @@ fn main() -> ExitCode {
             Some("serve") => bench_serve(&args[2..]),
             _ => Err("usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N]".into()),
         },
+        Some("eval") => eval(&args[1..]),
         Some("fixtures") => run("python3", &[FIXTURES], &[])
             .and_then(|()| run("python3", &["crates/core/tests/data/make_chat_golden.py"], &[])),
         Some("verify-hf") => match args.get(1) {
             Some(dir) => run("python3", &[FIXTURES, "--verify", dir], &[]),
             None => Err("usage: cargo xtask verify-hf DIR".into()),
         },
-        Some(other) => Err(format!("unknown command `{other}`; expected one of: ci, bench, fixtures, verify-hf")),
-        None => Err("usage: cargo xtask <ci | bench train | fixtures | verify-hf DIR>".into()),
+        Some(other) => Err(format!("unknown command `{other}`; expected one of: ci, bench, eval, fixtures, verify-hf")),
+        None => Err("usage: cargo xtask <ci | bench train | bench serve | eval | fixtures | verify-hf DIR>".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

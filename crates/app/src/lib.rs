@@ -5,9 +5,17 @@
 //!   (first-n or seeded-random) rendered as text or chat messages. Chat templates (the model's
 //!   own, rendered as `transformers` does) live in `lmstack_core::chat`.
 //!
+//! - [`task`]: lm-evaluation-harness task YAML (the offline subset) and local datasets.
+//! - [`backend`]: log-likelihoods and generations from a model directory in-process.
+//! - [`metrics`]: lm-eval's metric definitions, filters, standard errors.
+//! - [`eval`]: running tasks and suites, results in lm-eval's shape, thresholds.
+//! - the `lmstack-eval` binary (`cargo xtask eval`).
+//!
 //! Depends on `lmstack-core`; may call a server over HTTP but never links `lmstack-serve`.
-//! Eval suites, scorers and reports are being built under the "app" issue; see
-//! docs/ARCHITECTURE.md.
 #![deny(missing_docs)]
 
+pub mod backend;
+pub mod eval;
+pub mod metrics;
+pub mod task;
 pub mod template;

@@ -1,0 +1,220 @@
+//! Where log-likelihoods and generations come from. [`LocalBackend`] runs a model directory
+//! in-process through `lmstack-core`, batching requests (padded whole-sequence forwards for
+//! scoring, a shared cached decode loop for generation).
+
+use lmstack_core::sampling::{argmax, log_softmax};
+use lmstack_core::{DType, Device, Pretrained, SeqStep, Tensor};
+
+use crate::task::GenerationKwargs;
+
+/// A backend error.
+pub type BackendResult<T> = anyhow::Result<T>;
+
+/// What an eval needs from a model.
+pub trait Backend {
+    /// A short description for reports.
+    fn name(&self) -> String;
+    /// For each (context, continuation): the continuation's total log-likelihood and whether
+    /// it is the greedy continuation.
+    fn loglikelihood(&mut self, reqs: &[(String, String)]) -> BackendResult<Vec<(f64, bool)>>;
+    /// Each text's total log-likelihood (every token scored, in context windows).
+    fn loglikelihood_rolling(&mut self, texts: &[String]) -> BackendResult<Vec<f64>>;
+    /// Greedy continuations, cut at the first stop string.
+    fn generate(&mut self, reqs: &[(String, GenerationKwargs)]) -> BackendResult<Vec<String>>;
+}
+
+/// A model directory run in-process.
+pub struct LocalBackend {
+    p: Pretrained,
+    name: String,
+    batch: usize,
+}
+
+impl LocalBackend {
+    /// Loads `dir` (f32, CPU).
+    pub fn load(dir: &std::path::Path) -> BackendResult<Self> {
+        let p = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
+        if !p.model.config().is_causal() {
+            anyhow::bail!("{}: eval needs a causal language model (gpt2 or llama)", dir.display());
+        }
+        Ok(Self { p, name: dir.display().to_string(), batch: 32 })
+    }
+
+    fn max_len(&self) -> usize {
+        self.p.model.max_len()
+    }
+
+    /// A token that may stand before the first one so it gets scored (BOS, else EOS).
+    fn prefix_token(&self) -> Option<u32> {
+        self.p.tokenizer.bos_id().or(self.p.tokenizer.eos_id())
+    }
+
+    /// Scores `targets` positions of each input: (input ids, first target row, target ids).
+    fn score(&self, items: &[(Vec<u32>, usize, Vec<u32>)]) -> BackendResult<Vec<(f64, bool)>> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(self.batch) {
+            let t = chunk.iter().map(|c| c.0.len()).max().unwrap_or(1);
+            let mut ids = Vec::with_capacity(chunk.len() * t);
+            let mut mask = Vec::with_capacity(chunk.len() * t);
+            for (inp, _, _) in chunk {
+                ids.extend_from_slice(inp);
+                ids.extend(std::iter::repeat_n(0u32, t - inp.len()));
+                mask.extend(std::iter::repeat_n(1u32, inp.len()));
+                mask.extend(std::iter::repeat_n(0u32, t - inp.len()));
+            }
+            let dev = self.p.model.device();
+            let ids = Tensor::from_vec(ids, (chunk.len(), t), dev)?;
+            let mask = Tensor::from_vec(mask, (chunk.len(), t), dev)?;
+            let logits = self.p.model.forward(&ids, Some(&mask))?;
+            for (b, (_, first, targets)) in chunk.iter().enumerate() {
+                let rows = logits.get(b)?.narrow(0, *first, targets.len())?.to_vec2::<f32>()?;
+                let mut ll = 0.0;
+                let mut greedy = true;
+                for (row, &tgt) in rows.iter().zip(targets) {
+                    ll += log_softmax(row)[tgt as usize] as f64;
+                    greedy &= argmax(row) == tgt;
+                }
+                out.push((ll, greedy));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Backend for LocalBackend {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn loglikelihood(&mut self, reqs: &[(String, String)]) -> BackendResult<Vec<(f64, bool)>> {
+        let tok = &self.p.tokenizer;
+        let max = self.max_len();
+        let mut items = Vec::with_capacity(reqs.len());
+        for (ctx, cont) in reqs {
+            // lm-eval: the continuation's tokens are those the whole text has beyond the context's.
+            let mut ctx_ids = tok.encode(ctx, false)?;
+            let whole = tok.encode(&format!("{ctx}{cont}"), false)?;
+            let split = if whole.starts_with(&ctx_ids) { ctx_ids.len() } else { common_prefix(&ctx_ids, &whole) };
+            let cont_ids = whole[split..].to_vec();
+            ctx_ids = whole[..split].to_vec();
+            if cont_ids.is_empty() {
+                anyhow::bail!("the continuation {cont:?} has no tokens");
+            }
+            if ctx_ids.is_empty() {
+                ctx_ids = vec![self.prefix_token().ok_or_else(|| {
+                    anyhow::anyhow!("an empty context needs a BOS or EOS token to score the first token")
+                })?];
+            }
+            if cont_ids.len() > max {
+                anyhow::bail!("the continuation is {} tokens, beyond the model's context of {max}", cont_ids.len());
+            }
+            let mut all = ctx_ids;
+            all.extend_from_slice(&cont_ids);
+            let keep = (max + 1).min(all.len());
+            let all = all[all.len() - keep..].to_vec();
+            let input = all[..all.len() - 1].to_vec();
+            let first = input.len() - cont_ids.len();
+            items.push((input, first, cont_ids));
+        }
+        self.score(&items)
+    }
+
+    fn loglikelihood_rolling(&mut self, texts: &[String]) -> BackendResult<Vec<f64>> {
+        let max = self.max_len();
+        let mut items = Vec::new();
+        let mut owner = Vec::new();
+        for (k, text) in texts.iter().enumerate() {
+            let mut full: Vec<u32> = self.prefix_token().into_iter().collect();
+            let scored_from = 1; // with a prefix token every text token is scored; without, all but the first
+            full.extend(self.p.tokenizer.encode(text, false)?);
+            let mut a = scored_from;
+            while a < full.len() {
+                let b = (a + max).min(full.len());
+                let s = b.saturating_sub(max + 1).min(a - 1);
+                let input = full[s..b - 1].to_vec();
+                items.push((input, a - 1 - s, full[a..b].to_vec()));
+                owner.push(k);
+                a = b;
+            }
+        }
+        let scores = self.score(&items)?;
+        let mut out = vec![0.0; texts.len()];
+        for (k, (ll, _)) in owner.into_iter().zip(scores) {
+            out[k] += ll;
+        }
+        Ok(out)
+    }
+
+    fn generate(&mut self, reqs: &[(String, GenerationKwargs)]) -> BackendResult<Vec<String>> {
+        let tok = self.p.tokenizer.clone();
+        let max = self.max_len();
+        let mut out = vec![String::new(); reqs.len()];
+        for (c, chunk) in reqs.chunks(self.batch).enumerate() {
+            struct S {
+                cache: lmstack_core::KvCache,
+                next: Vec<u32>,
+                ids: Vec<u32>,
+                text: String,
+                left: usize,
+                done: bool,
+            }
+            let mut seqs = Vec::new();
+            for (ctx, kw) in chunk {
+                let limit = kw.max_gen_toks.unwrap_or(256).min(max - 1);
+                let mut ids = tok.encode(ctx, false)?;
+                if ids.is_empty() {
+                    ids = self.prefix_token().into_iter().collect();
+                }
+                let keep = (max - limit).min(ids.len()).max(1);
+                let ids = ids[ids.len() - keep..].to_vec();
+                seqs.push(S {
+                    cache: self.p.model.new_cache(),
+                    next: ids,
+                    ids: Vec::new(),
+                    text: String::new(),
+                    left: limit,
+                    done: false,
+                });
+            }
+            while seqs.iter().any(|s| !s.done) {
+                let mut steps: Vec<SeqStep<'_>> = Vec::new();
+                let mut which = Vec::new();
+                for (i, s) in seqs.iter_mut().enumerate() {
+                    if !s.done {
+                        steps.push(SeqStep { tokens: &s.next, cache: &mut s.cache, all_logits: false });
+                        which.push(i);
+                    }
+                }
+                let logits = self.p.model.forward_cached(&mut steps)?;
+                drop(steps);
+                for (i, l) in which.into_iter().zip(logits) {
+                    let s = &mut seqs[i];
+                    let t = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
+                    let (_, kw) = &chunk[i];
+                    s.left -= 1;
+                    if tok.eos_id() == Some(t) {
+                        s.done = true;
+                        continue;
+                    }
+                    s.ids.push(t);
+                    s.text = tok.decode(&s.ids, true)?;
+                    if let Some(p) = kw.until.iter().filter_map(|u| s.text.find(u.as_str())).min() {
+                        s.text.truncate(p);
+                        s.done = true;
+                    } else if s.left == 0 || s.cache.len() + 1 >= max {
+                        s.done = true;
+                    }
+                    s.next = vec![t];
+                }
+            }
+            for (j, s) in seqs.into_iter().enumerate() {
+                out[c * self.batch + j] = s.text;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}

@@ -1,0 +1,488 @@
+//! Eval tasks in lm-evaluation-harness's task YAML schema — the subset that works offline — and
+//! their local datasets.
+//!
+//! Supported keys: `task`, `dataset_path` (`json` or `csv`, with `dataset_kwargs.data_files`
+//! mapping split names to files relative to the YAML), `test_split`, `validation_split`,
+//! `training_split`, `fewshot_split`, `doc_to_text`, `doc_to_target`, `doc_to_choice` (Jinja, or
+//! a field name), `target_delimiter`, `fewshot_delimiter`, `num_fewshot`, `fewshot_config`
+//! (`sampler: first_n | random`), `description`, `output_type`, `generation_kwargs` (`until`,
+//! `max_gen_toks`, `temperature`, `do_sample`), `filter_list` (`regex`, `take_first`,
+//! `lowercase`, `uppercase`, `strip`), `metric_list`, `metadata` (`version`), `tag`. Any other key
+//! is an error naming it: an lm-eval task that runs here means what it means there.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::template::{read_examples, PromptTemplate, TemplateError};
+
+/// A task error: which file and what.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{message}", if file.is_empty() { String::new() } else { format!("{file}: ") })]
+pub struct TaskError {
+    /// The task file (or data file).
+    pub file: String,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+impl TaskError {
+    fn new(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { file: file.into(), message: message.into() }
+    }
+}
+
+impl From<TemplateError> for TaskError {
+    fn from(e: TemplateError) -> Self {
+        Self { file: String::new(), message: e.to_string() }
+    }
+}
+
+/// lm-eval's `output_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputType {
+    /// Log-likelihood of the target given the prompt.
+    Loglikelihood,
+    /// Log-likelihood of each choice; the most likely should be the gold one.
+    MultipleChoice,
+    /// Greedy (or sampled) generation until a stop string.
+    GenerateUntil,
+    /// Log-likelihood of a whole text (perplexity).
+    LoglikelihoodRolling,
+}
+
+/// `generation_kwargs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationKwargs {
+    /// Stop strings.
+    #[serde(default)]
+    pub until: Vec<String>,
+    /// Most new tokens (default 256).
+    pub max_gen_toks: Option<usize>,
+    /// Sampling temperature (default 0: greedy).
+    pub temperature: Option<f32>,
+    /// Sample instead of greedy decoding.
+    pub do_sample: Option<bool>,
+}
+
+/// One step of a filter pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterStep {
+    /// `regex`, `take_first`, `lowercase`, `uppercase` or `strip`.
+    pub function: String,
+    /// For `regex`.
+    pub regex_pattern: Option<String>,
+    /// For `regex`: which match (negative counts from the end).
+    pub group_select: Option<i64>,
+    /// For `regex`: what a response without a match becomes.
+    pub fallback: Option<String>,
+}
+
+/// A named filter pipeline applied to generations before scoring.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// The name metrics are reported under (`exact_match,<name>`).
+    pub name: String,
+    /// The steps.
+    pub filter: Vec<FilterStep>,
+}
+
+/// A `metric_list` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricSpec {
+    /// The metric's name.
+    pub metric: String,
+    /// `mean` (the default), or the metric's own aggregation.
+    pub aggregation: Option<String>,
+    /// Whether larger is better (informational).
+    pub higher_is_better: Option<bool>,
+    /// exact_match: compare case-insensitively.
+    #[serde(default)]
+    pub ignore_case: bool,
+    /// exact_match: drop punctuation before comparing.
+    #[serde(default)]
+    pub ignore_punctuation: bool,
+    /// exact_match: regexes removed before comparing.
+    #[serde(default)]
+    pub regexes_to_ignore: Vec<String>,
+}
+
+/// `dataset_kwargs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetKwargs {
+    /// Split name → file (relative to the task YAML).
+    #[serde(default)]
+    pub data_files: BTreeMap<String, String>,
+}
+
+/// `fewshot_config`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FewshotConfig {
+    /// `first_n` or `random` (lm-eval's default, seeded).
+    pub sampler: Option<String>,
+}
+
+/// A task file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    /// Task name.
+    pub task: String,
+    /// Tags (informational).
+    #[serde(default)]
+    pub tag: Option<Value>,
+    /// `json` or `csv`.
+    pub dataset_path: String,
+    /// Files per split.
+    #[serde(default)]
+    pub dataset_kwargs: DatasetKwargs,
+    /// Split evaluated.
+    pub test_split: Option<String>,
+    /// Used when there is no test split.
+    pub validation_split: Option<String>,
+    /// Few-shot source when `fewshot_split` is absent.
+    pub training_split: Option<String>,
+    /// Few-shot source.
+    pub fewshot_split: Option<String>,
+    /// Prompt (Jinja or field name).
+    #[serde(default)]
+    pub doc_to_text: Value,
+    /// Target (Jinja, field name, or an integer index into the choices).
+    #[serde(default)]
+    pub doc_to_target: Value,
+    /// Choices (a list, Jinja rendering to a list, or a field name).
+    pub doc_to_choice: Option<Value>,
+    /// Between prompt and target (default `" "`).
+    pub target_delimiter: Option<String>,
+    /// Between few-shot examples (default `"\n\n"`).
+    pub fewshot_delimiter: Option<String>,
+    /// Few-shot examples per prompt (default 0).
+    #[serde(default)]
+    pub num_fewshot: usize,
+    /// How few-shot examples are chosen.
+    #[serde(default)]
+    pub fewshot_config: FewshotConfig,
+    /// Text put before everything (lm-eval's `description`).
+    pub description: Option<String>,
+    /// How the model is queried.
+    pub output_type: OutputType,
+    /// For `generate_until`.
+    #[serde(default)]
+    pub generation_kwargs: GenerationKwargs,
+    /// Filters for generations.
+    #[serde(default)]
+    pub filter_list: Vec<Filter>,
+    /// Metrics (defaults per output type).
+    #[serde(default)]
+    pub metric_list: Vec<MetricSpec>,
+    /// `version`.
+    #[serde(default)]
+    pub metadata: Option<Value>,
+}
+
+/// A loaded task: its config, documents and compiled templates.
+#[derive(Debug)]
+pub struct Task {
+    /// The config as written.
+    pub config: TaskConfig,
+    /// Where it came from.
+    pub file: PathBuf,
+    /// The evaluated documents.
+    pub docs: Vec<Value>,
+    /// Few-shot source documents.
+    pub fewshot_docs: Vec<Value>,
+    /// Whether few-shot examples come from the evaluated split (then a document is never its
+    /// own example).
+    pub fewshot_is_test: bool,
+    text: Field,
+    target: Field,
+    choice: Option<Field>,
+}
+
+/// A `doc_to_*` entry compiled.
+#[derive(Debug)]
+enum Field {
+    Template(Box<PromptTemplate>),
+    Key(String),
+    Int(i64),
+    List(Vec<PromptTemplate>),
+    Empty,
+}
+
+fn field(v: &Value, name: &str, docs: &[Value]) -> Result<Field, TaskError> {
+    match v {
+        Value::Null => Ok(Field::Empty),
+        Value::Number(n) => {
+            n.as_i64().map(Field::Int).ok_or_else(|| TaskError::new("", format!("{name}: {n} is not an integer")))
+        }
+        Value::String(s) => {
+            let key = s.trim();
+            if !s.contains("{{") && !s.contains("{%") && docs.first().and_then(|d| d.get(key)).is_some() {
+                return Ok(Field::Key(key.to_owned()));
+            }
+            let bare = key.strip_prefix("{{").and_then(|r| r.strip_suffix("}}")).map(str::trim);
+            if let Some(b) = bare.filter(|b| b.chars().all(|c| c.is_alphanumeric() || c == '_')) {
+                return Ok(Field::Key(b.to_owned()));
+            }
+            Ok(Field::Template(Box::new(PromptTemplate::new(name, s)?)))
+        }
+        Value::Array(items) => Ok(Field::List(
+            items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => PromptTemplate::new(name, s),
+                    other => PromptTemplate::new(name, &other.to_string()),
+                })
+                .collect::<Result<_, _>>()?,
+        )),
+        other => Err(TaskError::new("", format!("{name}: unsupported value {other}"))),
+    }
+}
+
+/// Renders a value as lm-eval prints it into a prompt.
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Parses a rendered list: JSON, or a Python literal (`['a', "b"]`).
+fn parse_list(s: &str) -> Option<Vec<String>> {
+    if let Ok(Value::Array(a)) = serde_json::from_str::<Value>(s) {
+        return Some(a.iter().map(as_text).collect());
+    }
+    let inner = s.trim().strip_prefix('[')?.strip_suffix(']')?;
+    let mut out = Vec::new();
+    let mut chars = inner.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace() || *c == ',') {
+            chars.next();
+        }
+        let Some(q) = chars.next() else { break };
+        if q != '\'' && q != '"' {
+            return None;
+        }
+        let mut item = String::new();
+        loop {
+            match chars.next()? {
+                '\\' => item.push(chars.next()?),
+                c if c == q => break,
+                c => item.push(c),
+            }
+        }
+        out.push(item);
+    }
+    Some(out)
+}
+
+impl Task {
+    /// Loads a task YAML and its data.
+    pub fn load(path: &Path) -> Result<Self, TaskError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| TaskError::new(&file, e.to_string()))?;
+        let config: TaskConfig = serde_yaml_ng::from_str(&text).map_err(|e| {
+            let at = e.location().map(|l| format!(":{}", l.line())).unwrap_or_default();
+            TaskError::new(format!("{file}{at}"), e.to_string())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_config(config, base, path)
+    }
+
+    /// Builds a task from a parsed config; `base` resolves data files.
+    pub fn from_config(config: TaskConfig, base: &Path, file: &Path) -> Result<Self, TaskError> {
+        let fname = file.display().to_string();
+        let err = |m: String| TaskError::new(&fname, m);
+        if !matches!(config.dataset_path.as_str(), "json" | "csv") {
+            return Err(err(format!(
+                "dataset_path: `{}` is not supported offline; use `json` or `csv` with dataset_kwargs.data_files",
+                config.dataset_path
+            )));
+        }
+        let split = config
+            .test_split
+            .clone()
+            .or_else(|| config.validation_split.clone())
+            .ok_or_else(|| err("test_split: give test_split or validation_split".into()))?;
+        let load = |split: &str| -> Result<Vec<Value>, TaskError> {
+            let f = config
+                .dataset_kwargs
+                .data_files
+                .get(split)
+                .ok_or_else(|| err(format!("dataset_kwargs.data_files: no file for split `{split}`")))?;
+            load_docs(&base.join(f), &config.dataset_path)
+        };
+        let docs = load(&split)?;
+        if docs.is_empty() {
+            return Err(err(format!("split `{split}` has no documents")));
+        }
+        let fs_split = config.fewshot_split.clone().or_else(|| config.training_split.clone());
+        let (fewshot_docs, fewshot_is_test) = match (&fs_split, config.num_fewshot) {
+            (_, 0) => (Vec::new(), false),
+            (Some(s), _) => (load(s)?, *s == split),
+            (None, _) => (docs.clone(), true),
+        };
+        if config.num_fewshot > fewshot_docs.len().saturating_sub(fewshot_is_test as usize) {
+            return Err(err(format!(
+                "num_fewshot: {} but the few-shot split has too few documents",
+                config.num_fewshot
+            )));
+        }
+        let ctx = |e: TaskError| err(e.message);
+        let text = field(&config.doc_to_text, "doc_to_text", &docs).map_err(ctx)?;
+        let target = field(&config.doc_to_target, "doc_to_target", &docs).map_err(ctx)?;
+        let choice =
+            config.doc_to_choice.as_ref().map(|c| field(c, "doc_to_choice", &docs)).transpose().map_err(ctx)?;
+        if config.output_type == OutputType::MultipleChoice && choice.is_none() {
+            return Err(err("doc_to_choice: multiple_choice tasks need choices".into()));
+        }
+        for m in &config.metric_list {
+            crate::metrics::check_metric(&m.metric, config.output_type)
+                .map_err(|e| err(format!("metric_list: {e}")))?;
+        }
+        for f in &config.filter_list {
+            for s in &f.filter {
+                crate::metrics::check_filter(s).map_err(|e| err(format!("filter_list `{}`: {e}", f.name)))?;
+            }
+        }
+        Ok(Self { config, file: file.to_owned(), docs, fewshot_docs, fewshot_is_test, text, target, choice })
+    }
+
+    fn render(&self, f: &Field, doc: &Value) -> Result<String, TaskError> {
+        Ok(match f {
+            Field::Empty => String::new(),
+            Field::Key(k) => doc.get(k).map(as_text).ok_or_else(|| {
+                TaskError::new(self.file.display().to_string(), format!("document has no field `{k}`: {doc}"))
+            })?,
+            Field::Int(i) => i.to_string(),
+            Field::Template(t) => {
+                t.render(doc).map_err(|e| TaskError::new(self.file.display().to_string(), e.to_string()))?
+            }
+            Field::List(_) => {
+                return Err(TaskError::new(self.file.display().to_string(), "a list where text was expected"))
+            }
+        })
+    }
+
+    /// The prompt text of a document (`doc_to_text`).
+    pub fn doc_to_text(&self, doc: &Value) -> Result<String, TaskError> {
+        self.render(&self.text, doc)
+    }
+
+    /// The target text (`doc_to_target`); for multiple choice, the gold choice's text.
+    pub fn doc_to_target(&self, doc: &Value) -> Result<String, TaskError> {
+        if self.config.output_type == OutputType::MultipleChoice {
+            let choices = self.doc_to_choice(doc)?;
+            let gold = self.gold_index(doc, &choices)?;
+            return Ok(choices[gold].clone());
+        }
+        self.render(&self.target, doc)
+    }
+
+    /// The choices of a document.
+    pub fn doc_to_choice(&self, doc: &Value) -> Result<Vec<String>, TaskError> {
+        let fname = self.file.display().to_string();
+        match &self.choice {
+            None => Err(TaskError::new(fname, "the task has no doc_to_choice")),
+            Some(Field::List(ts)) => {
+                ts.iter().map(|t| t.render(doc).map_err(|e| TaskError::new(&fname, e.to_string()))).collect()
+            }
+            Some(Field::Key(k)) => match doc.get(k) {
+                Some(Value::Array(a)) => Ok(a.iter().map(as_text).collect()),
+                Some(other) => parse_list(&as_text(other))
+                    .ok_or_else(|| TaskError::new(&fname, format!("doc_to_choice: field `{k}` is not a list"))),
+                None => Err(TaskError::new(&fname, format!("doc_to_choice: document has no field `{k}`"))),
+            },
+            Some(f) => {
+                let s = self.render(f, doc)?;
+                parse_list(&s)
+                    .ok_or_else(|| TaskError::new(&fname, format!("doc_to_choice rendered `{s}`, not a list")))
+            }
+        }
+    }
+
+    /// The index of the gold choice: `doc_to_target` as an integer, or the choice equal to it.
+    pub fn gold_index(&self, doc: &Value, choices: &[String]) -> Result<usize, TaskError> {
+        let t = self.render(&self.target, doc)?;
+        let fname = self.file.display().to_string();
+        let idx = match t.trim().parse::<usize>() {
+            Ok(i) => i,
+            Err(_) => choices.iter().position(|c| c == &t).ok_or_else(|| {
+                TaskError::new(&fname, format!("target `{t}` is neither an index nor one of the choices"))
+            })?,
+        };
+        if idx >= choices.len() {
+            return Err(TaskError::new(&fname, format!("target index {idx} but only {} choices", choices.len())));
+        }
+        Ok(idx)
+    }
+
+    /// lm-eval's target delimiter (default `" "`).
+    pub fn target_delimiter(&self) -> &str {
+        self.config.target_delimiter.as_deref().unwrap_or(" ")
+    }
+
+    /// The full context of document `i`: description, few-shot examples, then `doc_to_text`.
+    pub fn context(&self, i: usize, seed: u64) -> Result<String, TaskError> {
+        let doc = &self.docs[i];
+        let mut out = self.config.description.clone().unwrap_or_default();
+        let delim = self.config.fewshot_delimiter.as_deref().unwrap_or("\n\n");
+        for ex in self.fewshot_examples(i, seed) {
+            out.push_str(&self.doc_to_text(ex)?);
+            out.push_str(self.target_delimiter());
+            out.push_str(&self.doc_to_target(ex)?);
+            out.push_str(delim);
+        }
+        out.push_str(&self.doc_to_text(doc)?);
+        Ok(out)
+    }
+
+    /// The few-shot examples for document `i` (never the document itself).
+    pub fn fewshot_examples(&self, i: usize, seed: u64) -> Vec<&Value> {
+        let k = self.config.num_fewshot;
+        if k == 0 {
+            return Vec::new();
+        }
+        let pool: Vec<usize> = (0..self.fewshot_docs.len()).filter(|&j| !(self.fewshot_is_test && j == i)).collect();
+        let picked: Vec<usize> = match self.config.fewshot_config.sampler.as_deref() {
+            Some("first_n") => pool.into_iter().take(k).collect(),
+            _ => {
+                use rand::SeedableRng;
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(i as u64));
+                rand::seq::index::sample(&mut rng, pool.len(), k).into_iter().map(|j| pool[j]).collect()
+            }
+        };
+        picked.into_iter().map(|j| &self.fewshot_docs[j]).collect()
+    }
+
+    /// The task's version (`metadata.version`, default 1.0).
+    pub fn version(&self) -> Value {
+        self.config.metadata.as_ref().and_then(|m| m.get("version")).cloned().unwrap_or(Value::from(1.0))
+    }
+}
+
+/// Reads the documents of one split file.
+pub fn load_docs(path: &Path, kind: &str) -> Result<Vec<Value>, TaskError> {
+    let file = path.display().to_string();
+    if kind == "csv" {
+        let mut rdr = csv::Reader::from_path(path).map_err(|e| TaskError::new(&file, e.to_string()))?;
+        let headers = rdr.headers().map_err(|e| TaskError::new(&file, e.to_string()))?.clone();
+        let mut docs = Vec::new();
+        for (i, rec) in rdr.records().enumerate() {
+            let rec = rec.map_err(|e| TaskError::new(format!("{file}:{}", i + 2), e.to_string()))?;
+            let obj: serde_json::Map<String, Value> =
+                headers.iter().zip(rec.iter()).map(|(h, v)| (h.to_owned(), Value::String(v.to_owned()))).collect();
+            docs.push(Value::Object(obj));
+        }
+        return Ok(docs);
+    }
+    read_examples(path).map_err(|e| TaskError::new("", e.to_string()))
+}

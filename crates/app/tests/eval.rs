@@ -1,0 +1,170 @@
+//! Eval tasks and suites: lm-eval task files load (unsupported keys refused by name), metrics
+//! come out as lm-eval defines them (checked against a scripted backend), the local backend's
+//! log-likelihoods equal a direct forward pass (also across context windows), and thresholds
+//! fail a run.
+
+use std::path::Path;
+
+use lmstack_app::backend::{Backend, BackendResult, LocalBackend};
+use lmstack_app::eval::{self, EvalOptions, Suite};
+use lmstack_app::task::{GenerationKwargs, Task};
+use lmstack_core::sampling::log_softmax;
+use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, Tensor, Tokenizer};
+use serde_json::json;
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Scores a continuation by how many `x` it has; generates the context's last word.
+struct Scripted;
+
+impl Backend for Scripted {
+    fn name(&self) -> String {
+        "scripted".into()
+    }
+    fn loglikelihood(&mut self, reqs: &[(String, String)]) -> BackendResult<Vec<(f64, bool)>> {
+        Ok(reqs.iter().map(|(_, c)| (c.matches('x').count() as f64 - c.len() as f64, c.contains('x'))).collect())
+    }
+    fn loglikelihood_rolling(&mut self, texts: &[String]) -> BackendResult<Vec<f64>> {
+        Ok(texts.iter().map(|t| -(t.len() as f64)).collect())
+    }
+    fn generate(&mut self, reqs: &[(String, GenerationKwargs)]) -> BackendResult<Vec<String>> {
+        Ok(reqs.iter().map(|(c, _)| format!("The answer is {}.", c.split_whitespace().last().unwrap_or(""))).collect())
+    }
+}
+
+#[test]
+fn multiple_choice_and_generation_metrics_follow_lm_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    // Gold is "xx" (index 1) for doc 0, "b" for doc 1: the scripted backend prefers x's.
+    write(dir.path(), "mc.jsonl", "{\"q\": \"one\", \"choices\": [\"a\", \"xx\"], \"label\": 1}\n{\"q\": \"two\", \"choices\": [\"xb\", \"bbbbbbbb\"], \"label\": 1}\n");
+    let mc = write(
+        dir.path(),
+        "mc.yaml",
+        "task: mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: mc.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"Q: {{q}}\"\ndoc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+    );
+    let task = Task::load(&mc).unwrap();
+    let r = eval::run_task(&task, &mut Scripted, &EvalOptions::default(), &mut |_| {}).unwrap();
+    // doc 0: ll(a) = -2, ll(xx) = -1 → right. doc 1: ll(xb) = -2, ll(bbbbbbbb) = -9 → wrong;
+    // normalised by length: -2/2 = -1 vs -9/8 → still wrong.
+    assert_eq!(r.get("acc"), Some(0.5));
+    assert_eq!(r.metrics["acc_stderr,none"], 0.5);
+    assert_eq!(r.get("acc_norm"), Some(0.5));
+    assert_eq!(r.samples[0]["arguments"]["context"], "Q: one");
+
+    write(dir.path(), "gen.csv", "question,answer\nwhat is 4,4\nwhat is 5,6\n");
+    let gen = write(
+        dir.path(),
+        "gen.yaml",
+        "task: gen\ndataset_path: csv\ndataset_kwargs:\n  data_files:\n    test: gen.csv\ntest_split: test\noutput_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\nfilter_list:\n  - name: get-answer\n    filter:\n      - function: regex\n        regex_pattern: \"answer is (\\\\d+)\"\n      - function: take_first\nmetric_list:\n  - metric: exact_match\n",
+    );
+    let task = Task::load(&gen).unwrap();
+    let r = eval::run_task(&task, &mut Scripted, &EvalOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(r.metrics["exact_match,get-answer"], 0.5);
+    assert_eq!(r.samples[0]["filtered_resps"]["get-answer"], "4");
+
+    let suite = write(
+        dir.path(),
+        "suite.yaml",
+        "name: s\ntasks: [mc.yaml, gen.yaml]\nthresholds:\n  mc: {acc: 0.6}\n  gen: {exact_match: {max: 0.9}}\n",
+    );
+    let suite = Suite::load(&suite).unwrap();
+    let results: Vec<_> = suite
+        .tasks
+        .iter()
+        .map(|t| eval::run_task(t, &mut Scripted, &EvalOptions::default(), &mut |_| {}).unwrap())
+        .collect();
+    let bad = eval::check_thresholds(&suite, &results);
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(bad[0].contains("mc acc = 0.5000 is below the threshold 0.6"), "{bad:?}");
+    let j = eval::results_json(&suite, &results, "m", &EvalOptions::default());
+    assert_eq!(j["results"]["mc"]["acc,none"], 0.5);
+    assert_eq!(j["results"]["mc"]["acc_stderr,none"], 0.5);
+    assert_eq!(j["n-samples"]["gen"], json!({"original": 2, "effective": 2}));
+    assert_eq!(j["versions"]["mc"], 1.0);
+    assert_eq!(j["configs"]["gen"]["output_type"], "generate_until");
+    assert!(eval::markdown(&results).contains("| mc | acc | none | 0.5000 | 0.5000 |"));
+}
+
+#[test]
+fn bad_task_files_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "d.jsonl", "{\"text\": \"hi\"}\n");
+    let base = "task: t\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: loglikelihood_rolling\ndoc_to_target: text\n";
+    let cases = [
+        (format!("{base}dataset_path: json\nprocess_docs: !function utils.process\n"), "process_docs"),
+        (format!("{base}dataset_path: hellaswag\n"), "dataset_path"),
+        (format!("{base}dataset_path: json\nmetric_list:\n  - metric: acc\n"), "`acc` is not available"),
+        (base.replace("test: d.jsonl", "train: d.jsonl") + "dataset_path: json\n", "no file for split `test`"),
+        (format!("{base}dataset_path: json\noutput_type: guess\n"), "output_type"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let p = write(dir.path(), &format!("t{i}.yaml"), text);
+        let e = Task::load(&p).unwrap_err().to_string();
+        assert!(e.contains(needle) && e.contains(&format!("t{i}.yaml")), "case {i}: {e}");
+    }
+    let p = write(dir.path(), "s.yaml", "name: s\ntasks: []\nthresholds:\n  ghost: {acc: 1}\n");
+    let e = Suite::load(&p).unwrap_err().to_string();
+    assert!(e.contains("ghost"), "{e}");
+}
+
+/// A tiny random char-level GPT-2 with context 16 (so rolling windows are exercised).
+fn tiny_model(dir: &Path) {
+    let tok = Tokenizer::from_chars("abcdefghijklmnopqrstuvwxyz .".chars()).unwrap();
+    let cfg = format!(
+        r#"{{"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 2, "n_positions": 16, "vocab_size": {}}}"#,
+        tok.vocab_size()
+    );
+    let model = Model::init(ModelConfig::from_json(&cfg, "t").unwrap(), 3, DType::F32, &Device::Cpu).unwrap();
+    Pretrained { model, tokenizer: tok, dir: None }.save(dir).unwrap();
+}
+
+#[test]
+fn local_loglikelihoods_equal_a_direct_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_model(dir.path());
+    let p = Pretrained::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let mut b = LocalBackend::load(dir.path()).unwrap();
+    // Direct: log-probabilities of every next token of a short text.
+    let text = "the cat sat on a mat";
+    let ids = p.tokenizer.encode(text, false).unwrap();
+    let lp = |ids: &[u32]| -> Vec<f64> {
+        let input = &ids[..ids.len() - 1];
+        let t = Tensor::from_vec(input.to_vec(), (1, input.len()), &Device::Cpu).unwrap();
+        let rows = p.model.forward(&t, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        (1..ids.len()).map(|i| log_softmax(&rows[i - 1])[ids[i] as usize] as f64).collect()
+    };
+    let direct = lp(&ids[..16]);
+    let (ctx, cont) = ("the cat sat ", "on a");
+    let got = b.loglikelihood(&[(ctx.into(), cont.into())]).unwrap()[0].0;
+    let want: f64 = direct[11..15].iter().sum(); // tokens 12..16 are predicted by rows 11..15
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+
+    // Rolling over a text longer than the context: windows of 16 predictions, each with the
+    // preceding tokens (up to the context) as input; without BOS the first token is not scored.
+    let long = "the quick brown fox jumps over the lazy dog. the end.";
+    let ids = p.tokenizer.encode(long, false).unwrap();
+    let mut want = 0.0;
+    let mut a = 1;
+    while a < ids.len() {
+        let b_ = (a + 16).min(ids.len());
+        let s = b_.saturating_sub(17).min(a - 1);
+        let l = lp(&ids[s..b_]);
+        want += l[a - 1 - s..].iter().sum::<f64>();
+        a = b_;
+    }
+    let got = b.loglikelihood_rolling(&[long.into()]).unwrap()[0];
+    assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+    assert!(got < 0.0);
+    // Greedy generation respects max_gen_toks and stop strings.
+    let kw = GenerationKwargs { until: vec![], max_gen_toks: Some(5), temperature: None, do_sample: None };
+    let g = b.generate(&[("the ".into(), kw.clone())]).unwrap();
+    assert_eq!(g[0].chars().count(), 5);
+    let first: String = g[0].chars().take(2).collect();
+    let kw2 = GenerationKwargs { until: vec![first.chars().nth(1).unwrap().to_string()], ..kw };
+    let g2 = b.generate(&[("the ".into(), kw2)]).unwrap();
+    assert!(g2[0].chars().count() <= 1, "{:?} then {:?}", g[0], g2[0]);
+}

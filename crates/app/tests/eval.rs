@@ -168,3 +168,30 @@ fn local_loglikelihoods_equal_a_direct_forward() {
     let g2 = b.generate(&[("the ".into(), kw2)]).unwrap();
     assert!(g2[0].chars().count() <= 1, "{:?} then {:?}", g[0], g2[0]);
 }
+
+/// The built-in suite loads from the repository and runs end to end (on a random model, a few
+/// documents per task).
+#[test]
+fn the_builtin_shakespeare_suite_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let suite = Suite::load(&root.join("evals/shakespeare/suite.yaml")).unwrap();
+    let n: Vec<usize> = suite.tasks.iter().map(|t| t.docs.len()).collect();
+    assert_eq!(n, [300, 200]);
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(root.join("data/tinyshakespeare.txt")).unwrap();
+    let tok = Tokenizer::from_chars(text.chars()).unwrap();
+    let cfg = format!(
+        r#"{{"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 1, "n_positions": 64, "vocab_size": {}}}"#,
+        tok.vocab_size()
+    );
+    let model = Model::init(ModelConfig::from_json(&cfg, "t").unwrap(), 3, DType::F32, &Device::Cpu).unwrap();
+    Pretrained { model, tokenizer: tok, dir: None }.save(dir.path()).unwrap();
+    let mut b = LocalBackend::load(dir.path()).unwrap();
+    let opts = EvalOptions { limit: Some(4), ..Default::default() };
+    let results: Vec<_> = suite.tasks.iter().map(|t| eval::run_task(t, &mut b, &opts, &mut |_| {}).unwrap()).collect();
+    // An untrained model over 66 characters: about log2(66) ≈ 6 bits per byte.
+    let bpb = results[0].get("bits_per_byte").unwrap();
+    assert!((5.0..7.5).contains(&bpb), "{bpb}");
+    assert!(results[1].get("acc").is_some());
+    assert!(!eval::check_thresholds(&suite, &results).is_empty(), "an untrained model must fail the gate");
+}

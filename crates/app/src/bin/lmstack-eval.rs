@@ -19,7 +19,7 @@ struct Cli {
     /// Model directory.
     #[arg(long, default_value = "runs/shakespeare-char/model")]
     model: PathBuf,
-    /// Output folder (default: runs/eval/<suite name>).
+    /// Output folder (default: `runs/eval/<suite name>`).
     #[arg(long)]
     out: Option<PathBuf>,
     /// At most this many documents per task.

@@ -6,7 +6,8 @@
 //!   own, rendered as `transformers` does) live in `lmstack_core::chat`.
 //!
 //! - [`task`]: lm-evaluation-harness task YAML (the offline subset) and local datasets.
-//! - [`backend`]: log-likelihoods and generations from a model directory in-process.
+//! - [`backend`]: log-likelihoods and generations from a model directory in-process;
+//!   [`endpoint`]: the same from any OpenAI-compatible server over HTTP.
 //! - [`metrics`]: lm-eval's metric definitions, filters, standard errors.
 //! - [`eval`]: running tasks and suites, results in lm-eval's shape, thresholds.
 //! - the `lmstack-eval` binary (`cargo xtask eval`).
@@ -15,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod endpoint;
 pub mod eval;
 pub mod metrics;
 pub mod task;

@@ -34,22 +34,31 @@ async fn metric(url: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name}"))
 }
 
-fn long_stream() -> Value {
-    json!({"prompt": "Stream me", "max_tokens": 110, "ignore_eos": true, "stream": true})
+/// A generation long enough (thousands of tokens) to still be running when the test acts.
+fn long_stream(max_tokens: usize) -> Value {
+    json!({"prompt": "Stream me", "max_tokens": max_tokens, "ignore_eos": true, "stream": true})
+}
+
+fn model(dir: &std::path::Path) {
+    common::write_model_ctx(dir, 4096);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnected_stream_is_cancelled_and_its_cache_freed() {
     let dir = tempfile::tempdir().unwrap();
-    common::write_model(dir.path());
+    model(dir.path());
     let (url, _stop, _server) = start(common::options(dir.path())).await;
     let client = reqwest::Client::new();
-    let resp = client.post(format!("{url}/v1/completions")).json(&long_stream()).send().await.unwrap();
+    let resp = client.post(format!("{url}/v1/completions")).json(&long_stream(4000)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
     let first = body.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "), "{first:?}");
-    assert!(metric(&url, "lmstack_kv_cache_used_tokens").await > 0.0);
+    let t0 = Instant::now();
+    while metric(&url, "lmstack_kv_cache_used_tokens").await == 0.0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the sequence never showed in the KV cache");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     drop(body); // the client goes away mid-stream
     let t0 = Instant::now();
     loop {
@@ -63,16 +72,16 @@ async fn a_disconnected_stream_is_cancelled_and_its_cache_freed() {
     }
     assert_eq!(metric(&url, "lmstack_request_cancelled_total").await, 1.0);
     // It stopped early: far fewer tokens than asked for were generated.
-    assert!(metric(&url, "lmstack_generation_tokens_total").await < 110.0);
+    assert!(metric(&url, "lmstack_generation_tokens_total").await < 4000.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_in_flight_streams_finish() {
     let dir = tempfile::tempdir().unwrap();
-    common::write_model(dir.path());
+    model(dir.path());
     let (url, stop, server) = start(common::options(dir.path())).await;
     let client = reqwest::Client::new();
-    let resp = client.post(format!("{url}/v1/completions")).json(&long_stream()).send().await.unwrap();
+    let resp = client.post(format!("{url}/v1/completions")).json(&long_stream(1500)).send().await.unwrap();
     let mut body = resp.bytes_stream();
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
     stop.send(()).unwrap();

@@ -16,6 +16,11 @@ pub const CHARS: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 
 /// Writes the model directory (context 128) into `dir`.
 pub fn write_model(dir: &Path) {
+    write_model_ctx(dir, 128);
+}
+
+/// Writes the model directory with context `ctx` into `dir`.
+pub fn write_model_ctx(dir: &Path, ctx: usize) {
     let mut tok = Tokenizer::from_chars(CHARS.chars()).unwrap();
     tok.add_special_tokens(&["<|endoftext|>"]);
     tok.add_special_tokens(&CHATML_TOKENS);
@@ -28,7 +33,7 @@ pub fn write_model(dir: &Path) {
     .unwrap();
     tok.set_chat_template(Some(CHATML.into()));
     let cfg = format!(
-        r#"{{"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 128, "vocab_size": {}}}"#,
+        r#"{{"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": {ctx}, "vocab_size": {}}}"#,
         tok.vocab_size()
     );
     let model = Model::init(ModelConfig::from_json(&cfg, "test").unwrap(), 7, DType::F32, &Device::Cpu).unwrap();

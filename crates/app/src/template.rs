@@ -86,11 +86,7 @@ impl PromptTemplate {
 
     /// Reads and compiles a template file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let src = std::fs::read_to_string(path).map_err(|e| TemplateError::File {
-            file: path.display().to_string(),
-            line: None,
-            message: e.to_string(),
-        })?;
+        let src = read_text(path)?;
         Self::new(path.display().to_string(), &src)
     }
 
@@ -217,14 +213,19 @@ struct FewShot {
     answer: Option<PromptTemplate>,
 }
 
+/// Reads a whole text file; the error names it.
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| TemplateError::File {
+        file: path.display().to_string(),
+        line: None,
+        message: e.to_string(),
+    })
+}
+
 /// Reads a JSONL file (or a JSON array) of objects; errors name file and line.
 pub fn read_examples(path: &Path) -> Result<Vec<Value>> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| TemplateError::File {
-        file: file.clone(),
-        line: None,
-        message: e.to_string(),
-    })?;
+    let text = read_text(path)?;
     if text.trim_start().starts_with('[') {
         let v: Vec<Value> = serde_json::from_str(&text).map_err(|e| TemplateError::File {
             file: file.clone(),
@@ -258,11 +259,7 @@ impl Prompt {
     /// Loads a prompt spec; relative paths are resolved against the spec's folder.
     pub fn from_file(path: &Path) -> Result<Self> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| TemplateError::File {
-            file: file.clone(),
-            line: None,
-            message: e.to_string(),
-        })?;
+        let text = read_text(path)?;
         let spec: PromptSpec = toml::from_str(&text).map_err(|e| TemplateError::File {
             file: file.clone(),
             line: e.span().map(|s| text[..s.start].matches('\n').count() + 1),

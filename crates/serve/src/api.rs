@@ -627,12 +627,7 @@ async fn completions(
                 return;
             }
         }
-        if include_usage {
-            let mut c = head.clone();
-            c["choices"] = json!([]);
-            c["usage"] = usage(prompt_tokens, completion_tokens);
-            let _ = send(&tx, c).await;
-        }
+        finish_stream(&tx, include_usage, &head, prompt_tokens, completion_tokens).await;
     }))
 }
 
@@ -747,13 +742,18 @@ async fn chat_completions(
                 return;
             }
         }
-        if include_usage {
-            let mut c = head.clone();
-            c["choices"] = json!([]);
-            c["usage"] = usage(prompt_tokens, completion_tokens);
-            let _ = send(&tx, c).await;
-        }
+        finish_stream(&tx, include_usage, &head, prompt_tokens, completion_tokens).await;
     }))
+}
+
+/// The last chunk of a stream: usage, when the client asked for it.
+async fn finish_stream(tx: &SseTx, include_usage: bool, head: &Value, prompt_tokens: usize, completion_tokens: usize) {
+    if include_usage {
+        let mut c = head.clone();
+        c["choices"] = json!([]);
+        c["usage"] = usage(prompt_tokens, completion_tokens);
+        let _ = send(tx, c).await;
+    }
 }
 
 fn now() -> u64 {

@@ -89,11 +89,7 @@ fn seconds(name: &str, s: f64) -> Result<Duration, String> {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // The engine's matrix products run on rayon; candle's own pool gets one thread so the two
-    // do not fight over the cores (see the train binary).
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    lmstack_core::prefer_rayon_threads();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

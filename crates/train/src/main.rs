@@ -415,13 +415,7 @@ fn tokenizer_cmd(a: &TokenizerArgs) -> Result<ExitCode> {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // candle runs elementwise ops on a thread pool of its own beside rayon's (which gemm and
-    // lmstack's kernels use); on a small machine the two pools' spinning workers slow each
-    // other down (measured ~10-20% slower steps of the default run on 2 cores). Training is
-    // dominated by the rayon side, so candle's pool gets one thread unless the user says.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    lmstack_core::prefer_rayon_threads();
     let cli = Cli::parse();
     let res = match &cli.command {
         None => pretrain_cmd(&cli.pretrain),

@@ -140,13 +140,16 @@ impl Sampler {
         if logits.is_empty() {
             return Err(Error::invalid("logits", "empty logits"));
         }
-        let logp = log_softmax(logits);
+        // Log-probabilities need only the log-sum-exp: no vocabulary-sized vector per token.
+        let lse = logsumexp(logits);
+        let logp = |i: u32| (logits[i as usize] as f64 - lse) as f32;
         let mut l: Vec<f32> = logits.to_vec();
         self.apply_penalties(&mut l);
         let token = if self.params.temperature == 0.0 { argmax(&l) } else { self.draw(&l) };
         self.seen.insert(token, ());
         *self.output_counts.entry(token).or_insert(0) += 1;
-        Ok(Sampled { token, logprob: logp[token as usize], top_logprobs: top_n(&logp, self.top_n) })
+        let top_logprobs = top_n(logits, self.top_n).into_iter().map(|(i, _)| (i, logp(i))).collect();
+        Ok(Sampled { token, logprob: logp(token), top_logprobs })
     }
 
     /// Records a token chosen elsewhere (e.g. forced), for the penalties.
@@ -229,10 +232,15 @@ pub fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
+/// `ln Σ exp(x)` of one row, computed stably in f64.
+pub fn logsumexp(xs: &[f32]) -> f64 {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    xs.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max
+}
+
 /// Log-softmax of one row, computed stably in f64.
 pub fn log_softmax(xs: &[f32]) -> Vec<f32> {
-    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = xs.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = logsumexp(xs);
     xs.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
 

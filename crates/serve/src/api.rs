@@ -534,7 +534,8 @@ async fn completions(
     let choices = submit_all(r, &plan, &prompts, &req_id)?;
     let id = state.new_id("cmpl");
     let n = plan.n;
-    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum::<usize>() * n;
+    // As OpenAI and vLLM count: each prompt once, however many choices it has.
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
     // Echoed prompt text per prompt.
     let echo: Vec<Option<String>> = if req.echo {
         texts
@@ -633,7 +634,7 @@ async fn completions(
 
 /// Each prompt token's own text (for echoed `logprobs.tokens`).
 fn prompt_pieces(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
-    ids.iter().map(|&t| tok.decode(&[t], false).unwrap_or_default()).collect()
+    ids.iter().map(|&t| crate::engine::piece(tok, t)).collect()
 }
 
 async fn chat_completions(

@@ -492,7 +492,8 @@ impl Engine {
 
     /// Takes one sequence's logits from the step and samples or records as needed.
     fn advance(&mut self, i: usize, tokens: &[u32], rows: Vec<Vec<f32>>) -> Outcome {
-        let tok = self.tokenizer.clone();
+        // Disjoint borrows: no per-token clone of the tokenizer on this hot path.
+        let tok = &self.tokenizer;
         let max_len = self.model.max_len();
         let s = &mut self.running[i];
         if s.pending.take().is_none() {
@@ -506,7 +507,7 @@ impl Engine {
                 for (r, row) in rows.iter().enumerate() {
                     let p = start + r + 1;
                     if p < s.req.prompt.len() {
-                        s.prompt_lps.push(Some(token_logprob(&tok, row, s.req.prompt[p], top)));
+                        s.prompt_lps.push(Some(token_logprob(tok, row, s.req.prompt[p], top)));
                     }
                 }
             }
@@ -538,9 +539,9 @@ impl Engine {
         self.metrics.generation_tokens.inc();
         let logprob = s.req.logprobs.map(|_| TokenLogprob {
             id: sampled.token,
-            text: piece(&tok, sampled.token),
+            text: piece(tok, sampled.token),
             logprob: sampled.logprob,
-            top: sampled.top_logprobs.iter().map(|&(id, lp)| (id, piece(&tok, id), lp)).collect(),
+            top: sampled.top_logprobs.iter().map(|&(id, lp)| (id, piece(tok, id), lp)).collect(),
         });
         let is_eos = !s.req.ignore_eos && tok.eos_id() == Some(sampled.token);
         if is_eos || s.req.stop_token_ids.contains(&sampled.token) {
@@ -629,7 +630,7 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 }
 
 /// The text of one token on its own (as OpenAI's `logprobs.tokens` reports it).
-fn piece(tok: &Tokenizer, id: u32) -> String {
+pub(crate) fn piece(tok: &Tokenizer, id: u32) -> String {
     tok.decode(&[id], false).unwrap_or_default()
 }
 

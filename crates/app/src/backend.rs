@@ -28,6 +28,7 @@ pub struct LocalBackend {
     p: Pretrained,
     name: String,
     batch: usize,
+    chat: bool,
 }
 
 impl LocalBackend {
@@ -37,7 +38,29 @@ impl LocalBackend {
         if !p.model.config().is_causal() {
             anyhow::bail!("{}: eval needs a causal language model (gpt2 or llama)", dir.display());
         }
-        Ok(Self { p, name: dir.display().to_string(), batch: 32 })
+        Ok(Self { p, name: dir.display().to_string(), batch: 32, chat: false })
+    }
+
+    /// Query as a chat model (lm-eval's `--apply_chat_template`): each context of a generation
+    /// or log-likelihood request becomes one user message rendered with the model's chat
+    /// template (`tokenizer_config.json`) and the generation prompt; rolling log-likelihoods
+    /// score raw text.
+    pub fn with_chat(mut self, chat: bool) -> BackendResult<Self> {
+        if chat && self.p.tokenizer.apply_chat_template(&serde_json::json!([]), true).is_err() {
+            anyhow::bail!("{}: the tokenizer has no chat_template, so --chat cannot be used", self.name);
+        }
+        self.chat = chat;
+        Ok(self)
+    }
+
+    /// The context as the model sees it: as is, or (chat mode) one user message through the
+    /// chat template with the generation prompt.
+    fn chat_context(&self, ctx: &str) -> BackendResult<String> {
+        if !self.chat {
+            return Ok(ctx.to_owned());
+        }
+        let msgs = serde_json::json!([{"role": "user", "content": ctx}]);
+        Ok(self.p.tokenizer.apply_chat_template(&msgs, true)?)
     }
 
     fn max_len(&self) -> usize {
@@ -91,6 +114,7 @@ impl Backend for LocalBackend {
         let max = self.max_len();
         let mut items = Vec::with_capacity(reqs.len());
         for (ctx, cont) in reqs {
+            let ctx = &self.chat_context(ctx)?;
             // lm-eval: the continuation's tokens are those the whole text has beyond the context's.
             let mut ctx_ids = tok.encode(ctx, false)?;
             let whole = tok.encode(&format!("{ctx}{cont}"), false)?;
@@ -161,7 +185,7 @@ impl Backend for LocalBackend {
             let mut seqs = Vec::new();
             for (ctx, kw) in chunk {
                 let limit = kw.max_gen_toks.unwrap_or(256).min(max - 1);
-                let mut ids = tok.encode(ctx, false)?;
+                let mut ids = tok.encode(&self.chat_context(ctx)?, false)?;
                 if ids.is_empty() {
                     ids = self.prefix_token().into_iter().collect();
                 }

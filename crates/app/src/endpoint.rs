@@ -6,7 +6,9 @@
 //!   those whose `text_offset` lies inside it, greedy when each is its position's top token;
 //! - rolling log-likelihood: `POST /tokenize` (vLLM's extension, also lmstack's) for the tokens,
 //!   then token-id windows of the model's context (`GET /v1/models` → `max_model_len`);
-//! - generation: `POST /v1/completions` with `stop` = `until`, greedy.
+//! - generation: `POST /v1/completions` with `stop` = `until`, greedy; or, as a chat model
+//!   ([`EndpointBackend::with_chat`]), `POST /v1/chat/completions` with the context as one user
+//!   message (chat endpoints give no prompt log-probabilities, so only generation tasks run).
 //!
 //! Requests run with bounded concurrency, are retried with exponential backoff on connection
 //! errors, 429 (honouring `Retry-After`) and 5xx, and every answer goes to an append-only JSONL
@@ -33,6 +35,7 @@ pub struct EndpointBackend {
     client: reqwest::blocking::Client,
     concurrency: usize,
     retries: usize,
+    chat: bool,
     cache: Mutex<Cache>,
 }
 
@@ -80,6 +83,7 @@ impl EndpointBackend {
             client,
             concurrency: 8,
             retries: 5,
+            chat: false,
             cache: Mutex::new(Cache { map, file }),
         };
         if b.model.is_empty() {
@@ -101,6 +105,12 @@ impl EndpointBackend {
     /// Retries per request (default 5).
     pub fn with_retries(mut self, n: usize) -> Self {
         self.retries = n;
+        self
+    }
+
+    /// Generate through `/v1/chat/completions` (the server applies its chat template).
+    pub fn with_chat(mut self, chat: bool) -> Self {
+        self.chat = chat;
         self
     }
 
@@ -164,11 +174,36 @@ impl EndpointBackend {
 
     /// A completion request through the cache.
     fn complete(&self, body: Value) -> BackendResult<Value> {
-        let key = body.to_string();
+        self.post_cached("/completions", body)
+    }
+
+    /// One chat completion's text (through the cache).
+    pub fn chat(
+        &self,
+        messages: &[Value],
+        max_tokens: usize,
+        temperature: f32,
+        stop: &[String],
+    ) -> BackendResult<String> {
+        let mut body = json!({"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                              "temperature": temperature, "seed": 0});
+        if !stop.is_empty() {
+            body["stop"] = json!(stop);
+        }
+        let v = self.post_cached("/chat/completions", body)?;
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("the response has no choices[0].message.content"))
+    }
+
+    /// A POST through the cache (completions keep their body as the key; other paths prefix it).
+    fn post_cached(&self, path: &str, body: Value) -> BackendResult<Value> {
+        let key = if path == "/completions" { body.to_string() } else { format!("{path} {body}") };
         if let Some(v) = self.cache.lock().map_err(|_| anyhow!("cache lock poisoned"))?.map.get(&key) {
             return Ok(v.clone());
         }
-        let v = self.send("/completions", Some(&body))?;
+        let v = self.send(path, Some(&body))?;
         let mut c = self.cache.lock().map_err(|_| anyhow!("cache lock poisoned"))?;
         if let Some(f) = c.file.as_mut() {
             let line = json!({"key": key, "response": v}).to_string() + "\n";
@@ -180,7 +215,11 @@ impl EndpointBackend {
     }
 
     /// Runs `f` over `items` with bounded concurrency, keeping order.
-    fn map<T: Sync, R: Send>(&self, items: &[T], f: impl Fn(&T) -> BackendResult<R> + Sync) -> BackendResult<Vec<R>> {
+    pub(crate) fn map<T: Sync, R: Send>(
+        &self,
+        items: &[T],
+        f: impl Fn(&T) -> BackendResult<R> + Sync,
+    ) -> BackendResult<Vec<R>> {
         let next = AtomicUsize::new(0);
         let out: Mutex<Vec<Option<BackendResult<R>>>> = Mutex::new((0..items.len()).map(|_| None).collect());
         std::thread::scope(|s| {
@@ -250,6 +289,15 @@ impl EndpointBackend {
     }
 }
 
+impl EndpointBackend {
+    fn no_chat(&self) -> BackendResult<()> {
+        if self.chat {
+            bail!("log-likelihood tasks need /v1/completions with echo and logprobs; a chat endpoint cannot score them (drop --chat)");
+        }
+        Ok(())
+    }
+}
+
 /// Log-probabilities of the prompt tokens whose offsets fall in `[from, to)` (characters),
 /// and whether each was its position's most likely token.
 fn span_logprobs(v: &Value, from: usize, to: usize) -> BackendResult<(f64, bool, usize)> {
@@ -283,6 +331,7 @@ impl Backend for EndpointBackend {
     }
 
     fn loglikelihood(&mut self, reqs: &[(String, String)]) -> BackendResult<Vec<(f64, bool)>> {
+        self.no_chat()?;
         // With /tokenize (vLLM, lmstack): token-id prompts cut from the left to the context, as
         // lm-eval's tokenized requests; without: text prompts and `text_offset`.
         let max = self.max_len().ok();
@@ -315,6 +364,7 @@ impl Backend for EndpointBackend {
     }
 
     fn loglikelihood_rolling(&mut self, texts: &[String]) -> BackendResult<Vec<f64>> {
+        self.no_chat()?;
         let max = self.max_len()?;
         // Windows of max - 1 prompt tokens: the request also generates one.
         let w = max.saturating_sub(1).max(2);
@@ -335,6 +385,10 @@ impl Backend for EndpointBackend {
 
     fn generate(&mut self, reqs: &[(String, GenerationKwargs)]) -> BackendResult<Vec<String>> {
         self.map(reqs, |(ctx, kw)| {
+            if self.chat {
+                let msg = [json!({"role": "user", "content": ctx})];
+                return self.chat(&msg, kw.max_gen_toks.unwrap_or(256), kw.temperature.unwrap_or(0.0), &kw.until);
+            }
             let mut body = json!({"model": self.model, "prompt": ctx, "max_tokens": kw.max_gen_toks.unwrap_or(256),
                                   "temperature": kw.temperature.unwrap_or(0.0), "seed": 0});
             if !kw.until.is_empty() {

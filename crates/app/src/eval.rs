@@ -17,9 +17,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::assertions::{Assertion, Judge};
 use crate::backend::Backend;
-use crate::metrics::{self, apply_filters, exact_match, mean_stderr, ratio_stderr};
-use crate::task::{OutputType, Task, TaskError};
+use crate::metrics::{self, aggregation, apply_filters, exact_match, value_stderr, Stats};
+use crate::task::{FilterStep, OutputType, Task, TaskError};
 
 /// Run settings.
 #[derive(Debug, Clone)]
@@ -61,31 +62,32 @@ impl TaskResult {
     }
 }
 
-fn metric_names(task: &Task) -> Vec<String> {
-    if task.config.metric_list.is_empty() {
-        metrics::metrics_for(task.config.output_type).iter().map(|s| s.to_string()).collect()
-    } else {
-        task.config.metric_list.iter().map(|m| m.metric.clone()).collect()
-    }
-}
-
-/// Evaluates one task; `progress` is called with the number of documents done.
+/// Evaluates one task; `progress` is called with the number of documents done. Tasks with
+/// `llm-rubric` assertions need a `judge`.
 pub fn run_task(
     task: &Task,
     backend: &mut dyn Backend,
+    judge: Option<&Judge>,
     opts: &EvalOptions,
     progress: &mut dyn FnMut(usize),
 ) -> anyhow::Result<TaskResult> {
     let n = opts.limit.map_or(task.docs.len(), |l| l.min(task.docs.len()));
-    let names = metric_names(task);
+    let names = task.metric_names();
+    let wanted = |key: &str| names.iter().any(|m| key.split(',').next() == Some(m.as_str()));
+    if judge.is_none() && task.assertions.iter().any(Assertion::is_model_graded) {
+        anyhow::bail!(
+            "{}: llm-rubric assertions need a judge model; pass --judge URL (an OpenAI-compatible endpoint)",
+            task.file.display()
+        );
+    }
     let mut samples = Vec::with_capacity(n);
-    let mut per_metric: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    let mut metrics = BTreeMap::new();
+    // "metric,filter" → each document's statistics, in document order.
+    let mut stats: BTreeMap<String, Vec<Stats>> = BTreeMap::new();
     let chunk = 64;
-    let mut rolling: Vec<(f64, f64, f64)> = Vec::new(); // (ll, words, bytes)
-    let mut ppl_ll: Vec<f64> = Vec::new();
     for start in (0..n).step_by(chunk) {
         let ids: Vec<usize> = (start..(start + chunk).min(n)).collect();
+        // Per document of the chunk: its record and its statistics.
+        let mut recs: Vec<(Value, BTreeMap<String, Stats>)> = Vec::new();
         match task.config.output_type {
             OutputType::MultipleChoice => {
                 let mut reqs = Vec::new();
@@ -102,17 +104,18 @@ pub fn run_task(
                 let lls = backend.loglikelihood(&reqs)?;
                 for (&i, (at, choices, gold, ctx)) in ids.iter().zip(spans) {
                     let ll: Vec<f64> = lls[at..at + choices.len()].iter().map(|x| x.0).collect();
-                    let best = argmax(&ll);
                     let norm: Vec<f64> =
                         ll.iter().zip(&choices).map(|(l, c)| l / c.chars().count().max(1) as f64).collect();
-                    let acc = f64::from(u8::from(best == gold));
+                    let acc = f64::from(u8::from(argmax(&ll) == gold));
                     let acc_norm = f64::from(u8::from(argmax(&norm) == gold));
-                    per_metric.entry("acc".into()).or_default().push(acc);
-                    per_metric.entry("acc_norm".into()).or_default().push(acc_norm);
-                    samples.push(json!({
+                    let rec = json!({
                         "doc_id": i, "doc": task.docs[i], "target": gold, "arguments": {"context": ctx, "choices": choices},
                         "resps": ll, "acc": acc, "acc_norm": acc_norm,
-                    }));
+                    });
+                    recs.push((
+                        rec,
+                        BTreeMap::from([("acc,none".into(), vec![acc]), ("acc_norm,none".into(), vec![acc_norm])]),
+                    ));
                 }
             }
             OutputType::Loglikelihood => {
@@ -124,12 +127,14 @@ pub fn run_task(
                 let lls = backend.loglikelihood(&reqs)?;
                 for ((&i, (ctx, cont)), (ll, greedy)) in ids.iter().zip(&reqs).zip(lls) {
                     let acc = f64::from(u8::from(greedy));
-                    per_metric.entry("acc".into()).or_default().push(acc);
-                    ppl_ll.push(ll);
-                    samples.push(json!({
+                    let rec = json!({
                         "doc_id": i, "doc": task.docs[i], "target": cont, "arguments": {"context": ctx, "continuation": cont},
                         "resps": [ll, greedy], "acc": acc, "perplexity": ll,
-                    }));
+                    });
+                    recs.push((
+                        rec,
+                        BTreeMap::from([("acc,none".into(), vec![acc]), ("perplexity,none".into(), vec![ll])]),
+                    ));
                 }
             }
             OutputType::LoglikelihoodRolling => {
@@ -138,82 +143,135 @@ pub fn run_task(
                 let lls = backend.loglikelihood_rolling(&texts)?;
                 for ((&i, text), ll) in ids.iter().zip(&texts).zip(lls) {
                     let (w, b) = (metrics::count_words(text) as f64, text.len() as f64);
-                    rolling.push((ll, w, b));
-                    samples.push(json!({
+                    let rec = json!({
                         "doc_id": i, "doc": task.docs[i], "target": text, "resps": ll, "words": w, "bytes": b,
-                    }));
+                    });
+                    recs.push((
+                        rec,
+                        BTreeMap::from([
+                            ("word_perplexity,none".into(), vec![ll, w]),
+                            ("byte_perplexity,none".into(), vec![ll, b]),
+                            ("bits_per_byte,none".into(), vec![ll, b]),
+                        ]),
+                    ));
                 }
             }
-            OutputType::GenerateUntil => {
-                let mut reqs = Vec::new();
-                for &i in &ids {
-                    reqs.push((task.context(i, opts.seed)?, task.config.generation_kwargs.clone()));
-                }
-                let outs = backend.generate(&reqs)?;
-                let filters: Vec<(String, Vec<crate::task::FilterStep>)> = if task.config.filter_list.is_empty() {
-                    vec![("none".into(), Vec::new())]
-                } else {
-                    task.config.filter_list.iter().map(|f| (f.name.clone(), f.filter.clone())).collect()
-                };
-                let spec = task.config.metric_list.iter().find(|m| m.metric == "exact_match");
-                for ((&i, (ctx, _)), out) in ids.iter().zip(&reqs).zip(outs) {
-                    let target = task.doc_to_target(&task.docs[i])?;
-                    let mut filtered = Map::new();
-                    let mut scores = Map::new();
-                    for (name, steps) in &filters {
-                        let f = apply_filters(steps, &out);
-                        let em = exact_match(&f, &target, spec);
-                        per_metric.entry(format!("exact_match,{name}")).or_default().push(em);
-                        filtered.insert(name.clone(), json!(f));
-                        scores.insert(name.clone(), json!(em));
-                    }
-                    samples.push(json!({
-                        "doc_id": i, "doc": task.docs[i], "target": target, "arguments": {"context": ctx},
-                        "resps": [out], "filtered_resps": filtered, "exact_match": scores,
-                    }));
-                }
+            OutputType::GenerateUntil => recs = generate_chunk(task, backend, judge, opts, &ids)?,
+        }
+        for (mut rec, st) in recs {
+            let st: BTreeMap<String, Stats> = st.into_iter().filter(|(k, _)| wanted(k)).collect();
+            let scores: Map<String, Value> =
+                st.iter().map(|(k, v)| (k.clone(), if v.len() == 1 { json!(v[0]) } else { json!(v) })).collect();
+            rec["scores"] = Value::Object(scores);
+            for (k, v) in st {
+                stats.entry(k).or_default().push(v);
             }
+            samples.push(rec);
         }
         progress(ids.len());
     }
-    let ln2 = std::f64::consts::LN_2;
-    let iters = opts.bootstrap_iters;
-    for name in names {
-        match name.as_str() {
-            "acc" | "acc_norm" => {
-                let (m, se) = mean_stderr(&per_metric[&name]);
-                metrics.insert(format!("{name},none"), m);
-                metrics.insert(format!("{name}_stderr,none"), se);
-            }
-            "exact_match" => {
-                for (k, v) in per_metric.iter().filter(|(k, _)| k.starts_with("exact_match,")) {
-                    let (m, se) = mean_stderr(v);
-                    let filter = k.split_once(',').map_or("none", |x| x.1);
-                    metrics.insert(k.clone(), m);
-                    metrics.insert(format!("exact_match_stderr,{filter}"), se);
-                }
-            }
-            "perplexity" => {
-                let pairs: Vec<(f64, f64)> = ppl_ll.iter().map(|&l| (l, 1.0)).collect();
-                let (v, se) = ratio_stderr(&pairs, |l, n| (-l / n).exp(), iters, opts.seed);
-                metrics.insert("perplexity,none".into(), v);
-                metrics.insert("perplexity_stderr,none".into(), se);
-            }
-            "word_perplexity" | "byte_perplexity" | "bits_per_byte" => {
-                let pairs: Vec<(f64, f64)> =
-                    rolling.iter().map(|&(l, w, b)| (l, if name == "word_perplexity" { w } else { b })).collect();
-                let f = |l: f64, d: f64| match name.as_str() {
-                    "bits_per_byte" => -l / d / ln2,
-                    _ => (-l / d).exp(),
-                };
-                let (v, se) = ratio_stderr(&pairs, f, iters, opts.seed);
-                metrics.insert(format!("{name},none"), v);
-                metrics.insert(format!("{name}_stderr,none"), se);
-            }
-            other => anyhow::bail!("metric `{other}` cannot be computed"),
+    let mut metrics = BTreeMap::new();
+    for (key, docs) in &stats {
+        let (metric, filter) = key.split_once(',').unwrap_or((key, "none"));
+        let (v, se) = value_stderr(aggregation(metric), docs, opts.bootstrap_iters, opts.seed);
+        metrics.insert(key.clone(), v);
+        metrics.insert(format!("{metric}_stderr,{filter}"), se);
+    }
+    for name in &names {
+        if !stats.keys().any(|k| k.split(',').next() == Some(name.as_str())) && n > 0 {
+            anyhow::bail!("metric `{name}` cannot be computed for this task");
         }
     }
     Ok(TaskResult { name: task.config.task.clone(), metrics, samples })
+}
+
+/// Generates for a chunk of documents and scores each output under each filter: text metrics,
+/// assertions (deterministic ones here, rubric ones by the judge in one concurrent batch).
+fn generate_chunk(
+    task: &Task,
+    backend: &mut dyn Backend,
+    judge: Option<&Judge>,
+    opts: &EvalOptions,
+    ids: &[usize],
+) -> anyhow::Result<Vec<(Value, BTreeMap<String, Stats>)>> {
+    let mut reqs = Vec::new();
+    for &i in ids {
+        reqs.push((task.context(i, opts.seed)?, task.config.generation_kwargs.clone()));
+    }
+    let outs = backend.generate(&reqs)?;
+    let filters: Vec<(String, Vec<FilterStep>)> = if task.config.filter_list.is_empty() {
+        vec![("none".into(), Vec::new())]
+    } else {
+        task.config.filter_list.iter().map(|f| (f.name.clone(), f.filter.clone())).collect()
+    };
+    let spec = task.config.metric_list.iter().find(|m| m.metric == "exact_match");
+    let mut recs = Vec::new();
+    // (record, filter, assertion index) awaiting the judge, with what it grades.
+    let mut pending: Vec<(usize, String, usize)> = Vec::new();
+    let mut to_grade: Vec<(&Assertion, String, Value)> = Vec::new();
+    for ((&i, (ctx, _)), out) in ids.iter().zip(&reqs).zip(outs) {
+        let doc = &task.docs[i];
+        let target = task.doc_to_target(doc)?;
+        let mut vars = doc.clone();
+        if let Value::Object(m) = &mut vars {
+            m.insert("target".into(), json!(target));
+        } else {
+            vars = json!({"doc": doc, "target": target});
+        }
+        let mut st = BTreeMap::new();
+        let mut filtered = Map::new();
+        let mut asserted = Map::new();
+        for (name, steps) in &filters {
+            let f = apply_filters(steps, &out);
+            st.insert(format!("exact_match,{name}"), vec![exact_match(&f, &target, spec)]);
+            st.insert(format!("f1,{name}"), vec![metrics::token_f1(&f, &target)]);
+            st.insert(format!("bleu,{name}"), metrics::bleu_stats(&f, &target));
+            st.insert(format!("chrf,{name}"), metrics::chrf_stats(&f, &target));
+            st.insert(format!("rougeL,{name}"), vec![metrics::rouge_l(&f, &target)]);
+            let mut outcomes = Vec::new();
+            for (k, a) in task.assertions.iter().enumerate() {
+                if a.is_model_graded() {
+                    pending.push((recs.len(), name.clone(), k));
+                    to_grade.push((a, f.clone(), vars.clone()));
+                    outcomes.push(Value::Null);
+                } else {
+                    let o = a.check(&f, &vars).map_err(|e| anyhow::anyhow!("{}: doc {i}: {e}", task.file.display()))?;
+                    st.insert(format!("{},{name}", a.metric), vec![o.score]);
+                    outcomes.push(json!({"metric": a.metric, "pass": o.pass, "score": o.score, "reason": o.reason}));
+                }
+            }
+            if !task.assertions.is_empty() {
+                asserted.insert(name.clone(), Value::Array(outcomes));
+            }
+            filtered.insert(name.clone(), json!(f));
+        }
+        let mut rec = json!({
+            "doc_id": i, "doc": doc, "target": target, "arguments": {"context": ctx},
+            "resps": [out], "filtered_resps": filtered,
+        });
+        if !asserted.is_empty() {
+            rec["assertions"] = Value::Object(asserted);
+        }
+        recs.push((rec, st));
+    }
+    if let (Some(judge), false) = (judge, to_grade.is_empty()) {
+        let graded = judge.grade(&to_grade)?;
+        for ((r, filter, k), o) in pending.into_iter().zip(graded) {
+            let a = &task.assertions[k];
+            let (rec, st) = &mut recs[r];
+            st.insert(format!("{},{filter}", a.metric), vec![o.score]);
+            rec["assertions"][&filter][k] = json!({"metric": a.metric, "pass": o.pass, "score": o.score, "reason": o.reason, "judge": judge.name()});
+        }
+    }
+    if !task.assertions.is_empty() {
+        for (rec, st) in &mut recs {
+            for (name, _) in &filters {
+                let all = rec["assertions"][name].as_array().is_some_and(|a| a.iter().all(|o| o["pass"] == true));
+                st.insert(format!("pass,{name}"), vec![f64::from(u8::from(all))]);
+            }
+        }
+    }
+    Ok(recs)
 }
 
 fn argmax(xs: &[f64]) -> usize {
@@ -280,7 +338,7 @@ impl Suite {
                 .find(|x| &x.config.task == t)
                 .ok_or_else(|| anyhow::anyhow!("{file}: thresholds: `{t}` is not a task of this suite"))?;
             for m in ms.keys() {
-                if !metric_names(task).contains(m) {
+                if !task.metric_names().contains(m) {
                     anyhow::bail!("{file}: thresholds.{t}: `{m}` is not one of the task's metrics");
                 }
             }
@@ -351,4 +409,32 @@ pub fn markdown(results: &[TaskResult]) -> String {
         }
     }
     s
+}
+
+/// Writes a finished run to `out`: `results.json`, `samples_<task>.jsonl`, `summary.md` and the
+/// self-contained `report.html` (each written atomically).
+pub fn write_run(
+    out: &Path,
+    suite: &Suite,
+    results: &[TaskResult],
+    model: &str,
+    opts: &EvalOptions,
+) -> anyhow::Result<()> {
+    use lmstack_core::io::write_atomic;
+    std::fs::create_dir_all(out)?;
+    for r in results {
+        let mut lines = String::new();
+        for s in &r.samples {
+            lines.push_str(&s.to_string());
+            lines.push('\n');
+        }
+        write_atomic(&out.join(format!("samples_{}.jsonl", r.name)), lines.as_bytes())?;
+    }
+    let json = results_json(suite, results, model, opts);
+    write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
+    let md = format!("# {} on {model}\n\n{}", suite.config.name, markdown(results));
+    write_atomic(&out.join("summary.md"), md.as_bytes())?;
+    let html = crate::report::run_report(&crate::compare::Run::load(out)?)?;
+    write_atomic(&out.join("report.html"), html.as_bytes())?;
+    Ok(())
 }

@@ -15,9 +15,12 @@
 //! Depends on `lmstack-core`; may call a server over HTTP but never links `lmstack-serve`.
 #![deny(missing_docs)]
 
+pub mod assertions;
 pub mod backend;
+pub mod compare;
 pub mod endpoint;
 pub mod eval;
 pub mod metrics;
+pub mod report;
 pub mod task;
 pub mod template;

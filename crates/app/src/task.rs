@@ -9,6 +9,9 @@
 //! `max_gen_toks`, `temperature`, `do_sample`), `filter_list` (`regex`, `take_first`,
 //! `lowercase`, `uppercase`, `strip`), `metric_list`, `metadata` (`version`), `tag`. Any other key
 //! is an error naming it: an lm-eval task that runs here means what it means there.
+//!
+//! One lmstack extension: `assert`, a list of promptfoo-style assertions on generations (see
+//! [`crate::assertions`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::assertions::{Assertion, AssertionSpec};
 use crate::template::{read_examples, PromptTemplate, TemplateError};
 
 /// A task error: which file and what.
@@ -186,6 +190,9 @@ pub struct TaskConfig {
     /// `version`.
     #[serde(default)]
     pub metadata: Option<Value>,
+    /// promptfoo-style assertions on generations (lmstack's extension).
+    #[serde(default, rename = "assert", skip_serializing_if = "Vec::is_empty")]
+    pub assertions: Vec<AssertionSpec>,
 }
 
 /// A loaded task: its config, documents and compiled templates.
@@ -202,6 +209,8 @@ pub struct Task {
     /// Whether few-shot examples come from the evaluated split (then a document is never its
     /// own example).
     pub fewshot_is_test: bool,
+    /// The compiled `assert` list.
+    pub assertions: Vec<Assertion>,
     text: Field,
     target: Field,
     choice: Option<Field>,
@@ -353,7 +362,37 @@ impl Task {
                 crate::metrics::check_filter(s).map_err(|e| err(format!("filter_list `{}`: {e}", f.name)))?;
             }
         }
-        Ok(Self { config, file: file.to_owned(), docs, fewshot_docs, fewshot_is_test, text, target, choice })
+        let mut assertions: Vec<Assertion> = Vec::new();
+        for (i, a) in config.assertions.iter().enumerate() {
+            if config.output_type != OutputType::GenerateUntil {
+                return Err(err(format!(
+                    "assert: assertions check generations; this task is {:?}",
+                    config.output_type
+                )));
+            }
+            let a = Assertion::new(a).map_err(|e| err(format!("assert[{i}].{e}")))?;
+            let taken = assertions.iter().any(|b| b.metric == a.metric)
+                || a.metric == "pass"
+                || crate::metrics::metrics_for(config.output_type).contains(&a.metric.as_str());
+            if taken {
+                return Err(err(format!(
+                    "assert[{i}]: the metric name `{}` is already used; give the assertion its own `metric:`",
+                    a.metric
+                )));
+            }
+            assertions.push(a);
+        }
+        Ok(Self {
+            config,
+            file: file.to_owned(),
+            docs,
+            fewshot_docs,
+            fewshot_is_test,
+            assertions,
+            text,
+            target,
+            choice,
+        })
     }
 
     fn render(&self, f: &Field, doc: &Value) -> Result<String, TaskError> {
@@ -461,6 +500,27 @@ impl Task {
             }
         };
         picked.into_iter().map(|j| &self.fewshot_docs[j]).collect()
+    }
+
+    /// The metrics the task reports: `metric_list` (or its output type's defaults when empty
+    /// and there are no assertions), then each assertion's and `pass` (all assertions held).
+    pub fn metric_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = if self.config.metric_list.is_empty() {
+            if self.assertions.is_empty() {
+                let defaults = crate::metrics::metrics_for(self.config.output_type);
+                let n = if self.config.output_type == OutputType::GenerateUntil { 1 } else { defaults.len() };
+                defaults[..n].iter().map(|s| s.to_string()).collect()
+            } else {
+                Vec::new()
+            }
+        } else {
+            self.config.metric_list.iter().map(|m| m.metric.clone()).collect()
+        };
+        if !self.assertions.is_empty() {
+            names.extend(self.assertions.iter().map(|a| a.metric.clone()));
+            names.push("pass".into());
+        }
+        names
     }
 
     /// The task's version (`metadata.version`, default 1.0).

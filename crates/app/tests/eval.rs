@@ -47,7 +47,7 @@ fn multiple_choice_and_generation_metrics_follow_lm_eval() {
         "task: mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: mc.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"Q: {{q}}\"\ndoc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
     );
     let task = Task::load(&mc).unwrap();
-    let r = eval::run_task(&task, &mut Scripted, &EvalOptions::default(), &mut |_| {}).unwrap();
+    let r = eval::run_task(&task, &mut Scripted, None, &EvalOptions::default(), &mut |_| {}).unwrap();
     // doc 0: ll(a) = -2, ll(xx) = -1 → right. doc 1: ll(xb) = -2, ll(bbbbbbbb) = -9 → wrong;
     // normalised by length: -2/2 = -1 vs -9/8 → still wrong.
     assert_eq!(r.get("acc"), Some(0.5));
@@ -62,7 +62,7 @@ fn multiple_choice_and_generation_metrics_follow_lm_eval() {
         "task: gen\ndataset_path: csv\ndataset_kwargs:\n  data_files:\n    test: gen.csv\ntest_split: test\noutput_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\nfilter_list:\n  - name: get-answer\n    filter:\n      - function: regex\n        regex_pattern: \"answer is (\\\\d+)\"\n      - function: take_first\nmetric_list:\n  - metric: exact_match\n",
     );
     let task = Task::load(&gen).unwrap();
-    let r = eval::run_task(&task, &mut Scripted, &EvalOptions::default(), &mut |_| {}).unwrap();
+    let r = eval::run_task(&task, &mut Scripted, None, &EvalOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(r.metrics["exact_match,get-answer"], 0.5);
     assert_eq!(r.samples[0]["filtered_resps"]["get-answer"], "4");
 
@@ -75,7 +75,7 @@ fn multiple_choice_and_generation_metrics_follow_lm_eval() {
     let results: Vec<_> = suite
         .tasks
         .iter()
-        .map(|t| eval::run_task(t, &mut Scripted, &EvalOptions::default(), &mut |_| {}).unwrap())
+        .map(|t| eval::run_task(t, &mut Scripted, None, &EvalOptions::default(), &mut |_| {}).unwrap())
         .collect();
     let bad = eval::check_thresholds(&suite, &results);
     assert_eq!(bad.len(), 1, "{bad:?}");
@@ -188,7 +188,8 @@ fn the_builtin_shakespeare_suite_runs() {
     Pretrained { model, tokenizer: tok, dir: None }.save(dir.path()).unwrap();
     let mut b = LocalBackend::load(dir.path()).unwrap();
     let opts = EvalOptions { limit: Some(4), ..Default::default() };
-    let results: Vec<_> = suite.tasks.iter().map(|t| eval::run_task(t, &mut b, &opts, &mut |_| {}).unwrap()).collect();
+    let results: Vec<_> =
+        suite.tasks.iter().map(|t| eval::run_task(t, &mut b, None, &opts, &mut |_| {}).unwrap()).collect();
     // An untrained model over 66 characters: about log2(66) ≈ 6 bits per byte.
     let bpb = results[0].get("bits_per_byte").unwrap();
     assert!((5.0..7.5).contains(&bpb), "{bpb}");

@@ -1,19 +1,57 @@
-//! `lmstack-eval` (front door: `cargo xtask eval`): runs an eval suite on a model directory and
-//! writes lm-eval-shaped results, per-sample JSONL and a Markdown summary; exits 1 when a
-//! suite threshold is not met.
+//! `lmstack-eval` (front door: `cargo xtask eval`): runs an eval suite on a model directory or
+//! an OpenAI-compatible endpoint and writes lm-eval-shaped results, per-sample JSONL, a Markdown
+//! summary and an HTML report; exits 1 when a suite threshold is not met.
+//! `lmstack-eval compare A B` compares two runs on the same documents (paired tests) and writes
+//! a side-by-side HTML report; exits 1 when B is significantly worse on some metric.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use lmstack_app::assertions::Judge;
 use lmstack_app::backend::{Backend, LocalBackend};
+use lmstack_app::compare::{self, Run};
 use lmstack_app::endpoint::EndpointBackend;
 use lmstack_app::eval::{self, EvalOptions, Suite};
+use lmstack_app::report;
 
-/// Evaluate a model on an eval suite (lm-evaluation-harness task files).
+/// Evaluate a model on an eval suite (lm-evaluation-harness task files), or compare two runs.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Compare two runs on the same documents: paired bootstrap intervals, McNemar's test for
+    /// 0/1 scores, and a side-by-side HTML report. Exits 1 when B is significantly worse.
+    Compare {
+        /// Run A's output folder (the baseline).
+        a: PathBuf,
+        /// Run B's output folder.
+        b: PathBuf,
+        /// Where to write the HTML report (default: `<B>/compare.html`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Significance level.
+        #[arg(long, default_value_t = 0.05)]
+        alpha: f64,
+        /// Bootstrap resamples.
+        #[arg(long, default_value_t = 2000)]
+        bootstrap_iters: usize,
+        /// Bootstrap seed.
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+    },
+}
+
+/// Running a suite.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
     /// Suite YAML.
     #[arg(long, default_value = "evals/shakespeare/suite.yaml")]
     suite: PathBuf,
@@ -44,9 +82,23 @@ struct Cli {
     /// Bootstrap resamples for corpus-level metrics.
     #[arg(long, default_value_t = 1000)]
     bootstrap_iters: usize,
+    /// Query as a chat model: contexts go through the model's chat template (local) or to
+    /// `/v1/chat/completions` (endpoint; generation tasks only).
+    #[arg(long)]
+    chat: bool,
+    /// A judge model for `llm-rubric` assertions: an OpenAI-compatible endpoint
+    /// (e.g. http://localhost:8000/v1).
+    #[arg(long)]
+    judge: Option<String>,
+    /// The judge endpoint's model name (default: the first it lists).
+    #[arg(long)]
+    judge_model: Option<String>,
+    /// Bearer token for the judge endpoint.
+    #[arg(long, env = "LMSTACK_JUDGE_API_KEY", hide_env_values = true)]
+    judge_api_key: Option<String>,
 }
 
-fn run(cli: Cli) -> anyhow::Result<bool> {
+fn run(cli: RunArgs) -> anyhow::Result<bool> {
     let suite = Suite::load(&cli.suite)?;
     let opts = EvalOptions { limit: cli.limit, seed: cli.seed, bootstrap_iters: cli.bootstrap_iters };
     let out = cli.out.clone().unwrap_or_else(|| PathBuf::from("runs/eval").join(&suite.config.name));
@@ -55,7 +107,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Some(url) => {
             let cache = lmstack_app::endpoint::default_cache(&out);
             let b = EndpointBackend::new(url, cli.endpoint_model.as_deref(), cli.api_key.clone(), Some(&cache))?
-                .with_concurrency(cli.concurrency);
+                .with_concurrency(cli.concurrency)
+                .with_chat(cli.chat);
             if b.cached() > 0 {
                 eprintln!("resuming: {} answers cached in {}", b.cached(), cache.display());
             }
@@ -69,8 +122,17 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     cli.model.display()
                 );
             }
-            (Box::new(LocalBackend::load(&cli.model)?), cli.model.display().to_string())
+            (Box::new(LocalBackend::load(&cli.model)?.with_chat(cli.chat)?), cli.model.display().to_string())
         }
+    };
+    let judge = match &cli.judge {
+        Some(url) => {
+            let cache = out.join("judge_cache.jsonl");
+            let e = EndpointBackend::new(url, cli.judge_model.as_deref(), cli.judge_api_key.clone(), Some(&cache))?
+                .with_concurrency(cli.concurrency);
+            Some(Judge::new(e))
+        }
+        None => None,
     };
     let mut results = Vec::new();
     for task in &suite.tasks {
@@ -80,21 +142,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 .expect("valid template"),
         );
         bar.set_prefix(task.config.task.clone());
-        let r = eval::run_task(task, backend.as_mut(), &opts, &mut |k| bar.inc(k as u64))?;
+        let r = eval::run_task(task, backend.as_mut(), judge.as_ref(), &opts, &mut |k| bar.inc(k as u64))?;
         bar.finish();
-        let lines: Vec<String> = r.samples.iter().map(|s| s.to_string()).collect();
-        lmstack_core::io::write_atomic(
-            &out.join(format!("samples_{}.jsonl", r.name)),
-            (lines.join("\n") + "\n").as_bytes(),
-        )?;
         results.push(r);
     }
-    let json = eval::results_json(&suite, &results, &model, &opts);
-    lmstack_core::io::write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&json)?.as_bytes())?;
-    let md = format!("# {} on {model}\n\n{}", suite.config.name, eval::markdown(&results));
-    lmstack_core::io::write_atomic(&out.join("summary.md"), md.as_bytes())?;
+    eval::write_run(&out, &suite, &results, &model, &opts)?;
     println!("\n{}", eval::markdown(&results));
-    println!("results: {}/results.json, samples: {}/samples_*.jsonl", out.display(), out.display());
+    println!("results: {0}/results.json, samples: {0}/samples_*.jsonl, report: {0}/report.html", out.display());
     let bad = eval::check_thresholds(&suite, &results);
     for b in &bad {
         eprintln!("threshold not met: {b}");
@@ -102,9 +156,31 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     Ok(bad.is_empty())
 }
 
+fn compare_runs(a: &Path, b: &Path, out: Option<PathBuf>, alpha: f64, iters: usize, seed: u64) -> anyhow::Result<bool> {
+    let (ra, rb) = (Run::load(a)?, Run::load(b)?);
+    let cs = compare::compare(&ra, &rb, iters, seed)?;
+    println!("A = {} ({})\nB = {} ({})\n", ra.model(), a.display(), rb.model(), b.display());
+    println!("{}", compare::markdown(&cs, alpha));
+    let out = out.unwrap_or_else(|| b.join("compare.html"));
+    lmstack_core::io::write_atomic(&out, report::compare_report(&ra, &rb, &cs, alpha)?.as_bytes())?;
+    println!("report: {}", out.display());
+    let worse: Vec<_> = cs.iter().filter(|c| c.verdict(alpha) == "A better").collect();
+    for c in &worse {
+        eprintln!("B is significantly worse: {} {} {:.4} → {:.4} (p = {:.3})", c.task, c.metric, c.a, c.b, c.p);
+    }
+    Ok(worse.is_empty())
+}
+
 fn main() -> ExitCode {
     lmstack_core::prefer_rayon_threads();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let outcome = match cli.cmd {
+        Some(Cmd::Compare { a, b, out, alpha, bootstrap_iters, seed }) => {
+            compare_runs(&a, &b, out, alpha, bootstrap_iters, seed)
+        }
+        None => run(cli.run),
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {

@@ -1,6 +1,7 @@
 """Builds the Shakespeare eval data from the held-out last 10% of data/tinyshakespeare.txt
 (the part `train` validates on): val.jsonl (paragraphs, for perplexity / bits per byte) and
-cloze.jsonl (a line with its true last word against three last words of other lines).
+cloze.jsonl (a line with its true last word against three last words of other lines) and
+continue.jsonl (a line's first half; the model writes the rest, scored against the true rest).
 Deterministic; run from the repository root: python3 evals/shakespeare/make_data.py"""
 import json
 import random
@@ -33,4 +34,16 @@ for i, line in rng.sample(cands, 200):
 with open("evals/shakespeare/cloze.jsonl", "w") as f:
     for it in items:
         f.write(json.dumps(it) + "\n")
-print(len(paras[:300]), "paragraphs,", len(items), "cloze items")
+
+rng2 = random.Random(4321)
+conts = []
+long_lines = [(i, l) for i, l in enumerate(lines) if len(l.split()) >= 8]
+for i, line in rng2.sample(long_lines, 100):
+    words = line.split()
+    half = len(words) // 2
+    prev = lines[i - 1] if i > 0 else ""
+    conts.append({"context": (prev + "\n" + " ".join(words[:half])).strip("\n"), "rest": " ".join(words[half:])})
+with open("evals/shakespeare/continue.jsonl", "w") as f:
+    for it in conts:
+        f.write(json.dumps(it) + "\n")
+print(len(paras[:300]), "paragraphs,", len(items), "cloze items,", len(conts), "continuations")

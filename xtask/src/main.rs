@@ -19,7 +19,7 @@
 //!
 //! - `eval [--suite S] [--model DIR] [--limit N] …`: runs an eval suite (default: the
 //!   Shakespeare suite on the default model) through `lmstack-eval`; exits non-zero when a
-//!   suite threshold is not met.
+//!   suite threshold is not met. `eval compare A B` compares two runs (paired tests).
 //!
 //! Kept nearly dependency-free (serde_json only) so it compiles in seconds.
 

@@ -100,7 +100,8 @@ impl Comparison {
 
     /// In words: which run is better, or that the difference may be chance (at `alpha`).
     pub fn verdict(&self, alpha: f64) -> &'static str {
-        if !(self.p < alpha) || self.diff() == 0.0 {
+        let significant = self.p < alpha;
+        if !significant || self.diff() == 0.0 {
             "no significant difference"
         } else if (self.diff() > 0.0) == self.higher_is_better {
             "B better"
@@ -214,6 +215,15 @@ pub fn mcnemar_exact(b: usize, c: usize) -> f64 {
     (2.0 * tail).min(1.0)
 }
 
+/// A p-value for people: three decimals, or `<0.001`.
+pub fn fmt_p(p: f64) -> String {
+    if p < 0.001 {
+        "<0.001".into()
+    } else {
+        format!("{p:.3}")
+    }
+}
+
 /// A Markdown table of comparisons.
 pub fn markdown(cs: &[Comparison], alpha: f64) -> String {
     let mut s = String::from(
@@ -222,7 +232,7 @@ pub fn markdown(cs: &[Comparison], alpha: f64) -> String {
     );
     for c in cs {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.4} | {:.4} | {:+.4} | [{:+.4}, {:+.4}] | {:.3} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.4} | {:.4} | {:+.4} | [{:+.4}, {:+.4}] | {} | {} | {} |\n",
             c.task,
             c.metric,
             c.filter,
@@ -232,7 +242,7 @@ pub fn markdown(cs: &[Comparison], alpha: f64) -> String {
             c.diff(),
             c.ci.0,
             c.ci.1,
-            c.p,
+            fmt_p(c.p),
             c.test,
             c.verdict(alpha)
         ));

@@ -96,12 +96,12 @@ fn score_tags(sc: &[(String, f64)]) -> Vec<Value> {
     sc.iter()
         .map(|(k, v)| {
             let key = k.strip_suffix(",none").unwrap_or(k);
-            let class = match *v {
-                1.0 if is_binary_key(k) => "pass",
-                0.0 if is_binary_key(k) => "fail",
-                _ => "info",
+            let (class, value) = match *v {
+                1.0 if is_binary_key(k) => ("pass", "1".to_owned()),
+                0.0 if is_binary_key(k) => ("fail", "0".to_owned()),
+                _ => ("info", fmt(*v)),
             };
-            json!({"key": key, "value": fmt(*v), "class": class})
+            json!({"key": key, "value": value, "class": class})
         })
         .collect()
 }
@@ -184,7 +184,7 @@ pub fn compare_report(a: &Run, b: &Run, comparisons: &[Comparison], alpha: f64) 
             };
             json!({"task": c.task, "metric": c.metric, "filter": c.filter, "n": c.n, "a": fmt(c.a), "b": fmt(c.b),
                    "diff": format!("{:+.4}", c.diff()), "ci": format!("[{:+.4}, {:+.4}]", c.ci.0, c.ci.1),
-                   "p": format!("{:.3}", c.p), "test": c.test, "verdict": verdict, "class": class})
+                   "p": crate::compare::fmt_p(c.p), "test": c.test, "verdict": verdict, "class": class})
         })
         .collect();
     let mut tasks = Vec::new();
@@ -199,7 +199,13 @@ pub fn compare_report(a: &Run, b: &Run, comparisons: &[Comparison], alpha: f64) 
                 let (prompt, target, out_a) = describe(x);
                 let (_, _, out_b) = describe(y);
                 let (sc_a, sc_b) = (scores(x), scores(y));
-                let differs = out_a != out_b || sc_a != sc_b;
+                // Log-likelihoods always differ between models: flag documents whose 0/1 scores
+                // differ, or whose generated text does.
+                let binary = |sc: &[(String, f64)]| -> Vec<(String, f64)> {
+                    sc.iter().filter(|(k, _)| is_binary_key(k)).cloned().collect()
+                };
+                let generated = x["resps"][0].is_string();
+                let differs = binary(&sc_a) != binary(&sc_b) || (generated && out_a != out_b);
                 Some(json!({
                     "doc_id": x["doc_id"], "prompt": prompt, "target": target, "flag": differs,
                     "preview": preview(&prompt, &target),

@@ -176,7 +176,7 @@ fn the_builtin_shakespeare_suite_runs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let suite = Suite::load(&root.join("evals/shakespeare/suite.yaml")).unwrap();
     let n: Vec<usize> = suite.tasks.iter().map(|t| t.docs.len()).collect();
-    assert_eq!(n, [300, 200]);
+    assert_eq!(n, [300, 200, 100]);
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(root.join("data/tinyshakespeare.txt")).unwrap();
     let tok = Tokenizer::from_chars(text.chars()).unwrap();
@@ -194,5 +194,8 @@ fn the_builtin_shakespeare_suite_runs() {
     let bpb = results[0].get("bits_per_byte").unwrap();
     assert!((5.0..7.5).contains(&bpb), "{bpb}");
     assert!(results[1].get("acc").is_some());
+    let chrf = results[2].get("chrf").unwrap();
+    assert!((0.0..=100.0).contains(&chrf), "{chrf}");
+    assert_eq!(results[2].samples.len(), 4);
     assert!(!eval::check_thresholds(&suite, &results).is_empty(), "an untrained model must fail the gate");
 }

@@ -29,8 +29,8 @@ fn corpus_scores_sum_statistics_before_scoring() {
     let g = golden();
     let cases = g["cases"].as_array().unwrap();
     let pr = |c: &Value| (c["pred"].as_str().unwrap().to_owned(), c["ref"].as_str().unwrap().to_owned());
-    let bleu: Vec<Stats> = cases.iter().map(|c| pr(c)).map(|(p, r)| bleu_stats(&p, &r)).collect();
-    let chrf: Vec<Stats> = cases.iter().map(|c| pr(c)).map(|(p, r)| chrf_stats(&p, &r)).collect();
+    let bleu: Vec<Stats> = cases.iter().map(pr).map(|(p, r)| bleu_stats(&p, &r)).collect();
+    let chrf: Vec<Stats> = cases.iter().map(pr).map(|(p, r)| chrf_stats(&p, &r)).collect();
     close(aggregate(Aggregation::Bleu, &bleu), g["corpus_bleu"].as_f64().unwrap(), "corpus bleu");
     close(aggregate(Aggregation::Chrf, &chrf), g["corpus_chrf"].as_f64().unwrap(), "corpus chrf");
     // Not the mean of sentence scores.

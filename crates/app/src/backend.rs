@@ -41,6 +41,16 @@ impl LocalBackend {
         Ok(Self { p, name: dir.display().to_string(), batch: 32, chat: false })
     }
 
+    /// Attaches a PEFT LoRA adapter directory to the model.
+    pub fn with_adapter(mut self, dir: &std::path::Path) -> BackendResult<Self> {
+        let n = lmstack_core::lora::load_peft(&mut self.p.model, dir)?;
+        if n == 0 {
+            anyhow::bail!("{}: the adapter fits no projection of {}", dir.display(), self.name);
+        }
+        self.name = format!("{} + {}", self.name, dir.display());
+        Ok(self)
+    }
+
     /// Query as a chat model (lm-eval's `--apply_chat_template`): each context of a generation
     /// or log-likelihood request becomes one user message rendered with the model's chat
     /// template (`tokenizer_config.json`) and the generation prompt; rolling log-likelihoods

@@ -132,40 +132,88 @@ pub fn peft_key(path: &str, which: &str) -> String {
     format!("base_model.model.{path}.lora_{which}.weight")
 }
 
+/// A PEFT adapter read from disk: its config and, per module path, `(A, B)`.
+#[derive(Debug, Clone)]
+pub struct PeftAdapter {
+    /// `adapter_config.json`, validated.
+    pub config: LoraConfig,
+    /// Module path → (`A [r, in]`, `B [out, r]`).
+    pub weights: BTreeMap<String, (Tensor, Tensor)>,
+    /// The weights file (for messages).
+    pub file: String,
+}
+
+/// Reads a PEFT adapter directory; every tensor must be a `lora_A`/`lora_B` pair of rank `r`.
+pub fn read_peft(dir: &Path) -> Result<PeftAdapter> {
+    let cfg_path = dir.join("adapter_config.json");
+    let config: LoraConfig = crate::io::read_json(&cfg_path)?;
+    config.validate(&cfg_path.display().to_string())?;
+    let st = dir.join("adapter_model.safetensors");
+    let file = st.display().to_string();
+    let tensors: HashMap<String, Tensor> = crate::models::read_safetensors(&st)?;
+    let mut a_of = BTreeMap::new();
+    let mut b_of = BTreeMap::new();
+    for (k, t) in tensors {
+        let path = k.strip_prefix("base_model.model.");
+        match path.and_then(|p| p.strip_suffix(".lora_A.weight")) {
+            Some(m) => a_of.insert(m.to_owned(), t),
+            None => match path.and_then(|p| p.strip_suffix(".lora_B.weight")) {
+                Some(m) => b_of.insert(m.to_owned(), t),
+                None => {
+                    return Err(weight(
+                        &file,
+                        &k,
+                        "is not a PEFT LoRA key (base_model.model.<path>.lora_A/B.weight)".into(),
+                    ))
+                }
+            },
+        };
+    }
+    let mut weights = BTreeMap::new();
+    for (m, a) in a_of {
+        let b = b_of
+            .remove(&m)
+            .ok_or_else(|| weight(&file, &peft_key(&m, "A"), format!("has no matching `{}`", peft_key(&m, "B"))))?;
+        if a.rank() != 2 || b.rank() != 2 || a.dim(0)? != config.r || b.dim(1)? != config.r {
+            return Err(weight(
+                &file,
+                &peft_key(&m, "A"),
+                format!("shapes A {:?}, B {:?} are not [r, in], [out, r] with r = {}", a.dims(), b.dims(), config.r),
+            ));
+        }
+        weights.insert(m, (a, b));
+    }
+    if let Some(m) = b_of.keys().next() {
+        return Err(weight(&file, &peft_key(m, "B"), format!("has no matching `{}`", peft_key(m, "A"))));
+    }
+    if weights.is_empty() {
+        return Err(weight(&file, "", "the adapter has no LoRA weights".into()));
+    }
+    Ok(PeftAdapter { config, weights, file })
+}
+
 /// Reads a PEFT adapter directory and attaches its adapters to `model`'s projections; returns
 /// how many were attached. Every tensor in the file must belong to a projection of the model,
 /// with shapes that fit it.
 pub fn load_peft(model: &mut Model, dir: &Path) -> Result<usize> {
-    let cfg_path = dir.join("adapter_config.json");
-    let file = cfg_path.display().to_string();
-    let cfg: LoraConfig = crate::io::read_json(&cfg_path)?;
-    cfg.validate(&file)?;
-    let st = dir.join("adapter_model.safetensors");
-    let mut tensors: HashMap<String, Tensor> = crate::models::read_safetensors(&st)?;
-    let stf = st.display().to_string();
+    let PeftAdapter { config, mut weights, file } = read_peft(dir)?;
     let dtype: DType = model.dtype();
     let device = model.device().clone();
-    let scale = cfg.scale();
+    let scale = config.scale();
     let mut attached = 0;
     for lin in model.linears_mut() {
         let path = lin.path().to_owned();
-        let (ka, kb) = (peft_key(&path, "A"), peft_key(&path, "B"));
-        let (a, b) = match (tensors.remove(&ka), tensors.remove(&kb)) {
-            (Some(a), Some(b)) => (a, b),
-            (None, None) => continue,
-            (Some(_), None) => return Err(weight(&stf, &ka, format!("has no matching `{kb}`"))),
-            (None, Some(_)) => return Err(weight(&stf, &kb, format!("has no matching `{ka}`"))),
-        };
+        let Some((a, b)) = weights.remove(&path) else { continue };
         let (i, o) = lin.dims();
-        if a.dims() != [cfg.r, i] || b.dims() != [o, cfg.r] {
+        if a.dims() != [config.r, i] || b.dims() != [o, config.r] {
             return Err(weight(
-                &stf,
-                &ka,
+                &file,
+                &peft_key(&path, "A"),
                 format!(
                     "adapter shapes A {:?}, B {:?} do not fit r = {} on a {i} → {o} projection",
                     a.dims(),
                     b.dims(),
-                    cfg.r
+                    config.r
                 ),
             ));
         }
@@ -174,13 +222,40 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<usize> {
         lin.set_adapter(Some(Arc::new(Lora { a, b, scale })));
         attached += 1;
     }
-    if let Some(k) = tensors.keys().min() {
-        return Err(weight(&stf, k, "does not belong to any projection of this model".into()));
-    }
-    if attached == 0 {
-        return Err(weight(&stf, "", "the adapter has no LoRA weights".into()));
+    if let Some(k) = weights.keys().next() {
+        return Err(weight(&file, &peft_key(k, "A"), "does not belong to any projection of this model".into()));
     }
     Ok(attached)
+}
+
+/// Folds an adapter into a model's stored weights: `W ← W + scale · B A` for each adapted
+/// projection (`{path}.weight`; GPT-2's `Conv1D` weights are stored transposed, `[in, out]`).
+/// The merged model computes what base + adapter computes, with no adapter at run time.
+pub fn merge_into(
+    weights: &mut HashMap<String, Tensor>,
+    model: &crate::ModelConfig,
+    adapter: &PeftAdapter,
+) -> Result<()> {
+    let scale = adapter.config.scale();
+    let conv1d = model.model_type_str() == "gpt2";
+    for (path, (a, b)) in &adapter.weights {
+        let key = format!("{path}.weight");
+        let w = weights
+            .get(&key)
+            .ok_or_else(|| weight(&adapter.file, &peft_key(path, "A"), format!("the base model has no `{key}`")))?;
+        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?; // [out, in]
+        let delta = if conv1d && !path.ends_with("lm_head") { delta.t()? } else { delta };
+        if delta.dims() != w.dims() {
+            return Err(weight(
+                &adapter.file,
+                &peft_key(path, "A"),
+                format!("the update's shape {:?} does not fit `{key}` {:?}", delta.dims(), w.dims()),
+            ));
+        }
+        let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+        weights.insert(key, merged);
+    }
+    Ok(())
 }
 
 fn weight(file: &str, name: &str, message: String) -> Error {

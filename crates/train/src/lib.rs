@@ -6,6 +6,7 @@
 //! - [`checkpoint`]: atomic, verified checkpoints for exact resumption.
 //! - [`metrics`]: `metrics.jsonl` and the loss-curve SVG.
 //! - [`pretrain`]: the training loop that ties them together.
+//! - [`sft`], [`finetune`]: instruction data with loss masks; full and LoRA finetuning, merging.
 //!
 //! Depends on `lmstack-core` for tokenizers and models; knows nothing of HTTP or serving.
 #![deny(missing_docs)]
@@ -15,9 +16,12 @@ pub mod checkpoint;
 pub mod config;
 pub mod corpus;
 pub mod data;
+pub mod finetune;
 pub mod metrics;
 pub mod optim;
 pub mod pretrain;
+pub mod sft;
+pub mod synth;
 
 /// Errors of the training crate.
 #[derive(Debug, thiserror::Error)]

@@ -30,8 +30,205 @@ enum Command {
     Sample(SampleArgs),
     /// Train a tokenizer (byte-level BPE or character-level) and save it as tokenizer.json.
     Tokenizer(TokenizerArgs),
-    /// Prepare a dataset: ingest, clean, deduplicate, filter, split, tokenize, pack shards.
-    Data(Box<DataArgs>),
+    /// Prepare a dataset: ingest, clean, deduplicate, filter, split, tokenize, pack shards
+    /// (`train data synth …` generates instruction data instead).
+    Data(Box<DataCmd>),
+    /// Finetune a model on instruction data (JSONL: `messages` or `prompt`/`completion`):
+    /// full or LoRA, with the loss on the answers only.
+    Finetune(Box<FinetuneArgs>),
+    /// Fold a LoRA adapter into its base model and write a complete model directory.
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct DataCmd {
+    #[command(subcommand)]
+    sub: Option<DataSub>,
+    #[command(flatten)]
+    args: Option<DataArgs>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DataSub {
+    /// Generate a labelled instruction dataset (train.jsonl, test.jsonl) from templates.
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+struct SynthArgs {
+    /// Output directory.
+    #[arg(long, default_value = "data/synth")]
+    out: PathBuf,
+    /// Tasks, comma-separated: reverse, sort, lookup, copy, add (`add` needs digits in the
+    /// base model's vocabulary).
+    #[arg(long, value_delimiter = ',', default_value = "reverse,sort,lookup,copy")]
+    tasks: Vec<String>,
+    /// Training examples.
+    #[arg(long, default_value_t = 4000)]
+    train: usize,
+    /// Held-out test examples (no prompt shared with train).
+    #[arg(long, default_value_t = 200)]
+    test: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct FinetuneArgs {
+    /// Base model directory.
+    #[arg(long, default_value = "runs/shakespeare-char/model")]
+    base: PathBuf,
+    /// Training examples (JSONL).
+    #[arg(long, default_value = "data/synth/train.jsonl")]
+    data: PathBuf,
+    /// Validation examples (JSONL); default: --val-fraction of --data.
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// Held out for validation without --val-data.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Run directory.
+    #[arg(long, default_value = "runs/finetune")]
+    out_dir: PathBuf,
+    /// `full` (every weight) or `lora` (adapters on a frozen base).
+    #[arg(long, value_enum, default_value = "lora")]
+    method: lmstack_train::finetune::Method,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    /// LoRA alpha (scale = alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// Dropout on the adapters' input.
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f64,
+    /// Modules to adapt (comma-separated names, e.g. c_attn,c_proj or q_proj,v_proj), or all-linear.
+    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
+    target_modules: Vec<String>,
+    /// Chat template: model (the base's own, else plain), plain, chatml, or a Jinja file.
+    #[arg(long, default_value = "model")]
+    chat_template: String,
+    /// Also score the prompt tokens.
+    #[arg(long)]
+    train_on_inputs: bool,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 300)]
+    max_steps: u64,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Micro-batches per step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (default: 1e-3 for LoRA, 3e-4 for full).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 20)]
+    warmup_steps: u64,
+    /// Weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Validation every N steps.
+    #[arg(long, default_value_t = 50)]
+    eval_interval: u64,
+    /// Checkpoint every N steps.
+    #[arg(long, default_value_t = 100)]
+    checkpoint_interval: u64,
+    /// Seed.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Continue the run in --out-dir.
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// Base model directory.
+    #[arg(long)]
+    base: PathBuf,
+    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output model directory.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn synth_cmd(a: &SynthArgs) -> Result<ExitCode> {
+    let (n, m) = lmstack_train::synth::write(&a.out, &a.tasks, a.train, a.test, a.seed)?;
+    println!(
+        "{n} training and {m} test examples of {} in {} (train.jsonl, test.jsonl)",
+        a.tasks.join(", "),
+        a.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
+    use lmstack_train::finetune::{self, FinetuneConfig, Method};
+    let d = FinetuneConfig::default();
+    let lr = a.lr.unwrap_or(if a.method == Method::Lora { 1e-3 } else { 3e-4 });
+    let cfg = FinetuneConfig {
+        base: a.base.clone(),
+        data: a.data.clone(),
+        val_data: a.val_data.clone(),
+        val_fraction: a.val_fraction,
+        out_dir: a.out_dir.clone(),
+        method: a.method,
+        lora_r: a.lora_r,
+        lora_alpha: a.lora_alpha,
+        lora_dropout: a.lora_dropout,
+        target_modules: a.target_modules.clone(),
+        chat_template: a.chat_template.clone(),
+        train_on_inputs: a.train_on_inputs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr,
+        min_lr: lr / 10.0,
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        eval_interval: a.eval_interval,
+        checkpoint_interval: a.checkpoint_interval,
+        seed: a.seed,
+        ..d
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let s = finetune::run(&cfg, a.resume, stop, !a.quiet)?;
+    if s.interrupted {
+        println!("interrupted at step {}; continue with --resume", s.steps);
+        return Ok(ExitCode::from(130));
+    }
+    println!(
+        "done: {} steps, {:.0} ms/step; validation loss {:.4} → {:.4}; wrote {}",
+        s.steps,
+        s.ms_per_step,
+        s.val_loss.0,
+        s.val_loss.1.unwrap_or(f64::NAN),
+        s.output.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn merge_cmd(a: &MergeArgs) -> Result<ExitCode> {
+    lmstack_train::finetune::merge(&a.base, &a.adapter, &a.out)?;
+    println!("merged {} into {}: wrote {}", a.adapter.display(), a.base.display(), a.out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args, Debug)]
@@ -422,7 +619,15 @@ fn main() -> ExitCode {
         Some(Command::Pretrain(a)) => pretrain_cmd(a),
         Some(Command::Sample(a)) => sample_cmd(a),
         Some(Command::Tokenizer(a)) => tokenizer_cmd(a),
-        Some(Command::Data(a)) => data_cmd(a),
+        Some(Command::Data(d)) => match &d.sub {
+            Some(DataSub::Synth(s)) => synth_cmd(s),
+            None => match &d.args {
+                Some(a) => data_cmd(a),
+                None => Err(anyhow::anyhow!("train data: give --input and --out, or a subcommand (synth)")),
+            },
+        },
+        Some(Command::Finetune(a)) => finetune_cmd(a),
+        Some(Command::Merge(a)) => merge_cmd(a),
     };
     match res {
         Ok(code) => code,

@@ -58,6 +58,9 @@ struct RunArgs {
     /// Model directory (run in-process).
     #[arg(long, default_value = "runs/shakespeare-char/model")]
     model: PathBuf,
+    /// A PEFT LoRA adapter directory to load on top of --model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Evaluate an OpenAI-compatible server instead (e.g. http://localhost:8000/v1).
     #[arg(long)]
     endpoint: Option<String>,
@@ -122,7 +125,12 @@ fn run(cli: RunArgs) -> anyhow::Result<bool> {
                     cli.model.display()
                 );
             }
-            (Box::new(LocalBackend::load(&cli.model)?.with_chat(cli.chat)?), cli.model.display().to_string())
+            let mut b = LocalBackend::load(&cli.model)?.with_chat(cli.chat)?;
+            if let Some(a) = &cli.adapter {
+                b = b.with_adapter(a)?;
+            }
+            let name = b.name();
+            (Box::new(b), name)
         }
     };
     let judge = match &cli.judge {

@@ -1,0 +1,636 @@
+//! Supervised finetuning of a causal LM on instruction data: full (every weight trains) or
+//! LoRA (the base is frozen — not even in the optimizer — and only low-rank adapters train).
+//!
+//! It shares pretraining's machinery: the same AdamW with checkpointable moments, warmup +
+//! cosine schedule, gradient clipping and accumulation, data-parallel slices
+//! ([`crate::pretrain::shard_grads`]), atomic verified checkpoints with exact `--resume`,
+//! `metrics.jsonl` and `loss.svg`. Batches are seeded random draws of examples, padded, with
+//! the loss on assistant tokens only ([`crate::sft`]).
+//!
+//! A run directory holds `finetune.json` (the resolved configuration), `checkpoints/`,
+//! `metrics.jsonl`, `loss.svg`, `summary.json`, and the result: `model/` (full: a complete model
+//! directory, its tokenizer carrying the chat template used) or `adapter/` (LoRA: PEFT's
+//! `adapter_config.json` + `adapter_model.safetensors`, loadable by Python `peft`, by
+//! `serve --adapter` and by `train merge`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use lmstack_core::lora::{LoraConfig, TargetModules};
+use lmstack_core::nn::LinearAdapter;
+use lmstack_core::params::ParamStore;
+use lmstack_core::{Model, Pretrained};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::batches::Batch;
+use crate::checkpoint::{self, TrainerState};
+use crate::metrics::{self, MetricsLog, Record};
+use crate::optim::{self, AdamW, AdamWConfig};
+use crate::pretrain::{frozen, peak_rss_mib, shard_grads};
+use crate::sft::{self, ChatFormat, Tokenized};
+use crate::{Error, Result};
+
+/// `full` or `lora`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Every weight trains.
+    Full,
+    /// Low-rank adapters on a frozen base.
+    Lora,
+}
+
+/// A finetuning run's configuration (saved as `finetune.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// The base model directory (lmstack's or a Hugging Face gpt2/llama directory).
+    pub base: PathBuf,
+    /// Training examples (JSONL).
+    pub data: PathBuf,
+    /// Validation examples (JSONL); without it `val_fraction` of `data` is held out.
+    pub val_data: Option<PathBuf>,
+    /// Held out for validation when there is no `val_data`.
+    pub val_fraction: f64,
+    /// The run directory.
+    pub out_dir: PathBuf,
+    /// `full` or `lora`.
+    pub method: Method,
+    /// LoRA rank.
+    pub lora_r: usize,
+    /// LoRA scaling numerator (`scale = alpha / r`).
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' input while training.
+    pub lora_dropout: f64,
+    /// Module names the adapters go on (suffixes of module paths), or `all-linear`.
+    pub target_modules: Vec<String>,
+    /// `model` (the base tokenizer's template, else `plain`), `plain`, `chatml`, or a file.
+    pub chat_template: String,
+    /// Score the prompt tokens too.
+    pub train_on_inputs: bool,
+    /// Optimizer steps.
+    pub max_steps: u64,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per step.
+    pub grad_accum: usize,
+    /// Parallel slices of each micro-batch.
+    pub parallel_shards: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Floor of the cosine decay.
+    pub min_lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: none).
+    pub grad_clip: f64,
+    /// Validation every this many steps.
+    pub eval_interval: u64,
+    /// Checkpoint every this many steps (0: only at the end and on Ctrl-C).
+    pub checkpoint_interval: u64,
+    /// Seed of the split, batch order, adapter init and dropout.
+    pub seed: u64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            base: PathBuf::from("runs/shakespeare-char/model"),
+            data: PathBuf::new(),
+            val_data: None,
+            val_fraction: 0.05,
+            out_dir: PathBuf::from("runs/finetune"),
+            method: Method::Lora,
+            lora_r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.05,
+            target_modules: vec!["all-linear".into()],
+            chat_template: "model".into(),
+            train_on_inputs: false,
+            max_steps: 300,
+            batch_size: 16,
+            grad_accum: 1,
+            parallel_shards: 2,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 20,
+            weight_decay: 0.0,
+            grad_clip: 1.0,
+            eval_interval: 50,
+            checkpoint_interval: 100,
+            seed: 1337,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    /// Checks values; errors name the flag.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, m: String| Err(Error::Msg(format!("--{f}: {m}")));
+        if self.max_steps == 0 {
+            return bad("max-steps", "must be positive".into());
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 || self.parallel_shards == 0 {
+            return bad("batch-size", "batch size, grad accumulation and shards must be positive".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
+            return bad("lr", format!("{} (min {}) must satisfy 0 ≤ min-lr ≤ lr, lr > 0", self.lr, self.min_lr));
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return bad("val-fraction", format!("{} is outside [0, 1)", self.val_fraction));
+        }
+        if self.eval_interval == 0 {
+            return bad("eval-interval", "must be positive".into());
+        }
+        if self.method == Method::Lora {
+            self.lora_config().validate("--lora-*")?;
+        }
+        Ok(())
+    }
+
+    /// The PEFT adapter configuration this run writes.
+    pub fn lora_config(&self) -> LoraConfig {
+        let targets = match self.target_modules.as_slice() {
+            [one] if one == "all-linear" => TargetModules::Special(one.clone()),
+            list => TargetModules::List(list.to_vec()),
+        };
+        LoraConfig {
+            peft_type: "LORA".into(),
+            r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            target_modules: targets,
+            use_rslora: false,
+            bias: "none".into(),
+            base_model_name_or_path: Some(self.base.display().to_string()),
+            task_type: Some("CAUSAL_LM".into()),
+            extra: Default::default(),
+        }
+    }
+}
+
+/// A LoRA adapter being trained: `A` and `B` are variables; dropout on the input while
+/// `training` is set (masks drawn from a seed, the step and the input, so runs repeat).
+#[derive(Debug)]
+pub struct TrainableLora {
+    /// `[r, in]`, Kaiming-uniform as PEFT initialises it.
+    pub a: Var,
+    /// `[out, r]`, zero: a fresh adapter changes nothing.
+    pub b: Var,
+    scale: f64,
+    dropout: f64,
+    seed: u64,
+    step: Arc<AtomicU64>,
+    training: Arc<AtomicBool>,
+}
+
+impl LinearAdapter for TrainableLora {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
+            let head: Vec<f32> = xs.flatten_all()?.narrow(0, 0, xs.elem_count().min(8))?.to_vec1()?;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (self.seed, self.step.load(Ordering::Relaxed), xs.dims()).hash(&mut h);
+            head.iter().for_each(|x| x.to_bits().hash(&mut h));
+            let mut rng = ChaCha8Rng::seed_from_u64(h.finish());
+            let keep = 1.0 - self.dropout;
+            let mask: Vec<f32> = (0..xs.elem_count())
+                .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
+                .collect();
+            (xs * Tensor::from_vec(mask, xs.shape(), xs.device())?)?
+        } else {
+            xs.clone()
+        };
+        let h = xs.broadcast_matmul(&self.a.as_tensor().t()?)?;
+        h.broadcast_matmul(&self.b.as_tensor().t()?)? * self.scale
+    }
+}
+
+/// Attaches fresh trainable adapters to the targeted projections of `model`; returns the
+/// variables by PEFT key (`base_model.model.<path>.lora_A.weight` …).
+pub fn attach_lora(
+    model: &mut Model,
+    cfg: &LoraConfig,
+    seed: u64,
+    step: Arc<AtomicU64>,
+    training: Arc<AtomicBool>,
+) -> Result<BTreeMap<String, Var>> {
+    let mut vars = BTreeMap::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x10BA);
+    let dev = model.device().clone();
+    for lin in model.linears_mut() {
+        let path = lin.path().to_owned();
+        if !cfg.targets(&path)? {
+            continue;
+        }
+        let (i, o) = lin.dims();
+        let bound = 1.0 / (i as f64).sqrt();
+        let a: Vec<f32> = (0..cfg.r * i).map(|_| rng.random_range(-bound..bound) as f32).collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, i), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::zeros((o, cfg.r), DType::F32, &dev)?)?;
+        vars.insert(lmstack_core::lora::peft_key(&path, "A"), a.clone());
+        vars.insert(lmstack_core::lora::peft_key(&path, "B"), b.clone());
+        lin.set_adapter(Some(Arc::new(TrainableLora {
+            a,
+            b,
+            scale: cfg.scale(),
+            dropout: cfg.lora_dropout,
+            seed,
+            step: step.clone(),
+            training: training.clone(),
+        })));
+    }
+    if vars.is_empty() {
+        return Err(Error::Msg(format!(
+            "--target-modules {:?} matches no projection of the base model",
+            cfg.target_modules
+        )));
+    }
+    Ok(vars)
+}
+
+/// Writes the trained adapters in PEFT's layout.
+pub fn save_adapter(dir: &Path, cfg: &LoraConfig, vars: &BTreeMap<String, Var>) -> Result<()> {
+    let mut adapters = BTreeMap::new();
+    for (k, v) in vars {
+        if let Some(path) = k.strip_prefix("base_model.model.").and_then(|p| p.strip_suffix(".lora_A.weight")) {
+            let b = &vars[&lmstack_core::lora::peft_key(path, "B")];
+            adapters.insert(path.to_owned(), (v.as_tensor().detach(), b.as_tensor().detach()));
+        }
+    }
+    lmstack_core::lora::save_peft(dir, cfg, &adapters)?;
+    Ok(())
+}
+
+/// What a finetuning run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneSummary {
+    /// Steps completed.
+    pub steps: u64,
+    /// Stopped early on request.
+    pub interrupted: bool,
+    /// Masked validation loss at the start (the base model) and at the end.
+    pub val_loss: (f64, Option<f64>),
+    /// Trainable and total parameters.
+    pub trainable_parameters: usize,
+    /// Parameters of the base model.
+    pub base_parameters: usize,
+    /// Training / validation examples, and examples skipped as longer than the context.
+    pub examples: (usize, usize, usize),
+    /// Mean wall time per step (ms).
+    pub ms_per_step: f64,
+    /// Peak resident memory (MiB).
+    pub peak_rss_mib: Option<f64>,
+    /// Where the result is: `model/` or `adapter/`.
+    pub output: PathBuf,
+}
+
+/// Masked loss of `model` over `items` (no optimizer step).
+fn val_loss(model: &Model, items: &[Tokenized], max_len: usize, pad: u32) -> Result<f64> {
+    let (mut total, mut n) = (0.0, 0usize);
+    for chunk in items.chunks(32) {
+        let refs: Vec<&Tokenized> = chunk.iter().collect();
+        let b = sft::batch(&refs, max_len, pad, model.device())?;
+        if b.n_scored == 0 {
+            continue;
+        }
+        let (l, k) = crate::pretrain::batch_loss(model, &Batch { inputs: b.inputs, labels: b.labels })?;
+        total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
+        n += k;
+    }
+    Ok(total / n.max(1) as f64)
+}
+
+/// Runs (or with `resume`, continues) a finetuning run.
+pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: bool) -> Result<FinetuneSummary> {
+    cfg.validate()?;
+    let out = &cfg.out_dir;
+    let ckpt_root = out.join("checkpoints");
+    let resume_from = if resume {
+        let dir = checkpoint::latest(&ckpt_root)?
+            .ok_or_else(|| Error::Msg(format!("--resume: no checkpoint in {}", ckpt_root.display())))?;
+        let saved: FinetuneConfig = lmstack_core::io::read_json(&out.join("finetune.json"))?;
+        let same = FinetuneConfig { max_steps: cfg.max_steps, ..saved.clone() };
+        if &same != cfg {
+            return Err(Error::Msg(format!(
+                "--resume: the settings differ from the run's {} (only --max-steps may change)",
+                out.join("finetune.json").display()
+            )));
+        }
+        Some(checkpoint::load(&dir)?)
+    } else {
+        if checkpoint::latest(&ckpt_root)?.is_some() {
+            return Err(Error::Msg(format!(
+                "{} already holds a finetuning run; pass --resume to continue it or choose another --out-dir",
+                out.display()
+            )));
+        }
+        None
+    };
+    std::fs::create_dir_all(out).map_err(|e| Error::Msg(format!("creating {}: {e}", out.display())))?;
+    lmstack_core::io::write_json(&out.join("finetune.json"), cfg)?;
+
+    let dev = Device::Cpu;
+    if !cfg.base.join("config.json").is_file() {
+        return Err(Error::Msg(format!(
+            "--base {}: no model directory there (train one with `cargo run --release --bin train`, or give a Hugging Face gpt2/llama directory)",
+            cfg.base.display()
+        )));
+    }
+    let base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
+    if !base.model.config().is_causal() {
+        return Err(Error::Msg(format!(
+            "--base {}: a {} model is a masked LM; instruction finetuning needs gpt2 or llama (use --task classify for bert)",
+            cfg.base.display(),
+            base.model.config().model_type_str()
+        )));
+    }
+    let mut tok = base.tokenizer.clone();
+    let fmt = ChatFormat::from_spec(&cfg.chat_template, &tok)?;
+    let max_len = base.model.max_len();
+    let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
+
+    // Data: tokenize, drop what cannot fit, split.
+    let prepare = |path: &Path| -> Result<(Vec<Tokenized>, usize)> {
+        let examples = sft::read_examples(path)?;
+        let mut kept = Vec::new();
+        let mut skipped = 0;
+        for (i, ex) in examples.iter().enumerate() {
+            let t = sft::tokenize(ex, &tok, &fmt, cfg.train_on_inputs)
+                .map_err(|e| Error::Msg(format!("{} example {}: {e}", path.display(), i + 1)))?;
+            if t.ids.len() > max_len + 1 || t.n_scored() == 0 {
+                skipped += 1;
+            } else {
+                kept.push(t);
+            }
+        }
+        Ok((kept, skipped))
+    };
+    let (mut train, mut skipped) = prepare(&cfg.data)?;
+    let val = match &cfg.val_data {
+        Some(p) => {
+            let (v, s) = prepare(p)?;
+            skipped += s;
+            v
+        }
+        None => {
+            let mut idx: Vec<usize> = (0..train.len()).collect();
+            idx.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
+            let n_val = ((train.len() as f64 * cfg.val_fraction).round() as usize).min(train.len().saturating_sub(1));
+            let val_idx: std::collections::HashSet<usize> = idx[..n_val].iter().copied().collect();
+            let (v, t): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| val_idx.contains(i));
+            train = t.into_iter().map(|x| x.1).collect();
+            v.into_iter().map(|x| x.1).collect()
+        }
+    };
+    if train.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no example fits the model's context of {max_len} tokens",
+            cfg.data.display()
+        )));
+    }
+
+    // The model: trainable everywhere (full) or frozen with trainable adapters (LoRA).
+    let weights: HashMap<String, Tensor> = match &resume_from {
+        Some(l) if cfg.method == Method::Full => l.weights.clone(),
+        _ => base.model.params().tensors().into_iter().collect(),
+    };
+    let base_parameters = base.model.num_parameters();
+    let mcfg = base.model.config().clone();
+    drop(base);
+    let step_counter = Arc::new(AtomicU64::new(0));
+    let training = Arc::new(AtomicBool::new(false));
+    let src = cfg.base.join("model.safetensors").display().to_string();
+    let (mut model, vars) = match cfg.method {
+        Method::Full => {
+            let store = ParamStore::trainable(weights, &src, None);
+            let m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
+            let vars = m.params().vars();
+            (m, vars)
+        }
+        Method::Lora => {
+            let store = ParamStore::frozen(weights, &src);
+            let mut m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
+            let vars = attach_lora(&mut m, &cfg.lora_config(), cfg.seed, step_counter.clone(), training.clone())?;
+            if let Some(l) = &resume_from {
+                for (k, v) in &vars {
+                    let t = l
+                        .weights
+                        .get(k)
+                        .ok_or_else(|| Error::Msg(format!("{}: the checkpoint has no `{k}`", l.dir.display())))?;
+                    v.set(t)?;
+                }
+            }
+            (m, vars)
+        }
+    };
+    let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
+    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
+    let mut opt = AdamW::new(vars.clone(), adam);
+    let mut state = match resume_from {
+        Some(l) => {
+            opt.load_state(&l.optimizer, l.state.step, "optimizer.safetensors")?;
+            l.state
+        }
+        None => TrainerState {
+            version: checkpoint::VERSION,
+            step: 0,
+            data_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xDA7A),
+            eval_rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            best_val: None,
+            tokens_seen: 0,
+            files: Default::default(),
+        },
+    };
+    let eval_model = |m: &Model| -> Result<f64> {
+        training.store(false, Ordering::Relaxed);
+        let v = match cfg.method {
+            Method::Full => val_loss(&frozen(m)?, &val, max_len, pad),
+            Method::Lora => val_loss(m, &val, max_len, pad),
+        };
+        training.store(true, Ordering::Relaxed);
+        v
+    };
+    let base_val = if val.is_empty() { f64::NAN } else { eval_model(&model)? };
+    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), resume.then_some(state.step))?;
+    if !resume && !val.is_empty() {
+        log.write(&Record {
+            step: 0,
+            split: "val".into(),
+            loss: base_val,
+            lr: None,
+            tokens_per_sec: None,
+            grad_norm: None,
+            perplexity: Some(base_val.exp()),
+        })?;
+    }
+    println!(
+        "{} finetuning of {} ({} parameters; {} trainable, {:.2}%): {} train / {} val examples ({} skipped: longer than {max_len} tokens or nothing to score); validation loss before: {base_val:.4}",
+        match cfg.method {
+            Method::Full => "full",
+            Method::Lora => "LoRA",
+        },
+        cfg.base.display(),
+        base_parameters,
+        trainable_parameters,
+        100.0 * trainable_parameters as f64 / base_parameters as f64,
+        train.len(),
+        val.len(),
+        skipped
+    );
+
+    let bar = if progress {
+        let b = indicatif::ProgressBar::new(cfg.max_steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        b.set_position(state.step);
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let save_ckpt = |state: &TrainerState, opt: &AdamW| -> Result<()> {
+        let weights: BTreeMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+        checkpoint::save(&ckpt_root, state.clone(), &weights, &opt.state_tensors()?, 2)?;
+        Ok(())
+    };
+    training.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let first = state.step;
+    let mut interrupted = false;
+    let clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
+    while state.step < cfg.max_steps {
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+        let step = state.step;
+        step_counter.store(step, Ordering::Relaxed);
+        let lr = optim::lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps);
+        let mut grads = HashMap::new();
+        let mut loss = 0.0;
+        for _ in 0..cfg.grad_accum {
+            let k = cfg.batch_size.min(train.len());
+            let picks = rand::seq::index::sample(&mut state.data_rng, train.len(), k);
+            let refs: Vec<&Tokenized> = picks.iter().map(|i| &train[i]).collect();
+            let b = sft::batch(&refs, max_len, pad, &dev)?;
+            state.tokens_seen += b.n_scored as u64;
+            let (l, g) = shard_grads(&model, &opt, &Batch { inputs: b.inputs, labels: b.labels }, cfg.parallel_shards)?;
+            loss += l / cfg.grad_accum as f64;
+            optim::accumulate(&mut grads, g, 1.0 / cfg.grad_accum as f32);
+        }
+        let norm = clip.map(|c| optim::clip_grad_norm(&mut grads, c));
+        if !loss.is_finite() {
+            save_ckpt(&state, &opt)?;
+            return Err(Error::Msg(format!("step {step}: the loss is {loss}; stopping. Try a lower --lr")));
+        }
+        opt.step(&grads, lr)?;
+        state.step += 1;
+        let done = state.step;
+        log.write(&Record {
+            step: done,
+            split: "train".into(),
+            loss,
+            lr: Some(lr),
+            tokens_per_sec: None,
+            grad_norm: norm,
+            perplexity: None,
+        })?;
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+        bar.set_position(done);
+        if (done % cfg.eval_interval == 0 || done == cfg.max_steps) && !val.is_empty() {
+            let v = eval_model(&model)?;
+            log.write(&Record {
+                step: done,
+                split: "val".into(),
+                loss: v,
+                lr: None,
+                tokens_per_sec: None,
+                grad_norm: None,
+                perplexity: Some(v.exp()),
+            })?;
+            let line = format!("step {done}: train loss {loss:.4}, val loss {v:.4}");
+            if bar.is_hidden() {
+                println!("{line}");
+            } else {
+                bar.println(line);
+            }
+            if state.best_val.is_none_or(|(_, b)| v < b) {
+                state.best_val = Some((done, v));
+            }
+        }
+        if cfg.checkpoint_interval > 0 && done % cfg.checkpoint_interval == 0 && done < cfg.max_steps {
+            save_ckpt(&state, &opt)?;
+        }
+    }
+    bar.finish_and_clear();
+    save_ckpt(&state, &opt)?;
+    training.store(false, Ordering::Relaxed);
+    let records = metrics::read(log.path())?;
+    let title = format!("{:?} finetuning, {} steps", cfg.method, state.step);
+    lmstack_core::io::write_atomic(&out.join("loss.svg"), metrics::loss_svg(&records, &title).as_bytes())?;
+    let final_val = if interrupted || val.is_empty() { None } else { Some(eval_model(&model)?) };
+    let output = match cfg.method {
+        Method::Full => {
+            let dir = out.join("model");
+            if let Some(src) = fmt.source() {
+                tok.set_chat_template(Some(src.to_owned()));
+            }
+            Pretrained { model: frozen(&model)?, tokenizer: tok, dir: None }.save(&dir)?;
+            dir
+        }
+        Method::Lora => {
+            let dir = out.join("adapter");
+            save_adapter(&dir, &cfg.lora_config(), &vars)?;
+            // Detach the adapters so the frozen model can be dropped cleanly.
+            for lin in model.linears_mut() {
+                lin.set_adapter(None);
+            }
+            dir
+        }
+    };
+    let steps_run = state.step - first;
+    let summary = FinetuneSummary {
+        steps: state.step,
+        interrupted,
+        val_loss: (base_val, final_val),
+        trainable_parameters,
+        base_parameters,
+        examples: (train.len(), val.len(), skipped),
+        ms_per_step: started.elapsed().as_secs_f64() * 1e3 / steps_run.max(1) as f64,
+        peak_rss_mib: peak_rss_mib(),
+        output,
+    };
+    lmstack_core::io::write_json(&out.join("summary.json"), &summary)?;
+    Ok(summary)
+}
+
+/// `train merge`: folds a PEFT adapter into its base and writes a complete model directory.
+pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    let p = Pretrained::load(base, DType::F32, &Device::Cpu)?;
+    let a = lmstack_core::lora::read_peft(adapter)?;
+    let mut weights: HashMap<String, Tensor> = p.model.params().tensors().into_iter().collect();
+    lmstack_core::lora::merge_into(&mut weights, p.model.config(), &a)?;
+    let store = ParamStore::frozen(weights, "<merged weights>");
+    let model = Model::new(p.model.config().clone(), &store, DType::F32, &Device::Cpu)?;
+    let mut tok = p.tokenizer.clone();
+    // A tokenizer saved beside the adapter (with the chat template it was trained with) wins.
+    if adapter.join("tokenizer.json").is_file() {
+        tok = lmstack_core::Tokenizer::from_dir(adapter)?;
+    }
+    Pretrained { model, tokenizer: tok, dir: None }.save(out)?;
+    Ok(())
+}

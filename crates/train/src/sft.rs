@@ -1,0 +1,356 @@
+//! Supervised finetuning data: instruction examples read from JSONL, rendered with a chat
+//! template, tokenized with a loss mask, and padded into batches.
+//!
+//! Two line shapes are read (bad lines are reported with file and line number):
+//! - chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": "…"}, …]}` — rendered
+//!   with the chat template; by default only the assistant turns (their content and the
+//!   template's end-of-turn text) are scored;
+//! - `{"prompt": "…", "completion": "…"}` — plain text: the prompt is context, the completion
+//!   (plus the end-of-sequence token when the tokenizer has one) is scored; a chat template is
+//!   not applied (as TRL treats non-conversational data).
+//!
+//! The rendering is incremental, as torchtune and TRL mask: the conversation rendered up to
+//! each message, the difference being that message's text, so a template's own markup lands
+//! on the right side of the mask. Labels are the next token; every unscored position (and all
+//! padding) carries [`IGNORE_INDEX`], so padding never contributes to the loss.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use lmstack_core::ops::IGNORE_INDEX;
+use lmstack_core::Tokenizer;
+use serde_json::{json, Value};
+
+use crate::{Error, Result};
+
+/// One instruction example.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// A conversation (`messages`).
+    Chat(Vec<(String, String)>),
+    /// A prompt and its completion.
+    Completion {
+        /// Context.
+        prompt: String,
+        /// The scored continuation.
+        completion: String,
+    },
+}
+
+impl Example {
+    /// Parses one JSON line; errors name the field.
+    pub fn from_value(v: &Value) -> std::result::Result<Self, String> {
+        let obj = v.as_object().ok_or("expected a JSON object")?;
+        if let Some(m) = obj.get("messages") {
+            let list = m.as_array().ok_or("`messages` must be a list")?;
+            if list.is_empty() {
+                return Err("`messages` is empty".into());
+            }
+            let mut out = Vec::new();
+            for (i, msg) in list.iter().enumerate() {
+                let role = msg["role"].as_str().ok_or_else(|| format!("messages[{i}].role: expected a string"))?;
+                if !matches!(role, "system" | "user" | "assistant") {
+                    return Err(format!("messages[{i}].role: `{role}` is not system, user or assistant"));
+                }
+                let content =
+                    msg["content"].as_str().ok_or_else(|| format!("messages[{i}].content: expected a string"))?;
+                out.push((role.to_owned(), content.to_owned()));
+            }
+            if !out.iter().any(|(r, _)| r == "assistant") {
+                return Err("`messages` has no assistant turn to learn from".into());
+            }
+            return Ok(Self::Chat(out));
+        }
+        match (obj.get("prompt"), obj.get("completion")) {
+            (Some(Value::String(p)), Some(Value::String(c))) => {
+                Ok(Self::Completion { prompt: p.clone(), completion: c.clone() })
+            }
+            (Some(_), Some(_)) => Err("`prompt` and `completion` must be strings".into()),
+            _ => Err("expected `messages`, or `prompt` and `completion`".into()),
+        }
+    }
+
+    /// The prompt for generation (everything before the last assistant turn, with the
+    /// generation prompt) and the reference answer; for evaluation.
+    pub fn prompt_and_answer(&self, tok: &Tokenizer, template: &ChatFormat) -> Result<(String, String)> {
+        match self {
+            Self::Completion { prompt, completion } => Ok((prompt.clone(), completion.clone())),
+            Self::Chat(msgs) => {
+                let last = msgs.iter().rposition(|(r, _)| r == "assistant").unwrap_or(msgs.len() - 1);
+                let prompt = template.render(tok, &msgs[..last], true)?;
+                Ok((prompt, msgs[last].1.clone()))
+            }
+        }
+    }
+}
+
+/// Reads a JSONL file of examples; a bad line is an error naming `file:line` and the field.
+pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Msg(format!("reading {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), i + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| Error::Msg(format!("{at}: not JSON: {e}")))?;
+        out.push(Example::from_value(&v).map_err(|e| Error::Msg(format!("{at}: {e}")))?);
+    }
+    if out.is_empty() {
+        return Err(Error::Msg(format!("{}: no examples", path.display())));
+    }
+    Ok(out)
+}
+
+/// How conversations become text.
+#[derive(Debug, Clone)]
+pub enum ChatFormat {
+    /// The tokenizer's own `chat_template`.
+    Model,
+    /// A Jinja chat template given as source (e.g. core's `PLAIN` or `CHATML`, or a file).
+    Template(String),
+}
+
+impl ChatFormat {
+    /// `model` (the tokenizer's template, else `plain`), `plain`, `chatml`, or a template file.
+    pub fn from_spec(spec: &str, tok: &Tokenizer) -> Result<Self> {
+        Ok(match spec {
+            "model" if tok.chat_template().is_some() => Self::Model,
+            "model" | "plain" => Self::Template(lmstack_core::chat::PLAIN.to_owned()),
+            "chatml" => {
+                if let Some(t) = lmstack_core::chat::CHATML_TOKENS.iter().find(|t| tok.token_to_id(t).is_none()) {
+                    return Err(Error::Msg(format!(
+                        "--chat-template chatml: the base tokenizer has no `{t}` token (its vocabulary would have to grow); use `plain` or a base that has ChatML's tokens"
+                    )));
+                }
+                Self::Template(lmstack_core::chat::CHATML.to_owned())
+            }
+            file => {
+                let src = std::fs::read_to_string(file).map_err(|e| {
+                    Error::Msg(format!("--chat-template: `{file}` is not model, plain, chatml or a readable file: {e}"))
+                })?;
+                lmstack_core::chat::ChatTemplate::new(&src)?;
+                Self::Template(src)
+            }
+        })
+    }
+
+    /// The template source to save with the finetuned model (`None`: the tokenizer's own).
+    pub fn source(&self) -> Option<&str> {
+        match self {
+            Self::Model => None,
+            Self::Template(s) => Some(s),
+        }
+    }
+
+    /// Renders `msgs` (role, content).
+    pub fn render(&self, tok: &Tokenizer, msgs: &[(String, String)], add_generation_prompt: bool) -> Result<String> {
+        let v: Vec<Value> = msgs.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
+        let v = Value::Array(v);
+        Ok(match self {
+            Self::Model => tok.apply_chat_template(&v, add_generation_prompt)?,
+            Self::Template(src) => {
+                let mut t = tok.clone();
+                t.set_chat_template(Some(src.clone()));
+                t.apply_chat_template(&v, add_generation_prompt)?
+            }
+        })
+    }
+}
+
+/// A tokenized example: input ids and, per position, the label (next token or [`IGNORE_INDEX`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tokenized {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Whether each token is scored (predicted from the tokens before it).
+    pub scored: Vec<bool>,
+}
+
+impl Tokenized {
+    /// Number of scored tokens.
+    pub fn n_scored(&self) -> usize {
+        self.scored.iter().filter(|s| **s).count()
+    }
+}
+
+fn encode_checked(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let ids = tok.encode(text, false)?;
+    let unk = tok.special_tokens().unk.as_deref().and_then(|u| tok.token_to_id(u));
+    if let (Some(u), true) = (unk, !text.contains("<unk>")) {
+        if ids.contains(&u) {
+            let missing: Vec<String> = text
+                .chars()
+                .filter(|c| tok.encode(&c.to_string(), false).is_ok_and(|v| v.contains(&u)))
+                .collect::<std::collections::BTreeSet<char>>()
+                .into_iter()
+                .map(|c| format!("{c:?}"))
+                .collect();
+            return Err(Error::Msg(format!(
+                "the base model's vocabulary has no token for {}; finetune a base whose tokenizer covers the data (a byte-level BPE covers any text)",
+                missing.join(", ")
+            )));
+        }
+    }
+    Ok(ids)
+}
+
+/// Tokenizes one example; with `train_on_inputs` every token is scored, otherwise only
+/// assistant turns / the completion. The first token is never scored (nothing precedes it).
+pub fn tokenize(ex: &Example, tok: &Tokenizer, fmt: &ChatFormat, train_on_inputs: bool) -> Result<Tokenized> {
+    let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
+    let mut scored = vec![false; ids.len()];
+    let mut push = |text: &str, score: bool| -> Result<()> {
+        let t = encode_checked(tok, text)?;
+        scored.extend(std::iter::repeat_n(score || train_on_inputs, t.len()));
+        ids.extend(t);
+        Ok(())
+    };
+    match ex {
+        Example::Completion { prompt, completion } => {
+            push(prompt, false)?;
+            push(completion, true)?;
+            if let Some(e) = tok.eos_id() {
+                ids.push(e);
+                scored.push(true);
+            }
+        }
+        Example::Chat(msgs) => {
+            let mut done = String::new();
+            for (i, (role, _)) in msgs.iter().enumerate() {
+                let is_assistant = role == "assistant";
+                if is_assistant {
+                    // The generation prompt belongs to the context.
+                    let with_prompt = fmt.render(tok, &msgs[..i], true)?;
+                    let piece = with_prompt.strip_prefix(done.as_str()).ok_or_else(|| not_incremental(i))?;
+                    push(piece, false)?;
+                    done = with_prompt;
+                }
+                let upto = fmt.render(tok, &msgs[..=i], false)?;
+                let piece = upto.strip_prefix(done.as_str()).ok_or_else(|| not_incremental(i))?;
+                push(piece, is_assistant)?;
+                done = upto;
+            }
+        }
+    }
+    if let Some(s) = scored.first_mut() {
+        *s = false;
+    }
+    Ok(Tokenized { ids, scored })
+}
+
+fn not_incremental(i: usize) -> Error {
+    Error::Msg(format!(
+        "the chat template does not render messages incrementally (the conversation up to message {i} is not a prefix of the next); the loss mask cannot be placed"
+    ))
+}
+
+/// A padded batch: inputs `[b, t]` and labels `[b, t]` (next token where scored, else
+/// [`IGNORE_INDEX`]; padding is never scored).
+pub struct SftBatch {
+    /// Input ids.
+    pub inputs: Tensor,
+    /// Labels.
+    pub labels: Tensor,
+    /// Scored positions in the batch.
+    pub n_scored: usize,
+}
+
+/// Pads `items` to the longest (cut to `max_len + 1` tokens from the left) and builds inputs and
+/// labels; `pad` fills inputs (its value never matters: nothing attends forward into padding
+/// in a causal model, and padded positions are not scored).
+pub fn batch(items: &[&Tokenized], max_len: usize, pad: u32, dev: &Device) -> Result<SftBatch> {
+    let cut: Vec<(&[u32], &[bool])> = items
+        .iter()
+        .map(|x| {
+            let keep = x.ids.len().min(max_len + 1);
+            let s = x.ids.len() - keep;
+            (&x.ids[s..], &x.scored[s..])
+        })
+        .collect();
+    let t = cut.iter().map(|(ids, _)| ids.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+    let mut inputs = Vec::with_capacity(items.len() * t);
+    let mut labels = Vec::with_capacity(items.len() * t);
+    let mut n = 0;
+    for (ids, scored) in cut {
+        for p in 0..t {
+            inputs.push(ids.get(p).copied().unwrap_or(pad));
+            let label = match (ids.get(p + 1), scored.get(p + 1)) {
+                (Some(&y), Some(true)) => {
+                    n += 1;
+                    y
+                }
+                _ => IGNORE_INDEX,
+            };
+            labels.push(label);
+        }
+    }
+    Ok(SftBatch {
+        inputs: Tensor::from_vec(inputs, (items.len(), t), dev)?,
+        labels: Tensor::from_vec(labels, (items.len(), t), dev)?,
+        n_scored: n,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tok() -> Tokenizer {
+        Tokenizer::from_chars("abcdefghijklmnopqrstuvwxyz:. \n".chars()).unwrap()
+    }
+
+    #[test]
+    fn only_assistant_turns_are_scored() {
+        let t = tok();
+        let fmt = ChatFormat::from_spec("model", &t).unwrap(); // plain: no template in the tokenizer
+        let ex = Example::from_value(&json!({"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+        .unwrap();
+        let x = tokenize(&ex, &t, &fmt, false).unwrap();
+        let text = t.decode(&x.ids, false).unwrap();
+        assert_eq!(text, "user: hi\nassistant: yo\n");
+        let scored: String =
+            x.ids.iter().zip(&x.scored).filter(|(_, s)| **s).map(|(i, _)| t.decode(&[*i], false).unwrap()).collect();
+        assert_eq!(scored, " yo\n", "the answer and its end of turn, not the generation prompt");
+        let all = tokenize(&ex, &t, &fmt, true).unwrap();
+        assert_eq!(all.n_scored(), all.ids.len() - 1);
+    }
+
+    #[test]
+    fn padding_is_never_scored() {
+        let t = tok();
+        let fmt = ChatFormat::from_spec("plain", &t).unwrap();
+        let a =
+            tokenize(&Example::Completion { prompt: "ab".into(), completion: "cd".into() }, &t, &fmt, false).unwrap();
+        let b = tokenize(&Example::Completion { prompt: "abcdef".into(), completion: "g".into() }, &t, &fmt, false)
+            .unwrap();
+        let bt = batch(&[&a, &b], 64, 0, &Device::Cpu).unwrap();
+        assert_eq!(bt.inputs.dims(), [2, 6]);
+        let l = bt.labels.to_vec2::<u32>().unwrap();
+        let c = t.token_to_id("c").unwrap();
+        let d = t.token_to_id("d").unwrap();
+        assert_eq!(l[0], [IGNORE_INDEX, c, d, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]);
+        assert_eq!(bt.n_scored, 3);
+    }
+
+    #[test]
+    fn bad_lines_name_the_field_and_uncovered_text_is_refused() {
+        for (v, needle) in [
+            (json!({"messages": [{"role": "bot", "content": "x"}]}), "messages[0].role"),
+            (json!({"messages": [{"role": "user", "content": 3}]}), "messages[0].content"),
+            (json!({"messages": [{"role": "user", "content": "x"}]}), "no assistant"),
+            (json!({"prompt": "x"}), "expected `messages`"),
+            (json!([1]), "object"),
+        ] {
+            let e = Example::from_value(&v).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+        let t = tok();
+        let fmt = ChatFormat::from_spec("plain", &t).unwrap();
+        let e = tokenize(&Example::Completion { prompt: "1 + 2".into(), completion: "3".into() }, &t, &fmt, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'1'") && e.contains("BPE"), "{e}");
+    }
+}

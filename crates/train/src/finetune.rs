@@ -117,16 +117,16 @@ impl Default for FinetuneConfig {
             target_modules: vec!["all-linear".into()],
             chat_template: "model".into(),
             train_on_inputs: false,
-            max_steps: 300,
+            max_steps: 1500,
             batch_size: 16,
             grad_accum: 1,
             parallel_shards: 2,
-            lr: 1e-3,
-            min_lr: 1e-4,
+            lr: 5e-3,
+            min_lr: 5e-4,
             warmup_steps: 20,
             weight_decay: 0.0,
             grad_clip: 1.0,
-            eval_interval: 50,
+            eval_interval: 250,
             checkpoint_interval: 100,
             seed: 1337,
         }
@@ -310,12 +310,12 @@ fn val_loss(model: &Model, items: &[Tokenized], max_len: usize, pad: u32) -> Res
     Ok(total / n.max(1) as f64)
 }
 
-/// Runs (or with `resume`, continues) a finetuning run.
-pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: bool) -> Result<FinetuneSummary> {
-    cfg.validate()?;
+/// Checks the run directory for a fresh run or a resume (same settings but `max_steps`), writes
+/// `finetune.json`, and returns the checkpoint to resume from.
+pub fn prepare_run_dir(cfg: &FinetuneConfig, resume: bool) -> Result<Option<checkpoint::Loaded>> {
     let out = &cfg.out_dir;
     let ckpt_root = out.join("checkpoints");
-    let resume_from = if resume {
+    let loaded = if resume {
         let dir = checkpoint::latest(&ckpt_root)?
             .ok_or_else(|| Error::Msg(format!("--resume: no checkpoint in {}", ckpt_root.display())))?;
         let saved: FinetuneConfig = lmstack_core::io::read_json(&out.join("finetune.json"))?;
@@ -336,16 +336,51 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         }
         None
     };
-    std::fs::create_dir_all(out).map_err(|e| Error::Msg(format!("creating {}: {e}", out.display())))?;
-    lmstack_core::io::write_json(&out.join("finetune.json"), cfg)?;
-
-    let dev = Device::Cpu;
     if !cfg.base.join("config.json").is_file() {
         return Err(Error::Msg(format!(
-            "--base {}: no model directory there (train one with `cargo run --release --bin train`, or give a Hugging Face gpt2/llama directory)",
+            "--base {}: no model directory there (train one with `cargo run --release --bin train`, or give a Hugging Face model directory)",
             cfg.base.display()
         )));
     }
+    std::fs::create_dir_all(out).map_err(|e| Error::Msg(format!("creating {}: {e}", out.display())))?;
+    lmstack_core::io::write_json(&out.join("finetune.json"), cfg)?;
+    Ok(loaded)
+}
+
+/// A fresh run's state: step 0, the batch and evaluation RNGs seeded.
+pub fn fresh_state(seed: u64) -> TrainerState {
+    TrainerState {
+        version: checkpoint::VERSION,
+        step: 0,
+        data_rng: ChaCha8Rng::seed_from_u64(seed ^ 0xDA7A),
+        eval_rng: ChaCha8Rng::seed_from_u64(seed),
+        best_val: None,
+        tokens_seen: 0,
+        files: Default::default(),
+    }
+}
+
+/// The step progress bar (hidden when `show` is false).
+pub fn progress_bar(show: bool, max_steps: u64, at: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(max_steps);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+            .expect("valid template"),
+    );
+    b.set_position(at);
+    b
+}
+
+/// Runs (or with `resume`, continues) a finetuning run.
+pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: bool) -> Result<FinetuneSummary> {
+    cfg.validate()?;
+    let out = &cfg.out_dir;
+    let ckpt_root = out.join("checkpoints");
+    let resume_from = prepare_run_dir(cfg, resume)?;
+    let dev = Device::Cpu;
     let base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
     if !base.model.config().is_causal() {
         return Err(Error::Msg(format!(
@@ -442,15 +477,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
             opt.load_state(&l.optimizer, l.state.step, "optimizer.safetensors")?;
             l.state
         }
-        None => TrainerState {
-            version: checkpoint::VERSION,
-            step: 0,
-            data_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xDA7A),
-            eval_rng: ChaCha8Rng::seed_from_u64(cfg.seed),
-            best_val: None,
-            tokens_seen: 0,
-            files: Default::default(),
-        },
+        None => fresh_state(cfg.seed),
     };
     let eval_model = |m: &Model| -> Result<f64> {
         training.store(false, Ordering::Relaxed);

@@ -13,6 +13,7 @@
 
 pub mod batches;
 pub mod checkpoint;
+pub mod classify;
 pub mod config;
 pub mod corpus;
 pub mod data;

@@ -77,24 +77,32 @@ struct SynthArgs {
 
 #[derive(Args, Debug)]
 struct FinetuneArgs {
-    /// Base model directory.
-    #[arg(long, default_value = "runs/shakespeare-char/model")]
-    base: PathBuf,
-    /// Training examples (JSONL).
-    #[arg(long, default_value = "data/synth/train.jsonl")]
-    data: PathBuf,
-    /// Validation examples (JSONL); default: --val-fraction of --data.
+    /// `sft`: instruction finetuning of a causal LM; `classify`: a classification head on a
+    /// masked LM (bert).
+    #[arg(long, default_value = "sft", value_parser = ["sft", "classify"])]
+    task: String,
+    /// Base model directory (default: runs/shakespeare-char/model; classify:
+    /// runs/shakespeare-bert/model).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Training examples, JSONL (default: data/synth/train.jsonl; classify:
+    /// data/classify/train.jsonl with `{"text", "label"}` lines).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Held-out examples (JSONL); default: --val-fraction of --data (classify:
+    /// data/classify/test.jsonl).
     #[arg(long)]
     val_data: Option<PathBuf>,
     /// Held out for validation without --val-data.
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
-    /// Run directory.
-    #[arg(long, default_value = "runs/finetune")]
-    out_dir: PathBuf,
-    /// `full` (every weight) or `lora` (adapters on a frozen base).
-    #[arg(long, value_enum, default_value = "lora")]
-    method: lmstack_train::finetune::Method,
+    /// Run directory (default: runs/finetune; classify: runs/classify).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// `full` (every weight) or `lora` (adapters on a frozen base); default lora (classify:
+    /// full, the only one it supports).
+    #[arg(long, value_enum)]
+    method: Option<lmstack_train::finetune::Method>,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     lora_r: usize,
@@ -113,9 +121,9 @@ struct FinetuneArgs {
     /// Also score the prompt tokens.
     #[arg(long)]
     train_on_inputs: bool,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 300)]
-    max_steps: u64,
+    /// Optimizer steps (default 1500; classify 600).
+    #[arg(long)]
+    max_steps: Option<u64>,
     /// Examples per micro-batch.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
@@ -132,7 +140,7 @@ struct FinetuneArgs {
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
     /// Validation every N steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 250)]
     eval_interval: u64,
     /// Checkpoint every N steps.
     #[arg(long, default_value_t = 100)]
@@ -174,21 +182,33 @@ fn synth_cmd(a: &SynthArgs) -> Result<ExitCode> {
 fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
     use lmstack_train::finetune::{self, FinetuneConfig, Method};
     let d = FinetuneConfig::default();
-    let lr = a.lr.unwrap_or(if a.method == Method::Lora { 1e-3 } else { 3e-4 });
+    let classify = a.task == "classify";
+    let method = a.method.unwrap_or(if classify { Method::Full } else { Method::Lora });
+    if classify && method == Method::Lora {
+        anyhow::bail!("--task classify trains every weight; --method lora is not supported for it");
+    }
+    let lr = a.lr.unwrap_or(match (classify, method) {
+        (true, _) => 1e-4,
+        (false, Method::Lora) => 5e-3,
+        (false, Method::Full) => 1e-3,
+    });
+    let pick = |v: &Option<PathBuf>, sft: &str, cls: &str| {
+        v.clone().unwrap_or_else(|| (if classify { cls } else { sft }).into())
+    };
     let cfg = FinetuneConfig {
-        base: a.base.clone(),
-        data: a.data.clone(),
-        val_data: a.val_data.clone(),
+        base: pick(&a.base, "runs/shakespeare-char/model", "runs/shakespeare-bert/model"),
+        data: pick(&a.data, "data/synth/train.jsonl", "data/classify/train.jsonl"),
+        val_data: a.val_data.clone().or_else(|| classify.then(|| "data/classify/test.jsonl".into())),
         val_fraction: a.val_fraction,
-        out_dir: a.out_dir.clone(),
-        method: a.method,
+        out_dir: pick(&a.out_dir, "runs/finetune", "runs/classify"),
+        method,
         lora_r: a.lora_r,
         lora_alpha: a.lora_alpha,
         lora_dropout: a.lora_dropout,
         target_modules: a.target_modules.clone(),
         chat_template: a.chat_template.clone(),
         train_on_inputs: a.train_on_inputs,
-        max_steps: a.max_steps,
+        max_steps: a.max_steps.unwrap_or(if classify { 600 } else { 1500 }),
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
         lr,
@@ -209,6 +229,27 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
         eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)");
     })
     .context("installing the Ctrl-C handler")?;
+    if classify {
+        let s = lmstack_train::classify::run(&cfg, a.resume, stop, !a.quiet)?;
+        if s.interrupted {
+            println!("interrupted at step {}; continue with --resume", s.steps);
+            return Ok(ExitCode::from(130));
+        }
+        println!(
+            "done: {} steps, {:.0} ms/step; held-out accuracy {:.3} → {:.3} (majority label {:.3}); wrote {}",
+            s.steps,
+            s.ms_per_step,
+            s.accuracy.0,
+            s.accuracy.1.unwrap_or(f64::NAN),
+            s.majority_baseline,
+            s.output.display()
+        );
+        println!(
+            "try: cargo run --release --bin train -- sample --model {} --classify \"Why dost thou weep\"",
+            s.output.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let s = finetune::run(&cfg, a.resume, stop, !a.quiet)?;
     if s.interrupted {
         println!("interrupted at step {}; continue with --resume", s.steps);
@@ -479,6 +520,15 @@ struct SampleArgs {
     /// RNG seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Masked LM (bert): list the most likely tokens for each `[MASK]` in this text.
+    #[arg(long, conflicts_with = "classify")]
+    fill: Option<String>,
+    /// Classifier (bert with a classification head): the label probabilities of this text.
+    #[arg(long)]
+    classify: Option<String>,
+    /// How many tokens --fill lists.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
 }
 
 #[derive(Args, Debug)]
@@ -550,8 +600,26 @@ fn pretrain_cmd(args: &PretrainArgs) -> Result<ExitCode> {
 fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
     let p = Pretrained::load(&a.model, DType::F32, &Device::Cpu)
         .with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(text) = &a.fill {
+        for (i, top) in lmstack_train::classify::fill_mask(&p, text, a.top)?.iter().enumerate() {
+            println!("[MASK] #{}:", i + 1);
+            for (t, q) in top {
+                println!("  {:>7.2}%  {t:?}", q * 100.0);
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(text) = &a.classify {
+        for (label, q) in &lmstack_train::classify::predict(&p, &[text.as_str()])?[0] {
+            println!("{:>7.2}%  {label}", q * 100.0);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if !p.model.config().is_causal() {
-        anyhow::bail!("{}: sampling needs a causal model (gpt2 or llama)", a.model.display());
+        anyhow::bail!(
+            "{}: a bert model does not generate text; use --fill \"… [MASK] …\" (or --classify TEXT for a classifier)",
+            a.model.display()
+        );
     }
     if p.tokenizer.encode(&a.prompt, false)?.len() >= p.model.max_len() {
         anyhow::bail!("--prompt is longer than the model's context of {} tokens", p.model.max_len());

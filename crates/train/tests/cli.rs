@@ -150,3 +150,82 @@ fn tokenizer_command_trains_on_cleaned_text() {
         .unwrap();
     assert!(!res.status.success() && String::from_utf8_lossy(&res.stderr).contains("wordpiece"));
 }
+
+/// Adaptation as a user runs it: synthetic data, a LoRA finetune of a tiny pretrained model,
+/// merging the adapter, and sampling from the merged model; bad inputs fail with one line.
+#[test]
+fn synth_finetune_merge_and_sample_from_the_command_line() {
+    let d = tmp("adapt");
+    let base_run = d.join("base");
+    let base_s = base_run.display().to_string();
+    let mut args: Vec<&str> = TINY.to_vec();
+    let at = args.iter().position(|a| *a == "--block-size").unwrap();
+    args[at + 1] = "48"; // room for a prompt and its answer
+    args.extend(["--max-steps", "20", "--out-dir", &base_s]);
+    let o = train().args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let synth = d.join("synth");
+    let o = train()
+        .args(["data", "synth", "--train", "64", "--test", "8", "--tasks", "copy,reverse", "--out"])
+        .arg(&synth)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(synth.join("test.jsonl")).unwrap().lines().count(), 8);
+    let ft = d.join("ft");
+    let o = train()
+        .args(["finetune", "--max-steps", "4", "--batch-size", "4", "--quiet", "--base"])
+        .arg(base_run.join("model"))
+        .arg("--data")
+        .arg(synth.join("train.jsonl"))
+        .arg("--out-dir")
+        .arg(&ft)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("LoRA finetuning") && out.contains("validation loss"), "{out}");
+    let merged = d.join("merged");
+    let o = train()
+        .args(["merge", "--base"])
+        .arg(base_run.join("model"))
+        .arg("--adapter")
+        .arg(ft.join("adapter"))
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = train()
+        .args(["sample", "--max-tokens", "5", "--prompt", "user: copy: cat", "--model"])
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Text the base's vocabulary cannot encode, a missing base, a bert-only flag on a causal model.
+    let o = train()
+        .args(["data", "synth", "--tasks", "add", "--train", "8", "--test", "2", "--out"])
+        .arg(&synth)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    for (extra, needle) in [
+        (vec!["--base", base_run.join("model").to_str().unwrap()], "no token for"),
+        (vec!["--base", "/nonexistent/model"], "no model directory"),
+    ] {
+        let o = train()
+            .args(["finetune", "--max-steps", "2", "--quiet", "--out-dir"])
+            .arg(d.join(format!("bad-{}", needle.len())))
+            .arg("--data")
+            .arg(synth.join("train.jsonl"))
+            .args(&extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(needle), "{err}");
+    }
+    let o = train().args(["sample", "--fill", "a [MASK]", "--model"]).arg(base_run.join("model")).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("mask"));
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -260,3 +260,71 @@ fn full_finetuning_writes_a_model_with_its_chat_template() {
     let e = finetune::run(&bad, false, Arc::new(AtomicBool::new(false)), false).unwrap_err().to_string();
     assert!(e.contains("bad.jsonl:1") && e.contains("empty"), "{e}");
 }
+
+fn tiny_bert(dir: &Path) {
+    let mut tok = Tokenizer::from_chars(CHARS.chars()).unwrap();
+    tok.add_special_tokens(&["[MASK]"]);
+    let mut sp = tok.special_tokens().clone();
+    sp.mask = Some("[MASK]".into());
+    tok.set_special_tokens(sp).unwrap();
+    let cfg = format!(
+        r#"{{"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32, "vocab_size": {}, "architectures": ["BertForMaskedLM"]}}"#,
+        tok.vocab_size()
+    );
+    let model = Model::init(ModelConfig::from_json(&cfg, "t").unwrap(), 4, DType::F32, &Device::Cpu).unwrap();
+    Pretrained { model, tokenizer: tok, dir: None }.save(dir).unwrap();
+}
+
+#[test]
+fn a_masked_lm_learns_to_classify_and_fills_masks() {
+    use lmstack_train::classify;
+    let dir = tempfile::tempdir().unwrap();
+    tiny_bert(&dir.path().join("base"));
+    // Questions start with "why" or "how"; statements do not.
+    let mut train = String::new();
+    let mut test = String::new();
+    let words = ["cat", "dog", "sun", "sea", "owl", "fig", "oak", "elk", "ram", "bee"];
+    for i in 0..120 {
+        let (a, b) = (words[i % 10], words[(i / 10) % 10]);
+        let (text, label) = if i % 2 == 0 {
+            (format!("{} is the {a} {b}", if i % 4 == 0 { "why" } else { "how" }), "question")
+        } else {
+            (format!("the {a} is {b}"), "statement")
+        };
+        let line = serde_json::json!({"text": text, "label": label}).to_string() + "\n";
+        if i < 100 {
+            train.push_str(&line)
+        } else {
+            test.push_str(&line)
+        }
+    }
+    std::fs::write(dir.path().join("train.jsonl"), train).unwrap();
+    std::fs::write(dir.path().join("test.jsonl"), test).unwrap();
+    let c = FinetuneConfig {
+        val_data: Some(dir.path().join("test.jsonl")),
+        lr: 3e-3,
+        min_lr: 3e-4,
+        max_steps: 40,
+        method: Method::Full,
+        ..cfg(dir.path(), Method::Full, "cls", 40)
+    };
+    let s = classify::run(&c, false, Arc::new(AtomicBool::new(false)), false).unwrap();
+    assert_eq!(s.labels, ["question", "statement"]);
+    assert!(s.accuracy.1.unwrap() >= 0.95, "{s:?}");
+    let m = Pretrained::load(&dir.path().join("cls/model"), DType::F32, &Device::Cpu).unwrap();
+    let p = classify::predict(&m, &["why is the owl sea", "the fig is oak"]).unwrap();
+    assert_eq!((p[0][0].0.as_str(), p[1][0].0.as_str()), ("question", "statement"));
+    assert!((p[0].iter().map(|x| x.1).sum::<f32>() - 1.0).abs() < 1e-5);
+
+    // Fill-in-the-blank on the masked LM: k tokens per mask, probabilities in order.
+    let base = Pretrained::load(&dir.path().join("base"), DType::F32, &Device::Cpu).unwrap();
+    let top = classify::fill_mask(&base, "the c[MASK]t is [MASK]", 3).unwrap();
+    assert_eq!(top.len(), 2);
+    assert!(top.iter().all(|t| t.len() == 3 && t[0].1 >= t[1].1 && t[1].1 >= t[2].1));
+    assert!(classify::fill_mask(&base, "no mask here", 3).unwrap_err().to_string().contains("[MASK]"));
+    // A causal model is refused as a classification base, naming the flag.
+    tiny(&dir.path().join("gpt"), "gpt2", 1);
+    let bad = FinetuneConfig { base: dir.path().join("gpt"), out_dir: dir.path().join("bad"), ..c };
+    let e = classify::run(&bad, false, Arc::new(AtomicBool::new(false)), false).unwrap_err().to_string();
+    assert!(e.contains("--base") && e.contains("bert"), "{e}");
+}

@@ -374,6 +374,35 @@ pub fn progress_bar(show: bool, max_steps: u64, at: u64) -> indicatif::ProgressB
     b
 }
 
+/// Grows the token embeddings (and an untied output head) to `new_vocab` rows, new rows set to
+/// the mean of the old ones (as `transformers`' `resize_token_embeddings` does), and returns
+/// the config with the new `vocab_size`.
+pub fn grow_vocab(
+    weights: &mut HashMap<String, Tensor>,
+    cfg: &lmstack_core::ModelConfig,
+    new_vocab: usize,
+) -> Result<lmstack_core::ModelConfig> {
+    let keys: &[&str] = match cfg.model_type_str() {
+        "gpt2" => &["transformer.wte.weight", "lm_head.weight"],
+        "llama" => &["model.embed_tokens.weight", "lm_head.weight"],
+        other => return Err(Error::Msg(format!("growing the vocabulary of a {other} model is not supported"))),
+    };
+    for k in keys {
+        let Some(w) = weights.get(*k) else { continue };
+        let (v, d) = w.dims2()?;
+        if v >= new_vocab {
+            continue;
+        }
+        let mean = w.mean_keepdim(0)?;
+        let extra = mean.broadcast_as((new_vocab - v, d))?.contiguous()?;
+        let grown = Tensor::cat(&[w, &extra], 0)?;
+        weights.insert((*k).to_owned(), grown);
+    }
+    let mut j = cfg.to_value();
+    j["vocab_size"] = serde_json::json!(new_vocab);
+    Ok(lmstack_core::ModelConfig::from_value(j, "finetune config")?)
+}
+
 /// Runs (or with `resume`, continues) a finetuning run.
 pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: bool) -> Result<FinetuneSummary> {
     cfg.validate()?;
@@ -390,6 +419,21 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         )));
     }
     let mut tok = base.tokenizer.clone();
+    // ChatML on a base without its tokens: add them (full finetuning grows the embeddings).
+    let missing = lmstack_core::chat::CHATML_TOKENS.iter().any(|t| tok.token_to_id(t).is_none());
+    if cfg.chat_template == "chatml" && missing {
+        if cfg.method == Method::Lora {
+            return Err(Error::Msg(
+                "--chat-template chatml adds <|im_start|> and <|im_end|> to the vocabulary, whose new embeddings must train; use --method full, or --chat-template plain with LoRA".into(),
+            ));
+        }
+        tok.add_special_tokens(&lmstack_core::chat::CHATML_TOKENS);
+        if tok.eos_id().is_none() {
+            let mut sp = tok.special_tokens().clone();
+            sp.eos = Some("<|im_end|>".into());
+            tok.set_special_tokens(sp)?;
+        }
+    }
     let fmt = ChatFormat::from_spec(&cfg.chat_template, &tok)?;
     let max_len = base.model.max_len();
     let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
@@ -441,8 +485,16 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         _ => base.model.params().tensors().into_iter().collect(),
     };
     let base_parameters = base.model.num_parameters();
-    let mcfg = base.model.config().clone();
+    let mut mcfg = base.model.config().clone();
     drop(base);
+    let mut weights = weights;
+    if tok.vocab_size() > mcfg.vocab_size() && resume_from.is_none() {
+        mcfg = grow_vocab(&mut weights, &mcfg, tok.vocab_size())?;
+    } else if tok.vocab_size() > mcfg.vocab_size() {
+        let mut j = mcfg.to_value();
+        j["vocab_size"] = serde_json::json!(tok.vocab_size());
+        mcfg = lmstack_core::ModelConfig::from_value(j, "finetune config")?;
+    }
     let step_counter = Arc::new(AtomicU64::new(0));
     let training = Arc::new(AtomicBool::new(false));
     let src = cfg.base.join("model.safetensors").display().to_string();

@@ -593,7 +593,13 @@ fn pretrain_cmd(args: &PretrainArgs) -> Result<ExitCode> {
     );
     let d = cfg.out_dir.display();
     println!("model: {d}/model (best: {d}/best); metrics: {d}/metrics.jsonl; curve: {d}/loss.svg");
-    println!("try: cargo run --release --bin train -- sample --model {d}/model --prompt \"ROMEO:\"");
+    if cfg.arch == "bert" {
+        println!(
+            "try: cargo run --release --bin train -- sample --model {d}/model --fill \"To be, or not to [MASK]e\""
+        );
+    } else {
+        println!("try: cargo run --release --bin train -- sample --model {d}/model --prompt \"ROMEO:\"");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

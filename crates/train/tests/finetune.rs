@@ -328,3 +328,22 @@ fn a_masked_lm_learns_to_classify_and_fills_masks() {
     let e = classify::run(&bad, false, Arc::new(AtomicBool::new(false)), false).unwrap_err().to_string();
     assert!(e.contains("--base") && e.contains("bert"), "{e}");
 }
+
+#[test]
+fn chatml_grows_the_vocabulary_for_full_finetuning_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = tiny(&dir.path().join("base"), "gpt2", 2);
+    let v = base.tokenizer.vocab_size();
+    write_data(dir.path());
+    let c = FinetuneConfig { chat_template: "chatml".into(), ..cfg(dir.path(), Method::Full, "chatml", 4) };
+    finetune::run(&c, false, Arc::new(AtomicBool::new(false)), false).unwrap();
+    let m = Pretrained::load(&dir.path().join("chatml/model"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(m.tokenizer.vocab_size(), v + 2);
+    assert_eq!(m.model.config().vocab_size(), v + 2);
+    assert_eq!(m.tokenizer.eos_id(), m.tokenizer.token_to_id("<|im_end|>"));
+    let text = m.tokenizer.apply_chat_template(&serde_json::json!([{"role": "user", "content": "hi"}]), true).unwrap();
+    assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    let lora = FinetuneConfig { method: Method::Lora, out_dir: dir.path().join("chatml-lora"), ..c };
+    let e = finetune::run(&lora, false, Arc::new(AtomicBool::new(false)), false).unwrap_err().to_string();
+    assert!(e.contains("--method full"), "{e}");
+}

@@ -123,13 +123,18 @@ async fn models() -> Json<Value> {
     Json(json!({"object": "list", "data": [{"id": "judge", "object": "model", "max_model_len": 64}]}))
 }
 
-/// A server on a background runtime; returns its base URL and request counter.
+/// The judge on a background runtime; returns its base URL and request counter.
 fn spawn_judge() -> (String, Arc<AtomicUsize>) {
     let n = Arc::new(AtomicUsize::new(0));
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(judge_chat))
         .with_state(n.clone());
+    (spawn(app), n)
+}
+
+/// Serves `app` on a background runtime; returns its base URL.
+fn spawn(app: Router) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -139,7 +144,7 @@ fn spawn_judge() -> (String, Arc<AtomicUsize>) {
             axum::serve(l, app).await.unwrap();
         });
     });
-    (format!("http://{}/v1", rx.recv().unwrap()), n)
+    format!("http://{}/v1", rx.recv().unwrap())
 }
 
 fn setup(dir: &Path) -> Suite {
@@ -284,16 +289,7 @@ fn chat_endpoints_generate_but_cannot_score() {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .with_state(seen.clone());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(l.local_addr().unwrap()).unwrap();
-            axum::serve(l, app).await.unwrap();
-        });
-    });
-    let url = format!("http://{}/v1", rx.recv().unwrap());
+    let url = spawn(app);
     let mut b = EndpointBackend::new(&url, None, None, None).unwrap().with_chat(true);
     let kw = GenerationKwargs { until: vec!["\n".into()], ..Default::default() };
     let out = b.generate(&[("2+2?".into(), kw)]).unwrap();

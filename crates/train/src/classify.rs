@@ -242,7 +242,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         train.len(),
         val.len()
     );
-    let bar = crate::finetune::progress_bar(progress, cfg.max_steps, state.step);
+    let bar = metrics::progress_bar(progress, cfg.max_steps, state.step);
     let save_ckpt = |state: &TrainerState, model: &Model, opt: &AdamW| -> Result<()> {
         checkpoint::save(&ckpt_root, state.clone(), &model.params().tensors(), &opt.state_tensors()?, 2)?;
         Ok(())
@@ -274,34 +274,14 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         opt.step(&grads, lr)?;
         state.step += 1;
         let done = state.step;
-        log.write(&Record {
-            step: done,
-            split: "train".into(),
-            loss: l,
-            lr: Some(lr),
-            tokens_per_sec: None,
-            grad_norm: norm,
-            perplexity: None,
-        })?;
+        log.write(&Record::train(done, l, lr, None, norm))?;
         bar.set_message(format!("loss {l:.4} lr {lr:.2e}"));
         bar.set_position(done);
         if done % cfg.eval_interval == 0 || done == cfg.max_steps {
             let acc = accuracy(&frozen(&model)?, &val, pad)?;
-            log.write(&Record {
-                step: done,
-                split: "val".into(),
-                loss: 1.0 - acc,
-                lr: None,
-                tokens_per_sec: None,
-                grad_norm: None,
-                perplexity: None,
-            })?;
+            log.write(&Record::val(done, 1.0 - acc, false))?;
             let line = format!("step {done}: train loss {l:.4}, held-out accuracy {acc:.3}");
-            if bar.is_hidden() {
-                println!("{line}");
-            } else {
-                bar.println(line);
-            }
+            metrics::bar_println(&bar, line);
         }
         if cfg.checkpoint_interval > 0 && done % cfg.checkpoint_interval == 0 && done < cfg.max_steps {
             save_ckpt(&state, &model, &opt)?;

@@ -360,20 +360,6 @@ pub fn fresh_state(seed: u64) -> TrainerState {
     }
 }
 
-/// The step progress bar (hidden when `show` is false).
-pub fn progress_bar(show: bool, max_steps: u64, at: u64) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let b = indicatif::ProgressBar::new(max_steps);
-    b.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-            .expect("valid template"),
-    );
-    b.set_position(at);
-    b
-}
-
 /// Grows the token embeddings (and an untied output head) to `new_vocab` rows, new rows set to
 /// the mean of the old ones (as `transformers`' `resize_token_embeddings` does), and returns
 /// the config with the new `vocab_size`.
@@ -543,15 +529,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
     let base_val = if val.is_empty() { f64::NAN } else { eval_model(&model)? };
     let mut log = MetricsLog::open(&out.join("metrics.jsonl"), resume.then_some(state.step))?;
     if !resume && !val.is_empty() {
-        log.write(&Record {
-            step: 0,
-            split: "val".into(),
-            loss: base_val,
-            lr: None,
-            tokens_per_sec: None,
-            grad_norm: None,
-            perplexity: Some(base_val.exp()),
-        })?;
+        log.write(&Record::val(0, base_val, true))?;
     }
     println!(
         "{} finetuning of {} ({} parameters; {} trainable, {:.2}%): {} train / {} val examples ({} skipped: longer than {max_len} tokens or nothing to score); validation loss before: {base_val:.4}",
@@ -568,19 +546,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         skipped
     );
 
-    let bar = if progress {
-        let b = indicatif::ProgressBar::new(cfg.max_steps);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-            )
-            .expect("valid template"),
-        );
-        b.set_position(state.step);
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = metrics::progress_bar(progress, cfg.max_steps, state.step);
     let save_ckpt = |state: &TrainerState, opt: &AdamW| -> Result<()> {
         let weights: BTreeMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
         checkpoint::save(&ckpt_root, state.clone(), &weights, &opt.state_tensors()?, 2)?;
@@ -619,34 +585,14 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         opt.step(&grads, lr)?;
         state.step += 1;
         let done = state.step;
-        log.write(&Record {
-            step: done,
-            split: "train".into(),
-            loss,
-            lr: Some(lr),
-            tokens_per_sec: None,
-            grad_norm: norm,
-            perplexity: None,
-        })?;
+        log.write(&Record::train(done, loss, lr, None, norm))?;
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
         bar.set_position(done);
         if (done % cfg.eval_interval == 0 || done == cfg.max_steps) && !val.is_empty() {
             let v = eval_model(&model)?;
-            log.write(&Record {
-                step: done,
-                split: "val".into(),
-                loss: v,
-                lr: None,
-                tokens_per_sec: None,
-                grad_norm: None,
-                perplexity: Some(v.exp()),
-            })?;
+            log.write(&Record::val(done, v, true))?;
             let line = format!("step {done}: train loss {loss:.4}, val loss {v:.4}");
-            if bar.is_hidden() {
-                println!("{line}");
-            } else {
-                bar.println(line);
-            }
+            metrics::bar_println(&bar, line);
             if state.best_val.is_none_or(|(_, b)| v < b) {
                 state.best_val = Some((done, v));
             }

@@ -32,6 +32,49 @@ pub struct Record {
     pub perplexity: Option<f64>,
 }
 
+impl Record {
+    /// A training record.
+    pub fn train(step: u64, loss: f64, lr: f64, tokens_per_sec: Option<f64>, grad_norm: Option<f64>) -> Self {
+        Self { step, split: "train".into(), loss, lr: Some(lr), tokens_per_sec, grad_norm, perplexity: None }
+    }
+
+    /// A validation record; `perplexity` is `exp(loss)` when the loss is in nats per token.
+    pub fn val(step: u64, loss: f64, with_perplexity: bool) -> Self {
+        Self {
+            step,
+            split: "val".into(),
+            loss,
+            lr: None,
+            tokens_per_sec: None,
+            grad_norm: None,
+            perplexity: with_perplexity.then(|| loss.exp()),
+        }
+    }
+}
+
+/// The step progress bar of a training run (hidden when `show` is false), at step `at`.
+pub fn progress_bar(show: bool, max_steps: u64, at: u64) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(max_steps);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+            .expect("valid template"),
+    );
+    b.set_position(at);
+    b
+}
+
+/// Prints a line above the progress bar (or plainly when it is hidden).
+pub fn bar_println(bar: &indicatif::ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
 /// Appends records to `metrics.jsonl`.
 #[derive(Debug)]
 pub struct MetricsLog {

@@ -420,19 +420,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         );
     }
 
-    let bar = if opts.progress {
-        let b = indicatif::ProgressBar::new(cfg.max_steps);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} step {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-            )
-            .expect("valid template"),
-        );
-        b.set_position(state.step);
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = metrics::progress_bar(opts.progress, cfg.max_steps, state.step);
     let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.grad_accum) as f64;
     let started = Instant::now();
     let first_step = state.step;
@@ -480,37 +468,17 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             let secs = window.2.elapsed().as_secs_f64();
             let tps = window.1 as f64 * tokens_per_step / secs.max(1e-9);
             let mean = window.0 / window.1 as f64;
-            log.write(&Record {
-                step: done,
-                split: "train".into(),
-                loss: mean,
-                lr: Some(lr),
-                tokens_per_sec: Some(tps),
-                grad_norm: clip.map(|_| norm),
-                perplexity: None,
-            })?;
+            log.write(&Record::train(done, mean, lr, Some(tps), clip.map(|_| norm)))?;
             bar.set_message(format!("loss {mean:.4} lr {lr:.2e} {tps:.0} tok/s"));
             window = (0.0, 0, Instant::now());
         }
         bar.set_position(done);
         if done % cfg.eval_interval == 0 || done == cfg.max_steps {
             let v = estimate(&model, val, cfg, obj, cfg.eval_iters, &mut state.eval_rng)?;
-            log.write(&Record {
-                step: done,
-                split: "val".into(),
-                loss: v,
-                lr: None,
-                tokens_per_sec: None,
-                grad_norm: None,
-                perplexity: Some(v.exp()),
-            })?;
+            log.write(&Record::val(done, v, true))?;
             if opts.verbose {
                 let line = format!("step {done}: train loss {loss:.4}, val loss {v:.4} (perplexity {:.2})", v.exp());
-                if bar.is_hidden() {
-                    println!("{line}");
-                } else {
-                    bar.println(line);
-                }
+                metrics::bar_println(&bar, line);
             }
             if state.best_val.is_none_or(|(_, b)| v < b) {
                 state.best_val = Some((done, v));

@@ -105,10 +105,24 @@ impl AppState {
     }
 }
 
+/// The web playground: one self-contained page (HTML, CSS and JavaScript, no external assets)
+/// that talks to this server's own API.
+async fn playground() -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-cache"), (header::CONTENT_SECURITY_POLICY, PLAYGROUND_CSP)],
+        axum::response::Html(include_str!("playground.html")),
+    )
+}
+
+/// The playground loads nothing from elsewhere and talks only to this server.
+const PLAYGROUND_CSP: &str =
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:";
+
 /// The application router with all middleware.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     let mut app = Router::new()
+        .route("/", get(playground))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))

@@ -21,6 +21,11 @@ pub fn write_model(dir: &Path) {
 
 /// Writes the model directory with context `ctx` into `dir`.
 pub fn write_model_ctx(dir: &Path, ctx: usize) {
+    write_model_sized(dir, ctx, 32, 2);
+}
+
+/// Writes a model of width `n_embd` and `n_layer` blocks with context `ctx` into `dir`.
+pub fn write_model_sized(dir: &Path, ctx: usize, n_embd: usize, n_layer: usize) {
     let mut tok = Tokenizer::from_chars(CHARS.chars()).unwrap();
     tok.add_special_tokens(&["<|endoftext|>"]);
     tok.add_special_tokens(&CHATML_TOKENS);
@@ -33,7 +38,7 @@ pub fn write_model_ctx(dir: &Path, ctx: usize) {
     .unwrap();
     tok.set_chat_template(Some(CHATML.into()));
     let cfg = format!(
-        r#"{{"model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": {ctx}, "vocab_size": {}}}"#,
+        r#"{{"model_type": "gpt2", "n_embd": {n_embd}, "n_head": 4, "n_layer": {n_layer}, "n_positions": {ctx}, "vocab_size": {}}}"#,
         tok.vocab_size()
     );
     let model = Model::init(ModelConfig::from_json(&cfg, "test").unwrap(), 7, DType::F32, &Device::Cpu).unwrap();

@@ -1,0 +1,226 @@
+//! The web playground in a real browser: headless Chromium from Debian's packages driven over
+//! WebDriver (`chromedriver` + `fantoccini`). The test starts `serve` on a tiny model, sends a
+//! chat message with Enter and sees the streamed reply appear, stops a long generation (the
+//! server cancels it), sees an API error in words, colours completion tokens by probability,
+//! checks the layout at phone width, and saves screenshots under the target directory.
+//!
+//! Needs `chromium` and `chromium-driver` (`.ci/run` installs them). Set
+//! `LMSTACK_SKIP_BROWSER_TESTS=1` to skip on a machine without them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::key::Key;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+fn find(names: &[&str]) -> Option<PathBuf> {
+    for n in names {
+        let p = Path::new(n);
+        if p.is_absolute() && p.exists() {
+            return Some(p.to_owned());
+        }
+        if let Some(paths) = std::env::var_os("PATH") {
+            for dir in std::env::split_paths(&paths) {
+                let c = dir.join(n);
+                if c.is_file() {
+                    return Some(c);
+                }
+            }
+        }
+    }
+    None
+}
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines().filter_map(|l| l.strip_prefix(name)).filter_map(|r| r.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+}
+
+async fn text_of(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+}
+
+/// Polls `f` until it is true or `secs` pass.
+async fn until<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t0 = Instant::now();
+    while !f().await {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn set(c: &Client, css: &str, value: &str) {
+    let e = c.find(Locator::Css(css)).await.unwrap();
+    e.clear().await.unwrap();
+    e.send_keys(value).await.unwrap();
+}
+
+async fn shot(c: &Client, dir: &Path, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    std::fs::write(dir.join(name), png).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_playground_streams_stops_and_reports_errors_in_chromium() {
+    let (Some(driver), Some(chromium)) = (
+        find(&["chromedriver", "/usr/bin/chromedriver"]),
+        find(&["chromium", "/usr/bin/chromium", "chromium-browser"]),
+    ) else {
+        if std::env::var_os("LMSTACK_SKIP_BROWSER_TESTS").is_some() {
+            eprintln!("skipped: chromium / chromedriver not installed and LMSTACK_SKIP_BROWSER_TESTS is set");
+            return;
+        }
+        panic!("this test needs chromium and chromedriver (apt-get install -y chromium chromium-driver); set LMSTACK_SKIP_BROWSER_TESTS=1 to skip it");
+    };
+
+    // The server, on a real socket.
+    let dir = tempfile::tempdir().unwrap();
+    // Wide enough (5M parameters) that a generation of thousands of tokens lasts seconds: long
+    // enough to stop it from the page.
+    common::write_model_sized(dir.path(), 4096, 256, 6);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(lmstack_serve::server::serve_on(listener, common::options(dir.path()), async {
+        let _ = stop_rx.await;
+    }));
+    until("the server", 30, || async {
+        reqwest::get(format!("{url}/ready")).await.is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    let page = reqwest::get(format!("{url}/")).await.unwrap();
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+
+    // The browser.
+    let port = free_port();
+    let _driver = Driver(
+        Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting chromedriver"),
+    );
+    let wd = format!("http://127.0.0.1:{port}");
+    until("chromedriver", 30, || async { reqwest::get(format!("{wd}/status")).await.is_ok() }).await;
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({"binary": chromium, "args": ["--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-background-networking", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1200,900"]}),
+    );
+    let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&wd)
+        .await
+        .expect("a WebDriver session");
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("playground");
+    std::fs::create_dir_all(&shots).unwrap();
+
+    c.goto(&format!("{url}/")).await.unwrap();
+    until("the model name", 10, || async { text_of(&c, "#model").await.contains("tiny") }).await;
+
+    // Chat: Enter sends; the streamed reply appears and finishes.
+    set(&c, "#max_tokens", "40").await;
+    set(&c, "#seed", "3").await;
+    let input = c.find(Locator::Css("#input")).await.unwrap();
+    input.send_keys("Hello there").await.unwrap();
+    input.send_keys(&Key::Enter.to_string()).await.unwrap();
+    until("the user message", 10, || async { text_of(&c, ".msg.user .content").await == "Hello there" }).await;
+    until("a finished reply", 30, || async { c.find(Locator::Css(".msg.assistant.done")).await.is_ok() }).await;
+    let reply = text_of(&c, ".msg.assistant .content").await;
+    assert!(!reply.is_empty(), "the reply is empty");
+    assert_eq!(c.find(Locator::Css("#input")).await.unwrap().prop("value").await.unwrap().as_deref(), Some(""));
+    shot(&c, &shots, "chat.png").await;
+
+    // Stop: a long generation is cancelled from the page and by the server.
+    let cancelled = metric(&url, "lmstack_request_cancelled_total").await;
+    c.find(Locator::Css("#clear")).await.unwrap().click().await.unwrap();
+    set(&c, "#max_tokens", "4000").await;
+    c.find(Locator::Css("#ignore_eos")).await.unwrap().click().await.unwrap();
+    let input = c.find(Locator::Css("#input")).await.unwrap();
+    input.send_keys("Tell me everything").await.unwrap();
+    input.send_keys(&Key::Enter.to_string()).await.unwrap();
+    until("streamed text", 30, || async {
+        c.find(Locator::Css(".msg.assistant.streaming .content")).await.is_ok()
+            && text_of(&c, ".msg.assistant .content").await.chars().count() > 20
+    })
+    .await;
+    let streaming = text_of(&c, ".msg.assistant .content").await;
+    c.find(Locator::Css("#stop")).await.unwrap().click().await.unwrap();
+    until("the stopped reply", 10, || async { text_of(&c, ".msg.assistant .content").await.ends_with("[stopped]") })
+        .await;
+    let stopped = text_of(&c, ".msg.assistant .content").await;
+    assert!(stopped.chars().count() < 3900 && stopped.starts_with(&streaming), "{} chars", stopped.len());
+    until("the server to cancel", 10, || async {
+        metric(&url, "lmstack_request_cancelled_total").await > cancelled
+            && metric(&url, "lmstack_running_sequences").await == 0.0
+    })
+    .await;
+    assert!(c.find(Locator::Css("#send")).await.unwrap().is_enabled().await.unwrap());
+    shot(&c, &shots, "stopped.png").await;
+
+    // An API error is shown in words: a request beyond the context is refused with 400.
+    set(&c, "#max_tokens", "100000").await;
+    let input = c.find(Locator::Css("#input")).await.unwrap();
+    input.send_keys("too long").await.unwrap();
+    input.send_keys(&Key::Enter.to_string()).await.unwrap();
+    until("the error", 10, || async { text_of(&c, "#error").await.contains("HTTP 400") }).await;
+    let err = text_of(&c, "#error").await;
+    assert!(err.contains("refused") && err.contains("context"), "{err}");
+    // The unanswered question goes back to the input, not into the conversation.
+    assert_eq!(c.find(Locator::Css("#input")).await.unwrap().prop("value").await.unwrap().as_deref(), Some("too long"));
+    assert_eq!(c.find_all(Locator::Css(".msg.user")).await.unwrap().len(), 1);
+
+    // Completion mode: tokens coloured by probability with their alternatives.
+    c.find(Locator::Css("#tab-completion")).await.unwrap().click().await.unwrap();
+    set(&c, "#max_tokens", "12").await;
+    c.find(Locator::Css("#run")).await.unwrap().click().await.unwrap();
+    until("coloured tokens", 30, || async {
+        c.find_all(Locator::Css("#completion-out .tok")).await.is_ok_and(|v| v.len() >= 12)
+            && c.find(Locator::Css("#run")).await.is_ok()
+    })
+    .await;
+    let tok = c.find(Locator::Css("#completion-out .tok")).await.unwrap();
+    let p: f64 = tok.attr("data-p").await.unwrap().unwrap().parse().unwrap();
+    assert!((0.0..=1.0).contains(&p));
+    assert!(tok.attr("style").await.unwrap().unwrap_or_default().contains("background"));
+    assert!(tok.attr("data-tip").await.unwrap().unwrap().contains("top alternatives"));
+    shot(&c, &shots, "completion.png").await;
+
+    // Phone width: the controls stay on screen, stacked under the conversation.
+    c.set_window_size(390, 844).await.unwrap();
+    c.find(Locator::Css("#tab-chat")).await.unwrap().click().await.unwrap();
+    let width: f64 = c.execute("return document.documentElement.scrollWidth", vec![]).await.unwrap().as_f64().unwrap();
+    assert!(width <= 400.0, "the page scrolls sideways at phone width ({width}px)");
+    let (x, _, w, _) = c.find(Locator::Css("#send")).await.unwrap().rectangle().await.unwrap();
+    assert!(x >= 0.0 && x + w <= 400.0, "the send button is off screen");
+    shot(&c, &shots, "phone.png").await;
+    eprintln!("screenshots in {}", shots.display());
+
+    c.close().await.unwrap();
+    let _ = stop_tx.send(());
+    let _ = server.await;
+}

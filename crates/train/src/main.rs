@@ -520,6 +520,9 @@ struct SampleArgs {
     /// RNG seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// A PEFT LoRA adapter directory to apply on top of --model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Masked LM (bert): list the most likely tokens for each `[MASK]` in this text.
     #[arg(long, conflicts_with = "classify")]
     fill: Option<String>,
@@ -604,8 +607,11 @@ fn pretrain_cmd(args: &PretrainArgs) -> Result<ExitCode> {
 }
 
 fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
-    let p = Pretrained::load(&a.model, DType::F32, &Device::Cpu)
+    let mut p = Pretrained::load(&a.model, DType::F32, &Device::Cpu)
         .with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(dir) = &a.adapter {
+        lmstack_core::lora::load_peft(&mut p.model, dir)?;
+    }
     if let Some(text) = &a.fill {
         for (i, top) in lmstack_train::classify::fill_mask(&p, text, a.top)?.iter().enumerate() {
             println!("[MASK] #{}:", i + 1);

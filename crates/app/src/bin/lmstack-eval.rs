@@ -59,7 +59,7 @@ struct RunArgs {
     #[arg(long, default_value = "runs/shakespeare-char/model")]
     model: PathBuf,
     /// A PEFT LoRA adapter directory to load on top of --model.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "endpoint")]
     adapter: Option<PathBuf>,
     /// Evaluate an OpenAI-compatible server instead (e.g. http://localhost:8000/v1).
     #[arg(long)]

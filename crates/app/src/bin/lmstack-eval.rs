@@ -174,7 +174,14 @@ fn compare_runs(a: &Path, b: &Path, out: Option<PathBuf>, alpha: f64, iters: usi
     println!("report: {}", out.display());
     let worse: Vec<_> = cs.iter().filter(|c| c.verdict(alpha) == "A better").collect();
     for c in &worse {
-        eprintln!("B is significantly worse: {} {} {:.4} → {:.4} (p = {:.3})", c.task, c.metric, c.a, c.b, c.p);
+        eprintln!(
+            "B is significantly worse: {} {} {:.4} → {:.4} (p = {})",
+            c.task,
+            c.metric,
+            c.a,
+            c.b,
+            compare::fmt_p(c.p)
+        );
     }
     Ok(worse.is_empty())
 }

@@ -56,7 +56,7 @@ impl LocalBackend {
     /// template (`tokenizer_config.json`) and the generation prompt; rolling log-likelihoods
     /// score raw text.
     pub fn with_chat(mut self, chat: bool) -> BackendResult<Self> {
-        if chat && self.p.tokenizer.apply_chat_template(&serde_json::json!([]), true).is_err() {
+        if chat && self.p.tokenizer.chat_template().is_none() {
             anyhow::bail!("{}: the tokenizer has no chat_template, so --chat cannot be used", self.name);
         }
         self.chat = chat;

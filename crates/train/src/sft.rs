@@ -69,19 +69,6 @@ impl Example {
             _ => Err("expected `messages`, or `prompt` and `completion`".into()),
         }
     }
-
-    /// The prompt for generation (everything before the last assistant turn, with the
-    /// generation prompt) and the reference answer; for evaluation.
-    pub fn prompt_and_answer(&self, tok: &Tokenizer, template: &ChatFormat) -> Result<(String, String)> {
-        match self {
-            Self::Completion { prompt, completion } => Ok((prompt.clone(), completion.clone())),
-            Self::Chat(msgs) => {
-                let last = msgs.iter().rposition(|(r, _)| r == "assistant").unwrap_or(msgs.len() - 1);
-                let prompt = template.render(tok, &msgs[..last], true)?;
-                Ok((prompt, msgs[last].1.clone()))
-            }
-        }
-    }
 }
 
 /// Reads a JSONL file of examples; a bad line is an error naming `file:line` and the field.
@@ -102,59 +89,45 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
-/// How conversations become text.
-#[derive(Debug, Clone)]
-pub enum ChatFormat {
-    /// The tokenizer's own `chat_template`.
-    Model,
-    /// A Jinja chat template given as source (e.g. core's `PLAIN` or `CHATML`, or a file).
-    Template(String),
+/// How conversations become text: a chat template compiled once, and its source when it is
+/// not the tokenizer's own (to save with the finetuned model).
+#[derive(Debug)]
+pub struct ChatFormat {
+    template: lmstack_core::chat::ChatTemplate,
+    source: Option<String>,
 }
 
 impl ChatFormat {
     /// `model` (the tokenizer's template, else `plain`), `plain`, `chatml`, or a template file.
     pub fn from_spec(spec: &str, tok: &Tokenizer) -> Result<Self> {
-        Ok(match spec {
-            "model" if tok.chat_template().is_some() => Self::Model,
-            "model" | "plain" => Self::Template(lmstack_core::chat::PLAIN.to_owned()),
+        let source = match spec {
+            "model" if tok.chat_template().is_some() => None,
+            "model" | "plain" => Some(lmstack_core::chat::PLAIN.to_owned()),
             "chatml" => {
                 if let Some(t) = lmstack_core::chat::CHATML_TOKENS.iter().find(|t| tok.token_to_id(t).is_none()) {
                     return Err(Error::Msg(format!(
                         "--chat-template chatml: the base tokenizer has no `{t}` token (its vocabulary would have to grow); use `plain` or a base that has ChatML's tokens"
                     )));
                 }
-                Self::Template(lmstack_core::chat::CHATML.to_owned())
+                Some(lmstack_core::chat::CHATML.to_owned())
             }
-            file => {
-                let src = std::fs::read_to_string(file).map_err(|e| {
-                    Error::Msg(format!("--chat-template: `{file}` is not model, plain, chatml or a readable file: {e}"))
-                })?;
-                lmstack_core::chat::ChatTemplate::new(&src)?;
-                Self::Template(src)
-            }
-        })
+            file => Some(std::fs::read_to_string(file).map_err(|e| {
+                Error::Msg(format!("--chat-template: `{file}` is not model, plain, chatml or a readable file: {e}"))
+            })?),
+        };
+        let src = source.as_deref().or(tok.chat_template()).unwrap_or_default();
+        Ok(Self { template: lmstack_core::chat::ChatTemplate::new(src)?, source })
     }
 
     /// The template source to save with the finetuned model (`None`: the tokenizer's own).
     pub fn source(&self) -> Option<&str> {
-        match self {
-            Self::Model => None,
-            Self::Template(s) => Some(s),
-        }
+        self.source.as_deref()
     }
 
-    /// Renders `msgs` (role, content).
+    /// Renders `msgs` (role, content) with the tokenizer's special tokens.
     pub fn render(&self, tok: &Tokenizer, msgs: &[(String, String)], add_generation_prompt: bool) -> Result<String> {
         let v: Vec<Value> = msgs.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
-        let v = Value::Array(v);
-        Ok(match self {
-            Self::Model => tok.apply_chat_template(&v, add_generation_prompt)?,
-            Self::Template(src) => {
-                let mut t = tok.clone();
-                t.set_chat_template(Some(src.clone()));
-                t.apply_chat_template(&v, add_generation_prompt)?
-            }
-        })
+        Ok(self.template.render(&Value::Array(v), add_generation_prompt, tok.special_tokens(), &Default::default())?)
     }
 }
 

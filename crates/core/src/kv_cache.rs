@@ -238,6 +238,7 @@ pub fn packed_attention(
     scale: f32,
 ) -> Result<Vec<f32>> {
     use crate::gemm::{matmul, View};
+    use crate::simd;
     use rayon::prelude::*;
     let row = kv_heads * d;
     for (&(start, n), c) in spans.iter().zip(caches.iter_mut()) {
@@ -245,111 +246,137 @@ pub fn packed_attention(
     }
     let n_rep = heads / kv_heads;
     let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
-    let work: Vec<(usize, usize)> = (0..spans.len()).flat_map(|i| (0..heads).map(move |h| (i, h))).collect();
-    // Multiply-adds of the whole step; waking the thread pool costs more than small steps take.
-    let macs: usize = spans.iter().zip(&caches).map(|(s, c)| 2 * s.1 * c.len() * d * heads).sum();
-    let one = |&(i, h): &(usize, usize)| {
-        let (start, n) = spans[i];
-        let (kc, vc) = caches[i].host_kv(layer);
-        let l = kc.len() / row;
-        let p0 = l - n;
-        let g = h / n_rep;
-        let mut scores = vec![0f32; n * l];
-        let qoff = |t: usize| (start + t) * heads * d + h * d;
-        if n <= 4 {
-            // Decode: a few dot products per cached token; a gemm call would cost more.
-            for t in 0..n {
-                let qr = &q[qoff(t)..qoff(t) + d];
-                for (j, s) in scores[t * l..t * l + p0 + t + 1].iter_mut().enumerate() {
-                    let kr = &kc[j * row + g * d..j * row + g * d + d];
-                    *s = dot(qr, kr) * scale;
-                }
-            }
-        } else {
-            // scores[n×l] = Q_h[n×d] · K_gᵀ[d×l]
-            matmul(
-                n,
-                l,
-                d,
-                q,
-                View { off: qoff(0), rs: heads * d, cs: 1 },
-                kc,
-                View { off: g * d, rs: 1, cs: row },
-                &mut scores,
-                View::rows(0, l),
-                false,
-                scale,
-            );
-        }
-        for (t, s) in scores.chunks_mut(l).enumerate() {
-            let valid = p0 + t + 1;
-            let max = s[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in &mut s[..valid] {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            for x in &mut s[..valid] {
-                *x *= inv;
-            }
-            for x in &mut s[valid..] {
-                *x = 0.0;
-            }
-        }
-        let mut out = vec![0f32; n * d];
-        if n <= 4 {
-            for t in 0..n {
-                let o = &mut out[t * d..(t + 1) * d];
-                for (j, &p) in scores[t * l..t * l + p0 + t + 1].iter().enumerate() {
-                    let vr = &vc[j * row + g * d..j * row + g * d + d];
-                    o.iter_mut().zip(vr).for_each(|(a, b)| *a += p * b);
-                }
-            }
-        } else {
-            // out[n×d] = P[n×l] · V_g[l×d]
-            matmul(
-                n,
-                d,
-                l,
-                &scores,
-                View::rows(0, l),
-                vc,
-                View { off: g * d, rs: row, cs: 1 },
-                &mut out,
-                View::rows(0, d),
-                false,
-                1.0,
-            );
-        }
-        out
-    };
-    let parts: Vec<Vec<f32>> = if macs > 1 << 20 && rayon::current_thread_index().is_none() {
-        work.par_iter().map(one).collect()
-    } else {
-        work.iter().map(one).collect()
-    };
     let total: usize = spans.iter().map(|s| s.1).sum();
     let mut out = vec![0f32; total * heads * d];
-    for (&(i, h), part) in work.iter().zip(parts) {
+    // Decoding sequences (a few new tokens), where the CPU allows: every head of a token in one
+    // pass over the cache, straight into `out`.
+    let mut done = vec![false; spans.len()];
+    let mut scores = Vec::new();
+    for (i, &(start, n)) in spans.iter().enumerate().filter(|(_, s)| s.1 <= 4) {
+        let (kc, vc) = caches[i].host_kv(layer);
+        let p0 = kc.len() / row - n;
+        done[i] = (0..n).all(|t| {
+            let o = (start + t) * heads * d..(start + t + 1) * heads * d;
+            let dims = (heads, kv_heads, d);
+            simd::decode_attention(&q[o.clone()], kc, vc, dims, p0 + t + 1, scale, &mut scores, &mut out[o])
+        });
+    }
+    let work: Vec<(usize, usize)> =
+        (0..spans.len()).filter(|&i| !done[i]).flat_map(|i| (0..heads).map(move |h| (i, h))).collect();
+    // Multiply-adds of the rest; waking the thread pool costs more than small steps take.
+    let macs: usize =
+        spans.iter().zip(&caches).zip(&done).filter(|(_, d)| !**d).map(|((s, c), _)| 2 * s.1 * c.len() * d * heads).sum();
+    // One (sequence, head): the new tokens' outputs `[n, d]` into `part`.
+    // (`identity` only so the closure may carry `#[inline(always)]`: see `simd::dispatch`.)
+    let attend = std::convert::identity(
+        #[inline(always)]
+        |fma: bool, (i, h): (usize, usize), scores: &mut Vec<f32>, part: &mut Vec<f32>| {
+            let (start, n) = spans[i];
+            let (kc, vc) = caches[i].host_kv(layer);
+            let l = kc.len() / row;
+            let p0 = l - n;
+            let g = h / n_rep;
+            scores.clear();
+            scores.resize(n * l, 0.0);
+            part.clear();
+            part.resize(n * d, 0.0);
+            let qoff = |t: usize| (start + t) * heads * d + h * d;
+            if n <= 4 {
+                // Decode: a few dot products per cached token; a gemm call would cost more.
+                for t in 0..n {
+                    let qr = &q[qoff(t)..qoff(t) + d];
+                    for (j, s) in scores[t * l..t * l + p0 + t + 1].iter_mut().enumerate() {
+                        *s = simd::dot(fma, qr, &kc[j * row + g * d..j * row + g * d + d]) * scale;
+                    }
+                }
+            } else {
+                // scores[n×l] = Q_h[n×d] · K_gᵀ[d×l]
+                matmul(
+                    n,
+                    l,
+                    d,
+                    q,
+                    View { off: qoff(0), rs: heads * d, cs: 1 },
+                    kc,
+                    View { off: g * d, rs: 1, cs: row },
+                    scores,
+                    View::rows(0, l),
+                    false,
+                    scale,
+                );
+            }
+            for (t, s) in scores.chunks_mut(l).enumerate() {
+                let (s, masked) = s.split_at_mut(p0 + t + 1);
+                let max = simd::max(s);
+                for x in s.iter_mut() {
+                    *x = crate::ops::exp_f32(*x - max);
+                }
+                let inv = 1.0 / simd::sum(s);
+                for x in s.iter_mut() {
+                    *x *= inv;
+                }
+                masked.fill(0.0);
+            }
+            if n <= 4 {
+                for t in 0..n {
+                    let o = &mut part[t * d..(t + 1) * d];
+                    for (j, &p) in scores[t * l..t * l + p0 + t + 1].iter().enumerate() {
+                        simd::axpy(fma, p, &vc[j * row + g * d..j * row + g * d + d], o);
+                    }
+                }
+            } else {
+                // out[n×d] = P[n×l] · V_g[l×d]
+                matmul(
+                    n,
+                    d,
+                    l,
+                    scores,
+                    View::rows(0, l),
+                    vc,
+                    View { off: g * d, rs: row, cs: 1 },
+                    part,
+                    View::rows(0, d),
+                    false,
+                    1.0,
+                );
+            }
+        },
+    );
+    let mut place = |(i, h): (usize, usize), part: &[f32]| {
         let (start, n) = spans[i];
         for t in 0..n {
             let o = (start + t) * heads * d + h * d;
             out[o..o + d].copy_from_slice(&part[t * d..(t + 1) * d]);
         }
+    };
+    if macs > 1 << 20 && rayon::current_thread_index().is_none() {
+        let parts: Vec<Vec<f32>> = work
+            .par_iter()
+            .map(|&w| {
+                simd::dispatch(
+                    #[inline(always)]
+                    |fma| {
+                        let (mut scores, mut part) = (Vec::new(), Vec::new());
+                        attend(fma, w, &mut scores, &mut part);
+                        part
+                    },
+                )
+            })
+            .collect();
+        for (&w, part) in work.iter().zip(&parts) {
+            place(w, part);
+        }
+    } else {
+        simd::dispatch(
+            #[inline(always)]
+            |fma| {
+                let (mut scores, mut part) = (Vec::new(), Vec::new());
+                for &w in &work {
+                    attend(fma, w, &mut scores, &mut part);
+                    place(w, &part);
+                }
+            },
+        );
     }
     Ok(out)
-}
-
-/// Dot product with eight independent accumulators, so it vectorises.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

@@ -27,6 +27,7 @@ pub mod ops;
 pub mod params;
 pub mod pretrained;
 pub mod sampling;
+pub mod simd;
 pub mod tokenizer;
 
 pub use candle_core::{DType, Device, Tensor};

@@ -57,6 +57,19 @@ trait Elem:
     fn fast_tanh(self) -> Self;
     /// e^x; f32 uses [`exp_f32`], which vectorises.
     fn fast_exp(self) -> Self;
+    /// [`crate::simd::small_linear`] (f32 on AVX2 machines; `false` elsewhere).
+    #[allow(clippy::too_many_arguments)]
+    fn small_linear(
+        _x: &[Self],
+        _n: usize,
+        _i: usize,
+        _w: &[Self],
+        _wv: (usize, usize, usize),
+        _o: usize,
+        _y: &mut [Self],
+    ) -> bool {
+        false
+    }
 }
 impl Elem for f32 {
     fn erf(self) -> Self {
@@ -67,6 +80,17 @@ impl Elem for f32 {
     }
     fn fast_exp(self) -> Self {
         exp_f32(self)
+    }
+    fn small_linear(
+        x: &[Self],
+        n: usize,
+        i: usize,
+        w: &[Self],
+        wv: (usize, usize, usize),
+        o: usize,
+        y: &mut [Self],
+    ) -> bool {
+        crate::simd::small_linear(x, n, i, w, wv, o, y)
     }
 }
 impl Elem for f64 {
@@ -643,6 +667,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> crate::Result<(Tensor
 
 // ---------------------------------------------------------------- linear
 
+/// From 2 (one row is a matrix-vector product, which `gemm` does well) up to this many rows,
+/// [`LinearOp`] runs [`crate::simd::small_linear`] instead of `gemm`.
+const SMALL_LINEAR_ROWS: usize = 16;
+
 /// `y = x Wᵀ (+ b)` for `x [n, in]` (contiguous rows), `W [out, in]` (any strides, e.g. the
 /// transposed view of a GPT-2 `Conv1D` weight) and optional `b [out]`, as one autograd node.
 #[derive(Debug, Clone, Copy)]
@@ -669,6 +697,39 @@ fn linear_fwd<T: Elem>(
     let mut y = vec![T::zero(); n * o];
     if let Some(b) = b {
         y.chunks_mut(o).for_each(|r| r.copy_from_slice(b));
+    }
+    // A few rows (decoding): kernels that read the weight in place (`gemm` would pack it).
+    if (2..=SMALL_LINEAR_ROWS).contains(&n) {
+        let threads = rayon::current_num_threads();
+        if o * i >= 1 << 18 && threads > 1 && o >= 64 * threads && rayon::current_thread_index().is_none() {
+            // A large weight (memory-bound): each thread streams its share of the outputs once.
+            let blk = o.div_ceil(threads).next_multiple_of(16);
+            let parts: Vec<Option<(usize, Vec<T>)>> = (0..o)
+                .step_by(blk)
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(|lo| {
+                    let hi = (lo + blk).min(o);
+                    let mut part = vec![T::zero(); n * (hi - lo)];
+                    if let Some(b) = b {
+                        part.chunks_mut(hi - lo).for_each(|r| r.copy_from_slice(&b[lo..hi]));
+                    }
+                    let view = (wv.off + lo * wv.rs, wv.rs, wv.cs);
+                    T::small_linear(x, n, i, w, view, hi - lo, &mut part).then_some((lo, part))
+                })
+                .collect();
+            if parts.iter().all(Option::is_some) {
+                for (lo, part) in parts.into_iter().flatten() {
+                    let width = part.len() / n;
+                    for (t, r) in part.chunks(width).enumerate() {
+                        y[t * o + lo..t * o + lo + width].copy_from_slice(r);
+                    }
+                }
+                return y;
+            }
+        } else if T::small_linear(x, n, i, w, (wv.off, wv.rs, wv.cs), o, &mut y) {
+            return y;
+        }
     }
     matmul_par(
         n,

@@ -38,7 +38,13 @@ pub struct Model {
     store: ParamStore,
     dtype: DType,
     device: Device,
+    /// Bytes of all weights, known once the store has them (see [`Model::forward_cached`]).
+    weight_bytes: usize,
 }
+
+/// Above this many bytes of weights, [`Model::forward_cached`] parallelises each matrix
+/// product instead of splitting a step's sequences over two threads.
+pub const SPLIT_MAX_WEIGHT_BYTES: usize = 16 << 20;
 
 /// One sequence's part of a [`Model::forward_cached`] call.
 #[derive(Debug)]
@@ -66,7 +72,8 @@ impl Model {
                 Arch::Bert(bert::Bert::load(vb, c, heads)?)
             }
         };
-        Ok(Self { arch, config, store: store.clone(), dtype, device: device.clone() })
+        let weight_bytes = store.num_parameters() * dtype.size_in_bytes();
+        Ok(Self { arch, config, store: store.clone(), dtype, device: device.clone(), weight_bytes })
     }
 
     /// A new model with freshly initialised trainable parameters (seeded).
@@ -273,10 +280,13 @@ impl Model {
     /// sequence, f32 logits `[n_new, vocab]` when `all_logits`, else `[1, vocab]` for the last
     /// new token.
     ///
-    /// On CPU, a step of several sequences is split into two halves of about equal token
-    /// counts that run on two threads: per-operation parallelism costs a thread hand-off per
-    /// matrix product, which small decode batches cannot amortise, while two independent
-    /// halves synchronise once per step.
+    /// On CPU, a step of several sequences of a small model is split into two halves of about
+    /// equal token counts that run on two threads: per-operation parallelism costs a thread
+    /// hand-off per matrix product, which small decode batches cannot amortise, while two
+    /// independent halves synchronise once per step. A model whose weights outgrow the caches
+    /// (over [`SPLIT_MAX_WEIGHT_BYTES`]) is instead memory-bound: there each matrix product is
+    /// spread over the threads by output features, so the weights are streamed once per step,
+    /// not once per half.
     pub fn forward_cached(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
         // Check every sequence first, so a bad one fails the step before any cache advances.
         for s in steps.iter() {
@@ -291,6 +301,7 @@ impl Model {
         let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
         if steps.len() >= 2
             && total >= 4
+            && self.weight_bytes <= SPLIT_MAX_WEIGHT_BYTES
             && self.device.is_cpu()
             && rayon::current_num_threads() >= 2
             && rayon::current_thread_index().is_none()

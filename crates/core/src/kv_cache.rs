@@ -264,8 +264,13 @@ pub fn packed_attention(
     let work: Vec<(usize, usize)> =
         (0..spans.len()).filter(|&i| !done[i]).flat_map(|i| (0..heads).map(move |h| (i, h))).collect();
     // Multiply-adds of the rest; waking the thread pool costs more than small steps take.
-    let macs: usize =
-        spans.iter().zip(&caches).zip(&done).filter(|(_, d)| !**d).map(|((s, c), _)| 2 * s.1 * c.len() * d * heads).sum();
+    let macs: usize = spans
+        .iter()
+        .zip(&caches)
+        .zip(&done)
+        .filter(|(_, d)| !**d)
+        .map(|((s, c), _)| 2 * s.1 * c.len() * d * heads)
+        .sum();
     // One (sequence, head): the new tokens' outputs `[n, d]` into `part`.
     // (`identity` only so the closure may carry `#[inline(always)]`: see `simd::dispatch`.)
     let attend = std::convert::identity(

@@ -57,19 +57,6 @@ trait Elem:
     fn fast_tanh(self) -> Self;
     /// e^x; f32 uses [`exp_f32`], which vectorises.
     fn fast_exp(self) -> Self;
-    /// [`crate::simd::small_linear`] (f32 on AVX2 machines; `false` elsewhere).
-    #[allow(clippy::too_many_arguments)]
-    fn small_linear(
-        _x: &[Self],
-        _n: usize,
-        _i: usize,
-        _w: &[Self],
-        _wv: (usize, usize, usize),
-        _o: usize,
-        _y: &mut [Self],
-    ) -> bool {
-        false
-    }
 }
 impl Elem for f32 {
     fn erf(self) -> Self {
@@ -80,17 +67,6 @@ impl Elem for f32 {
     }
     fn fast_exp(self) -> Self {
         exp_f32(self)
-    }
-    fn small_linear(
-        x: &[Self],
-        n: usize,
-        i: usize,
-        w: &[Self],
-        wv: (usize, usize, usize),
-        o: usize,
-        y: &mut [Self],
-    ) -> bool {
-        crate::simd::small_linear(x, n, i, w, wv, o, y)
     }
 }
 impl Elem for f64 {
@@ -249,14 +225,38 @@ fn act_df<T: Elem>(k: ActKind, x: T) -> T {
     }
 }
 
+/// Runs `f` through [`crate::simd::dispatch`]: the AVX2 build of its loops where the CPU has
+/// it. `f` and what it calls should be `#[inline(always)]` (see there).
+#[inline(always)]
+fn wide<R>(f: impl FnOnce() -> R) -> R {
+    crate::simd::dispatch(
+        #[inline(always)]
+        |_| f(),
+    )
+}
+
 /// `y[i] = f(x[i])` in parallel chunks; `f` is monomorphic so the inner loop vectorises.
 fn map1<T: Elem>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(y, x)| {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = f(x);
-        }
-    });
+    let run = std::convert::identity(
+        #[inline(always)]
+        |y: &mut [T], x: &[T]| {
+            wide(
+                #[inline(always)]
+                || {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = f(x);
+                    }
+                },
+            )
+        },
+    );
+    // One chunk runs here: from outside the pool, a parallel iterator would hand it over.
+    if x.len() <= 16384 {
+        run(&mut y, x);
+    } else {
+        y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(y, x)| run(y, x));
+    }
     y
 }
 
@@ -264,9 +264,14 @@ fn map1<T: Elem>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
 fn map2<T: Elem>(x: &[T], g: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(16384).zip(x.par_chunks(16384).zip(g.par_chunks(16384))).for_each(|(y, (x, g))| {
-        for ((y, &x), &g) in y.iter_mut().zip(x).zip(g) {
-            *y = f(x, g);
-        }
+        wide(
+            #[inline(always)]
+            || {
+                for ((y, &x), &g) in y.iter_mut().zip(x).zip(g) {
+                    *y = f(x, g);
+                }
+            },
+        )
     });
     y
 }
@@ -410,6 +415,7 @@ fn sum8<T: Elem>(x: &[T], f: impl Fn(T) -> T) -> T {
 }
 
 /// Mean and reciprocal standard deviation of one row (`rms`: no centring).
+#[inline(always)]
 fn row_stats<T: Elem>(x: &[T], eps: f64, rms: bool) -> (T, T) {
     let n = c::<T>(x.len() as f64);
     let mean = if rms { T::zero() } else { sum8(x, |v| v) / n };
@@ -421,24 +427,34 @@ fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64, rms: bool) -> 
     let d = w.len();
     let mut y = vec![T::zero(); x.len()];
     let rows = chunk_rows(d) * d;
-    y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(y, x)| {
-        for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-            let (mean, rstd) = row_stats(x, eps, rms);
-            // Separate loops with and without a bias, so each vectorises.
-            match b {
-                Some(b) => {
-                    for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                        *y = (x - mean) * rstd * w + b;
+    let run = |y: &mut [T], x: &[T]| {
+        wide(
+            #[inline(always)]
+            || {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let (mean, rstd) = row_stats(x, eps, rms);
+                    // Separate loops with and without a bias, so each vectorises.
+                    match b {
+                        Some(b) => {
+                            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                                *y = (x - mean) * rstd * w + b;
+                            }
+                        }
+                        None => {
+                            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                                *y = (x - mean) * rstd * w;
+                            }
+                        }
                     }
                 }
-                None => {
-                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                        *y = (x - mean) * rstd * w;
-                    }
-                }
-            }
-        }
-    });
+            },
+        )
+    };
+    if x.len() <= rows {
+        run(&mut y, x);
+    } else {
+        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(y, x)| run(y, x));
+    }
     y
 }
 
@@ -667,10 +683,6 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> crate::Result<(Tensor
 
 // ---------------------------------------------------------------- linear
 
-/// From 2 (one row is a matrix-vector product, which `gemm` does well) up to this many rows,
-/// [`LinearOp`] runs [`crate::simd::small_linear`] instead of `gemm`.
-const SMALL_LINEAR_ROWS: usize = 16;
-
 /// `y = x Wᵀ (+ b)` for `x [n, in]` (contiguous rows), `W [out, in]` (any strides, e.g. the
 /// transposed view of a GPT-2 `Conv1D` weight) and optional `b [out]`, as one autograd node.
 #[derive(Debug, Clone, Copy)]
@@ -697,39 +709,6 @@ fn linear_fwd<T: Elem>(
     let mut y = vec![T::zero(); n * o];
     if let Some(b) = b {
         y.chunks_mut(o).for_each(|r| r.copy_from_slice(b));
-    }
-    // A few rows (decoding): kernels that read the weight in place (`gemm` would pack it).
-    if (2..=SMALL_LINEAR_ROWS).contains(&n) {
-        let threads = rayon::current_num_threads();
-        if o * i >= 1 << 18 && threads > 1 && o >= 64 * threads && rayon::current_thread_index().is_none() {
-            // A large weight (memory-bound): each thread streams its share of the outputs once.
-            let blk = o.div_ceil(threads).next_multiple_of(16);
-            let parts: Vec<Option<(usize, Vec<T>)>> = (0..o)
-                .step_by(blk)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map(|lo| {
-                    let hi = (lo + blk).min(o);
-                    let mut part = vec![T::zero(); n * (hi - lo)];
-                    if let Some(b) = b {
-                        part.chunks_mut(hi - lo).for_each(|r| r.copy_from_slice(&b[lo..hi]));
-                    }
-                    let view = (wv.off + lo * wv.rs, wv.rs, wv.cs);
-                    T::small_linear(x, n, i, w, view, hi - lo, &mut part).then_some((lo, part))
-                })
-                .collect();
-            if parts.iter().all(Option::is_some) {
-                for (lo, part) in parts.into_iter().flatten() {
-                    let width = part.len() / n;
-                    for (t, r) in part.chunks(width).enumerate() {
-                        y[t * o + lo..t * o + lo + width].copy_from_slice(r);
-                    }
-                }
-                return y;
-            }
-        } else if T::small_linear(x, n, i, w, (wv.off, wv.rs, wv.cs), o, &mut y) {
-            return y;
-        }
     }
     matmul_par(
         n,

@@ -2,7 +2,7 @@
 //!
 //! The workspace builds for baseline x86-64 (SSE2), so a release binary runs on any x86-64
 //! machine; the `gemm` crate picks AVX2/FMA kernels at run time, but lmstack's own loops
-//! (decode attention, the small-batch linear kernel, activations) would stay 4 lanes wide
+//! (decode attention, activations, norms) would stay 4 lanes wide
 //! without fused multiply-adds. [`dispatch`] runs a closure compiled a second time with AVX2 and
 //! FMA enabled when the CPU has them: the closure (marked `#[inline(always)]`, as are the helpers
 //! here) is inlined into a `#[target_feature]` function, so LLVM vectorises its loops 8 lanes
@@ -120,51 +120,6 @@ fn hsum(a: [f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
 }
 
-/// `y[n×o] += x[n×i] · Wᵀ` for a few rows `n` (decode steps), where `W[o×i]` is read from `w`
-/// through `wv` (`(off, row stride, column stride)`) and is either output-major (column stride 1,
-/// `nn.Linear`) or input-major (row stride 1, GPT-2's `Conv1D`). Returns `false`, touching
-/// nothing, when the CPU lacks AVX2/FMA or the layout is neither (the caller then uses `gemm`).
-///
-/// For a handful of rows `gemm` spends most of its time packing the weight and in edge kernels;
-/// these kernels read the weight once, in place.
-///
-/// # Panics
-/// If a view reaches outside its slice.
-#[allow(clippy::too_many_arguments)]
-pub fn small_linear(
-    x: &[f32],
-    n: usize,
-    i: usize,
-    w: &[f32],
-    (off, rs, cs): (usize, usize, usize),
-    o: usize,
-    y: &mut [f32],
-) -> bool {
-    if !has_avx2_fma() || n == 0 || i == 0 || o == 0 {
-        return false;
-    }
-    assert!(x.len() >= n * i && y.len() >= n * o, "small_linear: x or y too short");
-    let last = off + (o - 1) * rs + (i - 1) * cs;
-    assert!(last < w.len(), "small_linear: weight view out of bounds");
-    #[cfg(target_arch = "x86_64")]
-    {
-        if cs == 1 && rs >= i {
-            // SAFETY: AVX2 and FMA are present (checked above); every weight element read,
-            // `off + r * rs + c` for r < o, c < i, is at most `last`, in bounds; x and y reads and
-            // writes stay below n·i and n·o (checked above).
-            unsafe { avx::out_major(x, n, i, &w[off..], rs, o, y) };
-            return true;
-        }
-        if rs == 1 && cs >= o {
-            // SAFETY: as above, with elements at `off + r + c * cs`.
-            unsafe { avx::in_major(x, n, i, &w[off..], cs, o, y) };
-            return true;
-        }
-    }
-    let _ = (rs, cs);
-    false
-}
-
 /// One new token's attention over a sequence's cached keys and values, all heads at once:
 /// `out[h] = softmax(scale · q[h] · K[..valid, g(h)]ᵀ) · V[..valid, g(h)]`, where `q` and `out`
 /// are `[heads, d]`, `k`/`v` token-major `[len, kv_heads, d]` and head `h` reads KV head
@@ -210,151 +165,6 @@ pub fn decode_attention(
 #[allow(clippy::needless_range_loop)] // index loops over register arrays read as the math does
 mod avx {
     use std::arch::x86_64::*;
-
-    /// `W` stored `[o, ld]` (row r = output r): tiles of 2 rows of x × 4 outputs, dot products
-    /// eight inputs at a time.
-    #[target_feature(enable = "avx,avx2,fma")]
-    pub(super) unsafe fn out_major(x: &[f32], n: usize, i: usize, w: &[f32], ld: usize, o: usize, y: &mut [f32]) {
-        let mut o0 = 0;
-        while o0 < o {
-            let no = (o - o0).min(4);
-            let mut t0 = 0;
-            while t0 < n {
-                let mt = (n - t0).min(2);
-                match (mt, no) {
-                    (2, 4) => dot_tile::<2, 4>(x, i, w, ld, o, y, t0, o0),
-                    (1, 4) => dot_tile::<1, 4>(x, i, w, ld, o, y, t0, o0),
-                    (2, 3) => dot_tile::<2, 3>(x, i, w, ld, o, y, t0, o0),
-                    (1, 3) => dot_tile::<1, 3>(x, i, w, ld, o, y, t0, o0),
-                    (2, 2) => dot_tile::<2, 2>(x, i, w, ld, o, y, t0, o0),
-                    (1, 2) => dot_tile::<1, 2>(x, i, w, ld, o, y, t0, o0),
-                    (2, _) => dot_tile::<2, 1>(x, i, w, ld, o, y, t0, o0),
-                    _ => dot_tile::<1, 1>(x, i, w, ld, o, y, t0, o0),
-                }
-                t0 += mt;
-            }
-            o0 += no;
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx,avx2,fma")]
-    unsafe fn dot_tile<const MT: usize, const NO: usize>(
-        x: &[f32],
-        i: usize,
-        w: &[f32],
-        ld: usize,
-        o: usize,
-        y: &mut [f32],
-        t0: usize,
-        o0: usize,
-    ) {
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); NO]; MT];
-        let full = i / 8 * 8;
-        let mut k = 0;
-        while k < full {
-            let mut wv = [_mm256_setzero_ps(); NO];
-            for (j, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(wp.add((o0 + j) * ld + k));
-            }
-            for (t, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_loadu_ps(xp.add((t0 + t) * i + k));
-                for j in 0..NO {
-                    a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
-                }
-            }
-            k += 8;
-        }
-        for (t, a) in acc.iter().enumerate() {
-            for j in 0..NO {
-                let mut lanes = [0f32; 8];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), a[j]);
-                let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-                for kk in full..i {
-                    s += *xp.add((t0 + t) * i + kk) * *wp.add((o0 + j) * ld + kk);
-                }
-                *y.get_unchecked_mut((t0 + t) * o + o0 + j) += s;
-            }
-        }
-    }
-
-    /// `W` stored `[i, ld]` (row k = input k, GPT-2's `Conv1D`): tiles of 4 rows of x × 16
-    /// outputs (eight accumulators; twelve spill), broadcasting one input at a time.
-    #[target_feature(enable = "avx,avx2,fma")]
-    pub(super) unsafe fn in_major(x: &[f32], n: usize, i: usize, w: &[f32], ld: usize, o: usize, y: &mut [f32]) {
-        let mut o0 = 0;
-        while o0 + 8 <= o {
-            let nv = ((o - o0) / 8).min(2);
-            let mut t0 = 0;
-            while t0 < n {
-                let mt = (n - t0).min(4);
-                match (mt, nv) {
-                    (4, 2) => bcast_tile::<4, 2>(x, i, w, ld, o, y, t0, o0),
-                    (3, 2) => bcast_tile::<3, 2>(x, i, w, ld, o, y, t0, o0),
-                    (2, 2) => bcast_tile::<2, 2>(x, i, w, ld, o, y, t0, o0),
-                    (1, 2) => bcast_tile::<1, 2>(x, i, w, ld, o, y, t0, o0),
-                    (4, _) => bcast_tile::<4, 1>(x, i, w, ld, o, y, t0, o0),
-                    (3, _) => bcast_tile::<3, 1>(x, i, w, ld, o, y, t0, o0),
-                    (2, _) => bcast_tile::<2, 1>(x, i, w, ld, o, y, t0, o0),
-                    _ => bcast_tile::<1, 1>(x, i, w, ld, o, y, t0, o0),
-                }
-                t0 += mt;
-            }
-            o0 += 8 * nv;
-        }
-        // The last o % 8 outputs.
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        for t in 0..n {
-            for oo in o0..o {
-                let mut s = 0f32;
-                for k in 0..i {
-                    s += *xp.add(t * i + k) * *wp.add(k * ld + oo);
-                }
-                *y.get_unchecked_mut(t * o + oo) += s;
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[inline]
-    #[target_feature(enable = "avx,avx2,fma")]
-    unsafe fn bcast_tile<const MT: usize, const NV: usize>(
-        x: &[f32],
-        i: usize,
-        w: &[f32],
-        ld: usize,
-        o: usize,
-        y: &mut [f32],
-        t0: usize,
-        o0: usize,
-    ) {
-        let (xp, wp, yp) = (x.as_ptr(), w.as_ptr(), y.as_mut_ptr());
-        let mut acc = [[_mm256_setzero_ps(); NV]; MT];
-        for (t, a) in acc.iter_mut().enumerate() {
-            for (j, v) in a.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(yp.add((t0 + t) * o + o0 + 8 * j));
-            }
-        }
-        for k in 0..i {
-            let mut wv = [_mm256_setzero_ps(); NV];
-            for (j, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(wp.add(k * ld + o0 + 8 * j));
-            }
-            for (t, a) in acc.iter_mut().enumerate() {
-                let xb = _mm256_set1_ps(*xp.add((t0 + t) * i + k));
-                for j in 0..NV {
-                    a[j] = _mm256_fmadd_ps(xb, wv[j], a[j]);
-                }
-            }
-        }
-        for (t, a) in acc.iter().enumerate() {
-            for (j, v) in a.iter().enumerate() {
-                _mm256_storeu_ps(yp.add((t0 + t) * o + o0 + 8 * j), *v);
-            }
-        }
-    }
 
     /// See [`super::decode_attention`].
     #[allow(clippy::too_many_arguments)]
@@ -450,37 +260,6 @@ mod tests {
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
-    }
-
-    #[test]
-    fn small_linear_matches_plain_loops_in_both_layouts() {
-        for (n, i, o) in [(1, 8, 8), (3, 13, 5), (4, 128, 65), (7, 32, 100), (9, 64, 24), (16, 17, 31)] {
-            let x = data(n * i, 3);
-            let w = data(o * i, 4);
-            let want: Vec<f64> = (0..n * o)
-                .map(|r| (0..i).map(|k| x[r / o * i + k] as f64 * w[r % o * i + k] as f64).sum::<f64>() + 0.25)
-                .collect();
-            // Output-major [o, i] with a padded leading dimension, and its input-major transpose.
-            let ld = i + 3;
-            let mut wo = vec![f32::NAN; 2 + o * ld];
-            let mut wi = vec![f32::NAN; 1 + i * (o + 2)];
-            for r in 0..o {
-                for k in 0..i {
-                    wo[2 + r * ld + k] = w[r * i + k];
-                    wi[1 + k * (o + 2) + r] = w[r * i + k];
-                }
-            }
-            for (buf, view) in [(&wo, (2, ld, 1)), (&wi, (1, 1, o + 2))] {
-                let mut y = vec![0.25f32; n * o];
-                if !small_linear(&x, n, i, buf, view, o, &mut y) {
-                    assert!(!has_avx2_fma(), "AVX2 machines take the kernel");
-                    continue;
-                }
-                for (g, w) in y.iter().zip(&want) {
-                    assert!((*g as f64 - w).abs() < 1e-4, "n={n} i={i} o={o} {view:?}: {g} vs {w}");
-                }
-            }
-        }
     }
 
     #[test]

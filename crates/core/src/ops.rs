@@ -918,36 +918,41 @@ impl AttnSpec {
             false,
             c::<T>(self.scale),
         );
-        for i in 0..t {
-            let row = &mut p[i * t..(i + 1) * t];
-            // Visible keys: a causal row sees 0..=i; padded keys are then zeroed after the exp.
-            let visible = if self.causal { i + 1 } else { t };
-            let keys = |j: usize| self.key_mask.as_ref().is_none_or(|m| m[b * t + j] != 0);
-            let mut max = T::neg_infinity();
-            for (j, &s) in row[..visible].iter().enumerate() {
-                if s > max && keys(j) {
-                    max = s;
-                }
-            }
-            if max == T::neg_infinity() {
-                row.iter_mut().for_each(|s| *s = T::zero());
-                continue;
-            }
-            for s in row[..visible].iter_mut() {
-                *s = (*s - max).fast_exp();
-            }
-            row[visible..].iter_mut().for_each(|s| *s = T::zero());
-            if let Some(m) = &self.key_mask {
-                for (j, s) in row[..visible].iter_mut().enumerate() {
-                    if m[b * t + j] == 0 {
-                        *s = T::zero();
+        wide(
+            #[inline(always)]
+            || {
+                for i in 0..t {
+                    let row = &mut p[i * t..(i + 1) * t];
+                    // Visible keys: a causal row sees 0..=i; padded keys are then zeroed after the exp.
+                    let visible = if self.causal { i + 1 } else { t };
+                    let keys = |j: usize| self.key_mask.as_ref().is_none_or(|m| m[b * t + j] != 0);
+                    let mut max = T::neg_infinity();
+                    for (j, &s) in row[..visible].iter().enumerate() {
+                        if s > max && keys(j) {
+                            max = s;
+                        }
                     }
+                    if max == T::neg_infinity() {
+                        row.iter_mut().for_each(|s| *s = T::zero());
+                        continue;
+                    }
+                    for s in row[..visible].iter_mut() {
+                        *s = (*s - max).fast_exp();
+                    }
+                    row[visible..].iter_mut().for_each(|s| *s = T::zero());
+                    if let Some(m) = &self.key_mask {
+                        for (j, s) in row[..visible].iter_mut().enumerate() {
+                            if m[b * t + j] == 0 {
+                                *s = T::zero();
+                            }
+                        }
+                    }
+                    let sum = sum8(&row[..visible], |v| v);
+                    let inv = T::one() / sum;
+                    row[..visible].iter_mut().for_each(|s| *s *= inv);
                 }
-            }
-            let sum = sum8(&row[..visible], |v| v);
-            let inv = T::one() / sum;
-            row[..visible].iter_mut().for_each(|s| *s *= inv);
-        }
+            },
+        );
     }
 
     /// Output `[b, t, h * d]`.

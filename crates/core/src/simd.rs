@@ -10,25 +10,45 @@
 //! instruction, and `false` in the portable build, where `mul_add` would be a libm call.
 #![allow(unsafe_code)]
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Whether this CPU runs the AVX2 + FMA build of [`dispatch`]ed code (x86-64 only). Setting
-/// `LMSTACK_SIMD=0` forces the portable build (for comparison and testing).
+const UNKNOWN: u8 = 0;
+const ON: u8 = 1;
+const OFF: u8 = 2;
+static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+fn detect() -> bool {
+    if std::env::var("LMSTACK_SIMD").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether [`dispatch`]ed code runs its AVX2 + FMA build: the CPU has them (x86-64), neither
+/// `LMSTACK_SIMD=0` nor [`set_enabled`]`(false)` turned it off.
 pub fn has_avx2_fma() -> bool {
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        if std::env::var("LMSTACK_SIMD").is_ok_and(|v| v == "0") {
-            return false;
+    match STATE.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let on = detect();
+            STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
+            on
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    }
+}
+
+/// Turns the AVX2 build on (where the CPU has it) or off, process-wide: for comparing the
+/// two builds, as tests do.
+pub fn set_enabled(on: bool) {
+    STATE.store(if on && detect() { ON } else { OFF }, Ordering::Relaxed);
 }
 
 /// Runs `f(true)` compiled for AVX2 + FMA when [`has_avx2_fma`], else `f(false)` (portable).

@@ -1,12 +1,12 @@
 //! The CPU fast path (host-vector KV caches, fused packed attention, the step split over two
 //! threads) gives the same logits as the generic tensor path, for decode steps, long prefill
-//! chunks (which use matrix products) and grouped-query heads. Its own test binary: switching
-//! the fused kernels off is process-wide.
+//! chunks (which use matrix products) and grouped-query heads, in both the AVX2 and the
+//! portable build of its kernels. Its own test binary: switching kernels off is process-wide.
 
 mod common;
 
 use common::{fixture, max_diff};
-use lmstack_core::{ops, DType, Device, Model, SeqStep, Tensor};
+use lmstack_core::{ops, simd, DType, Device, Model, SeqStep, Tensor};
 
 /// Runs three sequences through a prefill step (lengths 3, 9, 1) and three mixed steps.
 fn run(m: &Model) -> Vec<Tensor> {
@@ -33,13 +33,17 @@ fn host_caches_match_the_tensor_path() {
         ops::set_enabled(true);
         assert!(m.new_cache().is_host());
         let fast = run(&m);
+        // The same kernels in their portable build (no AVX2 decode attention).
+        simd::set_enabled(false);
+        let portable = run(&m);
+        simd::set_enabled(true);
         ops::set_enabled(false);
         assert!(!m.new_cache().is_host());
         let slow = run(&m);
         ops::set_enabled(true);
-        for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
-            let d = max_diff(a, b);
-            assert!(d < 1e-5, "{name}: output {i} differs by {d}");
+        for (i, ((a, p), b)) in fast.iter().zip(&portable).zip(&slow).enumerate() {
+            let (d, dp) = (max_diff(a, b), max_diff(p, b));
+            assert!(d < 1e-5 && dp < 1e-5, "{name}: output {i} differs by {d} (portable build: {dp})");
         }
     }
 }

@@ -312,14 +312,7 @@ pub fn packed_attention(
             }
             for (t, s) in scores.chunks_mut(l).enumerate() {
                 let (s, masked) = s.split_at_mut(p0 + t + 1);
-                let max = simd::max(s);
-                for x in s.iter_mut() {
-                    *x = crate::ops::exp_f32(*x - max);
-                }
-                let inv = 1.0 / simd::sum(s);
-                for x in s.iter_mut() {
-                    *x *= inv;
-                }
+                simd::softmax(s);
                 masked.fill(0.0);
             }
             if n <= 4 {

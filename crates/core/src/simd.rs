@@ -135,6 +135,19 @@ pub fn max(x: &[f32]) -> f32 {
     acc.iter().copied().fold(tail, f32::max)
 }
 
+/// Softmax of a non-empty row in place.
+#[inline(always)]
+pub fn softmax(x: &mut [f32]) {
+    let max = max(x);
+    for v in x.iter_mut() {
+        *v = crate::ops::exp_f32(*v - max);
+    }
+    let inv = 1.0 / sum(x);
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
 #[inline(always)]
 fn hsum(a: [f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
@@ -219,16 +232,7 @@ mod avx {
                 *sp.add(h * valid + j) = _mm_cvtss_f32(s1) * scale;
             }
         }
-        for s in scores.chunks_mut(valid) {
-            let max = super::max(s);
-            for x in s.iter_mut() {
-                *x = crate::ops::exp_f32(*x - max);
-            }
-            let inv = 1.0 / super::sum(s);
-            for x in s.iter_mut() {
-                *x *= inv;
-            }
-        }
+        scores.chunks_mut(valid).for_each(super::softmax);
         // out[h] = Σ_j p[h, j] · v[j, g(h)], 32 columns at a time in registers.
         for h in 0..heads {
             let p = &scores[h * valid..(h + 1) * valid];

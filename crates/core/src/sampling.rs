@@ -180,9 +180,24 @@ impl Sampler {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // Candidates as (token, unnormalised probability).
-        let mut cand: Vec<(u32, f32)> =
-            l.iter().enumerate().map(|(i, &x)| (i as u32, ((x - max) * inv_t).exp())).collect();
+        // Candidates as (token, unnormalised probability); the exponentials vectorised.
+        let w: Vec<f32> = crate::simd::dispatch(
+            #[inline(always)]
+            |_| l.iter().map(|&x| crate::ops::exp_f32((x - max) * inv_t)).collect(),
+        );
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+            // No filter: draw over the whole vocabulary in token order.
+            let total: f32 = w.iter().sum();
+            let mut r = self.rng.random::<f32>() * total;
+            for (t, &w) in w.iter().enumerate() {
+                if r < w {
+                    return t as u32;
+                }
+                r -= w;
+            }
+            return w.len().saturating_sub(1) as u32;
+        }
+        let mut cand: Vec<(u32, f32)> = w.into_iter().enumerate().map(|(i, w)| (i as u32, w)).collect();
         let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, desc);
@@ -232,10 +247,28 @@ pub fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// `ln Σ exp(x)` of one row, computed stably in f64.
+/// `ln Σ exp(x)` of one row, computed stably: the terms `exp(x - max)` in f32 (vectorised; the
+/// dominant ones are exact to ~2e-7), summed in f64.
 pub fn logsumexp(xs: &[f32]) -> f64 {
-    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    xs.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max
+    crate::simd::dispatch(
+        #[inline(always)]
+        |_| {
+            let max = crate::simd::max(xs);
+            if !max.is_finite() {
+                let max = max as f64;
+                return xs.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+            }
+            let mut acc = [0f64; 8];
+            let c = xs.chunks_exact(8);
+            let tail: f64 = c.remainder().iter().map(|&x| crate::ops::exp_f32(x - max) as f64).sum();
+            for x in c {
+                for i in 0..8 {
+                    acc[i] += crate::ops::exp_f32(x[i] - max) as f64;
+                }
+            }
+            (acc.iter().sum::<f64>() + tail).ln() + max as f64
+        },
+    )
 }
 
 /// Log-softmax of one row, computed stably in f64.

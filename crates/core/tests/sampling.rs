@@ -1,7 +1,7 @@
 //! Sampling: each filter and penalty does what its definition says, seeds reproduce, and
 //! log-probabilities are those of the raw distribution.
 
-use lmstack_core::sampling::{log_softmax, top_n};
+use lmstack_core::sampling::{log_softmax, logsumexp, top_n};
 use lmstack_core::{Sampler, SamplingParams};
 
 const LOGITS: [f32; 6] = [2.0, 1.0, 0.5, 3.0, -1.0, 2.9];
@@ -80,6 +80,18 @@ fn logprobs_are_of_the_raw_distribution() {
     let total: f64 = lp.iter().map(|&x| (x as f64).exp()).sum();
     assert!((total - 1.0).abs() < 1e-6);
     assert_eq!(top_n(&[1.0, 5.0, 3.0], 2), vec![(1, 5.0), (2, 3.0)]);
+}
+
+#[test]
+fn logsumexp_matches_f64_over_a_large_vocabulary() {
+    // A GPT-2-sized row spanning a wide range, plus rows too short for a vector lane.
+    let big: Vec<f32> = (0..50_257u64).map(|i| ((i * 2_654_435_761) % 4001) as f32 / 100.0 - 20.0).collect();
+    for row in [&big[..], &big[..5], &LOGITS[..]] {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let want = row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+        let got = logsumexp(row);
+        assert!((got - want).abs() < 1e-6 * want.abs().max(1.0), "{got} vs {want} over {} logits", row.len());
+    }
 }
 
 #[test]

@@ -40,7 +40,7 @@ pub fn supported_for(dtype: DType, device: &candle_core::Device) -> bool {
 }
 
 /// Numeric element types the kernels run on.
-trait Elem:
+pub(crate) trait Elem:
     crate::gemm::GemmElem
     + WithDType
     + Float
@@ -235,28 +235,39 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
     )
 }
 
+/// `f(y_chunk, x_chunk)` over matching `chunk`-sized pieces of `y` and `x`, in parallel, each in
+/// the AVX2 build where available (mark `f` `#[inline(always)]`). A single chunk runs on the
+/// calling thread: from outside the pool, a parallel iterator would hand it to a worker and back.
+fn par_zip<T: Elem>(y: &mut [T], x: &[T], chunk: usize, f: impl Fn(&mut [T], &[T]) + Sync) {
+    if x.len() <= chunk {
+        wide(
+            #[inline(always)]
+            || f(y, x),
+        )
+    } else {
+        y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| {
+            wide(
+                #[inline(always)]
+                || f(y, x),
+            )
+        });
+    }
+}
+
 /// `y[i] = f(x[i])` in parallel chunks; `f` is monomorphic so the inner loop vectorises.
 fn map1<T: Elem>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    let run = std::convert::identity(
+    par_zip(
+        &mut y,
+        x,
+        16384,
         #[inline(always)]
-        |y: &mut [T], x: &[T]| {
-            wide(
-                #[inline(always)]
-                || {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = f(x);
-                    }
-                },
-            )
+        |y, x| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = f(x);
+            }
         },
     );
-    // One chunk runs here: from outside the pool, a parallel iterator would hand it over.
-    if x.len() <= 16384 {
-        run(&mut y, x);
-    } else {
-        y.par_chunks_mut(16384).zip(x.par_chunks(16384)).for_each(|(y, x)| run(y, x));
-    }
     y
 }
 
@@ -324,18 +335,24 @@ pub struct Softmax;
 fn softmax_rows<T: Elem>(x: &[T], d: usize) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     let rows = chunk_rows(d) * d;
-    y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(y, x)| {
-        for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-            let max = x.iter().copied().fold(T::neg_infinity(), Float::max);
-            let mut sum = T::zero();
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x - max).exp();
-                sum += *y;
+    par_zip(
+        &mut y,
+        x,
+        rows,
+        #[inline(always)]
+        |y, x| {
+            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                let max = x.iter().copied().fold(T::neg_infinity(), Float::max);
+                let mut sum = T::zero();
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = (x - max).exp();
+                    sum += *y;
+                }
+                let inv = T::one() / sum;
+                y.iter_mut().for_each(|v| *v *= inv);
             }
-            let inv = T::one() / sum;
-            y.iter_mut().for_each(|v| *v *= inv);
-        }
-    });
+        },
+    );
     y
 }
 
@@ -395,7 +412,7 @@ pub struct RmsNormOp {
 /// Sum with eight independent accumulators (so the loop vectorises; the order is fixed, so
 /// results are reproducible).
 #[inline(always)]
-fn sum8<T: Elem>(x: &[T], f: impl Fn(T) -> T) -> T {
+pub(crate) fn sum8<T: Elem>(x: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::zero(); 8];
     let chunks = x.chunks_exact(8);
     let rest = chunks.remainder();
@@ -427,34 +444,30 @@ fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64, rms: bool) -> 
     let d = w.len();
     let mut y = vec![T::zero(); x.len()];
     let rows = chunk_rows(d) * d;
-    let run = |y: &mut [T], x: &[T]| {
-        wide(
-            #[inline(always)]
-            || {
-                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    let (mean, rstd) = row_stats(x, eps, rms);
-                    // Separate loops with and without a bias, so each vectorises.
-                    match b {
-                        Some(b) => {
-                            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
-                                *y = (x - mean) * rstd * w + b;
-                            }
+    par_zip(
+        &mut y,
+        x,
+        rows,
+        #[inline(always)]
+        |y, x| {
+            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                let (mean, rstd) = row_stats(x, eps, rms);
+                // Separate loops with and without a bias, so each vectorises.
+                match b {
+                    Some(b) => {
+                        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                            *y = (x - mean) * rstd * w + b;
                         }
-                        None => {
-                            for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-                                *y = (x - mean) * rstd * w;
-                            }
+                    }
+                    None => {
+                        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                            *y = (x - mean) * rstd * w;
                         }
                     }
                 }
-            },
-        )
-    };
-    if x.len() <= rows {
-        run(&mut y, x);
-    } else {
-        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(y, x)| run(y, x));
-    }
+            }
+        },
+    );
     y
 }
 

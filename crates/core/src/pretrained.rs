@@ -39,21 +39,13 @@ impl Pretrained {
     /// `eos_token_id` (null when it has none) unless the model's config already names them:
     /// otherwise `transformers` falls back to GPT-2's 50256, outside a small vocabulary.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        self.model.save(dir)?;
         let mut cfg = self.model.config_json();
         if let Some(obj) = cfg.as_object_mut() {
-            let ids = [("bos_token_id", self.tokenizer.bos_id()), ("eos_token_id", self.tokenizer.eos_id())];
-            let mut changed = false;
-            for (key, id) in ids {
-                if !obj.contains_key(key) {
-                    obj.insert(key.into(), id.map_or(serde_json::Value::Null, serde_json::Value::from));
-                    changed = true;
-                }
-            }
-            if changed {
-                crate::io::write_json(&dir.join("config.json"), &cfg)?;
+            for (key, id) in [("bos_token_id", self.tokenizer.bos_id()), ("eos_token_id", self.tokenizer.eos_id())] {
+                obj.entry(key).or_insert(id.map_or(serde_json::Value::Null, serde_json::Value::from));
             }
         }
+        self.model.save_with_config(dir, &cfg)?;
         self.tokenizer.save(dir)
     }
 }

@@ -187,15 +187,7 @@ impl Sampler {
         );
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
             // No filter: draw over the whole vocabulary in token order.
-            let total: f32 = w.iter().sum();
-            let mut r = self.rng.random::<f32>() * total;
-            for (t, &w) in w.iter().enumerate() {
-                if r < w {
-                    return t as u32;
-                }
-                r -= w;
-            }
-            return w.len().saturating_sub(1) as u32;
+            return pick(&mut self.rng, w.iter().enumerate().map(|(t, &w)| (t as u32, w)));
         }
         let mut cand: Vec<(u32, f32)> = w.into_iter().enumerate().map(|(i, w)| (i as u32, w)).collect();
         let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
@@ -224,16 +216,23 @@ impl Sampler {
                 cand.truncate(keep.max(1));
             }
         }
-        let total: f32 = cand.iter().map(|c| c.1).sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for &(t, w) in &cand {
-            if r < w {
-                return t;
-            }
-            r -= w;
-        }
-        cand.last().map_or(0, |c| c.0)
+        pick(&mut self.rng, cand.into_iter())
     }
+}
+
+/// Draws one token from `(token, unnormalised weight)` pairs, in their order.
+fn pick(rng: &mut ChaCha8Rng, cand: impl Iterator<Item = (u32, f32)> + Clone) -> u32 {
+    let total: f32 = cand.clone().map(|c| c.1).sum();
+    let mut r = rng.random::<f32>() * total;
+    let mut last = 0;
+    for (t, w) in cand {
+        if r < w {
+            return t;
+        }
+        r -= w;
+        last = t;
+    }
+    last
 }
 
 /// Index of the largest value (the first on ties).

@@ -107,20 +107,6 @@ pub fn axpy(fma: bool, alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Sum of a slice, in eight lanes.
-#[inline(always)]
-pub fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let c = x.chunks_exact(8);
-    let tail: f32 = c.remainder().iter().sum();
-    for x in c {
-        for i in 0..8 {
-            acc[i] += x[i];
-        }
-    }
-    hsum(acc) + tail
-}
-
 /// Largest element of a slice (`-inf` when empty), in eight lanes.
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
@@ -142,7 +128,7 @@ pub fn softmax(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v = crate::ops::exp_f32(*v - max);
     }
-    let inv = 1.0 / sum(x);
+    let inv = 1.0 / crate::ops::sum8(x, |v| v);
     for v in x.iter_mut() {
         *v *= inv;
     }
@@ -294,8 +280,6 @@ mod tests {
             for got in [dot(false, &a, &b), dispatch(|fma| dot(fma, &a, &b))] {
                 assert!((got as f64 - want).abs() < 1e-4, "dot n={n}: {got} vs {want}");
             }
-            let want_sum: f64 = a.iter().map(|x| *x as f64).sum();
-            assert!((dispatch(|_| sum(&a)) as f64 - want_sum).abs() < 1e-4);
             let want_max = a.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(dispatch(|_| max(&a)), want_max);
             let mut y1 = b.clone();

@@ -106,8 +106,14 @@ impl Model {
     /// Writes `config.json` and `model.safetensors` into `dir` (created if needed), each
     /// atomically, in the Hugging Face layout.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_with_config(dir, &self.config_json())
+    }
+
+    /// [`Model::save`] with `config` (e.g. [`Model::config_json`] with more keys) as
+    /// `config.json`.
+    pub fn save_with_config(&self, dir: &Path, config: &serde_json::Value) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-        crate::io::write_json(&dir.join("config.json"), &self.config_json())?;
+        crate::io::write_json(&dir.join("config.json"), config)?;
         save_safetensors(&dir.join("model.safetensors"), &self.store.tensors())
     }
 

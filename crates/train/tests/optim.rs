@@ -125,3 +125,28 @@ fn clipping_and_scaled_accumulation() {
     accumulate(&mut acc, HashMap::from([("a".to_string(), vec![4.0f32])]), 0.75);
     assert_eq!(acc["a"], vec![3.5]);
 }
+
+#[test]
+fn adamw_update_is_the_same_in_the_portable_and_avx2_builds() {
+    // The update loop is compiled twice (lmstack_core::simd): both builds must give the same
+    // bits, or a seed would train differently on different CPUs.
+    let n = 1003; // not a multiple of the vector width
+    let run = |wide: bool| {
+        lmstack_core::simd::set_enabled(wide);
+        let init: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let w = Var::from_vec(init, (n,), &Device::Cpu).unwrap();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = AdamW::new(BTreeMap::from([("h.weight".to_string(), w.clone())]), cfg);
+        for step in 0..3 {
+            let g: Vec<f32> = (0..n).map(|i| (((i * 13 + step * 7) % 29) as f32 - 14.0) * 1e-3).collect();
+            opt.step(&HashMap::from([("h.weight".to_string(), g)]), 1e-3).unwrap();
+        }
+        let bits = |t: &Tensor| t.to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let state = opt.state_tensors().unwrap();
+        (bits(w.as_tensor()), bits(&state["exp_avg.h.weight"]), bits(&state["exp_avg_sq.h.weight"]))
+    };
+    let portable = run(false);
+    let wide = run(true);
+    lmstack_core::simd::set_enabled(true);
+    assert_eq!(portable, wide);
+}

@@ -718,25 +718,13 @@ fn linear_fwd<T: Elem>(
     i: usize,
     o: usize,
 ) -> Vec<T> {
-    use crate::gemm::{matmul_par, View};
-    let mut y = vec![T::zero(); n * o];
-    if let Some(b) = b {
-        y.chunks_mut(o).for_each(|r| r.copy_from_slice(b));
-    }
-    matmul_par(
-        n,
-        o,
-        i,
-        x,
-        View::rows(0, i),
-        w,
-        wv.t(),
-        &mut y,
-        View::rows(0, o),
-        b.is_some(),
-        T::one(),
-        n * o * i > 1 << 16 && rayon::current_thread_index().is_none(),
-    );
+    use crate::gemm::{matmul_new, matmul_par, View};
+    let par = n * o * i > 1 << 16 && rayon::current_thread_index().is_none();
+    let Some(b) = b else { return matmul_new(n, o, i, x, View::rows(0, i), w, wv.t(), T::one(), par) };
+    // The bias rows, then the product added onto them (no zero-filled buffer first).
+    let mut y = Vec::with_capacity(n * o);
+    (0..n).for_each(|_| y.extend_from_slice(b));
+    matmul_par(n, o, i, x, View::rows(0, i), w, wv.t(), &mut y, View::rows(0, o), true, T::one(), par);
     y
 }
 
@@ -784,7 +772,7 @@ impl LinearOp {
 
 /// Returns `(dx, dw [out, in] contiguous, db)`.
 fn linear_bwd<T: Elem>(x: &Tensor, w: &Tensor, g: &Tensor, bias: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    use crate::gemm::{matmul_par, View};
+    use crate::gemm::{matmul_new, View};
     let (o, i) = w.dims2()?;
     let n = x.elem_count() / i.max(1);
     // The weight is read through its own strides (GPT-2's are a transposed view): no copy.
@@ -796,23 +784,8 @@ fn linear_bwd<T: Elem>(x: &Tensor, w: &Tensor, g: &Tensor, bias: bool) -> Result
         {
             with_data::<T, _>(g, |gs| {
                 let par = n * o * i > 1 << 16 && rayon::current_thread_index().is_none();
-                let mut dx = vec![T::zero(); n * i];
-                matmul_par(n, i, o, gs, View::rows(0, o), ws, wv, &mut dx, View::rows(0, i), false, T::one(), par);
-                let mut dw = vec![T::zero(); o * i];
-                matmul_par(
-                    o,
-                    i,
-                    n,
-                    gs,
-                    View::rows(0, o).t(),
-                    xs,
-                    View::rows(0, i),
-                    &mut dw,
-                    View::rows(0, i),
-                    false,
-                    T::one(),
-                    par,
-                );
+                let dx = matmul_new(n, i, o, gs, View::rows(0, o), ws, wv, T::one(), par);
+                let dw = matmul_new(o, i, n, gs, View::rows(0, o).t(), xs, View::rows(0, i), T::one(), par);
                 let db = bias.then(|| {
                     let mut db = vec![T::zero(); o];
                     for r in gs.chunks(o) {

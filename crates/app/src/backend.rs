@@ -2,7 +2,7 @@
 //! in-process through `lmstack-core`, batching requests (padded whole-sequence forwards for
 //! scoring, a shared cached decode loop for generation).
 
-use lmstack_core::sampling::{argmax, log_softmax};
+use lmstack_core::sampling::{argmax, logprobs_of};
 use lmstack_core::{DType, Device, Pretrained, SeqStep, Tensor};
 
 use crate::task::GenerationKwargs;
@@ -104,7 +104,7 @@ impl LocalBackend {
                 let mut ll = 0.0;
                 let mut greedy = true;
                 for (row, &tgt) in rows.iter().zip(targets) {
-                    ll += log_softmax(row)[tgt as usize] as f64;
+                    ll += logprobs_of(row, tgt, 0).0 as f64;
                     greedy &= argmax(row) == tgt;
                 }
                 out.push((ll, greedy));

@@ -197,7 +197,8 @@ mod tests {
     fn writes_every_output_element() {
         // A buffer full of NaN, emptied: every element the product leaves unwritten stays NaN.
         for (m, n, k) in [(1, 1, 1), (1, 7, 3), (9, 1, 5), (3, 4, 1), (17, 13, 8), (64, 48, 33), (200, 9, 128)] {
-            for (ta, tb, par) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)] {
+            for (ta, tb, par) in [(false, false, false), (true, false, true), (false, true, false), (true, true, true)]
+            {
                 let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.5).collect();
                 let av = if ta { View::rows(0, m).t() } else { View::rows(0, k) };

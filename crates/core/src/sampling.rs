@@ -276,17 +276,41 @@ pub fn log_softmax(xs: &[f32]) -> Vec<f32> {
     xs.iter().map(|&x| (x as f64 - lse) as f32).collect()
 }
 
-/// The `n` largest entries as `(index, value)`, largest first.
+/// The `n` largest entries as `(index, value)`, largest first (the lower index first on
+/// ties). A few are picked in one pass without copying the row.
 pub fn top_n(xs: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if n == 0 {
         return Vec::new();
     }
+    if n <= 16 {
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+        for (i, &x) in xs.iter().enumerate() {
+            // Later indices lose ties, so only a strictly larger value enters a full list.
+            if best.len() == n && best[n - 1].1.total_cmp(&x).is_ge() {
+                continue;
+            }
+            let at = best.partition_point(|b| b.1.total_cmp(&x).is_ge());
+            best.insert(at, (i as u32, x));
+            best.truncate(n);
+        }
+        return best;
+    }
     let mut v: Vec<(u32, f32)> = xs.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
-    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if n < v.len() {
         v.select_nth_unstable_by(n - 1, desc);
         v.truncate(n);
     }
     v.sort_unstable_by(desc);
     v
+}
+
+/// The log-probability of entry `id` and of the `top` most likely entries of one row of
+/// logits, without building the whole log-softmax row: each is `(x − logsumexp) as f32`, the
+/// value [`log_softmax`] gives. An `id` outside the row has log-probability −∞.
+pub fn logprobs_of(xs: &[f32], id: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let lse = logsumexp(xs);
+    let lp = |x: f32| (x as f64 - lse) as f32;
+    let own = xs.get(id as usize).map_or(f32::NEG_INFINITY, |&x| lp(x));
+    (own, top_n(xs, top).into_iter().map(|(t, x)| (t, lp(x))).collect())
 }

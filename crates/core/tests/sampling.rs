@@ -1,7 +1,7 @@
 //! Sampling: each filter and penalty does what its definition says, seeds reproduce, and
 //! log-probabilities are those of the raw distribution.
 
-use lmstack_core::sampling::{log_softmax, logsumexp, top_n};
+use lmstack_core::sampling::{log_softmax, logprobs_of, logsumexp, top_n};
 use lmstack_core::{Sampler, SamplingParams};
 
 const LOGITS: [f32; 6] = [2.0, 1.0, 0.5, 3.0, -1.0, 2.9];
@@ -107,4 +107,24 @@ fn invalid_parameters_name_the_field() {
         let e = Sampler::new(p, &[], 0).unwrap_err().to_string();
         assert!(e.contains(&format!("`{field}`")), "{e}");
     }
+}
+
+#[test]
+fn top_n_and_logprobs_of_agree_with_sorting_the_log_softmax() {
+    // Many ties (values from a small set), so the lower-index-first rule is exercised.
+    let row: Vec<f32> = (0..5_000u64).map(|i| ((i * 2_654_435_761) % 97) as f32 / 8.0 - 6.0).collect();
+    let lp = log_softmax(&row);
+    let mut sorted: Vec<(u32, f32)> = lp.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
+    sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    for n in [1, 2, 5, 16, 17, 40] {
+        let ids = |v: &[(u32, f32)]| v.iter().map(|x| x.0).collect::<Vec<_>>();
+        assert_eq!(ids(&top_n(&row, n)), ids(&sorted[..n]), "top {n}");
+        for id in [0u32, 7, 4_999] {
+            let (own, top) = logprobs_of(&row, id, n);
+            assert_eq!(own, lp[id as usize]);
+            assert_eq!(top, sorted[..n].to_vec());
+        }
+    }
+    assert_eq!(top_n(&row[..3], 16).len(), 3);
+    assert_eq!(logprobs_of(&row, 9_999, 0), (f32::NEG_INFINITY, vec![]));
 }

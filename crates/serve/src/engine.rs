@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use lmstack_core::sampling::{log_softmax, top_n};
+use lmstack_core::sampling::logprobs_of;
 use lmstack_core::{IncrementalDecoder, KvCache, Model, Sampler, SamplingParams, SeqStep, Tokenizer};
 use tokio::sync::mpsc as tmpsc;
 
@@ -635,11 +635,11 @@ pub(crate) fn piece(tok: &Tokenizer, id: u32) -> String {
 }
 
 fn token_logprob(tok: &Tokenizer, row: &[f32], id: u32, top: usize) -> TokenLogprob {
-    let lp = log_softmax(row);
+    let (logprob, top) = logprobs_of(row, id, top);
     TokenLogprob {
         id,
         text: piece(tok, id),
-        logprob: lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY),
-        top: top_n(&lp, top).into_iter().map(|(t, l)| (t, piece(tok, t), l)).collect(),
+        logprob,
+        top: top.into_iter().map(|(t, l)| (t, piece(tok, t), l)).collect(),
     }
 }

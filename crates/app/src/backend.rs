@@ -34,7 +34,8 @@ pub struct LocalBackend {
 impl LocalBackend {
     /// Loads `dir` (f32, CPU).
     pub fn load(dir: &std::path::Path) -> BackendResult<Self> {
-        let p = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
+        let mut p = Pretrained::load(dir, DType::F32, &Device::Cpu)?;
+        p.model.repack_for_inference()?;
         if !p.model.config().is_causal() {
             anyhow::bail!("{}: eval needs a causal language model (gpt2 or llama)", dir.display());
         }

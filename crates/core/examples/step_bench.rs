@@ -9,7 +9,18 @@ fn main() {
         if args.get(1).map(String::as_str) == Some("gpt2") { (12, 12, 768, 1024, 50257) } else { (4, 4, 128, 64, 65) };
     let cfg = serde_json::json!({"model_type": "gpt2", "n_layer": layers, "n_head": heads, "n_embd": width,
                                  "n_positions": ctx, "vocab_size": vocab});
-    let m = Model::init(ModelConfig::from_value(cfg, "bench").unwrap(), 1, DType::F32, &Device::Cpu).unwrap();
+    // Written and loaded back frozen, as `serve` loads a model (an initialised model's
+    // parameters are trainable variables, so every op would be recorded for backprop).
+    let dir = std::env::temp_dir().join(format!("lmstack-step-bench-{layers}-{width}"));
+    Model::init(ModelConfig::from_value(cfg, "bench").unwrap(), 1, DType::F32, &Device::Cpu)
+        .unwrap()
+        .save(&dir)
+        .unwrap();
+    let mut m = Model::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    // REPACK=0 keeps the weights as loaded (gemm), as a model being trained would.
+    if std::env::var("REPACK").map_or(true, |v| v != "0") {
+        eprintln!("repacked {} bytes of weights", m.repack_for_inference().unwrap());
+    }
     let only: Option<usize> = std::env::var("B").ok().and_then(|v| v.parse().ok());
     for b in [1usize, 4, 16, 32].into_iter().filter(|b| only.is_none_or(|o| o == *b)) {
         let mut caches: Vec<_> = (0..b).map(|_| m.new_cache()).collect();

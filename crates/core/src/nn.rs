@@ -32,6 +32,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     path: String,
     adapter: Option<Arc<dyn LinearAdapter>>,
+    /// The weight repacked for inference ([`Linear::repack`]).
+    packed: Option<Arc<crate::simd::PackedWeight>>,
 }
 
 impl Linear {
@@ -40,7 +42,7 @@ impl Linear {
     pub fn load(vb: VarBuilder<'_>, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
         let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Self { weight, bias, path: vb.prefix(), adapter: None })
+        Ok(Self { weight, bias, path: vb.prefix(), adapter: None, packed: None })
     }
 
     /// Loads a Hugging Face `Conv1D` (GPT-2), whose weight is stored `[in, out]`; the layer
@@ -48,12 +50,12 @@ impl Linear {
     pub fn load_conv1d(vb: VarBuilder<'_>, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
         let w = vb.get_with_hints((in_dim, out_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
         let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-        Ok(Self { weight: w.t()?, bias: Some(bias), path: vb.prefix(), adapter: None })
+        Ok(Self { weight: w.t()?, bias: Some(bias), path: vb.prefix(), adapter: None, packed: None })
     }
 
     /// A linear layer from explicit tensors (weight `[out, in]`).
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, path: impl Into<String>) -> Self {
-        Self { weight, bias, path: path.into(), adapter: None }
+        Self { weight, bias, path: path.into(), adapter: None, packed: None }
     }
 
     /// The module path, e.g. `transformer.h.0.attn.c_attn`.
@@ -96,7 +98,70 @@ impl Linear {
             ));
         }
         self.weight = weight;
+        self.packed = None;
         Ok(())
+    }
+
+    /// Keeps a copy of the weight repacked for the AVX2 inference kernel
+    /// ([`crate::simd::packed_linear`]), which then computes the projection whenever no
+    /// gradient can flow (the input does not track ops). Only f32 weights on the CPU, where the
+    /// CPU has AVX2 + FMA; returns whether the layer was packed. The copy is taken now: a later
+    /// [`Linear::set_weight`] drops it, but an in-place update of a `Var` would not be seen, so
+    /// this is for models that only run inference.
+    pub fn repack(&mut self) -> Result<bool> {
+        let w = &self.weight;
+        if w.dtype() != DType::F32 || !w.device().is_cpu() || !crate::simd::has_avx2_fma() {
+            return Ok(false);
+        }
+        let (out, inp) = w.dims2()?;
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(false) };
+        let data = cpu.as_slice::<f32>()?;
+        let st = layout.stride();
+        let packed = crate::simd::PackedWeight::new(data, (layout.start_offset(), st[0], st[1]), out, inp);
+        drop(storage);
+        self.packed = Some(Arc::new(packed));
+        Ok(true)
+    }
+
+    /// Bytes held by the repacked copy of the weight (0 when not packed).
+    pub fn packed_bytes(&self) -> usize {
+        self.packed.as_ref().map_or(0, |p| p.bytes())
+    }
+
+    /// The projection through the repacked weight, when packed and no gradient can flow.
+    fn packed_forward(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(p) = &self.packed else { return Ok(None) };
+        if xs.dtype() != DType::F32 || !xs.device().is_cpu() || xs.track_op() || !crate::simd::has_avx2_fma() {
+            return Ok(None);
+        }
+        let (out, inp) = p.dims();
+        let dims = xs.dims();
+        if dims.last() != Some(&inp) {
+            candle_core::bail!("{}: input has {:?} features, the weight {inp}", self.path, dims.last());
+        }
+        let rows = xs.elem_count() / inp.max(1);
+        let x = xs.contiguous()?;
+        let bias = self.bias.as_ref().map(|b| b.contiguous()).transpose()?;
+        let parallel = rows * inp * out > 1 << 16 && rayon::current_thread_index().is_none();
+        let y = {
+            let (xs_, xl) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(xc) = &*xs_ else { return Ok(None) };
+            let xd = &xc.as_slice::<f32>()?[xl.start_offset()..];
+            let bguard = bias.as_ref().map(|b| b.storage_and_layout());
+            let bd = match &bguard {
+                Some((bs, bl)) => {
+                    let candle_core::Storage::Cpu(bc) = &**bs else { return Ok(None) };
+                    Some(&bc.as_slice::<f32>()?[bl.start_offset()..bl.start_offset() + out])
+                }
+                None => None,
+            };
+            crate::simd::packed_linear(xd, rows, p, bd, parallel)
+        };
+        let Some(y) = y else { return Ok(None) };
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("non-empty") = out;
+        Ok(Some(Tensor::from_vec(y, shape, xs.device())?))
     }
 }
 
@@ -104,6 +169,12 @@ impl Module for Linear {
     /// # Shapes
     /// `xs`: `[.., in]` → `[.., out]`.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(mut y) = self.packed_forward(xs)? {
+            if let Some(a) = &self.adapter {
+                y = (y + a.forward(xs)?)?;
+            }
+            return Ok(y);
+        }
         if crate::ops::supported(xs) && self.weight.dtype() == xs.dtype() && self.weight.device().is_cpu() {
             let x = xs.contiguous()?;
             let mut y = match &self.bias {

@@ -1,7 +1,7 @@
 //! The CPU fast path (host-vector KV caches, fused packed attention, the step split over two
 //! threads) gives the same logits as the generic tensor path, for decode steps, long prefill
 //! chunks (which use matrix products) and grouped-query heads, in both the AVX2 and the
-//! portable build of its kernels. Its own test binary: switching kernels off is process-wide.
+//! portable build of its kernels and with weights repacked for the AVX2 linear kernel. Its own test binary: switching kernels off is process-wide.
 
 mod common;
 
@@ -33,6 +33,11 @@ fn host_caches_match_the_tensor_path() {
         ops::set_enabled(true);
         assert!(m.new_cache().is_host());
         let fast = run(&m);
+        // With the projections' weights repacked for the AVX2 linear kernel.
+        let mut mp = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let packed_bytes = mp.repack_for_inference().unwrap();
+        assert_eq!(packed_bytes > 0, simd::has_avx2_fma());
+        let packed = run(&mp);
         // The same kernels in their portable build (no AVX2 decode attention).
         simd::set_enabled(false);
         let portable = run(&m);
@@ -41,9 +46,12 @@ fn host_caches_match_the_tensor_path() {
         assert!(!m.new_cache().is_host());
         let slow = run(&m);
         ops::set_enabled(true);
-        for (i, ((a, p), b)) in fast.iter().zip(&portable).zip(&slow).enumerate() {
-            let (d, dp) = (max_diff(a, b), max_diff(p, b));
-            assert!(d < 1e-5 && dp < 1e-5, "{name}: output {i} differs by {d} (portable build: {dp})");
+        for (i, (((a, p), r), b)) in fast.iter().zip(&portable).zip(&packed).zip(&slow).enumerate() {
+            let (d, dp, dr) = (max_diff(a, b), max_diff(p, b), max_diff(r, b));
+            assert!(
+                d < 1e-5 && dp < 1e-5 && dr < 1e-5,
+                "{name}: output {i} differs by {d} (portable build: {dp}, repacked weights: {dr})"
+            );
         }
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo run --release -p lmstack-serve --example bench_serve -- \
-//!     [--model DIR] [--concurrency 1,16] [--seconds 15] [--gpt2] [--soak 3000]
+//!     [--model DIR] [--concurrency 1,16] [--seconds 15] [--gpt2] [--soak 3000] [--no-repack]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -28,6 +28,8 @@ struct Args {
     gpt2: bool,
     soak: usize,
     serve: PathBuf,
+    /// Extra flags for `serve` (`--no-repack`).
+    serve_flags: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -39,6 +41,7 @@ fn parse_args() -> Result<Args, String> {
         gpt2: false,
         soak: 0,
         serve: root.join("target/release/serve"),
+        serve_flags: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -55,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
             "--soak" => a.soak = val()?.parse().map_err(|_| "--soak: not a number")?,
             "--serve" => a.serve = val()?.into(),
             "--gpt2" => a.gpt2 = true,
+            "--no-repack" => a.serve_flags.push(flag.clone()),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -301,6 +305,7 @@ async fn main() {
     };
     let text =
         Arc::new(std::fs::read_to_string(root().join("data/tinyshakespeare.txt")).expect("data/tinyshakespeare.txt"));
+    let flags: Vec<&str> = args.serve_flags.iter().map(String::as_str).collect();
     let default = root().join("runs/shakespeare-char/model");
     let (model, what) = match &args.model {
         Some(m) => (m.clone(), m.display().to_string()),
@@ -315,7 +320,7 @@ async fn main() {
         "\n== bench serve: {what}, context {ctx}; streaming clients, prompts 8-24 chars, outputs 16-{} tokens",
         (ctx - 24).clamp(16, 96)
     );
-    let server = start_server(&args.serve, &model, &[]).await.unwrap_or_else(|e| panic!("{e}"));
+    let server = start_server(&args.serve, &model, &flags).await.unwrap_or_else(|e| panic!("{e}"));
     // Warm-up.
     let _ = load(&server.url, 2, 1.0, text.clone(), ctx, None).await;
     let mut single = None;
@@ -376,7 +381,7 @@ async fn main() {
     if args.gpt2 {
         let dir = random_model("gpt2-124m", 12, 12, 768, 1024, Some(50257));
         println!("\n== single-stream decode, GPT-2 124M shape (random weights, f32)");
-        let server = start_server(&args.serve, &dir, &[]).await.unwrap_or_else(|e| panic!("{e}"));
+        let server = start_server(&args.serve, &dir, &flags).await.unwrap_or_else(|e| panic!("{e}"));
         let client = reqwest::Client::new();
         let body = json!({"prompt": "ROMEO: But soft, what light", "max_tokens": 128, "temperature": 0, "ignore_eos": true,
                           "stream": true, "logprobs": 0, "stream_options": {"include_usage": true}});

@@ -41,6 +41,10 @@ struct Cli {
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
+    /// Keep only the weights as loaded: no repacked copy for the AVX2 linear kernel (which
+    /// decodes batches faster but holds a second copy of the projections' weights).
+    #[arg(long)]
+    no_repack: bool,
     /// Most tokens (prefill + decode) in one forward step; long prompts are prefilled in chunks
     /// of what is left.
     #[arg(long, default_value_t = 512)]
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
         served_model_name: cli.served_model_name,
         chat_template: cli.chat_template,
         dtype: cli.dtype,
+        repack: !cli.no_repack,
         addr: SocketAddr::new(cli.host, cli.port),
         engine: EngineConfig {
             max_batch_tokens: cli.max_batch_tokens,

@@ -28,6 +28,8 @@ pub struct ServeOptions {
     pub chat_template: Option<PathBuf>,
     /// Compute dtype.
     pub dtype: DType,
+    /// Repack the projections' weights for the AVX2 linear kernel (a second copy of them).
+    pub repack: bool,
     /// Address to bind.
     pub addr: SocketAddr,
     /// Scheduler limits.
@@ -83,6 +85,12 @@ pub fn load(opts: &ServeOptions, metrics: Arc<Metrics>) -> anyhow::Result<Ready>
             opts.engine.max_batch_tokens,
             opts.engine.max_num_seqs
         );
+    }
+    if opts.repack {
+        let bytes = p.model.repack_for_inference().context("repacking the weights")?;
+        if bytes > 0 {
+            tracing::info!(mib = bytes as f64 / (1 << 20) as f64, "weights repacked for the AVX2 linear kernel");
+        }
     }
     let vocab_size = p.model.config().vocab_size();
     let tokenizer = p.tokenizer.clone();

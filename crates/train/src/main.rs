@@ -612,6 +612,7 @@ fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
     if let Some(dir) = &a.adapter {
         lmstack_core::lora::load_peft(&mut p.model, dir)?;
     }
+    p.model.repack_for_inference()?;
     if let Some(text) = &a.fill {
         for (i, top) in lmstack_train::classify::fill_mask(&p, text, a.top)?.iter().enumerate() {
             println!("[MASK] #{}:", i + 1);

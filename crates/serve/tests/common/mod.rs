@@ -52,6 +52,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         served_model_name: Some("tiny".into()),
         chat_template: None,
         dtype: DType::F32,
+        repack: true,
         addr: "127.0.0.1:0".parse().unwrap(),
         engine: EngineConfig::default(),
         api_key: None,

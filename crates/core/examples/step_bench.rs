@@ -22,12 +22,28 @@ fn main() {
         eprintln!("repacked {} bytes of weights", m.repack_for_inference().unwrap());
     }
     let only: Option<usize> = std::env::var("B").ok().and_then(|v| v.parse().ok());
+    if let Ok(n) = std::env::var("PREFILL").map(|v| v.parse::<usize>().unwrap()) {
+        let prompt: Vec<u32> = (0..n).map(|i| (i * 7 % vocab) as u32).collect();
+        let t0 = Instant::now();
+        for _ in 0..300 {
+            let mut c = m.new_cache();
+            m.forward_cached(&mut [SeqStep { tokens: &prompt, cache: &mut c, all_logits: false }]).unwrap();
+        }
+        println!("prefill of {n} tokens: {:.3} ms", t0.elapsed().as_secs_f64() * 1e3 / 300.0);
+        return;
+    }
     for b in [1usize, 4, 16, 32].into_iter().filter(|b| only.is_none_or(|o| o == *b)) {
         let mut caches: Vec<_> = (0..b).map(|_| m.new_cache()).collect();
         let prompt: Vec<u32> = (0..30).map(|i| (i * 7 % vocab) as u32).collect();
+        let t0 = Instant::now();
         for c in caches.iter_mut() {
             m.forward_cached(&mut [SeqStep { tokens: &prompt, cache: c, all_logits: false }]).unwrap();
         }
+        eprintln!(
+            "prefill of {} tokens: {:.3} ms per sequence",
+            prompt.len(),
+            t0.elapsed().as_secs_f64() * 1e3 / b as f64
+        );
         let steps = if only.is_some() { 2000 } else { 20 };
         let t0 = Instant::now();
         for s in 0..steps {

@@ -143,7 +143,7 @@ impl Linear {
         let rows = xs.elem_count() / inp.max(1);
         let x = xs.contiguous()?;
         let bias = self.bias.as_ref().map(|b| b.contiguous()).transpose()?;
-        let parallel = rows * inp * out > 1 << 16 && rayon::current_thread_index().is_none();
+        let parallel = crate::ops::linear_in_parallel(rows, inp, out);
         let y = {
             let (xs_, xl) = x.storage_and_layout();
             let candle_core::Storage::Cpu(xc) = &*xs_ else { return Ok(None) };
@@ -253,14 +253,16 @@ impl LayerNorm {
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = xs.dtype();
         let cd = compute_dtype(dtype);
+        // lmstack's kernel first (it has a backward, and a small step runs on the calling
+        // thread, where candle's fused op hands even one row to the thread pool and back).
+        if crate::ops::supported(xs) && self.weight.dtype() == dtype {
+            return xs.contiguous()?.apply_op3(&self.weight, &self.bias, crate::ops::LayerNormOp { eps: self.eps });
+        }
         if !xs.track_op() && !self.weight.track_op() {
             let x = xs.to_dtype(cd)?;
             let w = self.weight.to_dtype(cd)?;
             let b = self.bias.to_dtype(cd)?;
             return candle_nn::ops::layer_norm(&x.contiguous()?, &w, &b, self.eps as f32)?.to_dtype(dtype);
-        }
-        if crate::ops::supported(xs) && self.weight.dtype() == dtype {
-            return xs.contiguous()?.apply_op3(&self.weight, &self.bias, crate::ops::LayerNormOp { eps: self.eps });
         }
         let x = xs.to_dtype(cd)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -290,13 +292,13 @@ impl RmsNorm {
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = xs.dtype();
         let cd = compute_dtype(dtype);
+        if crate::ops::supported(xs) && self.weight.dtype() == dtype {
+            return xs.contiguous()?.apply_op2(&self.weight, crate::ops::RmsNormOp { eps: self.eps });
+        }
         if !xs.track_op() && !self.weight.track_op() {
             let x = xs.to_dtype(cd)?;
             let w = self.weight.to_dtype(cd)?;
             return candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)?.to_dtype(dtype);
-        }
-        if crate::ops::supported(xs) && self.weight.dtype() == dtype {
-            return xs.contiguous()?.apply_op2(&self.weight, crate::ops::RmsNormOp { eps: self.eps });
         }
         let x = xs.to_dtype(cd)?;
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;

@@ -719,7 +719,7 @@ fn linear_fwd<T: Elem>(
     o: usize,
 ) -> Vec<T> {
     use crate::gemm::{matmul_new, matmul_par, View};
-    let par = n * o * i > 1 << 16 && rayon::current_thread_index().is_none();
+    let par = linear_in_parallel(n, i, o);
     let Some(b) = b else { return matmul_new(n, o, i, x, View::rows(0, i), w, wv.t(), T::one(), par) };
     // The bias rows, then the product added onto them (no zero-filled buffer first).
     let mut y = Vec::with_capacity(n * o);
@@ -768,6 +768,14 @@ impl LinearOp {
         *shape.last_mut().expect("non-empty") = o;
         Ok((out, Shape::from(shape)))
     }
+}
+
+/// Whether a projection of `rows × inp` by `inp × out` is worth spreading over the thread
+/// pool: from outside the pool (inside, the caller already splits the work), and only when the
+/// weight is large enough that two cores read it faster (1 MiB) or the product is large enough
+/// (2M multiply-adds, ~30 µs) to pay for waking the pool and waiting for it.
+pub(crate) fn linear_in_parallel(rows: usize, inp: usize, out: usize) -> bool {
+    rayon::current_thread_index().is_none() && (inp * out * 4 >= 1 << 20 || rows * inp * out >= 1 << 21)
 }
 
 /// Returns `(dx, dw [out, in] contiguous, db)`.

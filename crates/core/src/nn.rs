@@ -169,22 +169,26 @@ impl Module for Linear {
     /// # Shapes
     /// `xs`: `[.., in]` → `[.., out]`.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(mut y) = self.packed_forward(xs)? {
-            if let Some(a) = &self.adapter {
-                y = (y + a.forward(xs)?)?;
-            }
+        let y = self.project(xs)?;
+        match &self.adapter {
+            Some(a) => y + a.forward(xs)?,
+            None => Ok(y),
+        }
+    }
+}
+
+impl Linear {
+    /// `x Wᵀ + b`: through the repacked weight, lmstack's fused op, or candle's matmul.
+    fn project(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.packed_forward(xs)? {
             return Ok(y);
         }
         if crate::ops::supported(xs) && self.weight.dtype() == xs.dtype() && self.weight.device().is_cpu() {
             let x = xs.contiguous()?;
-            let mut y = match &self.bias {
-                Some(b) => x.apply_op3(&self.weight, b, crate::ops::LinearOp)?,
-                None => x.apply_op2(&self.weight, crate::ops::LinearOp)?,
+            return match &self.bias {
+                Some(b) => x.apply_op3(&self.weight, b, crate::ops::LinearOp),
+                None => x.apply_op2(&self.weight, crate::ops::LinearOp),
             };
-            if let Some(a) = &self.adapter {
-                y = (y + a.forward(xs)?)?;
-            }
-            return Ok(y);
         }
         let dims = xs.dims();
         let (in_dim, out_dim) = self.dims();
@@ -197,11 +201,7 @@ impl Module for Linear {
         }
         let mut out_shape = lead;
         out_shape.push(out_dim);
-        let mut y = y.reshape(out_shape)?;
-        if let Some(a) = &self.adapter {
-            y = (y + a.forward(xs)?)?;
-        }
-        Ok(y)
+        y.reshape(out_shape)
     }
 }
 

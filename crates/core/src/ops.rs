@@ -332,28 +332,36 @@ impl CustomOp1 for Act {
 #[derive(Debug, Clone, Copy)]
 pub struct Softmax;
 
-fn softmax_rows<T: Elem>(x: &[T], d: usize) -> Vec<T> {
+/// `f(y_row, x_row)` over every `d`-long row of `x` into a new vector, rows in parallel
+/// chunks ([`par_zip`]; mark `f` `#[inline(always)]`).
+fn map_rows<T: Elem>(x: &[T], d: usize, f: impl Fn(&mut [T], &[T]) + Sync) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    let rows = chunk_rows(d) * d;
     par_zip(
         &mut y,
         x,
-        rows,
+        chunk_rows(d) * d,
         #[inline(always)]
-        |y, x| {
-            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                let max = x.iter().copied().fold(T::neg_infinity(), Float::max);
-                let mut sum = T::zero();
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - max).exp();
-                    sum += *y;
-                }
-                let inv = T::one() / sum;
-                y.iter_mut().for_each(|v| *v *= inv);
-            }
-        },
+        |y, x| y.chunks_mut(d).zip(x.chunks(d)).for_each(|(y, x)| f(y, x)),
     );
     y
+}
+
+fn softmax_rows<T: Elem>(x: &[T], d: usize) -> Vec<T> {
+    map_rows(
+        x,
+        d,
+        #[inline(always)]
+        |y, x| {
+            let max = x.iter().copied().fold(T::neg_infinity(), Float::max);
+            let mut sum = T::zero();
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - max).exp();
+                sum += *y;
+            }
+            let inv = T::one() / sum;
+            y.iter_mut().for_each(|v| *v *= inv);
+        },
+    )
 }
 
 impl CustomOp1 for Softmax {
@@ -441,16 +449,12 @@ fn row_stats<T: Elem>(x: &[T], eps: f64, rms: bool) -> (T, T) {
 }
 
 fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64, rms: bool) -> Vec<T> {
-    let d = w.len();
-    let mut y = vec![T::zero(); x.len()];
-    let rows = chunk_rows(d) * d;
-    par_zip(
-        &mut y,
+    map_rows(
         x,
-        rows,
+        w.len(),
         #[inline(always)]
         |y, x| {
-            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+            {
                 let (mean, rstd) = row_stats(x, eps, rms);
                 // Separate loops with and without a bias, so each vectorises.
                 match b {
@@ -467,8 +471,7 @@ fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64, rms: bool) -> 
                 }
             }
         },
-    );
-    y
+    )
 }
 
 /// Returns `(dx, dw, db)`.

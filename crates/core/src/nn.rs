@@ -29,6 +29,9 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
+    /// For a `Conv1D`, the stored `[in, out]` tensor that `weight` is a transposed view of:
+    /// the fused op takes it directly, so its gradient needs no transposing copy.
+    in_out: Option<Tensor>,
     bias: Option<Tensor>,
     path: String,
     adapter: Option<Arc<dyn LinearAdapter>>,
@@ -42,7 +45,7 @@ impl Linear {
     pub fn load(vb: VarBuilder<'_>, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
         let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Self { weight, bias, path: vb.prefix(), adapter: None, packed: None })
+        Ok(Self { weight, in_out: None, bias, path: vb.prefix(), adapter: None, packed: None })
     }
 
     /// Loads a Hugging Face `Conv1D` (GPT-2), whose weight is stored `[in, out]`; the layer
@@ -50,12 +53,12 @@ impl Linear {
     pub fn load_conv1d(vb: VarBuilder<'_>, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
         let w = vb.get_with_hints((in_dim, out_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
         let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-        Ok(Self { weight: w.t()?, bias: Some(bias), path: vb.prefix(), adapter: None, packed: None })
+        Ok(Self { weight: w.t()?, in_out: Some(w), bias: Some(bias), path: vb.prefix(), adapter: None, packed: None })
     }
 
     /// A linear layer from explicit tensors (weight `[out, in]`).
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, path: impl Into<String>) -> Self {
-        Self { weight, bias, path: path.into(), adapter: None, packed: None }
+        Self { weight, in_out: None, bias, path: path.into(), adapter: None, packed: None }
     }
 
     /// The module path, e.g. `transformer.h.0.attn.c_attn`.
@@ -98,6 +101,7 @@ impl Linear {
             ));
         }
         self.weight = weight;
+        self.in_out = None;
         self.packed = None;
         Ok(())
     }
@@ -185,9 +189,13 @@ impl Linear {
         }
         if crate::ops::supported(xs) && self.weight.dtype() == xs.dtype() && self.weight.device().is_cpu() {
             let x = xs.contiguous()?;
+            let (w, op) = match &self.in_out {
+                Some(w) => (w, crate::ops::LinearOp { in_out: true }),
+                None => (&self.weight, crate::ops::LinearOp::default()),
+            };
             return match &self.bias {
-                Some(b) => x.apply_op3(&self.weight, b, crate::ops::LinearOp),
-                None => x.apply_op2(&self.weight, crate::ops::LinearOp),
+                Some(b) => x.apply_op3(w, b, op),
+                None => x.apply_op2(w, op),
             };
         }
         let dims = xs.dims();

@@ -699,10 +699,18 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> crate::Result<(Tensor
 
 // ---------------------------------------------------------------- linear
 
-/// `y = x Wᵀ (+ b)` for `x [n, in]` (contiguous rows), `W [out, in]` (any strides, e.g. the
-/// transposed view of a GPT-2 `Conv1D` weight) and optional `b [out]`, as one autograd node.
-#[derive(Debug, Clone, Copy)]
-pub struct LinearOp;
+/// `y = x Wᵀ (+ b)` for `x [n, in]` (contiguous rows), `W [out, in]` (any strides) and optional
+/// `b [out]`, as one autograd node.
+///
+/// With `in_out`, the weight argument is `[in, out]`, as GPT-2's `Conv1D` stores it, and its
+/// gradient comes out in that layout. Passing the stored tensor rather than a transposed view of
+/// it keeps a transpose out of the graph, whose backward would hand candle a strided gradient
+/// to copy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinearOp {
+    /// The weight argument is `[in, out]`.
+    pub in_out: bool,
+}
 
 fn w_view(l: &Layout) -> Result<crate::gemm::View> {
     let s = l.stride();
@@ -732,6 +740,21 @@ fn linear_fwd<T: Elem>(
 }
 
 impl LinearOp {
+    /// `(out, in)` of a weight argument of this shape.
+    fn out_in(&self, shape: &Shape) -> Result<(usize, usize)> {
+        let (r, c) = shape.dims2()?;
+        Ok(if self.in_out { (c, r) } else { (r, c) })
+    }
+
+    /// The weight argument's view as `[out, in]`.
+    fn logical(&self, v: crate::gemm::View) -> crate::gemm::View {
+        if self.in_out {
+            v.t()
+        } else {
+            v
+        }
+    }
+
     fn fwd_any(
         &self,
         xs: &CpuStorage,
@@ -743,11 +766,11 @@ impl LinearOp {
         let dims = xl.shape().dims();
         let i = *dims.last().unwrap_or(&0);
         let n = xl.shape().elem_count() / i.max(1);
-        let (o, wi) = wl.shape().dims2()?;
+        let (o, wi) = self.out_in(wl.shape())?;
         if wi != i {
             candle_core::bail!("linear: input has {i} features, the weight {wi}");
         }
-        let wv = w_view(wl)?;
+        let wv = self.logical(w_view(wl)?);
         fn go<T: Elem>(
             xs: &CpuStorage,
             xl: &Layout,
@@ -781,22 +804,32 @@ pub(crate) fn linear_in_parallel(rows: usize, inp: usize, out: usize) -> bool {
     rayon::current_thread_index().is_none() && (inp * out * 4 >= 1 << 20 || rows * inp * out >= 1 << 21)
 }
 
-/// Returns `(dx, dw [out, in] contiguous, db)`.
-fn linear_bwd<T: Elem>(x: &Tensor, w: &Tensor, g: &Tensor, bias: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+/// Returns `(dx, dw, db)`, `dw` contiguous in the weight argument's shape.
+fn linear_bwd<T: Elem>(
+    op: LinearOp,
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    bias: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     use crate::gemm::{matmul_new, View};
-    let (o, i) = w.dims2()?;
+    let (o, i) = op.out_in(w.shape())?;
     let n = x.elem_count() / i.max(1);
-    // The weight is read through its own strides (GPT-2's are a transposed view): no copy.
+    // The weight is read through its own strides: no copy.
     let (wstore, wl) = w.storage_and_layout();
     let Storage::Cpu(wcpu) = &*wstore else { candle_core::bail!("fused op: CPU tensors only") };
     let ws = wcpu.as_slice::<T>()?;
-    let wv = w_view(wl)?;
+    let wv = op.logical(w_view(wl)?);
     let (dx, dw, db) = with_data::<T, _>(x, |xs| {
         {
             with_data::<T, _>(g, |gs| {
                 let par = n * o * i > 1 << 16 && rayon::current_thread_index().is_none();
                 let dx = matmul_new(n, i, o, gs, View::rows(0, o), ws, wv, T::one(), par);
-                let dw = matmul_new(o, i, n, gs, View::rows(0, o).t(), xs, View::rows(0, i), T::one(), par);
+                let dw = if op.in_out {
+                    matmul_new(i, o, n, xs, View::rows(0, i).t(), gs, View::rows(0, o), T::one(), par)
+                } else {
+                    matmul_new(o, i, n, gs, View::rows(0, o).t(), xs, View::rows(0, i), T::one(), par)
+                };
                 let db = bias.then(|| {
                     let mut db = vec![T::zero(); o];
                     for r in gs.chunks(o) {
@@ -824,7 +857,7 @@ impl CustomOp2 for LinearOp {
         self.fwd_any(s1, l1, s2, l2, None)
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = dispatch!(x.dtype(), linear_bwd(x, w, g, false))?;
+        let (dx, dw, _) = dispatch!(x.dtype(), linear_bwd(*self, x, w, g, false))?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -852,7 +885,7 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = dispatch!(x.dtype(), linear_bwd(x, w, g, true))?;
+        let (dx, dw, db) = dispatch!(x.dtype(), linear_bwd(*self, x, w, g, true))?;
         Ok((Some(dx), Some(dw), db))
     }
 }

@@ -71,6 +71,10 @@ fn bench_train(extra: &[String]) -> Result<(), String> {
         f("tokens_per_sec"),
         f("ms_per_step")
     );
+    println!(
+        "                                   {:.1} ms/step without the periodic evaluations and checkpoints",
+        f("train_ms_per_step")
+    );
     println!("peak memory:                       {:.0} MiB", f("peak_rss_mib"));
     println!("parameters:                        {}", s["num_parameters"]);
     Ok(())

@@ -589,9 +589,10 @@ fn pretrain_cmd(args: &PretrainArgs) -> Result<ExitCode> {
         s.best_val.map(|(st, v)| format!("; best estimate {v:.4} at step {st}")).unwrap_or_default()
     );
     println!(
-        "speed: {:.0} tokens/s, {:.1} ms/step; peak memory {}",
+        "speed: {:.0} tokens/s, {:.1} ms/step ({:.1} ms/step without the periodic evaluations and checkpoints); peak memory {}",
         s.tokens_per_sec,
         s.ms_per_step,
+        s.train_ms_per_step,
         s.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into())
     );
     let d = cfg.out_dir.display();

@@ -60,8 +60,13 @@ pub struct Summary {
     pub best_val: Option<(u64, f64)>,
     /// Mean training throughput of this invocation.
     pub tokens_per_sec: f64,
-    /// Mean wall time of an optimizer step in this invocation.
+    /// Mean wall time of an optimizer step in this invocation, periodic evaluations and
+    /// checkpoints included.
     pub ms_per_step: f64,
+    /// Mean wall time of the training steps alone (batches, forward, backward, optimizer),
+    /// without the periodic evaluations and checkpoints: what nanoGPT's per-iteration time
+    /// shows between evaluations.
+    pub train_ms_per_step: f64,
     /// Peak resident memory of the process (MiB), where the OS reports it.
     pub peak_rss_mib: Option<f64>,
     /// Parameters in the model.
@@ -427,6 +432,8 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     let mut window = (0.0f64, 0u64, Instant::now());
     let clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
     let mut interrupted = false;
+    // Time spent in periodic evaluations and checkpoints, to report the steps alone as well.
+    let mut side_secs = 0.0f64;
     let save_ckpt = |state: &TrainerState, model: &Model, opt: &AdamW| -> Result<()> {
         checkpoint::save(&ckpt_root, state.clone(), &model.params().tensors(), &opt.state_tensors()?, 2)?;
         Ok(())
@@ -473,6 +480,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             window = (0.0, 0, Instant::now());
         }
         bar.set_position(done);
+        let side = Instant::now();
         if done % cfg.eval_interval == 0 || done == cfg.max_steps {
             let v = estimate(&model, val, cfg, obj, cfg.eval_iters, &mut state.eval_rng)?;
             log.write(&Record::val(done, v, true))?;
@@ -488,6 +496,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         if cfg.checkpoint_interval > 0 && done % cfg.checkpoint_interval == 0 && done < cfg.max_steps {
             save_ckpt(&state, &model, &opt)?;
         }
+        side_secs += side.elapsed().as_secs_f64();
     }
     bar.finish_and_clear();
     save_ckpt(&state, &model, &opt)?;
@@ -503,6 +512,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         best_val: state.best_val,
         tokens_per_sec: steps_run as f64 * tokens_per_step / elapsed.max(1e-9),
         ms_per_step: elapsed * 1e3 / steps_run.max(1) as f64,
+        train_ms_per_step: (elapsed - side_secs).max(0.0) * 1e3 / steps_run.max(1) as f64,
         peak_rss_mib: peak_rss_mib(),
         num_parameters: n_params,
         split_tokens: (train.len(), val.len()),

@@ -212,15 +212,34 @@ fn estimate(
     rng: &mut ChaCha8Rng,
 ) -> Result<f64> {
     let eval = frozen(model)?;
-    let mut total = 0.0;
-    let mut count = 0usize;
-    for _ in 0..iters {
-        let b = batches::sample_batch(data, cfg.batch_size, cfg.block_size, obj, rng, eval.device())?;
-        let (l, n) = batch_loss(&eval, &b)?;
-        total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
+    let batches = (0..iters)
+        .map(|_| batches::sample_batch(data, cfg.batch_size, cfg.block_size, obj, rng, eval.device()))
+        .collect::<Result<Vec<_>>>()?;
+    let (total, count) = summed_loss(&eval, &batches, false)?;
+    Ok(total / count.max(1) as f64)
+}
+
+/// Summed loss and scored tokens of `batches` under the frozen model `eval`: whole batches are
+/// spread over the thread pool (each runs on one core, as training's slices do, which beats
+/// splitting every op of one batch over both) and their losses summed in batch order, so the
+/// result does not depend on the split. With `skip_failed`, a batch whose loss fails (a
+/// masked-LM window with nothing masked) is left out.
+fn summed_loss(eval: &Model, batches: &[batches::Batch], skip_failed: bool) -> Result<(f64, usize)> {
+    use rayon::prelude::*;
+    let parts: Vec<Result<Option<(f64, usize)>>> = batches
+        .par_iter()
+        .map(|b| match batch_loss(eval, b) {
+            Ok((l, n)) => Ok(Some((l.to_dtype(DType::F64)?.to_scalar::<f64>()?, n))),
+            Err(_) if skip_failed => Ok(None),
+            Err(e) => Err(e),
+        })
+        .collect();
+    let (mut total, mut count) = (0.0, 0usize);
+    for (l, n) in parts.into_iter().collect::<Result<Vec<_>>>()?.into_iter().flatten() {
+        total += l * n as f64;
         count += n;
     }
-    Ok(total / count.max(1) as f64)
+    Ok((total, count))
 }
 
 /// Loss over the whole validation split in consecutive windows (masked LM: a fixed masking).
@@ -229,14 +248,11 @@ pub fn full_eval(model: &Model, data: &dyn Tokens, cfg: &PretrainConfig, obj: Ob
     let t = cfg.block_size;
     let starts: Vec<usize> = (0..(data.len() - 1) / t).map(|i| i * t).filter(|&s| s + t < data.len()).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let (mut total, mut count) = (0.0, 0usize);
-    for chunk in starts.chunks(cfg.batch_size.max(32)) {
-        let b = batches::windows(data, chunk, t, obj, &mut rng, eval.device())?;
-        if let Ok((l, n)) = batch_loss(&eval, &b) {
-            total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * n as f64;
-            count += n;
-        }
-    }
+    let batches = starts
+        .chunks(cfg.batch_size.max(32))
+        .map(|chunk| batches::windows(data, chunk, t, obj, &mut rng, eval.device()))
+        .collect::<Result<Vec<_>>>()?;
+    let (total, count) = summed_loss(&eval, &batches, true)?;
     Ok(total / count.max(1) as f64)
 }
 

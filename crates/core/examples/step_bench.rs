@@ -4,6 +4,8 @@ use std::time::Instant;
 use lmstack_core::{DType, Device, Model, ModelConfig, SeqStep};
 
 fn main() {
+    // As `serve` does: candle's own pool would otherwise compete with rayon's.
+    lmstack_core::prefer_rayon_threads();
     let args: Vec<String> = std::env::args().collect();
     let (layers, heads, width, ctx, vocab) =
         if args.get(1).map(String::as_str) == Some("gpt2") { (12, 12, 768, 1024, 50257) } else { (4, 4, 128, 64, 65) };

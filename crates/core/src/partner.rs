@@ -4,14 +4,13 @@
 //! from another and finally wakes the caller: three thread wake-ups per step. On a virtual
 //! machine each costs 50–150 µs (a halted virtual CPU must be woken by the hypervisor), as much
 //! as the compute of a small model's decode step. The partner is one thread that, after each
-//! job, keeps polling for the next one for a while ([`SPIN`]), yielding its core to any other
+//! job, keeps polling for the next one for a while (2 ms), yielding its core to any other
 //! runnable thread between polls, before it parks. A caller posts the second half, runs the first
 //! itself and then either finds the second done, waits for the partner to finish it, or — when
 //! the partner has not picked it up yet — takes it back and runs it too, so a step is never
 //! slower than running both halves in turn.
 //!
-//! Work inside a half stays on its thread ([`crate::ops::on_one_core`]), as it would inside
-//! rayon's pool.
+//! Work inside a half stays on its thread (`ops::on_one_core`), as it would inside rayon's pool.
 
 #![allow(unsafe_code)]
 

@@ -347,7 +347,7 @@ pub fn packed_attention(
             out[o..o + d].copy_from_slice(&part[t * d..(t + 1) * d]);
         }
     };
-    if macs > 1 << 20 && crate::ops::may_spread() {
+    if macs > 1 << 20 && rayon::current_thread_index().is_none() {
         let parts: Vec<Vec<f32>> = work
             .par_iter()
             .map(|&w| {

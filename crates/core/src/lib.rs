@@ -25,7 +25,6 @@ pub mod models;
 pub mod nn;
 pub mod ops;
 pub mod params;
-pub mod partner;
 pub mod pretrained;
 pub mod sampling;
 pub mod simd;

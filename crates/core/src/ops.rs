@@ -244,14 +244,6 @@ fn par_zip<T: Elem>(y: &mut [T], x: &[T], chunk: usize, f: impl Fn(&mut [T], &[T
             #[inline(always)]
             || f(y, x),
         )
-    } else if !may_spread() && rayon::current_thread_index().is_none() {
-        // One half of a split step, on a thread outside the pool: stay here.
-        y.chunks_mut(chunk).zip(x.chunks(chunk)).for_each(|(y, x)| {
-            wide(
-                #[inline(always)]
-                || f(y, x),
-            )
-        });
     } else {
         y.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(y, x)| {
             wide(
@@ -805,33 +797,11 @@ impl LinearOp {
 }
 
 /// Whether a projection of `rows × inp` by `inp × out` is worth spreading over the thread
-/// pool: when [`may_spread`], and only when the weight is large enough that two cores read it
-/// faster (1 MiB) or the product is large enough (2M multiply-adds, ~30 µs) to pay for waking
-/// the pool and waiting for it.
+/// pool: from outside the pool (inside, the caller already splits the work), and only when the
+/// weight is large enough that two cores read it faster (1 MiB) or the product is large enough
+/// (2M multiply-adds, ~30 µs) to pay for waking the pool and waiting for it.
 pub(crate) fn linear_in_parallel(rows: usize, inp: usize, out: usize) -> bool {
-    may_spread() && (inp * out * 4 >= 1 << 20 || rows * inp * out >= 1 << 21)
-}
-
-thread_local! {
-    static ONE_CORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether an op may spread its work over rayon's pool: not from inside the pool, and not from
-/// one half of a step already split over the cores ([`on_one_core`]).
-pub(crate) fn may_spread() -> bool {
-    rayon::current_thread_index().is_none() && !ONE_CORE.with(std::cell::Cell::get)
-}
-
-/// Runs `f` with every op it calls kept on this thread (see [`may_spread`]).
-pub(crate) fn on_one_core<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            ONE_CORE.with(|c| c.set(self.0));
-        }
-    }
-    let _reset = Reset(ONE_CORE.with(|c| c.replace(true)));
-    f()
+    rayon::current_thread_index().is_none() && (inp * out * 4 >= 1 << 20 || rows * inp * out >= 1 << 21)
 }
 
 /// Returns `(dx, dw, db)`, `dw` contiguous in the weight argument's shape.
@@ -853,7 +823,7 @@ fn linear_bwd<T: Elem>(
     let (dx, dw, db) = with_data::<T, _>(x, |xs| {
         {
             with_data::<T, _>(g, |gs| {
-                let par = n * o * i > 1 << 16 && may_spread();
+                let par = n * o * i > 1 << 16 && rayon::current_thread_index().is_none();
                 let dx = matmul_new(n, i, o, gs, View::rows(0, o), ws, wv, T::one(), par);
                 let dw = if op.in_out {
                     matmul_new(i, o, n, xs, View::rows(0, i).t(), gs, View::rows(0, o), T::one(), par)

@@ -300,9 +300,9 @@ impl Model {
     /// new token.
     ///
     /// On CPU, a step of several sequences of a small model is split into two halves of about
-    /// equal token counts that run on two threads (this one and [`crate::partner`]'s):
-    /// per-operation parallelism costs a thread hand-off per matrix product, which small decode
-    /// batches cannot amortise, while two independent halves synchronise once per step. A model whose weights outgrow the caches
+    /// equal token counts that run on two threads: per-operation parallelism costs a thread
+    /// hand-off per matrix product, which small decode batches cannot amortise, while two
+    /// independent halves synchronise once per step. A model whose weights outgrow the caches
     /// (over [`SPLIT_MAX_WEIGHT_BYTES`]) is instead memory-bound: there each matrix product is
     /// spread over the threads by output features, so the weights are streamed once per step,
     /// not once per half.
@@ -323,7 +323,7 @@ impl Model {
             && self.weight_bytes <= SPLIT_MAX_WEIGHT_BYTES
             && self.device.is_cpu()
             && rayon::current_num_threads() >= 2
-            && crate::ops::may_spread()
+            && rayon::current_thread_index().is_none()
         {
             let mut acc = 0;
             let cut = steps
@@ -335,10 +335,7 @@ impl Model {
                 .map_or(steps.len() / 2, |i| i + 1)
                 .clamp(1, steps.len() - 1);
             let (a, b) = steps.split_at_mut(cut);
-            let (ra, rb) = crate::partner::join(
-                || crate::ops::on_one_core(|| self.forward_cached_one(a)),
-                || crate::ops::on_one_core(|| self.forward_cached_one(b)),
-            );
+            let (ra, rb) = rayon::join(|| self.forward_cached_one(a), || self.forward_cached_one(b));
             let mut out = ra?;
             out.extend(rb?);
             return Ok(out);

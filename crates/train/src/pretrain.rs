@@ -248,11 +248,18 @@ pub fn full_eval(model: &Model, data: &dyn Tokens, cfg: &PretrainConfig, obj: Ob
     let t = cfg.block_size;
     let starts: Vec<usize> = (0..(data.len() - 1) / t).map(|i| i * t).filter(|&s| s + t < data.len()).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let batches = starts
-        .chunks(cfg.batch_size.max(32))
-        .map(|chunk| batches::windows(data, chunk, t, obj, &mut rng, eval.device()))
-        .collect::<Result<Vec<_>>>()?;
-    let (total, count) = summed_loss(&eval, &batches, true)?;
+    // A few batches per thread at a time, so a large split is never held in memory at once.
+    let per_group = 4 * rayon::current_num_threads().max(1);
+    let (mut total, mut count) = (0.0, 0usize);
+    for group in starts.chunks(cfg.batch_size.max(32) * per_group) {
+        let batches = group
+            .chunks(cfg.batch_size.max(32))
+            .map(|chunk| batches::windows(data, chunk, t, obj, &mut rng, eval.device()))
+            .collect::<Result<Vec<_>>>()?;
+        let (l, n) = summed_loss(&eval, &batches, true)?;
+        total += l;
+        count += n;
+    }
     Ok(total / count.max(1) as f64)
 }
 
@@ -515,7 +522,9 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         side_secs += side.elapsed().as_secs_f64();
     }
     bar.finish_and_clear();
+    let side = Instant::now();
     save_ckpt(&state, &model, &opt)?;
+    side_secs += side.elapsed().as_secs_f64();
     let elapsed = started.elapsed().as_secs_f64();
     let steps_run = state.step - first_step;
     let records = metrics::read(log.path())?;

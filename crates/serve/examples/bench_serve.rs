@@ -144,36 +144,67 @@ async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Resul
         return Err(format!("status {}: {}", resp.status(), resp.text().await.unwrap_or_default()));
     }
     let mut stream = resp.bytes_stream();
-    let mut buf = String::new();
+    let mut buf: Vec<u8> = Vec::new();
     let mut times = Vec::new();
     let mut tokens = 0;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
         let now = Instant::now();
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buf.find("\n\n") {
-            let event: String = buf.drain(..end + 2).collect();
-            let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };
-            if data == "[DONE]" {
+        buf.extend_from_slice(&chunk);
+        // Complete events (`data: …\n\n`); the client's own work per token is kept small, as
+        // it shares the machine with the server.
+        let mut used = 0;
+        while let Some(end) = buf[used..].windows(2).position(|w| w == b"\n\n") {
+            let event = &buf[used..used + end];
+            used += end + 2;
+            let Some(data) = event.split(|&b| b == b'\n').find_map(|l| l.strip_prefix(b"data: ")) else { continue };
+            if data == b"[DONE]" {
                 continue;
             }
-            let v: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
-            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                tokens = u["completion_tokens"].as_u64().unwrap_or(0) as usize;
+            let c: Chunk<'_> = serde_json::from_slice(data).map_err(|e| e.to_string())?;
+            if let Some(u) = c.usage {
+                tokens = u.completion_tokens;
             }
             // Each chunk carrying text is a token (a character-level model's tokens are single
             // characters; with `logprobs` every token gets a chunk).
-            let c = &v["choices"][0];
-            if c["text"].as_str().is_some_and(|t| !t.is_empty())
-                || c["logprobs"]["tokens"].as_array().is_some_and(|t| !t.is_empty())
-            {
+            if c.choices.first().is_some_and(|c| {
+                c.text.as_ref().is_some_and(|t| !t.is_empty())
+                    || c.logprobs.as_ref().is_some_and(|l| !l.tokens.is_empty())
+            }) {
                 times.push(now);
             }
         }
+        buf.drain(..used);
     }
     let Some(&first) = times.first() else { return Err("no tokens streamed".into()) };
     let gaps = times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
     Ok((tokens, (first - t0).as_secs_f64(), gaps))
+}
+
+/// The fields of a streamed completion chunk the load generator reads.
+#[derive(serde::Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow, default)]
+    choices: Vec<ChunkChoice<'a>>,
+    usage: Option<ChunkUsage>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    logprobs: Option<ChunkLogprobs>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkLogprobs {
+    #[serde(default)]
+    tokens: Vec<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkUsage {
+    completion_tokens: usize,
 }
 
 fn request_body(rng: &mut impl Rng, text: &str, ctx: usize) -> Value {
@@ -272,6 +303,29 @@ async fn metric_mean(url: &str, name: &str) -> f64 {
     get("_sum") / get("_count")
 }
 
+/// CPU seconds so far of a process's threads (`/proc/PID/task/*/schedstat`, nanoseconds on the
+/// CPU): `[engine thread and its thread pool, HTTP side (tokio workers), all threads]`.
+fn cpu_seconds(pid: &str) -> [f64; 3] {
+    let mut t = [0.0; 3];
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return [f64::NAN; 3] };
+    for task in dir.flatten() {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let s = ns * 1e-9;
+        match comm.trim() {
+            "lmstack-engine" => t[0] += s,
+            "tokio-rt-worker" => t[1] += s,
+            _ => {}
+        }
+        t[2] += s;
+    }
+    t
+}
+
 /// Sums and counts of the batch-size, batch-token and step-duration histograms.
 async fn server_stats(url: &str) -> [f64; 7] {
     let text = match reqwest::get(format!("{url}/metrics")).await {
@@ -330,7 +384,10 @@ async fn main() {
     );
     for &c in &args.concurrency {
         let before = server_stats(&server.url).await;
+        let pid = server.child.id().to_string();
+        let (cpu0, own0) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
         let (mut s, wall) = load(&server.url, c, args.seconds, text.clone(), ctx, None).await;
+        let (cpu1, own1) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
         let after = server_stats(&server.url).await;
         let tps = s.tokens as f64 / wall;
         if c == 1 {
@@ -351,6 +408,17 @@ async fn main() {
             d(0) / d(1),
             d(2) / d(1),
             (d(3) + d(5)) / (d(4) + d(6)) * 1e3
+        );
+        let per_token = |a: f64, b: f64| (b - a) / s.tokens.max(1) as f64 * 1e6;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        println!(
+            "{:>11} CPU per generated token: engine {:.0} us, server HTTP {:.0} us, load generator {:.0} us; \
+             {:.0} % of the machine's {cores} cores busy with these",
+            "",
+            per_token(cpu0[0], cpu1[0]),
+            per_token(cpu0[1], cpu1[1]),
+            per_token(own0, own1),
+            (cpu1[2] - cpu0[2] + own1 - own0) / (wall * cores) * 100.0
         );
         if let (Some(one), true) = (single, c > 1) {
             println!("{:>11} aggregate / single-stream = {:.1}x   (target at 16 streams: >= 4x)", "", tps / one);

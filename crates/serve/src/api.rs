@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -24,7 +25,7 @@ use futures_util::stream::{self, SelectAll, StreamExt};
 use lmstack_core::chat::ChatTemplate;
 use lmstack_core::{SamplingParams, Tokenizer};
 use serde_json::{json, Map, Value};
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::engine::{EngineHandle, Event, Request, SubmitError, TokenLogprob};
 use crate::metrics::Metrics;
@@ -560,8 +561,8 @@ async fn completions(
     } else {
         vec![None; prompts.len()]
     };
-    let head = json!({"id": id, "object": "text_completion", "created": now(), "model": state.model_name});
     if !plan.stream {
+        let head = json!({"id": id, "object": "text_completion", "created": now(), "model": state.model_name});
         let acc = collect(choices, prompts.len() * n).await?;
         let mut completion_tokens = 0;
         let out: Vec<Value> = acc
@@ -593,14 +594,13 @@ async fn completions(
     let include_usage = plan.include_usage;
     let with_logprobs = logprobs.is_some();
     let echo_flag = req.echo;
+    let head = ChunkHead::new(&id, "text_completion", &state.model_name);
     Ok(sse(move |tx| async move {
         let mut choices = choices;
         let mut offsets = vec![0usize; prompts_c.len() * n];
         let mut completion_tokens = 0;
-        let chunk = |i: usize, text: String, lp: Value, finish: Option<&str>| {
-            let mut c = head.clone();
-            c["choices"] = json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]);
-            c
+        let chunk = |index: usize, text: String, lp: Value, finish: Option<&str>| {
+            head.chunk(&TextChoice { index, text: &text, logprobs: &lp, finish_reason: finish })
         };
         // Without echoed log-probabilities, the prompt text goes out first.
         if echo_flag && !with_logprobs {
@@ -634,7 +634,7 @@ async fn completions(
                     chunk(i, text, Value::Null, Some(reason.as_str()))
                 }
                 Event::Failed { timeout, message } => {
-                    let _ = send(&tx, failed(timeout, message).body()).await;
+                    let _ = send(&tx, failed(timeout, message).body().to_string()).await;
                     break;
                 }
             };
@@ -716,17 +716,16 @@ async fn chat_completions(
         }))
         .into_response());
     }
-    let head = json!({"id": id, "object": "chat.completion.chunk", "created": now(), "model": state.model_name});
+    let head = ChunkHead::new(&id, "chat.completion.chunk", &state.model_name);
     let include_usage = plan.include_usage;
     Ok(sse(move |tx| async move {
         let mut choices = choices;
-        let chunk = |i: usize, delta: Value, lp: Value, finish: Option<&str>| {
-            let mut c = head.clone();
-            c["choices"] = json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]);
-            c
+        let chunk = |index: usize, delta: Delta<'_>, lp: Value, finish: Option<&str>| {
+            head.chunk(&ChatChoice { index, delta, logprobs: &lp, finish_reason: finish })
         };
         for i in 0..n {
-            if !send(&tx, chunk(i, json!({"role": "assistant", "content": ""}), Value::Null, None)).await {
+            let first = Delta { role: Some("assistant"), content: Some("") };
+            if !send(&tx, chunk(i, first, Value::Null, None)).await {
                 return;
             }
         }
@@ -739,17 +738,17 @@ async fn chat_completions(
                         continue;
                     }
                     let lp = logprob.map_or(Value::Null, |l| chat_logprobs(std::slice::from_ref(&l)));
-                    chunk(i, json!({"content": text}), lp, None)
+                    chunk(i, Delta::content(&text), lp, None)
                 }
                 Event::Finished { text, reason, completion_tokens: c, .. } => {
                     completion_tokens += c;
-                    if !text.is_empty() && !send(&tx, chunk(i, json!({"content": text}), Value::Null, None)).await {
+                    if !text.is_empty() && !send(&tx, chunk(i, Delta::content(&text), Value::Null, None)).await {
                         return;
                     }
-                    chunk(i, json!({}), Value::Null, Some(reason.as_str()))
+                    chunk(i, Delta { role: None, content: None }, Value::Null, Some(reason.as_str()))
                 }
                 Event::Failed { timeout, message } => {
-                    let _ = send(&tx, failed(timeout, message).body()).await;
+                    let _ = send(&tx, failed(timeout, message).body().to_string()).await;
                     break;
                 }
             };
@@ -762,12 +761,72 @@ async fn chat_completions(
 }
 
 /// The last chunk of a stream: usage, when the client asked for it.
-async fn finish_stream(tx: &SseTx, include_usage: bool, head: &Value, prompt_tokens: usize, completion_tokens: usize) {
+async fn finish_stream(
+    tx: &SseTx,
+    include_usage: bool,
+    head: &ChunkHead,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+) {
     if include_usage {
-        let mut c = head.clone();
-        c["choices"] = json!([]);
-        c["usage"] = usage(prompt_tokens, completion_tokens);
-        let _ = send(tx, c).await;
+        let _ = send(tx, format!("{}[],\"usage\":{}}}", head.prefix, usage(prompt_tokens, completion_tokens))).await;
+    }
+}
+
+/// What every chunk of one streamed response starts with, serialized once:
+/// `{"id":…,"object":…,"created":…,"model":…,"choices":` (a chunk is written per token, so
+/// it is assembled as text rather than through a `Value` tree).
+struct ChunkHead {
+    prefix: String,
+}
+
+impl ChunkHead {
+    fn new(id: &str, object: &str, model: &str) -> Self {
+        let head = json!({"id": id, "object": object, "created": now(), "model": model}).to_string();
+        Self { prefix: format!("{},\"choices\":", &head[..head.len() - 1]) }
+    }
+
+    /// The chunk carrying one choice.
+    fn chunk(&self, choice: &impl serde::Serialize) -> String {
+        let mut out = Vec::with_capacity(self.prefix.len() + 128);
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.push(b'[');
+        serde_json::to_writer(&mut out, choice).expect("a choice serializes");
+        out.extend_from_slice(b"]}");
+        String::from_utf8(out).expect("JSON is UTF-8")
+    }
+}
+
+/// One choice of a `text_completion` chunk.
+#[derive(serde::Serialize)]
+struct TextChoice<'a> {
+    index: usize,
+    text: &'a str,
+    logprobs: &'a Value,
+    finish_reason: Option<&'a str>,
+}
+
+/// One choice of a `chat.completion.chunk`.
+#[derive(serde::Serialize)]
+struct ChatChoice<'a> {
+    index: usize,
+    delta: Delta<'a>,
+    logprobs: &'a Value,
+    finish_reason: Option<&'a str>,
+}
+
+/// A chat chunk's `delta`: the role in a choice's first chunk, then content.
+#[derive(serde::Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+impl<'a> Delta<'a> {
+    fn content(text: &'a str) -> Self {
+        Self { role: None, content: Some(text) }
     }
 }
 
@@ -778,8 +837,8 @@ fn now() -> u64 {
 type SseTx = tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>;
 
 /// Sends one `data:` JSON chunk; false once the client is gone.
-async fn send(tx: &SseTx, v: Value) -> bool {
-    tx.send(Ok(SseEvent::default().data(v.to_string()))).await.is_ok()
+async fn send(tx: &SseTx, chunk: String) -> bool {
+    tx.send(Ok(SseEvent::default().data(chunk))).await.is_ok()
 }
 
 /// An SSE response fed by `produce`, ending in `data: [DONE]`. When the client disconnects the
@@ -790,12 +849,46 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let fut = produce(tx.clone());
-    tokio::spawn(async move {
-        tokio::select! {
-            () = fut => { let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await; }
-            () = tx.closed() => {}
+    let events = Produced { producer: Some(Box::pin(produce(tx))), rx, done: false };
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The events of an SSE response and the future that produces them, both polled by the
+/// response body, so a token costs no wake-up of a task of its own: the producer runs whenever
+/// the connection asks for the next event and none is queued.
+struct Produced<Fut> {
+    producer: Option<std::pin::Pin<Box<Fut>>>,
+    rx: tokio::sync::mpsc::Receiver<Result<SseEvent, Infallible>>,
+    done: bool,
+}
+
+impl<Fut: std::future::Future<Output = ()>> futures_util::Stream for Produced<Fut> {
+    type Item = Result<SseEvent, Infallible>;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(Some(ev)) = this.rx.poll_recv(cx) {
+                return Poll::Ready(Some(ev));
+            }
+            let Some(producer) = this.producer.as_mut() else {
+                // The producer (the only sender) is gone and its events are all out.
+                if this.done {
+                    return Poll::Ready(None);
+                }
+                this.done = true;
+                return Poll::Ready(Some(Ok(SseEvent::default().data("[DONE]"))));
+            };
+            match producer.as_mut().poll(cx) {
+                Poll::Ready(()) => this.producer = None,
+                // It may have queued events before waiting.
+                Poll::Pending => {
+                    return match this.rx.poll_recv(cx) {
+                        Poll::Ready(Some(ev)) => Poll::Ready(Some(ev)),
+                        _ => Poll::Pending,
+                    }
+                }
+            }
         }
-    });
-    Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
+    }
 }

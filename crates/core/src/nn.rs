@@ -37,6 +37,9 @@ pub struct Linear {
     adapter: Option<Arc<dyn LinearAdapter>>,
     /// The weight repacked for inference ([`Linear::repack`]).
     packed: Option<Arc<crate::simd::PackedWeight>>,
+    /// The original weight was released ([`Linear::release_weight`]): `weight` is a
+    /// placeholder of its shape and only the packed copy computes.
+    released: bool,
 }
 
 impl Linear {
@@ -45,7 +48,7 @@ impl Linear {
     pub fn load(vb: VarBuilder<'_>, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
         let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Self { weight, in_out: None, bias, path: vb.prefix(), adapter: None, packed: None })
+        Ok(Self { weight, in_out: None, bias, path: vb.prefix(), adapter: None, packed: None, released: false })
     }
 
     /// Loads a Hugging Face `Conv1D` (GPT-2), whose weight is stored `[in, out]`; the layer
@@ -53,12 +56,20 @@ impl Linear {
     pub fn load_conv1d(vb: VarBuilder<'_>, in_dim: usize, out_dim: usize, std: f64) -> Result<Self> {
         let w = vb.get_with_hints((in_dim, out_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
         let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
-        Ok(Self { weight: w.t()?, in_out: Some(w), bias: Some(bias), path: vb.prefix(), adapter: None, packed: None })
+        Ok(Self {
+            weight: w.t()?,
+            in_out: Some(w),
+            bias: Some(bias),
+            path: vb.prefix(),
+            adapter: None,
+            packed: None,
+            released: false,
+        })
     }
 
     /// A linear layer from explicit tensors (weight `[out, in]`).
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, path: impl Into<String>) -> Self {
-        Self { weight, in_out: None, bias, path: path.into(), adapter: None, packed: None }
+        Self { weight, in_out: None, bias, path: path.into(), adapter: None, packed: None, released: false }
     }
 
     /// The module path, e.g. `transformer.h.0.attn.c_attn`.
@@ -66,7 +77,8 @@ impl Linear {
         &self.path
     }
 
-    /// The weight, logically `[out_features, in_features]`.
+    /// The weight, logically `[out_features, in_features]` (after
+    /// [`Linear::release_weight`], a placeholder of that shape holding no values).
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -103,7 +115,30 @@ impl Linear {
         self.weight = weight;
         self.in_out = None;
         self.packed = None;
+        self.released = false;
         Ok(())
+    }
+
+    /// The tensor the weight is stored as: for a `Conv1D`, the `[in, out]` tensor
+    /// [`Linear::weight`] is a view of.
+    pub fn stored_weight(&self) -> &Tensor {
+        self.in_out.as_ref().unwrap_or(&self.weight)
+    }
+
+    /// Lets go of the original weight of a repacked layer, keeping only the packed copy (the
+    /// caller makes sure nothing else needs the original: see
+    /// [`crate::Model::repack_for_inference`]). `weight` becomes a placeholder of the same
+    /// shape; a projection the packed kernel cannot compute (input that tracks gradients, or
+    /// not f32) is then an error. Returns whether the weight was released (only packed ones).
+    pub fn release_weight(&mut self) -> Result<bool> {
+        if self.packed.is_none() {
+            return Ok(false);
+        }
+        let w = &self.weight;
+        self.weight = Tensor::zeros((), w.dtype(), w.device())?.broadcast_as(w.shape())?;
+        self.in_out = None;
+        self.released = true;
+        Ok(true)
     }
 
     /// Keeps a copy of the weight repacked for the AVX2 inference kernel
@@ -136,7 +171,10 @@ impl Linear {
     /// The projection through the repacked weight, when packed and no gradient can flow.
     fn packed_forward(&self, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let Some(p) = &self.packed else { return Ok(None) };
-        if xs.dtype() != DType::F32 || !xs.device().is_cpu() || xs.track_op() || !crate::simd::has_avx2_fma() {
+        // The AVX2 switch (`LMSTACK_SIMD`, `simd::set_enabled`) steers layers that still hold
+        // their weight; a released one has only this copy.
+        let switched_off = !crate::simd::has_avx2_fma() && !self.released;
+        if xs.dtype() != DType::F32 || !xs.device().is_cpu() || xs.track_op() || switched_off {
             return Ok(None);
         }
         let (out, inp) = p.dims();
@@ -187,6 +225,13 @@ impl Linear {
         if let Some(y) = self.packed_forward(xs)? {
             return Ok(y);
         }
+        if self.released {
+            candle_core::bail!(
+                "{}: the weight was released after repacking for inference; only f32 input \
+                 without gradients can be projected",
+                self.path
+            );
+        }
         if crate::ops::supported(xs) && self.weight.dtype() == xs.dtype() && self.weight.device().is_cpu() {
             let x = xs.contiguous()?;
             let (w, op) = match &self.in_out {
@@ -217,18 +262,43 @@ impl Linear {
 #[derive(Debug, Clone)]
 pub struct Embedding {
     table: Tensor,
+    path: String,
+    /// The table as packed for an output projection it is tied to
+    /// ([`Embedding::share_packed`]); `table` is then a placeholder of its shape.
+    packed: Option<Arc<crate::simd::PackedWeight>>,
 }
 
 impl Embedding {
     /// Loads `{prefix}.weight` of shape `[num, dim]`, initialised `N(0, std)`.
     pub fn load(vb: VarBuilder<'_>, num: usize, dim: usize, std: f64) -> Result<Self> {
         let table = vb.get_with_hints((num, dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
-        Ok(Self { table })
+        Ok(Self { table, path: vb.prefix(), packed: None })
     }
 
-    /// The table `[num, dim]`.
+    /// The module path, e.g. `transformer.wte`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The table `[num, dim]` (after [`Embedding::share_packed`], a placeholder of that shape
+    /// holding no values).
     pub fn table(&self) -> &Tensor {
         &self.table
+    }
+
+    /// Looks rows up in the packed copy of `head` instead of the table, when `head` is the
+    /// output projection tied to this table (its weight is this very tensor) and has been
+    /// repacked: the table's own copy can then be let go ([`crate::Model::repack_for_inference`]).
+    /// Returns whether the table is now read from the packed copy.
+    pub fn share_packed(&mut self, head: &Linear) -> Result<bool> {
+        let Some(p) = &head.packed else { return Ok(false) };
+        if head.stored_weight().id() != self.table.id() || p.dims() != self.table.dims2()? {
+            return Ok(false);
+        }
+        self.packed = Some(p.clone());
+        let t = &self.table;
+        self.table = Tensor::zeros((), t.dtype(), t.device())?.broadcast_as(t.shape())?;
+        Ok(true)
     }
 
     /// # Shapes
@@ -236,6 +306,14 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut shape = ids.dims().to_vec();
         shape.push(self.table.dim(1)?);
+        if let Some(p) = &self.packed {
+            let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+            let Some(rows) = p.rows(&ids) else {
+                let bad = ids.iter().find(|&&i| i as usize >= p.dims().0).copied().unwrap_or_default();
+                candle_core::bail!("{}: token id {bad} is outside the table of {} rows", self.path, p.dims().0);
+            };
+            return Tensor::from_vec(rows, shape, self.table.device());
+        }
         self.table.index_select(&ids.flatten_all()?, 0)?.reshape(shape)
     }
 }

@@ -38,6 +38,8 @@ struct Inner {
     trainable: bool,
     init_rng: Option<ChaCha8Rng>,
     params: BTreeMap<String, Param>,
+    /// Parameters dropped by [`ParamStore::release`]: name → element count.
+    released: BTreeMap<String, usize>,
 }
 
 /// A shared, named collection of model parameters (see the module docs).
@@ -56,6 +58,7 @@ impl ParamStore {
                 trainable,
                 init_rng: init_seed.map(ChaCha8Rng::seed_from_u64),
                 params: BTreeMap::new(),
+                released: BTreeMap::new(),
             })),
         }
     }
@@ -97,9 +100,30 @@ impl ParamStore {
         self.lock().params.iter().filter_map(|(k, p)| Some((k.clone(), p.var.clone()?))).collect()
     }
 
-    /// Total number of scalar parameters (tied tensors counted once).
+    /// Total number of scalar parameters (tied tensors counted once; released ones too).
     pub fn num_parameters(&self) -> usize {
-        self.lock().params.values().map(|p| p.tensor.elem_count()).sum()
+        let inner = self.lock();
+        inner.params.values().map(|p| p.tensor.elem_count()).sum::<usize>() + inner.released.values().sum::<usize>()
+    }
+
+    /// Drops the store's hold on the frozen parameter `name` when it is `tensor` (the same
+    /// tensor, not a copy), so its memory is freed once the model lets go of it too: for a
+    /// weight that now lives in another form (repacked for inference). Returns whether it was
+    /// released; a trainable store keeps everything. A store with released parameters cannot
+    /// be saved ([`ParamStore::released`]).
+    pub fn release(&self, name: &str, tensor: &Tensor) -> bool {
+        let mut inner = self.lock();
+        if inner.trainable || inner.params.get(name).is_none_or(|p| p.tensor.id() != tensor.id()) {
+            return false;
+        }
+        let p = inner.params.remove(name).expect("checked above");
+        inner.released.insert(name.to_owned(), p.tensor.elem_count());
+        true
+    }
+
+    /// The parameters dropped by [`ParamStore::release`], by name.
+    pub fn released(&self) -> Vec<String> {
+        self.lock().released.keys().cloned().collect()
     }
 
     /// Checkpoint tensors that no model component asked for.

@@ -45,6 +45,20 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
+/// Whether the CPU itself has AVX2 + FMA, whatever `LMSTACK_SIMD` or [`set_enabled`] say: all
+/// [`packed_linear`] needs. A layer that holds its weight only packed (see
+/// [`crate::nn::Linear::release_weight`]) computes through it even when the switch is off.
+pub fn cpu_has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Turns the AVX2 build on (where the CPU has it) or off, process-wide: for comparing the
 /// two builds, as tests do.
 pub fn set_enabled(on: bool) {
@@ -225,11 +239,27 @@ impl PackedWeight {
     pub fn bytes(&self) -> usize {
         self.panels.len() * 4
     }
+
+    /// Rows `ids` of `W` (`[ids.len(), in]`), gathered from their panels: an embedding lookup
+    /// in a table that is also an output projection (tied weights) and is held only packed.
+    /// `None` when an id is not below `out`.
+    pub fn rows(&self, ids: &[u32]) -> Option<Vec<f32>> {
+        let mut out = Vec::with_capacity(ids.len() * self.inp);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.out {
+                return None;
+            }
+            let panel = &self.panels[id / PANEL * self.inp * PANEL..][..self.inp * PANEL];
+            out.extend(panel.iter().skip(id % PANEL).step_by(PANEL));
+        }
+        Some(out)
+    }
 }
 
 /// `y [m, out] = x [m, in] · Wᵀ (+ bias)` with a [`PackedWeight`], in AVX2 + FMA; `None` where
-/// the CPU lacks them or they are turned off (the caller then uses `gemm`). `parallel` spreads
-/// the panels over the rayon pool.
+/// the CPU lacks them (the caller then uses `gemm`; honouring the AVX2 switch,
+/// [`has_avx2_fma`], is also the caller's). `parallel` spreads the panels over the rayon pool.
 ///
 /// Each output is `bias + Σᵢ x[i]·W[o, i]` summed in input order by one chain of fused
 /// multiply-adds, whatever `m` and however the panels are split: a row's result does not
@@ -238,7 +268,7 @@ impl PackedWeight {
 /// # Panics
 /// If `x` or `bias` is shorter than the shapes say.
 pub fn packed_linear(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, parallel: bool) -> Option<Vec<f32>> {
-    if !has_avx2_fma() {
+    if !cpu_has_avx2_fma() {
         return None;
     }
     let (out, inp) = (w.out, w.inp);

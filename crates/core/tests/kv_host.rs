@@ -55,3 +55,59 @@ fn host_caches_match_the_tensor_path() {
         }
     }
 }
+
+#[test]
+fn repacking_releases_the_original_weights() {
+    if !simd::has_avx2_fma() {
+        return;
+    }
+    // tiny-gpt2 ties its output head to the token embedding; tiny-llama does not.
+    for (name, tied) in [("tiny-gpt2", true), ("tiny-llama", false)] {
+        let m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let mut packed = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let before = packed.clone();
+        let n = packed.num_parameters();
+        assert!(packed.repack_for_inference().unwrap() > 0);
+        let released = packed.params().released();
+        // Every projection's weight; a tied head's is the token embedding, now read from the
+        // packed head too.
+        assert_eq!(released.len(), packed.linears_mut().len(), "{name}: released {released:?}");
+        assert_eq!(released.contains(&"lm_head.weight".to_string()), !tied, "{name}: {released:?}");
+        let embedding = released.iter().any(|r| r.contains("wte") || r.contains("embed_tokens"));
+        assert_eq!(embedding, tied, "{name}: {released:?}");
+        assert_eq!(packed.num_parameters(), n, "{name}: released parameters still count");
+        // The same outputs, now from the packed copies alone.
+        let expected = run(&m);
+        assert!(run(&packed).iter().zip(&expected).all(|(a, b)| max_diff(a, b) < 1e-5), "{name}");
+        // Saving would write an incomplete checkpoint: refused, saying why, nothing written.
+        let dir = std::env::temp_dir().join(format!("lmstack-released-{name}-{}", std::process::id()));
+        let err = packed.save(&dir).unwrap_err().to_string();
+        assert!(err.contains("released") && err.contains("load the model again"), "{err}");
+        assert!(!dir.join("model.safetensors").exists());
+        // A clone taken before shares the parameter store: it still computes with its own
+        // weights, but cannot save either.
+        assert!(before.save(&dir).is_err());
+        assert!(run(&before).iter().zip(&expected).all(|(a, b)| max_diff(a, b) < 1e-5), "{name}");
+        let _ = std::fs::remove_dir_all(&dir);
+        // A token id outside the vocabulary is an error naming the table, packed or not.
+        let v = m.config().vocab_size() as u32;
+        let mut c = packed.new_cache();
+        let err = packed.forward_cached(&mut [SeqStep { tokens: &[v], cache: &mut c, all_logits: false }]);
+        let err = err.unwrap_err().to_string();
+        assert!(err.contains(&v.to_string()), "{name}: {err}");
+    }
+}
+
+#[test]
+fn a_repacked_masked_lm_gives_the_same_outputs() {
+    // BERT's decoder (tied to the word embedding) is not repacked, so the embedding stays.
+    let m = Model::load(&fixture("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
+    let mut packed = Model::load(&fixture("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(packed.repack_for_inference().unwrap() > 0, simd::has_avx2_fma());
+    let released = packed.params().released();
+    assert!(!released.iter().any(|r| r.contains("word_embeddings")), "{released:?}");
+    let v = m.config().vocab_size() as u32;
+    let ids = Tensor::new(&[[1u32, 5, 9, 2], [3, v - 1, 0, 4]], &Device::Cpu).unwrap();
+    let (a, b) = (m.forward(&ids, None).unwrap(), packed.forward(&ids, None).unwrap());
+    assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
+}

@@ -41,8 +41,9 @@ struct Cli {
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
-    /// Keep only the weights as loaded: no repacked copy for the AVX2 linear kernel (which
-    /// decodes batches faster but holds a second copy of the projections' weights).
+    /// Serve the weights as loaded, through `gemm`, instead of repacking the projections for
+    /// the AVX2 linear kernel (which decodes faster; the originals are released after
+    /// repacking, so memory is about the same either way).
     #[arg(long)]
     no_repack: bool,
     /// Most tokens (prefill + decode) in one forward step; long prompts are prefilled in chunks

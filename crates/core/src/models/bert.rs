@@ -203,6 +203,12 @@ impl Bert {
         Ok(c.forward(&self.pooled(hidden)?)?)
     }
 
+    /// The word embedding and the masked-LM decoder (when the model has that head), for reading
+    /// both from one packed copy when they are tied ([`Embedding::share_packed`] checks that).
+    pub fn embedding_and_head(&mut self) -> Option<(&mut Embedding, &mut Linear)> {
+        Some((&mut self.word, &mut self.mlm.as_mut()?.decoder))
+    }
+
     /// Every projection, for adapters.
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut v = Vec::new();

@@ -122,6 +122,12 @@ impl Llama {
         &self.lm_head
     }
 
+    /// The token embedding and the output projection, for reading both from one packed copy
+    /// when they are tied ([`Embedding::share_packed`] checks that they are).
+    pub fn embedding_and_head(&mut self) -> (&mut Embedding, &mut Linear) {
+        (&mut self.embed_tokens, &mut self.lm_head)
+    }
+
     /// Every projection, for adapters.
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut v = Vec::new();

@@ -112,6 +112,15 @@ impl Model {
     /// [`Model::save`] with `config` (e.g. [`Model::config_json`] with more keys) as
     /// `config.json`.
     pub fn save_with_config(&self, dir: &Path, config: &serde_json::Value) -> Result<()> {
+        if let Some(name) = self.store.released().first() {
+            return Err(Error::invalid(
+                "model",
+                format!(
+                    "`{name}` and other weights were released after repacking for inference \
+                     (Model::repack_for_inference); load the model again to save it"
+                ),
+            ));
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
         crate::io::write_json(&dir.join("config.json"), config)?;
         save_safetensors(&dir.join("model.safetensors"), &self.store.tensors())
@@ -171,13 +180,37 @@ impl Model {
 
     /// Repacks every projection's weight for the AVX2 inference kernel ([`Linear::repack`]):
     /// faster decoding and prefill for a model that only runs inference from now on (serving,
-    /// sampling, evaluation). Returns the bytes the packed copies take (0 where the CPU lacks
-    /// AVX2 + FMA or the weights are not f32).
+    /// sampling, evaluation). The original of each repacked weight is then released (unless
+    /// it is shared, as GPT-2's output projection shares the token embedding), so the weights
+    /// are held once; the model can no longer be saved. Returns the bytes the packed copies
+    /// take (0 where the CPU lacks AVX2 + FMA or the weights are not f32).
     pub fn repack_for_inference(&mut self) -> Result<usize> {
+        let store = self.store.clone();
         let mut bytes = 0;
         for l in self.linears_mut() {
-            l.repack()?;
+            if !l.repack()? {
+                continue;
+            }
             bytes += l.packed_bytes();
+            if store.release(&format!("{}.weight", l.path()), l.stored_weight()) {
+                l.release_weight()?;
+            }
+        }
+        // A token embedding tied to the output projection reads its rows from the packed copy.
+        let tied = match &mut self.arch {
+            Arch::Gpt2(m) => Some(m.embedding_and_head()),
+            Arch::Llama(m) => Some(m.embedding_and_head()),
+            Arch::Bert(m) => m.embedding_and_head(),
+        };
+        if let Some((emb, head)) = tied {
+            let name = format!("{}.weight", emb.path());
+            if head.packed_bytes() > 0
+                && head.stored_weight().id() == emb.table().id()
+                && store.release(&name, emb.table())
+            {
+                emb.share_packed(head)?;
+                head.release_weight()?;
+            }
         }
         Ok(bytes)
     }

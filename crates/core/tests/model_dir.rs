@@ -91,6 +91,25 @@ fn corrupt_or_mismatched_checkpoints_are_refused() {
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
     let e = Model::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    // Cut inside the header, a header length past the end, a byte too many, a header that is
+    // not JSON: each refused, never a panic.
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut huge = bytes.clone();
+    huge[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+    let mut longer = bytes.clone();
+    longer.push(0);
+    let mut not_json = bytes.clone();
+    not_json[8] = b'#';
+    for (what, b) in [
+        ("cut header", bytes[..8 + n / 2].to_vec()),
+        ("huge header", huge),
+        ("trailing byte", longer),
+        ("not JSON", not_json),
+    ] {
+        std::fs::write(dir.join("model.safetensors"), &b).unwrap();
+        let e = Model::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{what}: {e}");
+    }
     // Missing file.
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     let e = Model::load(&dir, DType::F32, &Device::Cpu).unwrap_err().to_string();

@@ -474,12 +474,55 @@ pub fn load_checkpoint(dir: &Path, config: &ModelConfig) -> Result<(HashMap<Stri
 
 /// Reads one safetensors file onto the CPU; a truncated or corrupt file is an error naming it.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
-    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| Error::Weight {
+    use candle_core::safetensors::Load;
+    use std::io::Read;
+    let bad = |name: &str, message: String| Error::Weight {
         file: path.display().to_string(),
-        name: "<file>".into(),
-        message: format!("not a valid safetensors file: {e}"),
-    })
+        name: name.into(),
+        message: format!("not a valid safetensors file: {message}"),
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::io("reading", path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io("reading", path, e))?.len();
+    // Tensor by tensor, so loading holds the weights once plus one tensor's bytes (reading the
+    // whole file first would hold them twice).
+    let mut f = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut read = |buf: &mut [u8], what: &str| {
+        f.read_exact(buf).map_err(|e| bad("<file>", format!("{what} ({file_len}-byte file): {e}")))
+    };
+    let mut n = [0u8; 8];
+    read(&mut n, "reading the header length")?;
+    let n = u64::from_le_bytes(n);
+    if n > 100 << 20 || n + 8 > file_len {
+        return Err(bad("<file>", format!("a header of {n} bytes in a {file_len}-byte file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    read(&mut header, "reading the header")?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).map_err(|e| bad("<file>", format!("header: {e}")))?;
+    let data_len = file_len - 8 - n;
+    let mut at = 0usize;
+    let mut out = HashMap::new();
+    // In offset order, which is the order of the data in the file: one sequential read.
+    for name in meta.offset_keys() {
+        let info = meta.info(&name).ok_or_else(|| bad(&name, "listed but not described".into()))?;
+        let (start, end) = info.data_offsets;
+        if start != at || end < start || end as u64 > data_len {
+            return Err(bad(
+                &name,
+                format!("data at bytes {start}..{end}, expected to start at {at} and end by {data_len}"),
+            ));
+        }
+        let mut bytes = vec![0u8; end - start];
+        read(&mut bytes, &format!("reading `{name}`"))?;
+        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), &bytes)
+            .map_err(|e| bad(&name, e.to_string()))?;
+        out.insert(name.clone(), view.load(&Device::Cpu).map_err(|e| bad(&name, e.to_string()))?);
+        at = end;
+    }
+    if at as u64 != data_len {
+        return Err(bad("<file>", format!("the tensors end at byte {at} of {data_len} bytes of data")));
+    }
+    Ok(out)
 }
 
 /// Serialises tensors (moved to the CPU, made contiguous) to safetensors bytes with

@@ -1,11 +1,40 @@
-//! Times one cached forward step for 1 and many sequences (decode), for tuning.
+//! Times one cached forward step for 1 and many sequences (decode), for tuning; `KERNEL=1`
+//! times the AVX2 projection kernel alone at each batch size.
 use std::time::Instant;
 
 use lmstack_core::{DType, Device, Model, ModelConfig, SeqStep};
 
+/// `KERNEL=1`: the AVX2 projection kernel alone, one thread, weights in cache, per batch size:
+/// how much more arithmetic a core does per second on a batch of rows than on one row.
+fn kernel_only() {
+    use lmstack_core::simd::{packed_linear, PackedWeight};
+    for (inp, out) in [(128usize, 384usize), (128, 512), (512, 128), (768, 2304), (768, 3072)] {
+        let w: Vec<f32> = (0..inp * out).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+        let pw = PackedWeight::new(&w, (0, inp, 1), out, inp);
+        let bias = vec![0.1; out];
+        let mut line = format!("{inp:>4} -> {out:<5}");
+        for m in [1usize, 4, 8, 16, 24] {
+            let x: Vec<f32> = (0..m * inp).map(|i| ((i * 31) % 100) as f32 * 1e-2).collect();
+            let iters = (4e8 / (m * inp * out) as f64).ceil() as usize;
+            let t0 = Instant::now();
+            let mut sink = 0.0;
+            for _ in 0..iters {
+                sink += packed_linear(&x, m, &pw, Some(&bias), false).expect("AVX2 + FMA")[0];
+            }
+            let dt = t0.elapsed().as_secs_f64() / iters as f64;
+            line += &format!("  m={m:<2} {:>5.1}", 2.0 * (m * inp * out) as f64 / dt * 1e-9);
+            std::hint::black_box(sink);
+        }
+        println!("{line}   GFLOP/s");
+    }
+}
+
 fn main() {
     // As `serve` does: candle's own pool would otherwise compete with rayon's.
     lmstack_core::prefer_rayon_threads();
+    if std::env::var("KERNEL").is_ok_and(|v| v == "1") {
+        return kernel_only();
+    }
     let args: Vec<String> = std::env::args().collect();
     let (layers, heads, width, ctx, vocab) =
         if args.get(1).map(String::as_str) == Some("gpt2") { (12, 12, 768, 1024, 50257) } else { (4, 4, 128, 64, 65) };

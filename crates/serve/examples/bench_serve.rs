@@ -282,10 +282,15 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A `/proc/PID/status` memory line (`VmRSS:`, `VmHWM:` for the peak) in MiB.
+fn status_mib(pid: u32, key: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
@@ -475,6 +480,13 @@ async fn main() {
         println!(
             "best decode: {best:.1} tokens/s; engine decode step {:.1} ms   (Python transformers `generate`: ~24 tokens/s)",
             metric_mean(&server.url, "lmstack_decode_step_duration_seconds").await * 1e3
+        );
+        let pid = server.child.id();
+        println!(
+            "server memory: {:.0} MiB resident now, {:.0} MiB at the peak (loading)   (checkpoint: {:.0} MiB)",
+            rss_mib(pid),
+            status_mib(pid, "VmHWM:"),
+            std::fs::metadata(dir.join("model.safetensors")).map_or(f64::NAN, |m| m.len() as f64 / (1 << 20) as f64)
         );
     }
 }

@@ -35,6 +35,8 @@ pub struct KvCache {
     kv_heads: usize,
     head_dim: usize,
     max_len: usize,
+    /// Tokens the sequence is expected to reach ([`KvCache::expect_tokens`]); 0 when unknown.
+    expected: usize,
     dtype: DType,
     device: Device,
 }
@@ -58,9 +60,17 @@ impl KvCache {
             kv_heads,
             head_dim,
             max_len,
+            expected: 0,
             dtype,
             device: device.clone(),
         }
+    }
+
+    /// Tells a host cache how many tokens its sequence will reach at most (a server knows the
+    /// prompt and `max_tokens`), so its first append reserves that much and the cache never
+    /// regrows (each regrowth copies the whole cache). Capped at the cache's `max_len`.
+    pub fn expect_tokens(&mut self, tokens: usize) {
+        self.expected = tokens.min(self.max_len);
     }
 
     /// Whether the cache lives in host vectors (CPU, f32) for [`packed_attention`].
@@ -122,13 +132,27 @@ impl KvCache {
             .iter()
             .map(|l| l.as_ref().map(|l| Ok(LayerKv { k: l.k.copy()?, v: l.v.copy()?, len: l.len })).transpose())
             .collect::<Result<Vec<_>>>()?;
+        let row = self.kv_heads * self.head_dim;
+        let host_kv = self
+            .host_kv
+            .iter()
+            .map(|(k, v)| {
+                // As much room as the original has (a plain clone would have none to spare).
+                let mut kv = (Vec::with_capacity(k.capacity().max(self.expected * row)), Vec::new());
+                kv.0.extend_from_slice(k);
+                kv.1.reserve_exact(kv.0.capacity());
+                kv.1.extend_from_slice(v);
+                kv
+            })
+            .collect();
         Ok(Self {
             layers,
-            host_kv: self.host_kv.clone(),
+            host_kv,
             host: self.host,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             max_len: self.max_len,
+            expected: self.expected,
             dtype: self.dtype,
             device: self.device.clone(),
         })
@@ -203,8 +227,12 @@ impl KvCache {
             .get_mut(layer)
             .ok_or_else(|| Error::invalid("layer", format!("layer {layer} is outside the cache")))?;
         if kc.capacity() == 0 {
-            // Room for the prompt and some output without regrowing.
-            let cap = (len + k.len() / row).next_power_of_two().max(16).min(self.max_len) * row;
+            // Room for what the sequence is expected to reach or, not knowing, for the prompt
+            // and some output without regrowing.
+            let need = len + k.len() / row;
+            let want =
+                if self.expected > 0 { self.expected } else { need.next_power_of_two().max(16).min(self.max_len) };
+            let cap = want.max(need) * row;
             kc.reserve_exact(cap);
             vc.reserve_exact(cap);
         }

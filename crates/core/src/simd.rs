@@ -378,11 +378,19 @@ mod avx {
                 }
                 let c0 = col - p0 * P;
                 for j in 0..rows {
-                    let mut o = [0f32; P];
-                    _mm256_storeu_ps(o.as_mut_ptr(), _mm256_add_ps(acc[2 * j], b0));
-                    _mm256_storeu_ps(o.as_mut_ptr().add(8), _mm256_add_ps(acc[2 * j + 1], b1));
+                    let (lo, hi) = (_mm256_add_ps(acc[2 * j], b0), _mm256_add_ps(acc[2 * j + 1], b1));
                     let dst = (r + j) * ld + c0;
-                    y[dst..dst + cols].copy_from_slice(&o[..cols]);
+                    let out = &mut y[dst..dst + cols];
+                    if cols == P {
+                        // A whole panel: two stores (a 64-byte `copy_from_slice` is a call).
+                        _mm256_storeu_ps(out.as_mut_ptr(), lo);
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8), hi);
+                    } else {
+                        let mut o = [0f32; P];
+                        _mm256_storeu_ps(o.as_mut_ptr(), lo);
+                        _mm256_storeu_ps(o.as_mut_ptr().add(8), hi);
+                        out.copy_from_slice(&o[..cols]);
+                    }
                 }
                 r += rows;
             }

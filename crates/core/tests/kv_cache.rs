@@ -172,3 +172,31 @@ fn cache_reports_memory_and_truncates() {
     let fork = cache.fork().unwrap();
     assert_eq!(fork.len(), 12);
 }
+
+#[test]
+fn a_cache_told_its_length_allocates_once() {
+    let m = Model::load(&fixture("tiny-gpt2"), DType::F32, &Device::Cpu).unwrap();
+    let mut c = m.new_cache();
+    if !c.is_host() {
+        return;
+    }
+    let expected = 40.min(c.max_len());
+    c.expect_tokens(expected);
+    let v = m.config().vocab_size();
+    m.forward_cached(&mut [SeqStep { tokens: &tokens(3, 1, v), cache: &mut c, all_logits: false }]).unwrap();
+    let bytes = c.allocated_bytes();
+    assert_eq!(bytes, expected * c.bytes_per_token());
+    for i in 3..expected {
+        m.forward_cached(&mut [SeqStep { tokens: &[(i % v) as u32], cache: &mut c, all_logits: false }]).unwrap();
+    }
+    assert_eq!(c.len(), expected);
+    assert_eq!(c.allocated_bytes(), bytes, "the cache regrew");
+    // A fork keeps the room, and continues exactly as the original does.
+    c.truncate(10);
+    let mut f = c.fork().unwrap();
+    assert_eq!(f.allocated_bytes(), bytes);
+    let step = |c: &mut lmstack_core::KvCache| {
+        m.forward_cached(&mut [SeqStep { tokens: &[7], cache: c, all_logits: false }]).unwrap().remove(0)
+    };
+    assert!(max_diff(&step(&mut c), &step(&mut f)) == 0.0);
+}

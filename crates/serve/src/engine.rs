@@ -379,8 +379,10 @@ impl Engine {
             };
             self.reserved += reserve;
             let decoder = self.tokenizer.incremental_decoder(w.req.skip_special_tokens);
+            let mut cache = self.model.new_cache();
+            cache.expect_tokens(reserve);
             self.running.push(Seq {
-                cache: self.model.new_cache(),
+                cache,
                 sampler,
                 decoder,
                 prefilled: 0,

@@ -134,8 +134,7 @@ impl Linear {
         if self.packed.is_none() {
             return Ok(false);
         }
-        let w = &self.weight;
-        self.weight = Tensor::zeros((), w.dtype(), w.device())?.broadcast_as(w.shape())?;
+        self.weight = placeholder(&self.weight)?;
         self.in_out = None;
         self.released = true;
         Ok(true)
@@ -258,6 +257,12 @@ impl Linear {
     }
 }
 
+/// A tensor of `t`'s shape, dtype and device that holds no values (one broadcast zero): what a
+/// layer keeps in place of a weight it now holds only packed.
+fn placeholder(t: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::zeros((), t.dtype(), t.device())?.broadcast_as(t.shape())?)
+}
+
 /// A token or position embedding table `[num, dim]`.
 #[derive(Debug, Clone)]
 pub struct Embedding {
@@ -291,14 +296,21 @@ impl Embedding {
     /// repacked: the table's own copy can then be let go ([`crate::Model::repack_for_inference`]).
     /// Returns whether the table is now read from the packed copy.
     pub fn share_packed(&mut self, head: &Linear) -> Result<bool> {
-        let Some(p) = &head.packed else { return Ok(false) };
-        if head.stored_weight().id() != self.table.id() || p.dims() != self.table.dims2()? {
-            return Ok(false);
+        match &head.packed {
+            Some(p) if self.is_packed_in(head) => {
+                self.packed = Some(p.clone());
+                self.table = placeholder(&self.table)?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        self.packed = Some(p.clone());
-        let t = &self.table;
-        self.table = Tensor::zeros((), t.dtype(), t.device())?.broadcast_as(t.shape())?;
-        Ok(true)
+    }
+
+    /// Whether `head` is a repacked output projection whose weight is this very table.
+    pub fn is_packed_in(&self, head: &Linear) -> bool {
+        head.packed.as_ref().is_some_and(|p| {
+            head.stored_weight().id() == self.table.id() && self.table.dims2().is_ok_and(|d| d == p.dims())
+        })
     }
 
     /// # Shapes

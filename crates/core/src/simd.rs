@@ -18,17 +18,7 @@ const OFF: u8 = 2;
 static STATE: AtomicU8 = AtomicU8::new(UNKNOWN);
 
 fn detect() -> bool {
-    if std::env::var("LMSTACK_SIMD").is_ok_and(|v| v == "0") {
-        return false;
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    std::env::var("LMSTACK_SIMD").map_or(true, |v| v != "0") && cpu_has_avx2_fma()
 }
 
 /// Whether [`dispatch`]ed code runs its AVX2 + FMA build: the CPU has them (x86-64), neither

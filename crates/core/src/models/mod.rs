@@ -204,10 +204,8 @@ impl Model {
         };
         if let Some((emb, head)) = tied {
             let name = format!("{}.weight", emb.path());
-            if head.packed_bytes() > 0
-                && head.stored_weight().id() == emb.table().id()
-                && store.release(&name, emb.table())
-            {
+            // Checked before the store lets go, so a table is never released unshared.
+            if emb.is_packed_in(head) && store.release(&name, emb.table()) {
                 emb.share_packed(head)?;
                 head.release_weight()?;
             }

@@ -138,11 +138,13 @@ impl KvCache {
             .iter()
             .map(|(k, v)| {
                 // As much room as the original has (a plain clone would have none to spare).
-                let mut kv = (Vec::with_capacity(k.capacity().max(self.expected * row)), Vec::new());
-                kv.0.extend_from_slice(k);
-                kv.1.reserve_exact(kv.0.capacity());
-                kv.1.extend_from_slice(v);
-                kv
+                let room = k.capacity().max(self.expected * row);
+                let copy = |x: &Vec<f32>| {
+                    let mut c = Vec::with_capacity(room);
+                    c.extend_from_slice(x);
+                    c
+                };
+                (copy(k), copy(v))
             })
             .collect();
         Ok(Self {

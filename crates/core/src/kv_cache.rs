@@ -15,6 +15,10 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::{Error, Result};
 
+/// Tokens a host cache reserves at its first append (its expectation, when smaller): short
+/// requests never regrow, long ones start small.
+pub const FIRST_ROOM: usize = 256;
+
 #[derive(Debug, Clone)]
 struct LayerKv {
     k: Tensor,
@@ -67,8 +71,9 @@ impl KvCache {
     }
 
     /// Tells a host cache how many tokens its sequence will reach at most (a server knows the
-    /// prompt and `max_tokens`), so its first append reserves that much and the cache never
-    /// regrows (each regrowth copies the whole cache). Capped at the cache's `max_len`.
+    /// prompt and `max_tokens`), capped at the cache's `max_len`. The cache then never holds
+    /// more room than that: up to [`FIRST_ROOM`] tokens are reserved at the first append (no
+    /// regrowth, each of which copies the cache), a longer expectation by doubling as it fills.
     pub fn expect_tokens(&mut self, tokens: usize) {
         self.expected = tokens.min(self.max_len);
     }
@@ -132,13 +137,12 @@ impl KvCache {
             .iter()
             .map(|l| l.as_ref().map(|l| Ok(LayerKv { k: l.k.copy()?, v: l.v.copy()?, len: l.len })).transpose())
             .collect::<Result<Vec<_>>>()?;
-        let row = self.kv_heads * self.head_dim;
         let host_kv = self
             .host_kv
             .iter()
             .map(|(k, v)| {
                 // As much room as the original has (a plain clone would have none to spare).
-                let room = k.capacity().max(self.expected * row);
+                let room = k.capacity();
                 let copy = |x: &Vec<f32>| {
                     let mut c = Vec::with_capacity(room);
                     c.extend_from_slice(x);
@@ -228,15 +232,17 @@ impl KvCache {
             .host_kv
             .get_mut(layer)
             .ok_or_else(|| Error::invalid("layer", format!("layer {layer} is outside the cache")))?;
-        if kc.capacity() == 0 {
-            // Room for what the sequence is expected to reach or, not knowing, for the prompt
-            // and some output without regrowing.
-            let need = len + k.len() / row;
-            let want =
-                if self.expected > 0 { self.expected } else { need.next_power_of_two().max(16).min(self.max_len) };
-            let cap = want.max(need) * row;
-            kc.reserve_exact(cap);
-            vc.reserve_exact(cap);
+        let need = len + k.len() / row;
+        if need * row > kc.capacity() {
+            // Never more room than the sequence may reach (its expectation, or the context), and
+            // a sequence expecting little gets all of it at once; a long expectation is reserved
+            // as it fills, doubling, so a request that stops early holds only what it used.
+            let limit = if self.expected > 0 { self.expected } else { self.max_len };
+            let have = kc.capacity() / row;
+            let grown = if have == 0 { need.next_power_of_two().max(FIRST_ROOM) } else { 2 * have };
+            let room = grown.min(limit).max(need) * row;
+            kc.reserve_exact(room - kc.len());
+            vc.reserve_exact(room - vc.len());
         }
         kc.extend_from_slice(k);
         vc.extend_from_slice(v);

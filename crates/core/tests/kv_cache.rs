@@ -200,3 +200,33 @@ fn a_cache_told_its_length_allocates_once() {
     };
     assert!(max_diff(&step(&mut c), &step(&mut f)) == 0.0);
 }
+
+#[test]
+fn a_long_expectation_is_reserved_as_the_cache_fills() {
+    use lmstack_core::kv_cache::{KvCache, FIRST_ROOM};
+    let mut c = KvCache::new(2, 1, 4, 4096, DType::F32, &Device::Cpu);
+    if !c.is_host() {
+        return;
+    }
+    let expected = 3000;
+    c.expect_tokens(expected);
+    let row = vec![0.5f32; 4];
+    let mut sizes = vec![];
+    for _ in 0..expected {
+        for layer in 0..2 {
+            c.host_append(layer, &row, &row).unwrap();
+        }
+        if sizes.last() != Some(&c.allocated_bytes()) {
+            sizes.push(c.allocated_bytes());
+        }
+    }
+    // A request that stops early holds little; the room doubles and ends at the expectation,
+    // never past it.
+    let per = c.bytes_per_token();
+    assert_eq!(sizes[0], FIRST_ROOM * per);
+    assert_eq!(*sizes.last().unwrap(), expected * per);
+    assert!(sizes.windows(2).all(|w| w[1] <= 2 * w[0]), "{sizes:?}");
+    assert!(sizes.len() <= 5, "regrew {} times: {sizes:?}", sizes.len() - 1);
+    let e = c.host_append(0, &row[..3], &row[..3]).unwrap_err();
+    assert!(e.to_string().contains("whole"), "{e}");
+}

@@ -383,7 +383,7 @@ pub fn packed_attention(
             out[o..o + d].copy_from_slice(&part[t * d..(t + 1) * d]);
         }
     };
-    if macs > 1 << 20 && rayon::current_thread_index().is_none() {
+    if macs > 1 << 20 && crate::ops::may_spread() {
         let parts: Vec<Vec<f32>> = work
             .par_iter()
             .map(|&w| {

@@ -47,7 +47,7 @@ pub fn prefer_rayon_threads() {
 pub use config::{ModelConfig, ModelType};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
-pub use models::{Model, SeqStep};
+pub use models::{Model, SeqStep, StepThreads};
 pub use pretrained::Pretrained;
 pub use sampling::{Sampled, Sampler, SamplingParams};
 pub use tokenizer::{IncrementalDecoder, SpecialTokens, Tokenizer};

@@ -239,7 +239,7 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
 /// the AVX2 build where available (mark `f` `#[inline(always)]`). A single chunk runs on the
 /// calling thread: from outside the pool, a parallel iterator would hand it to a worker and back.
 fn par_zip<T: Elem>(y: &mut [T], x: &[T], chunk: usize, f: impl Fn(&mut [T], &[T]) + Sync) {
-    if x.len() <= chunk {
+    if x.len() <= chunk || ONE_THREAD.with(|c| c.get()) {
         wide(
             #[inline(always)]
             || f(y, x),
@@ -796,12 +796,37 @@ impl LinearOp {
     }
 }
 
+thread_local! {
+    static ONE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with lmstack's kernels kept on the calling thread: none of them spreads its work
+/// over rayon's pool (whose hand-offs cost a thread wake-up each) while `f` runs. For a caller
+/// that shares the cores with other work and has measured one thread to be faster (`serve`'s
+/// engine, for small models); results are the same either way.
+pub fn on_one_thread<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ONE_THREAD.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ONE_THREAD.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether work on this thread may be spread over rayon's pool: not from inside the pool (the
+/// caller already splits the work), nor inside [`on_one_thread`].
+pub(crate) fn may_spread() -> bool {
+    rayon::current_thread_index().is_none() && !ONE_THREAD.with(|c| c.get())
+}
+
 /// Whether a projection of `rows × inp` by `inp × out` is worth spreading over the thread
-/// pool: from outside the pool (inside, the caller already splits the work), and only when the
-/// weight is large enough that two cores read it faster (1 MiB) or the product is large enough
-/// (2M multiply-adds, ~30 µs) to pay for waking the pool and waiting for it.
+/// pool: where [`may_spread`], and only when the weight is large enough that two cores read it
+/// faster (1 MiB) or the product is large enough (2M multiply-adds, ~30 µs) to pay for waking
+/// the pool and waiting for it.
 pub(crate) fn linear_in_parallel(rows: usize, inp: usize, out: usize) -> bool {
-    rayon::current_thread_index().is_none() && (inp * out * 4 >= 1 << 20 || rows * inp * out >= 1 << 21)
+    may_spread() && (inp * out * 4 >= 1 << 20 || rows * inp * out >= 1 << 21)
 }
 
 /// Returns `(dx, dw, db)`, `dw` contiguous in the weight argument's shape.
@@ -1237,5 +1262,26 @@ impl CustomOp1 for AttentionQkv {
             new_tensor(out, qkv.shape(), qkv)
         }
         Ok(Some(dispatch!(qkv.dtype(), go(self, qkv, grad))?))
+    }
+}
+
+#[cfg(test)]
+mod one_thread_tests {
+    use super::*;
+
+    #[test]
+    fn on_one_thread_keeps_work_here_and_is_undone_after_a_panic() {
+        assert!(may_spread());
+        on_one_thread(|| {
+            assert!(!may_spread());
+            assert!(!linear_in_parallel(1 << 12, 1 << 10, 1 << 10), "a large product must stay on this thread");
+            on_one_thread(|| assert!(!may_spread()));
+            assert!(!may_spread(), "a nested call must not undo the outer one");
+        });
+        assert!(may_spread());
+        assert!(std::panic::catch_unwind(|| on_one_thread(|| panic!("boom"))).is_err());
+        assert!(may_spread(), "a panic inside must not leave the thread marked");
+        // Inside the pool nothing spreads either (the caller already split the work).
+        rayon::scope(|s| s.spawn(|_| assert!(!may_spread())));
     }
 }

@@ -230,3 +230,38 @@ fn a_long_expectation_is_reserved_as_the_cache_fills() {
     let e = c.host_append(0, &row[..3], &row[..3]).unwrap_err();
     assert!(e.to_string().contains("whole"), "{e}");
 }
+
+#[test]
+fn a_step_on_one_thread_equals_the_split_step() {
+    use lmstack_core::StepThreads;
+    for (name, mut m) in models() {
+        let v = m.config().vocab_size();
+        let seqs: Vec<Vec<u32>> = (0..6).map(|i| tokens(6 + 2 * i, 20 + i as u32, v)).collect();
+        let run = |m: &Model, threads: StepThreads| -> Vec<Vec<f32>> {
+            let mut caches: Vec<_> = seqs.iter().map(|_| m.new_cache()).collect();
+            let mut outs = Vec::new();
+            // A prefill step of all six, then two decode steps.
+            for (lo, hi) in [(0usize, 4usize), (4, 5), (5, 6)] {
+                let mut steps: Vec<SeqStep<'_>> = seqs
+                    .iter()
+                    .zip(caches.iter_mut())
+                    .map(|(s, c)| SeqStep { tokens: &s[lo..hi], cache: c, all_logits: true })
+                    .collect();
+                assert_eq!(m.can_split(&steps), rayon::current_num_threads() >= 2, "{name}");
+                let out = m.forward_cached_on(&mut steps, threads).unwrap();
+                outs.extend(out.iter().flat_map(|o| o.to_vec2::<f32>().unwrap()));
+            }
+            outs
+        };
+        // Through gemm (weights as loaded) a row's rounding may depend on the rows beside it;
+        // through the repacked kernel every row is computed the same way, so the two agree exactly.
+        let (one, split) = (run(&m, StepThreads::One), run(&m, StepThreads::Auto));
+        for (a, b) in one.iter().zip(&split) {
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            assert!(d < TOL, "{name}: one thread and split halves differ by {d}");
+        }
+        if m.repack_for_inference().unwrap() > 0 {
+            assert_eq!(run(&m, StepThreads::One), run(&m, StepThreads::Auto), "{name}, repacked");
+        }
+    }
+}

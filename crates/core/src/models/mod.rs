@@ -46,6 +46,17 @@ pub struct Model {
 /// product instead of splitting a step's sequences over two threads.
 pub const SPLIT_MAX_WEIGHT_BYTES: usize = 16 << 20;
 
+/// The threads a cached forward step runs on ([`Model::forward_cached_on`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepThreads {
+    /// Two halves of the step's sequences on two threads where [`Model::can_split`], else each
+    /// large product spread over the pool ([`Model::forward_cached`]'s choice).
+    Auto,
+    /// The calling thread only: no hand-off to the pool at all. Faster when the other cores are
+    /// busy with other work and the steps are small.
+    One,
+}
+
 /// One sequence's part of a [`Model::forward_cached`] call.
 #[derive(Debug)]
 pub struct SeqStep<'a> {
@@ -336,8 +347,28 @@ impl Model {
     /// independent halves synchronise once per step. A model whose weights outgrow the caches
     /// (over [`SPLIT_MAX_WEIGHT_BYTES`]) is instead memory-bound: there each matrix product is
     /// spread over the threads by output features, so the weights are streamed once per step,
-    /// not once per half.
+    /// not once per half. A caller sharing the cores with other work may find one thread
+    /// faster ([`Model::forward_cached_on`] with [`StepThreads::One`]).
     pub fn forward_cached(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        self.forward_cached_on(steps, StepThreads::Auto)
+    }
+
+    /// Whether [`StepThreads::Auto`] runs this step as two halves: several sequences and at
+    /// least 4 tokens, on CPU, a model of at most [`SPLIT_MAX_WEIGHT_BYTES`], a thread pool of
+    /// two or more, called from outside the pool.
+    pub fn can_split(&self, steps: &[SeqStep<'_>]) -> bool {
+        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        steps.len() >= 2
+            && total >= 4
+            && self.weight_bytes <= SPLIT_MAX_WEIGHT_BYTES
+            && self.device.is_cpu()
+            && rayon::current_num_threads() >= 2
+            && rayon::current_thread_index().is_none()
+    }
+
+    /// [`Model::forward_cached`] on the threads `threads` says. Every sequence gets the same
+    /// logits whichever is chosen.
+    pub fn forward_cached_on(&self, steps: &mut [SeqStep<'_>], threads: StepThreads) -> Result<Vec<Tensor>> {
         // Check every sequence first, so a bad one fails the step before any cache advances.
         for s in steps.iter() {
             if s.tokens.is_empty() {
@@ -348,14 +379,11 @@ impl Model {
                 return Err(Error::ContextOverflow { len: s.cache.len() + s.tokens.len(), max: self.max_len() });
             }
         }
-        let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
-        if steps.len() >= 2
-            && total >= 4
-            && self.weight_bytes <= SPLIT_MAX_WEIGHT_BYTES
-            && self.device.is_cpu()
-            && rayon::current_num_threads() >= 2
-            && rayon::current_thread_index().is_none()
-        {
+        if threads == StepThreads::One {
+            return crate::ops::on_one_thread(|| self.forward_cached_one(steps));
+        }
+        if self.can_split(steps) {
+            let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
             let mut acc = 0;
             let cut = steps
                 .iter()

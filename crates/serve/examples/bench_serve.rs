@@ -9,6 +9,7 @@
 //! ```text
 //! cargo run --release -p lmstack-serve --example bench_serve -- \
 //!     [--model DIR] [--concurrency 1,16] [--seconds 15] [--gpt2] [--soak 3000] [--no-repack]
+//!     [--split-steps auto|always|never]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ struct Args {
     gpt2: bool,
     soak: usize,
     serve: PathBuf,
-    /// Extra flags for `serve` (`--no-repack`).
+    /// Extra flags for `serve` (`--no-repack`, `--split-steps WAY`).
     serve_flags: Vec<String>,
 }
 
@@ -59,6 +60,10 @@ fn parse_args() -> Result<Args, String> {
             "--serve" => a.serve = val()?.into(),
             "--gpt2" => a.gpt2 = true,
             "--no-repack" => a.serve_flags.push(flag.clone()),
+            "--split-steps" => {
+                let v = val()?;
+                a.serve_flags.extend([flag.clone(), v]);
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -331,8 +336,9 @@ fn cpu_seconds(pid: &str) -> [f64; 3] {
     t
 }
 
-/// Sums and counts of the batch-size, batch-token and step-duration histograms.
-async fn server_stats(url: &str) -> [f64; 7] {
+/// Sums and counts of the batch-size, batch-token and step-duration histograms, and the steps
+/// split over two threads.
+async fn server_stats(url: &str) -> [f64; 8] {
     let text = match reqwest::get(format!("{url}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
@@ -350,6 +356,7 @@ async fn server_stats(url: &str) -> [f64; 7] {
         get("lmstack_decode_step_duration_seconds_count"),
         get("lmstack_prefill_step_duration_seconds_sum"),
         get("lmstack_prefill_step_duration_seconds_count"),
+        get("lmstack_split_steps_total"),
     ]
 }
 
@@ -408,11 +415,12 @@ async fn main() {
         );
         let d = |i: usize| after[i] - before[i];
         println!(
-            "{:>11} server: {:.1} sequences and {:.1} tokens per step, {:.2} ms per step",
+            "{:>11} server: {:.1} sequences and {:.1} tokens per step, {:.2} ms per step, {:.0} % of steps split over two threads",
             "",
             d(0) / d(1),
             d(2) / d(1),
-            (d(3) + d(5)) / (d(4) + d(6)) * 1e3
+            (d(3) + d(5)) / (d(4) + d(6)) * 1e3,
+            d(7) / d(1) * 100.0
         );
         let per_token = |a: f64, b: f64| (b - a) / s.tokens.max(1) as f64 * 1e6;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;

@@ -22,7 +22,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use lmstack_core::sampling::logprobs_of;
-use lmstack_core::{IncrementalDecoder, KvCache, Model, Sampler, SamplingParams, SeqStep, Tokenizer};
+use lmstack_core::{IncrementalDecoder, KvCache, Model, Sampler, SamplingParams, SeqStep, StepThreads, Tokenizer};
 use tokio::sync::mpsc as tmpsc;
 
 use crate::metrics::Metrics;
@@ -38,11 +38,62 @@ pub struct EngineConfig {
     pub max_queued: usize,
     /// KV-cache budget in tokens over all running sequences (0: `max_num_seqs` × context).
     pub kv_cache_tokens: usize,
+    /// Whether a step of several sequences runs as two halves on two threads.
+    pub split_steps: SplitSteps,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch_tokens: 512, max_num_seqs: 32, max_queued: 256, kv_cache_tokens: 0 }
+        Self {
+            max_batch_tokens: 512,
+            max_num_seqs: 32,
+            max_queued: 256,
+            kv_cache_tokens: 0,
+            split_steps: SplitSteps::Auto,
+        }
+    }
+}
+
+/// Whether the engine runs a step of several sequences of a small model as two halves on two
+/// threads or on its own thread alone ([`Model::can_split`], [`Model::forward_cached_on`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitSteps {
+    /// Split steps of at least [`SPLIT_MIN_TOKENS`] tokens on machines of at least
+    /// [`SPLIT_MIN_CORES`] cores. A smaller step's halves take less than the hand-off's thread
+    /// wake-ups cost; on fewer cores a half waits for a core that the HTTP side holds.
+    Auto,
+    /// Split every step the model can.
+    Always,
+    /// Never: the engine thread runs every such step alone.
+    Never,
+}
+
+/// Cores from which [`SplitSteps::Auto`] splits steps.
+pub const SPLIT_MIN_CORES: usize = 4;
+/// Tokens from which [`SplitSteps::Auto`] splits a step.
+pub const SPLIT_MIN_TOKENS: usize = 16;
+
+impl SplitSteps {
+    /// Whether a step of `tokens` tokens that the model can split runs as two halves on a
+    /// machine of `cores` cores.
+    pub fn splits(self, tokens: usize, cores: usize) -> bool {
+        match self {
+            Self::Auto => cores >= SPLIT_MIN_CORES && tokens >= SPLIT_MIN_TOKENS,
+            Self::Always => true,
+            Self::Never => false,
+        }
+    }
+}
+
+impl std::str::FromStr for SplitSteps {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => Err(format!("`{s}` is not one of auto, always, never")),
+        }
     }
 }
 
@@ -249,6 +300,7 @@ pub fn start(
         waiting: VecDeque::new(),
         running: Vec::new(),
         reserved: 0,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let join = std::thread::Builder::new().name("lmstack-engine".into()).spawn(move || engine.run()).expect("spawn");
     (handle, join)
@@ -294,6 +346,8 @@ struct Engine {
     waiting: VecDeque<Waiting>,
     running: Vec<Seq>,
     reserved: usize,
+    /// The machine's cores, for [`SplitSteps::splits`].
+    cores: usize,
 }
 
 enum Outcome {
@@ -446,13 +500,21 @@ impl Engine {
             return;
         }
         let n_tokens: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        // A step the model could split runs as two halves only where that pays ([`SplitSteps`]);
+        // otherwise on this thread alone. A larger model spreads each product (`Auto`).
+        let can_split = self.model.can_split(&steps);
+        let split = can_split && self.config.split_steps.splits(n_tokens, self.cores);
+        let threads = if can_split && !split { StepThreads::One } else { StepThreads::Auto };
         let t0 = Instant::now();
-        let result = self.model.forward_cached(&mut steps).and_then(|ls| {
+        let result = self.model.forward_cached_on(&mut steps, threads).and_then(|ls| {
             ls.into_iter().map(|l| l.to_vec2::<f32>().map_err(Into::into)).collect::<lmstack_core::Result<Vec<_>>>()
         });
         drop(steps);
         let dt = t0.elapsed().as_secs_f64();
         let m = &self.metrics;
+        if split {
+            m.split_steps.inc();
+        }
         m.batch_size.observe(idx.len() as f64);
         m.batch_tokens.observe(n_tokens as f64);
         if n_prefill > 0 {
@@ -643,5 +705,24 @@ fn token_logprob(tok: &Tokenizer, row: &[f32], id: u32, top: usize) -> TokenLogp
         text: piece(tok, id),
         logprob,
         top: top.into_iter().map(|(t, l)| (t, piece(tok, t), l)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_split_only_when_large_on_a_machine_with_cores_to_spare() {
+        let auto = SplitSteps::Auto;
+        assert!(!auto.splits(SPLIT_MIN_TOKENS, 2), "two cores: the HTTP side needs one");
+        assert!(!auto.splits(SPLIT_MIN_TOKENS - 1, 16), "a small step: the hand-off costs more");
+        assert!(auto.splits(SPLIT_MIN_TOKENS, SPLIT_MIN_CORES));
+        assert!(SplitSteps::Always.splits(4, 2));
+        assert!(!SplitSteps::Never.splits(1000, 64));
+        assert_eq!("never".parse::<SplitSteps>(), Ok(SplitSteps::Never));
+        assert_eq!("always".parse::<SplitSteps>(), Ok(SplitSteps::Always));
+        let e = "sometimes".parse::<SplitSteps>().unwrap_err();
+        assert!(e.contains("auto, always, never"), "{e}");
     }
 }

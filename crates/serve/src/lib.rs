@@ -20,5 +20,5 @@ pub mod metrics;
 pub mod openai;
 pub mod server;
 
-pub use engine::{EngineConfig, EngineHandle};
+pub use engine::{EngineConfig, EngineHandle, SplitSteps};
 pub use server::{run, ServeOptions};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use lmstack_core::DType;
-use lmstack_serve::{EngineConfig, ServeOptions};
+use lmstack_serve::{EngineConfig, ServeOptions, SplitSteps};
 
 /// Serve a model over an OpenAI-compatible HTTP API with continuous batching.
 ///
@@ -59,6 +59,11 @@ struct Cli {
     /// KV-cache budget in tokens over all sequences (default: max-num-seqs × context length).
     #[arg(long, default_value_t = 0)]
     kv_cache_tokens: usize,
+    /// Whether a step of several sequences of a small model runs as two halves on two threads
+    /// (`always`), on the engine thread alone (`never`), or (`auto`) split only when it has 16
+    /// or more tokens on a machine of 4 or more cores.
+    #[arg(long, default_value = "auto")]
+    split_steps: SplitSteps,
     /// Require `Authorization: Bearer KEY` (also read from LMSTACK_API_KEY); /health, /ready
     /// and /metrics stay open.
     #[arg(long, env = "LMSTACK_API_KEY", hide_env_values = true)]
@@ -125,6 +130,7 @@ fn main() -> ExitCode {
             max_num_seqs: cli.max_num_seqs,
             max_queued: cli.max_queued,
             kv_cache_tokens: cli.kv_cache_tokens,
+            split_steps: cli.split_steps,
         },
         api_key: cli.api_key.filter(|k| !k.is_empty()),
         cors_origins: cli.cors_origins,

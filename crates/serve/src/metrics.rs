@@ -33,6 +33,8 @@ pub struct Metrics {
     pub prefill_step: Histogram,
     /// Duration of decode-only steps.
     pub decode_step: Histogram,
+    /// Forward steps run as two halves on two threads.
+    pub split_steps: IntCounter,
     /// Prompt tokens prefilled.
     pub prompt_tokens: IntCounter,
     /// Tokens generated.
@@ -99,6 +101,7 @@ impl Metrics {
                 STEP,
             ),
             decode_step: hist("lmstack_decode_step_duration_seconds", "Decode-only forward steps", STEP),
+            split_steps: counter("lmstack_split_steps_total", "Forward steps run as two halves on two threads"),
             prompt_tokens: counter("lmstack_prompt_tokens_total", "Prompt tokens prefilled"),
             generation_tokens: counter("lmstack_generation_tokens_total", "Tokens generated"),
             finished: reg(

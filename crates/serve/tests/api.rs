@@ -109,6 +109,8 @@ async fn endpoints_respond() {
         "lmstack_decode_step_duration_seconds_count",
         "lmstack_e2e_request_latency_seconds_count 1",
         "lmstack_queue_time_seconds_count 1",
+        // One sequence: nothing to split.
+        "lmstack_split_steps_total 0",
     ] {
         assert!(m.text.contains(name), "metrics lack `{name}`:\n{}", m.text);
     }

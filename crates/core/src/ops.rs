@@ -237,7 +237,8 @@ fn wide<R>(f: impl FnOnce() -> R) -> R {
 
 /// `f(y_chunk, x_chunk)` over matching `chunk`-sized pieces of `y` and `x`, in parallel, each in
 /// the AVX2 build where available (mark `f` `#[inline(always)]`). A single chunk runs on the
-/// calling thread: from outside the pool, a parallel iterator would hand it to a worker and back.
+/// calling thread (from outside the pool, a parallel iterator would hand it to a worker and
+/// back), and so does everything inside [`on_one_thread`].
 fn par_zip<T: Elem>(y: &mut [T], x: &[T], chunk: usize, f: impl Fn(&mut [T], &[T]) + Sync) {
     if x.len() <= chunk || ONE_THREAD.with(|c| c.get()) {
         wide(

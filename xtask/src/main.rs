@@ -11,7 +11,7 @@
 //!   `train` defaults), printing validation loss, tokens/s, ms/step and peak memory against the
 //!   targets (validation loss ≤ 1.88; PyTorch's ~15,000 tokens/s on the 2-core machine).
 //!
-//! - `bench serve [--gpt2] [--soak N] [--concurrency 1,16] [--seconds S] [--model DIR]`: builds
+//! - `bench serve [--gpt2] [--soak N] [--concurrency 1,16] [--seconds S] [--rounds N] [--model DIR]`: builds
 //!   the release `serve` and its load generator (`crates/serve/examples/bench_serve.rs`) and
 //!   reports generated tokens/s, time to first token and inter-token latency at each
 //!   concurrency, optionally single-stream decode of a GPT-2 124M-shaped model and a memory
@@ -105,7 +105,10 @@ fn main() -> ExitCode {
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("train") => bench_train(&args[2..]),
             Some("serve") => bench_serve(&args[2..]),
-            _ => Err("usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N]".into()),
+            _ => Err(
+                "usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N] [--rounds N] …"
+                    .into(),
+            ),
         },
         Some("eval") => eval(&args[1..]),
         Some("fixtures") => run("python3", &[FIXTURES], &[])

@@ -9,7 +9,7 @@
 //! ```text
 //! cargo run --release -p lmstack-serve --example bench_serve -- \
 //!     [--model DIR] [--concurrency 1,16] [--seconds 15] [--gpt2] [--soak 3000] [--no-repack]
-//!     [--split-steps auto|always|never]
+//!     [--split-steps auto|always|never] [--rounds N]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -28,6 +28,8 @@ struct Args {
     seconds: f64,
     gpt2: bool,
     soak: usize,
+    /// Sweeps of the concurrency levels, one after another (medians are printed when > 1).
+    rounds: usize,
     serve: PathBuf,
     /// Extra flags for `serve` (`--no-repack`, `--split-steps WAY`).
     serve_flags: Vec<String>,
@@ -41,6 +43,7 @@ fn parse_args() -> Result<Args, String> {
         seconds: 15.0,
         gpt2: false,
         soak: 0,
+        rounds: 1,
         serve: root.join("target/release/serve"),
         serve_flags: Vec::new(),
     };
@@ -57,6 +60,12 @@ fn parse_args() -> Result<Args, String> {
             }
             "--seconds" => a.seconds = val()?.parse().map_err(|_| "--seconds: not a number")?,
             "--soak" => a.soak = val()?.parse().map_err(|_| "--soak: not a number")?,
+            "--rounds" => {
+                a.rounds = val()?.parse().map_err(|_| "--rounds: not a number")?;
+                if a.rounds == 0 {
+                    return Err("--rounds: at least 1".into());
+                }
+            }
             "--serve" => a.serve = val()?.into(),
             "--gpt2" => a.gpt2 = true,
             "--no-repack" => a.serve_flags.push(flag.clone()),
@@ -278,6 +287,11 @@ async fn load(
     (all, t0.elapsed().as_secs_f64())
 }
 
+/// `v` as a short comma-separated list (as measured, in order).
+fn fmt_list(v: &[f64]) -> String {
+    v.iter().map(|x| if *x >= 100.0 { format!("{x:.0}") } else { format!("{x:.2}") }).collect::<Vec<_>>().join(", ")
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -389,32 +403,41 @@ async fn main() {
     let server = start_server(&args.serve, &model, &flags).await.unwrap_or_else(|e| panic!("{e}"));
     // Warm-up.
     let _ = load(&server.url, 2, 1.0, text.clone(), ctx, None).await;
-    let mut single = None;
-    println!(
-        "{:>11} {:>9} {:>12} {:>11} {:>11} {:>11} {:>11}",
-        "concurrency", "requests", "tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"
-    );
-    for &c in &args.concurrency {
-        let before = server_stats(&server.url).await;
-        let pid = server.child.id().to_string();
-        let (cpu0, own0) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
-        let (mut s, wall) = load(&server.url, c, args.seconds, text.clone(), ctx, None).await;
-        let (cpu1, own1) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
-        let after = server_stats(&server.url).await;
-        let tps = s.tokens as f64 / wall;
-        if c == 1 {
-            single = Some(tps);
+    // Tokens/s per round and level, and each round's ratio to its own single-stream figure.
+    let mut rounds: Vec<Vec<f64>> = Vec::new();
+    let mut ratios: Vec<Vec<f64>> = Vec::new();
+    for round in 0..args.rounds {
+        let mut single = None;
+        rounds.push(Vec::new());
+        ratios.push(Vec::new());
+        if args.rounds > 1 {
+            println!("-- round {} of {}", round + 1, args.rounds);
         }
         println!(
-            "{c:>11} {:>9} {tps:>12.0} {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>9.1}ms",
-            s.requests,
-            pct(&mut s.ttft, 0.5) * 1e3,
-            pct(&mut s.ttft, 0.99) * 1e3,
-            pct(&mut s.itl, 0.5) * 1e3,
-            pct(&mut s.itl, 0.99) * 1e3
+            "{:>11} {:>9} {:>12} {:>11} {:>11} {:>11} {:>11}",
+            "concurrency", "requests", "tokens/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99"
         );
-        let d = |i: usize| after[i] - before[i];
-        println!(
+        for &c in &args.concurrency {
+            let before = server_stats(&server.url).await;
+            let pid = server.child.id().to_string();
+            let (cpu0, own0) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
+            let (mut s, wall) = load(&server.url, c, args.seconds, text.clone(), ctx, None).await;
+            let (cpu1, own1) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
+            let after = server_stats(&server.url).await;
+            let tps = s.tokens as f64 / wall;
+            if c == 1 {
+                single = Some(tps);
+            }
+            println!(
+                "{c:>11} {:>9} {tps:>12.0} {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>9.1}ms",
+                s.requests,
+                pct(&mut s.ttft, 0.5) * 1e3,
+                pct(&mut s.ttft, 0.99) * 1e3,
+                pct(&mut s.itl, 0.5) * 1e3,
+                pct(&mut s.itl, 0.99) * 1e3
+            );
+            let d = |i: usize| after[i] - before[i];
+            println!(
             "{:>11} server: {:.1} sequences and {:.1} tokens per step, {:.2} ms per step, {:.0} % of steps split over two threads",
             "",
             d(0) / d(1),
@@ -422,19 +445,38 @@ async fn main() {
             (d(3) + d(5)) / (d(4) + d(6)) * 1e3,
             d(7) / d(1) * 100.0
         );
-        let per_token = |a: f64, b: f64| (b - a) / s.tokens.max(1) as f64 * 1e6;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        println!(
-            "{:>11} CPU per generated token: engine {:.0} us, server HTTP {:.0} us, load generator {:.0} us; \
+            let per_token = |a: f64, b: f64| (b - a) / s.tokens.max(1) as f64 * 1e6;
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            println!(
+                "{:>11} CPU per generated token: engine {:.0} us, server HTTP {:.0} us, load generator {:.0} us; \
              {:.0} % of the machine's {cores} cores busy with these",
-            "",
-            per_token(cpu0[0], cpu1[0]),
-            per_token(cpu0[1], cpu1[1]),
-            per_token(own0, own1),
-            (cpu1[2] - cpu0[2] + own1 - own0) / (wall * cores) * 100.0
-        );
-        if let (Some(one), true) = (single, c > 1) {
-            println!("{:>11} aggregate / single-stream = {:.1}x   (target at 16 streams: >= 4x)", "", tps / one);
+                "",
+                per_token(cpu0[0], cpu1[0]),
+                per_token(cpu0[1], cpu1[1]),
+                per_token(own0, own1),
+                (cpu1[2] - cpu0[2] + own1 - own0) / (wall * cores) * 100.0
+            );
+            rounds[round].push(tps);
+            ratios[round].push(single.map_or(f64::NAN, |one| tps / one));
+            if let (Some(one), true) = (single, c > 1) {
+                println!("{:>11} aggregate / single-stream = {:.1}x   (target at 16 streams: >= 4x)", "", tps / one);
+            }
+        }
+    }
+    if args.rounds > 1 {
+        // The machine's speed drifts between runs; the median of each round's own ratio is
+        // steadier than a ratio of figures measured minutes apart.
+        println!("-- medians over {} rounds", args.rounds);
+        for (i, &c) in args.concurrency.iter().enumerate() {
+            let mut t: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
+            let mut q: Vec<f64> = ratios.iter().map(|r| r[i]).collect();
+            let (t_list, q_list) = (fmt_list(&t), fmt_list(&q));
+            let ratio = if c > 1 && q.iter().all(|x| x.is_finite()) {
+                format!(", {:.1}x one stream (each round's ratio: {q_list})", pct(&mut q, 0.5))
+            } else {
+                String::new()
+            };
+            println!("{c:>11} {:>12.0} tokens/s (rounds: {t_list}){ratio}", pct(&mut t, 0.5));
         }
     }
     println!(

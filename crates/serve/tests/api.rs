@@ -13,6 +13,7 @@ use lmstack_core::sampling::log_softmax;
 use lmstack_core::{DType, Device, Pretrained, Tensor};
 use lmstack_serve::api::{self, AppState};
 use lmstack_serve::metrics::Metrics;
+use lmstack_serve::SplitSteps;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -319,13 +320,9 @@ async fn stop_strings_and_tokens_end_generation() {
 }
 
 /// Requests with different sampling parameters give the same output whether each runs alone
-/// or all run batched together.
+/// or all run batched together, with steps on the engine thread alone or split in two halves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_outputs_are_the_same_alone_and_batched() {
-    let (_d, mut opts) = setup();
-    opts.engine.max_batch_tokens = 32; // long prompts are prefilled in chunks beside decodes
-    let state = common::loaded_state(&opts);
-    let app = api::router(state.clone());
     let bodies: Vec<Value> = (0..8)
         .map(|i| {
             let (top_k, top_p, min_p) = ([0, 5, 20][i % 3], [1.0, 0.9, 0.7][i % 3], [0.0, 0.05][i % 2]);
@@ -345,18 +342,37 @@ async fn seeded_outputs_are_the_same_alone_and_batched() {
             })
         })
         .collect();
-    let mut alone = Vec::new();
-    for b in &bodies {
-        alone.push(post(&app, "/v1/completions", b.clone()).await.json()["choices"][0].clone());
+    let mut texts = Vec::new();
+    for split in [SplitSteps::Never, SplitSteps::Always] {
+        let (_d, mut opts) = setup();
+        opts.engine.max_batch_tokens = 32; // long prompts are prefilled in chunks beside decodes
+        opts.engine.split_steps = split;
+        let state = common::loaded_state(&opts);
+        let app = api::router(state.clone());
+        let mut alone = Vec::new();
+        for b in &bodies {
+            alone.push(post(&app, "/v1/completions", b.clone()).await.json()["choices"][0].clone());
+        }
+        let batched =
+            futures_util::future::join_all(bodies.iter().map(|b| post(&app, "/v1/completions", b.clone()))).await;
+        for (a, b) in alone.iter().zip(&batched) {
+            let b = &b.json()["choices"][0];
+            assert_eq!(a["text"], b["text"], "{split:?}");
+            assert_eq!(a["logprobs"]["tokens"], b["logprobs"]["tokens"], "{split:?}");
+        }
+        texts.push(alone.iter().map(|a| a["text"].clone()).collect::<Vec<_>>());
+        let m = state.metrics.batch_size.get_sample_sum() / state.metrics.batch_size.get_sample_count() as f64;
+        assert!(m > 1.5, "requests were not batched (mean batch size {m})");
+        let splits = state.metrics.split_steps.get();
+        let pool_of_two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2)
+            && std::env::var_os("RAYON_NUM_THREADS").is_none();
+        match split {
+            SplitSteps::Never => assert_eq!(splits, 0),
+            _ if pool_of_two => assert!(splits > 0, "no step was split"),
+            _ => {}
+        }
     }
-    let batched = futures_util::future::join_all(bodies.iter().map(|b| post(&app, "/v1/completions", b.clone()))).await;
-    for (a, b) in alone.iter().zip(&batched) {
-        let b = &b.json()["choices"][0];
-        assert_eq!(a["text"], b["text"]);
-        assert_eq!(a["logprobs"]["tokens"], b["logprobs"]["tokens"]);
-    }
-    let m = state.metrics.batch_size.get_sample_sum() / state.metrics.batch_size.get_sample_count() as f64;
-    assert!(m > 1.5, "requests were not batched (mean batch size {m})");
+    assert_eq!(texts[0], texts[1], "one thread and split steps gave different texts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,15 +56,15 @@ impl Default for EngineConfig {
 
 /// Whether the engine runs a step of several sequences of a small model as two halves on two
 /// threads or on its own thread alone ([`Model::can_split`], [`Model::forward_cached_on`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SplitSteps {
-    /// Split steps of at least [`SPLIT_MIN_TOKENS`] tokens on machines of at least
-    /// [`SPLIT_MIN_CORES`] cores. A smaller step's halves take less than the hand-off's thread
+    /// Split steps of at least 16 tokens (`SPLIT_MIN_TOKENS`) on machines of at least 4 cores
+    /// (`SPLIT_MIN_CORES`). A smaller step's halves take less than the hand-off's thread
     /// wake-ups cost; on fewer cores a half waits for a core that the HTTP side holds.
     Auto,
     /// Split every step the model can.
     Always,
-    /// Never: the engine thread runs every such step alone.
+    /// The engine thread runs every such step alone.
     Never,
 }
 
@@ -81,18 +81,6 @@ impl SplitSteps {
             Self::Auto => cores >= SPLIT_MIN_CORES && tokens >= SPLIT_MIN_TOKENS,
             Self::Always => true,
             Self::Never => false,
-        }
-    }
-}
-
-impl std::str::FromStr for SplitSteps {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "always" => Ok(Self::Always),
-            "never" => Ok(Self::Never),
-            _ => Err(format!("`{s}` is not one of auto, always, never")),
         }
     }
 }
@@ -720,9 +708,14 @@ mod tests {
         assert!(auto.splits(SPLIT_MIN_TOKENS, SPLIT_MIN_CORES));
         assert!(SplitSteps::Always.splits(4, 2));
         assert!(!SplitSteps::Never.splits(1000, 64));
-        assert_eq!("never".parse::<SplitSteps>(), Ok(SplitSteps::Never));
-        assert_eq!("always".parse::<SplitSteps>(), Ok(SplitSteps::Always));
-        let e = "sometimes".parse::<SplitSteps>().unwrap_err();
-        assert!(e.contains("auto, always, never"), "{e}");
+        use clap::ValueEnum;
+        assert_eq!(SplitSteps::from_str("never", false), Ok(SplitSteps::Never));
+        assert_eq!(SplitSteps::from_str("always", false), Ok(SplitSteps::Always));
+        assert!(SplitSteps::from_str("sometimes", false).is_err());
+        let names: Vec<String> = SplitSteps::value_variants()
+            .iter()
+            .filter_map(|v| Some(v.to_possible_value()?.get_name().to_string()))
+            .collect();
+        assert!(names.join(", ").contains("auto, always, never"), "{names:?}");
     }
 }

@@ -62,7 +62,7 @@ struct Cli {
     /// Whether a step of several sequences of a small model runs as two halves on two threads
     /// (`always`), on the engine thread alone (`never`), or (`auto`) split only when it has 16
     /// or more tokens on a machine of 4 or more cores.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, value_enum, default_value_t = SplitSteps::Auto)]
     split_steps: SplitSteps,
     /// Require `Authorization: Bearer KEY` (also read from LMSTACK_API_KEY); /health, /ready
     /// and /metrics stay open.

@@ -314,16 +314,22 @@ fn status_mib(pid: u32, key: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-async fn metric_mean(url: &str, name: &str) -> f64 {
-    let text = match reqwest::get(format!("{url}/metrics")).await {
+/// The server's `/metrics` text (empty if it cannot be read).
+async fn scrape(url: &str) -> String {
+    match reqwest::get(format!("{url}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
-    };
-    let get = |suffix: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}{suffix} ")).and_then(|v| v.parse::<f64>().ok()))
-            .unwrap_or(f64::NAN)
-    };
+    }
+}
+
+/// The value of the unlabelled sample `name` in a `/metrics` text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+}
+
+async fn metric_mean(url: &str, name: &str) -> f64 {
+    let text = scrape(url).await;
+    let get = |suffix: &str| metric(&text, &format!("{name}{suffix}")).unwrap_or(f64::NAN);
     get("_sum") / get("_count")
 }
 
@@ -353,15 +359,8 @@ fn cpu_seconds(pid: &str) -> [f64; 3] {
 /// Sums and counts of the batch-size, batch-token and step-duration histograms, and the steps
 /// split over two threads.
 async fn server_stats(url: &str) -> [f64; 8] {
-    let text = match reqwest::get(format!("{url}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    let get = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")).and_then(|v| v.parse::<f64>().ok()))
-            .unwrap_or(0.0)
-    };
+    let text = scrape(url).await;
+    let get = |name: &str| metric(&text, name).unwrap_or(0.0);
     [
         get("lmstack_batch_size_sum"),
         get("lmstack_batch_size_count"),

@@ -141,6 +141,17 @@ fn bad_jsonl_lines_name_file_and_line() {
         ..DataConfig::default()
     };
     assert!(data::prepare(&cfg).unwrap_err().to_string().contains("every document was removed"));
+    // An empty file is named when nothing else is left, and skipped and counted beside others.
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, " \n\n").unwrap();
+    let cfg = DataConfig { inputs: vec![empty.clone()], out: dir.join("e1"), ..DataConfig::default() };
+    let e = data::prepare(&cfg).unwrap_err().to_string();
+    assert!(e.contains("no documents") && e.contains("empty.txt is empty"), "{e}");
+    assert!(!dir.join("e1/manifest.json").exists(), "no output on error");
+    let text = jsonl(&dir, "some.jsonl", &["a first document of some length", "and a second one, also long"]);
+    let cfg = DataConfig { inputs: vec![empty, text], out: dir.join("e2"), ..DataConfig::default() };
+    let m = data::prepare(&cfg).unwrap();
+    assert_eq!((m.stats.files, m.stats.empty_files, m.stats.documents), (2, 1, 2));
 }
 
 #[test]

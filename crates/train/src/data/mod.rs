@@ -98,6 +98,9 @@ pub struct Stats {
     pub documents: usize,
     /// Malformed JSONL lines skipped (with `skip_bad_lines`).
     pub bad_lines: usize,
+    /// Files skipped because they hold nothing but whitespace.
+    #[serde(default)]
+    pub empty_files: usize,
     /// Characters read.
     pub chars_in: usize,
     /// Documents empty after cleaning.
@@ -193,8 +196,14 @@ pub fn ingest(cfg: &DataConfig, stats: &mut Stats) -> Result<Vec<String>> {
     }
     stats.files = files.len();
     let mut docs = Vec::new();
+    let mut empty = Vec::new();
     for f in &files {
         let text = read_utf8(f)?;
+        if text.trim().is_empty() {
+            eprintln!("warning: {}: the file is empty; skipped", f.display());
+            empty.push(f.display().to_string());
+            continue;
+        }
         let is_jsonl = f.extension().is_some_and(|x| x == "jsonl" || x == "json");
         if is_jsonl {
             for (i, line) in text.lines().enumerate() {
@@ -237,10 +246,16 @@ pub fn ingest(cfg: &DataConfig, stats: &mut Stats) -> Result<Vec<String>> {
             }
         }
     }
+    stats.empty_files = empty.len();
     stats.documents = docs.len();
     stats.chars_in = docs.iter().map(|d| d.chars().count()).sum();
     if docs.is_empty() {
-        return Err(Error::Msg("the inputs hold no documents".into()));
+        let why = match empty.as_slice() {
+            [] => String::new(),
+            [one] => format!(": {one} is empty"),
+            [first, ..] => format!(": {first} and {} more input files are empty", empty.len() - 1),
+        };
+        return Err(Error::Msg(format!("the inputs hold no documents{why}")));
     }
     Ok(docs)
 }
@@ -516,6 +531,9 @@ pub fn report(s: &Stats) -> String {
     t += &format!("documents read            {:>10}   ({} characters)\n", s.documents, s.chars_in);
     if s.bad_lines > 0 {
         t += &format!("bad JSONL lines skipped   {:>10}\n", s.bad_lines);
+    }
+    if s.empty_files > 0 {
+        t += &format!("empty files skipped       {:>10}\n", s.empty_files);
     }
     t += &format!("  - empty after cleaning  {:>10}\n", s.empty_after_cleaning);
     t += &format!("  - exact duplicates      {:>10}\n", s.exact_duplicates);

@@ -169,7 +169,7 @@ pub const DETOKENIZE_FIELDS: [&str; 2] = ["model", "tokens"];
 
 /// `prompt`: a string, a list of strings, token ids, or a list of token-id lists.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a string, a list of strings, a list of token ids or a list of token-id lists")]
 pub enum Prompt {
     /// One text prompt.
     Text(String),
@@ -183,7 +183,7 @@ pub enum Prompt {
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a string or a list of strings")]
 pub enum Stop {
     /// One stop string.
     One(String),

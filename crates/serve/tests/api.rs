@@ -152,6 +152,13 @@ async fn errors_have_openai_shape_and_name_the_field() {
     bad(json!({"prompt": "a", "logit_bias": {"1": 5}}), "logit_bias").await;
     bad(json!({"prompt": "a", "stop": ""}), "stop").await;
     bad(json!({"prompt": {"text": "a"}}), "prompt").await;
+    // A value of the wrong type says what was expected, not the Rust type's name.
+    let r = post(&app, "/v1/completions", json!({"prompt": "a", "stop": 5})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, Some("stop"));
+    assert_eq!(r.json()["error"]["message"], "stop: expected a string or a list of strings");
+    let r = post(&app, "/v1/completions", json!({"prompt": {"text": "a"}})).await;
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(msg.starts_with("prompt: expected a string, a list of strings"), "{msg}");
     bad(json!({"prompt": [3, 100000]}), "prompt[1]").await;
     bad(json!({"prompt": ""}), "prompt").await;
     bad(json!({"max_tokens": 3}), "prompt").await;

@@ -37,6 +37,94 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::fs::File) -> 
     })
 }
 
+/// Several files that change together, as a model directory's `config.json`, weights and
+/// tokenizer do: each is written to a temporary name beside its target and fsynced, and only
+/// when every one is complete does [`FileSet::commit`] rename them into place. A failure before
+/// that (a full disk) leaves the targets as they were: dropping an uncommitted set removes its
+/// temporary files, and the directory [`FileSet::in_dir`] created for it if it is left empty.
+#[derive(Debug, Default)]
+pub struct FileSet {
+    staged: Vec<(std::path::PathBuf, std::path::PathBuf)>,
+    created: Option<std::path::PathBuf>,
+}
+
+impl FileSet {
+    /// A set of files in `dir`, which is created (with its parents) if missing.
+    pub fn in_dir(dir: &Path) -> Result<Self> {
+        let created = (!dir.exists()).then(|| dir.to_owned());
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+        Ok(Self { staged: Vec::new(), created })
+    }
+
+    /// Stages `bytes` as the next content of `path`.
+    pub fn write(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
+        self.write_with(path, |f| f.write_all(bytes))
+    }
+
+    /// Stages `value` as pretty JSON (as [`write_json`] writes it) as the next content of `path`.
+    pub fn write_json<T: serde::Serialize>(&mut self, path: &Path, value: &T) -> Result<()> {
+        self.write(path, json_text(path, value)?.as_bytes())
+    }
+
+    /// Stages the content `write` produces as the next content of `path`.
+    pub fn write_with(
+        &mut self,
+        path: &Path,
+        write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let tmp = tmp_path(path);
+        let res = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            write(&mut f)?;
+            f.sync_all()
+        })();
+        match res {
+            Ok(()) => {
+                self.staged.push((tmp, path.to_owned()));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(Error::io("writing", path, e))
+            }
+        }
+    }
+
+    /// Renames every staged file into place, in the order staged.
+    pub fn commit(mut self) -> Result<()> {
+        let mut dirs: Vec<std::path::PathBuf> = Vec::new();
+        for (tmp, path) in std::mem::take(&mut self.staged) {
+            std::fs::rename(&tmp, &path).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                Error::io("writing", &path, e)
+            })?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !dirs.iter().any(|x| x == d)) {
+                dirs.push(dir.to_owned());
+            }
+        }
+        self.created = None;
+        for dir in dirs {
+            // Persist the renames themselves; not every platform can open a directory.
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for FileSet {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+        if let Some(dir) = &self.created {
+            // Only an empty directory goes: never anything else found there.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// The temporary path [`write_atomic`] writes before renaming.
 pub fn tmp_path(path: &Path) -> std::path::PathBuf {
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
@@ -52,7 +140,12 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
 
 /// Writes `value` as pretty JSON to `path` atomically.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(path, json_text(path, value)?.as_bytes())
+}
+
+/// `value` as pretty JSON with a final newline; `path` names the target in errors.
+fn json_text<T: serde::Serialize>(path: &Path, value: &T) -> Result<String> {
     let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::json(path, &e))?;
     text.push('\n');
-    write_atomic(path, text.as_bytes())
+    Ok(text)
 }

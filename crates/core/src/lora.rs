@@ -262,14 +262,17 @@ fn weight(file: &str, name: &str, message: String) -> Error {
     Error::Weight { file: file.to_owned(), name: name.to_owned(), message }
 }
 
-/// Writes `adapters` (module path → A, B) and `cfg` as a PEFT adapter directory.
+/// Writes `adapters` (module path → A, B) and `cfg` as a PEFT adapter directory (both files
+/// or, on an error, neither).
 pub fn save_peft(dir: &Path, cfg: &LoraConfig, adapters: &BTreeMap<String, (Tensor, Tensor)>) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+    let mut files = crate::io::FileSet::in_dir(dir)?;
     let mut t = BTreeMap::new();
     for (path, (a, b)) in adapters {
         t.insert(peft_key(path, "A"), a.clone());
         t.insert(peft_key(path, "B"), b.clone());
     }
-    crate::models::save_safetensors(&dir.join("adapter_model.safetensors"), &t)?;
-    crate::io::write_json(&dir.join("adapter_config.json"), cfg)
+    let st = dir.join("adapter_model.safetensors");
+    files.write(&st, &crate::models::safetensors_bytes(&t, &st)?)?;
+    files.write_json(&dir.join("adapter_config.json"), cfg)?;
+    files.commit()
 }

@@ -35,7 +35,7 @@ impl Pretrained {
         Ok(Self { model, tokenizer, dir: Some(dir.to_owned()) })
     }
 
-    /// Writes all four files into `dir`. `config.json` gets the tokenizer's `bos_token_id` and
+    /// Writes all four files into `dir`, all or (on an error) none of them. `config.json` gets the tokenizer's `bos_token_id` and
     /// `eos_token_id` (null when it has none) unless the model's config already names them:
     /// otherwise `transformers` falls back to GPT-2's 50256, outside a small vocabulary.
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -45,8 +45,11 @@ impl Pretrained {
                 obj.entry(key).or_insert(id.map_or(serde_json::Value::Null, serde_json::Value::from));
             }
         }
-        self.model.save_with_config(dir, &cfg)?;
-        self.tokenizer.save(dir)
+        // All four change together: a failure (a full disk) leaves the directory as it was.
+        let mut files = crate::io::FileSet::in_dir(dir)?;
+        self.model.stage(dir, &cfg, &mut files)?;
+        self.tokenizer.stage(dir, &mut files)?;
+        files.commit()
     }
 }
 

@@ -148,13 +148,19 @@ impl Tokenizer {
         Ok(Self::new(inner, SpecialTokens::default()))
     }
 
-    /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`, atomically.
+    /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`: both or (on an error)
+    /// neither.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-        let path = dir.join("tokenizer.json");
+        let mut files = crate::io::FileSet::in_dir(dir)?;
+        self.stage(dir, &mut files)?;
+        files.commit()
+    }
+
+    /// Stages `tokenizer.json` and `tokenizer_config.json` in `dir` into `files`.
+    pub fn stage(&self, dir: &Path, files: &mut crate::io::FileSet) -> Result<()> {
         let text = self.inner.to_string(true).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        crate::io::write_atomic(&path, text.as_bytes())?;
-        crate::io::write_json(&dir.join("tokenizer_config.json"), &self.config_json())
+        files.write(&dir.join("tokenizer.json"), text.as_bytes())?;
+        files.write_json(&dir.join("tokenizer_config.json"), &self.config_json())
     }
 
     /// The `tokenizer_config.json` content.

@@ -232,3 +232,35 @@ fn lmstack_written_dirs_carry_expected_logits() {
         assert!(max_diff(&back.model.forward(&ids, None).unwrap(), &p.model.forward(&ids, None).unwrap()) < 1e-5);
     }
 }
+
+#[test]
+fn files_of_a_set_change_together_or_not_at_all() {
+    use lmstack_core::io::FileSet;
+    let dir = tmp("fileset");
+    // A write that fails (as on a full disk) after another was staged: nothing appears, not
+    // even the directory the set created, and no temporary file is left behind.
+    let mut files = FileSet::in_dir(&dir).unwrap();
+    files.write(&dir.join("config.json"), b"{}\n").unwrap();
+    let err = files
+        .write_with(&dir.join("model.safetensors"), |_| Err(std::io::Error::other("No space left on device")))
+        .unwrap_err();
+    assert!(err.to_string().contains("model.safetensors") && err.to_string().contains("No space"), "{err}");
+    drop(files);
+    assert!(!dir.exists(), "an uncommitted set leaves no directory behind");
+    // Committed: both files; a later failed set leaves them as they were.
+    let mut files = FileSet::in_dir(&dir).unwrap();
+    files.write(&dir.join("a.txt"), b"one").unwrap();
+    files.write_json(&dir.join("b.json"), &serde_json::json!({"v": 1})).unwrap();
+    files.commit().unwrap();
+    let mut files = FileSet::in_dir(&dir).unwrap();
+    files.write(&dir.join("a.txt"), b"two").unwrap();
+    assert!(files.write_with(&dir.join("b.json"), |_| Err(std::io::Error::other("disk full"))).is_err());
+    drop(files);
+    assert_eq!(std::fs::read_to_string(dir.join("a.txt")).unwrap(), "one");
+    assert_eq!(std::fs::read_to_string(dir.join("b.json")).unwrap(), "{\n  \"v\": 1\n}\n");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["a.txt", "b.json"], "no temporary files left");
+    let _ = std::fs::remove_dir_all(&dir);
+}

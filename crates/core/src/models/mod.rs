@@ -114,8 +114,8 @@ impl Model {
         Ok(m)
     }
 
-    /// Writes `config.json` and `model.safetensors` into `dir` (created if needed), each
-    /// atomically, in the Hugging Face layout.
+    /// Writes `config.json` and `model.safetensors` into `dir` (created if needed), in the
+    /// Hugging Face layout; both change together or, on an error, neither does.
     pub fn save(&self, dir: &Path) -> Result<()> {
         self.save_with_config(dir, &self.config_json())
     }
@@ -123,6 +123,14 @@ impl Model {
     /// [`Model::save`] with `config` (e.g. [`Model::config_json`] with more keys) as
     /// `config.json`.
     pub fn save_with_config(&self, dir: &Path, config: &serde_json::Value) -> Result<()> {
+        let mut files = crate::io::FileSet::in_dir(dir)?;
+        self.stage(dir, config, &mut files)?;
+        files.commit()
+    }
+
+    /// Stages `config.json` (`config` as its content) and `model.safetensors` in `dir` into
+    /// `files`, to change together with other files ([`crate::Pretrained::save`]).
+    pub fn stage(&self, dir: &Path, config: &serde_json::Value, files: &mut crate::io::FileSet) -> Result<()> {
         if let Some(name) = self.store.released().first() {
             return Err(Error::invalid(
                 "model",
@@ -132,9 +140,9 @@ impl Model {
                 ),
             ));
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-        crate::io::write_json(&dir.join("config.json"), config)?;
-        save_safetensors(&dir.join("model.safetensors"), &self.store.tensors())
+        files.write_json(&dir.join("config.json"), config)?;
+        let path = dir.join("model.safetensors");
+        files.write(&path, &safetensors_bytes(&self.store.tensors(), &path)?)
     }
 
     /// The `config.json` content for this model (with `architectures` and `torch_dtype`).

@@ -369,13 +369,15 @@ fn data_cmd(a: &DataArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Flags override the `--config` file, which overrides the defaults.
+/// Flags override the `--config` file (with `--resume` and no `--config`, the run's saved
+/// `config.toml`), which overrides the defaults.
 #[derive(Args, Debug, Default)]
 struct PretrainArgs {
     /// TOML configuration file (see docs/training.md for every key).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Continue the run in --out-dir from its latest checkpoint.
+    /// Continue the run in --out-dir from its latest checkpoint, configured as it was saved
+    /// (flags may still change training settings, e.g. a larger --max-steps).
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
     /// Start again in --out-dir even if it holds a run (its checkpoints and models are replaced).
@@ -469,6 +471,17 @@ impl PretrainArgs {
     fn resolve(&self) -> Result<PretrainConfig> {
         let mut c = match &self.config {
             Some(p) => PretrainConfig::from_toml_file(p)?,
+            // A resumed run starts from the configuration it saved, so that `--resume --out-dir
+            // DIR` alone continues it as it was set up; flags still change training settings.
+            None if self.resume => {
+                let dir = self.out_dir.clone().unwrap_or_else(|| PretrainConfig::default().out_dir);
+                let saved = dir.join("config.toml");
+                if saved.is_file() {
+                    PretrainConfig::from_toml_file(&saved)?
+                } else {
+                    PretrainConfig::default()
+                }
+            }
             None => PretrainConfig::default(),
         };
         macro_rules! set {

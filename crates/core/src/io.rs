@@ -41,19 +41,28 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::fs::File) -> 
 /// tokenizer do: each is written to a temporary name beside its target and fsynced, and only
 /// when every one is complete does [`FileSet::commit`] rename them into place. A failure before
 /// that (a full disk) leaves the targets as they were: dropping an uncommitted set removes its
-/// temporary files, and the directory [`FileSet::in_dir`] created for it if it is left empty.
+/// temporary files, and the directories it created if they are left empty.
 #[derive(Debug, Default)]
 pub struct FileSet {
     staged: Vec<(std::path::PathBuf, std::path::PathBuf)>,
-    created: Option<std::path::PathBuf>,
+    created: Vec<std::path::PathBuf>,
 }
 
 impl FileSet {
     /// A set of files in `dir`, which is created (with its parents) if missing.
     pub fn in_dir(dir: &Path) -> Result<Self> {
-        let created = (!dir.exists()).then(|| dir.to_owned());
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-        Ok(Self { staged: Vec::new(), created })
+        let mut set = Self::default();
+        set.add_dir(dir)?;
+        Ok(set)
+    }
+
+    /// Creates `dir` (with its parents) if missing, for files of the set; an uncommitted set
+    /// removes it again if it is left empty.
+    pub fn add_dir(&mut self, dir: &Path) -> Result<()> {
+        if !dir.exists() {
+            self.created.push(dir.to_owned());
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))
     }
 
     /// Stages `bytes` as the next content of `path`.
@@ -102,7 +111,7 @@ impl FileSet {
                 dirs.push(dir.to_owned());
             }
         }
-        self.created = None;
+        self.created.clear();
         for dir in dirs {
             // Persist the renames themselves; not every platform can open a directory.
             if let Ok(d) = std::fs::File::open(&dir) {
@@ -118,7 +127,7 @@ impl Drop for FileSet {
         for (tmp, _) in &self.staged {
             let _ = std::fs::remove_file(tmp);
         }
-        if let Some(dir) = &self.created {
+        for dir in self.created.iter().rev() {
             // Only an empty directory goes: never anything else found there.
             let _ = std::fs::remove_dir(dir);
         }

@@ -351,11 +351,15 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
             is_val[0] = false;
         }
     }
-    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::Msg(format!("creating {}: {e}", cfg.out.display())))?;
+    // Every file of the dataset is staged and renamed into place together at the end, so a
+    // failure (a full disk) leaves no partial dataset, nor a mix of an older one's files.
+    let mut files = lmstack_core::io::FileSet::in_dir(&cfg.out)?;
     let all: Vec<&str> = docs.iter().map(String::as_str).collect();
     let train_docs: Vec<&str> = all.iter().zip(&is_val).filter(|(_, v)| !by_doc || !**v).map(|(d, _)| *d).collect();
     let tok = tokenizer_from_spec(&cfg.tokenizer, &all, &train_docs, &cfg.out)?;
-    tok.save(&cfg.out.join("tokenizer"))?;
+    let tok_dir = cfg.out.join("tokenizer");
+    files.add_dir(&tok_dir)?;
+    tok.stage(&tok_dir, &mut files)?;
     let sep: Vec<u32> = match tok.eos_id() {
         Some(e) => vec![e],
         None => tok.encode("\n\n", false)?,
@@ -386,13 +390,13 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
     stats.train_tokens = train.len();
     stats.val_tokens = val.len();
     let width = shards::width_for(tok.vocab_size());
-    let write = |name: &str, tokens: &[u32]| -> Result<Vec<ShardEntry>> {
+    let mut write = |name: &str, tokens: &[u32]| -> Result<Vec<ShardEntry>> {
         tokens
             .chunks(cfg.shard_tokens)
             .enumerate()
             .map(|(i, c)| {
                 let file = format!("{name}-{i:05}.bin");
-                shards::write(&cfg.out.join(&file), c, width)?;
+                files.write(&cfg.out.join(&file), &shards::encode(c, width)?)?;
                 Ok(ShardEntry { file, tokens: c.len() })
             })
             .collect()
@@ -408,8 +412,9 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
         stats: stats.clone(),
         config: cfg.clone(),
     };
-    lmstack_core::io::write_json(&cfg.out.join("stats.json"), &stats)?;
-    lmstack_core::io::write_json(&cfg.out.join("manifest.json"), &manifest)?;
+    files.write_json(&cfg.out.join("stats.json"), &stats)?;
+    files.write_json(&cfg.out.join("manifest.json"), &manifest)?;
+    files.commit()?;
     Ok(manifest)
 }
 

@@ -26,6 +26,12 @@ pub fn width_for(vocab_size: usize) -> u32 {
 
 /// Writes `tokens` as a shard of `width` bytes per token.
 pub fn write(path: &Path, tokens: &[u32], width: u32) -> Result<()> {
+    lmstack_core::io::write_atomic(path, &encode(tokens, width)?)?;
+    Ok(())
+}
+
+/// A shard's bytes: the header, then `tokens` at `width` bytes each.
+pub fn encode(tokens: &[u32], width: u32) -> Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(HEADER + tokens.len() * width as usize);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&VERSION.to_le_bytes());
@@ -39,8 +45,7 @@ pub fn write(path: &Path, tokens: &[u32], width: u32) -> Result<()> {
             _ => bytes.extend_from_slice(&t.to_le_bytes()),
         }
     }
-    lmstack_core::io::write_atomic(path, &bytes)?;
-    Ok(())
+    Ok(bytes)
 }
 
 /// A memory-mapped shard.

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use lmstack_core::io::{write_atomic, write_json};
+use lmstack_core::io::write_atomic;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -69,15 +69,17 @@ pub fn save(
 ) -> Result<PathBuf> {
     let name = format!("step-{:07}", state.step);
     let dir = root.join(&name);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Msg(format!("creating {}: {e}", dir.display())))?;
+    // The three files appear together or (a full disk) not at all; `latest` moves after.
+    let mut files = lmstack_core::io::FileSet::in_dir(&dir)?;
     state.files.clear();
     for (file, tensors) in [("model.safetensors", weights), ("optimizer.safetensors", optimizer)] {
         let path = dir.join(file);
         let bytes = lmstack_core::models::safetensors_bytes(tensors, &path)?;
-        write_atomic(&path, &bytes)?;
+        files.write(&path, &bytes)?;
         state.files.insert(file.to_owned(), (bytes.len() as u64, crc(&bytes)));
     }
-    write_json(&dir.join("state.json"), &state)?;
+    files.write_json(&dir.join("state.json"), &state)?;
+    files.commit()?;
     write_atomic(&root.join("latest"), format!("{name}\n").as_bytes())?;
     prune(root, &name, keep);
     Ok(dir)

@@ -1,0 +1,66 @@
+"""Drives a running `serve` through the official OpenAI Python SDK, unchanged, and checks what
+each call returns: `python3 crates/serve/examples/openai_sdk_check.py [BASE_URL [API_KEY]]`
+(default http://127.0.0.1:8000/v1). Needs `pip install openai`. Exits non-zero on the first
+mismatch."""
+import sys
+
+import openai
+from openai import OpenAI
+
+base = sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8000/v1"
+client = OpenAI(base_url=base, api_key=sys.argv[2] if len(sys.argv) > 2 else "unused", max_retries=0)
+
+
+def check(what, ok, detail=""):
+    print(f"{'ok  ' if ok else 'FAIL'} {what}{': ' + str(detail) if detail else ''}")
+    if not ok:
+        sys.exit(1)
+
+
+model = client.models.list().data[0].id
+check("models.list", bool(model), model)
+
+a = client.completions.create(model=model, prompt="ROMEO:", max_tokens=20, temperature=0.8, seed=3)
+b = client.completions.create(model=model, prompt="ROMEO:", max_tokens=20, temperature=0.8, seed=3)
+check("completion with a seed", a.choices[0].text == b.choices[0].text and a.usage.completion_tokens > 0,
+      repr(a.choices[0].text))
+
+r = client.completions.create(model=model, prompt=["To be", "or not"], max_tokens=5, logprobs=2)
+check("list prompt with logprobs", len(r.choices) == 2 and len(r.choices[0].logprobs.top_logprobs[0]) == 2,
+      r.choices[0].logprobs.top_logprobs[0])
+
+r = client.completions.create(model=model, prompt="First Citizen:", max_tokens=0, echo=True, logprobs=1)
+lps = r.choices[0].logprobs.token_logprobs
+check("echo with max_tokens 0 (prompt log-probabilities)",
+      r.choices[0].text == "First Citizen:" and lps[0] is None and all(x <= 0 for x in lps[1:]), lps[:4])
+
+parts, usage = [], None
+for chunk in client.completions.create(model=model, prompt="KING:", max_tokens=10, stream=True,
+                                       stream_options={"include_usage": True}):
+    if chunk.choices:
+        parts.append(chunk.choices[0].text)
+    usage = chunk.usage or usage
+check("streamed completion with usage", usage is not None and usage.completion_tokens == 10, repr("".join(parts)))
+
+r = client.chat.completions.create(model=model, max_tokens=20, messages=[
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Speak."}])
+check("chat", r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length"),
+      repr(r.choices[0].message.content))
+
+text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+    model=model, max_tokens=10, stream=True, messages=[{"role": "user", "content": "Speak."}]) if c.choices)
+check("streamed chat", len(text) > 0, repr(text))
+
+for what, kw, status, param in [
+    ("negative temperature", dict(model=model, prompt="x", temperature=-1), 400, "temperature"),
+    ("unknown model", dict(model="no-such-model", prompt="x"), 404, "model"),
+    ("prompt + max_tokens over the context", dict(model=model, prompt="x" * 60, max_tokens=5000), 400, "max_tokens"),
+    ("stop of the wrong type", dict(model=model, prompt="x", stop=5), 400, "stop"),
+]:
+    try:
+        client.completions.create(**kw)
+        check(what, False, "no error")
+    except openai.APIStatusError as e:
+        check(f"{what} -> {type(e).__name__}", e.status_code == status and e.body.get("param") == param,
+              e.body.get("message"))
+print("the OpenAI SDK works unchanged against", base)

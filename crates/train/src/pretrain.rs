@@ -375,6 +375,22 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         // A prepared dataset: memory-mapped shards and the tokenizer they were made with.
         dataset = Dataset::open(dir)?;
         let mut t = dataset.tokenizer.clone();
+        if cfg.tokenizer != PretrainConfig::default().tokenizer {
+            // The shards hold this tokenizer's ids: another one would silently mislabel them.
+            let given = Path::new(&cfg.tokenizer);
+            let same = given.join("tokenizer.json").is_file()
+                && Tokenizer::from_dir(given).is_ok_and(|g| g.inner().get_vocab(true) == t.inner().get_vocab(true));
+            if !same {
+                return Err(Error::Msg(format!(
+                    "config field `tokenizer`: `{}` is not the tokenizer the prepared dataset {} was made with \
+                     ({}, {} tokens), which training on it uses; leave --tokenizer out",
+                    cfg.tokenizer,
+                    dir.display(),
+                    dir.join(&dataset.manifest.tokenizer).display(),
+                    t.vocab_size()
+                )));
+            }
+        }
         if cfg.arch == "bert" && t.mask_id().is_none() {
             return Err(Error::Msg(format!(
                 "{}: bert needs a tokenizer with a mask token; prepare the dataset with one",

@@ -222,4 +222,19 @@ fn pretraining_reads_a_prepared_dataset() {
     assert_eq!(s.split_tokens, (m.stats.train_tokens, m.stats.val_tokens));
     let tok = lmstack_core::Tokenizer::from_dir(&dir.join("run/model")).unwrap();
     assert_eq!(tok.vocab_size(), 300);
+    // The shards hold that tokenizer's ids: naming it again is fine, another one is refused.
+    let same = lmstack_train::config::PretrainConfig {
+        out_dir: dir.join("run-same"),
+        tokenizer: dir.join("ds/tokenizer").display().to_string(),
+        ..pcfg.clone()
+    };
+    lmstack_train::pretrain::run(&same, &opts).unwrap();
+    let chars = dir.join("chars");
+    lmstack_core::Tokenizer::from_chars("abc".chars()).unwrap().save(&chars).unwrap();
+    for other in ["bpe:500".to_owned(), chars.display().to_string()] {
+        let other_tok =
+            lmstack_train::config::PretrainConfig { out_dir: dir.join("run-other"), tokenizer: other, ..pcfg.clone() };
+        let e = lmstack_train::pretrain::run(&other_tok, &opts).unwrap_err().to_string();
+        assert!(e.contains("`tokenizer`") && e.contains("leave --tokenizer out"), "{e}");
+    }
 }

@@ -360,7 +360,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         let saved = PretrainConfig::from_toml_file(&out.join("config.toml"))?;
         if let Some(field) = cfg.model_field_differing_from(&saved) {
             return Err(Error::Msg(format!(
-                "--resume: `{field}` differs from the run's {}; the model must stay the same (training settings such as max_steps may change)",
+                "--resume: `{field}` differs from the run's {}; the model, its tokenizer and its data must stay the same (training settings such as max_steps may change)",
                 out.join("config.toml").display()
             )));
         }

@@ -16,25 +16,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Like [`write_atomic`], with the content produced by `write` into the temporary file.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
-    let tmp = tmp_path(path);
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        write(&mut f)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // Persist the rename itself; not every platform can open a directory.
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io("writing", path, e)
-    })
+    let mut one = FileSet::default();
+    one.write_with(path, write)?;
+    one.commit()
 }
 
 /// Several files that change together, as a model directory's `config.json`, weights and
@@ -101,23 +85,25 @@ impl FileSet {
 
     /// Renames every staged file into place, in the order staged.
     pub fn commit(mut self) -> Result<()> {
-        let mut dirs: Vec<std::path::PathBuf> = Vec::new();
-        for (tmp, path) in std::mem::take(&mut self.staged) {
-            std::fs::rename(&tmp, &path).map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                Error::io("writing", &path, e)
-            })?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !dirs.iter().any(|x| x == d)) {
-                dirs.push(dir.to_owned());
+        let staged = std::mem::take(&mut self.staged);
+        let mut dirs: Vec<&Path> = Vec::new();
+        for (i, (tmp, path)) in staged.iter().enumerate() {
+            if let Err(e) = std::fs::rename(tmp, path) {
+                // Those not renamed yet are removed on drop.
+                self.staged = staged[i..].to_vec();
+                return Err(Error::io("writing", path, e));
+            }
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !dirs.contains(d)) {
+                dirs.push(dir);
             }
         }
-        self.created.clear();
         for dir in dirs {
             // Persist the renames themselves; not every platform can open a directory.
-            if let Ok(d) = std::fs::File::open(&dir) {
+            if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all();
             }
         }
+        self.created.clear();
         Ok(())
     }
 }

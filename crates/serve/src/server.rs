@@ -78,7 +78,11 @@ pub fn load(opts: &ServeOptions, metrics: Arc<Metrics>) -> anyhow::Result<Ready>
             }
         },
     };
-    let template = ChatTemplate::new(&source).context("compiling the chat template")?;
+    let origin = match &opts.chat_template {
+        Some(f) => f.display().to_string(),
+        None => format!("the chat template of the model directory {}", opts.model.display()),
+    };
+    let template = ChatTemplate::new(&source).with_context(|| format!("compiling {origin}"))?;
     if opts.engine.max_num_seqs == 0 || opts.engine.max_batch_tokens < opts.engine.max_num_seqs {
         anyhow::bail!(
             "--max-batch-tokens ({}) must be at least --max-num-seqs ({}), which must be positive",

@@ -450,7 +450,9 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         None => {
             let mut idx: Vec<usize> = (0..train.len()).collect();
             idx.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
-            let n_val = ((train.len() as f64 * cfg.val_fraction).round() as usize).min(train.len().saturating_sub(1));
+            // At least one example is held out when any is asked for and two or more exist.
+            let asked = (train.len() as f64 * cfg.val_fraction).round() as usize;
+            let n_val = asked.max(usize::from(cfg.val_fraction > 0.0)).min(train.len().saturating_sub(1));
             let val_idx: std::collections::HashSet<usize> = idx[..n_val].iter().copied().collect();
             let (v, t): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| val_idx.contains(i));
@@ -532,7 +534,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         log.write(&Record::val(0, base_val, true))?;
     }
     println!(
-        "{} finetuning of {} ({} parameters; {} trainable, {:.2}%): {} train / {} val examples ({} skipped: longer than {max_len} tokens or nothing to score); validation loss before: {base_val:.4}",
+        "{} finetuning of {} ({} parameters; {} trainable, {:.2}%): {} train / {} val examples ({} skipped: longer than {max_len} tokens or nothing to score); {}",
         match cfg.method {
             Method::Full => "full",
             Method::Lora => "LoRA",
@@ -543,7 +545,12 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         100.0 * trainable_parameters as f64 / base_parameters as f64,
         train.len(),
         val.len(),
-        skipped
+        skipped,
+        if val.is_empty() {
+            "no validation examples (pass --val-data)".to_owned()
+        } else {
+            format!("validation loss before: {base_val:.4}")
+        }
     );
 
     let bar = metrics::progress_bar(progress, cfg.max_steps, state.step);

@@ -255,14 +255,11 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
         println!("interrupted at step {}; continue with --resume", s.steps);
         return Ok(ExitCode::from(130));
     }
-    println!(
-        "done: {} steps, {:.0} ms/step; validation loss {:.4} → {:.4}; wrote {}",
-        s.steps,
-        s.ms_per_step,
-        s.val_loss.0,
-        s.val_loss.1.unwrap_or(f64::NAN),
-        s.output.display()
-    );
+    let val = match s.val_loss {
+        (before, Some(after)) if !before.is_nan() => format!("validation loss {before:.4} → {after:.4}"),
+        _ => "no validation examples".to_owned(),
+    };
+    println!("done: {} steps, {:.0} ms/step; {val}; wrote {}", s.steps, s.ms_per_step, s.output.display());
     Ok(ExitCode::SUCCESS)
 }
 

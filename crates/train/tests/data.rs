@@ -198,11 +198,24 @@ fn pretraining_reads_a_prepared_dataset() {
         shard_tokens: 2000,
         ..DataConfig::default()
     };
+    // Prepared again into the same directory with fewer shards, the earlier dataset's extra
+    // shards are removed: every shard file there is one the manifest lists.
+    let one = DataConfig { shard_tokens: 1_000_000, ..cfg.clone() };
+    data::prepare(&one).unwrap();
     let m = data::prepare(&cfg).unwrap();
     assert!(m.train.len() > 1, "expected several shards");
     assert_eq!(m.vocab_size, 300);
     let ds = data::Dataset::open(&dir.join("ds")).unwrap();
     assert_eq!(ds.train.len(), m.stats.train_tokens);
+    data::prepare(&one).unwrap();
+    let mut bins: Vec<String> = std::fs::read_dir(dir.join("ds"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".bin"))
+        .collect();
+    bins.sort();
+    assert_eq!(bins, ["train-00000.bin", "val-00000.bin"]);
+    let m = data::prepare(&cfg).unwrap();
     let pcfg = lmstack_train::config::PretrainConfig {
         out_dir: dir.join("run"),
         data: Some(dir.join("ds")),

@@ -415,7 +415,27 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
     files.write_json(&cfg.out.join("stats.json"), &stats)?;
     files.write_json(&cfg.out.join("manifest.json"), &manifest)?;
     files.commit()?;
+    remove_stale_shards(&cfg.out, &manifest);
     Ok(manifest)
+}
+
+/// Removes shard files an earlier, larger dataset left in `dir` that `manifest` does not list
+/// (only names `prepare` writes: `train-NNNNN.bin`, `val-NNNNN.bin`).
+fn remove_stale_shards(dir: &Path, manifest: &Manifest) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let listed: std::collections::HashSet<&str> =
+        manifest.train.iter().chain(&manifest.val).map(|e| e.file.as_str()).collect();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = ["train-", "val-"].iter().any(|p| {
+            name.strip_prefix(p)
+                .and_then(|r| r.strip_suffix(".bin"))
+                .is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if ours && !listed.contains(name.as_str()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// A stream of token ids that batches can be cut from.

@@ -402,13 +402,11 @@ async fn main() {
     let server = start_server(&args.serve, &model, &flags).await.unwrap_or_else(|e| panic!("{e}"));
     // Warm-up.
     let _ = load(&server.url, 2, 1.0, text.clone(), ctx, None).await;
-    // Tokens/s per round and level, and each round's ratio to its own single-stream figure.
+    // Tokens/s per round and level.
     let mut rounds: Vec<Vec<f64>> = Vec::new();
-    let mut ratios: Vec<Vec<f64>> = Vec::new();
     for round in 0..args.rounds {
         let mut single = None;
         rounds.push(Vec::new());
-        ratios.push(Vec::new());
         if args.rounds > 1 {
             println!("-- round {} of {}", round + 1, args.rounds);
         }
@@ -456,7 +454,6 @@ async fn main() {
                 (cpu1[2] - cpu0[2] + own1 - own0) / (wall * cores) * 100.0
             );
             rounds[round].push(tps);
-            ratios[round].push(single.map_or(f64::NAN, |one| tps / one));
             if let (Some(one), true) = (single, c > 1) {
                 println!("{:>11} aggregate / single-stream = {:.1}x   (target at 16 streams: >= 4x)", "", tps / one);
             }
@@ -466,9 +463,11 @@ async fn main() {
         // The machine's speed drifts between runs; the median of each round's own ratio is
         // steadier than a ratio of figures measured minutes apart.
         println!("-- medians over {} rounds", args.rounds);
+        let one = args.concurrency.iter().position(|&c| c == 1);
         for (i, &c) in args.concurrency.iter().enumerate() {
             let mut t: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
-            let mut q: Vec<f64> = ratios.iter().map(|r| r[i]).collect();
+            // Each round's ratio to the single-stream figure of the same round.
+            let mut q: Vec<f64> = rounds.iter().map(|r| one.map_or(f64::NAN, |j| r[i] / r[j])).collect();
             let (t_list, q_list) = (fmt_list(&t), fmt_list(&q));
             let ratio = if c > 1 && q.iter().all(|x| x.is_finite()) {
                 format!(", {:.1}x one stream (each round's ratio: {q_list})", pct(&mut q, 0.5))

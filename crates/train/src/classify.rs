@@ -154,6 +154,9 @@ pub struct ClassifySummary {
 /// `val_fraction` of `data`) is the held-out split accuracy is measured on.
 pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: bool) -> Result<ClassifySummary> {
     cfg.validate()?;
+    if cfg.task != crate::finetune::Task::Classify {
+        return Err(Error::Msg("classification runs need `task: classify` in their configuration".into()));
+    }
     let out = &cfg.out_dir;
     let ckpt_root = out.join("checkpoints");
     let resume_from = crate::finetune::prepare_run_dir(cfg, resume)?;
@@ -234,14 +237,28 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         }
         None => crate::finetune::fresh_state(cfg.seed),
     };
-    let acc_before = accuracy(&frozen(&model)?, &val, pad)?;
-    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), resume.then_some(state.step))?;
+    // The log's step-0 record is the error rate before training (1 − accuracy); a resumed run
+    // reports that as its "before", not the accuracy of the partly trained model it resumes.
+    let metrics_path = out.join("metrics.jsonl");
+    let logged = if resume { metrics::initial_val(&metrics_path)? } else { None };
+    let acc_before = match logged {
+        Some(err) => 1.0 - err,
+        None => accuracy(&frozen(&model)?, &val, pad)?,
+    };
+    let mut log = MetricsLog::open(&metrics_path, resume.then_some(state.step))?;
+    if !resume {
+        log.write(&Record::val(0, 1.0 - acc_before, false))?;
+    }
     println!(
-        "classification finetuning of {} ({parameters} parameters): labels {labels:?}; {} train / {} held-out examples; held-out accuracy before: {acc_before:.3} (majority label: {majority_baseline:.3})",
+        "classification finetuning of {} ({parameters} parameters): labels {labels:?}; {} train / {} held-out examples; held-out accuracy {}: {acc_before:.3} (majority label: {majority_baseline:.3})",
         cfg.base.display(),
         train.len(),
-        val.len()
+        val.len(),
+        if resume && logged.is_none() { format!("at step {}", state.step) } else { "before".to_owned() }
     );
+    if resume {
+        println!("resuming at step {} of {}", state.step, cfg.max_steps);
+    }
     let bar = metrics::progress_bar(progress, cfg.max_steps, state.step);
     let save_ckpt = |state: &TrainerState, model: &Model, opt: &AdamW| -> Result<()> {
         checkpoint::save(&ckpt_root, state.clone(), &model.params().tensors(), &opt.state_tensors()?, 2)?;

@@ -48,10 +48,24 @@ pub enum Method {
     Lora,
 }
 
+/// `sft` ([`run`]) or `classify` ([`crate::classify::run`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Instruction finetuning of a causal LM.
+    #[default]
+    Sft,
+    /// A classification head on a masked LM (bert).
+    Classify,
+}
+
 /// A finetuning run's configuration (saved as `finetune.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneConfig {
+    /// What is trained (runs saved before this field existed read as `sft`).
+    #[serde(default)]
+    pub task: Task,
     /// The base model directory (lmstack's or a Hugging Face gpt2/llama directory).
     pub base: PathBuf,
     /// Training examples (JSONL).
@@ -105,6 +119,7 @@ pub struct FinetuneConfig {
 impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
+            task: Task::Sft,
             base: PathBuf::from("runs/shakespeare-char/model"),
             data: PathBuf::new(),
             val_data: None,
@@ -156,6 +171,24 @@ impl FinetuneConfig {
             self.lora_config().validate("--lora-*")?;
         }
         Ok(())
+    }
+
+    /// The settings of `other` that differ from this run's, as flags with both values
+    /// (`--lr (0.005 there, 0.5 here)`); the run directory and `max_steps` are not compared,
+    /// since a resumed run may have moved and may run longer.
+    pub fn differences(&self, other: &FinetuneConfig) -> Result<Vec<String>> {
+        let as_map = |c: &FinetuneConfig| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(m)) => Ok(m),
+            other => Err(Error::Msg(format!("finetune configuration did not serialize to an object: {other:?}"))),
+        };
+        let (a, b) = (as_map(self)?, as_map(other)?);
+        Ok(a.iter()
+            .filter(|(k, v)| !matches!(k.as_str(), "out_dir" | "max_steps") && b.get(k.as_str()) != Some(*v))
+            .map(|(k, v)| {
+                let here = b.get(k.as_str()).cloned().unwrap_or(serde_json::Value::Null);
+                format!("--{} ({v} there, {here} here)", k.replace('_', "-"))
+            })
+            .collect())
     }
 
     /// The PEFT adapter configuration this run writes.
@@ -318,12 +351,15 @@ pub fn prepare_run_dir(cfg: &FinetuneConfig, resume: bool) -> Result<Option<chec
     let loaded = if resume {
         let dir = checkpoint::latest(&ckpt_root)?
             .ok_or_else(|| Error::Msg(format!("--resume: no checkpoint in {}", ckpt_root.display())))?;
-        let saved: FinetuneConfig = lmstack_core::io::read_json(&out.join("finetune.json"))?;
-        let same = FinetuneConfig { max_steps: cfg.max_steps, ..saved.clone() };
-        if &same != cfg {
+        let saved_at = out.join("finetune.json");
+        let saved: FinetuneConfig = lmstack_core::io::read_json(&saved_at)?;
+        let differ = saved.differences(cfg)?;
+        if !differ.is_empty() {
             return Err(Error::Msg(format!(
-                "--resume: the settings differ from the run's {} (only --max-steps may change)",
-                out.join("finetune.json").display()
+                "--resume: {} differ{} from the run's {} (only --max-steps may change on resume; leave the other flags out to keep the run's settings)",
+                differ.join(", "),
+                if differ.len() == 1 { "s" } else { "" },
+                saved_at.display()
             )));
         }
         Some(checkpoint::load(&dir)?)
@@ -392,6 +428,9 @@ pub fn grow_vocab(
 /// Runs (or with `resume`, continues) a finetuning run.
 pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: bool) -> Result<FinetuneSummary> {
     cfg.validate()?;
+    if cfg.task != Task::Sft {
+        return Err(Error::Msg("a classify run is trained by `train finetune --task classify`".into()));
+    }
     let out = &cfg.out_dir;
     let ckpt_root = out.join("checkpoints");
     let resume_from = prepare_run_dir(cfg, resume)?;
@@ -528,8 +567,16 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         training.store(true, Ordering::Relaxed);
         v
     };
-    let base_val = if val.is_empty() { f64::NAN } else { eval_model(&model)? };
-    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), resume.then_some(state.step))?;
+    // A resumed run's "before" is the base's loss its log recorded at step 0, not the loss of
+    // the partly trained model it resumes.
+    let metrics_path = out.join("metrics.jsonl");
+    let logged = if resume { metrics::initial_val(&metrics_path)? } else { None };
+    let base_val = match logged {
+        _ if val.is_empty() => f64::NAN,
+        Some(v) => v,
+        None => eval_model(&model)?,
+    };
+    let mut log = MetricsLog::open(&metrics_path, resume.then_some(state.step))?;
     if !resume && !val.is_empty() {
         log.write(&Record::val(0, base_val, true))?;
     }
@@ -548,10 +595,15 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         skipped,
         if val.is_empty() {
             "no validation examples (pass --val-data)".to_owned()
+        } else if resume && logged.is_none() {
+            format!("validation loss at step {}: {base_val:.4}", state.step)
         } else {
             format!("validation loss before: {base_val:.4}")
         }
     );
+    if resume {
+        println!("resuming at step {} of {}", state.step, cfg.max_steps);
+    }
 
     let bar = metrics::progress_bar(progress, cfg.max_steps, state.step);
     let save_ckpt = |state: &TrainerState, opt: &AdamW| -> Result<()> {

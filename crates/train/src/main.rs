@@ -75,85 +75,150 @@ struct SynthArgs {
     seed: u64,
 }
 
+/// Flags override the defaults (with `--resume`, the run's saved `finetune.json`).
 #[derive(Args, Debug)]
 struct FinetuneArgs {
     /// `sft`: instruction finetuning of a causal LM; `classify`: a classification head on a
-    /// masked LM (bert).
-    #[arg(long, default_value = "sft", value_parser = ["sft", "classify"])]
-    task: String,
-    /// Base model directory (default: runs/shakespeare-char/model; classify:
-    /// runs/shakespeare-bert/model).
+    /// masked LM (bert) [default: sft].
+    #[arg(long, value_enum)]
+    task: Option<lmstack_train::finetune::Task>,
+    /// Base model directory [default: runs/shakespeare-char/model; classify:
+    /// runs/shakespeare-bert/model].
     #[arg(long)]
     base: Option<PathBuf>,
-    /// Training examples, JSONL (default: data/synth/train.jsonl; classify:
-    /// data/classify/train.jsonl with `{"text", "label"}` lines).
+    /// Training examples, JSONL [default: data/synth/train.jsonl; classify:
+    /// data/classify/train.jsonl with `{"text", "label"}` lines].
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Held-out examples (JSONL); default: --val-fraction of --data (classify:
-    /// data/classify/test.jsonl).
+    /// Held-out examples (JSONL) [default: --val-fraction of --data; classify:
+    /// data/classify/test.jsonl].
     #[arg(long)]
     val_data: Option<PathBuf>,
-    /// Held out for validation without --val-data.
-    #[arg(long, default_value_t = 0.05)]
-    val_fraction: f64,
-    /// Run directory (default: runs/finetune; classify: runs/classify).
+    /// Held out for validation without --val-data [default: 0.05].
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Run directory [default: runs/finetune; classify: runs/classify].
     #[arg(long)]
     out_dir: Option<PathBuf>,
-    /// `full` (every weight) or `lora` (adapters on a frozen base); default lora (classify:
-    /// full, the only one it supports).
+    /// `full` (every weight) or `lora` (adapters on a frozen base) [default: lora; classify:
+    /// full, the only one it supports].
     #[arg(long, value_enum)]
     method: Option<lmstack_train::finetune::Method>,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    lora_r: usize,
-    /// LoRA alpha (scale = alpha / r).
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f64,
-    /// Dropout on the adapters' input.
-    #[arg(long, default_value_t = 0.05)]
-    lora_dropout: f64,
-    /// Modules to adapt (comma-separated names, e.g. c_attn,c_proj or q_proj,v_proj), or all-linear.
-    #[arg(long, value_delimiter = ',', default_value = "all-linear")]
-    target_modules: Vec<String>,
-    /// Chat template: model (the base's own, else plain), plain, chatml, or a Jinja file.
-    #[arg(long, default_value = "model")]
-    chat_template: String,
+    /// LoRA rank [default: 8].
+    #[arg(long)]
+    lora_r: Option<usize>,
+    /// LoRA alpha (scale = alpha / r) [default: 16].
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input [default: 0.05].
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Modules to adapt (comma-separated names, e.g. c_attn,c_proj or q_proj,v_proj), or
+    /// all-linear [default: all-linear].
+    #[arg(long, value_delimiter = ',')]
+    target_modules: Option<Vec<String>>,
+    /// Chat template: model (the base's own, else plain), plain, chatml, or a Jinja file
+    /// [default: model].
+    #[arg(long)]
+    chat_template: Option<String>,
     /// Also score the prompt tokens.
     #[arg(long)]
     train_on_inputs: bool,
-    /// Optimizer steps (default 1500; classify 600).
+    /// Optimizer steps [default: 1500; classify: 600].
     #[arg(long)]
     max_steps: Option<u64>,
-    /// Examples per micro-batch.
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
-    /// Micro-batches per step.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Peak learning rate (default: 1e-3 for LoRA, 3e-4 for full).
+    /// Examples per micro-batch [default: 16].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per step [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate; the cosine ends at a tenth of it [default: 5e-3 for LoRA, 1e-3 for
+    /// full, 1e-4 for classify].
     #[arg(long)]
     lr: Option<f64>,
-    /// Warmup steps.
-    #[arg(long, default_value_t = 20)]
-    warmup_steps: u64,
-    /// Weight decay.
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// Validation every N steps.
-    #[arg(long, default_value_t = 250)]
-    eval_interval: u64,
-    /// Checkpoint every N steps.
-    #[arg(long, default_value_t = 100)]
-    checkpoint_interval: u64,
-    /// Seed.
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
-    /// Continue the run in --out-dir.
+    /// Warmup steps [default: 20].
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Weight decay [default: 0].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Validation every N steps [default: 250].
+    #[arg(long)]
+    eval_interval: Option<u64>,
+    /// Checkpoint every N steps [default: 100].
+    #[arg(long)]
+    checkpoint_interval: Option<u64>,
+    /// Seed [default: 1337].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue the run in --out-dir from its latest checkpoint, with the settings it saved
+    /// (only --max-steps may change).
     #[arg(long)]
     resume: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+impl FinetuneArgs {
+    fn resolve(&self) -> Result<lmstack_train::finetune::FinetuneConfig> {
+        use lmstack_train::finetune::{FinetuneConfig, Method, Task};
+        let out_for = |task| PathBuf::from(if task == Task::Classify { "runs/classify" } else { "runs/finetune" });
+        // A resumed run starts from the settings it saved, so that `--resume --out-dir DIR`
+        // alone continues it (`--task` is needed only to find the default classify dir).
+        let saved = match self.resume {
+            true => {
+                let at = self.out_dir.clone().unwrap_or_else(|| out_for(self.task.unwrap_or_default()));
+                let at = at.join("finetune.json");
+                at.is_file().then(|| lmstack_core::io::read_json::<FinetuneConfig>(&at)).transpose()?
+            }
+            false => None,
+        };
+        let mut c = match saved {
+            Some(saved) => saved,
+            None => {
+                let task = self.task.unwrap_or_default();
+                let classify = task == Task::Classify;
+                let method = self.method.unwrap_or(if classify { Method::Full } else { Method::Lora });
+                let lr = match (classify, method) {
+                    (true, _) => 1e-4,
+                    (false, Method::Lora) => 5e-3,
+                    (false, Method::Full) => 1e-3,
+                };
+                let pick = |sft: &str, cls: &str| PathBuf::from(if classify { cls } else { sft });
+                FinetuneConfig {
+                    task,
+                    base: pick("runs/shakespeare-char/model", "runs/shakespeare-bert/model"),
+                    data: pick("data/synth/train.jsonl", "data/classify/train.jsonl"),
+                    val_data: classify.then(|| "data/classify/test.jsonl".into()),
+                    out_dir: out_for(task),
+                    method,
+                    max_steps: if classify { 600 } else { 1500 },
+                    lr,
+                    min_lr: lr / 10.0,
+                    ..FinetuneConfig::default()
+                }
+            }
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(task, base, data, val_fraction, out_dir, method, lora_r, lora_alpha, lora_dropout, target_modules);
+        set!(chat_template, max_steps, batch_size, grad_accum, warmup_steps, weight_decay, eval_interval);
+        set!(checkpoint_interval, seed);
+        if self.val_data.is_some() {
+            c.val_data = self.val_data.clone();
+        }
+        if let Some(lr) = self.lr {
+            (c.lr, c.min_lr) = (lr, lr / 10.0);
+        }
+        c.train_on_inputs |= self.train_on_inputs;
+        if c.task == Task::Classify && c.method == Method::Lora {
+            anyhow::bail!("--task classify trains every weight; --method lora is not supported for it");
+        }
+        Ok(c)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -180,46 +245,10 @@ fn synth_cmd(a: &SynthArgs) -> Result<ExitCode> {
 }
 
 fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
-    use lmstack_train::finetune::{self, FinetuneConfig, Method};
-    let d = FinetuneConfig::default();
-    let classify = a.task == "classify";
-    let method = a.method.unwrap_or(if classify { Method::Full } else { Method::Lora });
-    if classify && method == Method::Lora {
-        anyhow::bail!("--task classify trains every weight; --method lora is not supported for it");
-    }
-    let lr = a.lr.unwrap_or(match (classify, method) {
-        (true, _) => 1e-4,
-        (false, Method::Lora) => 5e-3,
-        (false, Method::Full) => 1e-3,
-    });
-    let pick = |v: &Option<PathBuf>, sft: &str, cls: &str| {
-        v.clone().unwrap_or_else(|| (if classify { cls } else { sft }).into())
-    };
-    let cfg = FinetuneConfig {
-        base: pick(&a.base, "runs/shakespeare-char/model", "runs/shakespeare-bert/model"),
-        data: pick(&a.data, "data/synth/train.jsonl", "data/classify/train.jsonl"),
-        val_data: a.val_data.clone().or_else(|| classify.then(|| "data/classify/test.jsonl".into())),
-        val_fraction: a.val_fraction,
-        out_dir: pick(&a.out_dir, "runs/finetune", "runs/classify"),
-        method,
-        lora_r: a.lora_r,
-        lora_alpha: a.lora_alpha,
-        lora_dropout: a.lora_dropout,
-        target_modules: a.target_modules.clone(),
-        chat_template: a.chat_template.clone(),
-        train_on_inputs: a.train_on_inputs,
-        max_steps: a.max_steps.unwrap_or(if classify { 600 } else { 1500 }),
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        lr,
-        min_lr: lr / 10.0,
-        warmup_steps: a.warmup_steps,
-        weight_decay: a.weight_decay,
-        eval_interval: a.eval_interval,
-        checkpoint_interval: a.checkpoint_interval,
-        seed: a.seed,
-        ..d
-    };
+    use lmstack_train::finetune::{self, Task};
+    let cfg = a.resolve()?;
+    let classify = cfg.task == Task::Classify;
+    let resume_line = format!("continue with: train finetune --resume --out-dir {}", cfg.out_dir.display());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -232,7 +261,7 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
     if classify {
         let s = lmstack_train::classify::run(&cfg, a.resume, stop, !a.quiet)?;
         if s.interrupted {
-            println!("interrupted at step {}; continue with --resume", s.steps);
+            println!("interrupted at step {}; {resume_line}", s.steps);
             return Ok(ExitCode::from(130));
         }
         println!(
@@ -252,7 +281,7 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
     }
     let s = finetune::run(&cfg, a.resume, stop, !a.quiet)?;
     if s.interrupted {
-        println!("interrupted at step {}; continue with --resume", s.steps);
+        println!("interrupted at step {}; {resume_line}", s.steps);
         return Ok(ExitCode::from(130));
     }
     let val = match s.val_loss {

@@ -131,6 +131,15 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
         .collect()
 }
 
+/// The validation figure a run logged before its first step (a resumed run reports it as its
+/// "before"), if the log has one.
+pub fn initial_val(path: &Path) -> Result<Option<f64>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    Ok(read(path)?.iter().find(|r| r.step == 0 && r.split == "val").map(|r| r.loss))
+}
+
 /// Draws the train and validation loss curves as a self-contained SVG.
 pub fn loss_svg(records: &[Record], title: &str) -> String {
     let (w, h) = (720.0, 420.0);

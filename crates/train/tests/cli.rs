@@ -185,6 +185,23 @@ fn synth_finetune_merge_and_sample_from_the_command_line() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("LoRA finetuning") && out.contains("validation loss"), "{out}");
+    let before = |out: &str| out.split("validation loss before: ").nth(1).map(|s| s[..6].to_owned());
+    let first_before = before(&out).expect("a validation loss before finetuning");
+    // `--resume --out-dir` alone continues with the run's saved settings (base, data, batch
+    // size); a setting that differs is named, with both values.
+    let o =
+        train().args(["finetune", "--resume", "--max-steps", "6", "--quiet", "--out-dir"]).arg(&ft).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("done: 6 steps"), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    // Its "before" is the base's loss, not that of the model it resumed.
+    assert_eq!(before(&out), Some(first_before), "{out}");
+    let o = train()
+        .args(["finetune", "--resume", "--max-steps", "8", "--batch-size", "2", "--out-dir"])
+        .arg(&ft)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--batch-size (4 there, 2 here)"), "{err}");
     let merged = d.join("merged");
     let o = train()
         .args(["merge", "--base"])

@@ -14,7 +14,7 @@ use lmstack_core::lora::{self, LoraConfig, TargetModules};
 use lmstack_core::params::ParamStore;
 use lmstack_core::{Model, ModelConfig, Pretrained, Tokenizer};
 use lmstack_train::batches::Batch;
-use lmstack_train::finetune::{self, FinetuneConfig, Method};
+use lmstack_train::finetune::{self, FinetuneConfig, Method, Task};
 use lmstack_train::pretrain::batch_loss;
 use lmstack_train::sft::{self, ChatFormat, Example};
 
@@ -301,6 +301,7 @@ fn a_masked_lm_learns_to_classify_and_fills_masks() {
     std::fs::write(dir.path().join("train.jsonl"), train).unwrap();
     std::fs::write(dir.path().join("test.jsonl"), test).unwrap();
     let c = FinetuneConfig {
+        task: Task::Classify,
         val_data: Some(dir.path().join("test.jsonl")),
         lr: 3e-3,
         min_lr: 3e-4,
@@ -311,6 +312,10 @@ fn a_masked_lm_learns_to_classify_and_fills_masks() {
     let s = classify::run(&c, false, Arc::new(AtomicBool::new(false)), false).unwrap();
     assert_eq!(s.labels, ["question", "statement"]);
     assert!(s.accuracy.1.unwrap() >= 0.95, "{s:?}");
+    // Resumed for more steps, the run reports the accuracy before training, not at the resume.
+    let longer = FinetuneConfig { max_steps: 44, ..c.clone() };
+    let s2 = classify::run(&longer, true, Arc::new(AtomicBool::new(false)), false).unwrap();
+    assert_eq!((s2.steps, s2.accuracy.0), (44, s.accuracy.0), "{s2:?}");
     let m = Pretrained::load(&dir.path().join("cls/model"), DType::F32, &Device::Cpu).unwrap();
     let p = classify::predict(&m, &["why is the owl sea", "the fig is oak"]).unwrap();
     assert_eq!((p[0][0].0.as_str(), p[1][0].0.as_str()), ("question", "statement"));

@@ -119,7 +119,8 @@ impl SplitTuner {
     }
 
     /// Called as each step starts, at `now`, with its `tokens` and whether it could split;
-    /// returns whether it runs as two halves.
+    /// returns whether it runs as two halves. The gap that counts as idle runs from the end
+    /// of the previous step ([`SplitTuner::after_step`]; without it, from its start).
     pub fn on_step(&mut self, now: Instant, tokens: usize, eligible: bool) -> bool {
         let gap = self.last.is_some_and(|l| now.saturating_duration_since(l) > Self::MAX_GAP);
         self.last = Some(now);
@@ -179,6 +180,12 @@ impl SplitTuner {
                 *split
             }
         }
+    }
+
+    /// Called when a step (forward, sampling and streaming) has finished, at `now`: a long
+    /// step is not an idle engine.
+    pub fn after_step(&mut self, now: Instant) {
+        self.last = Some(now);
     }
 
     fn on_step_held(&mut self, eligible: bool) -> bool {
@@ -483,6 +490,7 @@ impl Engine {
             self.admit();
             if !self.running.is_empty() {
                 self.step();
+                self.tuner.after_step(Instant::now());
             }
             self.update_gauges();
         }
@@ -879,6 +887,15 @@ mod tests {
         assert!(!t.on_step(now, 16, true), "the window before the gap was closed");
         drive_from(&mut t, now, 100, 1.0, 1.3);
         assert_eq!(t.chosen(), Some(false));
+        // A long step is not idleness: a step of 80 ms ended just before the next keeps the
+        // window (it closes on schedule and the trial moves on to the other mode).
+        let mut t = SplitTuner::new(2, 0, 2, 10);
+        let now = Instant::now();
+        assert!(!t.on_step(now, 16, true));
+        t.after_step(now + std::time::Duration::from_millis(80));
+        assert!(!t.on_step(now + std::time::Duration::from_millis(81), 16, true));
+        t.after_step(now + std::time::Duration::from_millis(161));
+        assert!(t.on_step(now + std::time::Duration::from_millis(162), 16, true), "the window closed, two halves next");
     }
 
     #[test]

@@ -246,7 +246,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         None => accuracy(&frozen(&model)?, &val, pad)?,
     };
     let mut log = MetricsLog::open(&metrics_path, resume.then_some(state.step))?;
-    if !resume {
+    if !resume && !val.is_empty() {
         log.write(&Record::val(0, 1.0 - acc_before, false))?;
     }
     println!(

@@ -173,6 +173,16 @@ impl FinetuneConfig {
         Ok(())
     }
 
+    /// Reads a run's saved `finetune.json`; one saved before `task` was recorded takes `task`
+    /// (the caller's) when given, else reads as `sft`.
+    pub fn read_saved(path: &Path, task: Option<Task>) -> Result<FinetuneConfig> {
+        let mut v: serde_json::Value = lmstack_core::io::read_json(path)?;
+        if let (Some(obj), Some(task)) = (v.as_object_mut(), task) {
+            obj.entry("task").or_insert(serde_json::json!(task));
+        }
+        serde_json::from_value(v).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+    }
+
     /// The settings of `other` that differ from this run's, as flags with both values
     /// (`--lr (0.005 there, 0.5 here)`); the run directory and `max_steps` are not compared,
     /// since a resumed run may have moved and may run longer.
@@ -352,7 +362,7 @@ pub fn prepare_run_dir(cfg: &FinetuneConfig, resume: bool) -> Result<Option<chec
         let dir = checkpoint::latest(&ckpt_root)?
             .ok_or_else(|| Error::Msg(format!("--resume: no checkpoint in {}", ckpt_root.display())))?;
         let saved_at = out.join("finetune.json");
-        let saved: FinetuneConfig = lmstack_core::io::read_json(&saved_at)?;
+        let saved = FinetuneConfig::read_saved(&saved_at, Some(cfg.task))?;
         let differ = saved.differences(cfg)?;
         if !differ.is_empty() {
             return Err(Error::Msg(format!(

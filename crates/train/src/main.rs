@@ -171,7 +171,7 @@ impl FinetuneArgs {
             true => {
                 let at = self.out_dir.clone().unwrap_or_else(|| out_for(self.task.unwrap_or_default()));
                 let at = at.join("finetune.json");
-                at.is_file().then(|| lmstack_core::io::read_json::<FinetuneConfig>(&at)).transpose()?
+                at.is_file().then(|| FinetuneConfig::read_saved(&at, self.task)).transpose()?
             }
             false => None,
         };

@@ -316,6 +316,15 @@ fn a_masked_lm_learns_to_classify_and_fills_masks() {
     let longer = FinetuneConfig { max_steps: 44, ..c.clone() };
     let s2 = classify::run(&longer, true, Arc::new(AtomicBool::new(false)), false).unwrap();
     assert_eq!((s2.steps, s2.accuracy.0), (44, s.accuracy.0), "{s2:?}");
+    // A run saved before `task` was recorded resumes as the task it is given.
+    let saved = dir.path().join("cls/finetune.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("task");
+    std::fs::write(&saved, json.to_string()).unwrap();
+    let s3 =
+        classify::run(&FinetuneConfig { max_steps: 46, ..c.clone() }, true, Arc::new(AtomicBool::new(false)), false)
+            .unwrap();
+    assert_eq!(s3.steps, 46);
     let m = Pretrained::load(&dir.path().join("cls/model"), DType::F32, &Device::Cpu).unwrap();
     let p = classify::predict(&m, &["why is the owl sea", "the fig is oak"]).unwrap();
     assert_eq!((p[0][0].0.as_str(), p[1][0].0.as_str()), ("question", "statement"));

@@ -253,6 +253,7 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
     let flag = stop.clone();
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint (the last one saved stays)");
             std::process::exit(130);
         }
         eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit at once)");

@@ -100,6 +100,13 @@ enum TunerState {
     Holding { split: bool, left: usize },
 }
 
+impl TunerState {
+    /// A new trial whose first window runs `split`.
+    fn trying(split: bool) -> Self {
+        Self::Trying { split, start: None, steps: 0, tokens: 0, rates: [vec![], vec![]] }
+    }
+}
+
 impl Default for SplitTuner {
     fn default() -> Self {
         Self::new(128, 16, 3, 4000)
@@ -114,8 +121,8 @@ impl SplitTuner {
     /// steps in its mode, `pairs` windows per mode per trial, and `hold` eligible steps between
     /// trials.
     pub fn new(window: usize, settle: usize, pairs: usize, hold: usize) -> Self {
-        let fresh = TunerState::Trying { split: false, start: None, steps: 0, tokens: 0, rates: [vec![], vec![]] };
-        Self { window: window.max(1), settle, pairs: pairs.max(1), hold, state: fresh, last: None, chosen: None }
+        let state = TunerState::trying(false);
+        Self { window: window.max(1), settle, pairs: pairs.max(1), hold, state, last: None, chosen: None }
     }
 
     /// Called as each step starts, at `now`, with its `tokens` and whether it could split;
@@ -130,13 +137,7 @@ impl SplitTuner {
                 if eligible {
                     *left = left.saturating_sub(1);
                     if *left == 0 {
-                        self.state = TunerState::Trying {
-                            split: !*split,
-                            start: None,
-                            steps: 0,
-                            tokens: 0,
-                            rates: [vec![], vec![]],
-                        };
+                        self.state = TunerState::trying(!*split);
                     }
                 }
                 choice
@@ -162,7 +163,8 @@ impl SplitTuner {
                         tracing::debug!(one_thread = one, two_halves = two, "split-step trial (tokens/s)");
                         self.state = TunerState::Holding { split: two > one, left: self.hold.max(1) };
                         self.chosen = Some(two > one);
-                        return self.on_step_held(eligible);
+                        // This step is the first of the hold (`last` is now: no gap).
+                        return self.on_step(now, tokens, eligible);
                     }
                 }
                 if !eligible {
@@ -186,18 +188,6 @@ impl SplitTuner {
     /// step is not an idle engine.
     pub fn after_step(&mut self, now: Instant) {
         self.last = Some(now);
-    }
-
-    fn on_step_held(&mut self, eligible: bool) -> bool {
-        match &mut self.state {
-            TunerState::Holding { split, left } => {
-                if eligible {
-                    *left = left.saturating_sub(1);
-                }
-                *split && eligible
-            }
-            TunerState::Trying { .. } => false,
-        }
     }
 
     /// Whether the last finished trial chose two halves (`None` until one has finished).

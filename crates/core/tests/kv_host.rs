@@ -8,6 +8,14 @@ mod common;
 use common::{fixture, max_diff};
 use lmstack_core::{ops, simd, DType, Device, Model, SeqStep, Tensor};
 
+/// Serialises the tests of this file: one switches the process-wide kernel toggles, which the
+/// others read (a repack is skipped while the AVX2 build is off).
+static TOGGLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    TOGGLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Runs three sequences through a prefill step (lengths 3, 9, 1) and three mixed steps.
 fn run(m: &Model) -> Vec<Tensor> {
     let v = m.config().vocab_size() as u32;
@@ -28,6 +36,7 @@ fn run(m: &Model) -> Vec<Tensor> {
 
 #[test]
 fn host_caches_match_the_tensor_path() {
+    let _serial = serial();
     for name in ["tiny-gpt2", "tiny-llama"] {
         let m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         ops::set_enabled(true);
@@ -58,6 +67,7 @@ fn host_caches_match_the_tensor_path() {
 
 #[test]
 fn repacking_releases_the_original_weights() {
+    let _serial = serial();
     if !simd::has_avx2_fma() {
         return;
     }
@@ -100,6 +110,7 @@ fn repacking_releases_the_original_weights() {
 
 #[test]
 fn a_repacked_masked_lm_gives_the_same_outputs() {
+    let _serial = serial();
     // BERT's decoder (tied to the word embedding) is not repacked, so the embedding stays.
     let m = Model::load(&fixture("tiny-bert"), DType::F32, &Device::Cpu).unwrap();
     let mut packed = Model::load(&fixture("tiny-bert"), DType::F32, &Device::Cpu).unwrap();

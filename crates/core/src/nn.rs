@@ -555,6 +555,20 @@ pub fn attention_qkv(
     attention(&q, &k, &v, ctx, layer, scale)
 }
 
+/// Keeps only the tokens `keep` lists of the residual stream `x` and the attention output
+/// `attn` (both `[b, t, w]`, indices along `t`), or both whole when `keep` is `None`.
+///
+/// A causal model's last layer calls it after its attention: a prompt token's keys and values
+/// are cached by then, and only the tokens whose logits are wanted (usually a sequence's last)
+/// need the output projection, the MLP and the final norm — llama.cpp prunes its last layer
+/// the same way. Every other token's row is exactly as without pruning.
+pub fn keep_rows(x: Tensor, attn: Tensor, keep: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    match keep {
+        Some(rows) if rows.dim(0)? < x.dim(1)? => Ok((x.index_select(rows, 1)?, attn.index_select(rows, 1)?)),
+        _ => Ok((x, attn)),
+    }
+}
+
 /// Scaled dot-product attention with grouped-query heads.
 ///
 /// # Shapes

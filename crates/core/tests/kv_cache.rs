@@ -107,20 +107,28 @@ fn batched_sequences_of_different_lengths_match_running_alone() {
 fn mixed_prefill_and_decode_in_one_step() {
     for (name, m) in models() {
         let v = m.config().vocab_size();
-        let (a, b) = (tokens(10, 7, v), tokens(8, 8, v));
-        let (fa, fb) = (full_logits(&m, &a), full_logits(&m, &b));
+        let (a, b, c) = (tokens(10, 7, v), tokens(8, 8, v), tokens(5, 9, v));
+        let (fa, fb, fc) = (full_logits(&m, &a), full_logits(&m, &b), full_logits(&m, &c));
         let mut ca = m.new_cache();
         let mut cb = m.new_cache();
+        let mut cc = m.new_cache();
         m.forward_cached(&mut [SeqStep { tokens: &a[..9], cache: &mut ca, all_logits: false }]).unwrap();
-        // `a` decodes its 10th token while `b` is prefilled whole.
+        // `a` decodes its 10th token while `b` is prefilled whole (all but its last token's
+        // row pruned after the last layer's attention) and `c`, in the same step, asks for
+        // every row.
         let out = m
             .forward_cached(&mut [
                 SeqStep { tokens: &a[9..], cache: &mut ca, all_logits: false },
-                SeqStep { tokens: &b, cache: &mut cb, all_logits: false },
+                SeqStep { tokens: &b[..7], cache: &mut cb, all_logits: false },
+                SeqStep { tokens: &c, cache: &mut cc, all_logits: true },
             ])
             .unwrap();
         assert!(max_diff(&out[0], &fa.narrow(0, 9, 1).unwrap()) < TOL, "{name}: decode");
-        assert!(max_diff(&out[1], &fb.narrow(0, 7, 1).unwrap()) < TOL, "{name}: prefill");
+        assert!(max_diff(&out[1], &fb.narrow(0, 6, 1).unwrap()) < TOL, "{name}: prefill");
+        assert!(max_diff(&out[2], &fc) < TOL, "{name}: all rows");
+        // The pruned prefill cached every layer's keys and values: `b` continues exactly.
+        let out = m.forward_cached(&mut [SeqStep { tokens: &b[7..], cache: &mut cb, all_logits: false }]).unwrap();
+        assert!(max_diff(&out[0], &fb.narrow(0, 7, 1).unwrap()) < TOL, "{name}: decode after a pruned prefill");
     }
 }
 

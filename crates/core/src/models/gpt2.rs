@@ -8,7 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::Gpt2Config;
-use crate::nn::{attention_qkv, AttnCtx, Embedding, LayerNorm, Linear};
+use crate::nn::{attention_qkv, keep_rows, AttnCtx, Embedding, LayerNorm, Linear};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -82,16 +82,27 @@ impl Gpt2 {
         Ok(Self { wte, wpe, h, ln_f, lm_head, cfg: cfg.clone() })
     }
 
-    /// Final hidden states (after `ln_f`).
+    /// Final hidden states (after `ln_f`): of every token, or of the tokens `keep` lists (see
+    /// [`keep_rows`]).
     ///
     /// # Shapes
-    /// `ids`, `positions`: `[b, t]` (u32) → `[b, t, n_embd]`.
-    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, ctx: &mut AttnCtx<'_, '_>) -> Result<Tensor> {
+    /// `ids`, `positions`: `[b, t]` (u32) → `[b, t, n_embd]`; with `keep` (`[k]`, u32),
+    /// `[b, k, n_embd]`.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        ctx: &mut AttnCtx<'_, '_>,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let mut x = self.wte.forward(ids)?.broadcast_add(&self.wpe.forward(positions)?)?;
         let act = self.cfg.activation_function;
         for (i, blk) in self.h.iter().enumerate() {
             let qkv = blk.attn.c_attn.forward(&blk.ln_1.forward(&x)?)?;
-            let a = attention_qkv(&qkv, blk.attn.n_head, ctx, i, blk.attn.scale)?;
+            let mut a = attention_qkv(&qkv, blk.attn.n_head, ctx, i, blk.attn.scale)?;
+            if i + 1 == self.h.len() {
+                (x, a) = keep_rows(x, a, keep)?;
+            }
             x = (x + blk.attn.c_proj.forward(&a)?)?;
             let m = blk.mlp.c_fc.forward(&blk.ln_2.forward(&x)?)?;
             x = (&x + blk.mlp.c_proj.forward(&act.forward(&m)?)?)?;

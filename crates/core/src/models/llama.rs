@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::LlamaConfig;
-use crate::nn::{attention, AttnCtx, Embedding, Linear, RmsNorm, Rotary};
+use crate::nn::{attention, keep_rows, AttnCtx, Embedding, Linear, RmsNorm, Rotary};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -90,11 +90,19 @@ impl Llama {
         Ok(Self { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone() })
     }
 
-    /// Final hidden states (after the last RMSNorm).
+    /// Final hidden states (after the last RMSNorm): of every token, or of the tokens `keep`
+    /// lists (see [`keep_rows`]).
     ///
     /// # Shapes
-    /// `ids`, `positions`: `[b, t]` (u32) → `[b, t, hidden_size]`.
-    pub fn hidden(&self, ids: &Tensor, positions: &Tensor, ctx: &mut AttnCtx<'_, '_>) -> Result<Tensor> {
+    /// `ids`, `positions`: `[b, t]` (u32) → `[b, t, hidden_size]`; with `keep` (`[k]`, u32),
+    /// `[b, k, hidden_size]`.
+    pub fn hidden(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        ctx: &mut AttnCtx<'_, '_>,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (h, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
         let scale = 1.0 / (hd as f64).sqrt();
         let mut x = self.embed_tokens.forward(ids)?;
@@ -107,7 +115,10 @@ impl Llama {
             let v = a.v_proj.forward(&xn)?.reshape((b, t, kvh, hd))?;
             let q = self.rotary.apply(&q, positions)?;
             let k = self.rotary.apply(&k, positions)?;
-            let o = attention(&q, &k, &v, ctx, i, scale)?;
+            let mut o = attention(&q, &k, &v, ctx, i, scale)?;
+            if i + 1 == self.layers.len() {
+                (x, o) = keep_rows(x, o, keep)?;
+            }
             x = (x + a.o_proj.forward(&o)?)?;
             let xn = blk.post_attention_layernorm.forward(&x)?;
             let f = &blk.mlp;

@@ -317,8 +317,8 @@ impl Model {
         };
         let mut ctx = AttnCtx::Batch { mask, causal, key_mask };
         match &self.arch {
-            Arch::Gpt2(m) => m.hidden(input_ids, &positions, &mut ctx),
-            Arch::Llama(m) => m.hidden(input_ids, &positions, &mut ctx),
+            Arch::Gpt2(m) => m.hidden(input_ids, &positions, &mut ctx, None),
+            Arch::Llama(m) => m.hidden(input_ids, &positions, &mut ctx, None),
             Arch::Bert(m) => {
                 let tt = match token_type_ids {
                     Some(t) => t.clone(),
@@ -442,14 +442,16 @@ impl Model {
         let pos_t = Tensor::from_vec(pos, (1, n), &self.device)?;
         let mut caches: Vec<&mut KvCache> = steps.iter_mut().map(|s| &mut *s.cache).collect();
         let mut ctx = AttnCtx::Packed { spans: &spans, caches: &mut caches };
+        // Only the rows whose logits are wanted go through the last layer's MLP (a prompt's
+        // other tokens are needed for their keys and values alone).
+        let n_rows = rows.len();
+        let keep = Tensor::from_vec(rows, n_rows, &self.device)?;
         let (hidden, head) = match &self.arch {
-            Arch::Gpt2(m) => (m.hidden(&ids_t, &pos_t, &mut ctx)?, m.lm_head()),
-            Arch::Llama(m) => (m.hidden(&ids_t, &pos_t, &mut ctx)?, m.lm_head()),
+            Arch::Gpt2(m) => (m.hidden(&ids_t, &pos_t, &mut ctx, Some(&keep))?, m.lm_head()),
+            Arch::Llama(m) => (m.hidden(&ids_t, &pos_t, &mut ctx, Some(&keep))?, m.lm_head()),
             Arch::Bert(_) => unreachable!("checked above"),
         };
-        let n_rows = rows.len();
-        let sel = hidden.i(0)?.index_select(&Tensor::from_vec(rows, n_rows, &self.device)?, 0)?;
-        let logits = head.forward(&sel)?.to_dtype(DType::F32)?;
+        let logits = head.forward(&hidden.i(0)?)?.to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(steps.len());
         let mut r = 0;
         for s in steps.iter() {

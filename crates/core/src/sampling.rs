@@ -1,9 +1,9 @@
 //! Token sampling: greedy, temperature, top-k, top-p (nucleus), min-p, repetition / frequency /
-//! presence penalties, a seeded RNG per sequence, and log-probabilities of the chosen and top
-//! tokens.
+//! presence penalties, OpenAI's logit bias, a seeded RNG per sequence, and log-probabilities of
+//! the chosen and top tokens.
 //!
-//! Order of operations follows Hugging Face `generate` and vLLM: penalties, then temperature,
-//! then the top-k / top-p / min-p filters, then a draw. Reported log-probabilities are those of
+//! Order of operations follows Hugging Face `generate` and vLLM: logit bias, penalties, then
+//! temperature, then the top-k / top-p / min-p filters, then a draw. Reported log-probabilities are those of
 //! the model's raw distribution (before penalties and temperature), as vLLM reports by default.
 
 use std::collections::HashMap;
@@ -35,6 +35,9 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// RNG seed; `None` draws a fresh one.
     pub seed: Option<u64>,
+    /// OpenAI's `logit_bias`: `(token, bias)` pairs added to those tokens' logits before
+    /// anything else, each bias in [-100, 100] (-100 in effect bans a token, 100 forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -48,6 +51,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -90,6 +94,9 @@ impl SamplingParams {
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
             return Err(Error::invalid("presence_penalty", format!("{} is outside [-2, 2]", self.presence_penalty)));
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(Error::invalid("logit_bias", format!("token {t}: {b} is outside [-100, 100]")));
         }
         Ok(())
     }
@@ -144,7 +151,7 @@ impl Sampler {
         let lse = logsumexp(logits);
         let logp = |i: u32| (logits[i as usize] as f64 - lse) as f32;
         let mut l: Vec<f32> = logits.to_vec();
-        self.apply_penalties(&mut l);
+        self.adjust_logits(&mut l);
         let token = if self.params.temperature == 0.0 { argmax(&l) } else { self.draw(&l) };
         self.seen.insert(token, ());
         *self.output_counts.entry(token).or_insert(0) += 1;
@@ -158,8 +165,13 @@ impl Sampler {
         *self.output_counts.entry(token).or_insert(0) += 1;
     }
 
-    fn apply_penalties(&self, l: &mut [f32]) {
+    fn adjust_logits(&self, l: &mut [f32]) {
         let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x += b;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             for &t in self.seen.keys() {
                 if let Some(x) = l.get_mut(t as usize) {

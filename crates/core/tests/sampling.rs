@@ -95,6 +95,25 @@ fn logsumexp_matches_f64_over_a_large_vocabulary() {
 }
 
 #[test]
+fn logit_bias_shifts_the_logits_before_choosing() {
+    // Token 3 (3.0) is greedy's choice; -1.5 on it leaves 5 (2.9) on top; +10 on 4 forces it.
+    let greedy = |bias: Vec<(u32, f32)>| draws(SamplingParams { logit_bias: bias, ..SamplingParams::greedy() }, 3);
+    assert_eq!(greedy(vec![(3, -1.5)]), vec![5; 3]);
+    assert_eq!(greedy(vec![(3, -1.5), (5, -100.0)]), vec![0; 3]);
+    assert!(draws(seeded(SamplingParams { logit_bias: vec![(4, 100.0)], ..Default::default() }), 50)
+        .iter()
+        .all(|&t| t == 4));
+    // An id outside this vocabulary is ignored here (the server refuses it up front), and the
+    // reported log-probability is the raw distribution's.
+    let mut s =
+        Sampler::new(SamplingParams { logit_bias: vec![(4, 100.0), (99, 5.0)], ..SamplingParams::greedy() }, &[], 0)
+            .unwrap();
+    let out = s.sample(&LOGITS).unwrap();
+    assert_eq!(out.token, 4);
+    assert!((out.logprob - log_softmax(&LOGITS)[4]).abs() < 1e-6);
+}
+
+#[test]
 fn invalid_parameters_name_the_field() {
     for (p, field) in [
         (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
@@ -103,6 +122,8 @@ fn invalid_parameters_name_the_field() {
         (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
         (SamplingParams { frequency_penalty: 3.0, ..Default::default() }, "frequency_penalty"),
         (SamplingParams { presence_penalty: f32::NAN, ..Default::default() }, "presence_penalty"),
+        (SamplingParams { logit_bias: vec![(1, -100.5)], ..Default::default() }, "logit_bias"),
+        (SamplingParams { logit_bias: vec![(1, f32::NAN)], ..Default::default() }, "logit_bias"),
     ] {
         let e = Sampler::new(p, &[], 0).unwrap_err().to_string();
         assert!(e.contains(&format!("`{field}`")), "{e}");

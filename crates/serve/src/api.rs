@@ -337,7 +337,29 @@ struct Plan {
     include_usage: bool,
 }
 
-fn plan(state: &AppState, s: &Sampling, max_tokens: usize, logprobs: Option<usize>) -> Result<Plan, ApiError> {
+/// OpenAI's `logit_bias`: token ids (as the map's keys) below `vocab` to biases (their range is
+/// checked with the other sampling parameters).
+fn logit_bias(map: &serde_json::Map<String, Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    map.iter()
+        .map(|(k, v)| {
+            let token = k.trim().parse::<u32>().ok().filter(|&t| (t as usize) < vocab).ok_or_else(|| {
+                ApiError::invalid("logit_bias", format!("logit_bias: key {k:?} is not a token id below {vocab}"))
+            })?;
+            let bias = v.as_f64().filter(|b| b.is_finite()).ok_or_else(|| {
+                ApiError::invalid("logit_bias", format!("logit_bias: the bias of token {token} is not a number: {v}"))
+            })?;
+            Ok((token, bias as f32))
+        })
+        .collect()
+}
+
+fn plan(
+    state: &AppState,
+    r: &Ready,
+    s: &Sampling,
+    max_tokens: usize,
+    logprobs: Option<usize>,
+) -> Result<Plan, ApiError> {
     let top_k = match s.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
@@ -352,14 +374,12 @@ fn plan(state: &AppState, s: &Sampling, max_tokens: usize, logprobs: Option<usiz
         frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
         presence_penalty: s.presence_penalty.unwrap_or(0.0),
         seed: s.seed,
+        logit_bias: s.logit_bias.as_ref().map(|b| logit_bias(b, r.vocab_size)).transpose()?.unwrap_or_default(),
     };
     params.validate().map_err(|e| match e {
         lmstack_core::Error::InvalidArgument { name, message } => ApiError::invalid(name, format!("{name}: {message}")),
         other => ApiError::invalid("body", other.to_string()),
     })?;
-    if s.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(ApiError::invalid("logit_bias", "logit_bias is not supported"));
-    }
     let n = s.n.unwrap_or(1) as usize;
     if !(1..=64).contains(&n) {
         return Err(ApiError::invalid("n", format!("{n} is outside 1..=64")));
@@ -542,7 +562,7 @@ async fn completions(
         check_ids(p, r.vocab_size, "prompt")?;
     }
     let logprobs = req.logprobs.map(|l| l as usize);
-    let mut plan = plan(&state, &req.sampling, req.max_tokens.unwrap_or(16) as usize, logprobs)?;
+    let mut plan = plan(&state, r, &req.sampling, req.max_tokens.unwrap_or(16) as usize, logprobs)?;
     if req.echo && logprobs.is_some() {
         plan.base.prompt_logprobs = logprobs;
     }
@@ -694,7 +714,7 @@ async fn chat_completions(
         }
     };
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0) as usize);
-    let plan = plan(&state, &req.sampling, max_tokens, logprobs)?;
+    let plan = plan(&state, r, &req.sampling, max_tokens, logprobs)?;
     let n = plan.n;
     let choices = submit_all(r, &plan, std::slice::from_ref(&ids), &req_id)?;
     let prompt_tokens = ids.len();

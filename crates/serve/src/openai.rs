@@ -1,6 +1,6 @@
 //! OpenAI request bodies and the error shape, with validation that names the offending field.
 //!
-//! Fields OpenAI defines but lmstack cannot honour (`logit_bias`, `suffix`, tools …) are
+//! Fields OpenAI defines but lmstack cannot honour (`suffix`, tools …) are
 //! refused with a 400 naming them rather than silently ignored; unknown fields are refused the
 //! same way. vLLM's extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`,
 //! `ignore_eos`, `skip_special_tokens`, …) are accepted.
@@ -252,7 +252,7 @@ pub struct Sampling {
     pub stream: bool,
     /// Streaming options.
     pub stream_options: Option<StreamOptions>,
-    /// Not supported (refused when non-empty).
+    /// Token ids (as strings) to biases in [-100, 100] added to their logits.
     pub logit_bias: Option<serde_json::Map<String, Value>>,
     /// Accepted and ignored (an end-user id for abuse monitoring).
     pub user: Option<String>,

@@ -149,7 +149,10 @@ async fn errors_have_openai_shape_and_name_the_field() {
     bad(json!({"prompt": "a", "n": 0}), "n").await;
     bad(json!({"prompt": "a", "logprobs": 50}), "logprobs").await;
     bad(json!({"prompt": "a", "colour": 1}), "colour").await;
-    bad(json!({"prompt": "a", "logit_bias": {"1": 5}}), "logit_bias").await;
+    bad(json!({"prompt": "a", "logit_bias": {"one": 5}}), "logit_bias").await;
+    bad(json!({"prompt": "a", "logit_bias": {"1": 101}}), "logit_bias").await;
+    bad(json!({"prompt": "a", "logit_bias": {"1": "5"}}), "logit_bias").await;
+    bad(json!({"prompt": "a", "logit_bias": {"99999999": 5}}), "logit_bias").await;
     bad(json!({"prompt": "a", "stop": ""}), "stop").await;
     bad(json!({"prompt": {"text": "a"}}), "prompt").await;
     // A value of the wrong type says what was expected, not the Rust type's name.
@@ -324,6 +327,47 @@ async fn stop_strings_and_tokens_end_generation() {
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), full_text.chars().take(pos).collect::<String>());
     assert_eq!(v["usage"]["completion_tokens"], pos + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_bans_and_forces_tokens() {
+    let (_d, opts) = setup();
+    let app = common::router(&opts);
+    let base =
+        json!({"prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0, "ignore_eos": true, "logprobs": 0});
+    let tokens = |v: &Value| -> Vec<String> {
+        let t = v["choices"][0]["logprobs"]["tokens"].as_array().unwrap_or_else(|| panic!("{v}"));
+        t.iter().map(|t| t.as_str().unwrap().to_owned()).collect()
+    };
+    let id = |app: Router, text: String| async move {
+        let v = post(&app, "/tokenize", json!({"prompt": text, "add_special_tokens": false})).await.json();
+        assert_eq!(v["tokens"].as_array().unwrap().len(), 1, "{v}");
+        v["tokens"][0].as_u64().unwrap()
+    };
+    let greedy = tokens(&post(&app, "/v1/completions", base.clone()).await.json());
+    let first = greedy[0].clone();
+    // -100 bans greedy's first token: the output starts differently and never uses it.
+    let mut body = base.clone();
+    body["logit_bias"] = json!({ id(app.clone(), first.clone()).await.to_string(): -100 });
+    let banned = tokens(&post(&app, "/v1/completions", body).await.json());
+    assert_eq!(banned.len(), 12);
+    assert!(!banned.contains(&first), "{banned:?} still has {first:?} (greedy: {greedy:?})");
+    // +100 on one token makes every sampled token that one, even at temperature 1, and the
+    // reported log-probabilities stay the model's own (not 0, as the biased distribution's).
+    let forced = if first == "e" { "a" } else { "e" };
+    let mut body = base.clone();
+    body["temperature"] = json!(1.0);
+    body["seed"] = json!(3);
+    body["logit_bias"] = json!({ id(app.clone(), forced.into()).await.to_string(): 100.0 });
+    let v = post(&app, "/v1/completions", body).await.json();
+    assert_eq!(tokens(&v), vec![forced; 12]);
+    let lps = v["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert!(lps.iter().all(|l| l.as_f64().unwrap() < -0.01), "{lps:?}");
+    // The chat endpoint takes it too.
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        "logit_bias": { id(app.clone(), forced.into()).await.to_string(): 100 }});
+    let v = post(&app, "/v1/chat/completions", chat).await.json();
+    assert_eq!(v["choices"][0]["message"]["content"], forced.repeat(4), "{v}");
 }
 
 /// Requests with different sampling parameters give the same output whether each runs alone

@@ -3,8 +3,9 @@
 //! the chosen and top tokens.
 //!
 //! Order of operations follows Hugging Face `generate` and vLLM: logit bias, penalties, then
-//! temperature, then the top-k / top-p / min-p filters, then a draw. Reported log-probabilities are those of
-//! the model's raw distribution (before penalties and temperature), as vLLM reports by default.
+//! temperature, then the top-k / top-p / min-p filters, then a draw. Reported log-probabilities
+//! are those of the model's raw distribution (before bias, penalties and temperature), as vLLM
+//! reports by default.
 
 use std::collections::HashMap;
 

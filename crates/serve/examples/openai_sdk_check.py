@@ -2,7 +2,9 @@
 each call returns: `python3 crates/serve/examples/openai_sdk_check.py [BASE_URL [API_KEY]]`
 (default http://127.0.0.1:8000/v1). Needs `pip install openai`. Exits non-zero on the first
 mismatch."""
+import json
 import sys
+import urllib.request
 
 import openai
 from openai import OpenAI
@@ -51,11 +53,22 @@ text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions
     model=model, max_tokens=10, stream=True, messages=[{"role": "user", "content": "Speak."}]) if c.choices)
 check("streamed chat", len(text) > 0, repr(text))
 
+# The token id of "e" from the server's own /tokenize (not an OpenAI endpoint: plain HTTP).
+req = urllib.request.Request(base.removesuffix("/v1") + "/tokenize", method="POST",
+                             data=json.dumps({"prompt": "e", "add_special_tokens": False}).encode(),
+                             headers={"content-type": "application/json",
+                                      "authorization": f"Bearer {client.api_key}"})
+e_id = json.load(urllib.request.urlopen(req))["tokens"][0]
+r = client.chat.completions.create(model=model, max_tokens=6, messages=[{"role": "user", "content": "Speak."}],
+                                   logit_bias={str(e_id): 100})
+check("chat with logit_bias forcing 'e'", r.choices[0].message.content == "eeeeee", repr(r.choices[0].message.content))
+
 for what, kw, status, param in [
     ("negative temperature", dict(model=model, prompt="x", temperature=-1), 400, "temperature"),
     ("unknown model", dict(model="no-such-model", prompt="x"), 404, "model"),
     ("prompt + max_tokens over the context", dict(model=model, prompt="x" * 60, max_tokens=5000), 400, "max_tokens"),
     ("stop of the wrong type", dict(model=model, prompt="x", stop=5), 400, "stop"),
+    ("logit_bias outside [-100, 100]", dict(model=model, prompt="x", logit_bias={"1": 500}), 400, "logit_bias"),
 ]:
     try:
         client.completions.create(**kw)

@@ -391,13 +391,20 @@ impl Model {
             return crate::ops::on_one_thread(|| self.forward_cached_one(steps));
         }
         if self.can_split(steps) {
-            let total: usize = steps.iter().map(|s| s.tokens.len()).sum();
-            let mut acc = 0;
+            // Halves of about equal cost: a token whose logits are not wanted skips about three
+            // quarters of the last layer (`nn::keep_rows`).
+            let layers = self.config.num_layers() as f32;
+            let cost = |s: &SeqStep<'_>| {
+                let pruned = if s.all_logits { 0 } else { s.tokens.len() - 1 };
+                s.tokens.len() as f32 - pruned as f32 * 0.75 / layers
+            };
+            let total: f32 = steps.iter().map(cost).sum();
+            let mut acc = 0.0;
             let cut = steps
                 .iter()
                 .position(|s| {
-                    acc += s.tokens.len();
-                    2 * acc >= total
+                    acc += cost(s);
+                    2.0 * acc >= total
                 })
                 .map_or(steps.len() / 2, |i| i + 1)
                 .clamp(1, steps.len() - 1);

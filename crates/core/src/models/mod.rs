@@ -350,7 +350,8 @@ impl Model {
     /// new token.
     ///
     /// On CPU, a step of several sequences of a small model is split into two halves of about
-    /// equal token counts that run on two threads: per-operation parallelism costs a thread
+    /// equal cost (token counts, a pruned prompt token counting less) that run on two threads:
+    /// per-operation parallelism costs a thread
     /// hand-off per matrix product, which small decode batches cannot amortise, while two
     /// independent halves synchronise once per step. A model whose weights outgrow the caches
     /// (over [`SPLIT_MAX_WEIGHT_BYTES`]) is instead memory-bound: there each matrix product is

@@ -11,7 +11,8 @@
 //!   `train` defaults), printing validation loss, tokens/s, ms/step and peak memory against the
 //!   targets (validation loss ≤ 1.88; PyTorch's ~15,000 tokens/s on the 2-core machine).
 //!
-//! - `bench serve [--gpt2] [--soak N] [--concurrency 1,16] [--seconds S] [--rounds N] [--model DIR]`: builds
+//! - `bench serve [--gpt2] [--soak N] [--concurrency 1,16] [--seconds S] [--rounds N] [--model DIR]
+//!   [--prefix-chars N] [--no-prefix-caching]`: builds
 //!   the release `serve` and its load generator (`crates/serve/examples/bench_serve.rs`) and
 //!   reports generated tokens/s, time to first token and inter-token latency at each
 //!   concurrency, optionally single-stream decode of a GPT-2 124M-shaped model and a memory

@@ -164,6 +164,42 @@ impl KvCache {
         })
     }
 
+    /// A new cache holding a copy of the first `len` tokens only, for a sequence expected to
+    /// reach `expected` tokens ([`KvCache::expect_tokens`]; 0 when unknown): a server starts
+    /// a request whose prompt begins like an earlier sequence from that sequence's keys and
+    /// values instead of computing them again (prefix caching). Keys and values depend only on
+    /// the tokens before them, so the copy is what a prefill of those tokens would write.
+    pub fn fork_prefix(&self, len: usize, expected: usize) -> Result<Self> {
+        if len > self.len() {
+            return Err(Error::invalid("len", format!("{len} tokens asked of a cache holding {}", self.len())));
+        }
+        let mut out = Self {
+            layers: vec![None; self.layers.len()],
+            host_kv: vec![(Vec::new(), Vec::new()); self.host_kv.len()],
+            host: self.host,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            max_len: self.max_len,
+            expected: 0,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        };
+        out.expect_tokens(expected);
+        if len == 0 {
+            return Ok(out);
+        }
+        let row = self.kv_heads * self.head_dim;
+        for (layer, (k, v)) in self.host_kv.iter().enumerate() {
+            out.host_append(layer, &k[..len * row], &v[..len * row])?;
+        }
+        for (layer, l) in self.layers.iter().enumerate() {
+            if let Some(l) = l {
+                out.append(layer, &l.k.narrow(1, 0, len)?, &l.v.narrow(1, 0, len)?)?;
+            }
+        }
+        Ok(out)
+    }
+
     /// Empties the cache, keeping its allocation.
     pub fn clear(&mut self) {
         self.truncate(0);

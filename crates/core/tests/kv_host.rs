@@ -126,3 +126,44 @@ fn a_repacked_masked_lm_gives_the_same_outputs() {
     let (a, b) = (m.forward(&ids, None).unwrap(), packed.forward(&ids, None).unwrap());
     assert!(max_diff(&a, &b) < 1e-5, "{}", max_diff(&a, &b));
 }
+
+/// A request that starts from a copy of another sequence's first tokens (prefix caching)
+/// continues exactly as if it had prefilled them itself, with host caches and with the tensor
+/// path; the donor is left as it was.
+#[test]
+fn a_forked_prefix_continues_like_a_full_prefill() {
+    let _serial = serial();
+    for host in [true, false] {
+        ops::set_enabled(host);
+        for name in ["tiny-gpt2", "tiny-llama"] {
+            let m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+            let v = m.config().vocab_size() as u32;
+            let toks: Vec<u32> = (0..20u32).map(|i| (i * 7 + i * i + 3) % v).collect();
+            let ids = Tensor::new(toks.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let full = m.forward(&ids, None).unwrap().squeeze(0).unwrap();
+            // The donor: a prefill of 12 tokens and two decode steps.
+            let mut donor = m.new_cache();
+            assert_eq!(donor.is_host(), host);
+            m.forward_cached(&mut [SeqStep { tokens: &toks[..12], cache: &mut donor, all_logits: false }]).unwrap();
+            for p in 12..14 {
+                m.forward_cached(&mut [SeqStep { tokens: &toks[p..p + 1], cache: &mut donor, all_logits: false }])
+                    .unwrap();
+            }
+            let mut fork = donor.fork_prefix(13, 20).unwrap();
+            assert_eq!((fork.len(), donor.len()), (13, 14));
+            assert!(fork.allocated_bytes() <= 20 * fork.bytes_per_token() || !host);
+            let o =
+                m.forward_cached(&mut [SeqStep { tokens: &toks[13..20], cache: &mut fork, all_logits: true }]).unwrap();
+            let d = max_diff(&o[0], &full.narrow(0, 13, 7).unwrap());
+            assert!(d < 1e-5, "{name} (host caches: {host}): the forked prefix's continuation differs by {d}");
+            // The donor still continues as before.
+            let o = m
+                .forward_cached(&mut [SeqStep { tokens: &toks[14..15], cache: &mut donor, all_logits: false }])
+                .unwrap();
+            assert!(max_diff(&o[0], &full.narrow(0, 14, 1).unwrap()) < 1e-5, "{name}: the donor changed");
+            assert!(donor.fork_prefix(16, 20).is_err(), "more tokens than the donor holds");
+            assert_eq!(donor.fork_prefix(0, 0).unwrap().len(), 0);
+        }
+    }
+    ops::set_enabled(true);
+}

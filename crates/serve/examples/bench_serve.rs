@@ -9,8 +9,12 @@
 //! ```text
 //! cargo run --release -p lmstack-serve --example bench_serve -- \
 //!     [--model DIR] [--concurrency 1,16] [--seconds 15] [--gpt2] [--soak 3000] [--no-repack]
-//!     [--split-steps auto|always|never] [--rounds N]
+//!     [--split-steps auto|always|never] [--rounds N] [--prefix-chars N] [--no-prefix-caching]
 //! ```
+//!
+//! `--prefix-chars N` starts every prompt with the same N characters (a shared system prompt
+//! or few-shot examples), which the server's prefix cache serves after the first request;
+//! `--no-prefix-caching` turns that cache off for comparison.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,8 +35,10 @@ struct Args {
     /// Sweeps of the concurrency levels, one after another (medians are printed when > 1).
     rounds: usize,
     serve: PathBuf,
-    /// Extra flags for `serve` (`--no-repack`, `--split-steps WAY`).
+    /// Extra flags for `serve` (`--no-repack`, `--split-steps WAY`, `--no-prefix-caching`).
     serve_flags: Vec<String>,
+    /// Characters every prompt starts with.
+    prefix_chars: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -46,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         rounds: 1,
         serve: root.join("target/release/serve"),
         serve_flags: Vec::new(),
+        prefix_chars: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -68,7 +75,8 @@ fn parse_args() -> Result<Args, String> {
             }
             "--serve" => a.serve = val()?.into(),
             "--gpt2" => a.gpt2 = true,
-            "--no-repack" => a.serve_flags.push(flag.clone()),
+            "--no-repack" | "--no-prefix-caching" => a.serve_flags.push(flag.clone()),
+            "--prefix-chars" => a.prefix_chars = val()?.parse().map_err(|_| "--prefix-chars: not a number")?,
             "--split-steps" => {
                 let v = val()?;
                 a.serve_flags.extend([flag.clone(), v]);
@@ -221,13 +229,19 @@ struct ChunkUsage {
     completion_tokens: usize,
 }
 
-fn request_body(rng: &mut impl Rng, text: &str, ctx: usize) -> Value {
-    // Prompts of 8..=24 characters, outputs of 16..=ctx-24 tokens (at most 96).
+/// Most tokens a request may generate: `ctx` less the longest prompt, at most 96.
+fn max_out(ctx: usize, prefix_chars: usize) -> usize {
+    ctx.saturating_sub(24 + prefix_chars).clamp(16, 96)
+}
+
+/// A request: the shared `prefix`, then 8..=24 characters from a random place in `text`;
+/// 16..=[`max_out`] tokens out.
+fn request_body(rng: &mut impl Rng, text: &str, prefix: &str, ctx: usize) -> Value {
     let plen = rng.random_range(8..=24usize);
     let start = rng.random_range(0..text.len() - 64);
     let start = (start..).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-    let prompt: String = text[start..].chars().take(plen).collect();
-    let max_out = (ctx - 24).clamp(16, 96);
+    let prompt: String = prefix.chars().chain(text[start..].chars().take(plen)).collect();
+    let max_out = max_out(ctx, prefix.chars().count());
     let max_tokens = rng.random_range(16..=max_out);
     json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "ignore_eos": true, "stream": true,
            "stream_options": {"include_usage": true}, "seed": rng.random::<u32>()})
@@ -239,6 +253,7 @@ async fn load(
     clients: usize,
     seconds: f64,
     text: Arc<String>,
+    prefix: Arc<String>,
     ctx: usize,
     max_requests: Option<usize>,
 ) -> (Stats, f64) {
@@ -249,6 +264,7 @@ async fn load(
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
             let (client, url, text, counter) = (client.clone(), url.to_owned(), text.clone(), counter.clone());
+            let prefix = prefix.clone();
             tokio::spawn(async move {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
                 let mut s = Stats::default();
@@ -261,7 +277,7 @@ async fn load(
                     if done {
                         break;
                     }
-                    let body = request_body(&mut rng, &text, ctx);
+                    let body = request_body(&mut rng, &text, &prefix, ctx);
                     match one_request(&client, &url, &body).await {
                         Ok((tokens, ttft, gaps)) => {
                             s.tokens += tokens;
@@ -358,7 +374,7 @@ fn cpu_seconds(pid: &str) -> [f64; 3] {
 
 /// Sums and counts of the batch-size, batch-token and step-duration histograms, and the steps
 /// split over two threads.
-async fn server_stats(url: &str) -> [f64; 8] {
+async fn server_stats(url: &str) -> [f64; 10] {
     let text = scrape(url).await;
     let get = |name: &str| metric(&text, name).unwrap_or(0.0);
     [
@@ -370,6 +386,8 @@ async fn server_stats(url: &str) -> [f64; 8] {
         get("lmstack_prefill_step_duration_seconds_sum"),
         get("lmstack_prefill_step_duration_seconds_count"),
         get("lmstack_split_steps_total"),
+        get("lmstack_prefix_cache_hits_total"),
+        get("lmstack_prefix_cache_queries_total"),
     ]
 }
 
@@ -395,13 +413,25 @@ async fn main() {
         ),
     };
     let ctx = ModelConfig::from_file(&model.join("config.json")).expect("config.json").max_position_embeddings();
+    if args.prefix_chars + 24 + 16 > ctx {
+        eprintln!(
+            "error: --prefix-chars {}: a prompt would not fit the context of {ctx} (at most {})",
+            args.prefix_chars,
+            ctx.saturating_sub(40)
+        );
+        std::process::exit(2);
+    }
+    // The shared beginning: the corpus's opening characters.
+    let prefix = Arc::new(text.chars().take(args.prefix_chars).collect::<String>());
+    let shared =
+        if args.prefix_chars > 0 { format!("the same {} chars, then ", args.prefix_chars) } else { String::new() };
     println!(
-        "\n== bench serve: {what}, context {ctx}; streaming clients, prompts 8-24 chars, outputs 16-{} tokens",
-        (ctx - 24).clamp(16, 96)
+        "\n== bench serve: {what}, context {ctx}; streaming clients, prompts {shared}8-24 chars, outputs 16-{} tokens",
+        max_out(ctx, args.prefix_chars)
     );
     let server = start_server(&args.serve, &model, &flags).await.unwrap_or_else(|e| panic!("{e}"));
     // Warm-up.
-    let _ = load(&server.url, 2, 1.0, text.clone(), ctx, None).await;
+    let _ = load(&server.url, 2, 1.0, text.clone(), prefix.clone(), ctx, None).await;
     // Tokens/s per round and level.
     let mut rounds: Vec<Vec<f64>> = Vec::new();
     for round in 0..args.rounds {
@@ -418,7 +448,7 @@ async fn main() {
             let before = server_stats(&server.url).await;
             let pid = server.child.id().to_string();
             let (cpu0, own0) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
-            let (mut s, wall) = load(&server.url, c, args.seconds, text.clone(), ctx, None).await;
+            let (mut s, wall) = load(&server.url, c, args.seconds, text.clone(), prefix.clone(), ctx, None).await;
             let (cpu1, own1) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
             let after = server_stats(&server.url).await;
             let tps = s.tokens as f64 / wall;
@@ -435,12 +465,13 @@ async fn main() {
             );
             let d = |i: usize| after[i] - before[i];
             println!(
-            "{:>11} server: {:.1} sequences and {:.1} tokens per step, {:.2} ms per step, {:.0} % of steps split over two threads",
+            "{:>11} server: {:.1} sequences and {:.1} tokens per step, {:.2} ms per step, {:.0} % of steps split over two threads, {:.0} % of prompt tokens found in the prefix cache",
             "",
             d(0) / d(1),
             d(2) / d(1),
             (d(3) + d(5)) / (d(4) + d(6)) * 1e3,
-            d(7) / d(1) * 100.0
+            d(7) / d(1) * 100.0,
+            d(8) / d(9) * 100.0
         );
             let per_token = |a: f64, b: f64| (b - a) / s.tokens.max(1) as f64 * 1e6;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -489,7 +520,7 @@ async fn main() {
         let mut done = 0;
         while done < args.soak {
             let n = chunk.min(args.soak - done);
-            let (s, wall) = load(&server.url, 16, 0.0, text.clone(), ctx, Some(n)).await;
+            let (s, wall) = load(&server.url, 16, 0.0, text.clone(), prefix.clone(), ctx, Some(n)).await;
             done += s.requests;
             println!(
                 "after {done:>6} requests: server RSS {:>7.1} MiB  ({:.0} tokens/s)",

@@ -26,6 +26,9 @@ a = client.completions.create(model=model, prompt="ROMEO:", max_tokens=20, tempe
 b = client.completions.create(model=model, prompt="ROMEO:", max_tokens=20, temperature=0.8, seed=3)
 check("completion with a seed", a.choices[0].text == b.choices[0].text and a.usage.completion_tokens > 0,
       repr(a.choices[0].text))
+# The repeated prompt's keys and values came from the prefix cache: all but its last token.
+cached = b.usage.prompt_tokens_details.cached_tokens
+check("usage.prompt_tokens_details.cached_tokens", cached == b.usage.prompt_tokens - 1, b.usage)
 
 r = client.completions.create(model=model, prompt=["To be", "or not"], max_tokens=5, logprobs=2)
 check("list prompt with logprobs", len(r.choices) == 2 and len(r.choices[0].logprobs.top_logprobs[0]) == 2,

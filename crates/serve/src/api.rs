@@ -445,8 +445,34 @@ fn failed(timeout: bool, message: String) -> ApiError {
     ApiError::status(status, message)
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+/// Token counts of one response, as OpenAI and vLLM count them: each prompt once however many
+/// choices it has (`n` per prompt), every choice's completion, and of a prompt's tokens those
+/// whose keys and values came from the prefix cache (the fewest any of its choices had).
+struct Counts {
+    prompt: usize,
+    n: usize,
+    cached: Vec<usize>,
+    completion: usize,
+}
+
+impl Counts {
+    fn new(prompts: &[Vec<u32>], n: usize) -> Self {
+        Self { prompt: prompts.iter().map(Vec::len).sum(), n, cached: vec![usize::MAX; prompts.len()], completion: 0 }
+    }
+
+    /// Choice `i` finished.
+    fn add(&mut self, i: usize, cached: usize, completion: usize) {
+        let c = &mut self.cached[i / self.n];
+        *c = (*c).min(cached);
+        self.completion += completion;
+    }
+
+    /// OpenAI's `usage` object.
+    fn usage(&self) -> Value {
+        let cached: usize = self.cached.iter().map(|&c| if c == usize::MAX { 0 } else { c }).sum();
+        json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion,
+               "total_tokens": self.prompt + self.completion, "prompt_tokens_details": {"cached_tokens": cached}})
+    }
 }
 
 /// Accumulates one choice of a non-streamed response.
@@ -456,6 +482,7 @@ struct ChoiceAcc {
     prompt_lps: Vec<Option<TokenLogprob>>,
     lps: Vec<TokenLogprob>,
     finish: Option<&'static str>,
+    cached_tokens: usize,
     completion_tokens: usize,
 }
 
@@ -469,9 +496,10 @@ async fn collect(mut choices: Choices, count: usize) -> Result<Vec<ChoiceAcc>, A
                 a.text.push_str(&text);
                 a.lps.extend(logprob);
             }
-            Event::Finished { text, reason, completion_tokens, .. } => {
+            Event::Finished { text, reason, cached_tokens, completion_tokens, .. } => {
                 a.text.push_str(&text);
                 a.finish = Some(reason.as_str());
+                a.cached_tokens = cached_tokens;
                 a.completion_tokens = completion_tokens;
             }
             Event::Failed { timeout, message } => return Err(failed(timeout, message)),
@@ -569,8 +597,7 @@ async fn completions(
     let choices = submit_all(r, &plan, &prompts, &req_id)?;
     let id = state.new_id("cmpl");
     let n = plan.n;
-    // As OpenAI and vLLM count: each prompt once, however many choices it has.
-    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let mut counts = Counts::new(&prompts, n);
     // Echoed prompt text per prompt.
     let echo: Vec<Option<String>> = if req.echo {
         texts
@@ -584,12 +611,11 @@ async fn completions(
     if !plan.stream {
         let head = json!({"id": id, "object": "text_completion", "created": now(), "model": state.model_name});
         let acc = collect(choices, prompts.len() * n).await?;
-        let mut completion_tokens = 0;
         let out: Vec<Value> = acc
             .into_iter()
             .enumerate()
             .map(|(i, a)| {
-                completion_tokens += a.completion_tokens;
+                counts.add(i, a.cached_tokens, a.completion_tokens);
                 let prefix = echo[i / n].clone().unwrap_or_default();
                 let lp = logprobs.map(|_| {
                     let mut toks: Vec<Option<&TokenLogprob>> = Vec::new();
@@ -606,7 +632,7 @@ async fn completions(
             .collect();
         let mut body = head;
         body["choices"] = Value::Array(out);
-        body["usage"] = usage(prompt_tokens, completion_tokens);
+        body["usage"] = counts.usage();
         return Ok(Json(body).into_response());
     }
     let tokenizer = r.tokenizer.clone();
@@ -618,7 +644,6 @@ async fn completions(
     Ok(sse(move |tx| async move {
         let mut choices = choices;
         let mut offsets = vec![0usize; prompts_c.len() * n];
-        let mut completion_tokens = 0;
         let chunk = |index: usize, text: String, lp: Value, finish: Option<&str>| {
             head.chunk(&TextChoice { index, text: &text, logprobs: &lp, finish_reason: finish })
         };
@@ -649,8 +674,8 @@ async fn completions(
                     offsets[i] += text.chars().count();
                     chunk(i, text, lp, None)
                 }
-                Event::Finished { text, reason, completion_tokens: c, .. } => {
-                    completion_tokens += c;
+                Event::Finished { text, reason, cached_tokens, completion_tokens, .. } => {
+                    counts.add(i, cached_tokens, completion_tokens);
                     chunk(i, text, Value::Null, Some(reason.as_str()))
                 }
                 Event::Failed { timeout, message } => {
@@ -662,7 +687,7 @@ async fn completions(
                 return;
             }
         }
-        finish_stream(&tx, include_usage, &head, prompt_tokens, completion_tokens).await;
+        finish_stream(&tx, include_usage, &head, &counts).await;
     }))
 }
 
@@ -717,11 +742,13 @@ async fn chat_completions(
     let plan = plan(&state, r, &req.sampling, max_tokens, logprobs)?;
     let n = plan.n;
     let choices = submit_all(r, &plan, std::slice::from_ref(&ids), &req_id)?;
-    let prompt_tokens = ids.len();
+    let mut counts = Counts::new(std::slice::from_ref(&ids), n);
     let id = state.new_id("chatcmpl");
     if !plan.stream {
         let acc = collect(choices, n).await?;
-        let completion_tokens: usize = acc.iter().map(|a| a.completion_tokens).sum();
+        for (i, a) in acc.iter().enumerate() {
+            counts.add(i, a.cached_tokens, a.completion_tokens);
+        }
         let out: Vec<Value> = acc
             .into_iter()
             .enumerate()
@@ -732,7 +759,7 @@ async fn chat_completions(
             .collect();
         return Ok(Json(json!({
             "id": id, "object": "chat.completion", "created": now(), "model": state.model_name,
-            "choices": out, "usage": usage(prompt_tokens, completion_tokens),
+            "choices": out, "usage": counts.usage(),
         }))
         .into_response());
     }
@@ -749,7 +776,6 @@ async fn chat_completions(
                 return;
             }
         }
-        let mut completion_tokens = 0;
         while let Some((i, ev)) = choices.next().await {
             let msg = match ev {
                 Event::Prompt(_) => continue,
@@ -760,8 +786,8 @@ async fn chat_completions(
                     let lp = logprob.map_or(Value::Null, |l| chat_logprobs(std::slice::from_ref(&l)));
                     chunk(i, Delta::content(&text), lp, None)
                 }
-                Event::Finished { text, reason, completion_tokens: c, .. } => {
-                    completion_tokens += c;
+                Event::Finished { text, reason, cached_tokens, completion_tokens, .. } => {
+                    counts.add(i, cached_tokens, completion_tokens);
                     if !text.is_empty() && !send(&tx, chunk(i, Delta::content(&text), Value::Null, None)).await {
                         return;
                     }
@@ -776,20 +802,14 @@ async fn chat_completions(
                 return;
             }
         }
-        finish_stream(&tx, include_usage, &head, prompt_tokens, completion_tokens).await;
+        finish_stream(&tx, include_usage, &head, &counts).await;
     }))
 }
 
 /// The last chunk of a stream: usage, when the client asked for it.
-async fn finish_stream(
-    tx: &SseTx,
-    include_usage: bool,
-    head: &ChunkHead,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-) {
+async fn finish_stream(tx: &SseTx, include_usage: bool, head: &ChunkHead, counts: &Counts) {
     if include_usage {
-        let _ = send(tx, format!("{}[],\"usage\":{}}}", head.prefix, usage(prompt_tokens, completion_tokens))).await;
+        let _ = send(tx, format!("{}[],\"usage\":{}}}", head.prefix, counts.usage())).await;
     }
 }
 

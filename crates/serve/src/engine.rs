@@ -40,6 +40,10 @@ pub struct EngineConfig {
     pub kv_cache_tokens: usize,
     /// Whether a step of several sequences runs as two halves on two threads.
     pub split_steps: SplitSteps,
+    /// Keep finished sequences' KV caches (within the budget's free part) and start a request
+    /// whose prompt begins like one of them, or like a running sequence, from a copy of those
+    /// tokens' keys and values instead of prefilling them again.
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +54,7 @@ impl Default for EngineConfig {
             max_queued: 256,
             kv_cache_tokens: 0,
             split_steps: SplitSteps::Auto,
+            prefix_caching: true,
         }
     }
 }
@@ -286,6 +291,8 @@ pub enum Event {
         reason: FinishReason,
         /// Prompt tokens.
         prompt_tokens: usize,
+        /// Prompt tokens whose keys and values were copied from the prefix cache, not computed.
+        cached_tokens: usize,
         /// Generated tokens.
         completion_tokens: usize,
     },
@@ -409,6 +416,9 @@ pub fn start(
         waiting: VecDeque::new(),
         running: Vec::new(),
         reserved: 0,
+        prefixes: Vec::new(),
+        prefix_tokens: 0,
+        clock: 0,
         tuner: SplitTuner::default(),
     };
     let join = std::thread::Builder::new().name("lmstack-engine".into()).spawn(move || engine.run()).expect("spawn");
@@ -429,6 +439,10 @@ struct Seq {
     decoder: IncrementalDecoder,
     /// Prompt tokens already in the cache.
     prefilled: usize,
+    /// Prompt tokens copied from the prefix cache at admission.
+    cached: usize,
+    /// Generated tokens already in the cache (after the prompt's).
+    fed: Vec<u32>,
     /// Last sampled token, not yet in the cache.
     pending: Option<u32>,
     generated: usize,
@@ -455,8 +469,29 @@ struct Engine {
     waiting: VecDeque<Waiting>,
     running: Vec<Seq>,
     reserved: usize,
+    /// Caches of finished sequences kept for prefix caching, and the tokens of room they hold.
+    prefixes: Vec<Prefix>,
+    prefix_tokens: usize,
+    /// Ticks at each admission; orders [`Prefix::used`].
+    clock: u64,
     /// [`SplitSteps::Auto`]'s measurements.
     tuner: SplitTuner,
+}
+
+/// A finished sequence's KV cache, kept for requests whose prompts begin with its tokens.
+struct Prefix {
+    /// The tokens whose keys and values `cache` holds.
+    ids: Vec<u32>,
+    cache: KvCache,
+    /// Tokens of room the cache's storage takes.
+    room: usize,
+    /// [`Engine::clock`] at its last use: the least recently used is evicted first.
+    used: u64,
+}
+
+/// Length of the common beginning of two token sequences.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 enum Outcome {
@@ -508,10 +543,12 @@ impl Engine {
             let s = &self.running[i];
             if s.tx.is_closed() {
                 self.metrics.cancelled.inc();
-                self.remove(i);
+                let s = self.remove(i);
+                self.keep_prefix(s);
             } else if expired(&s.req) {
                 let _ = s.tx.send(Event::Failed { timeout: true, message: "the request timed out".into() });
-                self.remove(i);
+                let s = self.remove(i);
+                self.keep_prefix(s);
             } else {
                 i += 1;
             }
@@ -543,13 +580,15 @@ impl Engine {
             };
             self.reserved += reserve;
             let decoder = self.tokenizer.incremental_decoder(w.req.skip_special_tokens);
-            let mut cache = self.model.new_cache();
-            cache.expect_tokens(reserve);
+            let (cache, cached) = self.prefix_for(&w.req, reserve);
+            self.evict_prefixes();
             self.running.push(Seq {
                 cache,
                 sampler,
                 decoder,
-                prefilled: 0,
+                prefilled: cached,
+                cached,
+                fed: Vec::new(),
                 pending: None,
                 generated: 0,
                 text: String::new(),
@@ -565,6 +604,109 @@ impl Engine {
         }
     }
 
+    /// A cache for a new request expected to reach `reserve` tokens: a copy of the longest
+    /// beginning of its prompt found among the kept caches and the running sequences (at most
+    /// all but the prompt's last token, whose logits are needed), or an empty one. Returns it
+    /// with the number of prompt tokens it holds.
+    fn prefix_for(&mut self, req: &Request, reserve: usize) -> (KvCache, usize) {
+        let empty = |model: &Model| {
+            let mut cache = model.new_cache();
+            cache.expect_tokens(reserve);
+            (cache, 0)
+        };
+        // Prompt log-probabilities need every prompt token's logits, so nothing is skipped.
+        if !self.config.prefix_caching || req.prompt_logprobs.is_some() {
+            return empty(&self.model);
+        }
+        let limit = req.prompt.len().saturating_sub(1);
+        self.clock += 1;
+        self.metrics.prefix_cache_queries.inc_by(limit as u64);
+        let (mut best, mut from) = (0, None);
+        for (i, p) in self.prefixes.iter().enumerate() {
+            let n = common_prefix(&p.ids, &req.prompt).min(limit).min(p.cache.len());
+            if n > best {
+                (best, from) = (n, Some(Ok(i)));
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            // A running sequence's cache holds its prompt's prefilled tokens, then its output's.
+            let mut n = common_prefix(&s.req.prompt[..s.prefilled], &req.prompt);
+            if n == s.req.prompt.len() {
+                n += common_prefix(&s.fed, &req.prompt[n..]);
+            }
+            let n = n.min(limit);
+            if n > best {
+                (best, from) = (n, Some(Err(i)));
+            }
+        }
+        let donor = match from {
+            None => return empty(&self.model),
+            Some(Ok(i)) => {
+                self.prefixes[i].used = self.clock;
+                &self.prefixes[i].cache
+            }
+            Some(Err(i)) => &self.running[i].cache,
+        };
+        match donor.fork_prefix(best, reserve) {
+            Ok(cache) => {
+                self.metrics.prefix_cache_hits.inc_by(best as u64);
+                (cache, best)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "copying a cached prefix failed; prefilling the whole prompt");
+                empty(&self.model)
+            }
+        }
+    }
+
+    /// Keeps a sequence's cache for prefix caching (when on and it holds anything), replacing
+    /// a kept cache whose tokens it begins with; then evicts down to the budget.
+    fn keep_prefix(&mut self, s: Seq) {
+        if !self.config.prefix_caching || s.cache.is_empty() {
+            return;
+        }
+        let mut ids = s.req.prompt[..s.prefilled].to_vec();
+        if s.prefilled == s.req.prompt.len() {
+            ids.extend_from_slice(&s.fed);
+        }
+        if ids.len() != s.cache.len() {
+            tracing::error!(
+                tokens = ids.len(),
+                cached = s.cache.len(),
+                "a sequence's cache and tokens disagree; not kept"
+            );
+            return;
+        }
+        // A kept cache that is a beginning of this one serves no request this one cannot; one
+        // this is a beginning of makes this one redundant.
+        if let Some(p) = self.prefixes.iter_mut().find(|p| common_prefix(&p.ids, &ids) == ids.len()) {
+            p.used = self.clock;
+            return;
+        }
+        let mut freed = 0;
+        self.prefixes.retain(|p| {
+            let covered = common_prefix(&p.ids, &ids) == p.ids.len();
+            if covered {
+                freed += p.room;
+            }
+            !covered
+        });
+        self.prefix_tokens -= freed;
+        let room = s.cache.allocated_bytes().div_ceil(self.bytes_per_token.max(1));
+        self.prefix_tokens += room;
+        self.prefixes.push(Prefix { ids, cache: s.cache, room, used: self.clock });
+        self.evict_prefixes();
+    }
+
+    /// Drops the least recently used kept caches until they fit in the budget's free part.
+    fn evict_prefixes(&mut self) {
+        while self.reserved + self.prefix_tokens > self.kv_budget && !self.prefixes.is_empty() {
+            let lru = (0..self.prefixes.len()).min_by_key(|&i| self.prefixes[i].used).expect("not empty");
+            let p = self.prefixes.swap_remove(lru);
+            self.prefix_tokens -= p.room;
+        }
+    }
+
     fn update_gauges(&self) {
         let m = &self.metrics;
         m.queue_length.set(self.waiting.len() as i64);
@@ -574,6 +716,7 @@ impl Engine {
         m.kv_cache_used_bytes.set((used * self.bytes_per_token) as i64);
         m.kv_cache_usage.set(used as f64 / self.kv_budget.max(1) as f64);
         m.kv_cache_reserved_tokens.set(self.reserved as i64);
+        m.prefix_cache_tokens.set(self.prefix_tokens as i64);
     }
 
     /// One forward over a batch of decode tokens and prefill chunks.
@@ -665,6 +808,7 @@ impl Engine {
         for (i, reason) in finished {
             let mut s = self.remove(i);
             self.finish(&mut s, reason);
+            self.keep_prefix(s);
         }
     }
 
@@ -674,7 +818,9 @@ impl Engine {
         let tok = &self.tokenizer;
         let max_len = self.model.max_len();
         let s = &mut self.running[i];
-        if s.pending.take().is_none() {
+        if let Some(t) = s.pending.take() {
+            s.fed.push(t);
+        } else {
             // A prefill chunk.
             let start = s.prefilled;
             s.prefilled += tokens.len();
@@ -758,6 +904,7 @@ impl Engine {
             text,
             reason,
             prompt_tokens: s.req.prompt.len(),
+            cached_tokens: s.cached,
             completion_tokens: s.generated,
         });
     }

@@ -64,6 +64,10 @@ struct Cli {
     /// measures faster for steps of 8 or more tokens, measured again every few seconds.
     #[arg(long, value_enum, default_value_t = SplitSteps::Auto)]
     split_steps: SplitSteps,
+    /// Do not keep finished sequences' KV caches for later requests whose prompts begin the
+    /// same way (prefix caching is on by default; kept caches give way when the budget is needed).
+    #[arg(long)]
+    no_prefix_caching: bool,
     /// Require `Authorization: Bearer KEY` (also read from LMSTACK_API_KEY); /health, /ready
     /// and /metrics stay open.
     #[arg(long, env = "LMSTACK_API_KEY", hide_env_values = true)]
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
             max_queued: cli.max_queued,
             kv_cache_tokens: cli.kv_cache_tokens,
             split_steps: cli.split_steps,
+            prefix_caching: !cli.no_prefix_caching,
         },
         api_key: cli.api_key.filter(|k| !k.is_empty()),
         cors_origins: cli.cors_origins,

@@ -53,6 +53,12 @@ pub struct Metrics {
     pub kv_cache_capacity_tokens: IntGauge,
     /// Used / capacity.
     pub kv_cache_usage: prometheus::Gauge,
+    /// Prompt tokens looked up in the prefix cache (all but each prompt's last).
+    pub prefix_cache_queries: IntCounter,
+    /// Prompt tokens found there: copied, not computed.
+    pub prefix_cache_hits: IntCounter,
+    /// Tokens of room held by finished sequences' caches kept for prefix caching.
+    pub prefix_cache_tokens: IntGauge,
 }
 
 const LATENCY: &[f64] = &[
@@ -124,6 +130,18 @@ impl Metrics {
                 &registry,
                 prometheus::Gauge::new("lmstack_kv_cache_usage_ratio", "KV-cache tokens in use / budget")
                     .expect("valid"),
+            ),
+            prefix_cache_queries: counter(
+                "lmstack_prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache (all but each prompt's last)",
+            ),
+            prefix_cache_hits: counter(
+                "lmstack_prefix_cache_hits_total",
+                "Prompt tokens whose keys and values were copied from the prefix cache instead of computed",
+            ),
+            prefix_cache_tokens: gauge(
+                "lmstack_prefix_cache_tokens",
+                "KV-cache tokens held by finished sequences kept for prefix caching (evicted when the budget needs them)",
             ),
             registry,
         }

@@ -94,7 +94,11 @@ async fn endpoints_respond() {
     let c = c.json();
     assert_eq!(c["object"], "text_completion");
     assert_eq!(c["choices"][0]["finish_reason"], "length");
-    assert_eq!(c["usage"], json!({"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}));
+    assert_eq!(
+        c["usage"],
+        json!({"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10,
+               "prompt_tokens_details": {"cached_tokens": 0}})
+    );
 
     let m = call(&app, "GET", "/metrics", None, &[]).await;
     for name in [
@@ -278,7 +282,10 @@ async fn streaming_matches_the_whole_response() {
         let choice = &whole["choices"][0];
         assert_eq!(text, choice["text"].as_str().or(choice["message"]["content"].as_str()).unwrap(), "{path}");
         assert_eq!(finish.as_deref(), Some("length"));
-        assert_eq!(usage, whole["usage"]);
+        // The same prompt again: all but its last token come from the prefix cache.
+        let mut expected = whole["usage"].clone();
+        expected["prompt_tokens_details"]["cached_tokens"] = json!(expected["prompt_tokens"].as_u64().unwrap() - 1);
+        assert_eq!(usage, expected);
         let first: Value = serde_json::from_str(&r.events()[0]).unwrap();
         if path == "/v1/chat/completions" {
             assert_eq!(first["object"], "chat.completion.chunk");
@@ -398,6 +405,8 @@ async fn seeded_outputs_are_the_same_alone_and_batched() {
         let (_d, mut opts) = setup();
         opts.engine.max_batch_tokens = 32; // long prompts are prefilled in chunks beside decodes
         opts.engine.split_steps = split;
+        // The batched requests repeat the alone ones' prompts: no copying them from the cache.
+        opts.engine.prefix_caching = false;
         let state = common::loaded_state(&opts);
         let app = api::router(state.clone());
         let mut alone = Vec::new();
@@ -424,6 +433,126 @@ async fn seeded_outputs_are_the_same_alone_and_batched() {
         }
     }
     assert_eq!(texts[0], texts[1], "one thread and split steps gave different texts");
+}
+
+/// The same choices, token for token, with log-probabilities equal to within float rounding.
+/// (Keys and values computed in a decode step or a short prefill chunk differ from a long
+/// chunk's in the last bits: their sums run in another order.)
+fn assert_same_choices(a: &Value, b: &Value, what: &str) {
+    let (a, b) = (a.as_array().unwrap(), b.as_array().unwrap());
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x["text"], y["text"], "{what}");
+        assert_eq!(x["finish_reason"], y["finish_reason"], "{what}");
+        assert_eq!(x["logprobs"]["tokens"], y["logprobs"]["tokens"], "{what}");
+        let lps = |v: &Value| -> Vec<f64> {
+            let mut out: Vec<f64> =
+                v["logprobs"]["token_logprobs"].as_array().unwrap().iter().filter_map(Value::as_f64).collect();
+            for top in v["logprobs"]["top_logprobs"].as_array().unwrap() {
+                out.extend(top.as_object().into_iter().flat_map(|m| m.values().filter_map(Value::as_f64)));
+            }
+            out
+        };
+        let (lx, ly) = (lps(x), lps(y));
+        assert_eq!(lx.len(), ly.len(), "{what}");
+        for (p, q) in lx.iter().zip(&ly) {
+            assert!((p - q).abs() < 1e-4, "{what}: log-probability {p} against {q}");
+        }
+    }
+}
+
+/// A prompt that begins like an earlier request's prompt (and output) starts from a copy of
+/// those tokens' keys and values: the usage and metrics count them as cached, and outputs are
+/// those of a server that computes every token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_beginning_like_an_earlier_one_reuses_its_cache() {
+    let p = "A fairly long prompt that several requests share. ";
+    let params = json!({"max_tokens": 10, "temperature": 0.8, "seed": 5, "logprobs": 2, "ignore_eos": true});
+    let body = |prompt: &str| {
+        let mut b = params.clone();
+        b["prompt"] = json!(prompt);
+        b
+    };
+    let mut apps = Vec::new();
+    for caching in [true, false] {
+        let (d, mut opts) = setup();
+        opts.engine.prefix_caching = caching;
+        let state = common::loaded_state(&opts);
+        apps.push((d, state.clone(), api::router(state)));
+    }
+    let run = |i: usize, b: Value| {
+        let app = apps[i].2.clone();
+        async move {
+            let r = post(&app, "/v1/completions", b).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            r.json()
+        }
+    };
+    let first = run(0, body(p)).await;
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let out = first["choices"][0]["text"].as_str().unwrap().to_owned();
+    let n = p.chars().count();
+    // (prompt, tokens expected to be cached): the first's output is cached but its last
+    // sampled token, and a prompt's own last token is always computed.
+    let follow = [
+        (format!("{p}and more"), n),
+        (p.to_owned(), n - 1),
+        (format!("{p}{out}"), n + out.chars().count() - 1),
+        ("Quite another prompt".to_owned(), 0),
+    ];
+    assert_same_choices(&run(1, body(p)).await["choices"], &first["choices"], "the first request");
+    let mut cached_total = 0;
+    for (prompt, cached) in &follow {
+        let hit = run(0, body(prompt)).await;
+        let miss = run(1, body(prompt)).await;
+        assert_same_choices(&hit["choices"], &miss["choices"], prompt);
+        assert_eq!(hit["usage"]["prompt_tokens_details"]["cached_tokens"], *cached, "{prompt:?}");
+        assert_eq!(miss["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        assert_eq!(hit["usage"]["prompt_tokens"], miss["usage"]["prompt_tokens"]);
+        cached_total += cached;
+    }
+    // Streamed usage reports it too; an echo with log-probabilities computes every token.
+    let mut b = body(&follow[0].0);
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({"include_usage": true});
+    let r = post(&apps[0].2, "/v1/completions", b).await;
+    let (_, _, usage) = stream_text(&r);
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], n + "and more".len() - 1, "{usage}");
+    cached_total += n + "and more".len() - 1;
+    let mut b = body(p);
+    b["echo"] = json!(true);
+    b["max_tokens"] = json!(0);
+    let echo = run(0, b.clone()).await;
+    assert_eq!(echo["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_same_choices(&echo["choices"], &run(1, b).await["choices"], "echo");
+    let m = &apps[0].1.metrics;
+    assert_eq!(m.prefix_cache_hits.get(), cached_total as u64);
+    assert!(m.prefix_cache_tokens.get() > 0);
+    let total_prompt: usize =
+        [p.len(), p.len()].into_iter().chain(follow.iter().map(|f| f.0.len())).sum::<usize>() + follow[0].0.len();
+    assert_eq!(m.prompt_tokens.get(), (total_prompt - cached_total) as u64, "prompt tokens computed");
+    // The server without caching computed every prompt token.
+    assert_eq!(apps[1].1.metrics.prefix_cache_hits.get(), 0);
+    assert_eq!(apps[1].1.metrics.prefix_cache_tokens.get(), 0);
+}
+
+/// Kept caches give way to running sequences: with a budget of two contexts, many different
+/// prompts in a row are all served and the kept caches never hold more than the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_caches_are_evicted_within_the_budget() {
+    let (_d, mut opts) = setup();
+    opts.engine.kv_cache_tokens = 256;
+    let state = common::loaded_state(&opts);
+    let app = api::router(state.clone());
+    for i in 0..40 {
+        let prompt = format!("{}{i}", ["alpha ", "beta "][i % 2].repeat(1 + i % 7));
+        let r = post(&app, "/v1/completions", json!({"prompt": prompt, "max_tokens": 60, "ignore_eos": true})).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let held = state.metrics.prefix_cache_tokens.get();
+        assert!(held <= 256, "request {i}: kept caches hold {held} tokens of room");
+    }
+    // The two openings alternate, so later requests found their beginnings cached.
+    assert!(state.metrics.prefix_cache_hits.get() > 100, "{}", state.metrics.prefix_cache_hits.get());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

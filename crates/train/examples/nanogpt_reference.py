@@ -52,7 +52,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab, ctx, layers, heads, d, bias):
+    def __init__(self, vocab, ctx, layers, heads, d, bias, std=0.02):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(ctx, d)
@@ -62,12 +62,12 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):  # residual projections, scaled by depth
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
+                nn.init.normal_(p, std=std / math.sqrt(2 * layers))
 
     def forward(self, idx, targets):
         pos = torch.arange(idx.shape[1])
@@ -86,6 +86,9 @@ def main():
     ap.add_argument("--eval-iters", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--lmstack-variant", action="store_true")
+    ap.add_argument("--init-std", default="0.02",
+                    help="standard deviation of the initial weights (nanoGPT: 0.02), or `fan-in` for "
+                         "1/sqrt(width); residual projections get it over sqrt(2 * layers)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -107,7 +110,8 @@ def main():
         return x, y
 
     bias = a.lmstack_variant
-    model = GPT(len(chars), ctx, 4, 4, 128, bias)
+    std = 1 / math.sqrt(128) if a.init_std == "fan-in" else float(a.init_std)
+    model = GPT(len(chars), ctx, 4, 4, 128, bias, std)
     params = [p for p in model.parameters() if p.requires_grad]
     if a.lmstack_variant:  # decay matrices only: not embeddings, biases or norms
         emb = {id(model.wte.weight), id(model.wpe.weight)}

@@ -438,6 +438,9 @@ struct PretrainArgs {
     /// Context length [default: 64].
     #[arg(long)]
     block_size: Option<usize>,
+    /// Standard deviation of the initial weights; 0 = 1/sqrt(n_embd) [default: 0; nanoGPT: 0.02].
+    #[arg(long)]
+    init_std: Option<f64>,
     /// Sequences per micro-batch [default: 12].
     #[arg(long)]
     batch_size: Option<usize>,
@@ -522,6 +525,7 @@ impl PretrainArgs {
             n_head,
             n_kv_head,
             n_embd,
+            init_std,
             block_size,
             batch_size,
             grad_accum,

@@ -102,7 +102,7 @@ fn build_tokenizer(cfg: &PretrainConfig, text: &str, out_dir: &Path) -> Result<T
 /// The `config.json` of the model a configuration describes.
 pub fn model_config(cfg: &PretrainConfig, vocab_size: usize) -> Result<ModelConfig> {
     let d = cfg.n_embd;
-    let json = match cfg.arch.as_str() {
+    let mut json = match cfg.arch.as_str() {
         "gpt2" => serde_json::json!({
             "model_type": "gpt2", "vocab_size": vocab_size, "n_positions": cfg.block_size, "n_embd": d,
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "activation_function": "gelu_new",
@@ -125,6 +125,7 @@ pub fn model_config(cfg: &PretrainConfig, vocab_size: usize) -> Result<ModelConf
         }),
         other => return Err(Error::Msg(format!("config field `arch`: `{other}` is not one of gpt2, llama, bert"))),
     };
+    json["initializer_range"] = serde_json::json!(cfg.resolved_init_std());
     Ok(ModelConfig::from_value(json, "pretrain config")?)
 }
 

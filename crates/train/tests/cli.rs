@@ -103,6 +103,7 @@ fn bad_flags_fail_with_one_clear_line() {
         (vec!["sample", "--model", "/nonexistent/model"], "/nonexistent/model"),
         (vec!["data", "--input", "/nonexistent/in.txt", "--out", "/tmp/x"], "/nonexistent/in.txt"),
         (vec!["--lr", "abc"], "invalid value"),
+        (vec!["--init-std", "inf"], "init_std"),
     ] {
         let res = train().args(&args).output().unwrap();
         assert!(!res.status.success(), "{args:?} succeeded");

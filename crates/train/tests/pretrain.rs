@@ -213,3 +213,39 @@ fn bad_input_is_a_clear_error() {
     let e = PretrainConfig::from_toml("lr = 0.1\nn_layers = 4\n", "run.toml").unwrap_err().to_string();
     assert!(e.contains("run.toml:2") && e.contains("n_layers"), "{e}");
 }
+
+/// `init_std` (0: 1/sqrt(n_embd)) is written to `config.json` as `initializer_range` and is the
+/// spread of the initial weights; GPT-2's residual projections get it over sqrt(2 * n_layer).
+#[test]
+fn initial_weights_have_the_configured_spread() {
+    use lmstack_core::{DType, Device, Model};
+    let std_of = |t: &lmstack_core::Tensor| {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt()
+    };
+    for (arch, init_std, want) in
+        [("gpt2", 0.0, 1.0 / 128f64.sqrt()), ("gpt2", 0.02, 0.02), ("llama", 0.0, 1.0 / 128f64.sqrt())]
+    {
+        let cfg = PretrainConfig { arch: arch.into(), n_embd: 128, n_layer: 4, init_std, ..PretrainConfig::default() };
+        assert_eq!(cfg.resolved_init_std(), want);
+        let mcfg = lmstack_train::pretrain::model_config(&cfg, 65).unwrap();
+        let m = Model::init(mcfg, 3, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(m.config_json()["initializer_range"], want, "{arch}");
+        let t = m.params().tensors();
+        let (fc, proj) = match arch {
+            "gpt2" => ("transformer.h.0.mlp.c_fc.weight", Some("transformer.h.0.mlp.c_proj.weight")),
+            _ => ("model.layers.0.mlp.up_proj.weight", None),
+        };
+        let s = std_of(&t[fc]);
+        assert!((s / want - 1.0).abs() < 0.05, "{arch} {fc}: spread {s}, configured {want}");
+        if let Some(p) = proj {
+            let s = std_of(&t[p]);
+            let scaled = want / 8f64.sqrt();
+            assert!((s / scaled - 1.0).abs() < 0.05, "{arch} {p}: spread {s}, expected {scaled}");
+        }
+    }
+    let bad = PretrainConfig { init_std: f64::INFINITY, ..PretrainConfig::default() };
+    assert!(bad.validate().unwrap_err().to_string().contains("init_std"));
+}

@@ -49,8 +49,9 @@ impl Gpt2 {
     pub fn load(vb: VarBuilder<'_>, cfg: &Gpt2Config) -> Result<Self> {
         let t = vb.pp("transformer");
         let d = cfg.n_embd;
-        let std = 0.02;
-        // GPT-2's scaled init of residual projections: 0.02 / sqrt(2 * n_layer).
+        // `initializer_range` (GPT-2 and nanoGPT: 0.02), and GPT-2's scaled init of the
+        // residual projections: that over sqrt(2 * n_layer).
+        let std = cfg.extra.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
         let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
         let wte = Embedding::load(t.pp("wte"), cfg.vocab_size, d, std)?;
         let wpe = Embedding::load(t.pp("wpe"), cfg.n_positions, d, std)?;

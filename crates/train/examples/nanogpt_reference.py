@@ -14,7 +14,9 @@ It prints nanoGPT's 20-batch validation estimate every 250 steps, the millisecon
 (training steps alone, as nanoGPT's per-iteration log, and all-in), and at the end the loss over
 the whole validation split in consecutive 64-token windows, as `train` reports it.
 `--lmstack-variant` uses biases and leaves embeddings, biases and norms out of weight decay, as
-lmstack's GPT-2 does. Nothing is downloaded: the corpus is the repository's
+lmstack's GPT-2 does. `--init-std fan-in` initialises at 1/sqrt(128) instead of nanoGPT's 0.02,
+as lmstack's `train` does by default (residual projections over sqrt(8) either way). Nothing
+is downloaded: the corpus is the repository's
 data/tinyshakespeare.txt.
 """
 

@@ -293,13 +293,24 @@ fn render_chat(
         let Some(obj) = m.as_object() else {
             return Err(ApiError::invalid(format!("messages[{i}]"), "each message must be an object"));
         };
-        match obj.get("role") {
-            Some(Value::String(_)) => {}
+        let role = match obj.get("role") {
+            Some(Value::String(role)) => role.as_str(),
             _ => return Err(ApiError::invalid(format!("messages[{i}].role"), "a message needs a string `role`")),
-        }
+        };
         let mut obj = obj.clone();
         match obj.get("content") {
-            None | Some(Value::Null) | Some(Value::String(_)) => {}
+            Some(Value::String(_)) => {}
+            // OpenAI allows an assistant message without content (it carried tool calls); a
+            // template reading `content` then sees empty text rather than failing on undefined.
+            None | Some(Value::Null) if role == "assistant" => {
+                obj.insert("content".into(), Value::String(String::new()));
+            }
+            None | Some(Value::Null) => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].content"),
+                    format!("a `{role}` message needs `content`"),
+                ))
+            }
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
                 for (j, p) in parts.iter().enumerate() {

@@ -180,6 +180,9 @@ async fn errors_have_openai_shape_and_name_the_field() {
     chat(json!({"messages": []}), "messages").await;
     chat(json!({"messages": [{"content": "x"}]}), "messages[0].role").await;
     chat(json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content").await;
+    chat(json!({"messages": [{"role": "user"}]}), "messages[0].content").await;
+    chat(json!({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": null}]}), "messages[1].content")
+        .await;
     chat(json!({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}), "tools").await;
     chat(json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), "top_logprobs").await;
 
@@ -615,6 +618,19 @@ async fn chat_and_choices() {
     // Prompt: <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n = 1+4+1+2+1+1+1+9+1.
     assert_eq!(v["usage"]["prompt_tokens"], 21);
     assert_eq!(v["usage"]["completion_tokens"], 18);
+    // An assistant turn without content (OpenAI allows it) renders as empty text.
+    let tokens = |assistant: Value| {
+        let app = app.clone();
+        async move {
+            let msgs = json!([{"role": "user", "content": "Hi"}, assistant, {"role": "user", "content": "Yo"}]);
+            let r = post(&app, "/v1/chat/completions", json!({"messages": msgs, "max_tokens": 1})).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            r.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+        }
+    };
+    let empty = tokens(json!({"role": "assistant", "content": ""})).await;
+    assert_eq!(tokens(json!({"role": "assistant", "content": null})).await, empty);
+    assert_eq!(tokens(json!({"role": "assistant"})).await, empty);
     // Several prompts × n choices, indexed prompt-major.
     let r = post(&app, "/v1/completions", json!({"prompt": ["ab", "cd"], "n": 2, "max_tokens": 2, "ignore_eos": true}))
         .await;

@@ -87,6 +87,33 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// This machine's physical memory in bytes (Linux `MemTotal`).
+fn physical_memory_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses a configuration whose attention scores alone — one `[batch, heads, block, block]`
+/// f32 tensor per layer, kept for the backward pass — exceed `memory` bytes: such a run could
+/// only end when the kernel kills it. A floor, not an estimate, so nothing that fits is refused.
+fn check_attention_fits(cfg: &PretrainConfig, memory: u64) -> Result<()> {
+    let t = cfg.block_size as u128;
+    let need = (cfg.n_layer * cfg.batch_size * cfg.n_head) as u128 * t * t * 4;
+    if need > memory as u128 {
+        let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+        return Err(Error::Msg(format!(
+            "config fields `block_size` = {} and `batch_size` = {}: the attention scores alone need {:.1} GiB (n_layer × batch_size × n_head × block_size² × 4 bytes), more than this machine's {:.1} GiB; lower block_size or batch_size (grad_accum keeps the tokens per step)",
+            cfg.block_size,
+            cfg.batch_size,
+            gib(need),
+            gib(memory as u128)
+        )));
+    }
+    Ok(())
+}
+
 fn build_tokenizer(cfg: &PretrainConfig, text: &str, out_dir: &Path) -> Result<Tokenizer> {
     let mut tok = crate::data::tokenizer_from_spec(&cfg.tokenizer, &[text], &[text], out_dir)?;
     if cfg.arch == "bert" && tok.mask_id().is_none() {
@@ -326,6 +353,9 @@ fn save_model_dir(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {
 /// Runs (or resumes) pretraining as configured.
 pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     cfg.validate()?;
+    if let Some(memory) = physical_memory_bytes() {
+        check_attention_fits(cfg, memory)?;
+    }
     let out = &cfg.out_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::Msg(format!("creating {}: {e}", out.display())))?;
     let ckpt_root = out.join("checkpoints");
@@ -572,4 +602,22 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     }
     lmstack_core::io::write_json(&out.join("summary.json"), &summary)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_beyond_memory_is_refused_naming_the_fields() {
+        let gib = 1u64 << 30;
+        let cfg = PretrainConfig::default();
+        check_attention_fits(&cfg, gib).unwrap();
+        // 4 layers × 12 × 4 heads × 4096² × 4 bytes = 12 GiB.
+        let long = PretrainConfig { block_size: 4096, ..PretrainConfig::default() };
+        check_attention_fits(&long, 24 * gib).unwrap();
+        let err = check_attention_fits(&long, 8 * gib).unwrap_err().to_string();
+        assert!(err.contains("`block_size` = 4096") && err.contains("`batch_size` = 12"), "{err}");
+        assert!(err.contains("12.0 GiB") && err.contains("8.0 GiB"), "{err}");
+    }
 }

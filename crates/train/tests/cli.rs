@@ -104,6 +104,8 @@ fn bad_flags_fail_with_one_clear_line() {
         (vec!["data", "--input", "/nonexistent/in.txt", "--out", "/tmp/x"], "/nonexistent/in.txt"),
         (vec!["--lr", "abc"], "invalid value"),
         (vec!["--init-std", "inf"], "init_std"),
+        // Attention scores of terabytes: refused up front, not killed by the kernel later.
+        (vec!["--block-size", "100000", "--out-dir", "/tmp/lmstack-cli-huge-block"], "`block_size` = 100000"),
     ] {
         let res = train().args(&args).output().unwrap();
         assert!(!res.status.success(), "{args:?} succeeded");

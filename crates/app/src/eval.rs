@@ -303,9 +303,12 @@ pub enum Threshold {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SuiteConfig {
-    /// Suite name.
+    /// Suite name (`group` in lm-evaluation-harness's group files).
+    #[serde(alias = "group")]
     pub name: String,
-    /// Task files, relative to the suite.
+    /// Task files relative to the suite, or names of tasks defined by YAML files in the suite's
+    /// folder (`task` in lm-evaluation-harness's group files).
+    #[serde(alias = "task")]
     pub tasks: Vec<PathBuf>,
     /// task → metric → bound.
     #[serde(default)]
@@ -322,16 +325,44 @@ pub struct Suite {
 }
 
 impl Suite {
-    /// Loads a suite and every task in it; thresholds must name tasks of the suite.
+    /// Loads a suite and every task in it; thresholds must name tasks of the suite. A task
+    /// file given as the suite is a suite of that one task, as lm-evaluation-harness's `--tasks`
+    /// takes a task YAML.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let Ok(serde_yaml_ng::Value::Mapping(m)) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text) {
+            if let Some(serde_yaml_ng::Value::String(name)) = m.get("task") {
+                let task = Task::load(path)?;
+                let tasks = vec![path.file_name().map(PathBuf::from).unwrap_or_default()];
+                let config = SuiteConfig { name: name.clone(), tasks, thresholds: BTreeMap::new() };
+                return Ok(Self { config, tasks: vec![task] });
+            }
+        }
         let config: SuiteConfig = serde_yaml_ng::from_str(&text).map_err(|e| {
             let at = e.location().map(|l| format!(":{}", l.line())).unwrap_or_default();
             anyhow::anyhow!("{file}{at}: {e}")
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let tasks = config.tasks.iter().map(|t| Task::load(&base.join(t))).collect::<Result<Vec<_>, _>>()?;
+        let tasks = config
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let p = base.join(t);
+                if p.is_file() {
+                    return Ok(Task::load(&p)?);
+                }
+                let name = t.to_string_lossy();
+                match task_file_named(base, &name) {
+                    Some(p) => Ok(Task::load(&p)?),
+                    None => Err(anyhow::anyhow!(
+                        "{file}: tasks[{i}]: `{name}` is neither a file nor the `task:` of a YAML file in {}",
+                        if base.as_os_str().is_empty() { Path::new(".") } else { base }.display()
+                    )),
+                }
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         for (t, ms) in &config.thresholds {
             let task = tasks
                 .iter()
@@ -345,6 +376,24 @@ impl Suite {
         }
         Ok(Self { config, tasks })
     }
+}
+
+/// The YAML file in `dir` (not its subfolders) whose `task:` is `name`, as lm-evaluation-harness
+/// finds tasks by name under an include path; files that do not parse are passed over.
+fn task_file_named(dir: &Path, name: &str) -> Option<PathBuf> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    files.into_iter().find(|p| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&t).ok())
+            .is_some_and(|v| v.get("task").and_then(serde_yaml_ng::Value::as_str) == Some(name))
+    })
 }
 
 /// Results of a suite in lm-evaluation-harness's shape.

@@ -2,7 +2,7 @@
 //! their local datasets.
 //!
 //! Supported keys: `task`, `dataset_path` (`json` or `csv`, with `dataset_kwargs.data_files`
-//! mapping split names to files relative to the YAML), `test_split`, `validation_split`,
+//! mapping split names to files relative to the YAML, or one file: the `train` split), `test_split`, `validation_split`,
 //! `training_split`, `fewshot_split`, `doc_to_text`, `doc_to_target`, `doc_to_choice` (Jinja, or
 //! a field name), `target_delimiter`, `fewshot_delimiter`, `num_fewshot`, `fewshot_config`
 //! (`sampler: first_n | random`), `description`, `output_type`, `generation_kwargs` (`until`,
@@ -121,9 +121,24 @@ pub struct MetricSpec {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetKwargs {
-    /// Split name → file (relative to the task YAML).
-    #[serde(default)]
+    /// Split name → file (relative to the task YAML); one file alone is the `train` split, as
+    /// in Hugging Face `datasets`.
+    #[serde(default, deserialize_with = "split_files")]
     pub data_files: BTreeMap<String, String>,
+}
+
+/// `data_files`: a map of split names to files, or one file (the `train` split).
+fn split_files<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a file name or a map of split names to file names")]
+    enum Files {
+        One(String),
+        Splits(BTreeMap<String, String>),
+    }
+    Ok(match Files::deserialize(d)? {
+        Files::One(f) => BTreeMap::from([("train".to_owned(), f)]),
+        Files::Splits(m) => m,
+    })
 }
 
 /// `fewshot_config`.
@@ -382,7 +397,7 @@ impl Task {
             }
             assertions.push(a);
         }
-        Ok(Self {
+        let task = Self {
             config,
             file: file.to_owned(),
             docs,
@@ -392,7 +407,9 @@ impl Task {
             text,
             target,
             choice,
-        })
+        };
+        task.check_docs(&split)?;
+        Ok(task)
     }
 
     fn render(&self, f: &Field, doc: &Value) -> Result<String, TaskError> {
@@ -409,6 +426,28 @@ impl Task {
                 return Err(TaskError::new(self.file.display().to_string(), "a list where text was expected"))
             }
         })
+    }
+
+    /// Renders every document of the evaluated split and every few-shot document once, so a
+    /// document the templates cannot render (a missing field, a target index beyond its
+    /// choices) is reported at load, naming its data file and index, before any model runs.
+    fn check_docs(&self, split: &str) -> Result<(), TaskError> {
+        let files = &self.config.dataset_kwargs.data_files;
+        let fs_split = self.config.fewshot_split.as_ref().or(self.config.training_split.as_ref());
+        let sets = [(split, &self.docs), (fs_split.map_or(split, String::as_str), &self.fewshot_docs)];
+        for (split, docs) in sets {
+            for (i, doc) in docs.iter().enumerate() {
+                let rendered = self.doc_to_text(doc).and_then(|_| self.doc_to_target(doc));
+                if let Err(e) = rendered {
+                    let data = files.get(split).map_or(String::new(), |f| format!(" ({f}, split `{split}`)"));
+                    return Err(TaskError::new(
+                        self.file.display().to_string(),
+                        format!("document {i}{data}: {}", e.message),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The prompt text of a document (`doc_to_text`).

@@ -109,6 +109,47 @@ fn bad_task_files_are_refused_naming_the_key() {
     let p = write(dir.path(), "s.yaml", "name: s\ntasks: []\nthresholds:\n  ghost: {acc: 1}\n");
     let e = Suite::load(&p).unwrap_err().to_string();
     assert!(e.contains("ghost"), "{e}");
+    let p = write(dir.path(), "s2.yaml", "group: s\ntask: [nowhere]\n");
+    let e = Suite::load(&p).unwrap_err().to_string();
+    assert!(e.contains("tasks[0]: `nowhere` is neither a file nor the `task:` of a YAML file"), "{e}");
+
+    // A document the templates cannot render is named at load, before any model runs.
+    let mc = "task: mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: mc.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{q}}\"\ndoc_to_choice: choices\ndoc_to_target: label\n";
+    let p = write(dir.path(), "mc.yaml", mc);
+    for (docs, needle) in [
+        ("{\"q\": \"a\", \"choices\": [\"x\"], \"label\": 0}\n{\"q\": \"b\", \"choices\": [\"x\", \"y\"], \"label\": 2}\n", "document 1 (mc.jsonl, split `test`): target index 2 but only 2 choices"),
+        ("{\"q\": \"a\", \"choices\": [\"x\"], \"label\": 0}\n\n{\"choices\": [\"x\"], \"label\": 0}\n", "document 1 (mc.jsonl, split `test`)"),
+    ] {
+        write(dir.path(), "mc.jsonl", docs);
+        let e = Task::load(&p).unwrap_err().to_string();
+        assert!(e.contains("mc.yaml") && e.contains(needle), "{e}");
+    }
+}
+
+/// lm-evaluation-harness's shapes: a group file (`group:`, `task:` naming tasks by their
+/// `task:` key in YAML files beside it), a task file given as the whole suite, and
+/// `data_files` as one file (Hugging Face `datasets`' `train` split).
+#[test]
+fn lm_eval_group_files_task_files_and_one_data_file_load() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "d.jsonl", "{\"text\": \"hi there\"}\n{\"text\": \"again\"}\n");
+    let task = "dataset_path: json\ndataset_kwargs:\n  data_files: d.jsonl\ntest_split: train\noutput_type: loglikelihood_rolling\ndoc_to_target: text\n";
+    write(dir.path(), "first.yaml", &format!("task: first\n{task}"));
+    let second = write(dir.path(), "second.yml", &format!("task: second\n{task}"));
+    write(dir.path(), "notes.yaml", ": not a task [\n");
+    let group = write(dir.path(), "group.yaml", "group: both\ntask:\n  - second\n  - first.yaml\n");
+    let suite = Suite::load(&group).unwrap();
+    assert_eq!(suite.config.name, "both");
+    let names: Vec<&str> = suite.tasks.iter().map(|t| t.config.task.as_str()).collect();
+    assert_eq!(names, ["second", "first"]);
+    assert_eq!(suite.tasks[0].docs.len(), 2);
+    let r = eval::run_task(&suite.tasks[0], &mut Scripted, None, &EvalOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(r.samples.len(), 2);
+
+    let one = Suite::load(&second).unwrap();
+    assert_eq!(one.config.name, "second");
+    assert_eq!(one.tasks.len(), 1);
+    assert_eq!(one.tasks[0].config.task, "second");
 }
 
 /// A tiny random char-level GPT-2 with context 16 (so rolling windows are exercised).

@@ -181,8 +181,11 @@ async fn errors_have_openai_shape_and_name_the_field() {
     chat(json!({"messages": [{"content": "x"}]}), "messages[0].role").await;
     chat(json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content").await;
     chat(json!({"messages": [{"role": "user"}]}), "messages[0].content").await;
-    chat(json!({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": null}]}), "messages[1].content")
-        .await;
+    chat(
+        json!({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": null}]}),
+        "messages[1].content",
+    )
+    .await;
     chat(json!({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}), "tools").await;
     chat(json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), "top_logprobs").await;
 

@@ -77,7 +77,7 @@ struct RunArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// At most this many documents per task.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
     /// Seed for few-shot sampling and bootstrap standard errors.
     #[arg(long, default_value_t = 1234)]
@@ -184,6 +184,15 @@ fn compare_runs(a: &Path, b: &Path, out: Option<PathBuf>, alpha: f64, iters: usi
         );
     }
     Ok(worse.is_empty())
+}
+
+/// `--limit`: a count of documents, at least 1.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("at least 1 (leave --limit out for every document)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn main() -> ExitCode {

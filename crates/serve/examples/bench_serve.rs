@@ -16,6 +16,7 @@
 //! or few-shot examples), which the server's prefix cache serves after the first request;
 //! `--no-prefix-caching` turns that cache off for comparison.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -349,20 +350,29 @@ async fn metric_mean(url: &str, name: &str) -> f64 {
     get("_sum") / get("_count")
 }
 
-/// CPU seconds so far of a process's threads (`/proc/PID/task/*/schedstat`, nanoseconds on the
-/// CPU): `[engine thread and its thread pool, HTTP side (tokio workers), all threads]`.
-fn cpu_seconds(pid: &str) -> [f64; 3] {
+/// CPU seconds so far of each of a process's threads (`/proc/PID/task/*/schedstat`, nanoseconds
+/// on the CPU), by thread id, with the thread's name.
+fn thread_cpu(pid: &str) -> HashMap<String, (String, f64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return HashMap::new() };
+    dir.flatten()
+        .filter_map(|task| {
+            let path = task.path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?.trim().to_owned();
+            let ns: f64 = std::fs::read_to_string(path.join("schedstat")).ok()?.split_whitespace().next()?.parse().ok()?;
+            Some((task.file_name().to_string_lossy().into_owned(), (comm, ns * 1e-9)))
+        })
+        .collect()
+}
+
+/// CPU seconds spent between two [`thread_cpu`] snapshots: `[engine thread and its thread
+/// pool, HTTP side (tokio workers), all threads]`. Per thread, so one that exits in between
+/// (tokio's blocking threads, which share the workers' name) drops out of both rather than
+/// taking its whole lifetime's CPU off the sum.
+fn cpu_between(before: &HashMap<String, (String, f64)>, after: &HashMap<String, (String, f64)>) -> [f64; 3] {
     let mut t = [0.0; 3];
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return [f64::NAN; 3] };
-    for task in dir.flatten() {
-        let path = task.path();
-        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
-        let ns = std::fs::read_to_string(path.join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        let s = ns * 1e-9;
-        match comm.trim() {
+    for (tid, (comm, secs)) in after {
+        let s = secs - before.get(tid).map_or(0.0, |b| b.1);
+        match comm.as_str() {
             "lmstack-engine" => t[0] += s,
             "tokio-rt-worker" => t[1] += s,
             _ => {}
@@ -447,9 +457,9 @@ async fn main() {
         for &c in &args.concurrency {
             let before = server_stats(&server.url).await;
             let pid = server.child.id().to_string();
-            let (cpu0, own0) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
+            let (cpu0, own0) = (thread_cpu(&pid), thread_cpu("self"));
             let (mut s, wall) = load(&server.url, c, args.seconds, text.clone(), prefix.clone(), ctx, None).await;
-            let (cpu1, own1) = (cpu_seconds(&pid), cpu_seconds("self")[2]);
+            let (cpu, own) = (cpu_between(&cpu0, &thread_cpu(&pid)), cpu_between(&own0, &thread_cpu("self"))[2]);
             let after = server_stats(&server.url).await;
             let tps = s.tokens as f64 / wall;
             if c == 1 {
@@ -473,16 +483,16 @@ async fn main() {
             d(7) / d(1) * 100.0,
             d(8) / d(9) * 100.0
         );
-            let per_token = |a: f64, b: f64| (b - a) / s.tokens.max(1) as f64 * 1e6;
+            let per_token = |secs: f64| secs / s.tokens.max(1) as f64 * 1e6;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
             println!(
                 "{:>11} CPU per generated token: engine {:.0} us, server HTTP {:.0} us, load generator {:.0} us; \
              {:.0} % of the machine's {cores} cores busy with these",
                 "",
-                per_token(cpu0[0], cpu1[0]),
-                per_token(cpu0[1], cpu1[1]),
-                per_token(own0, own1),
-                (cpu1[2] - cpu0[2] + own1 - own0) / (wall * cores) * 100.0
+                per_token(cpu[0]),
+                per_token(cpu[1]),
+                per_token(own),
+                (cpu[2] + own) / (wall * cores) * 100.0
             );
             rounds[round].push(tps);
             if let (Some(one), true) = (single, c > 1) {

@@ -462,25 +462,26 @@ fn failed(timeout: bool, message: String) -> ApiError {
 struct Counts {
     prompt: usize,
     n: usize,
-    cached: Vec<usize>,
+    /// Per prompt, the fewest cached tokens of its choices finished so far (`None`: none yet).
+    cached: Vec<Option<usize>>,
     completion: usize,
 }
 
 impl Counts {
     fn new(prompts: &[Vec<u32>], n: usize) -> Self {
-        Self { prompt: prompts.iter().map(Vec::len).sum(), n, cached: vec![usize::MAX; prompts.len()], completion: 0 }
+        Self { prompt: prompts.iter().map(Vec::len).sum(), n, cached: vec![None; prompts.len()], completion: 0 }
     }
 
     /// Choice `i` finished.
     fn add(&mut self, i: usize, cached: usize, completion: usize) {
         let c = &mut self.cached[i / self.n];
-        *c = (*c).min(cached);
+        *c = Some(c.map_or(cached, |c| c.min(cached)));
         self.completion += completion;
     }
 
     /// OpenAI's `usage` object.
     fn usage(&self) -> Value {
-        let cached: usize = self.cached.iter().map(|&c| if c == usize::MAX { 0 } else { c }).sum();
+        let cached: usize = self.cached.iter().flatten().sum();
         json!({"prompt_tokens": self.prompt, "completion_tokens": self.completion,
                "total_tokens": self.prompt + self.completion, "prompt_tokens_details": {"cached_tokens": cached}})
     }

@@ -289,8 +289,6 @@ pub enum Event {
         text: String,
         /// Why generation stopped.
         reason: FinishReason,
-        /// Prompt tokens.
-        prompt_tokens: usize,
         /// Prompt tokens whose keys and values were copied from the prefix cache, not computed.
         cached_tokens: usize,
         /// Generated tokens.
@@ -903,7 +901,6 @@ impl Engine {
         let _ = s.tx.send(Event::Finished {
             text,
             reason,
-            prompt_tokens: s.req.prompt.len(),
             cached_tokens: s.cached,
             completion_tokens: s.generated,
         });

@@ -358,7 +358,8 @@ fn thread_cpu(pid: &str) -> HashMap<String, (String, f64)> {
         .filter_map(|task| {
             let path = task.path();
             let comm = std::fs::read_to_string(path.join("comm")).ok()?.trim().to_owned();
-            let ns: f64 = std::fs::read_to_string(path.join("schedstat")).ok()?.split_whitespace().next()?.parse().ok()?;
+            let ns: f64 =
+                std::fs::read_to_string(path.join("schedstat")).ok()?.split_whitespace().next()?.parse().ok()?;
             Some((task.file_name().to_string_lossy().into_owned(), (comm, ns * 1e-9)))
         })
         .collect()

@@ -453,6 +453,30 @@ struct Seq {
     arrived: Instant,
     last_token: Option<Instant>,
     reserve: usize,
+    /// Identifies the sequence to others waiting on its prefill ([`Share`]).
+    id: u64,
+    /// Waiting for another sequence to prefill the beginning of this one's prompt.
+    share: Option<Share>,
+}
+
+/// A sequence admitted while another was still prefilling a long common beginning of both
+/// prompts (the `n` choices of one prompt; clients sending the same system prompt together):
+/// it computes nothing until `donor` holds `want` of those tokens, then starts from a copy.
+#[derive(Clone, Copy)]
+struct Share {
+    donor: u64,
+    want: usize,
+}
+
+/// Fewest prompt tokens worth waiting on another sequence's prefill for, rather than computing
+/// them beside it (waiting costs a step or more of latency).
+const MIN_SHARED_PREFILL: usize = 16;
+
+/// Where a prompt's cached beginning is: a kept cache or a running sequence (by index).
+#[derive(Clone, Copy)]
+enum Donor {
+    Kept(usize),
+    Running(usize),
 }
 
 struct Engine {
@@ -470,7 +494,7 @@ struct Engine {
     /// Caches of finished sequences kept for prefix caching, and the tokens of room they hold.
     prefixes: Vec<Prefix>,
     prefix_tokens: usize,
-    /// Ticks at each admission; orders [`Prefix::used`].
+    /// Ticks at each admission; orders [`Prefix::used`] and numbers sequences ([`Seq::id`]).
     clock: u64,
     /// [`SplitSteps::Auto`]'s measurements.
     tuner: SplitTuner,
@@ -578,9 +602,11 @@ impl Engine {
             };
             self.reserved += reserve;
             let decoder = self.tokenizer.incremental_decoder(w.req.skip_special_tokens);
-            let (cache, cached) = self.prefix_for(&w.req, reserve);
+            let (cache, cached, share) = self.prefix_for(&w.req, reserve);
             self.evict_prefixes();
             self.running.push(Seq {
+                id: self.clock,
+                share,
                 cache,
                 sampler,
                 decoder,
@@ -605,55 +631,102 @@ impl Engine {
     /// A cache for a new request expected to reach `reserve` tokens: a copy of the longest
     /// beginning of its prompt found among the kept caches and the running sequences (at most
     /// all but the prompt's last token, whose logits are needed), or an empty one. Returns it
-    /// with the number of prompt tokens it holds.
-    fn prefix_for(&mut self, req: &Request, reserve: usize) -> (KvCache, usize) {
-        let empty = |model: &Model| {
-            let mut cache = model.new_cache();
-            cache.expect_tokens(reserve);
-            (cache, 0)
-        };
+    /// with the number of prompt tokens it holds — or, where a running sequence is still
+    /// prefilling a beginning longer by [`MIN_SHARED_PREFILL`] or more, an empty cache and a
+    /// [`Share`] to wait for that sequence instead of computing the same tokens beside it.
+    fn prefix_for(&mut self, req: &Request, reserve: usize) -> (KvCache, usize, Option<Share>) {
+        self.clock += 1;
         // Prompt log-probabilities need every prompt token's logits, so nothing is skipped.
         if !self.config.prefix_caching || req.prompt_logprobs.is_some() {
-            return empty(&self.model);
+            let (cache, n) = self.fork_from(None, 0, reserve);
+            return (cache, n, None);
         }
         let limit = req.prompt.len().saturating_sub(1);
-        self.clock += 1;
         self.metrics.prefix_cache_queries.inc_by(limit as u64);
+        let (best, from) = self.best_prefix(&req.prompt, limit);
+        let pending = self
+            .running
+            .iter()
+            .filter(|s| s.share.is_none() && s.prefilled < s.req.prompt.len())
+            .map(|s| (common_prefix(&s.req.prompt, &req.prompt).min(limit), s.id))
+            .max_by_key(|&(want, _)| want);
+        if let Some((want, donor)) = pending.filter(|&(want, _)| want >= best + MIN_SHARED_PREFILL) {
+            let (cache, n) = self.fork_from(None, 0, reserve);
+            return (cache, n, Some(Share { donor, want }));
+        }
+        let (cache, n) = self.fork_from(from, best, reserve);
+        (cache, n, None)
+    }
+
+    /// The longest beginning of `prompt`, at most `limit` tokens, held by a kept cache or a
+    /// running sequence, and where.
+    fn best_prefix(&self, prompt: &[u32], limit: usize) -> (usize, Option<Donor>) {
         let (mut best, mut from) = (0, None);
         for (i, p) in self.prefixes.iter().enumerate() {
-            let n = common_prefix(&p.ids, &req.prompt).min(limit).min(p.cache.len());
+            let n = common_prefix(&p.ids, prompt).min(limit).min(p.cache.len());
             if n > best {
-                (best, from) = (n, Some(Ok(i)));
+                (best, from) = (n, Some(Donor::Kept(i)));
             }
         }
         for (i, s) in self.running.iter().enumerate() {
             // A running sequence's cache holds its prompt's prefilled tokens, then its output's.
-            let mut n = common_prefix(&s.req.prompt[..s.prefilled], &req.prompt);
+            let mut n = common_prefix(&s.req.prompt[..s.prefilled], prompt);
             if n == s.req.prompt.len() {
-                n += common_prefix(&s.fed, &req.prompt[n..]);
+                n += common_prefix(&s.fed, &prompt[n..]);
             }
             let n = n.min(limit);
             if n > best {
-                (best, from) = (n, Some(Err(i)));
+                (best, from) = (n, Some(Donor::Running(i)));
             }
         }
+        (best, from)
+    }
+
+    /// A copy of the first `n` tokens of `from`'s cache with room for `reserve`, counted as
+    /// cache hits; an empty cache where there is nothing to copy (or the copy fails).
+    fn fork_from(&mut self, from: Option<Donor>, n: usize, reserve: usize) -> (KvCache, usize) {
         let donor = match from {
-            None => return empty(&self.model),
-            Some(Ok(i)) => {
+            Some(_) if n == 0 => None,
+            Some(Donor::Kept(i)) => {
                 self.prefixes[i].used = self.clock;
-                &self.prefixes[i].cache
+                Some(&self.prefixes[i].cache)
             }
-            Some(Err(i)) => &self.running[i].cache,
+            Some(Donor::Running(i)) => Some(&self.running[i].cache),
+            None => None,
         };
-        match donor.fork_prefix(best, reserve) {
-            Ok(cache) => {
-                self.metrics.prefix_cache_hits.inc_by(best as u64);
-                (cache, best)
+        if let Some(donor) = donor {
+            match donor.fork_prefix(n, reserve) {
+                Ok(cache) => {
+                    self.metrics.prefix_cache_hits.inc_by(n as u64);
+                    return (cache, n);
+                }
+                Err(e) => tracing::error!(error = %e, "copying a cached prefix failed; prefilling the whole prompt"),
             }
-            Err(e) => {
-                tracing::error!(error = %e, "copying a cached prefix failed; prefilling the whole prompt");
-                empty(&self.model)
-            }
+        }
+        let mut cache = self.model.new_cache();
+        cache.expect_tokens(reserve);
+        (cache, 0)
+    }
+
+    /// Sequences waiting on another's prefill ([`Share`]) start from a copy of its cache once it
+    /// holds what they wait for; if it has left (finished, cancelled), from whatever beginning
+    /// of their prompt is found now.
+    fn resolve_shares(&mut self) {
+        for i in 0..self.running.len() {
+            let Some(share) = self.running[i].share else { continue };
+            let donor = self.running.iter().position(|s| s.id == share.donor);
+            let (from, n) = match donor {
+                Some(d) if self.running[d].prefilled < share.want => continue,
+                Some(d) => (Some(Donor::Running(d)), share.want),
+                None => {
+                    let prompt = &self.running[i].req.prompt;
+                    let (n, from) = self.best_prefix(prompt, prompt.len().saturating_sub(1));
+                    (from, n)
+                }
+            };
+            let (cache, n) = self.fork_from(from, n, self.running[i].reserve);
+            let s = &mut self.running[i];
+            (s.cache, s.prefilled, s.cached, s.share) = (cache, n, n, None);
         }
     }
 
@@ -719,6 +792,7 @@ impl Engine {
 
     /// One forward over a batch of decode tokens and prefill chunks.
     fn step(&mut self) {
+        self.resolve_shares();
         let mut budget = self.config.max_batch_tokens;
         let mut plan: Vec<Option<(Vec<u32>, bool)>> = vec![None; self.running.len()];
         let mut n_prefill = 0;
@@ -732,7 +806,7 @@ impl Engine {
             if budget == 0 {
                 break;
             }
-            if s.pending.is_none() && s.prefilled < s.req.prompt.len() {
+            if s.pending.is_none() && s.share.is_none() && s.prefilled < s.req.prompt.len() {
                 let n = (s.req.prompt.len() - s.prefilled).min(budget);
                 *p = Some((s.req.prompt[s.prefilled..s.prefilled + n].to_vec(), s.req.prompt_logprobs.is_some()));
                 budget -= n;
@@ -898,12 +972,7 @@ impl Engine {
         }
         self.metrics.e2e.observe(s.arrived.elapsed().as_secs_f64());
         self.metrics.finished.with_label_values(&[reason.as_str()]).inc();
-        let _ = s.tx.send(Event::Finished {
-            text,
-            reason,
-            cached_tokens: s.cached,
-            completion_tokens: s.generated,
-        });
+        let _ = s.tx.send(Event::Finished { text, reason, cached_tokens: s.cached, completion_tokens: s.generated });
     }
 }
 

@@ -542,6 +542,45 @@ async fn a_prompt_beginning_like_an_earlier_one_reuses_its_cache() {
     assert_eq!(apps[1].1.metrics.prefix_cache_tokens.get(), 0);
 }
 
+/// The `n` choices of one long prompt compute it once: the choices after the first wait for its
+/// prefill and start from a copy of its keys and values (as do requests sent together with the
+/// same beginning), with outputs those of a server that computes every choice's prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_choices_of_one_prompt_share_its_prefill() {
+    let prompt = "Choices of one prompt share the work of reading it.";
+    let n = prompt.chars().count();
+    let body = json!({"prompt": prompt, "n": 4, "max_tokens": 6, "temperature": 0.9, "seed": 11, "logprobs": 1,
+                      "ignore_eos": true});
+    let mut outs = Vec::new();
+    // With 8 tokens a step the first choice's prefill takes several steps, which the others wait out.
+    for (caching, step_tokens) in [(true, None), (true, Some(8)), (false, None)] {
+        let (_d, mut opts) = setup();
+        opts.engine.prefix_caching = caching;
+        if let Some(t) = step_tokens {
+            (opts.engine.max_batch_tokens, opts.engine.max_num_seqs) = (t, 4);
+        }
+        let state = common::loaded_state(&opts);
+        let app = api::router(state.clone());
+        let r = post(&app, "/v1/completions", body.clone()).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let m = &state.metrics;
+        if caching {
+            // The first choice computes the prompt; the other three copy all but its last token.
+            assert_eq!(m.prompt_tokens.get(), (n + 3) as u64, "prompt tokens computed");
+            assert_eq!(m.prefix_cache_hits.get(), 3 * (n - 1) as u64);
+        } else {
+            assert_eq!(m.prompt_tokens.get(), 4 * n as u64);
+        }
+        // Usage counts the prompt once, and it was computed once: nothing of it came from an
+        // earlier request.
+        assert_eq!(r.json()["usage"]["prompt_tokens"], n);
+        assert_eq!(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        outs.push(r.json());
+    }
+    assert_same_choices(&outs[0]["choices"], &outs[2]["choices"], "shared prefill");
+    assert_same_choices(&outs[1]["choices"], &outs[2]["choices"], "shared chunked prefill");
+}
+
 /// Kept caches give way to running sequences: with a budget of two contexts, many different
 /// prompts in a row are all served and the kept caches never hold more than the budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

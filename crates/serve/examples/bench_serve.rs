@@ -374,7 +374,7 @@ fn cpu_between(before: &HashMap<String, (String, f64)>, after: &HashMap<String, 
     for (tid, (comm, secs)) in after {
         let s = secs - before.get(tid).map_or(0.0, |b| b.1);
         match comm.as_str() {
-            "lmstack-engine" => t[0] += s,
+            c if c == "lmstack-engine" || c.starts_with("lmstack-pool") => t[0] += s,
             "tokio-rt-worker" => t[1] += s,
             _ => {}
         }

@@ -104,6 +104,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     lmstack_core::prefer_rayon_threads();
+    // Named, so per-thread CPU (`top -H`, `bench serve`) tells the model's thread pool from the
+    // HTTP workers; unnamed, its threads would take the name of whichever thread first used it.
+    if let Err(e) = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("lmstack-pool-{i}")).build_global() {
+        eprintln!("warning: the thread pool was already set up: {e}");
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -145,6 +145,13 @@ impl Sampler {
 
     /// Chooses the next token from `logits` (one row, vocabulary-sized) and records it.
     pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled> {
+        self.sample_except(logits, &[])
+    }
+
+    /// [`Sampler::sample`] with the tokens `banned` left out of the choice (vLLM's `min_tokens`
+    /// keeps end-of-sequence and stop tokens out this way); log-probabilities are the model's,
+    /// as for every other adjustment. An error if nothing is left to choose.
+    pub fn sample_except(&mut self, logits: &[f32], banned: &[u32]) -> Result<Sampled> {
         if logits.is_empty() {
             return Err(Error::invalid("logits", "empty logits"));
         }
@@ -153,6 +160,14 @@ impl Sampler {
         let logp = |i: u32| (logits[i as usize] as f64 - lse) as f32;
         let mut l: Vec<f32> = logits.to_vec();
         self.adjust_logits(&mut l);
+        for &t in banned {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        if !banned.is_empty() && l.iter().all(|&x| x == f32::NEG_INFINITY) {
+            return Err(Error::invalid("logits", "every token is banned"));
+        }
         let token = if self.params.temperature == 0.0 { argmax(&l) } else { self.draw(&l) };
         self.seen.insert(token, ());
         *self.output_counts.entry(token).or_insert(0) += 1;

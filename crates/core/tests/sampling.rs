@@ -71,6 +71,19 @@ fn penalties_change_what_greedy_picks() {
 }
 
 #[test]
+fn banned_tokens_are_never_chosen() {
+    let mut greedy = Sampler::new(SamplingParams::greedy(), &[], 0).unwrap();
+    let out = greedy.sample_except(&LOGITS, &[3]).unwrap();
+    assert_eq!(out.token, 5, "the next best");
+    assert!((out.logprob - log_softmax(&LOGITS)[5]).abs() < 1e-6, "the model's log-probability");
+    let mut s = Sampler::new(seeded(SamplingParams::default()), &[], 0).unwrap();
+    for _ in 0..200 {
+        assert!(![3, 5, 0].contains(&s.sample_except(&LOGITS, &[3, 5, 0]).unwrap().token));
+    }
+    assert!(s.sample_except(&LOGITS, &[0, 1, 2, 3, 4, 5]).is_err(), "nothing left to choose");
+}
+
+#[test]
 fn logprobs_are_of_the_raw_distribution() {
     let mut s = Sampler::new(SamplingParams { temperature: 0.1, seed: Some(1), ..Default::default() }, &[], 3).unwrap();
     let out = s.sample(&LOGITS).unwrap();

@@ -399,12 +399,18 @@ fn plan(
         return Err(ApiError::invalid("logprobs", "at most 20 alternatives per token"));
     }
     let stop = s.stop.clone().map(openai::Stop::into_vec).transpose()?.unwrap_or_default();
+    let min_tokens = s.min_tokens.unwrap_or(0) as usize;
+    if min_tokens > max_tokens {
+        return Err(ApiError::invalid("min_tokens", format!("{min_tokens} is more than max_tokens = {max_tokens}")));
+    }
     let base = Request {
         id: String::new(),
         prompt: Vec::new(),
         params,
         max_tokens,
         stop,
+        include_stop_str: s.include_stop_str_in_output,
+        min_tokens,
         stop_token_ids: s.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: s.ignore_eos,
         logprobs,

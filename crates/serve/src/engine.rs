@@ -222,8 +222,14 @@ pub struct Request {
     pub params: SamplingParams,
     /// Most tokens to generate (0: only score the prompt).
     pub max_tokens: usize,
-    /// Strings that end generation; not included in the output.
+    /// Strings that end generation; not included in the output unless `include_stop_str`.
     pub stop: Vec<String>,
+    /// Keep the stop string that ended generation at the end of the output (vLLM's
+    /// `include_stop_str_in_output`).
+    pub include_stop_str: bool,
+    /// Generate at least this many tokens: until then end-of-sequence and the stop tokens are
+    /// not sampled and stop strings are not looked for (vLLM's `min_tokens`).
+    pub min_tokens: usize,
     /// Token ids that end generation (besides end-of-sequence).
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past end-of-sequence.
@@ -918,7 +924,13 @@ impl Engine {
             }
         }
         let row = rows.last().expect("at least one row");
-        let sampled = match s.sampler.sample(row) {
+        let banned: Vec<u32> = if s.generated < s.req.min_tokens {
+            let eos = tok.eos_id().filter(|_| !s.req.ignore_eos);
+            s.req.stop_token_ids.iter().copied().chain(eos).collect()
+        } else {
+            Vec::new()
+        };
+        let sampled = match s.sampler.sample_except(row, &banned) {
             Ok(x) => x,
             Err(e) => {
                 let _ = s.tx.send(Event::Failed { timeout: false, message: e.to_string() });
@@ -982,16 +994,33 @@ impl Seq {
     fn push_text(&mut self, piece: &str) -> (String, bool) {
         self.text.push_str(piece);
         let stops = &self.req.stop;
-        if stops.is_empty() {
+        // Before `min_tokens` (this token counted) stop strings are not looked for.
+        if stops.is_empty() || self.generated < self.req.min_tokens {
             let out = self.text[self.sent..].to_owned();
             self.sent = self.text.len();
             return (out, false);
         }
         let longest = stops.iter().map(String::len).max().unwrap_or(0);
         let from = floor_char_boundary(&self.text, self.sent.saturating_sub(longest));
-        let hit = stops.iter().filter_map(|st| self.text[from..].find(st.as_str()).map(|p| from + p)).min();
-        if let Some(pos) = hit {
-            let pos = pos.max(self.sent);
+        // The earliest stop string that takes in new text (one wholly inside text already
+        // released, as after `min_tokens`, does not count), and where the output ends with it.
+        let hit = stops
+            .iter()
+            .filter_map(|st| {
+                let mut p = from;
+                while let Some(i) = self.text[p..].find(st.as_str()) {
+                    let start = p + i;
+                    if start + st.len() > self.sent {
+                        return Some((start, start + st.len()));
+                    }
+                    // Occurrences may overlap: go on from the next character.
+                    p = start + self.text[start..].chars().next().map_or(1, char::len_utf8);
+                }
+                None
+            })
+            .min();
+        if let Some((start, end)) = hit {
+            let pos = if self.req.include_stop_str { end } else { start }.max(self.sent);
             let out = self.text[self.sent..pos].to_owned();
             self.text.truncate(pos);
             self.sent = pos;

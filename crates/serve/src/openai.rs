@@ -116,7 +116,7 @@ pub fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
     })
 }
 
-const SAMPLING_FIELDS: [&str; 18] = [
+const SAMPLING_FIELDS: [&str; 20] = [
     "temperature",
     "top_p",
     "top_k",
@@ -128,6 +128,8 @@ const SAMPLING_FIELDS: [&str; 18] = [
     "stop",
     "stop_token_ids",
     "ignore_eos",
+    "min_tokens",
+    "include_stop_str_in_output",
     "skip_special_tokens",
     "n",
     "stream",
@@ -243,6 +245,12 @@ pub struct Sampling {
     /// vLLM extension.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// vLLM extension: generate at least this many tokens before end-of-sequence, a stop token
+    /// or a stop string may end the output.
+    pub min_tokens: Option<u32>,
+    /// vLLM extension: end the output with the stop string that ended it.
+    #[serde(default)]
+    pub include_stop_str_in_output: bool,
     /// vLLM extension (default true).
     pub skip_special_tokens: Option<bool>,
     /// Number of choices per prompt.

@@ -329,7 +329,28 @@ async fn stop_strings_and_tokens_end_generation() {
         };
         assert_eq!(text, full_text[..cut], "stream={stream}");
         assert_eq!(finish, "stop");
+        // vLLM's include_stop_str_in_output keeps it.
+        let mut body = base.clone();
+        body["stop"] = json!(["@@never@@", stop]);
+        body["stream"] = json!(stream);
+        body["include_stop_str_in_output"] = json!(true);
+        let r = post(&app, "/v1/completions", body).await;
+        let text = if stream { stream_text(&r).0 } else { r.json()["choices"][0]["text"].as_str().unwrap().to_owned() };
+        assert_eq!(text, full_text[..cut + stop.len()], "stream={stream}");
     }
+    // min_tokens: a stop string is looked for only from the 20th token on, and only one taking
+    // in the 20th token's text or later; the output ends where it begins, or at the 19
+    // characters already released if it began among them.
+    let mut body = base.clone();
+    body["stop"] = json!([stop]);
+    body["min_tokens"] = json!(20);
+    let v = post(&app, "/v1/completions", body).await.json();
+    let later = (0..full_text.len()).find(|&i| full_text[i..].starts_with(&stop) && i + stop.len() > 19);
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), later.map_or(&full_text[..], |i| &full_text[..i.max(19)]));
+    let mut body = base.clone();
+    body["min_tokens"] = json!(41);
+    let r = post(&app, "/v1/completions", body).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, Some("min_tokens"));
     // A stop token id: the token that would have come next.
     let ids = post(&app, "/tokenize", json!({"prompt": full_text, "add_special_tokens": false})).await.json();
     let fifth = ids["tokens"][5].as_u64().unwrap();
@@ -340,6 +361,29 @@ async fn stop_strings_and_tokens_end_generation() {
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["text"].as_str().unwrap(), full_text.chars().take(pos).collect::<String>());
     assert_eq!(v["usage"]["completion_tokens"], pos + 1);
+    // With min_tokens the stop token cannot be sampled before then: greedy takes the next best.
+    let mut body = base.clone();
+    body["stop_token_ids"] = json!([fifth]);
+    body["min_tokens"] = json!(pos + 3);
+    body["logprobs"] = json!(0);
+    let v = post(&app, "/v1/completions", body).await.json();
+    let c = &v["choices"][0];
+    assert!(c["text"].as_str().unwrap().starts_with(&full_text.chars().take(pos).collect::<String>()), "{c}");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= pos as u64 + 3, "{v}");
+    let fifth_text = ids["tokens"].as_array().unwrap()[5].clone();
+    let out = post(&app, "/detokenize", json!({"tokens": [fifth_text]})).await.json();
+    let banned = out["prompt"].as_str().unwrap().to_owned();
+    let toks: Vec<&str> = c["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert!(!toks[..pos + 2].contains(&banned.as_str()), "{toks:?} holds the banned {banned:?}");
+    // End-of-sequence forced by logit_bias: not before min_tokens, then at once.
+    let eos = post(&app, "/tokenize", json!({"prompt": "<|endoftext|>", "add_special_tokens": false})).await.json();
+    let eos = eos["tokens"][0].as_u64().unwrap();
+    let body = json!({"prompt": "The quick", "max_tokens": 30, "temperature": 0, "min_tokens": 5,
+                      "logit_bias": {eos.to_string(): 100}});
+    let v = post(&app, "/v1/completions", body).await.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 6, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap().chars().count(), 5, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,6 +65,13 @@ e_id = json.load(urllib.request.urlopen(req))["tokens"][0]
 r = client.chat.completions.create(model=model, max_tokens=6, messages=[{"role": "user", "content": "Speak."}],
                                    logit_bias={str(e_id): 100})
 check("chat with logit_bias forcing 'e'", r.choices[0].message.content == "eeeeee", repr(r.choices[0].message.content))
+# vLLM's extensions go through the SDK's extra_body: "e" is a stop string, ignored until
+# min_tokens; then it ends the output, kept in it by include_stop_str_in_output.
+r = client.completions.create(model=model, prompt="ROMEO:", max_tokens=10, logit_bias={str(e_id): 100},
+                              stop=["e"], extra_body={"min_tokens": 4, "include_stop_str_in_output": True})
+check("min_tokens and include_stop_str_in_output via extra_body",
+      r.choices[0].text == "eeee" and r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 4,
+      repr(r.choices[0].text))
 
 for what, kw, status, param in [
     ("negative temperature", dict(model=model, prompt="x", temperature=-1), 400, "temperature"),

@@ -353,9 +353,6 @@ fn save_model_dir(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {
 /// Runs (or resumes) pretraining as configured.
 pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     cfg.validate()?;
-    if let Some(memory) = physical_memory_bytes() {
-        check_attention_fits(cfg, memory)?;
-    }
     let out = &cfg.out_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::Msg(format!("creating {}: {e}", out.display())))?;
     let ckpt_root = out.join("checkpoints");
@@ -449,6 +446,9 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     };
     batches::check_len(train, cfg.block_size, "training")?;
     batches::check_len(val, cfg.block_size, "validation")?;
+    if let Some(memory) = physical_memory_bytes() {
+        check_attention_fits(cfg, memory)?;
+    }
     let vocab = tok.vocab_size();
     let obj = objective(cfg, &tok, vocab)?;
     let mcfg = model_config(cfg, vocab)?;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, Tokenizer};
+use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, SeqStep, StepThreads, Tokenizer};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -383,6 +383,42 @@ fn cpu_between(before: &HashMap<String, (String, f64)>, after: &HashMap<String, 
     t
 }
 
+/// The model's decode steps alone — this thread, no thread pool, no HTTP — at 1 and at 16
+/// sequences of about 30 cached tokens: how much more a core computes per second on a batch
+/// than on one token, the ceiling of what batching can give the server on this CPU when, as
+/// for a small model whose weights stay in cache, a step costs arithmetic rather than memory
+/// traffic.
+fn bare_forward_gain(dir: &Path) {
+    let mut model = Model::load(dir, DType::F32, &Device::Cpu).expect("load the model");
+    model.repack_for_inference().expect("repack");
+    let (ctx, vocab) = (model.max_len(), model.config().vocab_size());
+    let prompt: Vec<u32> = (0..(ctx / 2).min(30)).map(|i| (i * 7 % vocab) as u32).collect();
+    let rate = |b: usize| -> f64 {
+        let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
+        for c in caches.iter_mut() {
+            let mut first = [SeqStep { tokens: &prompt, cache: c, all_logits: false }];
+            model.forward_cached_on(&mut first, StepThreads::One).expect("prefill");
+        }
+        let (t0, mut tokens) = (Instant::now(), 0);
+        while t0.elapsed() < Duration::from_millis(1500) {
+            let toks: Vec<[u32; 1]> = (0..b).map(|i| [((tokens + i) % vocab) as u32]).collect();
+            let mut steps: Vec<SeqStep<'_>> =
+                caches.iter_mut().zip(&toks).map(|(c, t)| SeqStep { tokens: t, cache: c, all_logits: false }).collect();
+            model.forward_cached_on(&mut steps, StepThreads::One).expect("decode step");
+            tokens += b;
+            if caches[0].len() + 1 >= ctx {
+                caches.iter_mut().for_each(|c| c.truncate(prompt.len()));
+            }
+        }
+        tokens as f64 / t0.elapsed().as_secs_f64()
+    };
+    let (one, many) = (rate(1), rate(16));
+    println!(
+        "bare forward (one thread, no HTTP): 1 sequence {one:.0} tokens/s, 16 sequences {many:.0} tokens/s: {:.1}x, what batching gains the model's arithmetic on this CPU",
+        many / one
+    );
+}
+
 /// Sums and counts of the batch-size, batch-token and step-duration histograms, and the steps
 /// split over two threads.
 async fn server_stats(url: &str) -> [f64; 10] {
@@ -541,6 +577,7 @@ async fn main() {
         }
     }
     drop(server);
+    bare_forward_gain(&model);
     if args.gpt2 {
         let dir = random_model("gpt2-124m", 12, 12, 768, 1024, Some(50257));
         println!("\n== single-stream decode, GPT-2 124M shape (random weights, f32)");

@@ -96,6 +96,14 @@ pub fn load(opts: &ServeOptions, metrics: Arc<Metrics>) -> anyhow::Result<Ready>
             tracing::info!(mib = bytes as f64 / (1 << 20) as f64, "weights repacked for the AVX2 linear kernel");
         }
     }
+    if opts.dtype != DType::F32 {
+        // Measured on a GPT-2 124M shape: 5.6 tokens/s in bf16 against 39 in f32.
+        tracing::warn!(
+            dtype = ?opts.dtype,
+            "on the CPU a {:?} model computes through generic kernels, several times slower than f32 and not repacked; --dtype f32 (the default) converts the weights once at load",
+            opts.dtype
+        );
+    }
     let vocab_size = p.model.config().vocab_size();
     let tokenizer = p.tokenizer.clone();
     let (engine, _join) = engine::start(p.model, p.tokenizer, opts.engine.clone(), metrics);

@@ -4,28 +4,31 @@ use std::time::Instant;
 
 use lmstack_core::{DType, Device, Model, ModelConfig, SeqStep};
 
-/// `KERNEL=1`: the AVX2 projection kernel alone, one thread, weights in cache, per batch size:
-/// how much more arithmetic a core does per second on a batch of rows than on one row.
+/// `KERNEL=1`: the AVX2 projection kernel alone, one thread, per batch size, with the weights
+/// packed as f32 and as bf16: how much more arithmetic a core does per second on a batch of rows
+/// than on one row (the 768-wide shapes' weights, 7-9 MB in f32, outgrow a core's L2).
 fn kernel_only() {
     use lmstack_core::simd::{packed_linear, PackedWeight};
     for (inp, out) in [(128usize, 384usize), (128, 512), (512, 128), (768, 2304), (768, 3072)] {
         let w: Vec<f32> = (0..inp * out).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
-        let pw = PackedWeight::new(&w, (0, inp, 1), out, inp);
-        let bias = vec![0.1; out];
-        let mut line = format!("{inp:>4} -> {out:<5}");
-        for m in [1usize, 4, 8, 16, 24] {
-            let x: Vec<f32> = (0..m * inp).map(|i| ((i * 31) % 100) as f32 * 1e-2).collect();
-            let iters = (4e8 / (m * inp * out) as f64).ceil() as usize;
-            let t0 = Instant::now();
-            let mut sink = 0.0;
-            for _ in 0..iters {
-                sink += packed_linear(&x, m, &pw, Some(&bias), false).expect("AVX2 + FMA")[0];
+        let f32_panels = PackedWeight::new(&w, (0, inp, 1), out, inp);
+        for pw in [f32_panels.to_bf16(), f32_panels] {
+            let bias = vec![0.1; out];
+            let mut line = format!("{inp:>4} -> {out:<5} {}", if pw.is_bf16() { "bf16" } else { "f32 " });
+            for m in [1usize, 4, 8, 16, 24] {
+                let x: Vec<f32> = (0..m * inp).map(|i| ((i * 31) % 100) as f32 * 1e-2).collect();
+                let iters = (4e8 / (m * inp * out) as f64).ceil() as usize;
+                let t0 = Instant::now();
+                let mut sink = 0.0;
+                for _ in 0..iters {
+                    sink += packed_linear(&x, m, &pw, Some(&bias), false).expect("AVX2 + FMA")[0];
+                }
+                let dt = t0.elapsed().as_secs_f64() / iters as f64;
+                line += &format!("  m={m:<2} {:>5.1}", 2.0 * (m * inp * out) as f64 / dt * 1e-9);
+                std::hint::black_box(sink);
             }
-            let dt = t0.elapsed().as_secs_f64() / iters as f64;
-            line += &format!("  m={m:<2} {:>5.1}", 2.0 * (m * inp * out) as f64 / dt * 1e-9);
-            std::hint::black_box(sink);
+            println!("{line}   GFLOP/s");
         }
-        println!("{line}   GFLOP/s");
     }
 }
 

@@ -147,6 +147,15 @@ impl Linear {
     /// [`Linear::set_weight`] drops it, but an in-place update of a `Var` would not be seen, so
     /// this is for models that only run inference.
     pub fn repack(&mut self) -> Result<bool> {
+        self.repack_as(DType::F32)
+    }
+
+    /// [`Linear::repack`], holding the packed values as `dtype`: `F32`, or `BF16` (each value
+    /// rounded to bf16, half the bytes; the kernel widens them back and computes in f32).
+    pub fn repack_as(&mut self, dtype: DType) -> Result<bool> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(crate::Error::invalid("dtype", format!("packed weights are f32 or bf16, not {dtype:?}")));
+        }
         let w = &self.weight;
         if w.dtype() != DType::F32 || !w.device().is_cpu() || !crate::simd::has_avx2_fma() {
             return Ok(false);
@@ -156,8 +165,11 @@ impl Linear {
         let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(false) };
         let data = cpu.as_slice::<f32>()?;
         let st = layout.stride();
-        let packed = crate::simd::PackedWeight::new(data, (layout.start_offset(), st[0], st[1]), out, inp);
+        let mut packed = crate::simd::PackedWeight::new(data, (layout.start_offset(), st[0], st[1]), out, inp);
         drop(storage);
+        if dtype == DType::BF16 {
+            packed = packed.to_bf16();
+        }
         self.packed = Some(Arc::new(packed));
         Ok(true)
     }

@@ -194,7 +194,29 @@ const PANEL: usize = 16;
 pub struct PackedWeight {
     out: usize,
     inp: usize,
-    panels: Vec<f32>,
+    panels: Panels,
+}
+
+/// The panels' values: f32, or bf16 (the upper half of an f32's bits, rounded to nearest even)
+/// widened back to f32 as they are loaded, for half the bytes per step.
+#[derive(Debug, Clone)]
+enum Panels {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+/// `x` rounded to bf16 (nearest, ties to even; NaN stays NaN).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// A bf16 value as f32 (exact).
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
 }
 
 impl PackedWeight {
@@ -217,7 +239,23 @@ impl PackedWeight {
                 }
             }
         }
-        Self { out, inp, panels }
+        Self { out, inp, panels: Panels::F32(panels) }
+    }
+
+    /// The same weight with its values rounded to bf16: half the bytes, and the kernel widens
+    /// each value back to f32 as it loads it, so the arithmetic stays f32 (the product of an f32
+    /// input and a bf16 weight is the f32 product with that weight rounded).
+    pub fn to_bf16(&self) -> Self {
+        let panels = match &self.panels {
+            Panels::F32(v) => Panels::Bf16(v.iter().map(|&x| f32_to_bf16(x)).collect()),
+            Panels::Bf16(v) => Panels::Bf16(v.clone()),
+        };
+        Self { out: self.out, inp: self.inp, panels }
+    }
+
+    /// Whether the values are held as bf16.
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.panels, Panels::Bf16(_))
     }
 
     /// `(out, in)`.
@@ -227,7 +265,10 @@ impl PackedWeight {
 
     /// Bytes held by the packed copy.
     pub fn bytes(&self) -> usize {
-        self.panels.len() * 4
+        match &self.panels {
+            Panels::F32(v) => v.len() * 4,
+            Panels::Bf16(v) => v.len() * 2,
+        }
     }
 
     /// Rows `ids` of `W` (`[ids.len(), in]`), gathered from their panels: an embedding lookup
@@ -240,8 +281,13 @@ impl PackedWeight {
             if id >= self.out {
                 return None;
             }
-            let panel = &self.panels[id / PANEL * self.inp * PANEL..][..self.inp * PANEL];
-            out.extend(panel.iter().skip(id % PANEL).step_by(PANEL));
+            let at = id / PANEL * self.inp * PANEL;
+            match &self.panels {
+                Panels::F32(v) => out.extend(v[at..][..self.inp * PANEL].iter().skip(id % PANEL).step_by(PANEL)),
+                Panels::Bf16(v) => out.extend(
+                    v[at..][..self.inp * PANEL].iter().skip(id % PANEL).step_by(PANEL).map(|&h| bf16_to_f32(h)),
+                ),
+            }
         }
         Some(out)
     }
@@ -326,11 +372,52 @@ mod avx {
         y: &mut [f32],
         ld: usize,
     ) {
+        match &w.panels {
+            super::Panels::F32(v) => panels_linear(v.as_ptr(), x, m, w, bias, p0, p1, y, ld),
+            super::Panels::Bf16(v) => panels_linear(v.as_ptr(), x, m, w, bias, p0, p1, y, ld),
+        }
+    }
+
+    /// A panel value type the kernel can load eight of into f32 lanes.
+    pub(super) trait PanelElem: Copy {
+        /// Eight consecutive values from `p`, as f32.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl PanelElem for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl PanelElem for u16 {
+        /// bf16: zero-extended to 32 bits and shifted into the upper half, exactly its f32.
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            let h = _mm_loadu_si128(p.cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn panels_linear<E: PanelElem>(
+        panels: *const E,
+        x: &[f32],
+        m: usize,
+        w: &super::PackedWeight,
+        bias: Option<&[f32]>,
+        p0: usize,
+        p1: usize,
+        y: &mut [f32],
+        ld: usize,
+    ) {
         const P: usize = super::PANEL;
         let (out, inp) = (w.out, w.inp);
         let xp = x.as_ptr();
         for p in p0..p1 {
-            let panel = w.panels.as_ptr().add(p * inp * P);
+            let panel = panels.add(p * inp * P);
             let col = p * P;
             let cols = P.min(out - col);
             let mut b = [0f32; P];
@@ -347,8 +434,8 @@ mod avx {
                 let xr = xp.add(r * inp);
                 if rows == 4 {
                     for i in 0..inp {
-                        let w0 = _mm256_loadu_ps(panel.add(i * P));
-                        let w1 = _mm256_loadu_ps(panel.add(i * P + 8));
+                        let w0 = E::load8(panel.add(i * P));
+                        let w1 = E::load8(panel.add(i * P + 8));
                         for j in 0..4 {
                             let v = _mm256_broadcast_ss(&*xr.add(j * inp + i));
                             acc[2 * j] = _mm256_fmadd_ps(w0, v, acc[2 * j]);
@@ -357,8 +444,8 @@ mod avx {
                     }
                 } else {
                     for i in 0..inp {
-                        let w0 = _mm256_loadu_ps(panel.add(i * P));
-                        let w1 = _mm256_loadu_ps(panel.add(i * P + 8));
+                        let w0 = E::load8(panel.add(i * P));
+                        let w1 = E::load8(panel.add(i * P + 8));
                         for j in 0..rows {
                             let v = _mm256_broadcast_ss(&*xr.add(j * inp + i));
                             acc[2 * j] = _mm256_fmadd_ps(w0, v, acc[2 * j]);
@@ -570,6 +657,43 @@ mod tests {
                     assert_eq!(packed_linear(&x, m, &pw, b, true).expect("AVX2"), y);
                 }
             }
+        }
+    }
+
+    /// bf16 panels compute exactly what f32 panels of the bf16-rounded weight compute (the same
+    /// values, summed in the same order), and their rows (a tied embedding's lookup) are those
+    /// rounded values; the rounding is to nearest, ties to even.
+    #[test]
+    fn bf16_panels_equal_f32_panels_of_the_rounded_weight() {
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0, "a tie rounds to the even neighbour");
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0, "a tie rounds up to even");
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.5 / 256.0)), 1.0 + 2.0 / 256.0, "above the tie rounds up");
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        if !has_avx2_fma() {
+            return;
+        }
+        for (out, inp) in [(16, 8), (65, 128), (33, 512)] {
+            let w = data(out * inp, 7);
+            let rounded: Vec<f32> = w.iter().map(|&v| bf16_to_f32(f32_to_bf16(v))).collect();
+            let half = PackedWeight::new(&w, (0, inp, 1), out, inp).to_bf16();
+            let full = PackedWeight::new(&rounded, (0, inp, 1), out, inp);
+            assert!(half.is_bf16() && !full.is_bf16());
+            assert_eq!(half.bytes() * 2, full.bytes());
+            let bias = data(out, 8);
+            for m in [1, 3, 4, 9] {
+                let x = data(m * inp, 9 + m as u32);
+                for parallel in [false, true] {
+                    assert_eq!(
+                        packed_linear(&x, m, &half, Some(&bias), parallel),
+                        packed_linear(&x, m, &full, Some(&bias), parallel),
+                        "{out}x{inp} m={m}"
+                    );
+                }
+            }
+            let ids = [0u32, (out - 1) as u32, 5];
+            assert_eq!(half.rows(&ids), full.rows(&ids));
+            assert_eq!(half.rows(&ids).unwrap()[..inp], rounded[..inp]);
         }
     }
 

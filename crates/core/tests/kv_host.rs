@@ -69,6 +69,44 @@ fn host_caches_match_the_tensor_path() {
     }
 }
 
+/// Weights packed as bf16: half the bytes; an untied model computes exactly what the f32 kernel
+/// computes with each projection's weight rounded to bf16, and a tied one (its embedding rows
+/// read from the bf16 head) stays within bf16 rounding of the f32 model.
+#[test]
+fn bf16_packed_weights_are_the_rounded_weights_in_f32_arithmetic() {
+    let _serial = serial();
+    if !simd::has_avx2_fma() {
+        return;
+    }
+    for name in ["tiny-llama", "tiny-gpt2"] {
+        let f32_model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let mut half = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let mut full = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let half_bytes = half.repack_for_inference_as(DType::BF16).unwrap();
+        let full_bytes = full.repack_for_inference().unwrap();
+        assert_eq!(half_bytes * 2, full_bytes, "{name}");
+        let out = run(&half);
+        if name == "tiny-llama" {
+            let mut rounded = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+            for l in rounded.linears_mut() {
+                let w = l.weight().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+                l.set_weight(w).unwrap();
+            }
+            rounded.repack_for_inference().unwrap();
+            for (i, (a, b)) in out.iter().zip(run(&rounded)).enumerate() {
+                assert_eq!(max_diff(a, &b), 0.0, "{name}: output {i}");
+            }
+        }
+        for (i, (a, b)) in out.iter().zip(run(&f32_model)).enumerate() {
+            let d = max_diff(a, &b);
+            assert!(d > 0.0 && d < 0.05, "{name}: output {i} differs from f32 by {d}");
+        }
+    }
+    // Packed weights are f32 or bf16.
+    let mut m = Model::load(&fixture("tiny-gpt2"), DType::F32, &Device::Cpu).unwrap();
+    assert!(m.repack_for_inference_as(DType::F16).is_err());
+}
+
 #[test]
 fn repacking_releases_the_original_weights() {
     let _serial = serial();

@@ -38,7 +38,9 @@ struct Cli {
     /// Port to listen on (0 picks a free one; the log says which).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Compute dtype: f32, bf16 or f16.
+    /// Weight dtype: f32, bf16 or f16. With repacking on an AVX2 + FMA CPU, bf16 holds the
+    /// projections as bf16 (half the memory) and computes in f32; otherwise bf16 and f16 compute
+    /// in that dtype through candle's generic kernels, much slower than f32.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
     /// Serve the weights as loaded, through `gemm`, instead of repacking the projections for

@@ -625,6 +625,29 @@ async fn the_choices_of_one_prompt_share_its_prefill() {
     assert_same_choices(&outs[1]["choices"], &outs[2]["choices"], "shared chunked prefill");
 }
 
+/// `--dtype bf16`: served (repacked as bf16 with f32 arithmetic, or through candle's bf16
+/// kernels with `--no-repack`), with prompt log-probabilities within bf16 rounding of f32's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_weights_serve_within_rounding_of_f32() {
+    let body = json!({"prompt": "The quick brown fox", "max_tokens": 0, "echo": true, "logprobs": 1});
+    let lps = |v: &Value| -> Vec<f64> {
+        v["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().iter().filter_map(Value::as_f64).collect()
+    };
+    let mut runs = Vec::new();
+    for (dtype, repack) in [(DType::F32, true), (DType::BF16, true), (DType::BF16, false)] {
+        let (_d, mut opts) = setup();
+        (opts.dtype, opts.repack) = (dtype, repack);
+        let r = post(&common::router(&opts), "/v1/completions", body.clone()).await;
+        assert_eq!(r.status, StatusCode::OK, "{dtype:?} repack={repack}: {}", r.text);
+        runs.push(lps(&r.json()));
+    }
+    for (i, run) in runs.iter().enumerate().skip(1) {
+        assert_eq!(run.len(), runs[0].len());
+        let d = run.iter().zip(&runs[0]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(d > 0.0 && d < 0.01, "run {i}: log-probabilities differ from f32 by {d}");
+    }
+}
+
 /// Kept caches give way to running sequences: with a budget of two contexts, many different
 /// prompts in a row are all served and the kept caches never hold more than the budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

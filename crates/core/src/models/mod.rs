@@ -204,10 +204,17 @@ impl Model {
     /// are held once; the model can no longer be saved. Returns the bytes the packed copies
     /// take (0 where the CPU lacks AVX2 + FMA or the weights are not f32).
     pub fn repack_for_inference(&mut self) -> Result<usize> {
+        self.repack_for_inference_as(DType::F32)
+    }
+
+    /// [`Model::repack_for_inference`] with the packed weights held as `dtype`: `F32`, or
+    /// `BF16` for half the weight memory and bytes read per step (each weight rounded to bf16 —
+    /// exact for a bf16 checkpoint loaded as f32 — the arithmetic still f32).
+    pub fn repack_for_inference_as(&mut self, dtype: DType) -> Result<usize> {
         let store = self.store.clone();
         let mut bytes = 0;
         for l in self.linears_mut() {
-            if !l.repack()? {
+            if !l.repack_as(dtype)? {
                 continue;
             }
             bytes += l.packed_bytes();

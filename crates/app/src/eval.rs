@@ -344,25 +344,25 @@ impl Suite {
             let at = e.location().map(|l| format!(":{}", l.line())).unwrap_or_default();
             anyhow::anyhow!("{file}{at}: {e}")
         })?;
-        let tasks = config
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let p = base.join(t);
-                if p.is_file() {
-                    return Ok(Task::load(&p)?);
-                }
-                let name = t.to_string_lossy();
-                match task_file_named(base, &name) {
-                    Some(p) => Ok(Task::load(&p)?),
-                    None => Err(anyhow::anyhow!(
-                        "{file}: tasks[{i}]: `{name}` is neither a file nor the `task:` of a YAML file in {}",
-                        if base.as_os_str().is_empty() { Path::new(".") } else { base }.display()
-                    )),
-                }
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let dir = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+        // Task names → files, read from the folder once, and only if some entry is a name.
+        let mut by_name: Option<BTreeMap<String, PathBuf>> = None;
+        let mut tasks = Vec::with_capacity(config.tasks.len());
+        for (i, t) in config.tasks.iter().enumerate() {
+            let p = base.join(t);
+            if p.is_file() {
+                tasks.push(Task::load(&p)?);
+                continue;
+            }
+            let name = t.to_string_lossy();
+            match by_name.get_or_insert_with(|| task_files_by_name(dir)).get(name.as_ref()) {
+                Some(p) => tasks.push(Task::load(p)?),
+                None => anyhow::bail!(
+                    "{file}: tasks[{i}]: `{name}` is neither a file nor the `task:` of a YAML file in {}",
+                    dir.display()
+                ),
+            }
+        }
         for (t, ms) in &config.thresholds {
             let task = tasks
                 .iter()
@@ -378,22 +378,27 @@ impl Suite {
     }
 }
 
-/// The YAML file in `dir` (not its subfolders) whose `task:` is `name`, as lm-evaluation-harness
-/// finds tasks by name under an include path; files that do not parse are passed over.
-fn task_file_named(dir: &Path, name: &str) -> Option<PathBuf> {
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
+/// The YAML files in `dir` (not its subfolders) by their `task:`, as lm-evaluation-harness finds
+/// tasks by name under an include path (the first file in name order where two share a task);
+/// files that do not parse are passed over.
+fn task_files_by_name(dir: &Path) -> BTreeMap<String, PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return BTreeMap::new() };
+    let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
         .collect();
     files.sort();
-    files.into_iter().find(|p| {
-        std::fs::read_to_string(p)
+    let mut index = BTreeMap::new();
+    for p in files {
+        let task = std::fs::read_to_string(&p)
             .ok()
             .and_then(|t| serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&t).ok())
-            .is_some_and(|v| v.get("task").and_then(serde_yaml_ng::Value::as_str) == Some(name))
-    })
+            .and_then(|v| v.get("task").and_then(serde_yaml_ng::Value::as_str).map(str::to_owned));
+        if let Some(task) = task {
+            index.entry(task).or_insert(p);
+        }
+    }
+    index
 }
 
 /// Results of a suite in lm-evaluation-harness's shape.

@@ -434,8 +434,9 @@ impl Task {
     fn check_docs(&self, split: &str) -> Result<(), TaskError> {
         let files = &self.config.dataset_kwargs.data_files;
         let fs_split = self.config.fewshot_split.as_ref().or(self.config.training_split.as_ref());
-        let sets = [(split, &self.docs), (fs_split.map_or(split, String::as_str), &self.fewshot_docs)];
-        for (split, docs) in sets {
+        // Few-shot documents drawn from the evaluated split are the same documents: once is enough.
+        let fewshot = (!self.fewshot_is_test).then(|| (fs_split.map_or(split, String::as_str), &self.fewshot_docs));
+        for (split, docs) in std::iter::once((split, &self.docs)).chain(fewshot) {
             for (i, doc) in docs.iter().enumerate() {
                 let rendered = self.doc_to_text(doc).and_then(|_| self.doc_to_target(doc));
                 if let Err(e) = rendered {

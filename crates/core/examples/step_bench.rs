@@ -1,5 +1,6 @@
 //! Times one cached forward step for 1 and many sequences (decode), for tuning; `KERNEL=1`
-//! times the AVX2 projection kernel alone at each batch size.
+//! times the AVX2 projection kernel alone at each batch size; `KV=bf16` stores the caches'
+//! keys and values as bf16.
 use std::time::Instant;
 
 use lmstack_core::{DType, Device, Model, ModelConfig, SeqStep};
@@ -55,7 +56,13 @@ fn main() {
     if std::env::var("REPACK").map_or(true, |v| v != "0") {
         eprintln!("repacked {} bytes of weights", m.repack_for_inference().unwrap());
     }
-    let only: Option<usize> = std::env::var("B").ok().and_then(|v| v.parse().ok());
+    // KV=bf16 keeps the caches' keys and values as bf16.
+    if std::env::var("KV").is_ok_and(|v| v == "bf16") {
+        m.set_kv_cache_dtype(DType::BF16).unwrap();
+    }
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+    // B=n: that batch size only; PROMPT=n: cached tokens before decoding (30); STEPS=n.
+    let (only, prompt_len) = (env("B"), env("PROMPT").unwrap_or(30));
     if let Ok(n) = std::env::var("PREFILL").map(|v| v.parse::<usize>().unwrap()) {
         let prompt: Vec<u32> = (0..n).map(|i| (i * 7 % vocab) as u32).collect();
         let t0 = Instant::now();
@@ -68,7 +75,7 @@ fn main() {
     }
     for b in [1usize, 4, 16, 32].into_iter().filter(|b| only.is_none_or(|o| o == *b)) {
         let mut caches: Vec<_> = (0..b).map(|_| m.new_cache()).collect();
-        let prompt: Vec<u32> = (0..30).map(|i| (i * 7 % vocab) as u32).collect();
+        let prompt: Vec<u32> = (0..prompt_len).map(|i| (i * 7 % vocab) as u32).collect();
         let t0 = Instant::now();
         for c in caches.iter_mut() {
             m.forward_cached(&mut [SeqStep { tokens: &prompt, cache: c, all_logits: false }]).unwrap();
@@ -78,7 +85,7 @@ fn main() {
             prompt.len(),
             t0.elapsed().as_secs_f64() * 1e3 / b as f64
         );
-        let steps = if only.is_some() { 2000 } else { 20 };
+        let steps = env("STEPS").unwrap_or(if only.is_some() { 2000 } else { 20 });
         let t0 = Instant::now();
         for s in 0..steps {
             let toks: Vec<[u32; 1]> = (0..b).map(|i| [((s + i) % vocab) as u32]).collect();
@@ -87,7 +94,7 @@ fn main() {
             m.forward_cached(&mut st).unwrap();
             if s % 30 == 29 {
                 for c in caches.iter_mut() {
-                    c.truncate(30);
+                    c.truncate(prompt_len);
                 }
             }
         }

@@ -13,11 +13,96 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::simd::{f32_to_bf16, Rows};
 use crate::{Error, Result};
 
 /// Tokens a host cache reserves at its first append (its expectation, when smaller): short
 /// requests never regrow, long ones start small.
 pub const FIRST_ROOM: usize = 256;
+
+/// One layer's keys or values in a host cache: f32, or bf16 ([`KvCache::store_bf16`]) for half
+/// the bytes.
+#[derive(Debug, Clone)]
+enum HostBuf {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl HostBuf {
+    fn empty_like(&self) -> Self {
+        match self {
+            HostBuf::F32(_) => HostBuf::F32(Vec::new()),
+            HostBuf::Bf16(_) => HostBuf::Bf16(Vec::new()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.rows().len()
+    }
+
+    fn capacity(&self) -> usize {
+        match self {
+            HostBuf::F32(x) => x.capacity(),
+            HostBuf::Bf16(x) => x.capacity(),
+        }
+    }
+
+    fn elem_bytes(&self) -> usize {
+        match self {
+            HostBuf::F32(_) => 4,
+            HostBuf::Bf16(_) => 2,
+        }
+    }
+
+    fn truncate(&mut self, n: usize) {
+        match self {
+            HostBuf::F32(x) => x.truncate(n),
+            HostBuf::Bf16(x) => x.truncate(n),
+        }
+    }
+
+    fn reserve_exact(&mut self, additional: usize) {
+        match self {
+            HostBuf::F32(x) => x.reserve_exact(additional),
+            HostBuf::Bf16(x) => x.reserve_exact(additional),
+        }
+    }
+
+    /// Appends `new`, rounded to bf16 when stored so (exact when it already is bf16).
+    fn extend(&mut self, new: Rows<'_>) {
+        match (self, new) {
+            (HostBuf::F32(x), Rows::F32(n)) => x.extend_from_slice(n),
+            (HostBuf::F32(x), Rows::Bf16(n)) => x.extend(n.iter().map(|&h| crate::simd::bf16_to_f32(h))),
+            (HostBuf::Bf16(x), Rows::F32(n)) => x.extend(n.iter().map(|&v| f32_to_bf16(v))),
+            (HostBuf::Bf16(x), Rows::Bf16(n)) => x.extend_from_slice(n),
+        }
+    }
+
+    fn rows(&self) -> Rows<'_> {
+        match self {
+            HostBuf::F32(x) => Rows::F32(x),
+            HostBuf::Bf16(x) => Rows::Bf16(x),
+        }
+    }
+
+    /// A copy with as much room as this buffer has (a plain clone would have none to spare).
+    fn copy_with_room(&self) -> Self {
+        let mut c = self.empty_like();
+        c.reserve_exact(self.capacity());
+        c.extend(self.rows());
+        c
+    }
+}
+
+impl Rows<'_> {
+    /// The first `n` values.
+    fn prefix(self, n: usize) -> Self {
+        match self {
+            Rows::F32(x) => Rows::F32(&x[..n]),
+            Rows::Bf16(x) => Rows::Bf16(&x[..n]),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct LayerKv {
@@ -34,7 +119,7 @@ struct LayerKv {
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     /// Host storage per layer (keys, values), used instead of `layers` when `host`.
-    host_kv: Vec<(Vec<f32>, Vec<f32>)>,
+    host_kv: Vec<(HostBuf, HostBuf)>,
     host: bool,
     kv_heads: usize,
     head_dim: usize,
@@ -59,7 +144,7 @@ impl KvCache {
         let host = dtype == DType::F32 && crate::ops::supported_for(dtype, device);
         Self {
             layers: vec![None; if host { 0 } else { num_layers }],
-            host_kv: vec![(Vec::new(), Vec::new()); if host { num_layers } else { 0 }],
+            host_kv: vec![(HostBuf::F32(Vec::new()), HostBuf::F32(Vec::new())); if host { num_layers } else { 0 }],
             host,
             kv_heads,
             head_dim,
@@ -83,10 +168,32 @@ impl KvCache {
         self.host
     }
 
+    /// Keeps this (empty, host) cache's keys and values as bf16: half the memory and half the
+    /// bytes each decode step reads, at the cost of rounding each key and value to 8 bits of
+    /// mantissa (attention still computes in f32). What vLLM's `--kv-cache-dtype` and
+    /// llama.cpp's `--cache-type-k/v` offer; outputs then differ slightly from f32 storage.
+    pub fn store_bf16(&mut self) -> Result<()> {
+        if !self.host {
+            return Err(Error::invalid("kv_cache_dtype", "bf16 keys and values need a CPU model computing in f32"));
+        }
+        if !self.is_empty() {
+            return Err(Error::invalid("kv_cache_dtype", "the storage type of a cache holding tokens cannot change"));
+        }
+        for (k, v) in &mut self.host_kv {
+            (*k, *v) = (HostBuf::Bf16(Vec::new()), HostBuf::Bf16(Vec::new()));
+        }
+        Ok(())
+    }
+
+    /// Whether keys and values are stored as bf16 ([`KvCache::store_bf16`]).
+    pub fn is_bf16(&self) -> bool {
+        self.host_kv.first().is_some_and(|(k, _)| matches!(k, HostBuf::Bf16(_)))
+    }
+
     /// Number of tokens cached (the position the next token takes).
     pub fn len(&self) -> usize {
         if self.host {
-            return self.host_kv.first().map_or(0, |l| l.0.len() / (self.kv_heads * self.head_dim));
+            return self.host_layer_len(0);
         }
         self.layers.first().and_then(|l| l.as_ref()).map_or(0, |l| l.len)
     }
@@ -108,14 +215,15 @@ impl KvCache {
     /// Bytes of key/value storage currently allocated.
     pub fn allocated_bytes(&self) -> usize {
         if self.host {
-            return self.host_kv.iter().map(|(k, v)| (k.capacity() + v.capacity()) * 4).sum();
+            return self.host_kv.iter().map(|(k, v)| (k.capacity() + v.capacity()) * k.elem_bytes()).sum();
         }
         self.layers.iter().flatten().map(|l| 2 * l.k.elem_count() * self.dtype.size_in_bytes()).sum()
     }
 
     /// Bytes one cached token takes across all layers (keys and values).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.layers.len().max(self.host_kv.len()) * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        let elem = self.host_kv.first().map_or(self.dtype.size_in_bytes(), |(k, _)| k.elem_bytes());
+        2 * self.layers.len().max(self.host_kv.len()) * self.kv_heads * self.head_dim * elem
     }
 
     /// Forgets everything past the first `len` tokens (e.g. to reuse a shared prefix).
@@ -137,20 +245,7 @@ impl KvCache {
             .iter()
             .map(|l| l.as_ref().map(|l| Ok(LayerKv { k: l.k.copy()?, v: l.v.copy()?, len: l.len })).transpose())
             .collect::<Result<Vec<_>>>()?;
-        let host_kv = self
-            .host_kv
-            .iter()
-            .map(|(k, v)| {
-                // As much room as the original has (a plain clone would have none to spare).
-                let room = k.capacity();
-                let copy = |x: &Vec<f32>| {
-                    let mut c = Vec::with_capacity(room);
-                    c.extend_from_slice(x);
-                    c
-                };
-                (copy(k), copy(v))
-            })
-            .collect();
+        let host_kv = self.host_kv.iter().map(|(k, v)| (k.copy_with_room(), v.copy_with_room())).collect();
         Ok(Self {
             layers,
             host_kv,
@@ -175,7 +270,7 @@ impl KvCache {
         }
         let mut out = Self {
             layers: vec![None; self.layers.len()],
-            host_kv: vec![(Vec::new(), Vec::new()); self.host_kv.len()],
+            host_kv: self.host_kv.iter().map(|(k, v)| (k.empty_like(), v.empty_like())).collect(),
             host: self.host,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
@@ -190,7 +285,7 @@ impl KvCache {
         }
         let row = self.kv_heads * self.head_dim;
         for (layer, (k, v)) in self.host_kv.iter().enumerate() {
-            out.host_append(layer, &k[..len * row], &v[..len * row])?;
+            out.host_append_rows(layer, k.rows().prefix(len * row), v.rows().prefix(len * row))?;
         }
         for (layer, l) in self.layers.iter().enumerate() {
             if let Some(l) = l {
@@ -219,8 +314,11 @@ impl KvCache {
             let (kh, vh) = self.host_kv(layer);
             let l = kh.len() / (self.kv_heads * self.head_dim);
             let shape = (l, self.kv_heads, self.head_dim);
-            let kt = Tensor::from_slice(kh, shape, &self.device)?.transpose(0, 1)?;
-            let vt = Tensor::from_slice(vh, shape, &self.device)?.transpose(0, 1)?;
+            let (mut kf, mut vf) = (Vec::new(), Vec::new());
+            kh.gather_f32(0, 0, 1, kh.len(), &mut kf);
+            vh.gather_f32(0, 0, 1, vh.len(), &mut vf);
+            let kt = Tensor::from_vec(kf, shape, &self.device)?.transpose(0, 1)?;
+            let vt = Tensor::from_vec(vf, shape, &self.device)?.transpose(0, 1)?;
             return Ok((kt, vt));
         }
         let (kvh, hd, max_len, dtype) = (self.kv_heads, self.head_dim, self.max_len, self.dtype);
@@ -256,6 +354,10 @@ impl KvCache {
     /// Appends token-major keys and values (`[n, kv_heads, head_dim]`, flattened) to a host
     /// cache.
     pub fn host_append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        self.host_append_rows(layer, Rows::F32(k), Rows::F32(v))
+    }
+
+    fn host_append_rows(&mut self, layer: usize, k: Rows<'_>, v: Rows<'_>) -> Result<()> {
         let row = self.kv_heads * self.head_dim;
         if !self.host || k.len() != v.len() || k.len() % row != 0 {
             return Err(Error::invalid("kv", "host append needs a host cache and whole [n, kv_heads, head_dim] rows"));
@@ -280,14 +382,14 @@ impl KvCache {
             kc.reserve_exact(room - kc.len());
             vc.reserve_exact(room - vc.len());
         }
-        kc.extend_from_slice(k);
-        vc.extend_from_slice(v);
+        kc.extend(k);
+        vc.extend(v);
         Ok(())
     }
 
     /// A host cache's keys and values for `layer` (token-major).
-    pub fn host_kv(&self, layer: usize) -> (&[f32], &[f32]) {
-        self.host_kv.get(layer).map_or((&[], &[]), |(k, v)| (k.as_slice(), v.as_slice()))
+    pub fn host_kv(&self, layer: usize) -> (Rows<'_>, Rows<'_>) {
+        self.host_kv.get(layer).map_or((Rows::F32(&[]), Rows::F32(&[])), |(k, v)| (k.rows(), v.rows()))
     }
 }
 
@@ -323,15 +425,38 @@ pub fn packed_attention(
     // Decoding sequences (a few new tokens), where the CPU allows: every head of a token in one
     // pass over the cache, straight into `out`.
     let mut done = vec![false; spans.len()];
-    let mut scores = Vec::new();
-    for (i, &(start, n)) in spans.iter().enumerate().filter(|(_, s)| s.1 <= 4) {
+    let decoding: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 <= 4).collect();
+    // Sequence `i`'s new tokens into `o` (its rows of `out`); false where the CPU lacks the kernel.
+    let decode = |i: usize, o: &mut [f32], scores: &mut Vec<f32>| {
+        let n = spans[i].1;
         let (kc, vc) = caches[i].host_kv(layer);
         let p0 = kc.len() / row - n;
-        done[i] = (0..n).all(|t| {
-            let o = (start + t) * heads * d..(start + t + 1) * heads * d;
-            let dims = (heads, kv_heads, d);
-            simd::decode_attention(&q[o.clone()], kc, vc, dims, p0 + t + 1, scale, &mut scores, &mut out[o])
-        });
+        o.chunks_mut(heads * d).enumerate().all(|(t, o)| {
+            let qt = &q[(spans[i].0 + t) * heads * d..][..heads * d];
+            simd::decode_attention(qt, kc, vc, (heads, kv_heads, d), p0 + t + 1, scale, scores, o)
+        })
+    };
+    let decode_macs: usize = decoding.iter().map(|&i| 2 * spans[i].1 * caches[i].len() * d * heads).sum();
+    if decoding.len() > 1 && decode_macs > 1 << 21 && crate::ops::may_spread() {
+        // Long caches (a large model, long contexts): the sequences over the pool (~30 µs of
+        // work and more pays for waking it).
+        let parts: Vec<(bool, Vec<f32>)> = decoding
+            .par_iter()
+            .map(|&i| {
+                let mut o = vec![0f32; spans[i].1 * heads * d];
+                (decode(i, &mut o, &mut Vec::new()), o)
+            })
+            .collect();
+        for (&i, (ok, o)) in decoding.iter().zip(parts) {
+            done[i] = ok;
+            out[spans[i].0 * heads * d..][..o.len()].copy_from_slice(&o);
+        }
+    } else {
+        let mut scores = Vec::new();
+        for &i in &decoding {
+            let (start, n) = spans[i];
+            done[i] = decode(i, &mut out[start * heads * d..(start + n) * heads * d], &mut scores);
+        }
     }
     let work: Vec<(usize, usize)> =
         (0..spans.len()).filter(|&i| !done[i]).flat_map(|i| (0..heads).map(move |h| (i, h))).collect();
@@ -343,16 +468,30 @@ pub fn packed_attention(
         .filter(|(_, d)| !**d)
         .map(|((s, c), _)| 2 * s.1 * c.len() * d * heads)
         .sum();
-    // One (sequence, head): the new tokens' outputs `[n, d]` into `part`.
+    // One (sequence, head): the new tokens' outputs `[n, d]` into `part`; `kv` is scratch for
+    // the head's keys and values widened to f32 when the cache stores bf16.
     // (`identity` only so the closure may carry `#[inline(always)]`: see `simd::dispatch`.)
     let attend = std::convert::identity(
         #[inline(always)]
-        |fma: bool, (i, h): (usize, usize), scores: &mut Vec<f32>, part: &mut Vec<f32>| {
+        |fma: bool,
+         (i, h): (usize, usize),
+         scores: &mut Vec<f32>,
+         part: &mut Vec<f32>,
+         kv: &mut (Vec<f32>, Vec<f32>)| {
             let (start, n) = spans[i];
-            let (kc, vc) = caches[i].host_kv(layer);
-            let l = kc.len() / row;
+            let (kr, vr) = caches[i].host_kv(layer);
+            let l = kr.len() / row;
             let p0 = l - n;
             let g = h / n_rep;
+            // Keys and values as f32 rows of `row` values, the head's `d` starting at `col`.
+            let (kc, vc, row, col) = match (kr, vr) {
+                (Rows::F32(k), Rows::F32(v)) => (k, v, row, g * d),
+                _ => {
+                    kr.gather_f32(g * d, row, l, d, &mut kv.0);
+                    vr.gather_f32(g * d, row, l, d, &mut kv.1);
+                    (&kv.0[..], &kv.1[..], d, 0)
+                }
+            };
             scores.clear();
             scores.resize(n * l, 0.0);
             part.clear();
@@ -363,7 +502,7 @@ pub fn packed_attention(
                 for t in 0..n {
                     let qr = &q[qoff(t)..qoff(t) + d];
                     for (j, s) in scores[t * l..t * l + p0 + t + 1].iter_mut().enumerate() {
-                        *s = simd::dot(fma, qr, &kc[j * row + g * d..j * row + g * d + d]) * scale;
+                        *s = simd::dot(fma, qr, &kc[j * row + col..j * row + col + d]) * scale;
                     }
                 }
             } else {
@@ -375,7 +514,7 @@ pub fn packed_attention(
                     q,
                     View { off: qoff(0), rs: heads * d, cs: 1 },
                     kc,
-                    View { off: g * d, rs: 1, cs: row },
+                    View { off: col, rs: 1, cs: row },
                     scores,
                     View::rows(0, l),
                     false,
@@ -391,7 +530,7 @@ pub fn packed_attention(
                 for t in 0..n {
                     let o = &mut part[t * d..(t + 1) * d];
                     for (j, &p) in scores[t * l..t * l + p0 + t + 1].iter().enumerate() {
-                        simd::axpy(fma, p, &vc[j * row + g * d..j * row + g * d + d], o);
+                        simd::axpy(fma, p, &vc[j * row + col..j * row + col + d], o);
                     }
                 }
             } else {
@@ -403,7 +542,7 @@ pub fn packed_attention(
                     scores,
                     View::rows(0, l),
                     vc,
-                    View { off: g * d, rs: row, cs: 1 },
+                    View { off: col, rs: row, cs: 1 },
                     part,
                     View::rows(0, d),
                     false,
@@ -426,8 +565,8 @@ pub fn packed_attention(
                 simd::dispatch(
                     #[inline(always)]
                     |fma| {
-                        let (mut scores, mut part) = (Vec::new(), Vec::new());
-                        attend(fma, w, &mut scores, &mut part);
+                        let (mut scores, mut part, mut kv) = (Vec::new(), Vec::new(), Default::default());
+                        attend(fma, w, &mut scores, &mut part, &mut kv);
                         part
                     },
                 )
@@ -440,9 +579,9 @@ pub fn packed_attention(
         simd::dispatch(
             #[inline(always)]
             |fma| {
-                let (mut scores, mut part) = (Vec::new(), Vec::new());
+                let (mut scores, mut part, mut kv) = (Vec::new(), Vec::new(), Default::default());
                 for &w in &work {
-                    attend(fma, w, &mut scores, &mut part);
+                    attend(fma, w, &mut scores, &mut part, &mut kv);
                     place(w, &part);
                 }
             },

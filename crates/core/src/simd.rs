@@ -156,8 +156,8 @@ fn hsum(a: [f32; 8]) -> f32 {
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: Rows<'_>,
+    v: Rows<'_>,
     (heads, kv_heads, d): (usize, usize, usize),
     valid: usize,
     scale: f32,
@@ -175,13 +175,59 @@ pub fn decode_attention(
     scores.resize(heads * valid, 0.0);
     #[cfg(target_arch = "x86_64")]
     {
+        let dims = (heads, kv_heads, d);
         // SAFETY: AVX2 and FMA are present (checked above); the kernel reads q[..heads·d],
         // k/v[..valid·row] and writes scores[..heads·valid] and out[..heads·d], all checked above.
-        unsafe { avx::decode_attention(q, k, v, (heads, kv_heads, d), valid, scale, scores, out) };
+        unsafe {
+            match (k, v) {
+                (Rows::F32(k), Rows::F32(v)) => avx::decode_attention(q, k, v, dims, valid, scale, scores, out),
+                (Rows::Bf16(k), Rows::Bf16(v)) => avx::decode_attention(q, k, v, dims, valid, scale, scores, out),
+                _ => panic!("decode_attention: keys and values stored as different types"),
+            }
+        }
         return true;
     }
     #[allow(unreachable_code)]
     false
+}
+
+/// Stored values read as f32: f32 themselves, or bf16 ([`f32_to_bf16`]) widened exactly as they
+/// are read (a key/value cache kept in half the bytes).
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bf16 values, the upper halves of f32s.
+    Bf16(&'a [u16]),
+}
+
+impl Rows<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::F32(x) => x.len(),
+            Rows::Bf16(x) => x.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes `n` runs of `width` values, run `r` starting at `off + r·stride`, as f32 into `out`
+    /// (cleared first): e.g. one head's columns of a token-major cache.
+    pub fn gather_f32(&self, off: usize, stride: usize, n: usize, width: usize, out: &mut Vec<f32>) {
+        out.clear();
+        out.reserve(n * width);
+        for r in 0..n {
+            let at = off + r * stride..off + r * stride + width;
+            match self {
+                Rows::F32(x) => out.extend_from_slice(&x[at]),
+                Rows::Bf16(x) => out.extend(x[at].iter().map(|&h| bf16_to_f32(h))),
+            }
+        }
+    }
 }
 
 /// Output features per panel of a [`PackedWeight`] (two AVX registers).
@@ -477,10 +523,10 @@ mod avx {
     /// See [`super::decode_attention`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx,avx2,fma")]
-    pub(super) unsafe fn decode_attention(
+    pub(super) unsafe fn decode_attention<E: PanelElem>(
         q: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[E],
+        v: &[E],
         (heads, kv_heads, d): (usize, usize, usize),
         valid: usize,
         scale: f32,
@@ -503,7 +549,7 @@ mod avx {
                 while c < d {
                     let qv = _mm256_loadu_ps(qh.add(c));
                     for r in 0..8 {
-                        acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh.add(r * row + c)), acc[r]);
+                        acc[r] = _mm256_fmadd_ps(qv, E::load8(kh.add(r * row + c)), acc[r]);
                     }
                     c += 8;
                 }
@@ -515,10 +561,10 @@ mod avx {
             let kr = kp.add(j * row);
             for h in 0..heads {
                 let (qh, kh) = (qp.add(h * d), kr.add(h / n_rep * d));
-                let mut acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(kh));
+                let mut acc = _mm256_mul_ps(_mm256_loadu_ps(qh), E::load8(kh));
                 let mut c = 8;
                 while c < d {
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c)), _mm256_loadu_ps(kh.add(c)), acc);
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(c)), E::load8(kh.add(c)), acc);
                     c += 8;
                 }
                 let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -534,11 +580,11 @@ mod avx {
             let (vh, oh) = (vp.add(h / n_rep * d), out.as_mut_ptr().add(h * d));
             let mut c = 0;
             while c + 32 <= d {
-                weighted_rows::<4>(p, vh.add(c), row, oh.add(c));
+                weighted_rows::<E, 4>(p, vh.add(c), row, oh.add(c));
                 c += 32;
             }
             while c < d {
-                weighted_rows::<1>(p, vh.add(c), row, oh.add(c));
+                weighted_rows::<E, 1>(p, vh.add(c), row, oh.add(c));
                 c += 8;
             }
         }
@@ -558,7 +604,7 @@ mod avx {
     /// `out[..8·NC] = Σ_j p[j] · v[j·row ..][..8·NC]`, two rows per iteration (independent sums).
     #[inline]
     #[target_feature(enable = "avx,avx2,fma")]
-    unsafe fn weighted_rows<const NC: usize>(p: &[f32], v: *const f32, row: usize, out: *mut f32) {
+    unsafe fn weighted_rows<E: PanelElem, const NC: usize>(p: &[f32], v: *const E, row: usize, out: *mut f32) {
         let mut a = [_mm256_setzero_ps(); NC];
         let mut b = [_mm256_setzero_ps(); NC];
         let mut j = 0;
@@ -566,8 +612,8 @@ mod avx {
             let (p0, p1) = (_mm256_set1_ps(p[j]), _mm256_set1_ps(p[j + 1]));
             let (r0, r1) = (v.add(j * row), v.add((j + 1) * row));
             for c in 0..NC {
-                a[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(r0.add(8 * c)), a[c]);
-                b[c] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(r1.add(8 * c)), b[c]);
+                a[c] = _mm256_fmadd_ps(p0, E::load8(r0.add(8 * c)), a[c]);
+                b[c] = _mm256_fmadd_ps(p1, E::load8(r1.add(8 * c)), b[c]);
             }
             j += 2;
         }
@@ -575,7 +621,7 @@ mod avx {
             let p0 = _mm256_set1_ps(p[j]);
             let r0 = v.add(j * row);
             for c in 0..NC {
-                a[c] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(r0.add(8 * c)), a[c]);
+                a[c] = _mm256_fmadd_ps(p0, E::load8(r0.add(8 * c)), a[c]);
             }
         }
         for c in 0..NC {
@@ -604,7 +650,16 @@ mod tests {
             let (q, k, v) = (data(heads * d, 7), data(valid * row, 8), data(valid * row, 9));
             let scale = 0.25;
             let mut out = vec![0.0; heads * d];
-            assert!(decode_attention(&q, &k, &v, (heads, kv_heads, d), valid, scale, &mut Vec::new(), &mut out));
+            assert!(decode_attention(
+                &q,
+                Rows::F32(&k),
+                Rows::F32(&v),
+                (heads, kv_heads, d),
+                valid,
+                scale,
+                &mut Vec::new(),
+                &mut out
+            ));
             for h in 0..heads {
                 let g = h / (heads / kv_heads);
                 let s: Vec<f64> = (0..valid)
@@ -619,6 +674,32 @@ mod tests {
                     assert!((got - want).abs() < 1e-5, "valid {valid}, head {h}, column {c}: {got} vs {want}");
                 }
             }
+        }
+    }
+
+    /// Keys and values stored as bf16 give exactly what f32 storage of the rounded values gives
+    /// (widening is exact and the arithmetic is the same).
+    #[test]
+    fn bf16_rows_attend_as_f32_rows_of_the_rounded_values() {
+        if !has_avx2_fma() {
+            return;
+        }
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let row = kv_heads * d;
+        for valid in [1, 9, 40] {
+            let (q, k, v) = (data(heads * d, 1), data(valid * row, 2), data(valid * row, 3));
+            let (kh, vh): (Vec<u16>, Vec<u16>) =
+                (k.iter().map(|&x| f32_to_bf16(x)).collect(), v.iter().map(|&x| f32_to_bf16(x)).collect());
+            let (kr, vr): (Vec<f32>, Vec<f32>) =
+                (kh.iter().map(|&h| bf16_to_f32(h)).collect(), vh.iter().map(|&h| bf16_to_f32(h)).collect());
+            let dims = (heads, kv_heads, d);
+            let (mut a, mut b) = (vec![0.0; heads * d], vec![0.0; heads * d]);
+            assert!(decode_attention(&q, Rows::Bf16(&kh), Rows::Bf16(&vh), dims, valid, 0.3, &mut Vec::new(), &mut a));
+            assert!(decode_attention(&q, Rows::F32(&kr), Rows::F32(&vr), dims, valid, 0.3, &mut Vec::new(), &mut b));
+            assert_eq!(a, b, "valid {valid}");
+            let mut g = Vec::new();
+            Rows::Bf16(&kh).gather_f32(d, row, valid, d, &mut g);
+            assert_eq!(g, (0..valid).flat_map(|j| kr[j * row + d..j * row + 2 * d].to_vec()).collect::<Vec<_>>());
         }
     }
 

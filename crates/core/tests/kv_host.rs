@@ -6,7 +6,7 @@
 mod common;
 
 use common::{fixture, max_diff};
-use lmstack_core::{ops, simd, DType, Device, Model, SeqStep, Tensor};
+use lmstack_core::{ops, simd, DType, Device, Model, ModelConfig, SeqStep, StepThreads, Tensor};
 
 /// Serialises the tests of this file: one switches the process-wide kernel toggles, which the
 /// others read (a repack is skipped while the AVX2 build is off).
@@ -204,4 +204,90 @@ fn a_forked_prefix_continues_like_a_full_prefill() {
         }
     }
     ops::set_enabled(true);
+}
+
+/// Keys and values stored as bf16 (`Model::set_kv_cache_dtype`): half the bytes per token; the
+/// outputs stay within bf16 rounding of f32 storage, and are the same in the AVX2 and portable
+/// builds, for decode steps and prefill chunks alike; a forked prefix keeps the storage and
+/// continues exactly as its donor does.
+#[test]
+fn bf16_kv_caches_stay_within_rounding_of_f32_caches() {
+    let _serial = serial();
+    ops::set_enabled(true);
+    for name in ["tiny-gpt2", "tiny-llama"] {
+        let f32_model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let mut m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        assert!(m.set_kv_cache_dtype(DType::F16).is_err(), "{name}: f16 storage is refused");
+        m.set_kv_cache_dtype(DType::BF16).unwrap();
+        let c = m.new_cache();
+        assert!(c.is_host() && c.is_bf16());
+        assert_eq!(2 * c.bytes_per_token(), f32_model.new_cache().bytes_per_token());
+        let out = run(&m);
+        simd::set_enabled(false);
+        let portable = run(&m);
+        simd::set_enabled(true);
+        for (i, ((a, p), b)) in out.iter().zip(&portable).zip(run(&f32_model)).enumerate() {
+            let (d, dp) = (max_diff(a, &b), max_diff(a, p));
+            assert!(d > 0.0 && d < 0.005, "{name}: output {i} differs from f32 storage by {d}");
+            assert!(dp < 1e-5, "{name}: output {i}: the portable build differs by {dp}");
+        }
+        // A fork of the first 10 tokens continues as the donor, given the same tokens.
+        let v = m.config().vocab_size() as u32;
+        let toks: Vec<u32> = (0..16u32).map(|i| (i * 5 + 1) % v).collect();
+        let mut donor = m.new_cache();
+        m.forward_cached(&mut [SeqStep { tokens: &toks[..10], cache: &mut donor, all_logits: false }]).unwrap();
+        let mut fork = donor.fork_prefix(10, 16).unwrap();
+        assert!(fork.is_bf16());
+        for (c, what) in [(&mut donor, "donor"), (&mut fork, "fork")] {
+            let o = m.forward_cached(&mut [SeqStep { tokens: &toks[10..16], cache: c, all_logits: true }]).unwrap();
+            let want = f32_model.forward(&Tensor::new(&toks[..], &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None);
+            let d = max_diff(&o[0], &want.unwrap().squeeze(0).unwrap().narrow(0, 10, 6).unwrap());
+            assert!(d < 0.005, "{name} ({what}): differs from the uncached f32 forward by {d}");
+        }
+        let (a, b) = (donor.host_kv(1), fork.host_kv(1));
+        assert!(matches!((a.0, b.0), (simd::Rows::Bf16(x), simd::Rows::Bf16(y)) if x == y));
+    }
+    // The tensor path (no host caches) has no bf16 storage.
+    ops::set_enabled(false);
+    let mut m = Model::load(&fixture("tiny-gpt2"), DType::F32, &Device::Cpu).unwrap();
+    let e = m.set_kv_cache_dtype(DType::BF16).unwrap_err().to_string();
+    ops::set_enabled(true);
+    assert!(e.contains("kv_cache_dtype"), "{e}");
+}
+
+/// Decode steps over long caches spread their sequences over the thread pool; each sequence's
+/// output is the same as on one thread, bit for bit, with f32 or bf16 storage.
+#[test]
+fn long_cache_decode_over_the_pool_equals_one_thread() {
+    let _serial = serial();
+    ops::set_enabled(true);
+    let cfg =
+        r#"{"model_type": "gpt2", "n_layer": 1, "n_head": 4, "n_embd": 256, "n_positions": 2048, "vocab_size": 40}"#;
+    let mut m = Model::init(ModelConfig::from_json(cfg, "t").unwrap(), 3, DType::F32, &Device::Cpu).unwrap();
+    for kv in [DType::F32, DType::BF16] {
+        m.set_kv_cache_dtype(kv).unwrap();
+        // Three sequences of 1,500 cached tokens (written directly: a prefill would take long),
+        // one new token each: more than 2M multiply-adds of attention, too few tokens to split.
+        let len = 1500;
+        let mut caches: Vec<_> = (0..3u32)
+            .map(|s| {
+                let mut c = m.new_cache();
+                let kv: Vec<f32> =
+                    (0..len * 256).map(|i| ((i as u32 * 37 + s * 11) % 101) as f32 / 50.0 - 1.0).collect();
+                c.host_append(0, &kv, &kv[7..].iter().chain(&kv[..7]).copied().collect::<Vec<_>>()).unwrap();
+                c
+            })
+            .collect();
+        let mut again: Vec<_> = caches.iter().map(|c| c.fork().unwrap()).collect();
+        let toks = [[1u32], [7], [30]];
+        let step = |cs: &mut Vec<lmstack_core::KvCache>, t: StepThreads| {
+            let mut st: Vec<SeqStep<'_>> =
+                cs.iter_mut().zip(&toks).map(|(c, t)| SeqStep { tokens: t, cache: c, all_logits: false }).collect();
+            m.forward_cached_on(&mut st, t).unwrap()
+        };
+        let (pooled, one) = (step(&mut caches, StepThreads::Auto), step(&mut again, StepThreads::One));
+        for (i, (a, b)) in pooled.iter().zip(&one).enumerate() {
+            assert_eq!(max_diff(a, b), 0.0, "{kv:?}: sequence {i}");
+        }
+    }
 }

@@ -10,6 +10,7 @@
 //! cargo run --release -p lmstack-serve --example bench_serve -- \
 //!     [--model DIR] [--concurrency 1,16] [--seconds 15] [--gpt2] [--soak 3000] [--no-repack]
 //!     [--split-steps auto|always|never] [--rounds N] [--prefix-chars N] [--no-prefix-caching]
+//!     [--kv-cache-dtype bf16]
 //! ```
 //!
 //! `--prefix-chars N` starts every prompt with the same N characters (a shared system prompt
@@ -36,7 +37,8 @@ struct Args {
     /// Sweeps of the concurrency levels, one after another (medians are printed when > 1).
     rounds: usize,
     serve: PathBuf,
-    /// Extra flags for `serve` (`--no-repack`, `--split-steps WAY`, `--no-prefix-caching`).
+    /// Extra flags for `serve` (`--no-repack`, `--split-steps WAY`, `--no-prefix-caching`,
+    /// `--kv-cache-dtype bf16`).
     serve_flags: Vec<String>,
     /// Characters every prompt starts with.
     prefix_chars: usize,
@@ -78,7 +80,7 @@ fn parse_args() -> Result<Args, String> {
             "--gpt2" => a.gpt2 = true,
             "--no-repack" | "--no-prefix-caching" => a.serve_flags.push(flag.clone()),
             "--prefix-chars" => a.prefix_chars = val()?.parse().map_err(|_| "--prefix-chars: not a number")?,
-            "--split-steps" => {
+            "--split-steps" | "--kv-cache-dtype" => {
                 let v = val()?;
                 a.serve_flags.extend([flag.clone(), v]);
             }

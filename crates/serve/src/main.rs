@@ -48,6 +48,11 @@ struct Cli {
     /// repacking, so memory is about the same either way).
     #[arg(long)]
     no_repack: bool,
+    /// What the KV cache stores keys and values as: `auto` (the model's dtype) or `bf16`, half
+    /// the memory per cached token and half the bytes a decode step reads, with outputs
+    /// slightly different from f32 storage (attention still computes in f32).
+    #[arg(long, value_enum, default_value_t = KvCacheDtype::Auto)]
+    kv_cache_dtype: KvCacheDtype,
     /// Most tokens (prefill + decode) in one forward step; long prompts are prefilled in chunks
     /// of what is left.
     #[arg(long, default_value_t = 512)]
@@ -86,6 +91,15 @@ struct Cli {
     /// Seconds in-flight requests may continue after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
+}
+
+/// `--kv-cache-dtype` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KvCacheDtype {
+    /// The model's dtype.
+    Auto,
+    /// bf16.
+    Bf16,
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
@@ -135,6 +149,10 @@ fn main() -> ExitCode {
         chat_template: cli.chat_template,
         dtype: cli.dtype,
         repack: !cli.no_repack,
+        kv_cache_dtype: match cli.kv_cache_dtype {
+            KvCacheDtype::Auto => None,
+            KvCacheDtype::Bf16 => Some(DType::BF16),
+        },
         addr: SocketAddr::new(cli.host, cli.port),
         engine: EngineConfig {
             max_batch_tokens: cli.max_batch_tokens,
@@ -163,5 +181,24 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag's definition matches how it is read (clap checks that only at parse time).
+    #[test]
+    fn the_command_line_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["serve"]).unwrap();
+        assert!(matches!((cli.dtype, cli.kv_cache_dtype), (DType::F32, KvCacheDtype::Auto)));
+        let args = ["serve", "--dtype", "bf16", "--kv-cache-dtype", "bf16", "--split-steps", "never", "--no-repack"];
+        let cli = Cli::try_parse_from(args).unwrap();
+        assert!(matches!((cli.dtype, cli.kv_cache_dtype), (DType::BF16, KvCacheDtype::Bf16)));
+        assert!(Cli::try_parse_from(["serve", "--kv-cache-dtype", "f16"]).is_err());
+        assert!(Cli::try_parse_from(["serve", "--dtype", "f64"]).is_err());
     }
 }

@@ -628,19 +628,28 @@ async fn the_choices_of_one_prompt_share_its_prefill() {
 /// `--dtype bf16`: served (repacked as bf16 with f32 arithmetic, or through candle's bf16
 /// kernels with `--no-repack`), with prompt log-probabilities within bf16 rounding of f32's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bf16_weights_serve_within_rounding_of_f32() {
+async fn bf16_weights_and_caches_serve_within_rounding_of_f32() {
     let body = json!({"prompt": "The quick brown fox", "max_tokens": 0, "echo": true, "logprobs": 1});
     let lps = |v: &Value| -> Vec<f64> {
         v["choices"][0]["logprobs"]["token_logprobs"].as_array().unwrap().iter().filter_map(Value::as_f64).collect()
     };
     let mut runs = Vec::new();
-    for (dtype, repack) in [(DType::F32, true), (DType::BF16, true), (DType::BF16, false)] {
+    // f32; bf16 weights (packed, and through candle); f32 weights with a bf16 KV cache.
+    let bf16 = Some(DType::BF16);
+    for (dtype, repack, kv) in
+        [(DType::F32, true, None), (DType::BF16, true, None), (DType::BF16, false, None), (DType::F32, true, bf16)]
+    {
         let (_d, mut opts) = setup();
-        (opts.dtype, opts.repack) = (dtype, repack);
+        (opts.dtype, opts.repack, opts.kv_cache_dtype) = (dtype, repack, kv);
         let r = post(&common::router(&opts), "/v1/completions", body.clone()).await;
-        assert_eq!(r.status, StatusCode::OK, "{dtype:?} repack={repack}: {}", r.text);
+        assert_eq!(r.status, StatusCode::OK, "{dtype:?} repack={repack} kv={kv:?}: {}", r.text);
         runs.push(lps(&r.json()));
     }
+    // Only bf16 (or the model's own dtype) is a KV cache storage type.
+    let (_d, mut opts) = setup();
+    opts.kv_cache_dtype = Some(DType::F16);
+    let e = lmstack_serve::server::load(&opts, Arc::new(Metrics::new())).err().expect("f16 refused");
+    assert!(format!("{e:#}").contains("--kv-cache-dtype"), "{e:#}");
     for (i, run) in runs.iter().enumerate().skip(1) {
         assert_eq!(run.len(), runs[0].len());
         let d = run.iter().zip(&runs[0]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);

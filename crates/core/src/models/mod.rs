@@ -40,6 +40,8 @@ pub struct Model {
     device: Device,
     /// Bytes of all weights, known once the store has them (see [`Model::forward_cached`]).
     weight_bytes: usize,
+    /// Whether new caches store keys and values as bf16 ([`Model::set_kv_cache_dtype`]).
+    kv_bf16: bool,
 }
 
 /// Above this many bytes of weights, [`Model::forward_cached`] parallelises each matrix
@@ -84,7 +86,7 @@ impl Model {
             }
         };
         let weight_bytes = store.num_parameters() * dtype.size_in_bytes();
-        Ok(Self { arch, config, store: store.clone(), dtype, device: device.clone(), weight_bytes })
+        Ok(Self { arch, config, store: store.clone(), dtype, device: device.clone(), weight_bytes, kv_bf16: false })
     }
 
     /// A new model with freshly initialised trainable parameters (seeded).
@@ -256,10 +258,35 @@ impl Model {
         }
     }
 
-    /// An empty KV cache sized for this model.
+    /// An empty KV cache sized for this model, storing keys and values as
+    /// [`Model::set_kv_cache_dtype`] chose.
     pub fn new_cache(&self) -> KvCache {
         let (kvh, hd) = self.config.kv_shape();
-        KvCache::new(self.config.num_layers(), kvh, hd, self.max_len(), self.dtype, &self.device)
+        let mut c = KvCache::new(self.config.num_layers(), kvh, hd, self.max_len(), self.dtype, &self.device);
+        if self.kv_bf16 {
+            c.store_bf16().expect("checked by set_kv_cache_dtype");
+        }
+        c
+    }
+
+    /// The type caches from [`Model::new_cache`] store keys and values as: the model's own
+    /// (`dtype` equal to [`Model::dtype`]), or bf16 on a CPU model computing in f32
+    /// ([`KvCache::store_bf16`]: half the cache memory, slightly different outputs).
+    pub fn set_kv_cache_dtype(&mut self, dtype: DType) -> Result<()> {
+        if dtype == self.dtype {
+            self.kv_bf16 = false;
+            return Ok(());
+        }
+        if dtype != DType::BF16 {
+            return Err(Error::invalid(
+                "kv_cache_dtype",
+                format!("{dtype:?} keys and values are not supported (the model's {:?}, or bf16)", self.dtype),
+            ));
+        }
+        let (kvh, hd) = self.config.kv_shape();
+        KvCache::new(self.config.num_layers(), kvh, hd, self.max_len(), self.dtype, &self.device).store_bf16()?;
+        self.kv_bf16 = true;
+        Ok(())
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {

@@ -53,6 +53,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         chat_template: None,
         dtype: DType::F32,
         repack: true,
+        kv_cache_dtype: None,
         addr: "127.0.0.1:0".parse().unwrap(),
         engine: EngineConfig::default(),
         api_key: None,

@@ -437,9 +437,29 @@ pub fn packed_attention(
         })
     };
     let decode_macs: usize = decoding.iter().map(|&i| 2 * spans[i].1 * caches[i].len() * d * heads).sum();
-    if decoding.len() > 1 && decode_macs > 1 << 21 && crate::ops::may_spread() {
-        // Long caches (a large model, long contexts): the sequences over the pool (~30 µs of
-        // work and more pays for waking it).
+    // Long caches (a large model, long contexts) are worth the pool: 256K multiply-adds read
+    // 1 MB of keys and values or more, which takes longer than waking the pool.
+    let spread = decode_macs > 1 << 18 && crate::ops::may_spread();
+    if spread && decoding.len() == 1 && kv_heads >= 2 {
+        // One sequence: its heads in two halves, by KV head, on two threads.
+        let (i, mid) = (decoding[0], kv_heads / 2);
+        let (start, n) = spans[i];
+        let (kc, vc) = caches[i].host_kv(layer);
+        let p0 = kc.len() / row - n;
+        let split = mid * n_rep * d;
+        let dims = (heads, kv_heads, d);
+        done[i] = out[start * heads * d..(start + n) * heads * d].chunks_mut(heads * d).enumerate().all(|(t, o)| {
+            let qt = &q[(start + t) * heads * d..][..heads * d];
+            let ((qa, qb), (oa, ob)) = (qt.split_at(split), o.split_at_mut(split));
+            let valid = p0 + t + 1;
+            let (a, b) = rayon::join(
+                || simd::decode_attention_groups(qa, kc, vc, dims, 0..mid, valid, scale, &mut Vec::new(), oa),
+                || simd::decode_attention_groups(qb, kc, vc, dims, mid..kv_heads, valid, scale, &mut Vec::new(), ob),
+            );
+            a && b
+        });
+    } else if spread && decoding.len() > 1 {
+        // Several: the sequences over the pool.
         let parts: Vec<(bool, Vec<f32>)> = decoding
             .par_iter()
             .map(|&i| {

@@ -164,24 +164,53 @@ pub fn decode_attention(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) -> bool {
+    decode_attention_groups(q, k, v, (heads, kv_heads, d), 0..kv_heads, valid, scale, scores, out)
+}
+
+/// [`decode_attention`] for the heads of KV heads `groups` only (so two threads can share one
+/// sequence's heads): `q` and `out` hold just those heads, `[groups.len() · heads / kv_heads, d]`,
+/// while `k`/`v` are the whole cache rows.
+///
+/// # Panics
+/// As [`decode_attention`], or if `groups` is empty or reaches past `kv_heads`.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_groups(
+    q: &[f32],
+    k: Rows<'_>,
+    v: Rows<'_>,
+    (heads, kv_heads, d): (usize, usize, usize),
+    groups: std::ops::Range<usize>,
+    valid: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) -> bool {
     if !has_avx2_fma() || d % 8 != 0 || d == 0 || valid == 0 {
         return false;
     }
     assert!(kv_heads > 0 && heads % kv_heads == 0, "decode_attention: heads {heads} over kv heads {kv_heads}");
-    let row = kv_heads * d;
-    assert!(q.len() >= heads * d && out.len() >= heads * d, "decode_attention: q or out too short");
-    assert!(k.len() >= valid * row && v.len() >= valid * row, "decode_attention: cache shorter than valid rows");
+    assert!(groups.start < groups.end && groups.end <= kv_heads, "decode_attention: kv heads {groups:?}");
+    let (row, n_rep) = (kv_heads * d, heads / kv_heads);
+    let gh = groups.len() * n_rep;
+    assert!(q.len() >= gh * d && out.len() >= gh * d, "decode_attention: q or out too short");
+    let reach = (valid - 1) * row + groups.end * d;
+    assert!(k.len() >= reach && v.len() >= reach, "decode_attention: cache shorter than valid rows");
     scores.clear();
-    scores.resize(heads * valid, 0.0);
+    scores.resize(gh * valid, 0.0);
     #[cfg(target_arch = "x86_64")]
     {
-        let dims = (heads, kv_heads, d);
-        // SAFETY: AVX2 and FMA are present (checked above); the kernel reads q[..heads·d],
-        // k/v[..valid·row] and writes scores[..heads·valid] and out[..heads·d], all checked above.
+        let (dims, off) = ((gh, n_rep, d, row), groups.start * d);
+        // SAFETY: AVX2 and FMA are present (checked above); the kernel reads q[..gh·d], k/v from
+        // `off` to `(valid-1)·row + groups.end·d`, and writes scores[..gh·valid] and out[..gh·d],
+        // all checked above.
         unsafe {
             match (k, v) {
-                (Rows::F32(k), Rows::F32(v)) => avx::decode_attention(q, k, v, dims, valid, scale, scores, out),
-                (Rows::Bf16(k), Rows::Bf16(v)) => avx::decode_attention(q, k, v, dims, valid, scale, scores, out),
+                (Rows::F32(k), Rows::F32(v)) => {
+                    avx::decode_attention(q, &k[off..], &v[off..], dims, valid, scale, scores, out)
+                }
+                (Rows::Bf16(k), Rows::Bf16(v)) => {
+                    avx::decode_attention(q, &k[off..], &v[off..], dims, valid, scale, scores, out)
+                }
                 _ => panic!("decode_attention: keys and values stored as different types"),
             }
         }
@@ -523,18 +552,18 @@ mod avx {
     /// See [`super::decode_attention`].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx,avx2,fma")]
+    /// See [`super::decode_attention_groups`]: `heads` query heads, `n_rep` per KV head, whose
+    /// keys/values start at `k`/`v` in rows `row` apart.
     pub(super) unsafe fn decode_attention<E: PanelElem>(
         q: &[f32],
         k: &[E],
         v: &[E],
-        (heads, kv_heads, d): (usize, usize, usize),
+        (heads, n_rep, d, row): (usize, usize, usize, usize),
         valid: usize,
         scale: f32,
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let row = kv_heads * d;
-        let n_rep = heads / kv_heads;
         let (qp, kp, vp, sp) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
         // scores[h, j] = scale · q[h] · k[j, g(h)]: eight cached rows at a time per head (their
         // block stays in L1 across heads), each row's sum kept in its own register and the eight
@@ -660,6 +689,14 @@ mod tests {
                 &mut Vec::new(),
                 &mut out
             ));
+            // The heads of each KV head alone give the same bits.
+            let dims = (heads, kv_heads, d);
+            for g in 0..kv_heads {
+                let (q, mut part) = (&q[g * 2 * d..(g + 1) * 2 * d], vec![0.0; 2 * d]);
+                let (kr, vr) = (Rows::F32(&k), Rows::F32(&v));
+                assert!(decode_attention_groups(q, kr, vr, dims, g..g + 1, valid, scale, &mut Vec::new(), &mut part));
+                assert_eq!(part, out[g * 2 * d..(g + 1) * 2 * d], "valid {valid}, kv head {g}");
+            }
             for h in 0..heads {
                 let g = h / (heads / kv_heads);
                 let s: Vec<f64> = (0..valid)

@@ -255,8 +255,8 @@ fn bf16_kv_caches_stay_within_rounding_of_f32_caches() {
     assert!(e.contains("kv_cache_dtype"), "{e}");
 }
 
-/// Decode steps over long caches spread their sequences over the thread pool; each sequence's
-/// output is the same as on one thread, bit for bit, with f32 or bf16 storage.
+/// Decode steps over long caches spread their sequences (or one sequence's heads) over the
+/// thread pool; each output is the same as on one thread, bit for bit, with f32 or bf16 storage.
 #[test]
 fn long_cache_decode_over_the_pool_equals_one_thread() {
     let _serial = serial();
@@ -267,7 +267,7 @@ fn long_cache_decode_over_the_pool_equals_one_thread() {
     for kv in [DType::F32, DType::BF16] {
         m.set_kv_cache_dtype(kv).unwrap();
         // Three sequences of 1,500 cached tokens (written directly: a prefill would take long),
-        // one new token each: more than 2M multiply-adds of attention, too few tokens to split.
+        // one new token each: more than 256K multiply-adds of attention, too few tokens to split.
         let len = 1500;
         let mut caches: Vec<_> = (0..3u32)
             .map(|s| {
@@ -289,5 +289,9 @@ fn long_cache_decode_over_the_pool_equals_one_thread() {
         for (i, (a, b)) in pooled.iter().zip(&one).enumerate() {
             assert_eq!(max_diff(a, b), 0.0, "{kv:?}: sequence {i}");
         }
+        // One sequence alone: its heads in two halves on two threads.
+        let (mut a, mut b) = (vec![caches.remove(0)], vec![again.remove(0)]);
+        let (pooled, one) = (step(&mut a, StepThreads::Auto), step(&mut b, StepThreads::One));
+        assert_eq!(max_diff(&pooled[0], &one[0]), 0.0, "{kv:?}: one sequence");
     }
 }

@@ -711,32 +711,20 @@ mod tests {
                     assert!((got - want).abs() < 1e-5, "valid {valid}, head {h}, column {c}: {got} vs {want}");
                 }
             }
-        }
-    }
-
-    /// Keys and values stored as bf16 give exactly what f32 storage of the rounded values gives
-    /// (widening is exact and the arithmetic is the same).
-    #[test]
-    fn bf16_rows_attend_as_f32_rows_of_the_rounded_values() {
-        if !has_avx2_fma() {
-            return;
-        }
-        let (heads, kv_heads, d) = (4, 2, 16);
-        let row = kv_heads * d;
-        for valid in [1, 9, 40] {
-            let (q, k, v) = (data(heads * d, 1), data(valid * row, 2), data(valid * row, 3));
-            let (kh, vh): (Vec<u16>, Vec<u16>) =
-                (k.iter().map(|&x| f32_to_bf16(x)).collect(), v.iter().map(|&x| f32_to_bf16(x)).collect());
-            let (kr, vr): (Vec<f32>, Vec<f32>) =
-                (kh.iter().map(|&h| bf16_to_f32(h)).collect(), vh.iter().map(|&h| bf16_to_f32(h)).collect());
-            let dims = (heads, kv_heads, d);
+            // Keys and values stored as bf16 give exactly what f32 storage of the rounded values
+            // gives (widening is exact and the arithmetic is the same).
+            let half = |x: &[f32]| -> Vec<u16> { x.iter().map(|&x| f32_to_bf16(x)).collect() };
+            let (kh, vh) = (half(&k), half(&v));
+            let widen = |x: &[u16]| -> Vec<f32> { x.iter().map(|&h| bf16_to_f32(h)).collect() };
+            let (kw, vw) = (widen(&kh), widen(&vh));
             let (mut a, mut b) = (vec![0.0; heads * d], vec![0.0; heads * d]);
-            assert!(decode_attention(&q, Rows::Bf16(&kh), Rows::Bf16(&vh), dims, valid, 0.3, &mut Vec::new(), &mut a));
-            assert!(decode_attention(&q, Rows::F32(&kr), Rows::F32(&vr), dims, valid, 0.3, &mut Vec::new(), &mut b));
-            assert_eq!(a, b, "valid {valid}");
+            let (kr, vr) = (Rows::Bf16(&kh), Rows::Bf16(&vh));
+            assert!(decode_attention(&q, kr, vr, dims, valid, scale, &mut Vec::new(), &mut a));
+            assert!(decode_attention(&q, Rows::F32(&kw), Rows::F32(&vw), dims, valid, scale, &mut Vec::new(), &mut b));
+            assert_eq!(a, b, "valid {valid}: bf16 storage");
             let mut g = Vec::new();
-            Rows::Bf16(&kh).gather_f32(d, row, valid, d, &mut g);
-            assert_eq!(g, (0..valid).flat_map(|j| kr[j * row + d..j * row + 2 * d].to_vec()).collect::<Vec<_>>());
+            kr.gather_f32(d, row, valid, d, &mut g);
+            assert_eq!(g, (0..valid).flat_map(|j| kw[j * row + d..j * row + 2 * d].to_vec()).collect::<Vec<_>>());
         }
     }
 

@@ -679,8 +679,13 @@ fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
             a.model.display()
         );
     }
-    if p.tokenizer.encode(&a.prompt, false)?.len() >= p.model.max_len() {
-        anyhow::bail!("--prompt is longer than the model's context of {} tokens", p.model.max_len());
+    let (n, max) = (p.tokenizer.encode(&a.prompt, false)?.len(), p.model.max_len());
+    if n > max {
+        // As nanoGPT crops its context: `generate` keeps the window's last half.
+        eprintln!(
+            "note: the prompt is {n} tokens, more than the model's context of {max}: it continues from the last {}",
+            max / 2
+        );
     }
     let params = SamplingParams {
         temperature: a.temperature,

@@ -93,6 +93,13 @@ fn ctrl_c_checkpoints_and_resume_finishes() {
         .unwrap();
     assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
     assert!(String::from_utf8_lossy(&res.stdout).starts_with("ROMEO:"));
+    // A prompt longer than the context continues from its end, as nanoGPT crops it.
+    let long = "ROMEO: ".repeat(300);
+    let model = out.join("model");
+    let res = train().args(["sample", "--max-tokens", "4", "--prompt", &long, "--model"]).arg(&model).output().unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(String::from_utf8_lossy(&res.stdout).starts_with(&long));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("more than the model's context"));
 }
 
 #[test]

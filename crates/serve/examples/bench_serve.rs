@@ -3,7 +3,8 @@
 //! Starts the release `serve` binary on a model, then drives it with N concurrent streaming
 //! clients sending a seeded mix of prompt and output lengths, and reports generated tokens/s,
 //! time to first token and inter-token latency (p50/p99) per concurrency level; optionally a
-//! single-stream decode run on a GPT-2 124M-shaped model (random weights) and a memory soak of
+//! single-stream decode run on a GPT-2 124M-shaped model (random weights), 1 against 16 streams
+//! on its layers with a character vocabulary (memory-bound steps), and a memory soak of
 //! thousands of requests that samples the server's resident memory.
 //!
 //! ```text
@@ -617,5 +618,21 @@ async fn main() {
             status_mib(pid, "VmHWM:"),
             std::fs::metadata(dir.join("model.safetensors")).map_or(f64::NAN, |m| m.len() as f64 / (1 << 20) as f64)
         );
+        drop(server);
+        // Batching where a decode step is bound by reading the weights rather than by arithmetic:
+        // the same load generator at 1 and 16 streams (the random 50,257-token model above
+        // streams mostly empty text, so this one has a character vocabulary).
+        let dir = random_model("gpt2-124m-layers-char", 12, 12, 768, 1024, None);
+        println!("\n== batching a memory-bound model: GPT-2 124M's layers, character vocabulary (random weights), 20 s per level");
+        let server = start_server(&args.serve, &dir, &flags).await.unwrap_or_else(|e| panic!("{e}"));
+        let none = Arc::new(String::new());
+        let _ = load(&server.url, 2, 2.0, text.clone(), none.clone(), 1024, None).await;
+        let mut rates = Vec::new();
+        for c in [1, 16] {
+            let (s, wall) = load(&server.url, c, 20.0, text.clone(), none.clone(), 1024, None).await;
+            rates.push(s.tokens as f64 / wall);
+            println!("{c:>2} streams: {:.0} tokens/s ({} requests)", rates[rates.len() - 1], s.requests);
+        }
+        println!("aggregate / single-stream = {:.1}x", rates[1] / rates[0]);
     }
 }

@@ -7,7 +7,7 @@
 //! each at its own position.
 //!
 //! On CPU in f32 the cache lives in plain host vectors instead (token-major:
-//! `[len, kv_heads, head_dim]`), read directly by [`packed_attention`]: a step over many
+//! `[len, kv_heads, head_dim]`, f32 or, on request, bf16), read directly by [`packed_attention`]: a step over many
 //! sequences then costs two tensor copies per layer instead of a dozen tensor ops per sequence,
 //! which is what makes batching many small decode streams pay off.
 
@@ -169,8 +169,8 @@ impl KvCache {
     }
 
     /// Keeps this (empty, host) cache's keys and values as bf16: half the memory and half the
-    /// bytes each decode step reads, at the cost of rounding each key and value to 8 bits of
-    /// mantissa (attention still computes in f32). What vLLM's `--kv-cache-dtype` and
+    /// bytes each decode step reads, at the cost of rounding each key and value to bf16's 8
+    /// significant bits (attention still computes in f32). What vLLM's `--kv-cache-dtype` and
     /// llama.cpp's `--cache-type-k/v` offer; outputs then differ slightly from f32 storage.
     pub fn store_bf16(&mut self) -> Result<()> {
         if !self.host {

@@ -426,15 +426,18 @@ pub fn packed_attention(
     // pass over the cache, straight into `out`.
     let mut done = vec![false; spans.len()];
     let decoding: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].1 <= 4).collect();
-    // Sequence `i`'s new tokens into `o` (its rows of `out`); false where the CPU lacks the kernel.
-    let decode = |i: usize, o: &mut [f32], scores: &mut Vec<f32>| {
-        let n = spans[i].1;
+    // New token `t` of sequence `i`, the heads of KV heads `g`, into `o`; false (nothing written)
+    // where the CPU lacks the kernel.
+    let attend_token = |i: usize, t: usize, g: std::ops::Range<usize>, o: &mut [f32], scores: &mut Vec<f32>| {
+        let (start, n) = spans[i];
         let (kc, vc) = caches[i].host_kv(layer);
-        let p0 = kc.len() / row - n;
-        o.chunks_mut(heads * d).enumerate().all(|(t, o)| {
-            let qt = &q[(spans[i].0 + t) * heads * d..][..heads * d];
-            simd::decode_attention(qt, kc, vc, (heads, kv_heads, d), p0 + t + 1, scale, scores, o)
-        })
+        let qt = &q[(start + t) * heads * d..][g.start * n_rep * d..g.end * n_rep * d];
+        let valid = kc.len() / row - n + t + 1;
+        simd::decode_attention_groups(qt, kc, vc, (heads, kv_heads, d), g, valid, scale, scores, o)
+    };
+    // Sequence `i`'s new tokens into `o` (its rows of `out`).
+    let decode = |i: usize, o: &mut [f32], scores: &mut Vec<f32>| {
+        o.chunks_mut(heads * d).enumerate().all(|(t, o)| attend_token(i, t, 0..kv_heads, o, scores))
     };
     let decode_macs: usize = decoding.iter().map(|&i| 2 * spans[i].1 * caches[i].len() * d * heads).sum();
     // Long caches (a large model, long contexts) are worth the pool: 256K multiply-adds read
@@ -444,17 +447,11 @@ pub fn packed_attention(
         // One sequence: its heads in two halves, by KV head, on two threads.
         let (i, mid) = (decoding[0], kv_heads / 2);
         let (start, n) = spans[i];
-        let (kc, vc) = caches[i].host_kv(layer);
-        let p0 = kc.len() / row - n;
-        let split = mid * n_rep * d;
-        let dims = (heads, kv_heads, d);
         done[i] = out[start * heads * d..(start + n) * heads * d].chunks_mut(heads * d).enumerate().all(|(t, o)| {
-            let qt = &q[(start + t) * heads * d..][..heads * d];
-            let ((qa, qb), (oa, ob)) = (qt.split_at(split), o.split_at_mut(split));
-            let valid = p0 + t + 1;
+            let (oa, ob) = o.split_at_mut(mid * n_rep * d);
             let (a, b) = rayon::join(
-                || simd::decode_attention_groups(qa, kc, vc, dims, 0..mid, valid, scale, &mut Vec::new(), oa),
-                || simd::decode_attention_groups(qb, kc, vc, dims, mid..kv_heads, valid, scale, &mut Vec::new(), ob),
+                || attend_token(i, t, 0..mid, oa, &mut Vec::new()),
+                || attend_token(i, t, mid..kv_heads, ob, &mut Vec::new()),
             );
             a && b
         });

@@ -78,7 +78,23 @@ const COMMON_KEYS: &[&str] = &[
     "tf_legacy_loss",
     "use_bfloat16",
     "output_router_logits",
+    "max_new_tokens",
+    "min_new_tokens",
+    "forced_decoder_ids",
+    "sep_token",
+    "keys_to_ignore_at_inference",
+    "transformers.js_config",
+    "is_llama_config",
+    "torch_compile",
+    "label_smoothing",
 ];
+
+/// Whether `key` is bookkeeping that every architecture accepts: a [`COMMON_KEYS`] entry,
+/// a private key (`_name_or_path`, `_commit_hash`, `_attn_implementation` …, which
+/// `transformers` and the Hub add), or a token id (`unk_token_id`, `image_token_ids` …).
+fn is_common_key(key: &str) -> bool {
+    COMMON_KEYS.contains(&key) || key.starts_with('_') || key.ends_with("_token_id") || key.ends_with("_token_ids")
+}
 
 /// Activation functions named by `activation_function` / `hidden_act`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,7 +332,8 @@ impl LlamaConfig {
     fn d_tp() -> usize {
         1
     }
-    const KEYS: &'static [&'static str] = &["max_window_layers", "use_sliding_window"];
+    const KEYS: &'static [&'static str] =
+        &["max_window_layers", "use_sliding_window", "rope_interleaved", "layer_types"];
 
     /// Number of key/value heads.
     pub fn kv_heads(&self) -> usize {
@@ -646,7 +663,15 @@ impl ModelConfig {
             ModelConfig::Bert(c) => (&c.extra, BertConfig::KEYS),
         };
         for k in extra.keys() {
-            if !COMMON_KEYS.contains(&k.as_str()) && !keys.contains(&k.as_str()) {
+            if k == "quantization_config" {
+                return err(
+                    k,
+                    "pre-quantized Hugging Face checkpoints (bitsandbytes, GPTQ, AWQ …) are not supported; \
+                     load a GGUF file or unquantized weights"
+                        .into(),
+                );
+            }
+            if !is_common_key(k) && !keys.contains(&k.as_str()) {
                 return err(k, format!("unknown field for model type `{}`", self.model_type_str()));
             }
         }
@@ -695,8 +720,18 @@ impl ModelConfig {
                 if c.head_dim() % 2 != 0 {
                     return err("head_dim", format!("{} must be even for rotary embeddings", c.head_dim()));
                 }
-                if matches!(&c.rope_scaling, Some(v) if !v.is_null()) {
-                    return err("rope_scaling", "only null (no RoPE scaling) is supported".into());
+                match &c.rope_scaling {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Object(m)) => {
+                        let t = m.get("rope_type").or_else(|| m.get("type")).and_then(Value::as_str);
+                        if t != Some("default") {
+                            return err(
+                                "rope_scaling.rope_type",
+                                format!("{} is not supported; only no RoPE scaling", t.unwrap_or("a missing type")),
+                            );
+                        }
+                    }
+                    Some(other) => return err("rope_scaling", format!("expected an object or null, found {other}")),
                 }
                 if let Some(p) = &c.rope_parameters {
                     match p.get("rope_type").and_then(Value::as_str) {
@@ -706,10 +741,34 @@ impl ModelConfig {
                         }
                     }
                 }
+                if let Some(v) = c.extra.get("rope_interleaved") {
+                    if v != &Value::Bool(false) {
+                        return err("rope_interleaved", format!("{v} is not supported; only false (rotate-half RoPE)"));
+                    }
+                }
+                // `use_sliding_window: false` (Qwen2's layout) switches a window off.
+                let window_off = c.extra.get("use_sliding_window").and_then(Value::as_bool) == Some(false);
+                if let Some(types) = c.extra.get("layer_types") {
+                    let Some(list) = types.as_array() else {
+                        return err("layer_types", format!("expected a list, found {types}"));
+                    };
+                    // A "sliding_attention" layer attends fully unless a window is active,
+                    // which the `sliding_window` check below refuses.
+                    let known = |t: &Value| matches!(t.as_str(), Some("full_attention" | "sliding_attention"));
+                    if let Some((i, t)) = list.iter().enumerate().find(|(_, t)| !known(t)) {
+                        return err(&format!("layer_types[{i}]"), format!("{t} is not supported"));
+                    }
+                    if list.len() != c.num_hidden_layers {
+                        return err(
+                            "layer_types",
+                            format!("{} entries for num_hidden_layers = {}", list.len(), c.num_hidden_layers),
+                        );
+                    }
+                }
                 if c.pretraining_tp != 1 {
                     return err("pretraining_tp", format!("{} is not supported; only 1", c.pretraining_tp));
                 }
-                if let Some(w) = c.sliding_window {
+                if let Some(w) = c.sliding_window.filter(|_| !window_off) {
                     if w < c.max_position_embeddings {
                         return err(
                             "sliding_window",

@@ -6,6 +6,7 @@
 //! - [`config`]: `config.json` for `gpt2`, `llama` (and `mistral`) and `bert`.
 //! - [`models`]: the transformer architectures and [`Model`], with a differentiable
 //!   whole-batch forward and a KV-cached prefill/decode forward over per-sequence caches.
+//! - [`gguf`]: GGUF files (llama.cpp's format) with quantized weights kept quantized.
 //! - [`lora`]: LoRA adapters in Hugging Face PEFT's layout.
 //! - [`kv_cache`], [`sampling`], [`params`] (the parameter store), [`pretrained`] (model
 //!   directories), [`nn`] (building blocks, including the adapter hook on every projection).
@@ -18,6 +19,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod gemm;
+pub mod gguf;
 pub mod io;
 pub mod kv_cache;
 pub mod lora;

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -40,6 +41,9 @@ pub struct Linear {
     /// The original weight was released ([`Linear::release_weight`]): `weight` is a
     /// placeholder of its shape and only the packed copy computes.
     released: bool,
+    /// The weight held quantized ([`Linear::set_quantized`]): `weight` is a placeholder of its
+    /// shape and this computes.
+    quant: Option<Arc<QTensor>>,
 }
 
 impl Linear {
@@ -48,7 +52,16 @@ impl Linear {
     pub fn load(vb: VarBuilder<'_>, in_dim: usize, out_dim: usize, bias: bool, std: f64) -> Result<Self> {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
         let bias = if bias { Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?) } else { None };
-        Ok(Self { weight, in_out: None, bias, path: vb.prefix(), adapter: None, packed: None, released: false })
+        Ok(Self {
+            weight,
+            in_out: None,
+            bias,
+            path: vb.prefix(),
+            adapter: None,
+            packed: None,
+            released: false,
+            quant: None,
+        })
     }
 
     /// Loads a Hugging Face `Conv1D` (GPT-2), whose weight is stored `[in, out]`; the layer
@@ -64,12 +77,22 @@ impl Linear {
             adapter: None,
             packed: None,
             released: false,
+            quant: None,
         })
     }
 
     /// A linear layer from explicit tensors (weight `[out, in]`).
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>, path: impl Into<String>) -> Self {
-        Self { weight, in_out: None, bias, path: path.into(), adapter: None, packed: None, released: false }
+        Self {
+            weight,
+            in_out: None,
+            bias,
+            path: path.into(),
+            adapter: None,
+            packed: None,
+            released: false,
+            quant: None,
+        }
     }
 
     /// The module path, e.g. `transformer.h.0.attn.c_attn`.
@@ -116,7 +139,41 @@ impl Linear {
         self.in_out = None;
         self.packed = None;
         self.released = false;
+        self.quant = None;
         Ok(())
+    }
+
+    /// Computes with the quantized tensor `q` (`[out, in]`, the same shape as the weight, whose
+    /// stored tensor is then only a placeholder): candle's quantized kernels when no gradient
+    /// flows, a dequantized copy per call when one does (the input's gradient).
+    pub fn set_quantized(&mut self, q: Arc<QTensor>) -> Result<()> {
+        if q.shape().dims() != self.weight.dims() {
+            return Err(crate::Error::invalid(
+                "weight",
+                format!(
+                    "{}: quantized shape {:?} does not match {:?}",
+                    self.path,
+                    q.shape().dims(),
+                    self.weight.dims()
+                ),
+            ));
+        }
+        self.quant = Some(q);
+        self.packed = None;
+        Ok(())
+    }
+
+    /// The quantized weight, when the layer holds one ([`Linear::set_quantized`]).
+    pub fn quantized(&self) -> Option<&Arc<QTensor>> {
+        self.quant.as_ref()
+    }
+
+    /// The weight's values, `[out, in]` (a quantized weight dequantized to f32).
+    pub fn weight_values(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => Ok(q.dequantize(self.weight.device())?),
+            None => Ok(self.weight.clone()),
+        }
     }
 
     /// The tensor the weight is stored as: for a `Conv1D`, the `[in, out]` tensor
@@ -157,7 +214,7 @@ impl Linear {
             return Err(crate::Error::invalid("dtype", format!("packed weights are f32 or bf16, not {dtype:?}")));
         }
         let w = &self.weight;
-        if w.dtype() != DType::F32 || !w.device().is_cpu() || !crate::simd::has_avx2_fma() {
+        if self.quant.is_some() || w.dtype() != DType::F32 || !w.device().is_cpu() || !crate::simd::has_avx2_fma() {
             return Ok(false);
         }
         let (out, inp) = w.dims2()?;
@@ -233,6 +290,24 @@ impl Module for Linear {
 impl Linear {
     /// `x Wᵀ + b`: through the repacked weight, lmstack's fused op, or candle's matmul.
     fn project(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(q) = &self.quant {
+            let y = if xs.track_op() {
+                // A gradient flows to the input (adapters below): through a dequantized copy.
+                let w = q.dequantize(xs.device())?;
+                let dims = xs.dims();
+                let lead = &dims[..dims.len() - 1];
+                let x2 = xs.reshape((lead.iter().product::<usize>(), dims[dims.len() - 1]))?;
+                let mut shape = lead.to_vec();
+                shape.push(w.dim(0)?);
+                x2.matmul(&w.t()?)?.reshape(shape)?
+            } else {
+                QMatMul::QTensor(q.clone()).forward(&xs.contiguous()?)?
+            };
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         if let Some(y) = self.packed_forward(xs)? {
             return Ok(y);
         }
@@ -283,13 +358,15 @@ pub struct Embedding {
     /// The table as packed for an output projection it is tied to
     /// ([`Embedding::share_packed`]); `table` is then a placeholder of its shape.
     packed: Option<Arc<crate::simd::PackedWeight>>,
+    /// The table held quantized ([`Embedding::set_quantized`]); `table` is a placeholder.
+    quant: Option<Arc<QTensor>>,
 }
 
 impl Embedding {
     /// Loads `{prefix}.weight` of shape `[num, dim]`, initialised `N(0, std)`.
     pub fn load(vb: VarBuilder<'_>, num: usize, dim: usize, std: f64) -> Result<Self> {
         let table = vb.get_with_hints((num, dim), "weight", Init::Randn { mean: 0.0, stdev: std })?;
-        Ok(Self { table, path: vb.prefix(), packed: None })
+        Ok(Self { table, path: vb.prefix(), packed: None, quant: None })
     }
 
     /// The module path, e.g. `transformer.wte`.
@@ -318,6 +395,19 @@ impl Embedding {
         }
     }
 
+    /// Looks rows up in the quantized table `q` (`[num, dim]`, the table's shape; the stored
+    /// table is then only a placeholder), dequantizing the rows asked for.
+    pub fn set_quantized(&mut self, q: Arc<QTensor>) -> Result<()> {
+        if q.shape().dims() != self.table.dims() {
+            return Err(crate::Error::invalid(
+                "weight",
+                format!("{}: quantized shape {:?} does not match {:?}", self.path, q.shape().dims(), self.table.dims()),
+            ));
+        }
+        self.quant = Some(q);
+        Ok(())
+    }
+
     /// Whether `head` is a repacked output projection whose weight is this very table.
     pub fn is_packed_in(&self, head: &Linear) -> bool {
         head.packed.as_ref().is_some_and(|p| {
@@ -330,6 +420,14 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let mut shape = ids.dims().to_vec();
         shape.push(self.table.dim(1)?);
+        if let Some(q) = &self.quant {
+            let ids = ids.flatten_all()?;
+            let n = self.table.dim(0)?;
+            if let Some(bad) = ids.to_vec1::<u32>()?.into_iter().find(|&i| i as usize >= n) {
+                candle_core::bail!("{}: token id {bad} is outside the table of {n} rows", self.path);
+            }
+            return q.embedding(&ids)?.reshape(shape);
+        }
         if let Some(p) = &self.packed {
             let ids = ids.flatten_all()?.to_vec1::<u32>()?;
             let Some(rows) = p.rows(&ids) else {

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
@@ -40,6 +41,10 @@ struct Inner {
     params: BTreeMap<String, Param>,
     /// Parameters dropped by [`ParamStore::release`]: name → element count.
     released: BTreeMap<String, usize>,
+    /// Quantized weights by name ([`ParamStore::frozen_quantized`]); the model is handed a
+    /// placeholder of each, whose id maps back here ([`ParamStore::quantized_of`]).
+    quantized: HashMap<String, Arc<QTensor>>,
+    quantized_ids: HashMap<candle_core::TensorId, String>,
 }
 
 /// A shared, named collection of model parameters (see the module docs).
@@ -59,6 +64,8 @@ impl ParamStore {
                 init_rng: init_seed.map(ChaCha8Rng::seed_from_u64),
                 params: BTreeMap::new(),
                 released: BTreeMap::new(),
+                quantized: HashMap::new(),
+                quantized_ids: HashMap::new(),
             })),
         }
     }
@@ -66,6 +73,49 @@ impl ParamStore {
     /// Frozen parameters from checkpoint tensors; a missing tensor is an error naming `file`.
     pub fn frozen(tensors: HashMap<String, Tensor>, file: &str) -> Self {
         Self::new(tensors, file, false, None)
+    }
+
+    /// Frozen parameters of which some are quantized (a GGUF file): the model is handed an
+    /// f32 placeholder of each quantized weight (its shape, no values) and its projections
+    /// compute with the quantized tensor ([`ParamStore::quantized_of`]).
+    pub fn frozen_quantized(
+        mut tensors: HashMap<String, Tensor>,
+        quantized: HashMap<String, Arc<QTensor>>,
+        file: &str,
+    ) -> Self {
+        for (name, q) in &quantized {
+            let placeholder = Tensor::zeros((), DType::F32, &Device::Cpu)
+                .and_then(|z| z.broadcast_as(q.shape().clone()))
+                .expect("a scalar broadcasts to any shape");
+            tensors.insert(name.clone(), placeholder);
+        }
+        let store = Self::new(tensors, file, false, None);
+        store.lock().quantized = quantized;
+        store
+    }
+
+    /// The quantized weight that `tensor` (a placeholder this store handed out) stands for.
+    pub fn quantized_of(&self, tensor: &Tensor) -> Option<Arc<QTensor>> {
+        let inner = self.lock();
+        inner.quantized.get(inner.quantized_ids.get(&tensor.id())?).cloned()
+    }
+
+    /// Whether any parameter is held quantized.
+    pub fn has_quantized(&self) -> bool {
+        !self.lock().quantized.is_empty()
+    }
+
+    /// Bytes the parameters take: quantized ones as stored, the others at `dtype`'s size.
+    pub fn bytes(&self, dtype: DType) -> usize {
+        let inner = self.lock();
+        let mut n = inner.released.values().sum::<usize>() * dtype.size_in_bytes();
+        for (name, p) in &inner.params {
+            n += match inner.quantized.get(name) {
+                Some(q) => q.storage_size_in_bytes(),
+                None => p.tensor.elem_count() * dtype.size_in_bytes(),
+            };
+        }
+        n
     }
 
     /// Trainable parameters: checkpoint tensors become variables, and tensors absent from
@@ -91,8 +141,21 @@ impl ParamStore {
     }
 
     /// The current value of every parameter, by canonical name (what a checkpoint holds).
+    ///
+    /// Quantized weights are dequantized to f32 here (their placeholders hold no values).
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.lock().params.iter().map(|(k, p)| (k.clone(), p.tensor.clone())).collect()
+        let inner = self.lock();
+        inner
+            .params
+            .iter()
+            .map(|(k, p)| {
+                let t = match inner.quantized.get(k) {
+                    Some(q) => q.dequantize(&Device::Cpu).expect("a CPU quantized tensor dequantizes"),
+                    None => p.tensor.clone(),
+                };
+                (k.clone(), t)
+            })
+            .collect()
     }
 
     /// The trainable variables, by name.
@@ -204,6 +267,12 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
             Param { tensor, var: None }
         };
         let t = param.tensor.clone();
+        if inner.quantized.contains_key(name) {
+            if dtype != DType::F32 || !dev.is_cpu() {
+                candle_core::bail!("{}: tensor `{name}` is quantized; it computes in f32 on the CPU only", inner.file);
+            }
+            inner.quantized_ids.insert(t.id(), name.to_owned());
+        }
         inner.params.insert(name.to_owned(), param);
         Ok(t)
     }

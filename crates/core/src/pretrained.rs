@@ -21,12 +21,20 @@ pub struct Pretrained {
 
 impl Pretrained {
     /// Loads a directory for inference (frozen weights).
+    ///
+    /// `dir` may also be a GGUF file: model, tokenizer and chat template all come from it
+    /// ([`crate::gguf`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            let (model, tokenizer) = crate::gguf::load_model(dir, dtype, device)?;
+            check_vocab(&model, &tokenizer, dir)?;
+            return Ok(Self { model, tokenizer, dir: Some(dir.to_owned()) });
+        }
         if !dir.is_dir() {
             return Err(Error::io(
                 "opening model directory",
                 dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "neither a model directory nor a GGUF file"),
             ));
         }
         let model = Model::load(dir, dtype, device)?;

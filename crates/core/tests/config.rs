@@ -37,12 +37,50 @@ fn config_cases() {
         r#"{"model_type":"llama","hidden_size":16,"num_attention_heads":4,"num_key_value_heads":3}"#,
         "num_key_value_heads",
     );
-    check(r#"{"model_type":"llama","rope_scaling":{"type":"linear","factor":2.0}}"#, "rope_scaling");
+    check(r#"{"model_type":"llama","rope_scaling":{"type":"linear","factor":2.0}}"#, "rope_scaling.rope_type");
+    check(r#"{"model_type":"llama","rope_scaling":{"rope_type":"llama3","factor":8.0}}"#, "rope_scaling.rope_type");
+    check(r#"{"model_type":"llama","rope_scaling":{"rope_type":"default"}}"#, "");
+    check(r#"{"model_type":"llama","rope_interleaved":true}"#, "rope_interleaved");
+    check(r#"{"model_type":"llama","quantization_config":{"quant_method":"gptq"}}"#, "quantization_config");
+    check(
+        r#"{"model_type":"llama","num_hidden_layers":2,"layer_types":["full_attention","chunked"]}"#,
+        "layer_types[1]",
+    );
+    check(r#"{"model_type":"llama","num_hidden_layers":2,"layer_types":["full_attention"]}"#, "layer_types");
+    check(
+        r#"{"model_type":"llama","max_position_embeddings":4096,"sliding_window":1024,"use_sliding_window":false}"#,
+        "",
+    );
+    check(r#"{"model_type":"gpt2","_model_name_or_path":"x","unk_token_id":0,"_commit_hash":"abc"}"#, "");
     check(r#"{"model_type":"llama","rope_parameters":{"rope_type":"yarn"}}"#, "rope_parameters.rope_type");
     check(r#"{"model_type":"mistral","max_position_embeddings":4096,"sliding_window":1024}"#, "sliding_window");
     check(r#"{"model_type":"llama","pretraining_tp":2}"#, "pretraining_tp");
     check(r#"{"model_type":"bert","position_embedding_type":"relative_key"}"#, "position_embedding_type");
     check(r#"{"model_type":"bert","hidden_size":10,"num_attention_heads":3}"#, "hidden_size");
+}
+
+/// SmolLM2-135M-Instruct's `config.json` as the Hub publishes it, plus what `transformers` 5
+/// adds when it saves the model again: it loads, and its bookkeeping survives a round trip.
+#[test]
+fn hub_configs_load() {
+    let hub = r#"{
+      "_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+      "architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576,
+      "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "is_llama_config": true,
+      "max_position_embeddings": 8192, "mlp_bias": false, "model_type": "llama",
+      "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+      "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": false,
+      "rope_scaling": null, "rope_theta": 100000, "tie_word_embeddings": true,
+      "torch_dtype": "bfloat16", "dtype": "bfloat16", "transformers.js_config": {"kv_cache_dtype": {"q4f16": "float16"}},
+      "transformers_version": "5.0.0", "unk_token_id": 0, "use_cache": true, "vocab_size": 49152,
+      "max_new_tokens": 256, "do_sample": false
+    }"#;
+    let cfg = ModelConfig::from_json(hub, "config.json").unwrap();
+    assert_eq!(cfg.kv_shape(), (3, 64));
+    assert_eq!(cfg.token_id("unk_token_id"), Some(0));
+    let again = ModelConfig::from_value(cfg.to_value(), "again").unwrap();
+    assert_eq!(cfg.to_value(), again.to_value());
 }
 
 #[test]

@@ -85,8 +85,48 @@ impl Model {
                 Arch::Bert(bert::Bert::load(vb, c, heads)?)
             }
         };
-        let weight_bytes = store.num_parameters() * dtype.size_in_bytes();
-        Ok(Self { arch, config, store: store.clone(), dtype, device: device.clone(), weight_bytes, kv_bf16: false })
+        let weight_bytes = store.bytes(dtype);
+        let mut m =
+            Self { arch, config, store: store.clone(), dtype, device: device.clone(), weight_bytes, kv_bf16: false };
+        if store.has_quantized() {
+            m.attach_quantized()?;
+        }
+        Ok(m)
+    }
+
+    /// Gives every projection and embedding whose weight the store holds quantized its
+    /// quantized tensor; a quantized weight no layer takes is an error naming it (its
+    /// placeholder holds no values, so computing with it would be silently wrong).
+    fn attach_quantized(&mut self) -> Result<()> {
+        let store = self.store.clone();
+        let mut attached = std::collections::HashSet::new();
+        for l in self.linears_mut() {
+            if let Some(q) = store.quantized_of(l.stored_weight()) {
+                attached.insert(l.stored_weight().id());
+                l.set_quantized(q)?;
+            }
+        }
+        let emb = match &mut self.arch {
+            Arch::Gpt2(m) => Some(m.embedding_and_head().0),
+            Arch::Llama(m) => Some(m.embedding_and_head().0),
+            Arch::Bert(_) => None,
+        };
+        if let Some(emb) = emb {
+            if let Some(q) = store.quantized_of(emb.table()) {
+                attached.insert(emb.table().id());
+                emb.set_quantized(q)?;
+            }
+        }
+        for (name, p) in store.params() {
+            if store.quantized_of(&p.tensor).is_some() && !attached.contains(&p.tensor.id()) {
+                return Err(Error::Weight {
+                    file: "<model>".into(),
+                    name,
+                    message: "is quantized, but the layer that uses it cannot compute with quantized weights".into(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// A new model with freshly initialised trainable parameters (seeded).
@@ -96,7 +136,12 @@ impl Model {
 
     /// Loads `config.json` and `model.safetensors` (or a sharded index) from `dir` with frozen
     /// parameters, for inference.
+    ///
+    /// `dir` may also be a GGUF file ([`crate::gguf`]): its quantized weights stay quantized.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return Ok(crate::gguf::load_model(dir, dtype, device)?.0);
+        }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let (tensors, file) = load_checkpoint(dir, &config)?;
         let store = ParamStore::frozen(tensors, &file);

@@ -1,0 +1,938 @@
+//! GGUF files (llama.cpp, Ollama, LM Studio): a model, its tokenizer and its chat template in
+//! one file, with weights that may be quantized.
+//!
+//! The file is parsed by candle's [`gguf_file`] reader; this module maps what it holds onto
+//! lmstack's types:
+//! - the `{arch}.*` metadata onto a [`ModelConfig`] (only what the network honours; a key that
+//!   would change the network and is not implemented is refused naming the key);
+//! - `tokenizer.ggml.*` onto a `tokenizer.json` equal to the one `transformers` ships with the
+//!   model (GPT-2-style byte-level BPE with its pre-tokenizer, or a SentencePiece vocabulary
+//!   with scores, whose merges are derived as `tokenizers`' converter derives them), with the
+//!   special tokens and `tokenizer.chat_template`;
+//! - tensors onto Hugging Face names. Quantized tensors (Q4_0, Q4_1, Q8_0, k-quants …) stay
+//!   quantized: the [`ParamStore`] hands the model a placeholder and keeps the [`QTensor`],
+//!   which [`crate::nn::Linear`] then multiplies as such. F32/F16/BF16 tensors become ordinary
+//!   tensors of the model's dtype.
+//!
+//! llama.cpp stores a Llama model's query and key projections with the rows of each head
+//! interleaved for its rotary layout (`convert_hf_to_gguf.py`'s `permute`); they are put back in
+//! the "rotate half" order `transformers` and lmstack use. Rows are whole quantization blocks,
+//! so this is a reordering of bytes and keeps quantized weights exact.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{self, Value as GValue};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Map, Value};
+
+use crate::config::ModelConfig;
+use crate::params::ParamStore;
+use crate::tokenizer::{SpecialTokens, Tokenizer};
+use crate::{Error, Result};
+
+/// Whether `path` names a GGUF file (by its first four bytes, `GGUF`).
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    if !path.is_file() {
+        return false;
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+}
+
+/// A parsed GGUF file: its metadata and tensor directory (tensors are read on demand).
+pub struct GgufFile {
+    path: std::path::PathBuf,
+    content: gguf_file::Content,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("metadata", &self.content.metadata.len())
+            .field("tensors", &self.content.tensor_infos.len())
+            .finish()
+    }
+}
+
+/// The weights of a GGUF model under Hugging Face names.
+#[derive(Debug, Default)]
+pub struct GgufTensors {
+    /// Unquantized tensors (F32, F16, BF16 in the file), as f32.
+    pub plain: HashMap<String, Tensor>,
+    /// Quantized tensors, kept as they are in the file.
+    pub quantized: HashMap<String, Arc<QTensor>>,
+}
+
+impl GgufFile {
+    /// Reads the header (metadata and tensor directory) of `path`; a truncated or corrupt file is
+    /// an error naming it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io("reading", path, e))?;
+        let mut reader = std::io::BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Weight {
+            file: path.display().to_string(),
+            name: "<header>".into(),
+            message: format!("not a readable GGUF file: {e}"),
+        })?;
+        Ok(Self { path: path.to_owned(), content })
+    }
+
+    /// The file name used in errors.
+    fn source(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// A metadata value.
+    pub fn get(&self, key: &str) -> Option<&GValue> {
+        self.content.metadata.get(key)
+    }
+
+    fn err(&self, key: &str, msg: impl Into<String>) -> Error {
+        Error::config(self.source(), key, msg)
+    }
+
+    fn req(&self, key: &str) -> Result<&GValue> {
+        self.get(key).ok_or_else(|| self.err(key, "missing from the GGUF metadata"))
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(GValue::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.err(key, format!("expected a string, found {:?}", v.value_type()))),
+        }
+    }
+
+    fn uint(&self, key: &str) -> Result<Option<u64>> {
+        use GValue::*;
+        let v = match self.get(key) {
+            None => return Ok(None),
+            Some(U8(v)) => *v as u64,
+            Some(U16(v)) => *v as u64,
+            Some(U32(v)) => *v as u64,
+            Some(U64(v)) => *v,
+            Some(I8(v)) if *v >= 0 => *v as u64,
+            Some(I16(v)) if *v >= 0 => *v as u64,
+            Some(I32(v)) if *v >= 0 => *v as u64,
+            Some(I64(v)) if *v >= 0 => *v as u64,
+            Some(v) => return Err(self.err(key, format!("expected a non-negative integer, found {v:?}"))),
+        };
+        Ok(Some(v))
+    }
+
+    fn usize_req(&self, key: &str) -> Result<usize> {
+        self.uint(key)?.map(|v| v as usize).ok_or_else(|| self.err(key, "missing from the GGUF metadata"))
+    }
+
+    fn float(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(GValue::F32(v)) => Ok(Some(*v as f64)),
+            Some(GValue::F64(v)) => Ok(Some(*v)),
+            Some(_) => self.uint(key).map(|v| v.map(|v| v as f64)),
+        }
+    }
+
+    fn boolean(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(GValue::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.err(key, format!("expected a boolean, found {:?}", v.value_type()))),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        let GValue::Array(items) = self.req(key)? else {
+            return Err(self.err(key, "expected an array of strings"));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                GValue::String(s) => Ok(s.clone()),
+                other => {
+                    Err(self.err(&format!("{key}[{i}]"), format!("expected a string, found {:?}", other.value_type())))
+                }
+            })
+            .collect()
+    }
+
+    fn numbers(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let GValue::Array(items) = v else {
+            return Err(self.err(key, "expected an array of numbers"));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                use GValue::*;
+                Ok(match v {
+                    U8(x) => *x as f64,
+                    I8(x) => *x as f64,
+                    U16(x) => *x as f64,
+                    I16(x) => *x as f64,
+                    U32(x) => *x as f64,
+                    I32(x) => *x as f64,
+                    U64(x) => *x as f64,
+                    I64(x) => *x as f64,
+                    F32(x) => *x as f64,
+                    F64(x) => *x,
+                    other => {
+                        return Err(self
+                            .err(&format!("{key}[{i}]"), format!("expected a number, found {:?}", other.value_type())))
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// `general.architecture`.
+    pub fn architecture(&self) -> Result<String> {
+        self.string("general.architecture")?
+            .ok_or_else(|| self.err("general.architecture", "missing from the GGUF metadata"))
+    }
+
+    /// `general.name`, if present.
+    pub fn name(&self) -> Option<String> {
+        self.string("general.name").ok().flatten()
+    }
+
+    /// The model configuration from the `{arch}.*` metadata, as `transformers` would write it
+    /// in `config.json` (token ids from `tokenizer.ggml.*`, `general.name` as `_name_or_path`).
+    pub fn config(&self) -> Result<ModelConfig> {
+        let arch = self.architecture()?;
+        if arch != "llama" {
+            return Err(self.err(
+                "general.architecture",
+                format!("`{arch}` is not supported; GGUF files of architecture `llama` load (Llama, SmolLM, Mistral without a window)"),
+            ));
+        }
+        let k = |s: &str| format!("{arch}.{s}");
+        for key in [k("expert_count"), k("expert_used_count")] {
+            if self.uint(&key)?.unwrap_or(0) > 0 {
+                return Err(self.err(&key, "mixture-of-experts models are not supported"));
+            }
+        }
+        if let Some(t) = self.string(&k("rope.scaling.type"))? {
+            if t != "none" {
+                return Err(self.err(&k("rope.scaling.type"), format!("`{t}` RoPE scaling is not supported")));
+            }
+        }
+        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Err(Error::Weight {
+                file: self.source(),
+                name: "rope_freqs.weight".into(),
+                message: "per-frequency RoPE factors (Llama 3.1 scaling) are not supported".into(),
+            });
+        }
+        if let Some(w) = self.uint(&k("attention.sliding_window"))? {
+            if w > 0 {
+                return Err(self.err(&k("attention.sliding_window"), "sliding-window attention is not supported"));
+            }
+        }
+        let hidden = self.usize_req(&k("embedding_length"))?;
+        let heads = self.usize_req(&k("attention.head_count"))?;
+        let kv_heads = self.uint(&k("attention.head_count_kv"))?.map(|v| v as usize).unwrap_or(heads);
+        if heads == 0 {
+            return Err(self.err(&k("attention.head_count"), "must be at least 1"));
+        }
+        let head_dim = self.uint(&k("attention.key_length"))?.map(|v| v as usize).unwrap_or(hidden / heads);
+        if let Some(v) = self.uint(&k("attention.value_length"))? {
+            if v as usize != head_dim {
+                return Err(
+                    self.err(&k("attention.value_length"), format!("{v} differs from the key length {head_dim}"))
+                );
+            }
+        }
+        if let Some(r) = self.uint(&k("rope.dimension_count"))? {
+            if r as usize != head_dim {
+                return Err(self.err(
+                    &k("rope.dimension_count"),
+                    format!("{r} differs from the head width {head_dim}; partial rotary embeddings are not supported"),
+                ));
+            }
+        }
+        let vocab = match self.uint(&k("vocab_size"))? {
+            Some(v) => v as usize,
+            None => self.strings("tokenizer.ggml.tokens")?.len(),
+        };
+        let mut cfg = Map::new();
+        cfg.insert("model_type".into(), json!("llama"));
+        cfg.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        cfg.insert("vocab_size".into(), json!(vocab));
+        cfg.insert("hidden_size".into(), json!(hidden));
+        cfg.insert("intermediate_size".into(), json!(self.usize_req(&k("feed_forward_length"))?));
+        cfg.insert("num_hidden_layers".into(), json!(self.usize_req(&k("block_count"))?));
+        cfg.insert("num_attention_heads".into(), json!(heads));
+        cfg.insert("num_key_value_heads".into(), json!(kv_heads));
+        if head_dim != hidden / heads {
+            cfg.insert("head_dim".into(), json!(head_dim));
+        }
+        cfg.insert("max_position_embeddings".into(), json!(self.usize_req(&k("context_length"))?));
+        let eps = self.float(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
+        // Stored as f32 in the file: print the f32's shortest decimal (1e-5, not 9.99…e-6).
+        cfg.insert("rms_norm_eps".into(), json!((eps as f32).to_string().parse::<f64>().unwrap_or(eps)));
+        let theta = self.float(&k("rope.freq_base"))?.unwrap_or(10000.0);
+        cfg.insert("rope_theta".into(), json!((theta as f32).to_string().parse::<f64>().unwrap_or(theta)));
+        cfg.insert("hidden_act".into(), json!("silu"));
+        cfg.insert("tie_word_embeddings".into(), json!(!self.content.tensor_infos.contains_key("output.weight")));
+        let bias = self.content.tensor_infos.contains_key("blk.0.attn_q.bias");
+        cfg.insert("attention_bias".into(), json!(bias));
+        for (field, key) in [
+            ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+            ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+            ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+        ] {
+            if let Some(id) = self.uint(key)? {
+                cfg.insert(field.into(), json!(id));
+            }
+        }
+        if let Some(name) = self.name() {
+            cfg.insert("_name_or_path".into(), json!(name));
+        }
+        ModelConfig::from_value(Value::Object(cfg), &self.source())
+    }
+
+    /// The tokenizer from `tokenizer.ggml.*`, with special tokens, the chat template and the
+    /// context length as `model_max_length`.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let model = self
+            .string("tokenizer.ggml.model")?
+            .ok_or_else(|| self.err("tokenizer.ggml.model", "missing from the GGUF metadata"))?;
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
+        let types = self.numbers("tokenizer.ggml.token_type")?;
+        if let Some(t) = &types {
+            if t.len() != tokens.len() {
+                return Err(
+                    self.err("tokenizer.ggml.token_type", format!("{} entries for {} tokens", t.len(), tokens.len()))
+                );
+            }
+        }
+        let id = |key: &str| -> Result<Option<u32>> {
+            match self.uint(key)? {
+                None => Ok(None),
+                Some(i) if (i as usize) < tokens.len() => Ok(Some(i as u32)),
+                Some(i) => Err(self.err(key, format!("{i} is outside the vocabulary of {} tokens", tokens.len()))),
+            }
+        };
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let eos = id("tokenizer.ggml.eos_token_id")?;
+        let pad = id("tokenizer.ggml.padding_token_id")?;
+        let unk = id("tokenizer.ggml.unknown_token_id")?;
+        let add_bos = self.boolean("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama");
+        let add_eos = self.boolean("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+        let tok_of = |i: Option<u32>| i.map(|i| tokens[i as usize].clone());
+        let json = match model.as_str() {
+            "gpt2" => {
+                let merges = self.strings("tokenizer.ggml.merges")?;
+                let pre = self.string("tokenizer.ggml.pre")?.unwrap_or_else(|| "default".into());
+                gpt2_tokenizer_json(&tokens, types.as_deref(), &merges, &pre)
+                    .map_err(|m| self.err("tokenizer.ggml.pre", m))?
+            }
+            "llama" => {
+                let scores = self.numbers("tokenizer.ggml.scores")?.ok_or_else(|| {
+                    self.err("tokenizer.ggml.scores", "missing; a SentencePiece vocabulary needs scores")
+                })?;
+                if scores.len() != tokens.len() {
+                    return Err(self
+                        .err("tokenizer.ggml.scores", format!("{} scores for {} tokens", scores.len(), tokens.len())));
+                }
+                let prefix = self.boolean("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+                spm_tokenizer_json(&tokens, types.as_deref(), &scores, tok_of(unk), prefix)
+            }
+            other => return Err(self.err(
+                "tokenizer.ggml.model",
+                format!(
+                    "`{other}` tokenizers are not supported; `gpt2` (byte-level BPE) and `llama` (SentencePiece) are"
+                ),
+            )),
+        };
+        let mut json = json;
+        if add_bos || add_eos {
+            let special = |on: bool, tid: Option<u32>, key: &str| -> Result<Option<(String, u32)>> {
+                match (on, tid) {
+                    (false, _) => Ok(None),
+                    (true, Some(i)) => Ok(Some((tokens[i as usize].clone(), i))),
+                    (true, None) => Err(self.err(key, "missing, but the tokenizer adds that token")),
+                }
+            };
+            let b = special(add_bos, bos, "tokenizer.ggml.bos_token_id")?;
+            let e = special(add_eos, eos, "tokenizer.ggml.eos_token_id")?;
+            let piece = |t: &Option<(String, u32)>, type_id: u32| {
+                t.as_ref().map(|(t, _)| json!({"SpecialToken": {"id": t, "type_id": type_id}}))
+            };
+            let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
+            let single: Vec<Value> = [piece(&b, 0), Some(seq("A", 0)), piece(&e, 0)].into_iter().flatten().collect();
+            let pair: Vec<Value> =
+                [piece(&b, 0), Some(seq("A", 0)), piece(&e, 0), piece(&b, 1), Some(seq("B", 1)), piece(&e, 1)]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            let specials: Map<String, Value> = [&b, &e]
+                .into_iter()
+                .flatten()
+                .map(|(t, i)| (t.clone(), json!({"id": t, "ids": [i], "tokens": [t]})))
+                .collect();
+            let template =
+                json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials});
+            let post = match json.get("post_processor") {
+                Some(p) if !p.is_null() => json!({"type": "Sequence", "processors": [p.clone(), template]}),
+                _ => template,
+            };
+            json["post_processor"] = post;
+        }
+        let text = serde_json::to_string(&json).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| {
+            Error::Tokenizer(format!("{}: the tokenizer built from tokenizer.ggml.*: {e}", self.source()))
+        })?;
+        let special =
+            SpecialTokens { bos: tok_of(bos), eos: tok_of(eos), pad: tok_of(pad), unk: tok_of(unk), mask: None };
+        let mut tok = Tokenizer::new(inner, special);
+        tok.set_chat_template(self.string("tokenizer.chat_template")?);
+        let arch = self.architecture()?;
+        tok.set_model_max_length(self.uint(&format!("{arch}.context_length"))?.map(|v| v as usize));
+        Ok(tok)
+    }
+
+    /// Reads every tensor under its Hugging Face name for `config` (a Llama model).
+    /// Unquantized tensors become f32; quantized ones stay as they are. An unknown tensor, a
+    /// shape that disagrees with the config, or a tensor type candle cannot compute with is an
+    /// error naming the tensor.
+    pub fn tensors(&self, config: &ModelConfig) -> Result<GgufTensors> {
+        let ModelConfig::Llama(cfg) = config else {
+            return Err(self.err("general.architecture", "only llama models load from GGUF"));
+        };
+        let file = std::fs::File::open(&self.path).map_err(|e| Error::io("reading", &self.path, e))?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let mut out = GgufTensors::default();
+        // In file order: one sequential pass over the data.
+        let mut names: Vec<(&String, u64)> = self.content.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
+        names.sort_by_key(|&(_, o)| o);
+        for (name, _) in names {
+            let bad = |message: String| Error::Weight { file: self.source(), name: name.clone(), message };
+            let hf = hf_name(name).ok_or_else(|| bad("not a tensor of a llama model that lmstack knows".into()))?;
+            let info = &self.content.tensor_infos[name];
+            check_type(info.ggml_dtype).map_err(bad)?;
+            let mut q = self.content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| bad(format!("{e}")))?;
+            let heads = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
+                Some(cfg.num_attention_heads)
+            } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
+                Some(cfg.kv_heads())
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                q = unpermute_rows(&q, h).map_err(bad)?;
+            }
+            match q.dtype() {
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                    let t = q.dequantize(&Device::Cpu).map_err(|e| bad(e.to_string()))?;
+                    out.plain.insert(hf, t);
+                }
+                _ => {
+                    if q.shape().rank() != 2 {
+                        return Err(bad(format!(
+                            "a quantized tensor of shape {:?}; only matrices are",
+                            q.shape().dims()
+                        )));
+                    }
+                    out.quantized.insert(hf, Arc::new(q));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A frozen [`ParamStore`] over [`GgufFile::tensors`].
+    pub fn param_store(&self, config: &ModelConfig) -> Result<ParamStore> {
+        let t = self.tensors(config)?;
+        Ok(ParamStore::frozen_quantized(t.plain, t.quantized, &self.source()))
+    }
+}
+
+/// Tensor types candle computes with on the CPU (others are refused, named).
+fn check_type(t: GgmlDType) -> std::result::Result<(), String> {
+    use GgmlDType::*;
+    match t {
+        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K => Ok(()),
+        #[allow(unreachable_patterns)]
+        other => Err(format!("tensor type {other:?} is not supported")),
+    }
+}
+
+/// The Hugging Face name of a llama.cpp tensor of a Llama model.
+fn hf_name(name: &str) -> Option<String> {
+    let top = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.into());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    if !matches!(suffix, "weight" | "bias") {
+        return None;
+    }
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// The inverse of llama.cpp's `permute` of a query/key projection with `heads` heads: row
+/// `h*hd + 2i + j` of the file is row `h*hd + j*hd/2 + i` of the Hugging Face weight. Rows
+/// (whole blocks of a quantized tensor) are moved as bytes.
+fn unpermute_rows(q: &QTensor, heads: usize) -> std::result::Result<QTensor, String> {
+    let dims = q.shape().dims().to_vec();
+    let rows = dims[0];
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return Err(format!("{rows} rows do not split into {heads} heads of even width"));
+    }
+    let hd = rows / heads;
+    let data = q.data().map_err(|e| e.to_string())?;
+    let row_bytes = data.len() / rows;
+    if row_bytes * rows != data.len() {
+        return Err(format!("{} bytes do not divide into {rows} rows", data.len()));
+    }
+    let mut out = vec![0u8; data.len()];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let src = h * hd + 2 * i + j;
+                let dst = h * hd + j * hd / 2 + i;
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(Cow::Owned(out), &Device::Cpu, q.dtype()).map_err(|e| e.to_string())?;
+    QTensor::new(storage, dims).map_err(|e| e.to_string())
+}
+
+/// GGUF token types (`llama_token_type`).
+const TYPE_UNKNOWN: u32 = 2;
+const TYPE_CONTROL: u32 = 3;
+const TYPE_USER_DEFINED: u32 = 4;
+
+/// `added_tokens` entries: control and unknown tokens as special tokens, user-defined ones as
+/// plain added tokens (as `transformers`' converters declare them).
+fn added_tokens(tokens: &[String], types: Option<&[f64]>, normalized_user: bool) -> Vec<Value> {
+    let Some(types) = types else { return Vec::new() };
+    tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter_map(|(i, (t, &ty))| {
+            let ty = ty as u32;
+            let special = matches!(ty, TYPE_CONTROL | TYPE_UNKNOWN);
+            if !special && ty != TYPE_USER_DEFINED {
+                return None;
+            }
+            Some(json!({
+                "id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": !special && normalized_user, "special": special,
+            }))
+        })
+        .collect()
+}
+
+/// Pre-tokenizer regular expressions of llama.cpp's `tokenizer.ggml.pre` values, as the
+/// models' own `tokenizer.json` files state them.
+const REGEX_LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const REGEX_QWEN2: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// `tokenizer.json` for a GPT-2-style byte-level BPE vocabulary.
+fn gpt2_tokenizer_json(
+    tokens: &[String],
+    types: Option<&[f64]>,
+    merges: &[String],
+    pre: &str,
+) -> std::result::Result<Value, String> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
+    let (normalizer, pre_tokenizer) = match pre {
+        "default" | "gpt2" | "gpt-2" | "phi-2" | "olmo" | "starcoder" | "refact" | "jina-es" | "jina-de" => {
+            (Value::Null, byte_level(true))
+        }
+        // SmolLM: digits one by one, then GPT-2's split.
+        "smollm" | "stablelm2" => (
+            Value::Null,
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        ),
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "falcon3" | "pixtral" => {
+            (Value::Null, json!({"type": "Sequence", "pretokenizers": [split(REGEX_LLAMA3), byte_level(false)]}))
+        }
+        "qwen2" | "deepseek-r1-qwen" => (
+            json!({"type": "NFC"}),
+            json!({"type": "Sequence", "pretokenizers": [split(REGEX_QWEN2), byte_level(false)]}),
+        ),
+        other => return Err(format!("`{other}` pre-tokenization is not supported")),
+    };
+    let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    if vocab.len() != tokens.len() {
+        return Err(format!("the vocabulary of {} tokens has duplicates", tokens.len()));
+    }
+    let merges: Vec<Value> = merges.iter().map(|m| Value::String(m.clone())).collect();
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(tokens, types, false),
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        },
+    }))
+}
+
+/// `tokenizer.json` for a SentencePiece (BPE-type) vocabulary with scores, as `transformers`'
+/// `LlamaConverter` writes it: byte fallback, `▁` for spaces, merges ordered by the score of
+/// the piece they make (the pairs of every piece that are both in the vocabulary).
+fn spm_tokenizer_json(
+    tokens: &[String],
+    types: Option<&[f64]>,
+    scores: &[f64],
+    unk: Option<String>,
+    prefix: bool,
+) -> Value {
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    // (score of the piece, the piece's id, left id, right id, left, right)
+    let mut merges: Vec<(f64, usize, usize, usize, &str, &str)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                merges.push((scores[i], i, li, ri, l, r));
+            }
+        }
+    }
+    // Higher-scoring pieces merge first; ties in vocabulary order (as `tokenizers`'
+    // SentencePieceExtractor orders them).
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+    let merges: Vec<Value> = merges.iter().map(|m| json!([m.4, m.5])).collect();
+    let vocab: BTreeMap<usize, &String> = tokens.iter().enumerate().collect();
+    let vocab: Map<String, Value> = vocab.into_iter().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let mut norm = Vec::new();
+    if prefix {
+        norm.push(json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    norm.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    let mut dec = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix {
+        dec.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(tokens, types, true),
+        "normalizer": {"type": "Sequence", "normalizers": norm},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": dec},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        },
+    })
+}
+
+/// Loads a GGUF model for inference: frozen weights, quantized ones kept quantized.
+pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<(crate::Model, Tokenizer)> {
+    if dtype != DType::F32 || !device.is_cpu() {
+        return Err(Error::invalid(
+            "dtype",
+            format!("GGUF models compute in f32 on the CPU (asked for {dtype:?} on {device:?})"),
+        ));
+    }
+    let g = GgufFile::open(path)?;
+    let config = g.config()?;
+    let tokenizer = g.tokenizer()?;
+    let store = g.param_store(&config)?;
+    let model = crate::Model::new(config, &store, dtype, device)?;
+    let unused = store.unused();
+    if let Some(name) = unused.first() {
+        return Err(Error::Weight {
+            file: path.display().to_string(),
+            name: name.clone(),
+            message: format!("not used by the model ({} unused tensors)", unused.len()),
+        });
+    }
+    store.release_source();
+    Ok((model, tokenizer))
+}
+
+/// How [`write_model`] stores the projection and embedding matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteType {
+    /// f32 (exact).
+    F32,
+    /// f16.
+    F16,
+    /// 8-bit blocks of 32 with an f16 scale.
+    Q8_0,
+    /// 4-bit blocks of 32 with an f16 scale.
+    Q4_0,
+    /// 4-bit blocks of 32 with an f16 scale and minimum.
+    Q4_1,
+    /// 4-bit k-quant (super-blocks of 256).
+    Q4K,
+    /// 6-bit k-quant (super-blocks of 256).
+    Q6K,
+}
+
+impl WriteType {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            WriteType::F32 => GgmlDType::F32,
+            WriteType::F16 => GgmlDType::F16,
+            WriteType::Q8_0 => GgmlDType::Q8_0,
+            WriteType::Q4_0 => GgmlDType::Q4_0,
+            WriteType::Q4_1 => GgmlDType::Q4_1,
+            WriteType::Q4K => GgmlDType::Q4K,
+            WriteType::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` for a file mostly of this type.
+    fn file_type(self) -> u32 {
+        match self {
+            WriteType::F32 => 0,
+            WriteType::F16 => 1,
+            WriteType::Q4_0 => 2,
+            WriteType::Q4_1 => 3,
+            WriteType::Q8_0 => 7,
+            WriteType::Q4K => 15,
+            WriteType::Q6K => 18,
+        }
+    }
+}
+
+/// llama.cpp's row order for a query/key projection with `heads` heads (the inverse of
+/// [`unpermute_rows`]), on an f32 `[rows, cols]` tensor.
+fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = match t.dims() {
+        [r, c] => (*r, *c),
+        [r] => (*r, 1),
+        d => return Err(Error::invalid("tensor", format!("cannot permute a tensor of shape {d:?}"))),
+    };
+    let hd = rows / heads;
+    let mut idx = vec![0u32; rows];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                // File row h*hd + 2i + j holds HF row h*hd + j*hd/2 + i.
+                idx[h * hd + 2 * i + j] = (h * hd + j * hd / 2 + i) as u32;
+            }
+        }
+    }
+    let idx = Tensor::from_vec(idx, rows, t.device())?;
+    let out = t.reshape((rows, cols))?.index_select(&idx, 0)?;
+    Ok(out.reshape(t.shape())?)
+}
+
+/// Writes a Llama `model` with its byte-level BPE `tokenizer` as a GGUF file llama.cpp loads:
+/// matrices as `wtype` (f16 where a row does not split into its blocks), norms as f32. Written
+/// to a temporary file and renamed.
+pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wtype: WriteType) -> Result<()> {
+    let ModelConfig::Llama(cfg) = model.config() else {
+        return Err(Error::invalid("model", "only llama models are written as GGUF"));
+    };
+    let tj: Value =
+        serde_json::from_str(&tokenizer.inner().to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let pre = match (&tj["pre_tokenizer"]["type"], &tj["pre_tokenizer"]["pretokenizers"]) {
+        (Value::String(t), _) if t == "ByteLevel" => "gpt2",
+        (Value::String(t), Value::Array(list))
+            if t == "Sequence"
+                && list.len() == 2
+                && list[0]["type"] == "Digits"
+                && list[0]["individual_digits"] == true
+                && list[1]["type"] == "ByteLevel" =>
+        {
+            "smollm"
+        }
+        _ => {
+            return Err(Error::Tokenizer(
+                "only byte-level BPE tokenizers (GPT-2's or SmolLM's pre-tokenization) are written to GGUF".into(),
+            ))
+        }
+    };
+    if tj["model"]["type"] != "BPE" {
+        return Err(Error::Tokenizer("only BPE tokenizers are written to GGUF".into()));
+    }
+    let vocab = tj["model"]["vocab"].as_object().cloned().unwrap_or_default();
+    let n = tokenizer.vocab_size().max(cfg.vocab_size);
+    let mut tokens: Vec<Option<String>> = vec![None; n];
+    for (t, id) in &vocab {
+        if let Some(i) = id.as_u64().filter(|&i| (i as usize) < n) {
+            tokens[i as usize] = Some(t.clone());
+        }
+    }
+    let mut types = vec![1i32; n];
+    for a in tj["added_tokens"].as_array().into_iter().flatten() {
+        if let (Some(i), Some(c)) = (a["id"].as_u64(), a["content"].as_str()) {
+            if (i as usize) < n {
+                tokens[i as usize] = Some(c.to_owned());
+                types[i as usize] = if a["special"] == true { TYPE_CONTROL as i32 } else { TYPE_USER_DEFINED as i32 };
+            }
+        }
+    }
+    // Ids the embedding has but the tokenizer never produces get unused placeholders.
+    let tokens: Vec<String> =
+        tokens.into_iter().enumerate().map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]"))).collect();
+    let merges: Vec<String> = tj["model"]["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            Value::String(s) => s.clone(),
+            Value::Array(p) => format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or("")),
+            _ => String::new(),
+        })
+        .collect();
+    let s = |v: &str| GValue::String(v.to_owned());
+    let u = |v: usize| GValue::U32(v as u32);
+    let mut meta: Vec<(String, GValue)> = vec![
+        ("general.architecture".into(), s("llama")),
+        ("general.name".into(), s(cfg.extra.get("_name_or_path").and_then(Value::as_str).unwrap_or("lmstack model"))),
+        ("general.file_type".into(), GValue::U32(wtype.file_type())),
+        ("general.quantization_version".into(), GValue::U32(2)),
+        ("llama.vocab_size".into(), u(cfg.vocab_size)),
+        ("llama.context_length".into(), u(cfg.max_position_embeddings)),
+        ("llama.embedding_length".into(), u(cfg.hidden_size)),
+        ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
+        ("llama.block_count".into(), u(cfg.num_hidden_layers)),
+        ("llama.attention.head_count".into(), u(cfg.num_attention_heads)),
+        ("llama.attention.head_count_kv".into(), u(cfg.kv_heads())),
+        ("llama.attention.key_length".into(), u(cfg.head_dim())),
+        ("llama.attention.value_length".into(), u(cfg.head_dim())),
+        ("llama.rope.dimension_count".into(), u(cfg.head_dim())),
+        ("llama.rope.freq_base".into(), GValue::F32(cfg.rope_theta() as f32)),
+        ("llama.attention.layer_norm_rms_epsilon".into(), GValue::F32(cfg.rms_norm_eps as f32)),
+        ("tokenizer.ggml.model".into(), s("gpt2")),
+        ("tokenizer.ggml.pre".into(), s(pre)),
+        ("tokenizer.ggml.tokens".into(), GValue::Array(tokens.iter().map(|t| s(t)).collect())),
+        ("tokenizer.ggml.token_type".into(), GValue::Array(types.iter().map(|&t| GValue::I32(t)).collect())),
+        ("tokenizer.ggml.merges".into(), GValue::Array(merges.iter().map(|m| s(m)).collect())),
+        ("tokenizer.ggml.add_bos_token".into(), GValue::Bool(false)),
+    ];
+    if cfg.hidden_act != crate::config::Activation::Silu {
+        return Err(Error::invalid("model", "llama.cpp's llama architecture computes SiLU only"));
+    }
+    for (key, id) in [
+        ("tokenizer.ggml.bos_token_id", tokenizer.bos_id()),
+        ("tokenizer.ggml.eos_token_id", tokenizer.eos_id()),
+        ("tokenizer.ggml.padding_token_id", tokenizer.pad_id()),
+        (
+            "tokenizer.ggml.unknown_token_id",
+            tokenizer.special_tokens().unk.as_deref().and_then(|t| tokenizer.token_to_id(t)),
+        ),
+    ] {
+        if let Some(id) = id {
+            meta.push((key.into(), GValue::U32(id)));
+        }
+    }
+    if let Some(t) = tokenizer.chat_template() {
+        meta.push(("tokenizer.chat_template".into(), s(t)));
+    }
+    // Tensors under llama.cpp's names, in its order.
+    let tensors = model.params().tensors();
+    let mut names: Vec<(String, String)> = Vec::new();
+    names.push(("model.embed_tokens.weight".into(), "token_embd.weight".into()));
+    for i in 0..cfg.num_hidden_layers {
+        for (hf, gg) in [
+            ("input_layernorm", "attn_norm"),
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("post_attention_layernorm", "ffn_norm"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+        ] {
+            for suffix in ["weight", "bias"] {
+                names.push((format!("model.layers.{i}.{hf}.{suffix}"), format!("blk.{i}.{gg}.{suffix}")));
+            }
+        }
+    }
+    names.push(("model.norm.weight".into(), "output_norm.weight".into()));
+    if !cfg.tie_word_embeddings {
+        names.push(("lm_head.weight".into(), "output.weight".into()));
+    }
+    let mut qts: Vec<(String, QTensor)> = Vec::new();
+    for (hf, gg) in names {
+        let Some(t) = tensors.get(&hf) else { continue };
+        let mut t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        if gg.contains("attn_q.") {
+            t = permute_rows(&t, cfg.num_attention_heads)?;
+        } else if gg.contains("attn_k.") {
+            t = permute_rows(&t, cfg.kv_heads())?;
+        }
+        let ty = if t.rank() == 2 {
+            let cols = t.dim(1)?;
+            if cols % wtype.ggml().block_size() == 0 {
+                wtype.ggml()
+            } else if cols % GgmlDType::Q8_0.block_size() == 0 && wtype != WriteType::F32 && wtype != WriteType::F16 {
+                // llama.cpp's fallback for rows that do not split into k-quant super-blocks.
+                GgmlDType::Q8_0
+            } else if wtype == WriteType::F32 {
+                GgmlDType::F32
+            } else {
+                GgmlDType::F16
+            }
+        } else {
+            GgmlDType::F32
+        };
+        let q = QTensor::quantize(&t, ty).map_err(|e| Error::Weight {
+            file: path.display().to_string(),
+            name: gg.clone(),
+            message: e.to_string(),
+        })?;
+        qts.push((gg, q));
+    }
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let q_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut buf, &meta_refs, &q_refs).map_err(|e| Error::Weight {
+        file: path.display().to_string(),
+        name: "<file>".into(),
+        message: e.to_string(),
+    })?;
+    crate::io::write_atomic(path, &buf.into_inner())
+}

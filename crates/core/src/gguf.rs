@@ -348,12 +348,14 @@ impl GgufFile {
                 let prefix = self.boolean("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
                 spm_tokenizer_json(&tokens, types.as_deref(), &scores, tok_of(unk), prefix)
             }
-            other => return Err(self.err(
-                "tokenizer.ggml.model",
-                format!(
+            other => {
+                return Err(self.err(
+                    "tokenizer.ggml.model",
+                    format!(
                     "`{other}` tokenizers are not supported; `gpt2` (byte-level BPE) and `llama` (SentencePiece) are"
                 ),
-            )),
+                ))
+            }
         };
         let mut json = json;
         if add_bos || add_eos {
@@ -420,6 +422,13 @@ impl GgufFile {
             let bad = |message: String| Error::Weight { file: self.source(), name: name.clone(), message };
             let hf = hf_name(name).ok_or_else(|| bad("not a tensor of a llama model that lmstack knows".into()))?;
             let info = &self.content.tensor_infos[name];
+            let want = llama_shape(&hf, cfg);
+            if want.as_deref() != Some(info.shape.dims()) {
+                return Err(bad(match want {
+                    Some(w) => format!("has shape {:?} (as {hf}), the metadata implies {w:?}", info.shape.dims()),
+                    None => format!("({hf}) is not part of this model's configuration"),
+                }));
+            }
             check_type(info.ggml_dtype).map_err(bad)?;
             let mut q = self.content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| bad(format!("{e}")))?;
             let heads = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
@@ -447,6 +456,24 @@ impl GgufFile {
                     out.quantized.insert(hf, Arc::new(q));
                 }
             }
+        }
+        // Every weight the configuration needs, named as llama.cpp names it.
+        let mut need = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
+        if !cfg.tie_word_embeddings {
+            need.push("output.weight".into());
+        }
+        for i in 0..cfg.num_hidden_layers {
+            for m in ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"] {
+                need.push(format!("blk.{i}.{m}.weight"));
+            }
+            if cfg.attention_bias {
+                for m in ["attn_q", "attn_k", "attn_v", "attn_output"] {
+                    need.push(format!("blk.{i}.{m}.bias"));
+                }
+            }
+        }
+        if let Some(name) = need.iter().find(|n| !self.content.tensor_infos.contains_key(n.as_str())) {
+            return Err(Error::Weight { file: self.source(), name: name.clone(), message: "is missing".into() });
         }
         Ok(out)
     }
@@ -499,6 +526,36 @@ fn hf_name(name: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// The shape `cfg` implies for the Hugging Face tensor `hf` (`None` for a layer past the
+/// configured count).
+fn llama_shape(hf: &str, cfg: &crate::config::LlamaConfig) -> Option<Vec<usize>> {
+    let (d, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+    match hf {
+        "model.embed_tokens.weight" | "lm_head.weight" => return Some(vec![v, d]),
+        "model.norm.weight" => return Some(vec![d]),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    if layer.parse::<usize>().ok()? >= cfg.num_hidden_layers {
+        return None;
+    }
+    Some(match rest {
+        "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![d],
+        "self_attn.q_proj.weight" => vec![q, d],
+        "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, d],
+        "self_attn.o_proj.weight" => vec![d, q],
+        "self_attn.q_proj.bias" => vec![q],
+        "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
+        "self_attn.o_proj.bias" | "mlp.down_proj.bias" => vec![d],
+        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, d],
+        "mlp.down_proj.weight" => vec![d, f],
+        "mlp.gate_proj.bias" | "mlp.up_proj.bias" => vec![f],
+        _ => return None,
+    })
 }
 
 /// The inverse of llama.cpp's `permute` of a query/key projection with `heads` heads: row

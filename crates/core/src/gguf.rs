@@ -463,7 +463,9 @@ impl GgufFile {
             need.push("output.weight".into());
         }
         for i in 0..cfg.num_hidden_layers {
-            for m in ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"] {
+            for m in
+                ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+            {
                 need.push(format!("blk.{i}.{m}.weight"));
             }
             if cfg.attention_bias {

@@ -28,6 +28,7 @@ pub mod nn;
 pub mod ops;
 pub mod params;
 pub mod pretrained;
+pub mod quant;
 pub mod sampling;
 pub mod simd;
 pub mod tokenizer;

@@ -300,6 +300,8 @@ impl Linear {
                 let mut shape = lead.to_vec();
                 shape.push(w.dim(0)?);
                 x2.matmul(&w.t()?)?.reshape(shape)?
+            } else if let Some(y) = quantized_forward(q, xs)? {
+                y
             } else {
                 QMatMul::QTensor(q.clone()).forward(&xs.contiguous()?)?
             };
@@ -342,6 +344,34 @@ impl Linear {
         out_shape.push(out_dim);
         y.reshape(out_shape)
     }
+}
+
+/// `x Wᵀ` through lmstack's own kernel for the quantized type of `q`, where it has one
+/// ([`crate::quant`]: Q4_1 on AVX2) and `xs` is f32 on the CPU; `None` leaves it to candle.
+fn quantized_forward(q: &QTensor, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    use candle_core::quantized::GgmlDType;
+    if q.dtype() != GgmlDType::Q4_1 || xs.dtype() != DType::F32 || !xs.device().is_cpu() || !crate::quant::has_kernels()
+    {
+        return Ok(None);
+    }
+    let (out, inp) = q.shape().dims2()?;
+    let dims = xs.dims();
+    if dims.last() != Some(&inp) {
+        candle_core::bail!("input has {:?} features, the quantized weight {inp}", dims.last());
+    }
+    let rows = xs.elem_count() / inp.max(1);
+    let x = xs.contiguous()?;
+    let data = q.data()?;
+    let y = {
+        let (xs_, xl) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(xc) = &*xs_ else { return Ok(None) };
+        let xd = &xc.as_slice::<f32>()?[xl.start_offset()..];
+        crate::quant::matmul_q4_1(xd, rows, &data, out, inp, crate::ops::linear_in_parallel(rows, inp, out))
+    };
+    let Some(y) = y else { return Ok(None) };
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("non-empty") = out;
+    Ok(Some(Tensor::from_vec(y, shape, xs.device())?))
 }
 
 /// A tensor of `t`'s shape, dtype and device that holds no values (one broadcast zero): what a
@@ -406,6 +436,17 @@ impl Embedding {
         }
         self.quant = Some(q);
         Ok(())
+    }
+
+    /// Replaces a quantized table by an f32 copy of its values; returns whether it was quantized.
+    pub fn dequantize(&mut self) -> Result<bool> {
+        match self.quant.take() {
+            Some(q) => {
+                self.table = q.dequantize(self.table.device())?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Whether `head` is a repacked output projection whose weight is this very table.

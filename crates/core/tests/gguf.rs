@@ -154,8 +154,11 @@ fn a_gradient_reaches_adapters_below_a_quantized_layer() {
     assert!(gx.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
 }
 
+/// A change to a GGUF file's metadata and tensors.
+type Edit = Box<dyn FnOnce(&mut Vec<(String, GValue)>, &mut Vec<(String, QTensor)>)>;
+
 /// Rewrites the GGUF at `src` into `dst` with `edit` applied to its metadata and tensors.
-fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut Vec<(String, GValue)>, &mut Vec<(String, QTensor)>)) {
+fn rewrite(src: &Path, dst: &Path, edit: Edit) {
     let mut f = std::fs::File::open(src).unwrap();
     let c = gguf_file::Content::read(&mut f).unwrap();
     let mut meta: Vec<(String, GValue)> = c.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -193,7 +196,7 @@ fn bad_gguf_files_are_refused_naming_what() {
     let e = load(&cut);
     assert!(e.contains("truncated.gguf") && e.contains("GGUF"), "{e}");
 
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<(String, GValue)>, &mut Vec<(String, QTensor)>)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         ("general.architecture", Box::new(|m, _| set(m, "general.architecture", Some(GValue::String("mamba".into()))))),
         ("llama.block_count", Box::new(|m, _| set(m, "llama.block_count", None))),
         (

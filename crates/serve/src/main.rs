@@ -17,7 +17,7 @@ use lmstack_serve::{EngineConfig, ServeOptions, SplitSteps};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// Model directory (config.json, model.safetensors, tokenizer.json); the default is the
+    /// Model directory (config.json, model.safetensors, tokenizer.json) or GGUF file; the default is the
     /// README's training run.
     #[arg(long, default_value = "runs/shakespeare-char/model")]
     model: PathBuf,

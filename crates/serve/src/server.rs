@@ -51,8 +51,14 @@ pub struct ServeOptions {
 }
 
 /// The name a model directory is served under: its last path component, or the parent's
-/// when that is a generic `model` (so `runs/shakespeare-char/model` is `shakespeare-char`).
+/// when that is a generic `model` (so `runs/shakespeare-char/model` is `shakespeare-char`); a
+/// GGUF file's name without `.gguf`.
 pub fn default_model_name(dir: &Path) -> String {
+    if dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if let Some(stem) = dir.file_stem() {
+            return stem.to_string_lossy().into_owned();
+        }
+    }
     let canon = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
     let last = canon.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     if matches!(last.as_str(), "model" | "best") {
@@ -142,9 +148,9 @@ pub async fn run(
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    if !opts.model.is_dir() {
+    if !opts.model.is_dir() && !lmstack_core::gguf::is_gguf(&opts.model) {
         anyhow::bail!(
-            "no model directory at {}; train one with `cargo run --release --bin train` or pass --model DIR",
+            "no model directory or GGUF file at {}; train one with `cargo run --release --bin train` or pass --model DIR|FILE.gguf",
             opts.model.display()
         );
     }

@@ -543,7 +543,7 @@ impl PretrainArgs {
 
 #[derive(Args, Debug)]
 struct SampleArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    /// Model directory (config.json, model.safetensors, tokenizer.json) or GGUF file.
     #[arg(long)]
     model: PathBuf,
     /// Text to continue.

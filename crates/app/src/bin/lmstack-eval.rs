@@ -119,9 +119,9 @@ fn run(cli: RunArgs) -> anyhow::Result<bool> {
             (Box::new(b), name)
         }
         None => {
-            if !cli.model.is_dir() {
+            if !cli.model.is_dir() && !lmstack_core::gguf::is_gguf(&cli.model) {
                 anyhow::bail!(
-                    "no model directory at {}; train the default model first with `cargo run --release --bin train` (or pass --model DIR)",
+                    "no model directory or GGUF file at {}; train the default model first with `cargo run --release --bin train` (or pass --model DIR|FILE.gguf)",
                     cli.model.display()
                 );
             }

@@ -23,6 +23,8 @@ use crate::nn::{batch_mask, AttnCtx, Linear};
 use crate::params::ParamStore;
 use crate::{Error, Result};
 
+// One per model: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum Arch {
     Gpt2(gpt2::Gpt2),
@@ -284,6 +286,29 @@ impl Model {
             }
         }
         Ok(bytes)
+    }
+
+    /// Replaces every quantized weight by an f32 copy of its values (what `transformers` does
+    /// when it loads a GGUF file): a reference for the quantized kernels, at 4-8x the memory.
+    /// Returns how many weights were dequantized.
+    pub fn dequantize(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for l in self.linears_mut() {
+            if l.quantized().is_some() {
+                let w = l.weight_values()?;
+                l.set_weight(w)?;
+                n += 1;
+            }
+        }
+        let emb = match &mut self.arch {
+            Arch::Gpt2(m) => Some(m.embedding_and_head().0),
+            Arch::Llama(m) => Some(m.embedding_and_head().0),
+            Arch::Bert(_) => None,
+        };
+        if let Some(e) = emb {
+            n += usize::from(e.dequantize()?);
+        }
+        Ok(n)
     }
 
     /// Every linear projection, by module path, so adapters can be attached by name.

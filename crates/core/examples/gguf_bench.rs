@@ -1,0 +1,57 @@
+//! Single-stream prefill and decode speed of a model file or directory, as llama.cpp's
+//! `llama-bench` measures them (`-p 512 -n 128`): a prompt of `PROMPT` tokens in one step, then
+//! `GEN` decode steps of one token each, on a fresh cache; each repeated `REPS` times and the
+//! best kept. `DEQUANTIZE=1` computes with f32 copies of quantized weights.
+//!
+//! `cargo run --release -p lmstack-core --example gguf_bench -- MODEL.gguf`
+use std::time::Instant;
+
+use lmstack_core::{DType, Device, Model, SeqStep};
+
+fn env(key: &str, default: usize) -> usize {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    lmstack_core::prefer_rayon_threads();
+    let Some(path) = std::env::args().nth(1) else {
+        eprintln!("usage: gguf_bench MODEL (a .gguf file or a model directory)");
+        std::process::exit(2);
+    };
+    let t0 = Instant::now();
+    let mut m = Model::load(std::path::Path::new(&path), DType::F32, &Device::Cpu).unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1)
+    });
+    if std::env::var("DEQUANTIZE").is_ok_and(|v| v == "1") {
+        m.dequantize().expect("dequantize");
+    }
+    let packed = m.repack_for_inference().expect("repack");
+    eprintln!("loaded in {:.2} s ({} bytes repacked)", t0.elapsed().as_secs_f64(), packed);
+    let (prompt, gen, reps) = (env("PROMPT", 512), env("GEN", 128), env("REPS", 3));
+    let vocab = m.config().vocab_size() as u32;
+    let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let (mut best_p, mut best_d) = (f64::MAX, f64::MAX);
+    for _ in 0..reps {
+        let mut cache = m.new_cache();
+        let t = Instant::now();
+        let out = m.forward_cached(&mut [SeqStep { tokens: &tokens, cache: &mut cache, all_logits: false }]).unwrap();
+        best_p = best_p.min(t.elapsed().as_secs_f64());
+        let mut next = out[0].argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
+        let mut cache = m.new_cache();
+        m.forward_cached(&mut [SeqStep { tokens: &[1], cache: &mut cache, all_logits: false }]).unwrap();
+        let t = Instant::now();
+        for _ in 0..gen {
+            let out =
+                m.forward_cached(&mut [SeqStep { tokens: &[next], cache: &mut cache, all_logits: false }]).unwrap();
+            next = out[0].argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
+        }
+        best_d = best_d.min(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "prefill {prompt} tokens: {:.1} tokens/s   decode {gen} tokens: {:.1} tokens/s   ({} threads)",
+        prompt as f64 / best_p,
+        gen as f64 / best_d,
+        rayon::current_num_threads()
+    );
+}

@@ -18,6 +18,11 @@
 //!   concurrency, optionally single-stream decode of a GPT-2 124M-shaped model and a memory
 //!   soak.
 //!
+//! - `bench gguf [--model FILE] [--llama-bench PATH] [--prompt N] [--gen N]`: single-stream
+//!   prefill and decode tokens/s of a GGUF model (default: the fetched SmolLM2 Q4_1) through
+//!   `crates/core/examples/gguf_bench.rs`, and, given llama.cpp's `llama-bench` (built outside
+//!   the repository), llama.cpp's figures on the same file and threads, alternating the two.
+//!
 //! - `eval [--suite S] [--model DIR] [--limit N] …`: runs an eval suite (default: the
 //!   Shakespeare suite on the default model) through `lmstack-eval`; exits non-zero when a
 //!   suite threshold is not met. `eval compare A B` compares two runs (paired tests).
@@ -92,6 +97,47 @@ fn bench_serve(extra: &[String]) -> Result<(), String> {
     let exe = root().join("target/release/examples/bench_serve");
     let args: Vec<&str> = extra.iter().map(String::as_str).collect();
     run(&exe.display().to_string(), &args, &[])
+}
+
+fn bench_gguf(extra: &[String]) -> Result<(), String> {
+    let mut model: Option<String> = None;
+    let mut llama: Option<String> = None;
+    let (mut prompt, mut gen, mut rounds) = ("512".to_string(), "128".to_string(), 2usize);
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--model" => model = Some(val()?),
+            "--llama-bench" => llama = Some(val()?),
+            "--prompt" => prompt = val()?,
+            "--gen" => gen = val()?,
+            "--rounds" => rounds = val()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+            other => return Err(format!("unknown flag `{other}` for bench gguf")),
+        }
+    }
+    let model = match model {
+        Some(m) => m,
+        None => {
+            let f = cache_dir()?.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+            if !f.exists() {
+                fetch_model(&["smollm2".to_string()])?;
+            }
+            f.display().to_string()
+        }
+    };
+    run("cargo", &["build", "--release", "-q", "-p", "lmstack-core", "--example", "gguf_bench"], &[])?;
+    let exe = root().join("target/release/examples/gguf_bench").display().to_string();
+    println!("\n== bench gguf: {model}, prefill {prompt} tokens, decode {gen} tokens, 2 threads");
+    for round in 1..=rounds {
+        println!("-- round {round}");
+        println!("lmstack:");
+        run(&exe, &[&model], &[("PROMPT", &prompt), ("GEN", &gen), ("RAYON_NUM_THREADS", "2")])?;
+        if let Some(lb) = &llama {
+            println!("llama.cpp (llama-bench, tokens/s; pp = prefill, tg = decode):");
+            run(lb, &["-m", &model, "-p", &prompt, "-n", &gen, "-t", "2", "-r", "3", "-o", "md"], &[])?;
+        }
+    }
+    Ok(())
 }
 
 fn eval(extra: &[String]) -> Result<(), String> {
@@ -179,8 +225,10 @@ fn main() -> ExitCode {
         Some("bench") => match args.get(1).map(String::as_str) {
             Some("train") => bench_train(&args[2..]),
             Some("serve") => bench_serve(&args[2..]),
+            Some("gguf") => bench_gguf(&args[2..]),
             _ => Err(
-                "usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N] [--rounds N] …"
+                "usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N] [--rounds N] … \
+                 | bench gguf [--model FILE] [--llama-bench PATH]"
                     .into(),
             ),
         },

@@ -347,11 +347,11 @@ impl Linear {
 }
 
 /// `x Wᵀ` through lmstack's own kernel for the quantized type of `q`, where it has one
-/// ([`crate::quant`]: Q4_1 on AVX2) and `xs` is f32 on the CPU; `None` leaves it to candle.
+/// ([`crate::quant`]: Q4_0, Q4_1, Q8_0 on AVX2) and `xs` is f32 on the CPU; `None` leaves it
+/// to candle.
 fn quantized_forward(q: &QTensor, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    use candle_core::quantized::GgmlDType;
-    if q.dtype() != GgmlDType::Q4_1 || xs.dtype() != DType::F32 || !xs.device().is_cpu() || !crate::quant::has_kernels()
-    {
+    let Some(kind) = crate::quant::Kind::of(q.dtype()) else { return Ok(None) };
+    if xs.dtype() != DType::F32 || !xs.device().is_cpu() || !crate::quant::has_kernels() {
         return Ok(None);
     }
     let (out, inp) = q.shape().dims2()?;
@@ -366,7 +366,7 @@ fn quantized_forward(q: &QTensor, xs: &Tensor) -> candle_core::Result<Option<Ten
         let (xs_, xl) = x.storage_and_layout();
         let candle_core::Storage::Cpu(xc) = &*xs_ else { return Ok(None) };
         let xd = &xc.as_slice::<f32>()?[xl.start_offset()..];
-        crate::quant::matmul_q4_1(xd, rows, &data, out, inp, crate::ops::linear_in_parallel(rows, inp, out))
+        crate::quant::matmul(kind, xd, rows, &data, out, inp, crate::ops::linear_in_parallel(rows, inp, out))
     };
     let Some(y) = y else { return Ok(None) };
     let mut shape = dims.to_vec();

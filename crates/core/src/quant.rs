@@ -3,20 +3,52 @@
 //! candle's quantized CPU kernels have AVX2 dot products for Q4_0, Q8_0 and the k-quants, but
 //! multiply Q4_1 (the type of most tensors in PyPI's SmolLM2 file) with a scalar loop: measured
 //! on SmolLM2-135M-Instruct Q4_1 with the llama.cpp build running beside it, 9.9 decode and 12
-//! prefill tokens/s, 81 % of the time in `BlockQ4_1::vec_dot_unopt`. [`matmul_q4_1`] is the
-//! AVX2 kernel llama.cpp uses for the type: activations rounded to 8-bit blocks of 32 with
-//! their scale and sum (llama.cpp's Q8_1), and per block `d₄·d₈·Σ q₄·q₈ + m₄·s₈` with
-//! `vpmaddubsw`. Weights stay in the file's blocks (`d`, `m` as f16, 16 bytes of nibbles), read
-//! in place.
+//! prefill tokens/s, 81 % of the time in `BlockQ4_1::vec_dot_unopt`; and their thread pool is
+//! a second one beside rayon's (the Q8_0 output projection ran on one core). [`matmul`] is
+//! what llama.cpp does for Q4_0, Q4_1 and Q8_0: activations rounded to 8-bit blocks of 32 with
+//! their scale and sum (llama.cpp's Q8_1), and per block `d·d₈·Σ q·q₈ + c·s₈` with
+//! `vpmaddubsw`, spread over rayon's pool by output rows. Weights stay in the file's blocks,
+//! read in place.
 #![allow(unsafe_code)]
 
-/// Bytes of one Q4_1 block of 32 weights: `d` and `m` (f16), then 16 bytes of nibbles (the low
-/// nibble of byte `j` is weight `j`, the high nibble weight `j + 16`).
-pub const Q4_1_BLOCK_BYTES: usize = 20;
 /// Weights per block.
 pub const QK: usize = 32;
 
-/// Whether [`matmul_q4_1`] runs here (x86-64 with AVX2, FMA and F16C).
+/// The block types with a kernel here, as llama.cpp lays them out (blocks of 32 weights).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `d` (f16), 16 bytes of nibbles: weight `d·(n − 8)` (the low nibble of byte `j` is weight
+    /// `j`, the high nibble weight `j + 16`).
+    Q4_0,
+    /// `d`, `m` (f16), 16 bytes of nibbles: weight `d·n + m`.
+    Q4_1,
+    /// `d` (f16), 32 signed bytes: weight `d·q`.
+    Q8_0,
+}
+
+impl Kind {
+    /// Bytes of one block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4_0 => 18,
+            Kind::Q4_1 => 20,
+            Kind::Q8_0 => 34,
+        }
+    }
+
+    /// The kind of a candle quantized type, where there is a kernel for it.
+    pub fn of(t: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType;
+        match t {
+            GgmlDType::Q4_0 => Some(Kind::Q4_0),
+            GgmlDType::Q4_1 => Some(Kind::Q4_1),
+            GgmlDType::Q8_0 => Some(Kind::Q8_0),
+            _ => None,
+        }
+    }
+}
+
+/// Whether [`matmul`] runs here (x86-64 with AVX2, FMA and F16C).
 pub fn has_kernels() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -56,20 +88,21 @@ fn quantize_rows_q8(x: &[f32], m: usize, inp: usize) -> Q8Rows {
     out
 }
 
-/// `y = x Wᵀ` for `m` rows of `x` (`[m, inp]`) and a Q4_1 weight `[out, inp]` given as its
-/// blocks (`w`, `out · inp/32` blocks of [`Q4_1_BLOCK_BYTES`]); `parallel` spreads the outputs
-/// over the thread pool. `None` where the CPU lacks the kernel ([`has_kernels`]).
+/// `y = x Wᵀ` for `m` rows of `x` (`[m, inp]`) and a quantized weight `[out, inp]` of `kind`
+/// given as its blocks (`w`, `out · inp/32` blocks of [`Kind::block_bytes`]); `parallel`
+/// spreads the outputs over the thread pool. `None` where the CPU lacks the kernel
+/// ([`has_kernels`]).
 ///
 /// # Panics
 /// If the lengths disagree with the shapes or `inp` is not a multiple of 32.
-pub fn matmul_q4_1(x: &[f32], m: usize, w: &[u8], out: usize, inp: usize, parallel: bool) -> Option<Vec<f32>> {
+pub fn matmul(kind: Kind, x: &[f32], m: usize, w: &[u8], out: usize, inp: usize, parallel: bool) -> Option<Vec<f32>> {
     if !has_kernels() {
         return None;
     }
-    assert!(inp % QK == 0, "matmul_q4_1: {inp} inputs do not split into blocks of {QK}");
-    assert!(x.len() >= m * inp, "matmul_q4_1: x has {} values for {m} rows of {inp}", x.len());
-    let row_bytes = inp / QK * Q4_1_BLOCK_BYTES;
-    assert_eq!(w.len(), out * row_bytes, "matmul_q4_1: {} bytes for a [{out}, {inp}] weight", w.len());
+    assert!(inp % QK == 0, "quant::matmul: {inp} inputs do not split into blocks of {QK}");
+    assert!(x.len() >= m * inp, "quant::matmul: x has {} values for {m} rows of {inp}", x.len());
+    let row_bytes = inp / QK * kind.block_bytes();
+    assert_eq!(w.len(), out * row_bytes, "quant::matmul: {} bytes for a [{out}, {inp}] {kind:?} weight", w.len());
     let q = quantize_rows_q8(x, m, inp);
     let mut y = vec![0.0f32; m * out];
     #[cfg(target_arch = "x86_64")]
@@ -79,7 +112,13 @@ pub fn matmul_q4_1(x: &[f32], m: usize, w: &[u8], out: usize, inp: usize, parall
             // blocks of the rows [o0, o1) of `w` (w.len() checked above), the `m` quantized rows
             // of `q` (inp/32 blocks each, by construction) and writes part[r·stride + o - o0]
             // for r < m, o in [o0, o1): `part` holds m·stride values with stride ≥ o1 - o0.
-            unsafe { avx::q4_1_rows(w, row_bytes, o0, o1, &q, m, inp / QK, part, stride) }
+            unsafe {
+                match kind {
+                    Kind::Q4_0 => avx::rows::<0>(w, row_bytes, o0, o1, &q, m, inp / QK, part, stride),
+                    Kind::Q4_1 => avx::rows::<1>(w, row_bytes, o0, o1, &q, m, inp / QK, part, stride),
+                    Kind::Q8_0 => avx::rows::<2>(w, row_bytes, o0, o1, &q, m, inp / QK, part, stride),
+                }
+            }
         };
         let threads = if parallel { rayon::current_num_threads().min(out / 16).max(1) } else { 1 };
         if threads <= 1 {
@@ -120,7 +159,7 @@ pub fn matmul_q4_1(x: &[f32], m: usize, w: &[u8], out: usize, inp: usize, parall
 mod avx {
     use std::arch::x86_64::*;
 
-    use super::{Q8Rows, Q4_1_BLOCK_BYTES, QK};
+    use super::{Q8Rows, QK};
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -130,24 +169,37 @@ mod avx {
         _mm_cvtss_f32(s)
     }
 
-    /// The 32 weights of the Q4_1 block at `p` as unsigned bytes in element order, with `d`
-    /// and `m`.
+    /// The 32 weights of the block at `p` of kind `K` (0 = Q4_0, 1 = Q4_1, 2 = Q8_0) times the
+    /// 32 activations `a` (i8), summed in 8 lanes of i32 and converted to f32, with the block's
+    /// `d` and the constant `c` of its weights (`m` for Q4_1, `−8d` for Q4_0, 0 for Q8_0).
     #[inline(always)]
-    unsafe fn load_q4_1(p: *const u8, mask: __m128i) -> (__m256i, f32, f32) {
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
-        let d = _mm_cvtss_f32(dm);
-        let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
-        let raw = _mm_loadu_si128(p.add(4) as *const __m128i);
+    unsafe fn block_dot<const K: u8>(p: *const u8, a: __m256i, mask: __m128i, ones: __m256i) -> (__m256, f32, f32) {
+        if K == 2 {
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32)));
+            let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
+            // vpmaddubsw takes unsigned × signed: |w| × (a with w's sign).
+            let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+            return (_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), d, 0.0);
+        }
+        let (d, c, at) = if K == 1 {
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+            (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)), 4)
+        } else {
+            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32)));
+            (d, -8.0 * d, 2)
+        };
+        let raw = _mm_loadu_si128(p.add(at) as *const __m128i);
         let lo = _mm_and_si128(raw, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        (_mm256_set_m128i(hi, lo), d, m)
+        let p16 = _mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), a);
+        (_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), d, c)
     }
 
-    /// Output columns `[o0, o1)` for the `m` rows of `q`: see `matmul_q4_1`. Four output rows
-    /// at a time share each activation block's load.
+    /// Output columns `[o0, o1)` for the `m` rows of `q`: see `matmul`. Four output rows at a
+    /// time share each activation block's load.
     #[target_feature(enable = "avx,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn q4_1_rows(
+    pub(super) unsafe fn rows<const K: u8>(
         w: &[u8],
         row_bytes: usize,
         o0: usize,
@@ -160,6 +212,7 @@ mod avx {
     ) {
         let mask = _mm_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
+        let bb = row_bytes / nb;
         let wp = w.as_ptr();
         let mut o = o0;
         while o < o1 {
@@ -173,11 +226,11 @@ mod avx {
                     let a = _mm256_loadu_si256(qp.add(b * QK) as *const __m256i);
                     let (d8, s8) = (*qd.get_unchecked(b), *qs.get_unchecked(b));
                     for j in 0..n {
-                        let blk = wp.add((o + j) * row_bytes + b * Q4_1_BLOCK_BYTES);
-                        let (w4, d4, m4) = load_q4_1(blk, mask);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w4, a), ones);
-                        acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d4 * d8), _mm256_cvtepi32_ps(p), acc[j]);
-                        summ[j] += m4 * s8;
+                        let (p, d, c) = block_dot::<K>(wp.add((o + j) * row_bytes + b * bb), a, mask, ones);
+                        acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), p, acc[j]);
+                        if K != 2 {
+                            summ[j] += c * s8;
+                        }
                     }
                 }
                 for j in 0..n {
@@ -195,10 +248,10 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
-    /// The kernel equals the dot products of the dequantized weight with the rounded
+    /// Each kernel equals the dot products of the dequantized weight with the rounded
     /// activations (the only rounding it adds), for one row and many, serial and parallel.
     #[test]
-    fn q4_1_kernel_matches_dequantized_weights() {
+    fn kernels_match_dequantized_weights() {
         if !has_kernels() {
             eprintln!("skipped: no AVX2/FMA/F16C");
             return;
@@ -206,20 +259,27 @@ mod tests {
         let (out, inp) = (37, 96);
         let wv: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
         let wt = Tensor::from_vec(wv, (out, inp), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&wt, GgmlDType::Q4_1).unwrap();
-        let deq = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        let data = q.data().unwrap();
-        for m in [1usize, 3, 9] {
-            let x: Vec<f32> = (0..m * inp).map(|i| ((i * 31 % 97) as f32 / 48.0 - 1.0) * 2.0).collect();
-            let xq = quantize_rows_q8(&x, m, inp);
-            for parallel in [false, true] {
-                let y = matmul_q4_1(&x, m, &data, out, inp, parallel).unwrap();
-                for r in 0..m {
-                    for o in 0..out {
-                        let want: f32 =
-                            (0..inp).map(|k| deq[o][k] * xq.qs[r * inp + k] as f32 * xq.d[r * inp / QK + k / QK]).sum();
-                        let got = y[r * out + o];
-                        assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "m={m} r={r} o={o}: {got} vs {want}");
+        for t in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let kind = Kind::of(t).unwrap();
+            let q = QTensor::quantize(&wt, t).unwrap();
+            let deq = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            let data = q.data().unwrap();
+            for m in [1usize, 3, 9] {
+                let x: Vec<f32> = (0..m * inp).map(|i| ((i * 31 % 97) as f32 / 48.0 - 1.0) * 2.0).collect();
+                let xq = quantize_rows_q8(&x, m, inp);
+                for parallel in [false, true] {
+                    let y = matmul(kind, &x, m, &data, out, inp, parallel).unwrap();
+                    for r in 0..m {
+                        for o in 0..out {
+                            let want: f32 = (0..inp)
+                                .map(|k| deq[o][k] * xq.qs[r * inp + k] as f32 * xq.d[r * inp / QK + k / QK])
+                                .sum();
+                            let got = y[r * out + o];
+                            assert!(
+                                (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                                "{t:?} m={m} r={r} o={o}: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

@@ -298,7 +298,7 @@ fn sentencepiece_vocabularies_encode_with_merges_from_scores_and_byte_fallback()
 /// `LMSTACK_SMOLLM2_GGUF` names it; skipped (saying so) elsewhere.
 #[test]
 fn smollm2_q4_1_answers_a_chat() {
-    let Some(path) = std::env::var_os("LMSTACK_SMOLLM2_GGUF").map(PathBuf::from) else {
+    let Some(path) = std::env::var_os("LMSTACK_SMOLLM2_GGUF").filter(|v| !v.is_empty()).map(PathBuf::from) else {
         eprintln!("skipped: LMSTACK_SMOLLM2_GGUF is not set (cargo xtask fetch-model smollm2)");
         return;
     };
@@ -311,21 +311,27 @@ fn smollm2_q4_1_answers_a_chat() {
     let ids = p.tokenizer.encode("In 2024", false).unwrap();
     assert_eq!(ids.len(), 6, "{ids:?}");
     let msgs = serde_json::json!([{"role": "user", "content": "What is the capital of France?"}]);
-    let prompt = p.tokenizer.apply_chat_template(&msgs, true).unwrap();
-    assert!(prompt.starts_with("<|im_start|>system\n"), "{prompt}");
-    let mut ids = p.tokenizer.encode(&prompt, false).unwrap();
+    let templated = p.tokenizer.apply_chat_template(&msgs, true).unwrap();
+    assert!(templated.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"), "{templated}");
+    // Greedy, the answer llama.cpp (build 0c1e570, llama-simple) gives on the same file.
+    let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let start = p.tokenizer.encode(prompt, false).unwrap();
+    let mut ids = Vec::new();
     let mut cache = p.model.new_cache();
-    let mut next = ids.clone();
-    for _ in 0..12 {
+    let mut next = start.clone();
+    let mut ended = false;
+    for _ in 0..16 {
         let logits =
             p.model.forward_cached(&mut [SeqStep { tokens: &next, cache: &mut cache, all_logits: false }]).unwrap();
         let t = logits[0].argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
         if Some(t) == p.tokenizer.eos_id() {
+            ended = true;
             break;
         }
         ids.push(t);
         next = vec![t];
     }
     let answer = p.tokenizer.decode(&ids, true).unwrap();
-    assert!(answer.contains("Paris"), "{answer}");
+    assert_eq!(answer, "The capital of France is Paris.");
+    assert!(ended, "no <|im_end|> after the answer");
 }

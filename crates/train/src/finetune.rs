@@ -382,9 +382,16 @@ pub fn prepare_run_dir(cfg: &FinetuneConfig, resume: bool) -> Result<Option<chec
         }
         None
     };
-    if !cfg.base.join("config.json").is_file() {
+    let gguf = lmstack_core::gguf::is_gguf(&cfg.base);
+    if gguf && cfg.method != Method::Lora {
         return Err(Error::Msg(format!(
-            "--base {}: no model directory there (train one with `cargo run --release --bin train`, or give a Hugging Face model directory)",
+            "--base {}: a GGUF model's weights may be quantized; finetune it with --method lora (the base stays frozen, as in QLoRA)",
+            cfg.base.display()
+        )));
+    }
+    if !gguf && !cfg.base.join("config.json").is_file() {
+        return Err(Error::Msg(format!(
+            "--base {}: no model directory or GGUF file there (train one with `cargo run --release --bin train`, or give a Hugging Face model directory)",
             cfg.base.display()
         )));
     }

@@ -3,6 +3,10 @@
 //! `GEN` decode steps of one token each, on a fresh cache; each repeated `REPS` times and the
 //! best kept. `DEQUANTIZE=1` computes with f32 copies of quantized weights.
 //!
+//! `PPL=text.txt`: perplexity as llama.cpp's `llama-perplexity -c CTX` computes it instead
+//! (the text in chunks of `CTX` tokens, default 512, each scored on its second half), to
+//! compare the two programs' numerics on one file.
+//!
 //! `cargo run --release -p lmstack-core --example gguf_bench -- MODEL.gguf`
 use std::time::Instant;
 
@@ -10,6 +14,32 @@ use lmstack_core::{DType, Device, Model, SeqStep};
 
 fn env(key: &str, default: usize) -> usize {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn perplexity(path: &str, m: &Model, text: &str) {
+    let tok = lmstack_core::Pretrained::load(std::path::Path::new(path), DType::F32, &Device::Cpu)
+        .expect("load the tokenizer")
+        .tokenizer;
+    let text = std::fs::read_to_string(text).expect("read the text");
+    let ids = tok.encode(&text, false).expect("encode");
+    let ctx = env("CTX", 512);
+    let chunks = (ids.len() / ctx).min(env("CHUNKS", usize::MAX));
+    let (mut nll, mut n) = (0.0f64, 0usize);
+    for c in 0..chunks {
+        let chunk = &ids[c * ctx..(c + 1) * ctx];
+        let mut cache = m.new_cache();
+        let out = m.forward_cached(&mut [SeqStep { tokens: chunk, cache: &mut cache, all_logits: true }]).unwrap();
+        let logits = out[0].to_vec2::<f32>().unwrap();
+        for j in ctx / 2..ctx - 1 {
+            let row = &logits[j];
+            let max = row.iter().cloned().fold(f32::MIN, f32::max);
+            let lse = max as f64 + row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln();
+            nll += lse - row[chunk[j + 1] as usize] as f64;
+            n += 1;
+        }
+        println!("[{}] {:.4}", c + 1, (nll / n as f64).exp());
+    }
+    println!("perplexity over {chunks} chunks of {ctx} tokens ({n} scored): {:.4}", (nll / n as f64).exp());
 }
 
 fn main() {
@@ -27,6 +57,9 @@ fn main() {
         m.dequantize().expect("dequantize");
     }
     let packed = m.repack_for_inference().expect("repack");
+    if let Ok(text) = std::env::var("PPL") {
+        return perplexity(&path, &m, &text);
+    }
     eprintln!("loaded in {:.2} s ({} bytes repacked)", t0.elapsed().as_secs_f64(), packed);
     let (prompt, gen, reps) = (env("PROMPT", 512), env("GEN", 128), env("REPS", 3));
     let vocab = m.config().vocab_size() as u32;

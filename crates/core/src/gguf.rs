@@ -774,6 +774,24 @@ pub enum WriteType {
     Q6K,
 }
 
+impl std::str::FromStr for WriteType {
+    type Err = String;
+
+    /// llama.cpp's names: `f32`, `f16`, `q8_0`, `q4_0`, `q4_1`, `q4_k`, `q6_k`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "f32" => WriteType::F32,
+            "f16" => WriteType::F16,
+            "q8_0" => WriteType::Q8_0,
+            "q4_0" => WriteType::Q4_0,
+            "q4_1" => WriteType::Q4_1,
+            "q4_k" | "q4_k_m" => WriteType::Q4K,
+            "q6_k" => WriteType::Q6K,
+            other => return Err(format!("`{other}` is not one of f32, f16, q8_0, q4_0, q4_1, q4_k, q6_k")),
+        })
+    }
+}
+
 impl WriteType {
     fn ggml(self) -> GgmlDType {
         match self {

@@ -1,5 +1,5 @@
-//! The `train` binary: pretraining (the default command), sampling from a model directory, and
-//! tokenizer training. `train --help` and `train <command> --help` describe every flag.
+//! The `train` binary: pretraining (the default command), sampling from a model directory,
+//! tokenizer training, data preparation, finetuning, merging and GGUF export. `train --help` and `train <command> --help` describe every flag.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +38,8 @@ enum Command {
     Finetune(Box<FinetuneArgs>),
     /// Fold a LoRA adapter into its base model and write a complete model directory.
     Merge(MergeArgs),
+    /// Write a model directory (or GGUF file) as a GGUF file for llama.cpp, Ollama, LM Studio.
+    Export(ExportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -290,6 +292,30 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
         _ => "no validation examples".to_owned(),
     };
     println!("done: {} steps, {:.0} ms/step; {val}; wrote {}", s.steps, s.ms_per_step, s.output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json) or GGUF file; a Llama
+    /// model with a byte-level BPE tokenizer.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output GGUF file.
+    #[arg(long)]
+    out: PathBuf,
+    /// How the matrices are stored: f32, f16, q8_0, q4_0, q4_1, q4_k, q6_k (norms stay f32).
+    #[arg(long = "type", default_value = "f16", value_parser = |s: &str| s.parse::<lmstack_core::gguf::WriteType>())]
+    wtype: lmstack_core::gguf::WriteType,
+}
+
+fn export_cmd(a: &ExportArgs) -> Result<ExitCode> {
+    let p = Pretrained::load(&a.model, DType::F32, &Device::Cpu)
+        .with_context(|| format!("loading the model {}", a.model.display()))?;
+    lmstack_core::gguf::write_model(&p.model, &p.tokenizer, &a.out, a.wtype)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    println!("wrote {} ({:?}, {:.1} MB)", a.out.display(), a.wtype, bytes as f64 / 1e6);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -777,6 +803,7 @@ fn main() -> ExitCode {
         },
         Some(Command::Finetune(a)) => finetune_cmd(a),
         Some(Command::Merge(a)) => merge_cmd(a),
+        Some(Command::Export(a)) => export_cmd(a),
     };
     match res {
         Ok(code) => code,

@@ -108,12 +108,7 @@ impl Model {
                 l.set_quantized(q)?;
             }
         }
-        let emb = match &mut self.arch {
-            Arch::Gpt2(m) => Some(m.embedding_and_head().0),
-            Arch::Llama(m) => Some(m.embedding_and_head().0),
-            Arch::Bert(_) => None,
-        };
-        if let Some(emb) = emb {
+        if let Some(emb) = self.token_embedding_mut() {
             if let Some(q) = store.quantized_of(emb.table()) {
                 attached.insert(emb.table().id());
                 emb.set_quantized(q)?;
@@ -300,15 +295,19 @@ impl Model {
                 n += 1;
             }
         }
-        let emb = match &mut self.arch {
-            Arch::Gpt2(m) => Some(m.embedding_and_head().0),
-            Arch::Llama(m) => Some(m.embedding_and_head().0),
-            Arch::Bert(_) => None,
-        };
-        if let Some(e) = emb {
+        if let Some(e) = self.token_embedding_mut() {
             n += usize::from(e.dequantize()?);
         }
         Ok(n)
+    }
+
+    /// The token embedding of a causal model (the one a GGUF file may hold quantized).
+    fn token_embedding_mut(&mut self) -> Option<&mut crate::nn::Embedding> {
+        match &mut self.arch {
+            Arch::Gpt2(m) => Some(m.embedding_and_head().0),
+            Arch::Llama(m) => Some(m.embedding_and_head().0),
+            Arch::Bert(_) => None,
+        }
     }
 
     /// Every linear projection, by module path, so adapters can be attached by name.

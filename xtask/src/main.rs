@@ -43,7 +43,9 @@ fn root() -> PathBuf {
 }
 
 fn run(cmd: &str, args: &[&str], env: &[(&str, &str)]) -> Result<(), String> {
-    eprintln!("$ {cmd} {}", args.join(" "));
+    // An inline script (`python3 -c …`) is shown as `<script>`.
+    let shown: Vec<&str> = args.iter().map(|a| if a.contains('\n') { "<script>" } else { a }).collect();
+    eprintln!("$ {cmd} {}", shown.join(" "));
     let mut c = Command::new(cmd);
     c.args(args).current_dir(root());
     for (k, v) in env {

@@ -412,6 +412,26 @@ impl GgufFile {
         let ModelConfig::Llama(cfg) = config else {
             return Err(self.err("general.architecture", "only llama models load from GGUF"));
         };
+        // Every weight the configuration needs, named as llama.cpp names it.
+        let mut need = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
+        if !cfg.tie_word_embeddings {
+            need.push("output.weight".into());
+        }
+        for i in 0..cfg.num_hidden_layers {
+            for m in
+                ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+            {
+                need.push(format!("blk.{i}.{m}.weight"));
+            }
+            if cfg.attention_bias {
+                for m in ["attn_q", "attn_k", "attn_v", "attn_output"] {
+                    need.push(format!("blk.{i}.{m}.bias"));
+                }
+            }
+        }
+        if let Some(name) = need.iter().find(|n| !self.content.tensor_infos.contains_key(n.as_str())) {
+            return Err(Error::Weight { file: self.source(), name: name.clone(), message: "is missing".into() });
+        }
         let file = std::fs::File::open(&self.path).map_err(|e| Error::io("reading", &self.path, e))?;
         let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
         let mut out = GgufTensors::default();
@@ -456,26 +476,6 @@ impl GgufFile {
                     out.quantized.insert(hf, Arc::new(q));
                 }
             }
-        }
-        // Every weight the configuration needs, named as llama.cpp names it.
-        let mut need = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
-        if !cfg.tie_word_embeddings {
-            need.push("output.weight".into());
-        }
-        for i in 0..cfg.num_hidden_layers {
-            for m in
-                ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
-            {
-                need.push(format!("blk.{i}.{m}.weight"));
-            }
-            if cfg.attention_bias {
-                for m in ["attn_q", "attn_k", "attn_v", "attn_output"] {
-                    need.push(format!("blk.{i}.{m}.bias"));
-                }
-            }
-        }
-        if let Some(name) = need.iter().find(|n| !self.content.tensor_infos.contains_key(n.as_str())) {
-            return Err(Error::Weight { file: self.source(), name: name.clone(), message: "is missing".into() });
         }
         Ok(out)
     }

@@ -60,7 +60,21 @@ fn main() {
     if let Ok(text) = std::env::var("PPL") {
         return perplexity(&path, &m, &text);
     }
-    eprintln!("loaded in {:.2} s ({} bytes repacked)", t0.elapsed().as_secs_f64(), packed);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let mib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .map_or(0.0, |k| k / 1024.0)
+    };
+    eprintln!(
+        "loaded in {:.2} s ({} bytes repacked); resident {:.0} MiB, peak {:.0} MiB",
+        t0.elapsed().as_secs_f64(),
+        packed,
+        mib("VmRSS:"),
+        mib("VmHWM:")
+    );
     let (prompt, gen, reps) = (env("PROMPT", 512), env("GEN", 128), env("REPS", 3));
     let vocab = m.config().vocab_size() as u32;
     let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 13) % vocab).collect();

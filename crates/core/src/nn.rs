@@ -290,41 +290,43 @@ impl Module for Linear {
 impl Linear {
     /// `x Wᵀ + b`: through the repacked weight, lmstack's fused op, or candle's matmul.
     fn project(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if let Some(q) = &self.quant {
-            let y = if xs.track_op() {
-                // A gradient flows to the input (adapters below): through a dequantized copy.
-                let w = q.dequantize(xs.device())?;
-                let dims = xs.dims();
-                let lead = &dims[..dims.len() - 1];
-                let x2 = xs.reshape((lead.iter().product::<usize>(), dims[dims.len() - 1]))?;
-                let mut shape = lead.to_vec();
-                shape.push(w.dim(0)?);
-                x2.matmul(&w.t()?)?.reshape(shape)?
-            } else if let Some(y) = quantized_forward(q, xs)? {
-                y
-            } else {
-                QMatMul::QTensor(q.clone()).forward(&xs.contiguous()?)?
-            };
-            return match &self.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            };
-        }
-        if let Some(y) = self.packed_forward(xs)? {
-            return Ok(y);
-        }
-        if self.released {
-            candle_core::bail!(
-                "{}: the weight was released after repacking for inference; only f32 input \
-                 without gradients can be projected",
-                self.path
-            );
-        }
-        if crate::ops::supported(xs) && self.weight.dtype() == xs.dtype() && self.weight.device().is_cpu() {
+        let dequantized;
+        let (weight, in_out) = match &self.quant {
+            Some(q) if !xs.track_op() => {
+                let y = match quantized_forward(q, xs)? {
+                    Some(y) => y,
+                    None => QMatMul::QTensor(q.clone()).forward(&xs.contiguous()?)?,
+                };
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
+            // A gradient flows to the input (adapters below): the fused op or matmul below on a
+            // dequantized copy.
+            Some(q) => {
+                dequantized = q.dequantize(xs.device())?;
+                (&dequantized, None)
+            }
+            None => {
+                if let Some(y) = self.packed_forward(xs)? {
+                    return Ok(y);
+                }
+                if self.released {
+                    candle_core::bail!(
+                        "{}: the weight was released after repacking for inference; only f32 input \
+                         without gradients can be projected",
+                        self.path
+                    );
+                }
+                (&self.weight, self.in_out.as_ref())
+            }
+        };
+        if crate::ops::supported(xs) && weight.dtype() == xs.dtype() && weight.device().is_cpu() {
             let x = xs.contiguous()?;
-            let (w, op) = match &self.in_out {
+            let (w, op) = match in_out {
                 Some(w) => (w, crate::ops::LinearOp { in_out: true }),
-                None => (&self.weight, crate::ops::LinearOp::default()),
+                None => (weight, crate::ops::LinearOp::default()),
             };
             return match &self.bias {
                 Some(b) => x.apply_op3(w, b, op),
@@ -336,7 +338,7 @@ impl Linear {
         let lead: Vec<usize> = dims[..dims.len() - 1].to_vec();
         let rows: usize = lead.iter().product();
         let x2 = xs.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = x2.matmul(&weight.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -377,7 +379,13 @@ fn quantized_forward(q: &QTensor, xs: &Tensor) -> candle_core::Result<Option<Ten
 /// A tensor of `t`'s shape, dtype and device that holds no values (one broadcast zero): what a
 /// layer keeps in place of a weight it now holds only packed.
 fn placeholder(t: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::zeros((), t.dtype(), t.device())?.broadcast_as(t.shape())?)
+    placeholder_of(t.shape(), t.dtype(), t.device())
+}
+
+/// A placeholder (one broadcast zero) of `shape`: what a layer keeps in place of a weight held
+/// in another form (packed, or quantized: see [`crate::params::ParamStore::frozen_quantized`]).
+pub(crate) fn placeholder_of(shape: &candle_core::Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::zeros((), dtype, device)?.broadcast_as(shape)?)
 }
 
 /// A token or position embedding table `[num, dim]`.

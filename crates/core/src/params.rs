@@ -84,8 +84,7 @@ impl ParamStore {
         file: &str,
     ) -> Self {
         for (name, q) in &quantized {
-            let placeholder = Tensor::zeros((), DType::F32, &Device::Cpu)
-                .and_then(|z| z.broadcast_as(q.shape().clone()))
+            let placeholder = crate::nn::placeholder_of(q.shape(), DType::F32, &Device::Cpu)
                 .expect("a scalar broadcasts to any shape");
             tensors.insert(name.clone(), placeholder);
         }

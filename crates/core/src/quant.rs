@@ -48,16 +48,23 @@ impl Kind {
     }
 }
 
-/// Whether [`matmul`] runs here (x86-64 with AVX2, FMA and F16C).
+/// Whether [`matmul`] runs here: x86-64 with AVX2, FMA and F16C, unless
+/// `LMSTACK_QUANT_KERNELS=0` leaves every quantized product to candle (to measure the two).
 pub fn has_kernels() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::simd::cpu_has_avx2_fma() && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        if std::env::var("LMSTACK_QUANT_KERNELS").is_ok_and(|v| v == "0") {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::simd::cpu_has_avx2_fma() && std::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// Activations rounded to signed 8-bit blocks of 32, each with its scale `d` and `d·Σq`.

@@ -799,6 +799,29 @@ impl LinearOp {
 
 thread_local! {
     static ONE_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static OWNS_STEP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` on one of rayon's own threads, which may then spread each kernel's work over the
+/// pool as a caller from outside would ([`may_spread`] holds there, and only there: work stolen
+/// by the other threads stays where it lands). A step's many small hand-offs (several matrix
+/// products per layer) then cost a push onto this thread's queue, taken by an idle thread or
+/// done here if none is idle, instead of waking the pool and blocking on a lock from outside
+/// for each; the calling thread waits once. Called from inside the pool, `f` runs here as is.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if !may_spread() || rayon::current_thread_index().is_some() || rayon::current_num_threads() < 2 {
+        return f();
+    }
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OWNS_STEP.with(|c| c.set(self.0));
+        }
+    }
+    rayon::scope(|_| {
+        let _restore = Restore(OWNS_STEP.with(|c| c.replace(true)));
+        f()
+    })
 }
 
 /// Runs `f` with lmstack's kernels kept on the calling thread: none of them spreads its work
@@ -817,9 +840,10 @@ pub fn on_one_thread<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Whether work on this thread may be spread over rayon's pool: not from inside the pool (the
-/// caller already splits the work), nor inside [`on_one_thread`].
+/// caller already splits the work) unless this thread runs a step there ([`in_pool`]), nor
+/// inside [`on_one_thread`].
 pub(crate) fn may_spread() -> bool {
-    rayon::current_thread_index().is_none() && !ONE_THREAD.with(|c| c.get())
+    (rayon::current_thread_index().is_none() || OWNS_STEP.with(|c| c.get())) && !ONE_THREAD.with(|c| c.get())
 }
 
 /// Whether a projection of `rows × inp` by `inp × out` is worth spreading over the thread
@@ -1268,6 +1292,8 @@ impl CustomOp1 for AttentionQkv {
 
 #[cfg(test)]
 mod one_thread_tests {
+    use rayon::prelude::*;
+
     use super::*;
 
     #[test]
@@ -1283,6 +1309,38 @@ mod one_thread_tests {
         assert!(std::panic::catch_unwind(|| on_one_thread(|| panic!("boom"))).is_err());
         assert!(may_spread(), "a panic inside must not leave the thread marked");
         // Inside the pool nothing spreads either (the caller already split the work).
+        rayon::scope(|s| s.spawn(|_| assert!(!may_spread())));
+    }
+
+    /// A step run by `in_pool` runs on a pool thread that may spread its work; what it hands
+    /// to the other threads does not spread again, nor does anything after it returns, and
+    /// `on_one_thread` still keeps it where it is.
+    #[test]
+    fn in_pool_lets_the_owner_alone_spread() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| {
+            // From inside the pool in_pool runs as is: nothing spreads.
+            assert!(!in_pool(may_spread));
+        });
+        if rayon::current_num_threads() < 2 {
+            eprintln!("skipped the rest: a pool of one thread");
+            return;
+        }
+        let (owner, seen) = in_pool(|| {
+            let owner = rayon::current_thread_index().expect("in_pool runs on the pool");
+            assert!(may_spread());
+            let seen: Vec<(usize, bool)> = (0..256)
+                .into_par_iter()
+                .map(|_| (rayon::current_thread_index().expect("pool"), may_spread()))
+                .collect();
+            (owner, seen)
+        });
+        // Items the owner runs itself may spread; those another thread took may not.
+        for (thread, spreads) in seen {
+            assert_eq!(spreads, thread == owner, "item on thread {thread} (owner {owner})");
+        }
+        assert!(may_spread());
+        assert!(!on_one_thread(|| in_pool(may_spread)));
         rayon::scope(|s| s.spawn(|_| assert!(!may_spread())));
     }
 }

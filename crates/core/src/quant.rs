@@ -217,34 +217,56 @@ mod avx {
         y: &mut [f32],
         stride: usize,
     ) {
+        let mut o = o0;
+        while o + 4 <= o1 {
+            group::<K, 4>(w, row_bytes, o, q, m, nb, y, stride, o - o0);
+            o += 4;
+        }
+        while o < o1 {
+            group::<K, 1>(w, row_bytes, o, q, m, nb, y, stride, o - o0);
+            o += 1;
+        }
+    }
+
+    /// The `N` output rows from `o` (written at column `col` of `y`) for the `m` rows of `q`;
+    /// `N` is a constant so that the accumulators stay in registers.
+    #[target_feature(enable = "avx,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn group<const K: u8, const N: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        o: usize,
+        q: &Q8Rows,
+        m: usize,
+        nb: usize,
+        y: &mut [f32],
+        stride: usize,
+        col: usize,
+    ) {
         let mask = _mm_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
         let bb = row_bytes / nb;
-        let wp = w.as_ptr();
-        let mut o = o0;
-        while o < o1 {
-            let n = (o1 - o).min(4);
-            for r in 0..m {
-                let qp = q.qs.as_ptr().add(r * nb * QK);
-                let (qd, qs) = (&q.d[r * nb..(r + 1) * nb], &q.s[r * nb..(r + 1) * nb]);
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut summ = [0.0f32; 4];
-                for b in 0..nb {
-                    let a = _mm256_loadu_si256(qp.add(b * QK) as *const __m256i);
-                    let (d8, s8) = (*qd.get_unchecked(b), *qs.get_unchecked(b));
-                    for j in 0..n {
-                        let (p, d, c) = block_dot::<K>(wp.add((o + j) * row_bytes + b * bb), a, mask, ones);
-                        acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), p, acc[j]);
-                        if K != 2 {
-                            summ[j] += c * s8;
-                        }
+        let wp = w.as_ptr().add(o * row_bytes);
+        for r in 0..m {
+            let qp = q.qs.as_ptr().add(r * nb * QK);
+            let (qd, qs) = (q.d.as_ptr().add(r * nb), q.s.as_ptr().add(r * nb));
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut summ = [0.0f32; N];
+            for b in 0..nb {
+                let a = _mm256_loadu_si256(qp.add(b * QK) as *const __m256i);
+                let (d8, s8) = (*qd.add(b), *qs.add(b));
+                for j in 0..N {
+                    let (p, d, c) = block_dot::<K>(wp.add(j * row_bytes + b * bb), a, mask, ones);
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), p, acc[j]);
+                    if K != 2 {
+                        summ[j] += c * s8;
                     }
                 }
-                for j in 0..n {
-                    *y.get_unchecked_mut(r * stride + o - o0 + j) = hsum(acc[j]) + summ[j];
-                }
             }
-            o += n;
+            for j in 0..N {
+                *y.get_unchecked_mut(r * stride + col + j) = hsum(acc[j]) + summ[j];
+            }
         }
     }
 }

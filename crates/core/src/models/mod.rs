@@ -518,6 +518,9 @@ impl Model {
             out.extend(rb?);
             return Ok(out);
         }
+        if self.device.is_cpu() {
+            return crate::ops::in_pool(|| self.forward_cached_one(steps));
+        }
         self.forward_cached_one(steps)
     }
 

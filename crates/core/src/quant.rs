@@ -168,6 +168,12 @@ mod avx {
 
     use super::{Q8Rows, QK};
 
+    /// How far ahead of the block in use each weight row is prefetched, in bytes: the rows of
+    /// a product lie one after another, so this reaches a few groups ahead. Measured on
+    /// SmolLM2-135M decode (2 threads, best of 6): none 58-66 (Q8_0) / 92-94 (Q4_1) tokens/s,
+    /// 1536 bytes 80-92 / 100-126, 3072 bytes 89-95 / 102-137.
+    const PREFETCH: usize = 2048;
+
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -257,6 +263,10 @@ mod avx {
                 let a = _mm256_loadu_si256(qp.add(b * QK) as *const __m256i);
                 let (d8, s8) = (*qd.add(b), *qs.add(b));
                 for j in 0..N {
+                    if r == 0 {
+                        // The first pass streams the weights from memory: ask for them ahead.
+                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(j * row_bytes + b * bb + PREFETCH) as *const i8);
+                    }
                     let (p, d, c) = block_dot::<K>(wp.add(j * row_bytes + b * bb), a, mask, ones);
                     acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), p, acc[j]);
                     if K != 2 {

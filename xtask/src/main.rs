@@ -23,6 +23,17 @@
 //!   `crates/core/examples/gguf_bench.rs`, and, given llama.cpp's `llama-bench` (built outside
 //!   the repository), llama.cpp's figures on the same file and threads, alternating the two.
 //!
+//! - `bench fidelity --llama-perplexity PATH [--model FILE] [--text FILE] [--chunks N] [--python
+//!   PATH]`: teacher-forced agreement of lmstack with llama.cpp on a GGUF model (default: the
+//!   fetched SmolLM2 Q4_1): `llama-perplexity --kl-divergence-base` saves llama.cpp's
+//!   log-probabilities over `N` chunks of 512 tokens of the text (default: 4 chunks of tiny
+//!   Shakespeare, 1,020 scored positions), and `gguf_bench` (FIDELITY mode) runs the same tokens,
+//!   printing top-1 agreement, mean |Δ log p(target)| and KL divergence; beside it, llama.cpp
+//!   against itself with flash attention off (how far its own configurations differ). With a
+//!   Python that has torch, transformers and gguf, the same against `transformers` loading the
+//!   file (dequantized to f32), with lmstack dequantized too
+//!   (`crates/core/examples/transformers_gguf_logits.py`).
+//!
 //! - `eval [--suite S] [--model DIR] [--limit N] …`: runs an eval suite (default: the
 //!   Shakespeare suite on the default model) through `lmstack-eval`; exits non-zero when a
 //!   suite threshold is not met. `eval compare A B` compares two runs (paired tests).
@@ -119,13 +130,7 @@ fn bench_gguf(extra: &[String]) -> Result<(), String> {
     }
     let model = match model {
         Some(m) => m,
-        None => {
-            let f = cache_dir()?.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-            if !f.exists() {
-                fetch_model(&["smollm2".to_string()])?;
-            }
-            f.display().to_string()
-        }
+        None => default_gguf()?,
     };
     run("cargo", &["build", "--release", "-q", "-p", "lmstack-core", "--example", "gguf_bench"], &[])?;
     let exe = root().join("target/release/examples/gguf_bench").display().to_string();
@@ -138,6 +143,62 @@ fn bench_gguf(extra: &[String]) -> Result<(), String> {
             println!("llama.cpp (llama-bench, tokens/s; pp = prefill, tg = decode):");
             run(lb, &["-m", &model, "-p", &prompt, "-n", &gen, "-t", "2", "-r", "3", "-o", "md"], &[])?;
         }
+    }
+    Ok(())
+}
+
+/// The fetched SmolLM2 file, fetching it if needed.
+fn default_gguf() -> Result<String, String> {
+    let f = cache_dir()?.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !f.exists() {
+        fetch_model(&["smollm2".to_string()])?;
+    }
+    Ok(f.display().to_string())
+}
+
+fn bench_fidelity(extra: &[String]) -> Result<(), String> {
+    let (mut model, mut llama, mut python) = (None, None, None);
+    let (mut text, mut chunks) = ("data/tinyshakespeare.txt".to_string(), "4".to_string());
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--model" => model = Some(val()?),
+            "--llama-perplexity" => llama = Some(val()?),
+            "--python" => python = Some(val()?),
+            "--text" => text = val()?,
+            "--chunks" => chunks = val()?,
+            other => return Err(format!("unknown flag `{other}` for bench fidelity")),
+        }
+    }
+    let llama = llama.ok_or("bench fidelity needs --llama-perplexity PATH (llama.cpp's tool, built outside the repository)")?;
+    let model = match model {
+        Some(m) => m,
+        None => default_gguf()?,
+    };
+    run("cargo", &["build", "--release", "-q", "-p", "lmstack-core", "--example", "gguf_bench"], &[])?;
+    let exe = root().join("target/release/examples/gguf_bench").display().to_string();
+    let dir = root().join("target/tmp/fidelity");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let file = |name: &str| dir.join(name).display().to_string();
+    let (base, base_fa_off) = (file("llama.bin"), file("llama-fa-off.bin"));
+    let common = ["-m", &model, "-f", &text, "-c", "512", "--chunks", &chunks, "-t", "2"];
+    println!("\n== bench fidelity: {model}, {chunks} chunks of 512 tokens of {text}");
+    run(&llama, &[&common[..], &["--kl-divergence-base", &base]].concat(), &[])?;
+    run(&llama, &[&common[..], &["-fa", "off", "--kl-divergence-base", &base_fa_off]].concat(), &[])?;
+    println!("lmstack against llama.cpp (its defaults):");
+    run(&exe, &[&model], &[("FIDELITY", &base), ("RAYON_NUM_THREADS", "2")])?;
+    println!("llama.cpp with flash attention off against llama.cpp (its defaults):");
+    run(&exe, &[&model], &[("FIDELITY", &base), ("OTHER", &base_fa_off)])?;
+    if let Some(py) = python {
+        let hf = file("transformers.bin");
+        run(&py, &["crates/core/examples/transformers_gguf_logits.py", &model, &base, &hf], &[])?;
+        println!("lmstack, dequantized to f32, against transformers (which dequantizes to f32):");
+        run(&exe, &[&model], &[("FIDELITY", &hf), ("DEQUANTIZE", "1"), ("RAYON_NUM_THREADS", "2")])?;
+        println!("lmstack (quantized) against transformers:");
+        run(&exe, &[&model], &[("FIDELITY", &hf), ("RAYON_NUM_THREADS", "2")])?;
+        println!("llama.cpp against transformers:");
+        run(&exe, &[&model], &[("FIDELITY", &hf), ("OTHER", &base)])?;
     }
     Ok(())
 }
@@ -228,9 +289,11 @@ fn main() -> ExitCode {
             Some("train") => bench_train(&args[2..]),
             Some("serve") => bench_serve(&args[2..]),
             Some("gguf") => bench_gguf(&args[2..]),
+            Some("fidelity") => bench_fidelity(&args[2..]),
             _ => Err(
                 "usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N] [--rounds N] … \
-                 | bench gguf [--model FILE] [--llama-bench PATH]"
+                 | bench gguf [--model FILE] [--llama-bench PATH] \
+                 | bench fidelity --llama-perplexity PATH [--model FILE] [--python PATH]"
                     .into(),
             ),
         },

@@ -182,14 +182,17 @@ mod avx {
         _mm_cvtss_f32(s)
     }
 
-    /// The 32 weights of the block at `p` of kind `K` (0 = Q4_0, 1 = Q4_1, 2 = Q8_0) as bytes
-    /// (unsigned nibbles for Q4_0/Q4_1, signed for Q8_0), with the block's `d` and the constant
-    /// `c` of its weights (`m` for Q4_1, `−8d` for Q4_0, 0 for Q8_0).
+    /// The 32 weights of the block at `p` of kind `K` (0 = Q4_0, 1 = Q4_1, 2 = Q8_0) times the
+    /// 32 activations `a` (i8), summed in 8 lanes of i32 and converted to f32, with the block's
+    /// `d` and the constant `c` of its weights (`m` for Q4_1, `−8d` for Q4_0, 0 for Q8_0).
     #[inline(always)]
-    unsafe fn unpack<const K: u8>(p: *const u8, mask: __m128i) -> (__m256i, f32, f32) {
+    unsafe fn block_dot<const K: u8>(p: *const u8, a: __m256i, mask: __m128i, ones: __m256i) -> (__m256, f32, f32) {
         if K == 2 {
             let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32)));
-            return (_mm256_loadu_si256(p.add(2) as *const __m256i), d, 0.0);
+            let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
+            // vpmaddubsw takes unsigned × signed: |w| × (a with w's sign).
+            let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+            return (_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), d, 0.0);
         }
         let (d, c, at) = if K == 1 {
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
@@ -201,24 +204,12 @@ mod avx {
         let raw = _mm_loadu_si128(p.add(at) as *const __m128i);
         let lo = _mm_and_si128(raw, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        (_mm256_set_m128i(hi, lo), d, c)
+        let p16 = _mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), a);
+        (_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)), d, c)
     }
 
-    /// `Σ w·a` over 32 bytes of weights (as [`unpack`] gives them) and activations (i8), in 8
-    /// lanes of i32 converted to f32.
-    #[inline(always)]
-    unsafe fn dot<const K: u8>(w: __m256i, a: __m256i, ones: __m256i) -> __m256 {
-        let p16 = if K == 2 {
-            // vpmaddubsw takes unsigned × signed: |w| × (a with w's sign).
-            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
-        } else {
-            _mm256_maddubs_epi16(w, a)
-        };
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones))
-    }
-
-    /// Output columns `[o0, o1)` for the `m` rows of `q`: see `matmul`. Tiles of four output
-    /// rows by [`ROWS`] activation rows share each block's unpacking and each activation load.
+    /// Output columns `[o0, o1)` for the `m` rows of `q`: see `matmul`. Four output rows at a
+    /// time share each activation block's load.
     #[target_feature(enable = "avx,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn rows<const K: u8>(
@@ -232,46 +223,28 @@ mod avx {
         y: &mut [f32],
         stride: usize,
     ) {
-        let full = m / ROWS * ROWS;
         let mut o = o0;
+        while o + 4 <= o1 {
+            group::<K, 4>(w, row_bytes, o, q, m, nb, y, stride, o - o0);
+            o += 4;
+        }
         while o < o1 {
-            let n = (o1 - o).min(4);
-            for r in (0..full).step_by(ROWS) {
-                if n == 4 {
-                    tile::<K, 4, ROWS>(w, row_bytes, o, q, r, nb, y, stride, o - o0);
-                } else {
-                    for j in 0..n {
-                        tile::<K, 1, ROWS>(w, row_bytes, o + j, q, r, nb, y, stride, o + j - o0);
-                    }
-                }
-            }
-            for r in full..m {
-                if n == 4 {
-                    tile::<K, 4, 1>(w, row_bytes, o, q, r, nb, y, stride, o - o0);
-                } else {
-                    for j in 0..n {
-                        tile::<K, 1, 1>(w, row_bytes, o + j, q, r, nb, y, stride, o + j - o0);
-                    }
-                }
-            }
-            o += n;
+            group::<K, 1>(w, row_bytes, o, q, m, nb, y, stride, o - o0);
+            o += 1;
         }
     }
 
-    /// Activation rows per tile of a product of several rows.
-    const ROWS: usize = 2;
-
-    /// The `N` output rows from `o` (written from column `col` of `y`) for the `R` rows of `q`
-    /// from `r`; `N` and `R` are constants so that the accumulators stay in registers.
+    /// The `N` output rows from `o` (written at column `col` of `y`) for the `m` rows of `q`;
+    /// `N` is a constant so that the accumulators stay in registers.
     #[target_feature(enable = "avx,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    unsafe fn tile<const K: u8, const N: usize, const R: usize>(
+    unsafe fn group<const K: u8, const N: usize>(
         w: &[u8],
         row_bytes: usize,
         o: usize,
         q: &Q8Rows,
-        r: usize,
+        m: usize,
         nb: usize,
         y: &mut [f32],
         stride: usize,
@@ -281,36 +254,28 @@ mod avx {
         let ones = _mm256_set1_epi16(1);
         let bb = row_bytes / nb;
         let wp = w.as_ptr().add(o * row_bytes);
-        let qp = q.qs.as_ptr().add(r * nb * QK);
-        let (qd, qs) = (q.d.as_ptr().add(r * nb), q.s.as_ptr().add(r * nb));
-        let mut acc = [[_mm256_setzero_ps(); R]; N];
-        let mut summ = [[0.0f32; R]; N];
-        for b in 0..nb {
-            let mut a = [_mm256_setzero_si256(); R];
-            let (mut d8, mut s8) = ([0.0f32; R], [0.0f32; R]);
-            for i in 0..R {
-                a[i] = _mm256_loadu_si256(qp.add((i * nb + b) * QK) as *const __m256i);
-                d8[i] = *qd.add(i * nb + b);
-                s8[i] = *qs.add(i * nb + b);
-            }
-            for j in 0..N {
-                let p = wp.add(j * row_bytes + b * bb);
-                if r == 0 {
-                    // The first pass streams the weights from memory: ask for them ahead.
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
-                }
-                let (wv, d, c) = unpack::<K>(p, mask);
-                for i in 0..R {
-                    acc[j][i] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8[i]), dot::<K>(wv, a[i], ones), acc[j][i]);
+        for r in 0..m {
+            let qp = q.qs.as_ptr().add(r * nb * QK);
+            let (qd, qs) = (q.d.as_ptr().add(r * nb), q.s.as_ptr().add(r * nb));
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut summ = [0.0f32; N];
+            for b in 0..nb {
+                let a = _mm256_loadu_si256(qp.add(b * QK) as *const __m256i);
+                let (d8, s8) = (*qd.add(b), *qs.add(b));
+                for j in 0..N {
+                    if r == 0 {
+                        // The first pass streams the weights from memory: ask for them ahead.
+                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(j * row_bytes + b * bb + PREFETCH) as *const i8);
+                    }
+                    let (p, d, c) = block_dot::<K>(wp.add(j * row_bytes + b * bb), a, mask, ones);
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * d8), p, acc[j]);
                     if K != 2 {
-                        summ[j][i] += c * s8[i];
+                        summ[j] += c * s8;
                     }
                 }
             }
-        }
-        for j in 0..N {
-            for i in 0..R {
-                *y.get_unchecked_mut((r + i) * stride + col + j) = hsum(acc[j][i]) + summ[j][i];
+            for j in 0..N {
+                *y.get_unchecked_mut(r * stride + col + j) = hsum(acc[j]) + summ[j];
             }
         }
     }

@@ -171,7 +171,8 @@ fn bench_fidelity(extra: &[String]) -> Result<(), String> {
             other => return Err(format!("unknown flag `{other}` for bench fidelity")),
         }
     }
-    let llama = llama.ok_or("bench fidelity needs --llama-perplexity PATH (llama.cpp's tool, built outside the repository)")?;
+    let llama =
+        llama.ok_or("bench fidelity needs --llama-perplexity PATH (llama.cpp's tool, built outside the repository)")?;
     let model = match model {
         Some(m) => m,
         None => default_gguf()?,

@@ -75,7 +75,10 @@ fn read_base(path: &str) -> Result<Base, String> {
     let tok_end = 20 + 4 * chunks * ctx;
     let want = tok_end + 2 * chunks * scored * nv;
     if b.len() != want {
-        return Err(format!("{path}: {} bytes where n_ctx {ctx}, n_vocab {vocab}, n_chunk {chunks} make {want}", b.len()));
+        return Err(format!(
+            "{path}: {} bytes where n_ctx {ctx}, n_vocab {vocab}, n_chunk {chunks} make {want}",
+            b.len()
+        ));
     }
     let tokens = b[20..tok_end].chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")) as u32).collect();
     let rows = b[tok_end..].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
@@ -90,9 +93,13 @@ fn base_rows(b: &Base, c: usize) -> Vec<Vec<f32>> {
     (0..scored)
         .map(|i| {
             let r = &b.rows[(c * scored + i) * nv..(c * scored + i + 1) * nv];
-            let f = |k: usize| f32::from_le_bytes([r[k] as u8, (r[k] >> 8) as u8, r[k + 1] as u8, (r[k + 1] >> 8) as u8]);
+            let f =
+                |k: usize| f32::from_le_bytes([r[k] as u8, (r[k] >> 8) as u8, r[k + 1] as u8, (r[k + 1] >> 8) as u8]);
             let (scale, min_lp) = (f(0), f(2));
-            r[4..4 + b.vocab].iter().map(|&q| if q == 0 { f32::NEG_INFINITY } else { min_lp + scale * q as f32 }).collect()
+            r[4..4 + b.vocab]
+                .iter()
+                .map(|&q| if q == 0 { f32::NEG_INFINITY } else { min_lp + scale * q as f32 })
+                .collect()
         })
         .collect()
 }
@@ -153,7 +160,8 @@ fn fidelity(path: &str, m: &Model, base_path: &str) {
         for j in first..ctx - 1 {
             let r = &base.rows[row_i * nv..(row_i + 1) * nv];
             row_i += 1;
-            let f = |k: usize| f32::from_le_bytes([r[k] as u8, (r[k] >> 8) as u8, r[k + 1] as u8, (r[k + 1] >> 8) as u8]);
+            let f =
+                |k: usize| f32::from_le_bytes([r[k] as u8, (r[k] >> 8) as u8, r[k + 1] as u8, (r[k + 1] >> 8) as u8]);
             let (scale, min_lp) = (f(0) as f64, f(2) as f64);
             let q = &r[4..4 + vocab];
             let lp_base = |t: usize| min_lp + scale * q[t] as f64;

@@ -14,6 +14,12 @@
 //!     [--kv-cache-dtype bf16]
 //! ```
 //!
+//! `--chat` sends chat requests (`/v1/chat/completions`, the prompt as a user message through
+//! the model's chat template) instead of completions. `--llama-server PATH` (llama.cpp's
+//! server, built outside the repository; `--model` a GGUF file) runs the same load against it
+//! too, started with as many parallel slots as the highest concurrency and 2 threads, the two
+//! servers alternating level by level.
+//!
 //! `--prefix-chars N` starts every prompt with the same N characters (a shared system prompt
 //! or few-shot examples), which the server's prefix cache serves after the first request;
 //! `--no-prefix-caching` turns that cache off for comparison.
@@ -43,6 +49,10 @@ struct Args {
     serve_flags: Vec<String>,
     /// Characters every prompt starts with.
     prefix_chars: usize,
+    /// Chat requests instead of completions.
+    chat: bool,
+    /// llama.cpp's `llama-server`, run under the same load for comparison.
+    llama_server: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -57,6 +67,8 @@ fn parse_args() -> Result<Args, String> {
         serve: root.join("target/release/serve"),
         serve_flags: Vec::new(),
         prefix_chars: 0,
+        chat: false,
+        llama_server: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,6 +91,8 @@ fn parse_args() -> Result<Args, String> {
             }
             "--serve" => a.serve = val()?.into(),
             "--gpt2" => a.gpt2 = true,
+            "--chat" => a.chat = true,
+            "--llama-server" => a.llama_server = Some(val()?.into()),
             "--no-repack" | "--no-prefix-caching" => a.serve_flags.push(flag.clone()),
             "--prefix-chars" => a.prefix_chars = val()?.parse().map_err(|_| "--prefix-chars: not a number")?,
             "--split-steps" | "--kv-cache-dtype" => {
@@ -125,9 +139,12 @@ impl Drop for Server {
     }
 }
 
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string()).map(|a| a.port())
+}
+
 async fn start_server(serve: &Path, model: &Path, extra: &[&str]) -> Result<Server, String> {
-    let port =
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let port = free_port()?;
     let child = Command::new(serve)
         .args(["--model", &model.display().to_string(), "--port", &port.to_string(), "--max-queued", "10000"])
         .args(extra)
@@ -138,11 +155,28 @@ async fn start_server(serve: &Path, model: &Path, extra: &[&str]) -> Result<Serv
         .map_err(|e| {
             format!("starting {}: {e} (build it with `cargo build --release -p lmstack-serve`)", serve.display())
         })?;
-    let server = Server { child, url: format!("http://127.0.0.1:{port}") };
+    wait_ready(Server { child, url: format!("http://127.0.0.1:{port}") }, "ready").await
+}
+
+/// llama.cpp's server on the GGUF `model`: `slots` parallel sequences of 512 tokens each, two
+/// threads for decode and prefill.
+async fn start_llama_server(exe: &Path, model: &Path, slots: usize) -> Result<Server, String> {
+    let port = free_port()?;
+    let child = Command::new(exe)
+        .args(["-m", &model.display().to_string(), "--port", &port.to_string(), "-np", &slots.to_string()])
+        .args(["-c", &(slots * 512).to_string(), "-t", "2", "-tb", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    wait_ready(Server { child, url: format!("http://127.0.0.1:{port}") }, "health").await
+}
+
+async fn wait_ready(server: Server, path: &str) -> Result<Server, String> {
     let client = reqwest::Client::new();
     let t0 = Instant::now();
     loop {
-        if let Ok(r) = client.get(format!("{}/ready", server.url)).send().await {
+        if let Ok(r) = client.get(format!("{}/{path}", server.url)).send().await {
             if r.status().is_success() {
                 return Ok(server);
             }
@@ -165,7 +199,17 @@ struct Stats {
 /// One streaming request; returns (generated tokens, TTFT, inter-token gaps).
 async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Result<(usize, f64, Vec<f64>), String> {
     let t0 = Instant::now();
-    let resp = client.post(format!("{url}/v1/completions")).json(body).send().await.map_err(|e| e.to_string())?;
+    let path = if body.get("messages").is_some() { "v1/chat/completions" } else { "v1/completions" };
+    // A server may close an idle kept-alive connection just as the next request goes out on it
+    // (llama-server's HTTP library closes them after a few requests): that request never
+    // reached it, so it is sent again, once.
+    let resp = match client.post(format!("{url}/{path}")).json(body).send().await {
+        Ok(r) => r,
+        Err(e) if e.is_request() || e.is_connect() => {
+            client.post(format!("{url}/{path}")).json(body).send().await.map_err(|e| e.to_string())?
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     if !resp.status().is_success() {
         return Err(format!("status {}: {}", resp.status(), resp.text().await.unwrap_or_default()));
     }
@@ -195,6 +239,7 @@ async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Resul
             // characters; with `logprobs` every token gets a chunk).
             if c.choices.first().is_some_and(|c| {
                 c.text.as_ref().is_some_and(|t| !t.is_empty())
+                    || c.delta.as_ref().and_then(|d| d.content.as_ref()).is_some_and(|t| !t.is_empty())
                     || c.logprobs.as_ref().is_some_and(|l| !l.tokens.is_empty())
             }) {
                 times.push(now);
@@ -203,6 +248,8 @@ async fn one_request(client: &reqwest::Client, url: &str, body: &Value) -> Resul
         buf.drain(..used);
     }
     let Some(&first) = times.first() else { return Err("no tokens streamed".into()) };
+    // A server that reports no usage: one chunk per token.
+    let tokens = if tokens == 0 { times.len() } else { tokens };
     let gaps = times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
     Ok((tokens, (first - t0).as_secs_f64(), gaps))
 }
@@ -219,7 +266,15 @@ struct Chunk<'a> {
 struct ChunkChoice<'a> {
     #[serde(borrow)]
     text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    delta: Option<ChunkDelta<'a>>,
     logprobs: Option<ChunkLogprobs>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkDelta<'a> {
+    #[serde(borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -240,15 +295,21 @@ fn max_out(ctx: usize, prefix_chars: usize) -> usize {
 
 /// A request: the shared `prefix`, then 8..=24 characters from a random place in `text`;
 /// 16..=[`max_out`] tokens out.
-fn request_body(rng: &mut impl Rng, text: &str, prefix: &str, ctx: usize) -> Value {
+fn request_body(rng: &mut impl Rng, text: &str, prefix: &str, ctx: usize, chat: bool) -> Value {
     let plen = rng.random_range(8..=24usize);
     let start = rng.random_range(0..text.len() - 64);
     let start = (start..).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
     let prompt: String = prefix.chars().chain(text[start..].chars().take(plen)).collect();
     let max_out = max_out(ctx, prefix.chars().count());
     let max_tokens = rng.random_range(16..=max_out);
-    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "ignore_eos": true, "stream": true,
-           "stream_options": {"include_usage": true}, "seed": rng.random::<u32>()})
+    let mut body = json!({"max_tokens": max_tokens, "temperature": 0.8, "ignore_eos": true, "stream": true,
+           "stream_options": {"include_usage": true}, "seed": rng.random::<u32>()});
+    if chat {
+        body["messages"] = json!([{"role": "user", "content": prompt}]);
+    } else {
+        body["prompt"] = json!(prompt);
+    }
+    body
 }
 
 /// `clients` concurrent clients sending back-to-back requests for `seconds`.
@@ -260,6 +321,7 @@ async fn load(
     prefix: Arc<String>,
     ctx: usize,
     max_requests: Option<usize>,
+    chat: bool,
 ) -> (Stats, f64) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
@@ -281,7 +343,7 @@ async fn load(
                     if done {
                         break;
                     }
-                    let body = request_body(&mut rng, &text, &prefix, ctx);
+                    let body = request_body(&mut rng, &text, &prefix, ctx, chat);
                     match one_request(&client, &url, &body).await {
                         Ok((tokens, ttft, gaps)) => {
                             s.tokens += tokens;
@@ -462,7 +524,12 @@ async fn main() {
             "a random-weight model of the default shape (train the default model for the real one)".into(),
         ),
     };
-    let ctx = ModelConfig::from_file(&model.join("config.json")).expect("config.json").max_position_embeddings();
+    let ctx = if lmstack_core::gguf::is_gguf(&model) {
+        lmstack_core::gguf::GgufFile::open(&model).and_then(|g| g.config()).expect("the GGUF file's config")
+    } else {
+        ModelConfig::from_file(&model.join("config.json")).expect("config.json")
+    }
+    .max_position_embeddings();
     if args.prefix_chars + 24 + 16 > ctx {
         eprintln!(
             "error: --prefix-chars {}: a prompt would not fit the context of {ctx} (at most {})",
@@ -481,7 +548,18 @@ async fn main() {
     );
     let server = start_server(&args.serve, &model, &flags).await.unwrap_or_else(|e| panic!("{e}"));
     // Warm-up.
-    let _ = load(&server.url, 2, 1.0, text.clone(), prefix.clone(), ctx, None).await;
+    let _ = load(&server.url, 2, 1.0, text.clone(), prefix.clone(), ctx, None, args.chat).await;
+    let peer = match &args.llama_server {
+        Some(exe) => {
+            let slots = args.concurrency.iter().copied().max().unwrap_or(1);
+            let peer = start_llama_server(exe, &model, slots).await.unwrap_or_else(|e| panic!("{e}"));
+            let _ = load(&peer.url, 2, 1.0, text.clone(), prefix.clone(), ctx, None, args.chat).await;
+            println!("llama-server: {} with {slots} slots of 512 tokens, 2 threads", exe.display());
+            Some(peer)
+        }
+        None => None,
+    };
+    let mut peer_rounds: Vec<Vec<f64>> = Vec::new();
     // Tokens/s per round and level.
     let mut rounds: Vec<Vec<f64>> = Vec::new();
     for round in 0..args.rounds {
@@ -498,7 +576,8 @@ async fn main() {
             let before = server_stats(&server.url).await;
             let pid = server.child.id().to_string();
             let (cpu0, own0) = (thread_cpu(&pid), thread_cpu("self"));
-            let (mut s, wall) = load(&server.url, c, args.seconds, text.clone(), prefix.clone(), ctx, None).await;
+            let (mut s, wall) =
+                load(&server.url, c, args.seconds, text.clone(), prefix.clone(), ctx, None, args.chat).await;
             let (cpu, own) = (cpu_between(&cpu0, &thread_cpu(&pid)), cpu_between(&own0, &thread_cpu("self"))[2]);
             let after = server_stats(&server.url).await;
             let tps = s.tokens as f64 / wall;
@@ -538,6 +617,25 @@ async fn main() {
             if let (Some(one), true) = (single, c > 1) {
                 println!("{:>11} aggregate / single-stream = {:.1}x   (target at 16 streams: >= 4x)", "", tps / one);
             }
+            if let Some(peer) = &peer {
+                let (mut p, wall) =
+                    load(&peer.url, c, args.seconds, text.clone(), prefix.clone(), ctx, None, args.chat).await;
+                let ptps = p.tokens as f64 / wall;
+                println!(
+                    "{:>11} {:>9} {ptps:>12.0} {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>9.1}ms   llama-server, same load ({:.2}x lmstack's)",
+                    "",
+                    p.requests,
+                    pct(&mut p.ttft, 0.5) * 1e3,
+                    pct(&mut p.ttft, 0.99) * 1e3,
+                    pct(&mut p.itl, 0.5) * 1e3,
+                    pct(&mut p.itl, 0.99) * 1e3,
+                    ptps / tps
+                );
+                if peer_rounds.len() <= round {
+                    peer_rounds.push(Vec::new());
+                }
+                peer_rounds[round].push(ptps);
+            }
         }
     }
     if args.rounds > 1 {
@@ -556,6 +654,11 @@ async fn main() {
                 String::new()
             };
             println!("{c:>11} {:>12.0} tokens/s (rounds: {t_list}){ratio}", pct(&mut t, 0.5));
+            if !peer_rounds.is_empty() {
+                let mut p: Vec<f64> = peer_rounds.iter().map(|r| r[i]).collect();
+                let list = fmt_list(&p);
+                println!("{:>11} {:>12.0} tokens/s llama-server (rounds: {list})", "", pct(&mut p, 0.5));
+            }
         }
     }
     println!(
@@ -570,7 +673,7 @@ async fn main() {
         let mut done = 0;
         while done < args.soak {
             let n = chunk.min(args.soak - done);
-            let (s, wall) = load(&server.url, 16, 0.0, text.clone(), prefix.clone(), ctx, Some(n)).await;
+            let (s, wall) = load(&server.url, 16, 0.0, text.clone(), prefix.clone(), ctx, Some(n), args.chat).await;
             done += s.requests;
             println!(
                 "after {done:>6} requests: server RSS {:>7.1} MiB  ({:.0} tokens/s)",
@@ -579,6 +682,7 @@ async fn main() {
             );
         }
     }
+    drop(peer);
     drop(server);
     bare_forward_gain(&model);
     if args.gpt2 {
@@ -626,10 +730,10 @@ async fn main() {
         println!("\n== batching a memory-bound model: GPT-2 124M's layers, character vocabulary (random weights), 20 s per level");
         let server = start_server(&args.serve, &dir, &flags).await.unwrap_or_else(|e| panic!("{e}"));
         let none = Arc::new(String::new());
-        let _ = load(&server.url, 2, 2.0, text.clone(), none.clone(), 1024, None).await;
+        let _ = load(&server.url, 2, 2.0, text.clone(), none.clone(), 1024, None, false).await;
         let mut rates = Vec::new();
         for c in [1, 16] {
-            let (s, wall) = load(&server.url, c, 20.0, text.clone(), none.clone(), 1024, None).await;
+            let (s, wall) = load(&server.url, c, 20.0, text.clone(), none.clone(), 1024, None, false).await;
             rates.push(s.tokens as f64 / wall);
             println!("{c:>2} streams: {:.0} tokens/s ({} requests)", rates[rates.len() - 1], s.requests);
         }

@@ -312,25 +312,26 @@ fn request_body(rng: &mut impl Rng, text: &str, prefix: &str, ctx: usize, chat: 
     body
 }
 
-/// `clients` concurrent clients sending back-to-back requests for `seconds`.
-async fn load(
-    url: &str,
-    clients: usize,
-    seconds: f64,
+/// What the clients send: prompts from `text` after the shared `prefix`, for a model of context
+/// `ctx`, as chats or completions.
+#[derive(Clone)]
+struct Workload {
     text: Arc<String>,
     prefix: Arc<String>,
     ctx: usize,
-    max_requests: Option<usize>,
     chat: bool,
-) -> (Stats, f64) {
+}
+
+/// `clients` concurrent clients sending back-to-back requests for `seconds` (or until
+/// `max_requests` have been sent).
+async fn load(url: &str, clients: usize, seconds: f64, w: &Workload, max_requests: Option<usize>) -> (Stats, f64) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
-            let (client, url, text, counter) = (client.clone(), url.to_owned(), text.clone(), counter.clone());
-            let prefix = prefix.clone();
+            let (client, url, w, counter) = (client.clone(), url.to_owned(), w.clone(), counter.clone());
             tokio::spawn(async move {
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(c as u64);
                 let mut s = Stats::default();
@@ -343,7 +344,7 @@ async fn load(
                     if done {
                         break;
                     }
-                    let body = request_body(&mut rng, &text, &prefix, ctx, chat);
+                    let body = request_body(&mut rng, &w.text, &w.prefix, w.ctx, w.chat);
                     match one_request(&client, &url, &body).await {
                         Ok((tokens, ttft, gaps)) => {
                             s.tokens += tokens;
@@ -540,6 +541,7 @@ async fn main() {
     }
     // The shared beginning: the corpus's opening characters.
     let prefix = Arc::new(text.chars().take(args.prefix_chars).collect::<String>());
+    let work = Workload { text: text.clone(), prefix: prefix.clone(), ctx, chat: args.chat };
     let shared =
         if args.prefix_chars > 0 { format!("the same {} chars, then ", args.prefix_chars) } else { String::new() };
     println!(
@@ -548,12 +550,12 @@ async fn main() {
     );
     let server = start_server(&args.serve, &model, &flags).await.unwrap_or_else(|e| panic!("{e}"));
     // Warm-up.
-    let _ = load(&server.url, 2, 1.0, text.clone(), prefix.clone(), ctx, None, args.chat).await;
+    let _ = load(&server.url, 2, 1.0, &work, None).await;
     let peer = match &args.llama_server {
         Some(exe) => {
             let slots = args.concurrency.iter().copied().max().unwrap_or(1);
             let peer = start_llama_server(exe, &model, slots).await.unwrap_or_else(|e| panic!("{e}"));
-            let _ = load(&peer.url, 2, 1.0, text.clone(), prefix.clone(), ctx, None, args.chat).await;
+            let _ = load(&peer.url, 2, 1.0, &work, None).await;
             println!("llama-server: {} with {slots} slots of 512 tokens, 2 threads", exe.display());
             Some(peer)
         }
@@ -576,8 +578,7 @@ async fn main() {
             let before = server_stats(&server.url).await;
             let pid = server.child.id().to_string();
             let (cpu0, own0) = (thread_cpu(&pid), thread_cpu("self"));
-            let (mut s, wall) =
-                load(&server.url, c, args.seconds, text.clone(), prefix.clone(), ctx, None, args.chat).await;
+            let (mut s, wall) = load(&server.url, c, args.seconds, &work, None).await;
             let (cpu, own) = (cpu_between(&cpu0, &thread_cpu(&pid)), cpu_between(&own0, &thread_cpu("self"))[2]);
             let after = server_stats(&server.url).await;
             let tps = s.tokens as f64 / wall;
@@ -618,8 +619,7 @@ async fn main() {
                 println!("{:>11} aggregate / single-stream = {:.1}x   (target at 16 streams: >= 4x)", "", tps / one);
             }
             if let Some(peer) = &peer {
-                let (mut p, wall) =
-                    load(&peer.url, c, args.seconds, text.clone(), prefix.clone(), ctx, None, args.chat).await;
+                let (mut p, wall) = load(&peer.url, c, args.seconds, &work, None).await;
                 let ptps = p.tokens as f64 / wall;
                 println!(
                     "{:>11} {:>9} {ptps:>12.0} {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>9.1}ms   llama-server, same load ({:.2}x lmstack's)",
@@ -673,7 +673,7 @@ async fn main() {
         let mut done = 0;
         while done < args.soak {
             let n = chunk.min(args.soak - done);
-            let (s, wall) = load(&server.url, 16, 0.0, text.clone(), prefix.clone(), ctx, Some(n), args.chat).await;
+            let (s, wall) = load(&server.url, 16, 0.0, &work, Some(n)).await;
             done += s.requests;
             println!(
                 "after {done:>6} requests: server RSS {:>7.1} MiB  ({:.0} tokens/s)",
@@ -729,11 +729,11 @@ async fn main() {
         let dir = random_model("gpt2-124m-layers-char", 12, 12, 768, 1024, None);
         println!("\n== batching a memory-bound model: GPT-2 124M's layers, character vocabulary (random weights), 20 s per level");
         let server = start_server(&args.serve, &dir, &flags).await.unwrap_or_else(|e| panic!("{e}"));
-        let none = Arc::new(String::new());
-        let _ = load(&server.url, 2, 2.0, text.clone(), none.clone(), 1024, None, false).await;
+        let plain = Workload { text: text.clone(), prefix: Arc::new(String::new()), ctx: 1024, chat: false };
+        let _ = load(&server.url, 2, 2.0, &plain, None).await;
         let mut rates = Vec::new();
         for c in [1, 16] {
-            let (s, wall) = load(&server.url, c, 20.0, text.clone(), none.clone(), 1024, None, false).await;
+            let (s, wall) = load(&server.url, c, 20.0, &plain, None).await;
             rates.push(s.tokens as f64 / wall);
             println!("{c:>2} streams: {:.0} tokens/s ({} requests)", rates[rates.len() - 1], s.requests);
         }

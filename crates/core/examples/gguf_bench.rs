@@ -221,7 +221,14 @@ fn main() {
     if std::env::var("DEQUANTIZE").is_ok_and(|v| v == "1") {
         m.dequantize().expect("dequantize");
     }
-    let packed = m.repack_for_inference().expect("repack");
+    // PACK=f32|bf16|f16: pack unquantized matrices so (default: as the file stores them).
+    let packed = match std::env::var("PACK").as_deref() {
+        Ok("f32") => m.repack_for_inference_as(DType::F32),
+        Ok("bf16") => m.repack_for_inference_as(DType::BF16),
+        Ok("f16") => m.repack_for_inference_as(DType::F16),
+        _ => m.repack_for_inference(),
+    }
+    .expect("repack");
     if let Ok(text) = std::env::var("PPL") {
         return perplexity(&path, &m, &text);
     }

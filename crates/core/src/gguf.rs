@@ -61,8 +61,11 @@ impl std::fmt::Debug for GgufFile {
 }
 
 /// The weights of a GGUF model under Hugging Face names.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GgufTensors {
+    /// The type every unquantized matrix (rank-2 tensor) had in the file, where all had the
+    /// same narrower one (F16 or BF16); else F32.
+    pub matrix_dtype: DType,
     /// Unquantized tensors (F32, F16, BF16 in the file), as f32.
     pub plain: HashMap<String, Tensor>,
     /// Quantized tensors, kept as they are in the file.
@@ -434,7 +437,9 @@ impl GgufFile {
         }
         let file = std::fs::File::open(&self.path).map_err(|e| Error::io("reading", &self.path, e))?;
         let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-        let mut out = GgufTensors::default();
+        let mut out = GgufTensors { matrix_dtype: DType::F32, plain: HashMap::new(), quantized: HashMap::new() };
+        // The types of the unquantized matrices: (F16 seen, BF16 seen, F32 seen).
+        let mut matrix_types = (false, false, false);
         // In file order: one sequential pass over the data.
         let mut names: Vec<(&String, u64)> = self.content.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
         names.sort_by_key(|&(_, o)| o);
@@ -463,6 +468,13 @@ impl GgufFile {
             }
             match q.dtype() {
                 GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                    if q.shape().rank() == 2 {
+                        match q.dtype() {
+                            GgmlDType::F16 => matrix_types.0 = true,
+                            GgmlDType::BF16 => matrix_types.1 = true,
+                            _ => matrix_types.2 = true,
+                        }
+                    }
                     let t = q.dequantize(&Device::Cpu).map_err(|e| bad(e.to_string()))?;
                     out.plain.insert(hf, t);
                 }
@@ -477,6 +489,11 @@ impl GgufFile {
                 }
             }
         }
+        out.matrix_dtype = match matrix_types {
+            (true, false, false) => DType::F16,
+            (false, true, false) => DType::BF16,
+            _ => DType::F32,
+        };
         Ok(out)
     }
 
@@ -741,8 +758,11 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<(crate::
     let g = GgufFile::open(path)?;
     let config = g.config()?;
     let tokenizer = g.tokenizer()?;
-    let store = g.param_store(&config)?;
-    let model = crate::Model::new(config, &store, dtype, device)?;
+    let t = g.tensors(&config)?;
+    let stored = t.matrix_dtype;
+    let store = ParamStore::frozen_quantized(t.plain, t.quantized, &g.source());
+    let mut model = crate::Model::new(config, &store, dtype, device)?;
+    model.set_stored_matrix_dtype(stored);
     let unused = store.unused();
     if let Some(name) = unused.first() {
         return Err(Error::Weight {

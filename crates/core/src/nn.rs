@@ -207,11 +207,12 @@ impl Linear {
         self.repack_as(DType::F32)
     }
 
-    /// [`Linear::repack`], holding the packed values as `dtype`: `F32`, or `BF16` (each value
-    /// rounded to bf16, half the bytes; the kernel widens them back and computes in f32).
+    /// [`Linear::repack`], holding the packed values as `dtype`: `F32`, `BF16` or `F16` (each
+    /// value rounded to bf16 or f16, half the bytes; the kernel widens them back and computes
+    /// in f32). `F16` needs F16C; without it the layer is packed as f32.
     pub fn repack_as(&mut self, dtype: DType) -> Result<bool> {
-        if !matches!(dtype, DType::F32 | DType::BF16) {
-            return Err(crate::Error::invalid("dtype", format!("packed weights are f32 or bf16, not {dtype:?}")));
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(crate::Error::invalid("dtype", format!("packed weights are f32, bf16 or f16, not {dtype:?}")));
         }
         let w = &self.weight;
         if self.quant.is_some() || w.dtype() != DType::F32 || !w.device().is_cpu() || !crate::simd::has_avx2_fma() {
@@ -226,6 +227,8 @@ impl Linear {
         drop(storage);
         if dtype == DType::BF16 {
             packed = packed.to_bf16();
+        } else if dtype == DType::F16 {
+            packed = packed.to_f16().unwrap_or(packed);
         }
         self.packed = Some(Arc::new(packed));
         Ok(true)

@@ -273,11 +273,25 @@ pub struct PackedWeight {
 }
 
 /// The panels' values: f32, or bf16 (the upper half of an f32's bits, rounded to nearest even)
-/// widened back to f32 as they are loaded, for half the bytes per step.
+/// or IEEE f16 (a GGUF file's f16 matrices, kept as stored) widened back to f32 as they are
+/// loaded, for half the bytes per step.
 #[derive(Debug, Clone)]
 enum Panels {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
+    F16(Vec<half::f16>),
+}
+
+/// Whether the CPU converts f16 to f32 in vector registers (F16C), which f16 panels need.
+pub fn has_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// `x` rounded to bf16 (nearest, ties to even; NaN stays NaN).
@@ -324,8 +338,33 @@ impl PackedWeight {
         let panels = match &self.panels {
             Panels::F32(v) => Panels::Bf16(v.iter().map(|&x| f32_to_bf16(x)).collect()),
             Panels::Bf16(v) => Panels::Bf16(v.clone()),
+            Panels::F16(v) => Panels::Bf16(v.iter().map(|&x| f32_to_bf16(x.to_f32())).collect()),
         };
         Self { out: self.out, inp: self.inp, panels }
+    }
+
+    /// The same weight with its values rounded to IEEE f16 (nearest even): exact for weights
+    /// that were f16 (a GGUF file's f16 matrices), half the bytes of f32, the arithmetic still
+    /// f32. `None` where the CPU lacks F16C ([`has_f16c`]).
+    pub fn to_f16(&self) -> Option<Self> {
+        if !has_f16c() {
+            return None;
+        }
+        let panels = match &self.panels {
+            Panels::F32(v) => Panels::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect()),
+            Panels::Bf16(v) => Panels::F16(v.iter().map(|&h| half::f16::from_f32(bf16_to_f32(h))).collect()),
+            Panels::F16(v) => Panels::F16(v.clone()),
+        };
+        Some(Self { out: self.out, inp: self.inp, panels })
+    }
+
+    /// The type the values are held as: `F32`, `BF16` or `F16`.
+    pub fn dtype(&self) -> candle_core::DType {
+        match self.panels {
+            Panels::F32(_) => candle_core::DType::F32,
+            Panels::Bf16(_) => candle_core::DType::BF16,
+            Panels::F16(_) => candle_core::DType::F16,
+        }
     }
 
     /// Whether the values are held as bf16.
@@ -343,6 +382,7 @@ impl PackedWeight {
         match &self.panels {
             Panels::F32(v) => v.len() * 4,
             Panels::Bf16(v) => v.len() * 2,
+            Panels::F16(v) => v.len() * 2,
         }
     }
 
@@ -362,6 +402,9 @@ impl PackedWeight {
                 Panels::Bf16(v) => out.extend(
                     v[at..][..self.inp * PANEL].iter().skip(id % PANEL).step_by(PANEL).map(|&h| bf16_to_f32(h)),
                 ),
+                Panels::F16(v) => {
+                    out.extend(v[at..][..self.inp * PANEL].iter().skip(id % PANEL).step_by(PANEL).map(|h| h.to_f32()))
+                }
             }
         }
         Some(out)
@@ -435,6 +478,8 @@ mod avx {
 
     /// See [`super::packed_linear`]: panels `[p0, p1)` into `y`, whose rows are `ld` long and
     /// start at the first panel's first column.
+    /// F16 panels need F16C besides ([`super::PackedWeight::to_f16`] makes them only where
+    /// the CPU has it).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx,avx2,fma")]
     pub(super) unsafe fn packed_linear(
@@ -450,7 +495,24 @@ mod avx {
         match &w.panels {
             super::Panels::F32(v) => panels_linear(v.as_ptr(), x, m, w, bias, p0, p1, y, ld),
             super::Panels::Bf16(v) => panels_linear(v.as_ptr(), x, m, w, bias, p0, p1, y, ld),
+            super::Panels::F16(v) => packed_linear_f16(v.as_ptr(), x, m, w, bias, p0, p1, y, ld),
         }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx,avx2,fma,f16c")]
+    unsafe fn packed_linear_f16(
+        panels: *const half::f16,
+        x: &[f32],
+        m: usize,
+        w: &super::PackedWeight,
+        bias: Option<&[f32]>,
+        p0: usize,
+        p1: usize,
+        y: &mut [f32],
+        ld: usize,
+    ) {
+        panels_linear(panels, x, m, w, bias, p0, p1, y, ld)
     }
 
     /// A panel value type the kernel can load eight of into f32 lanes.
@@ -463,6 +525,14 @@ mod avx {
         #[inline(always)]
         unsafe fn load8(p: *const f32) -> __m256 {
             _mm256_loadu_ps(p)
+        }
+    }
+
+    impl PanelElem for half::f16 {
+        /// IEEE f16, converted exactly (F16C; only called from code compiled with it).
+        #[inline(always)]
+        unsafe fn load8(p: *const half::f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
         }
     }
 

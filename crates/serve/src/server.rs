@@ -105,7 +105,7 @@ pub fn load(opts: &ServeOptions, metrics: Arc<Metrics>) -> anyhow::Result<Ready>
         );
     }
     if opts.repack {
-        let packed = if packed_bf16 { DType::BF16 } else { DType::F32 };
+        let packed = if packed_bf16 { DType::BF16 } else { p.model.stored_matrix_dtype() };
         let bytes = p.model.repack_for_inference_as(packed).context("repacking the weights")?;
         if bytes > 0 {
             let mib = bytes as f64 / (1 << 20) as f64;

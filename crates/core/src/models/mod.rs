@@ -44,6 +44,9 @@ pub struct Model {
     weight_bytes: usize,
     /// Whether new caches store keys and values as bf16 ([`Model::set_kv_cache_dtype`]).
     kv_bf16: bool,
+    /// The type the file held its unquantized matrices in, which
+    /// [`Model::repack_for_inference`] keeps ([`Model::stored_matrix_dtype`]).
+    stored: DType,
 }
 
 /// Above this many bytes of weights, [`Model::forward_cached`] parallelises each matrix
@@ -89,7 +92,7 @@ impl Model {
         };
         let weight_bytes = store.bytes(dtype);
         let mut m =
-            Self { arch, config, store: store.clone(), dtype, device: device.clone(), weight_bytes, kv_bf16: false };
+            Self { arch, config, store: store.clone(), dtype, device: device.clone(), weight_bytes, kv_bf16: false, stored: DType::F32 };
         if store.has_quantized() {
             m.attach_quantized()?;
         }
@@ -246,14 +249,30 @@ impl Model {
     /// sampling, evaluation). The original of each repacked weight is then released (unless
     /// it is shared, as GPT-2's output projection shares the token embedding), so the weights
     /// are held once; the model can no longer be saved. Returns the bytes the packed copies
-    /// take (0 where the CPU lacks AVX2 + FMA or the weights are not f32).
+    /// take (0 where the CPU lacks AVX2 + FMA or the weights are not f32). The packed values
+    /// keep the precision the file stored them in ([`Model::stored_matrix_dtype`]): a GGUF
+    /// file's f16 matrices stay f16, half the bytes of f32 read per step.
     pub fn repack_for_inference(&mut self) -> Result<usize> {
-        self.repack_for_inference_as(DType::F32)
+        self.repack_for_inference_as(self.stored)
     }
 
-    /// [`Model::repack_for_inference`] with the packed weights held as `dtype`: `F32`, or
-    /// `BF16` for half the weight memory and bytes read per step (each weight rounded to bf16 —
-    /// exact for a bf16 checkpoint loaded as f32 — the arithmetic still f32).
+    /// The type the loaded file held the unquantized matrices in where that is narrower than
+    /// f32 and every such matrix had it: `F16` or `BF16` for a GGUF file stored so, else `F32`
+    /// (a model directory loads as f32 whatever its safetensors hold).
+    pub fn stored_matrix_dtype(&self) -> DType {
+        self.stored
+    }
+
+    /// Records the type the file held the unquantized matrices in (see
+    /// [`Model::stored_matrix_dtype`]); for loaders.
+    pub(crate) fn set_stored_matrix_dtype(&mut self, dtype: DType) {
+        self.stored = dtype;
+    }
+
+    /// [`Model::repack_for_inference`] with the packed weights held as `dtype`: `F32`, `BF16`
+    /// or `F16` for half the weight memory and bytes read per step (each weight rounded to
+    /// bf16 or f16 — exact for weights stored so — the arithmetic still f32; `F16` where the
+    /// CPU has F16C, else f32).
     pub fn repack_for_inference_as(&mut self, dtype: DType) -> Result<usize> {
         let store = self.store.clone();
         let mut bytes = 0;

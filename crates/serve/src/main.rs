@@ -118,6 +118,16 @@ fn seconds(name: &str, s: f64) -> Result<Duration, String> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Returns the pages mimalloc holds freed to the OS now. Loading frees tens of MiB (the file's
+/// tensors as read, the tokenizer's JSON) that mimalloc would otherwise keep resident until
+/// later allocations purge them: SmolLM2-135M Q4_1 measured 193 MiB resident when ready
+/// without this, 143 MiB with it.
+#[allow(unsafe_code)]
+fn release_freed_memory() {
+    // SAFETY: mi_collect only walks mimalloc's own heaps; it may be called at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 fn main() -> ExitCode {
     lmstack_core::prefer_rayon_threads();
     // Named, so per-thread CPU (`top -H`, `bench serve`) tells the model's thread pool from the
@@ -167,6 +177,7 @@ fn main() -> ExitCode {
         request_timeout: (!request_timeout.is_zero()).then_some(request_timeout),
         max_body_bytes: cli.max_body_bytes,
         shutdown_timeout,
+        after_load: Some(release_freed_memory),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,

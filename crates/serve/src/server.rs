@@ -48,6 +48,11 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// Called on the loading thread once the model is loaded, before the server reports
+    /// ready: the binary hands the memory that loading freed back to its allocator's OS
+    /// pages there (mimalloc keeps freed pages until later allocator calls purge them, and an
+    /// idle server makes none).
+    pub after_load: Option<fn()>,
 }
 
 /// The name a model directory is served under: its last path component, or the parent's
@@ -173,6 +178,9 @@ pub async fn serve_on(
         let (state, opts) = (state.clone(), opts.clone());
         tokio::task::spawn_blocking(move || match load(&opts, metrics) {
             Ok(ready) => {
+                if let Some(f) = opts.after_load {
+                    f();
+                }
                 let _ = state.ready.set(ready);
                 tracing::info!(model = %state.model_name, "model loaded; ready");
             }

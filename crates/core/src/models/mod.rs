@@ -91,8 +91,16 @@ impl Model {
             }
         };
         let weight_bytes = store.bytes(dtype);
-        let mut m =
-            Self { arch, config, store: store.clone(), dtype, device: device.clone(), weight_bytes, kv_bf16: false, stored: DType::F32 };
+        let mut m = Self {
+            arch,
+            config,
+            store: store.clone(),
+            dtype,
+            device: device.clone(),
+            weight_bytes,
+            kv_bf16: false,
+            stored: DType::F32,
+        };
         if store.has_quantized() {
             m.attach_quantized()?;
         }

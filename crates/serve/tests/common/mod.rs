@@ -61,6 +61,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         request_timeout: None,
         max_body_bytes: 1 << 20,
         shutdown_timeout: Duration::from_secs(10),
+        after_load: None,
     }
 }
 

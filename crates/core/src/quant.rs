@@ -74,25 +74,43 @@ struct Q8Rows {
     s: Vec<f32>,
 }
 
-/// Rounds `m` rows of `inp` values (a multiple of 32) to [`Q8Rows`], as llama.cpp's
-/// `quantize_row_q8_1` does.
+/// Rounds `m` rows of `inp` values (a multiple of 32) to [`Q8Rows`], as llama.cpp's AVX2
+/// `quantize_row_q8_1` does: per block, `d = max|x|/127`, `q = round(x·127/max|x|)` to
+/// nearest, ties to even.
 fn quantize_rows_q8(x: &[f32], m: usize, inp: usize) -> Q8Rows {
     let nb = inp / QK;
     let mut out = Q8Rows { qs: vec![0; m * inp], d: vec![0.0; m * nb], s: vec![0.0; m * nb] };
     for (b, (src, dst)) in x[..m * inp].chunks_exact(QK).zip(out.qs.chunks_exact_mut(QK)).enumerate() {
-        let amax = src.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in dst.iter_mut().zip(src) {
-            let r = (v * id).round() as i32;
-            *q = r as i8;
-            sum += r;
-        }
+        let (d, sum) = quantize_block(src, dst.try_into().expect("a block of 32"));
         out.d[b] = d;
         out.s[b] = d * sum as f32;
     }
     out
+}
+
+/// One block of [`quantize_rows_q8`]: its scale `d` and the sum of its rounded values.
+fn quantize_block(src: &[f32], dst: &mut [i8; QK]) -> (f32, i32) {
+    assert_eq!(src.len(), QK);
+    #[cfg(target_arch = "x86_64")]
+    if has_kernels() {
+        // SAFETY: AVX2 is present (has_kernels); the kernel reads the 32 values of `src`
+        // (length checked) and writes the 32 of `dst`.
+        return unsafe { avx::quantize_block(src.as_ptr(), dst) };
+    }
+    quantize_block_scalar(src, dst)
+}
+
+fn quantize_block_scalar(src: &[f32], dst: &mut [i8; QK]) -> (f32, i32) {
+    let amax = src.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in dst.iter_mut().zip(src) {
+        let r = (v * id).round_ties_even() as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    (d, sum)
 }
 
 /// `y = x Wᵀ` for `m` rows of `x` (`[m, inp]`) and a quantized weight `[out, inp]` of `kind`
@@ -173,6 +191,42 @@ mod avx {
     /// SmolLM2-135M decode (2 threads, best of 6): none 58-66 (Q8_0) / 92-94 (Q4_1) tokens/s,
     /// 1536 bytes 80-92 / 100-126, 3072 bytes 89-95 / 102-137.
     const PREFETCH: usize = 2048;
+
+    /// See `super::quantize_block`: 32 values at `src` rounded into `dst`, as llama.cpp's AVX2
+    /// `quantize_row_q8_1` rounds them.
+    #[target_feature(enable = "avx,avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(src: *const f32, dst: &mut [i8; QK]) -> (f32, i32) {
+        let v = [
+            _mm256_loadu_ps(src),
+            _mm256_loadu_ps(src.add(8)),
+            _mm256_loadu_ps(src.add(16)),
+            _mm256_loadu_ps(src.add(24)),
+        ];
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for x in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *x));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m4);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let r = |x: __m256| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(x, id)))
+        };
+        let (i0, i1, i2, i3) = (r(v[0]), r(v[1]), r(v[2]), r(v[3]));
+        let s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        let s4 = _mm_add_epi32(_mm256_extracti128_si256(s, 1), _mm256_castsi256_si128(s));
+        let s4 = _mm_hadd_epi32(s4, s4);
+        let sum = _mm_cvtsi128_si32(_mm_hadd_epi32(s4, s4));
+        // Packing works within 128-bit lanes; the permutation puts the values back in order.
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, p);
+        (d, sum)
+    }
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -289,6 +343,28 @@ mod tests {
 
     /// Each kernel equals the dot products of the dequantized weight with the rounded
     /// activations (the only rounding it adds), for one row and many, serial and parallel.
+    /// The vector rounding equals the scalar one (nearest, ties to even, as llama.cpp's AVX2
+    /// code rounds), ties and zeros included.
+    #[test]
+    fn quantize_block_matches_the_scalar_rounding() {
+        let blocks: Vec<Vec<f32>> = vec![
+            (0..32).map(|i| (i as f32 - 15.5) * 0.37).collect(),
+            (0..32).map(|i| if i == 3 { 127.0 } else { (i as f32) - 16.5 }).collect(), // ties
+            vec![0.0; 32],
+            (0..32).map(|i| ((i * 7919 % 97) as f32 - 48.0) * 1e-3).collect(),
+        ];
+        for src in &blocks {
+            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+            let x = quantize_block(src, &mut a);
+            let y = quantize_block_scalar(src, &mut b);
+            assert_eq!((a, x), (b, y), "{src:?}");
+        }
+        let mut q = [0i8; QK];
+        let (_, sum) = quantize_block_scalar(&blocks[1], &mut q);
+        assert_eq!(q[0], -16, "−16.5 rounds to even");
+        assert_eq!(sum, q.iter().map(|&v| v as i32).sum::<i32>());
+    }
+
     #[test]
     fn kernels_match_dequantized_weights() {
         if !has_kernels() {

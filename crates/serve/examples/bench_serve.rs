@@ -11,7 +11,7 @@
 //! cargo run --release -p lmstack-serve --example bench_serve -- \
 //!     [--model DIR] [--concurrency 1,16] [--seconds 15] [--gpt2] [--soak 3000] [--no-repack]
 //!     [--split-steps auto|always|never] [--rounds N] [--prefix-chars N] [--no-prefix-caching]
-//!     [--kv-cache-dtype bf16]
+//!     [--kv-cache-dtype bf16] [--kv-cache-tokens N] [--chat] [--llama-server PATH]
 //! ```
 //!
 //! `--chat` sends chat requests (`/v1/chat/completions`, the prompt as a user message through
@@ -45,7 +45,7 @@ struct Args {
     rounds: usize,
     serve: PathBuf,
     /// Extra flags for `serve` (`--no-repack`, `--split-steps WAY`, `--no-prefix-caching`,
-    /// `--kv-cache-dtype bf16`).
+    /// `--kv-cache-dtype bf16`, `--kv-cache-tokens N`).
     serve_flags: Vec<String>,
     /// Characters every prompt starts with.
     prefix_chars: usize,
@@ -95,7 +95,7 @@ fn parse_args() -> Result<Args, String> {
             "--llama-server" => a.llama_server = Some(val()?.into()),
             "--no-repack" | "--no-prefix-caching" => a.serve_flags.push(flag.clone()),
             "--prefix-chars" => a.prefix_chars = val()?.parse().map_err(|_| "--prefix-chars: not a number")?,
-            "--split-steps" | "--kv-cache-dtype" => {
+            "--split-steps" | "--kv-cache-dtype" | "--kv-cache-tokens" => {
                 let v = val()?;
                 a.serve_flags.extend([flag.clone(), v]);
             }

@@ -124,7 +124,13 @@ fn quantized_weights_stay_quantized_and_compute_what_they_imply() {
         }
         let cached = Tensor::cat(&out, 0).unwrap().unsqueeze(0).unwrap();
         let d = max_diff(&cached, &logits);
-        assert!(d < 1e-3, "{wt:?}: cached {d}");
+        // Quantized products round their activations to 8 bits, which turns the last-bit
+        // differences of the two attention paths into an occasional step of 1/127 of a
+        // block's largest value: a wrong cache position or mask would be off by the logits'
+        // own size.
+        let tol = if wt == WriteType::F16 { 1e-4 } else { 2e-3 * scale };
+        eprintln!("{wt:?}: cached against whole {d}");
+        assert!(d < tol, "{wt:?}: cached {d} (tolerance {tol})");
         // Repacking for inference leaves quantized layers alone.
         q.repack_for_inference().unwrap();
         let d = max_diff(&q.forward(&ids(), None).unwrap(), &logits);

@@ -873,6 +873,36 @@ mod tests {
         }
     }
 
+    /// f16 panels compute exactly what f32 panels of the f16-rounded weight compute, their
+    /// rows are those rounded values, and they take half the bytes.
+    #[test]
+    fn f16_panels_equal_f32_panels_of_the_rounded_weight() {
+        if !has_avx2_fma() || !has_f16c() {
+            eprintln!("skipped: no AVX2/FMA/F16C");
+            return;
+        }
+        for (out, inp) in [(16, 8), (65, 128), (33, 512)] {
+            let w = data(out * inp, 11);
+            let rounded: Vec<f32> = w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            let f16 = PackedWeight::new(&w, (0, inp, 1), out, inp).to_f16().expect("F16C");
+            let full = PackedWeight::new(&rounded, (0, inp, 1), out, inp);
+            assert_eq!((f16.dtype(), full.dtype()), (candle_core::DType::F16, candle_core::DType::F32));
+            assert_eq!(f16.bytes() * 2, full.bytes());
+            for m in [1, 4, 9] {
+                let x = data(m * inp, 12 + m as u32);
+                for parallel in [false, true] {
+                    assert_eq!(
+                        packed_linear(&x, m, &f16, None, parallel),
+                        packed_linear(&x, m, &full, None, parallel),
+                        "{out}x{inp} m={m}"
+                    );
+                }
+            }
+            let ids = [0u32, (out - 1) as u32, 5];
+            assert_eq!(f16.rows(&ids), full.rows(&ids));
+        }
+    }
+
     #[test]
     fn both_builds_agree_with_plain_loops() {
         for n in [0, 1, 7, 8, 9, 32, 100] {

@@ -101,6 +101,9 @@ fn quantized_weights_stay_quantized_and_compute_what_they_imply() {
         let quantized = q.linears_mut().iter().filter(|l| l.quantized().is_some()).count();
         let want = if wt == WriteType::F16 { 0 } else { 15 }; // 7 per layer and the tied head
         assert_eq!(quantized, want, "{wt:?}");
+        // f16 matrices are packed as f16 (the repacked logits below stay those of the file).
+        let stored = if wt == WriteType::F16 { DType::F16 } else { DType::F32 };
+        assert_eq!(q.stored_matrix_dtype(), stored, "{wt:?}");
         let logits = q.forward(&ids(), None).unwrap();
         // Against f32 weights of the same (dequantized) values: only the kernels' rounding of
         // activations (Q8 blocks) differs.

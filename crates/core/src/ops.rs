@@ -803,7 +803,7 @@ thread_local! {
 }
 
 /// Runs `f` on one of rayon's own threads, which may then spread each kernel's work over the
-/// pool as a caller from outside would ([`may_spread`] holds there, and only there: work stolen
+/// pool as a caller from outside would (`may_spread` holds there, and only there: work stolen
 /// by the other threads stays where it lands). A step's many small hand-offs (several matrix
 /// products per layer) then cost a push onto this thread's queue, taken by an idle thread or
 /// done here if none is idle, instead of waking the pool and blocking on a lock from outside

@@ -497,10 +497,11 @@ impl GgufFile {
         Ok(out)
     }
 
-    /// A frozen [`ParamStore`] over [`GgufFile::tensors`].
-    pub fn param_store(&self, config: &ModelConfig) -> Result<ParamStore> {
+    /// A frozen [`ParamStore`] over [`GgufFile::tensors`], with the type the file held its
+    /// unquantized matrices in ([`GgufTensors::matrix_dtype`]).
+    pub fn param_store(&self, config: &ModelConfig) -> Result<(ParamStore, DType)> {
         let t = self.tensors(config)?;
-        Ok(ParamStore::frozen_quantized(t.plain, t.quantized, &self.source()))
+        Ok((ParamStore::frozen_quantized(t.plain, t.quantized, &self.source()), t.matrix_dtype))
     }
 }
 
@@ -758,9 +759,7 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<(crate::
     let g = GgufFile::open(path)?;
     let config = g.config()?;
     let tokenizer = g.tokenizer()?;
-    let t = g.tensors(&config)?;
-    let stored = t.matrix_dtype;
-    let store = ParamStore::frozen_quantized(t.plain, t.quantized, &g.source());
+    let (store, stored) = g.param_store(&config)?;
     let mut model = crate::Model::new(config, &store, dtype, device)?;
     model.set_stored_matrix_dtype(stored);
     let unused = store.unused();

@@ -1,5 +1,6 @@
 //! The `train` binary: pretraining (the default command), sampling from a model directory,
-//! tokenizer training, data preparation, finetuning, merging and GGUF export. `train --help` and `train <command> --help` describe every flag.
+//! tokenizer training, data preparation, finetuning, merging and GGUF export. `train --help`
+//! and `train <command> --help` describe every flag.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -438,6 +438,15 @@ impl GgufFile {
         let file = std::fs::File::open(&self.path).map_err(|e| Error::io("reading", &self.path, e))?;
         let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
         let mut out = GgufTensors { matrix_dtype: DType::F32, plain: HashMap::new(), quantized: HashMap::new() };
+        // The quantized matrices go to one arena (see WeightArena), sized from the file's index.
+        let quantized_bytes = self
+            .content
+            .tensor_infos
+            .values()
+            .filter(|i| is_block_quantized(i.ggml_dtype))
+            .map(|i| i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size());
+        let arena = crate::quant::WeightArena::new(crate::quant::WeightArena::size_for(quantized_bytes))
+            .map_err(|e| Error::io("allocating the weights of", &self.path, e))?;
         // The types of the unquantized matrices: (F16 seen, BF16 seen, F32 seen).
         let mut matrix_types = (false, false, false);
         // In file order: one sequential pass over the data.
@@ -463,6 +472,14 @@ impl GgufFile {
             } else {
                 None
             };
+            if is_block_quantized(q.dtype()) {
+                if q.shape().rank() != 2 {
+                    return Err(bad(format!("a quantized tensor of shape {:?}; only matrices are", q.shape().dims())));
+                }
+                let order = heads.map(|h| file_rows(q.shape().dims()[0], h)).transpose().map_err(bad)?;
+                out.quantized.insert(hf, Arc::new(arena.adopt(q, order.as_deref()).map_err(bad)?));
+                continue;
+            }
             if let Some(h) = heads {
                 q = unpermute_rows(&q, h).map_err(bad)?;
             }
@@ -478,15 +495,7 @@ impl GgufFile {
                     let t = q.dequantize(&Device::Cpu).map_err(|e| bad(e.to_string()))?;
                     out.plain.insert(hf, t);
                 }
-                _ => {
-                    if q.shape().rank() != 2 {
-                        return Err(bad(format!(
-                            "a quantized tensor of shape {:?}; only matrices are",
-                            q.shape().dims()
-                        )));
-                    }
-                    out.quantized.insert(hf, Arc::new(q));
-                }
+                other => return Err(bad(format!("tensor type {other:?} is not supported"))),
             }
         }
         out.matrix_dtype = match matrix_types {
@@ -506,6 +515,11 @@ impl GgufFile {
 }
 
 /// Tensor types candle computes with on the CPU (others are refused, named).
+/// Whether `t` is a block-quantized type (not f32, f16 or bf16).
+fn is_block_quantized(t: GgmlDType) -> bool {
+    !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
 fn check_type(t: GgmlDType) -> std::result::Result<(), String> {
     use GgmlDType::*;
     match t {
@@ -578,31 +592,38 @@ fn llama_shape(hf: &str, cfg: &crate::config::LlamaConfig) -> Option<Vec<usize>>
     })
 }
 
-/// The inverse of llama.cpp's `permute` of a query/key projection with `heads` heads: row
-/// `h*hd + 2i + j` of the file is row `h*hd + j*hd/2 + i` of the Hugging Face weight. Rows
-/// (whole blocks of a quantized tensor) are moved as bytes.
-fn unpermute_rows(q: &QTensor, heads: usize) -> std::result::Result<QTensor, String> {
-    let dims = q.shape().dims().to_vec();
-    let rows = dims[0];
+/// The inverse of llama.cpp's `permute` of a query/key projection with `heads` heads: for each
+/// row of the Hugging Face weight, the row of the file holding it (row `h*hd + j*hd/2 + i` of
+/// the Hugging Face weight is row `h*hd + 2i + j` of the file).
+fn file_rows(rows: usize, heads: usize) -> std::result::Result<Vec<usize>, String> {
     if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
         return Err(format!("{rows} rows do not split into {heads} heads of even width"));
     }
     let hd = rows / heads;
-    let data = q.data().map_err(|e| e.to_string())?;
-    let row_bytes = data.len() / rows;
-    if row_bytes * rows != data.len() {
-        return Err(format!("{} bytes do not divide into {rows} rows", data.len()));
-    }
-    let mut out = vec![0u8; data.len()];
+    let mut order = vec![0; rows];
     for h in 0..heads {
         for i in 0..hd / 2 {
             for j in 0..2 {
-                let src = h * hd + 2 * i + j;
-                let dst = h * hd + j * hd / 2 + i;
-                out[dst * row_bytes..(dst + 1) * row_bytes]
-                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+                order[h * hd + j * hd / 2 + i] = h * hd + 2 * i + j;
             }
         }
+    }
+    Ok(order)
+}
+
+/// `q` with its rows in Hugging Face order (see [`file_rows`]); rows (whole blocks of a
+/// quantized tensor) are moved as bytes.
+fn unpermute_rows(q: &QTensor, heads: usize) -> std::result::Result<QTensor, String> {
+    let dims = q.shape().dims().to_vec();
+    let order = file_rows(dims[0], heads)?;
+    let data = q.data().map_err(|e| e.to_string())?;
+    let row_bytes = data.len() / order.len();
+    if row_bytes * order.len() != data.len() {
+        return Err(format!("{} bytes do not divide into {} rows", data.len(), order.len()));
+    }
+    let mut out = vec![0u8; data.len()];
+    for (dst, &src) in out.chunks_exact_mut(row_bytes).zip(&order) {
+        dst.copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
     }
     let storage = QStorage::from_data(Cow::Owned(out), &Device::Cpu, q.dtype()).map_err(|e| e.to_string())?;
     QTensor::new(storage, dims).map_err(|e| e.to_string())
@@ -846,15 +867,9 @@ fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
         [r] => (*r, 1),
         d => return Err(Error::invalid("tensor", format!("cannot permute a tensor of shape {d:?}"))),
     };
-    let hd = rows / heads;
     let mut idx = vec![0u32; rows];
-    for h in 0..heads {
-        for i in 0..hd / 2 {
-            for j in 0..2 {
-                // File row h*hd + 2i + j holds HF row h*hd + j*hd/2 + i.
-                idx[h * hd + 2 * i + j] = (h * hd + j * hd / 2 + i) as u32;
-            }
-        }
+    for (hf, file) in file_rows(rows, heads).map_err(|e| Error::invalid("tensor", e))?.into_iter().enumerate() {
+        idx[file] = hf as u32;
     }
     let idx = Tensor::from_vec(idx, rows, t.device())?;
     let out = t.reshape((rows, cols))?.index_select(&idx, 0)?;

@@ -130,8 +130,8 @@ fn quantized_weights_stay_quantized_and_compute_what_they_imply() {
         // Quantized products round their activations to 8 bits, which turns the last-bit
         // differences of the two attention paths into an occasional step of 1/127 of a
         // block's largest value: a wrong cache position or mask would be off by the logits'
-        // own size.
-        let tol = if wt == WriteType::F16 { 1e-4 } else { 2e-3 * scale };
+        // own size. (Q4_1 here: 0.0058 with logits up to 2.65, Q8_0 and Q4_0 below 1e-5.)
+        let tol = if wt == WriteType::F16 { 1e-4 } else { 5e-3 * scale };
         eprintln!("{wt:?}: cached against whole {d}");
         assert!(d < tol, "{wt:?}: cached {d} (tolerance {tol})");
         // Repacking for inference leaves quantized layers alone.

@@ -876,6 +876,47 @@ fn permute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(out.reshape(t.shape())?)
 }
 
+/// GGUF's code for a string value.
+const STRING_TYPE: u32 = 8;
+
+/// Sets the element type of the empty array under `key` in the written GGUF `bytes` (the key,
+/// as GGUF writes it, then the array's type 9, its element type and its length 0) to `ty`.
+fn retype_empty_array(bytes: &mut [u8], key: &str, ty: u32) -> Result<()> {
+    let mut pattern = (key.len() as u64).to_le_bytes().to_vec();
+    pattern.extend_from_slice(key.as_bytes());
+    pattern.extend_from_slice(&9u32.to_le_bytes());
+    let at = bytes
+        .windows(pattern.len() + 12)
+        .position(|w| w.starts_with(&pattern) && w[pattern.len() + 4..] == [0u8; 8])
+        .ok_or_else(|| Error::invalid("gguf", format!("no empty array `{key}` in the written metadata")))?;
+    bytes[at + pattern.len()..at + pattern.len() + 4].copy_from_slice(&ty.to_le_bytes());
+    Ok(())
+}
+
+/// A token of a character-level vocabulary as the token of a byte-level one (GPT-2's mapping
+/// of bytes to printable characters): one byte, one character. A character of several bytes
+/// would need merges through tokens the vocabulary lacks, and is refused naming it.
+fn byte_level_char(token: &str, id: u64) -> Result<String> {
+    match token.as_bytes() {
+        [b] => {
+            let keep = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+            let c = if keep(*b) {
+                *b as char
+            } else {
+                let n = (0..*b).filter(|&x| !keep(x)).count() as u32;
+                char::from_u32(256 + n).expect("below 0x200")
+            };
+            Ok(c.to_string())
+        }
+        bytes => Err(Error::Tokenizer(format!(
+            "token {id} of the character vocabulary, {token:?}, takes {} bytes in UTF-8: a character-level \
+             vocabulary is written to GGUF as byte-level BPE, where only single-byte (ASCII) characters are \
+             tokens of their own",
+            bytes.len()
+        ))),
+    }
+}
+
 /// Writes a Llama `model` with its byte-level BPE `tokenizer` as a GGUF file llama.cpp loads:
 /// matrices as `wtype` (f16 where a row does not split into its blocks), norms as f32. Written
 /// to a temporary file and renamed.
@@ -886,8 +927,18 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
     let tj: Value =
         serde_json::from_str(&tokenizer.inner().to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    if tj["model"]["type"] != "BPE" {
+        return Err(Error::Tokenizer("only BPE tokenizers are written to GGUF".into()));
+    }
+    // A character-level vocabulary (`Tokenizer::from_chars`: BPE without merges, nothing
+    // before it, tokens joined as they are) is written as byte-level BPE without merges: for
+    // single-byte characters each is then its own token there too.
+    let chars = tj["pre_tokenizer"].is_null()
+        && tj["decoder"]["type"] == "Fuse"
+        && tj["model"]["merges"].as_array().is_some_and(|m| m.is_empty());
     let pre = match (&tj["pre_tokenizer"]["type"], &tj["pre_tokenizer"]["pretokenizers"]) {
-        (Value::String(t), _) if t == "ByteLevel" => "gpt2",
+        _ if chars => "gpt-2",
+        (Value::String(t), _) if t == "ByteLevel" => "gpt-2",
         (Value::String(t), Value::Array(list))
             if t == "Sequence"
                 && list.len() == 2
@@ -899,19 +950,19 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
         }
         _ => {
             return Err(Error::Tokenizer(
-                "only byte-level BPE tokenizers (GPT-2's or SmolLM's pre-tokenization) are written to GGUF".into(),
+                "only byte-level BPE tokenizers (GPT-2's or SmolLM's pre-tokenization) and character-level ones \
+                 are written to GGUF"
+                    .into(),
             ))
         }
     };
-    if tj["model"]["type"] != "BPE" {
-        return Err(Error::Tokenizer("only BPE tokenizers are written to GGUF".into()));
-    }
     let vocab = tj["model"]["vocab"].as_object().cloned().unwrap_or_default();
     let n = tokenizer.vocab_size().max(cfg.vocab_size);
     let mut tokens: Vec<Option<String>> = vec![None; n];
     for (t, id) in &vocab {
         if let Some(i) = id.as_u64().filter(|&i| (i as usize) < n) {
-            tokens[i as usize] = Some(t.clone());
+            let added = tj["added_tokens"].as_array().into_iter().flatten().any(|a| a["content"] == t.as_str());
+            tokens[i as usize] = Some(if chars && !added { byte_level_char(t, i)? } else { t.clone() });
         }
     }
     let mut types = vec![1i32; n];
@@ -1045,5 +1096,11 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
         name: "<file>".into(),
         message: e.to_string(),
     })?;
-    crate::io::write_atomic(path, &buf.into_inner())
+    let mut bytes = buf.into_inner();
+    if merges.is_empty() {
+        // candle writes an empty array as one of u32s; llama.cpp wants the merges as strings
+        // even when there are none.
+        retype_empty_array(&mut bytes, "tokenizer.ggml.merges", STRING_TYPE)?;
+    }
+    crate::io::write_atomic(path, &bytes)
 }

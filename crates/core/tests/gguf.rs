@@ -82,6 +82,34 @@ fn f32_gguf_has_the_models_logits_and_tokenizer() {
     }
 }
 
+/// A character-level vocabulary (what `train` builds by default) is written as byte-level BPE
+/// without merges: read back, it encodes and decodes text of its characters as the original
+/// does; a character of several bytes is refused naming it.
+#[test]
+fn character_vocabularies_are_written_as_byte_level_bpe() {
+    let text = std::fs::read_to_string(repo_data("tinyshakespeare.txt")).unwrap();
+    let tok = Tokenizer::from_chars(text.chars()).unwrap();
+    let m = model(tok.vocab_size(), true);
+    let path = tmp("chars").join("m.gguf");
+    write_model(&m, &tok, &path, WriteType::F32).unwrap();
+    let back = Pretrained::load(&path, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(back.tokenizer.vocab_size(), tok.vocab_size());
+    let sample = &text[..2000];
+    let ids = tok.encode(sample, false).unwrap();
+    assert_eq!(ids.len(), sample.chars().count());
+    assert_eq!(back.tokenizer.encode(sample, false).unwrap(), ids);
+    assert_eq!(back.tokenizer.decode(&ids, false).unwrap(), sample);
+    let t = Tensor::new(&ids[..12], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let d = max_diff(&m.forward(&t, None).unwrap(), &back.model.forward(&t, None).unwrap());
+    assert!(d < 1e-5, "{d}");
+
+    let wide = Tokenizer::from_chars("abc é".chars()).unwrap();
+    let err = write_model(&model(wide.vocab_size(), true), &wide, &tmp("chars").join("wide.gguf"), WriteType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"é\"") && err.contains("2 bytes"), "{err}");
+}
+
 #[test]
 fn quantized_weights_stay_quantized_and_compute_what_they_imply() {
     let tok = tokenizer();

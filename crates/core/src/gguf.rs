@@ -70,6 +70,10 @@ pub struct GgufTensors {
     pub plain: HashMap<String, Tensor>,
     /// Quantized tensors, kept as they are in the file.
     pub quantized: HashMap<String, Arc<QTensor>>,
+    /// The quantized tensors whose Hugging Face layout is the transpose of the file's (GPT-2's
+    /// `Conv1D` weights, `[in, out]`): the model's placeholder has the Hugging Face shape, the
+    /// quantized weight the file's `[out, in]`, as a projection computes with it.
+    pub transposed: std::collections::HashSet<String>,
 }
 
 impl GgufFile {
@@ -212,10 +216,16 @@ impl GgufFile {
     /// in `config.json` (token ids from `tokenizer.ggml.*`, `general.name` as `_name_or_path`).
     pub fn config(&self) -> Result<ModelConfig> {
         let arch = self.architecture()?;
+        if arch == "gpt2" {
+            return self.gpt2_config();
+        }
         if arch != "llama" {
             return Err(self.err(
                 "general.architecture",
-                format!("`{arch}` is not supported; GGUF files of architecture `llama` load (Llama, SmolLM, Mistral without a window)"),
+                format!(
+                    "`{arch}` is not supported; GGUF files of architecture `llama` (Llama, SmolLM, Mistral without a \
+                     window) and `gpt2` load"
+                ),
             ));
         }
         let k = |s: &str| format!("{arch}.{s}");
@@ -294,6 +304,50 @@ impl GgufFile {
             ("eos_token_id", "tokenizer.ggml.eos_token_id"),
             ("pad_token_id", "tokenizer.ggml.padding_token_id"),
         ] {
+            if let Some(id) = self.uint(key)? {
+                cfg.insert(field.into(), json!(id));
+            }
+        }
+        if let Some(name) = self.name() {
+            cfg.insert("_name_or_path".into(), json!(name));
+        }
+        ModelConfig::from_value(Value::Object(cfg), &self.source())
+    }
+
+    /// [`GgufFile::config`] of a `gpt2` file: llama.cpp's GPT-2 (learned positions, LayerNorm
+    /// with biases, a fused query/key/value projection, GELU with the tanh approximation).
+    fn gpt2_config(&self) -> Result<ModelConfig> {
+        let k = |s: &str| format!("gpt2.{s}");
+        let hidden = self.usize_req(&k("embedding_length"))?;
+        let heads = self.usize_req(&k("attention.head_count"))?;
+        if heads == 0 || hidden % heads != 0 {
+            return Err(self.err(&k("attention.head_count"), format!("{heads} heads do not divide the width {hidden}")));
+        }
+        if let Some(kv) = self.uint(&k("attention.head_count_kv"))? {
+            if kv as usize != heads {
+                return Err(self.err(&k("attention.head_count_kv"), "GPT-2 has as many key/value heads as query heads"));
+            }
+        }
+        let vocab = match self.uint(&k("vocab_size"))? {
+            Some(v) => v as usize,
+            None => self.strings("tokenizer.ggml.tokens")?.len(),
+        };
+        let eps = self.float(&k("attention.layer_norm_epsilon"))?.unwrap_or(1e-5);
+        let mut cfg = Map::new();
+        cfg.insert("model_type".into(), json!("gpt2"));
+        cfg.insert("architectures".into(), json!(["GPT2LMHeadModel"]));
+        cfg.insert("vocab_size".into(), json!(vocab));
+        cfg.insert("n_embd".into(), json!(hidden));
+        cfg.insert("n_head".into(), json!(heads));
+        cfg.insert("n_layer".into(), json!(self.usize_req(&k("block_count"))?));
+        cfg.insert("n_positions".into(), json!(self.usize_req(&k("context_length"))?));
+        cfg.insert("n_inner".into(), json!(self.usize_req(&k("feed_forward_length"))?));
+        cfg.insert("activation_function".into(), json!("gelu_new"));
+        cfg.insert("layer_norm_epsilon".into(), json!((eps as f32).to_string().parse::<f64>().unwrap_or(eps)));
+        cfg.insert("tie_word_embeddings".into(), json!(!self.content.tensor_infos.contains_key("output.weight")));
+        for (field, key) in
+            [("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")]
+        {
             if let Some(id) = self.uint(key)? {
                 cfg.insert(field.into(), json!(id));
             }
@@ -407,37 +461,29 @@ impl GgufFile {
         Ok(tok)
     }
 
-    /// Reads every tensor under its Hugging Face name for `config` (a Llama model).
-    /// Unquantized tensors become f32; quantized ones stay as they are. An unknown tensor, a
-    /// shape that disagrees with the config, or a tensor type candle cannot compute with is an
-    /// error naming the tensor.
+    /// Reads every tensor under its Hugging Face name for `config` (a Llama or GPT-2 model).
+    /// Unquantized tensors become f32 in the Hugging Face layout; quantized ones stay as they
+    /// are (a GPT-2 `Conv1D` weight then stays `[out, in]`: [`GgufTensors::transposed`]). An
+    /// unknown tensor, a shape that disagrees with the config, or a tensor type candle cannot
+    /// compute with is an error naming the tensor.
     pub fn tensors(&self, config: &ModelConfig) -> Result<GgufTensors> {
-        let ModelConfig::Llama(cfg) = config else {
-            return Err(self.err("general.architecture", "only llama models load from GGUF"));
+        let map = tensor_map(config).map_err(|e| self.err("general.architecture", e))?;
+        let arch = match config {
+            ModelConfig::Gpt2(_) => "gpt2",
+            _ => "llama",
         };
-        // Every weight the configuration needs, named as llama.cpp names it.
-        let mut need = vec!["token_embd.weight".to_string(), "output_norm.weight".to_string()];
-        if !cfg.tie_word_embeddings {
-            need.push("output.weight".into());
+        if let Some(e) = map.iter().find(|e| e.required && !self.content.tensor_infos.contains_key(e.gg.as_str())) {
+            return Err(Error::Weight { file: self.source(), name: e.gg.clone(), message: "is missing".into() });
         }
-        for i in 0..cfg.num_hidden_layers {
-            for m in
-                ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
-            {
-                need.push(format!("blk.{i}.{m}.weight"));
-            }
-            if cfg.attention_bias {
-                for m in ["attn_q", "attn_k", "attn_v", "attn_output"] {
-                    need.push(format!("blk.{i}.{m}.bias"));
-                }
-            }
-        }
-        if let Some(name) = need.iter().find(|n| !self.content.tensor_infos.contains_key(n.as_str())) {
-            return Err(Error::Weight { file: self.source(), name: name.clone(), message: "is missing".into() });
-        }
+        let by_name: HashMap<&str, &TensorEntry> = map.iter().map(|e| (e.gg.as_str(), e)).collect();
         let file = std::fs::File::open(&self.path).map_err(|e| Error::io("reading", &self.path, e))?;
         let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-        let mut out = GgufTensors { matrix_dtype: DType::F32, plain: HashMap::new(), quantized: HashMap::new() };
+        let mut out = GgufTensors {
+            matrix_dtype: DType::F32,
+            plain: HashMap::new(),
+            quantized: HashMap::new(),
+            transposed: Default::default(),
+        };
         // The quantized matrices go to one arena (see WeightArena), sized from the file's index.
         let quantized_bytes = self
             .content
@@ -454,29 +500,32 @@ impl GgufFile {
         names.sort_by_key(|&(_, o)| o);
         for (name, _) in names {
             let bad = |message: String| Error::Weight { file: self.source(), name: name.clone(), message };
-            let hf = hf_name(name).ok_or_else(|| bad("not a tensor of a llama model that lmstack knows".into()))?;
+            let entry = by_name.get(name.as_str()).ok_or_else(|| {
+                bad(format!("not a tensor of a {arch} model of this configuration that lmstack knows"))
+            })?;
+            let hf = entry.hf.clone();
             let info = &self.content.tensor_infos[name];
-            let want = llama_shape(&hf, cfg);
-            if want.as_deref() != Some(info.shape.dims()) {
-                return Err(bad(match want {
-                    Some(w) => format!("has shape {:?} (as {hf}), the metadata implies {w:?}", info.shape.dims()),
-                    None => format!("({hf}) is not part of this model's configuration"),
-                }));
+            let mut want = entry.shape.clone();
+            if entry.layout == Layout::Transpose {
+                want.reverse();
+            }
+            if info.shape.dims() != want.as_slice() {
+                return Err(bad(format!("has shape {:?} (as {hf}), the metadata implies {want:?}", info.shape.dims())));
             }
             check_type(info.ggml_dtype).map_err(bad)?;
             let mut q = self.content.tensor(&mut reader, name, &Device::Cpu).map_err(|e| bad(format!("{e}")))?;
-            let heads = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
-                Some(cfg.num_attention_heads)
-            } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
-                Some(cfg.kv_heads())
-            } else {
-                None
+            let heads = match entry.layout {
+                Layout::Permute(h) => Some(h),
+                _ => None,
             };
             if is_block_quantized(q.dtype()) {
                 if q.shape().rank() != 2 {
                     return Err(bad(format!("a quantized tensor of shape {:?}; only matrices are", q.shape().dims())));
                 }
                 let order = heads.map(|h| file_rows(q.shape().dims()[0], h)).transpose().map_err(bad)?;
+                if entry.layout == Layout::Transpose {
+                    out.transposed.insert(hf.clone());
+                }
                 out.quantized.insert(hf, Arc::new(arena.adopt(q, order.as_deref()).map_err(bad)?));
                 continue;
             }
@@ -492,7 +541,10 @@ impl GgufFile {
                             _ => matrix_types.2 = true,
                         }
                     }
-                    let t = q.dequantize(&Device::Cpu).map_err(|e| bad(e.to_string()))?;
+                    let mut t = q.dequantize(&Device::Cpu).map_err(|e| bad(e.to_string()))?;
+                    if entry.layout == Layout::Transpose {
+                        t = t.t()?.contiguous()?;
+                    }
                     out.plain.insert(hf, t);
                 }
                 other => return Err(bad(format!("tensor type {other:?} is not supported"))),
@@ -510,7 +562,7 @@ impl GgufFile {
     /// unquantized matrices in ([`GgufTensors::matrix_dtype`]).
     pub fn param_store(&self, config: &ModelConfig) -> Result<(ParamStore, DType)> {
         let t = self.tensors(config)?;
-        Ok((ParamStore::frozen_quantized(t.plain, t.quantized, &self.source()), t.matrix_dtype))
+        Ok((ParamStore::frozen_quantized(t.plain, t.quantized, &t.transposed, &self.source()), t.matrix_dtype))
     }
 }
 
@@ -529,67 +581,90 @@ fn check_type(t: GgmlDType) -> std::result::Result<(), String> {
     }
 }
 
-/// The Hugging Face name of a llama.cpp tensor of a Llama model.
-fn hf_name(name: &str) -> Option<String> {
-    let top = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(t) = top {
-        return Some(t.into());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, suffix) = rest.rsplit_once('.')?;
-    if !matches!(suffix, "weight" | "bias") {
-        return None;
-    }
-    let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+/// One tensor of a model as llama.cpp names and lays it out.
+struct TensorEntry {
+    /// llama.cpp's name.
+    gg: String,
+    /// The Hugging Face name.
+    hf: String,
+    /// The Hugging Face shape.
+    shape: Vec<usize>,
+    layout: Layout,
+    /// Whether a file without it is refused (the others are read where present).
+    required: bool,
 }
 
-/// The shape `cfg` implies for the Hugging Face tensor `hf` (`None` for a layer past the
-/// configured count).
-fn llama_shape(hf: &str, cfg: &crate::config::LlamaConfig) -> Option<Vec<usize>> {
-    let (d, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-    let (q, kv) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
-    match hf {
-        "model.embed_tokens.weight" | "lm_head.weight" => return Some(vec![v, d]),
-        "model.norm.weight" => return Some(vec![d]),
-        _ => {}
+/// Every tensor a Llama or GPT-2 model of `config` has, in llama.cpp's order: what
+/// [`write_model`] writes and [`GgufFile::tensors`] reads.
+fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, String> {
+    let mut out = Vec::new();
+    let mut push = |gg: String, hf: String, shape: Vec<usize>, layout: Layout, required: bool| {
+        out.push(TensorEntry { gg, hf, shape, layout, required })
+    };
+    match config {
+        ModelConfig::Llama(cfg) => {
+            let (d, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+            let (q, kv) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+            let (hq, hkv) = (Layout::Permute(cfg.num_attention_heads), Layout::Permute(cfg.kv_heads()));
+            push("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![v, d], Layout::Same, true);
+            for i in 0..cfg.num_hidden_layers {
+                let bias = cfg.attention_bias;
+                for (gg, hf, w, b, layout, b_required) in [
+                    ("attn_norm", "input_layernorm", vec![d], None, Layout::Same, false),
+                    ("attn_q", "self_attn.q_proj", vec![q, d], Some(q), hq, bias),
+                    ("attn_k", "self_attn.k_proj", vec![kv, d], Some(kv), hkv, bias),
+                    ("attn_v", "self_attn.v_proj", vec![kv, d], Some(kv), Layout::Same, bias),
+                    ("attn_output", "self_attn.o_proj", vec![d, q], Some(d), Layout::Same, bias),
+                    ("ffn_norm", "post_attention_layernorm", vec![d], None, Layout::Same, false),
+                    ("ffn_gate", "mlp.gate_proj", vec![f, d], Some(f), Layout::Same, false),
+                    ("ffn_up", "mlp.up_proj", vec![f, d], Some(f), Layout::Same, false),
+                    ("ffn_down", "mlp.down_proj", vec![d, f], Some(d), Layout::Same, false),
+                ] {
+                    let (gg, hf) = (format!("blk.{i}.{gg}"), format!("model.layers.{i}.{hf}"));
+                    push(format!("{gg}.weight"), format!("{hf}.weight"), w, layout, true);
+                    if let Some(b) = b {
+                        push(format!("{gg}.bias"), format!("{hf}.bias"), vec![b], layout, b_required);
+                    }
+                }
+            }
+            push("output_norm.weight".into(), "model.norm.weight".into(), vec![d], Layout::Same, true);
+            if !cfg.tie_word_embeddings {
+                push("output.weight".into(), "lm_head.weight".into(), vec![v, d], Layout::Same, true);
+            }
+        }
+        ModelConfig::Gpt2(cfg) => {
+            let (d, v, f) = (cfg.n_embd, cfg.vocab_size, cfg.inner());
+            push("token_embd.weight".into(), "transformer.wte.weight".into(), vec![v, d], Layout::Same, true);
+            push(
+                "position_embd.weight".into(),
+                "transformer.wpe.weight".into(),
+                vec![cfg.n_positions, d],
+                Layout::Same,
+                true,
+            );
+            for i in 0..cfg.n_layer {
+                for (gg, hf, w, b, layout) in [
+                    ("attn_norm", "ln_1", vec![d], d, Layout::Same),
+                    ("attn_qkv", "attn.c_attn", vec![d, 3 * d], 3 * d, Layout::Transpose),
+                    ("attn_output", "attn.c_proj", vec![d, d], d, Layout::Transpose),
+                    ("ffn_norm", "ln_2", vec![d], d, Layout::Same),
+                    ("ffn_up", "mlp.c_fc", vec![d, f], f, Layout::Transpose),
+                    ("ffn_down", "mlp.c_proj", vec![f, d], d, Layout::Transpose),
+                ] {
+                    let (gg, hf) = (format!("blk.{i}.{gg}"), format!("transformer.h.{i}.{hf}"));
+                    push(format!("{gg}.weight"), format!("{hf}.weight"), w, layout, true);
+                    push(format!("{gg}.bias"), format!("{hf}.bias"), vec![b], Layout::Same, true);
+                }
+            }
+            push("output_norm.weight".into(), "transformer.ln_f.weight".into(), vec![d], Layout::Same, true);
+            push("output_norm.bias".into(), "transformer.ln_f.bias".into(), vec![d], Layout::Same, true);
+            if !cfg.tie_word_embeddings {
+                push("output.weight".into(), "lm_head.weight".into(), vec![v, d], Layout::Same, true);
+            }
+        }
+        ModelConfig::Bert(_) => return Err("only llama and gpt2 models are read from and written to GGUF".into()),
     }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    if layer.parse::<usize>().ok()? >= cfg.num_hidden_layers {
-        return None;
-    }
-    Some(match rest {
-        "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![d],
-        "self_attn.q_proj.weight" => vec![q, d],
-        "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, d],
-        "self_attn.o_proj.weight" => vec![d, q],
-        "self_attn.q_proj.bias" => vec![q],
-        "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![kv],
-        "self_attn.o_proj.bias" | "mlp.down_proj.bias" => vec![d],
-        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![f, d],
-        "mlp.down_proj.weight" => vec![d, f],
-        "mlp.gate_proj.bias" | "mlp.up_proj.bias" => vec![f],
-        _ => return None,
-    })
+    Ok(out)
 }
 
 /// The inverse of llama.cpp's `permute` of a query/key projection with `heads` heads: for each
@@ -917,12 +992,64 @@ fn byte_level_char(token: &str, id: u64) -> Result<String> {
     }
 }
 
-/// Writes a Llama `model` with its byte-level BPE `tokenizer` as a GGUF file llama.cpp loads:
-/// matrices as `wtype` (f16 where a row does not split into its blocks), norms as f32. Written
-/// to a temporary file and renamed.
+/// How a tensor is changed on its way into a GGUF file.
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    /// As it is.
+    Same,
+    /// llama.cpp's row order for a query/key projection with this many heads.
+    Permute(usize),
+    /// An HF `Conv1D` weight (`[in, out]`) as llama.cpp's `[out, in]`.
+    Transpose,
+}
+
+/// Writes a Llama or GPT-2 `model` with its byte-level BPE or character-level `tokenizer` as a
+/// GGUF file llama.cpp loads: matrices as `wtype` (q8_0, or f16 at f16 and f32's own type,
+/// where a row does not split into its blocks), norms and biases as f32. Written to a
+/// temporary file and renamed.
 pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wtype: WriteType) -> Result<()> {
-    let ModelConfig::Llama(cfg) = model.config() else {
-        return Err(Error::invalid("model", "only llama models are written as GGUF"));
+    let s = |v: &str| GValue::String(v.to_owned());
+    let u = |v: usize| GValue::U32(v as u32);
+    // Per architecture: its metadata.
+    let (arch, vocab_size, name, mut meta) = match model.config() {
+        ModelConfig::Llama(cfg) => {
+            if cfg.hidden_act != crate::config::Activation::Silu {
+                return Err(Error::invalid("model", "llama.cpp's llama architecture computes SiLU only"));
+            }
+            let meta = vec![
+                ("llama.vocab_size".to_string(), u(cfg.vocab_size)),
+                ("llama.context_length".into(), u(cfg.max_position_embeddings)),
+                ("llama.embedding_length".into(), u(cfg.hidden_size)),
+                ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
+                ("llama.block_count".into(), u(cfg.num_hidden_layers)),
+                ("llama.attention.head_count".into(), u(cfg.num_attention_heads)),
+                ("llama.attention.head_count_kv".into(), u(cfg.kv_heads())),
+                ("llama.attention.key_length".into(), u(cfg.head_dim())),
+                ("llama.attention.value_length".into(), u(cfg.head_dim())),
+                ("llama.rope.dimension_count".into(), u(cfg.head_dim())),
+                ("llama.rope.freq_base".into(), GValue::F32(cfg.rope_theta() as f32)),
+                ("llama.attention.layer_norm_rms_epsilon".into(), GValue::F32(cfg.rms_norm_eps as f32)),
+            ];
+            ("llama", cfg.vocab_size, cfg.extra.get("_name_or_path").and_then(Value::as_str), meta)
+        }
+        ModelConfig::Gpt2(cfg) => {
+            if cfg.activation_function != crate::config::Activation::GeluTanh {
+                return Err(Error::invalid(
+                    "activation_function",
+                    "llama.cpp's gpt2 architecture computes GELU with the tanh approximation (gelu_new) only",
+                ));
+            }
+            let meta = vec![
+                ("gpt2.context_length".to_string(), u(cfg.n_positions)),
+                ("gpt2.embedding_length".into(), u(cfg.n_embd)),
+                ("gpt2.feed_forward_length".into(), u(cfg.inner())),
+                ("gpt2.block_count".into(), u(cfg.n_layer)),
+                ("gpt2.attention.head_count".into(), u(cfg.n_head)),
+                ("gpt2.attention.layer_norm_epsilon".into(), GValue::F32(cfg.layer_norm_epsilon as f32)),
+            ];
+            ("gpt2", cfg.vocab_size, cfg.extra.get("_name_or_path").and_then(Value::as_str), meta)
+        }
+        ModelConfig::Bert(_) => return Err(Error::invalid("model", "only llama and gpt2 models are written as GGUF")),
     };
     let tj: Value =
         serde_json::from_str(&tokenizer.inner().to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?)
@@ -957,7 +1084,7 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
         }
     };
     let vocab = tj["model"]["vocab"].as_object().cloned().unwrap_or_default();
-    let n = tokenizer.vocab_size().max(cfg.vocab_size);
+    let n = tokenizer.vocab_size().max(vocab_size);
     let mut tokens: Vec<Option<String>> = vec![None; n];
     for (t, id) in &vocab {
         if let Some(i) = id.as_u64().filter(|&i| (i as usize) < n) {
@@ -987,35 +1114,23 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
             _ => String::new(),
         })
         .collect();
-    let s = |v: &str| GValue::String(v.to_owned());
-    let u = |v: usize| GValue::U32(v as u32);
-    let mut meta: Vec<(String, GValue)> = vec![
-        ("general.architecture".into(), s("llama")),
-        ("general.name".into(), s(cfg.extra.get("_name_or_path").and_then(Value::as_str).unwrap_or("lmstack model"))),
-        ("general.file_type".into(), GValue::U32(wtype.file_type())),
-        ("general.quantization_version".into(), GValue::U32(2)),
-        ("llama.vocab_size".into(), u(cfg.vocab_size)),
-        ("llama.context_length".into(), u(cfg.max_position_embeddings)),
-        ("llama.embedding_length".into(), u(cfg.hidden_size)),
-        ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
-        ("llama.block_count".into(), u(cfg.num_hidden_layers)),
-        ("llama.attention.head_count".into(), u(cfg.num_attention_heads)),
-        ("llama.attention.head_count_kv".into(), u(cfg.kv_heads())),
-        ("llama.attention.key_length".into(), u(cfg.head_dim())),
-        ("llama.attention.value_length".into(), u(cfg.head_dim())),
-        ("llama.rope.dimension_count".into(), u(cfg.head_dim())),
-        ("llama.rope.freq_base".into(), GValue::F32(cfg.rope_theta() as f32)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), GValue::F32(cfg.rms_norm_eps as f32)),
-        ("tokenizer.ggml.model".into(), s("gpt2")),
+    meta.splice(
+        0..0,
+        [
+            ("general.architecture".to_string(), s(arch)),
+            ("general.name".into(), s(name.unwrap_or("lmstack model"))),
+            ("general.file_type".into(), GValue::U32(wtype.file_type())),
+            ("general.quantization_version".into(), GValue::U32(2)),
+        ],
+    );
+    meta.extend([
+        ("tokenizer.ggml.model".to_string(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s(pre)),
         ("tokenizer.ggml.tokens".into(), GValue::Array(tokens.iter().map(|t| s(t)).collect())),
         ("tokenizer.ggml.token_type".into(), GValue::Array(types.iter().map(|&t| GValue::I32(t)).collect())),
         ("tokenizer.ggml.merges".into(), GValue::Array(merges.iter().map(|m| s(m)).collect())),
         ("tokenizer.ggml.add_bos_token".into(), GValue::Bool(false)),
-    ];
-    if cfg.hidden_act != crate::config::Activation::Silu {
-        return Err(Error::invalid("model", "llama.cpp's llama architecture computes SiLU only"));
-    }
+    ]);
     for (key, id) in [
         ("tokenizer.ggml.bos_token_id", tokenizer.bos_id()),
         ("tokenizer.ggml.eos_token_id", tokenizer.eos_id()),
@@ -1032,41 +1147,18 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
     if let Some(t) = tokenizer.chat_template() {
         meta.push(("tokenizer.chat_template".into(), s(t)));
     }
-    // Tensors under llama.cpp's names, in its order.
     let tensors = model.params().tensors();
-    let mut names: Vec<(String, String)> = Vec::new();
-    names.push(("model.embed_tokens.weight".into(), "token_embd.weight".into()));
-    for i in 0..cfg.num_hidden_layers {
-        for (hf, gg) in [
-            ("input_layernorm", "attn_norm"),
-            ("self_attn.q_proj", "attn_q"),
-            ("self_attn.k_proj", "attn_k"),
-            ("self_attn.v_proj", "attn_v"),
-            ("self_attn.o_proj", "attn_output"),
-            ("post_attention_layernorm", "ffn_norm"),
-            ("mlp.gate_proj", "ffn_gate"),
-            ("mlp.up_proj", "ffn_up"),
-            ("mlp.down_proj", "ffn_down"),
-        ] {
-            for suffix in ["weight", "bias"] {
-                names.push((format!("model.layers.{i}.{hf}.{suffix}"), format!("blk.{i}.{gg}.{suffix}")));
-            }
-        }
-    }
-    names.push(("model.norm.weight".into(), "output_norm.weight".into()));
-    if !cfg.tie_word_embeddings {
-        names.push(("lm_head.weight".into(), "output.weight".into()));
-    }
     let mut qts: Vec<(String, QTensor)> = Vec::new();
-    for (hf, gg) in names {
+    for TensorEntry { hf, gg, layout, .. } in tensor_map(model.config()).map_err(|e| Error::invalid("model", e))? {
         let Some(t) = tensors.get(&hf) else { continue };
         let mut t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        if gg.contains("attn_q.") {
-            t = permute_rows(&t, cfg.num_attention_heads)?;
-        } else if gg.contains("attn_k.") {
-            t = permute_rows(&t, cfg.kv_heads())?;
+        match layout {
+            Layout::Same => {}
+            Layout::Permute(heads) => t = permute_rows(&t, heads)?,
+            Layout::Transpose => t = t.t()?.contiguous()?,
         }
-        let ty = if t.rank() == 2 {
+        // Position tables stay f32 (llama.cpp's converter does not quantize them either).
+        let ty = if t.rank() == 2 && gg != "position_embd.weight" {
             let cols = t.dim(1)?;
             if cols % wtype.ggml().block_size() == 0 {
                 wtype.ggml()

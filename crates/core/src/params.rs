@@ -45,6 +45,8 @@ struct Inner {
     /// placeholder of each, whose id maps back here ([`ParamStore::quantized_of`]).
     quantized: HashMap<String, Arc<QTensor>>,
     quantized_ids: HashMap<candle_core::TensorId, String>,
+    /// The quantized weights held as the transpose of their placeholders.
+    transposed: std::collections::HashSet<String>,
 }
 
 /// A shared, named collection of model parameters (see the module docs).
@@ -66,6 +68,7 @@ impl ParamStore {
                 released: BTreeMap::new(),
                 quantized: HashMap::new(),
                 quantized_ids: HashMap::new(),
+                transposed: Default::default(),
             })),
         }
     }
@@ -78,18 +81,27 @@ impl ParamStore {
     /// Frozen parameters of which some are quantized (a GGUF file): the model is handed an
     /// f32 placeholder of each quantized weight (its shape, no values) and its projections
     /// compute with the quantized tensor ([`ParamStore::quantized_of`]).
+    ///
+    /// The tensors named in `transposed` are stored transposed (a GPT-2 `Conv1D` weight, `[in,
+    /// out]`, held quantized as `[out, in]`): their placeholders have the transposed shape.
     pub fn frozen_quantized(
         mut tensors: HashMap<String, Tensor>,
         quantized: HashMap<String, Arc<QTensor>>,
+        transposed: &std::collections::HashSet<String>,
         file: &str,
     ) -> Self {
         for (name, q) in &quantized {
-            let placeholder = crate::nn::placeholder_of(q.shape(), DType::F32, &Device::Cpu)
+            let mut dims = q.shape().dims().to_vec();
+            if transposed.contains(name) {
+                dims.reverse();
+            }
+            let placeholder = crate::nn::placeholder_of(&dims.into(), DType::F32, &Device::Cpu)
                 .expect("a scalar broadcasts to any shape");
             tensors.insert(name.clone(), placeholder);
         }
         let store = Self::new(tensors, file, false, None);
         store.lock().quantized = quantized;
+        store.lock().transposed = transposed.clone();
         store
     }
 
@@ -149,7 +161,15 @@ impl ParamStore {
             .iter()
             .map(|(k, p)| {
                 let t = match inner.quantized.get(k) {
-                    Some(q) => q.dequantize(&Device::Cpu).expect("a CPU quantized tensor dequantizes"),
+                    Some(q) => {
+                        let t = q.dequantize(&Device::Cpu).expect("a CPU quantized tensor dequantizes");
+                        // Held transposed (`frozen_quantized`): back to the placeholder's layout.
+                        if inner.transposed.contains(k) {
+                            t.t().and_then(|t| t.contiguous()).expect("a matrix transposes")
+                        } else {
+                            t
+                        }
+                    }
                     None => p.tensor.clone(),
                 };
                 (k.clone(), t)

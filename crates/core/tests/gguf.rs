@@ -110,6 +110,51 @@ fn character_vocabularies_are_written_as_byte_level_bpe() {
     assert!(err.contains("\"é\"") && err.contains("2 bytes"), "{err}");
 }
 
+/// A GPT-2 model (lmstack's default architecture) with a character vocabulary is written as
+/// llama.cpp's `gpt2` (its `Conv1D` weights transposed, the position table f32) and reads
+/// back with the same logits at f32, and with the logits its quantized weights imply at q8_0
+/// (kept quantized, `[out, in]`, behind placeholders of the Hugging Face shape).
+#[test]
+fn gpt2_models_round_trip() {
+    let text = std::fs::read_to_string(repo_data("tinyshakespeare.txt")).unwrap();
+    let tok = Tokenizer::from_chars(text.chars()).unwrap();
+    let cfg = ModelConfig::from_json(
+        &format!(
+            r#"{{"model_type":"gpt2","vocab_size":{},"n_embd":128,"n_layer":2,"n_head":4,"n_positions":64}}"#,
+            tok.vocab_size()
+        ),
+        "test",
+    )
+    .unwrap();
+    let m = Model::init(cfg, 11, DType::F32, &Device::Cpu).unwrap();
+    let ids = tok.encode("ROMEO: wherefore art thou?", false).unwrap();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let exact = m.forward(&t, None).unwrap();
+    for wt in [WriteType::F32, WriteType::Q8_0] {
+        let path = tmp("gpt2").join(format!("m-{wt:?}.gguf"));
+        write_model(&m, &tok, &path, wt).unwrap();
+        let file = GgufFile::open(&path).unwrap();
+        assert_eq!(file.architecture().unwrap(), "gpt2");
+        let back = Pretrained::load(&path, DType::F32, &Device::Cpu).unwrap();
+        let ModelConfig::Gpt2(c) = back.model.config() else { panic!("{:?}", back.model.config()) };
+        assert_eq!((c.n_embd, c.n_layer, c.n_head, c.n_positions, c.inner()), (128, 2, 4, 64, 512));
+        assert_eq!(back.tokenizer.encode("ROMEO: wherefore art thou?", false).unwrap(), ids);
+        let logits = back.model.forward(&t, None).unwrap();
+        if wt == WriteType::F32 {
+            let d = max_diff(&logits, &exact);
+            assert!(d < 1e-5, "{d}");
+        } else {
+            let mut q = back.model;
+            let quantized = q.linears_mut().iter().filter(|l| l.quantized().is_some()).count();
+            assert_eq!(quantized, 9, "4 per layer and the tied head");
+            let d = max_diff(&logits, &dequantized_twin(&q).forward(&t, None).unwrap());
+            let scale = exact.abs().unwrap().max_keepdim(2).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 0.05 * scale, "{d} against the dequantized weights (logits up to {scale})");
+            assert!(max_diff(&logits, &exact) < 0.5 * scale);
+        }
+    }
+}
+
 #[test]
 fn quantized_weights_stay_quantized_and_compute_what_they_imply() {
     let tok = tokenizer();

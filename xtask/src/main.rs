@@ -1,6 +1,10 @@
 //! Project chores: `cargo xtask <command>`.
 //!
-//! - `ci`: what `.ci/run` runs — formatting, clippy with warnings denied, the tests and the docs.
+//! - `ci`: what `.ci/run` runs — the vendored candle-core check below, formatting, clippy with
+//!   warnings denied, the tests and the docs.
+//! - `check-vendor`: fails unless the build uses `vendor/candle-core` (`cargo tree` names its
+//!   path) and the vendored source holds the patch `vendor/candle-core/backprop.patch` (which
+//!   turns crates.io's candle-core 0.11.1 into it), so an upgrade cannot drop the patch silently.
 //! - `fixtures`: regenerates the Hugging Face parity fixtures of `lmstack-core` and the golden
 //!   chat-template renderings with Python (`pip install torch transformers tokenizers
 //!   safetensors`); CI never needs Python.
@@ -147,6 +151,29 @@ fn bench_gguf(extra: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// See the module docs: the build's candle-core is the vendored, patched copy.
+fn check_vendor() -> Result<(), String> {
+    let vendored = root().join("vendor/candle-core");
+    let out = Command::new("cargo")
+        .args(["tree", "-p", "lmstack-core", "-e", "normal", "-i", "candle-core", "--prefix", "none"])
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("could not start `cargo tree`: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or("");
+    if !out.status.success() || !first.contains(&vendored.display().to_string()) {
+        return Err(format!(
+            "the build does not use the vendored candle-core ({}): `cargo tree -i candle-core` says {first:?} \
+             (see vendor/candle-core/PATCHES.md)",
+            vendored.display()
+        ));
+    }
+    run("git", &["apply", "-R", "--check", "--directory=vendor/candle-core", "vendor/candle-core/backprop.patch"], &[])
+        .map_err(|e| format!("vendor/candle-core/src no longer holds vendor/candle-core/backprop.patch: {e}"))?;
+    println!("candle-core: {first}, with vendor/candle-core/backprop.patch applied");
+    Ok(())
+}
+
 /// The fetched SmolLM2 file, fetching it if needed.
 fn default_gguf() -> Result<String, String> {
     let f = cache_dir()?.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -281,6 +308,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let res = match args.first().map(String::as_str) {
         Some("ci") => (|| {
+            check_vendor()?;
             run("cargo", &["fmt", "--all", "--check"], &[])?;
             run("cargo", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
             run("cargo", &["test", "--workspace"], &[])?;
@@ -298,6 +326,7 @@ fn main() -> ExitCode {
                     .into(),
             ),
         },
+        Some("check-vendor") => check_vendor(),
         Some("eval") => eval(&args[1..]),
         Some("fetch-model") => fetch_model(&args[1..]),
         Some("fixtures") => run("python3", &[FIXTURES], &[])
@@ -306,8 +335,12 @@ fn main() -> ExitCode {
             Some(dir) => run("python3", &[FIXTURES, "--verify", dir], &[]),
             None => Err("usage: cargo xtask verify-hf DIR".into()),
         },
-        Some(other) => Err(format!("unknown command `{other}`; expected one of: ci, bench, eval, fetch-model, fixtures, verify-hf")),
-        None => Err("usage: cargo xtask <ci | bench train | bench serve | eval | fetch-model smollm2 | fixtures | verify-hf DIR>".into()),
+        Some(other) => Err(format!("unknown command `{other}`; expected one of: ci, check-vendor, bench, eval, fetch-model, fixtures, verify-hf")),
+        None => Err(
+            "usage: cargo xtask <ci | check-vendor | bench train | bench serve | eval | fetch-model smollm2 | fixtures \
+             | verify-hf DIR>"
+                .into(),
+        ),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -299,7 +299,7 @@ fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
 #[derive(Args, Debug)]
 struct ExportArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json) or GGUF file; a Llama
-    /// model with a byte-level BPE tokenizer.
+    /// or GPT-2 model with a byte-level BPE or character-level tokenizer.
     #[arg(long)]
     model: PathBuf,
     /// Output GGUF file.

@@ -305,7 +305,8 @@ fn export_writes_a_gguf_that_loads_back() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
-    // lmstack's default GPT-2 architecture is not written yet: refused, saying so.
+    // lmstack's default GPT-2 architecture is written too (its 16-wide rows as f16) and loads
+    // back with the same logits; BERT is refused, saying so in one line.
     let gpt2 = d.join("gpt2");
     let cfg = format!(
         r#"{{"model_type":"gpt2","vocab_size":{},"n_embd":16,"n_head":2,"n_layer":1,"n_positions":16}}"#,
@@ -313,10 +314,31 @@ fn export_writes_a_gguf_that_loads_back() {
     );
     let m = Model::init(ModelConfig::from_json(&cfg, "t").unwrap(), 3, DType::F32, &Device::Cpu).unwrap();
     Pretrained { model: m, tokenizer: a.tokenizer.clone(), dir: None }.save(&gpt2).unwrap();
+    let gpt2_out = d.join("gpt2.gguf");
+    let o = train()
+        .args(["export", "--model", gpt2.to_str().unwrap(), "--out", gpt2_out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ga, gb) = (
+        Pretrained::load(&gpt2, DType::F32, &Device::Cpu).unwrap(),
+        Pretrained::load(&gpt2_out, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let (la, lb) = (ga.model.forward(&t, None).unwrap(), gb.model.forward(&t, None).unwrap());
+    let diff = (la - lb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 0.05, "gpt2 logits differ by {diff}");
+    let bert = d.join("bert");
+    let cfg = format!(
+        r#"{{"model_type":"bert","vocab_size":{},"hidden_size":16,"num_attention_heads":2,"num_hidden_layers":1,
+        "intermediate_size":32,"max_position_embeddings":16}}"#,
+        a.tokenizer.vocab_size()
+    );
+    let m = Model::init(ModelConfig::from_json(&cfg, "t").unwrap(), 3, DType::F32, &Device::Cpu).unwrap();
+    Pretrained { model: m, tokenizer: a.tokenizer.clone(), dir: None }.save(&bert).unwrap();
     let o =
-        train().args(["export", "--model", gpt2.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+        train().args(["export", "--model", bert.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("only llama models"), "{err}");
+    assert!(err.contains("only llama and gpt2 models"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }

@@ -566,12 +566,12 @@ impl GgufFile {
     }
 }
 
-/// Tensor types candle computes with on the CPU (others are refused, named).
 /// Whether `t` is a block-quantized type (not f32, f16 or bf16).
 fn is_block_quantized(t: GgmlDType) -> bool {
     !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
+/// Tensor types candle computes with on the CPU (others are refused, named).
 fn check_type(t: GgmlDType) -> std::result::Result<(), String> {
     use GgmlDType::*;
     match t {

@@ -307,7 +307,7 @@ impl WeightArena {
         let dims = q.shape().dims().to_vec();
         let data = q.data().map_err(|e| e.to_string())?;
         let size = std::mem::size_of::<T>();
-        if data.len() % size != 0 || size == 0 {
+        if size == 0 || data.len() % size != 0 {
             return Err(format!("{} bytes are not whole blocks of {size}", data.len()));
         }
         let n = data.len() / size;
@@ -329,7 +329,7 @@ impl WeightArena {
             }
         }
         drop(data);
-        let blocks = ArenaBlocks::<T> { arena: self.clone(), ptr: dst as *mut T, n };
+        let blocks = ArenaBlocks::<T> { _arena: self.clone(), ptr: dst as *mut T, n };
         let storage = candle_core::quantized::QStorage::Cpu(Box::new(blocks));
         QTensor::new(storage, dims).map_err(|e| e.to_string())
     }
@@ -356,7 +356,8 @@ impl Drop for WeightArena {
 /// The blocks of one tensor in a [`WeightArena`]: candle's quantized storage over them, as its
 /// own `Vec` of blocks is.
 struct ArenaBlocks<T> {
-    arena: std::sync::Arc<WeightArena>,
+    /// Keeps the mapping alive while the blocks are in use.
+    _arena: std::sync::Arc<WeightArena>,
     ptr: *mut T,
     n: usize,
 }
@@ -368,7 +369,6 @@ unsafe impl<T: Sync> Sync for ArenaBlocks<T> {}
 
 impl<T> ArenaBlocks<T> {
     fn blocks(&self) -> &[T] {
-        let _ = &self.arena;
         // SAFETY: n blocks written by adopt_as at an aligned pointer, alive while the arena is.
         unsafe { std::slice::from_raw_parts(self.ptr, self.n) }
     }

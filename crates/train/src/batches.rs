@@ -9,12 +9,16 @@
 //! Window offsets are drawn from a seeded RNG whose state is part of a checkpoint, so a
 //! resumed run sees exactly the batches an uninterrupted one would.
 
-use candle_core::{Device, Tensor};
-use lmstack_core::ops::IGNORE_INDEX;
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use lmstack_core::ops::{cross_entropy, IGNORE_INDEX};
+use lmstack_core::Model;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::Tokens;
+use crate::optim::{self, AdamW};
 use crate::{Error, Result};
 
 /// A batch of inputs and labels.
@@ -26,9 +30,9 @@ pub struct Batch {
     pub labels: Tensor,
 }
 
-/// Which self-supervised objective batches are built for.
+/// Which self-supervised labels batches are built with.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Objective {
+pub enum SelfSupervised {
     /// Predict the next token (GPT-2, Llama).
     Causal,
     /// Predict masked tokens (BERT).
@@ -58,7 +62,7 @@ pub fn sample_batch(
     tokens: &dyn Tokens,
     batch: usize,
     block: usize,
-    objective: Objective,
+    objective: SelfSupervised,
     rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Result<Batch> {
@@ -71,7 +75,7 @@ pub fn windows(
     tokens: &dyn Tokens,
     starts: &[usize],
     block: usize,
-    objective: Objective,
+    objective: SelfSupervised,
     rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Result<Batch> {
@@ -83,11 +87,11 @@ pub fn windows(
         w.clear();
         tokens.extend_into(s, block + 1, &mut w);
         match objective {
-            Objective::Causal => {
+            SelfSupervised::Causal => {
                 x.extend_from_slice(&w[..block]);
                 y.extend_from_slice(&w[1..]);
             }
-            Objective::Masked { mask_id, vocab_size, prob } => {
+            SelfSupervised::Masked { mask_id, vocab_size, prob } => {
                 for &t in &w[..block] {
                     if rng.random::<f64>() < prob {
                         y.push(t);
@@ -108,4 +112,64 @@ pub fn windows(
         }
     }
     Ok(Batch { inputs: Tensor::from_vec(x, (b, block), device)?, labels: Tensor::from_vec(y, (b, block), device)? })
+}
+
+impl Batch {
+    /// The number of scored positions (labels other than [`IGNORE_INDEX`]).
+    pub fn scored(&self) -> Result<usize> {
+        Ok(self.labels.flatten_all()?.to_vec1::<u32>()?.iter().filter(|&&t| t != IGNORE_INDEX).count())
+    }
+}
+
+/// Mean loss of `model` on a batch (differentiable when the model is trainable), and the number
+/// of scored positions. The batch must score at least one position ([`Batch::scored`]).
+pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize)> {
+    let logits = model.forward(&batch.inputs, None)?;
+    let (b, t, v) = logits.dims3()?;
+    Ok(cross_entropy(&logits.reshape((b * t, v))?, &batch.labels.reshape(b * t)?)?)
+}
+
+/// Loss and gradients of `batch`, computed as `shards` slices of the batch in parallel (data
+/// parallelism across cores: each slice is an independent forward and backward pass) and
+/// combined weighted by their scored tokens, in slice order so the result is reproducible.
+/// Equals the whole-batch loss and gradient up to float rounding. A slice that scores nothing
+/// (a masked-LM slice with nothing masked) contributes nothing.
+pub fn shard_grads(
+    model: &Model,
+    opt: &AdamW,
+    batch: &Batch,
+    shards: usize,
+) -> Result<(f64, HashMap<String, Vec<f32>>)> {
+    use rayon::prelude::*;
+    let b = batch.inputs.dim(0)?;
+    let shards = shards.clamp(1, b);
+    let bounds: Vec<(usize, usize)> = (0..shards).map(|i| (i * b / shards, (i + 1) * b / shards)).collect();
+    type Part = (f64, usize, HashMap<String, Vec<f32>>);
+    let parts: Vec<Result<Part>> = bounds
+        .par_iter()
+        .map(|&(lo, hi)| {
+            let part =
+                Batch { inputs: batch.inputs.narrow(0, lo, hi - lo)?, labels: batch.labels.narrow(0, lo, hi - lo)? };
+            if part.scored()? == 0 {
+                return Ok((0.0, 0, HashMap::new()));
+            }
+            let (loss, n) = batch_loss(model, &part)?;
+            let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let g = loss.backward()?;
+            Ok((l, n, optim::collect_grads(opt, &g)?))
+        })
+        .collect();
+    let parts: Vec<_> = parts.into_iter().collect::<Result<_>>()?;
+    let total: usize = parts.iter().map(|p| p.1).sum();
+    if total == 0 {
+        return Err(Error::Msg("the batch has no scored tokens".into()));
+    }
+    let mut grads = HashMap::new();
+    let mut loss = 0.0;
+    for (l, n, g) in parts {
+        let w = n as f64 / total as f64;
+        loss += l * w;
+        optim::accumulate(&mut grads, g, w as f32);
+    }
+    Ok((loss, grads))
 }

@@ -39,6 +39,23 @@ pub struct TrainerState {
     pub files: BTreeMap<String, (u64, u32)>,
 }
 
+impl TrainerState {
+    /// A fresh run's state: step 0, the batch RNG seeded with `data_seed` and the evaluation
+    /// RNG with `eval_seed`.
+    pub fn fresh(data_seed: u64, eval_seed: u64) -> TrainerState {
+        use rand::SeedableRng;
+        TrainerState {
+            version: VERSION,
+            step: 0,
+            data_rng: ChaCha8Rng::seed_from_u64(data_seed),
+            eval_rng: ChaCha8Rng::seed_from_u64(eval_seed),
+            best_val: None,
+            tokens_seen: 0,
+            files: Default::default(),
+        }
+    }
+}
+
 /// The contents of a loaded checkpoint.
 #[derive(Debug)]
 pub struct Loaded {

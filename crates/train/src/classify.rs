@@ -5,14 +5,13 @@
 //! on the held-out split before and after; the saved model directory carries `id2label`, so it
 //! predicts label names for new text ([`predict`], `train sample --model DIR --classify TEXT`).
 //!
-//! Same machinery as the other runs: AdamW with checkpointable moments, warmup + cosine,
+//! An objective of the one training loop ([`crate::trainer`]), so the same machinery as the other runs: AdamW with checkpointable moments, warmup + cosine,
 //! clipping, seeded batches, atomic checkpoints with `--resume`, `metrics.jsonl`, `loss.svg`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use lmstack_core::ops::cross_entropy;
@@ -23,11 +22,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::TrainerState;
 use crate::finetune::FinetuneConfig;
-use crate::metrics::{self, MetricsLog, Record};
+use crate::metrics::{self, Record};
 use crate::optim::{self, AdamW, AdamWConfig};
-use crate::pretrain::{frozen, peak_rss_mib};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
 use crate::{Error, Result};
 
 /// A labelled text.
@@ -150,6 +149,42 @@ pub struct ClassifySummary {
     pub output: PathBuf,
 }
 
+/// Classification as the trainer sees it: a random batch of labelled texts and the
+/// cross-entropy of the head's logits; evaluation is the held-out error rate (1 − accuracy).
+struct Classification<'a> {
+    model: &'a Model,
+    train: &'a [(Vec<u32>, u32)],
+    val: &'a [(Vec<u32>, u32)],
+    pad: u32,
+    batch_size: usize,
+}
+
+impl Objective for Classification<'_> {
+    fn micro_batch(&mut self, _step: u64, opt: &AdamW, rng: &mut ChaCha8Rng) -> Result<MicroBatch> {
+        let k = self.batch_size.min(self.train.len());
+        let picks = rand::seq::index::sample(rng, self.train.len(), k);
+        let refs: Vec<&Vec<u32>> = picks.iter().map(|i| &self.train[i].0).collect();
+        let ys: Vec<u32> = picks.iter().map(|i| self.train[i].1).collect();
+        let dev = self.model.device();
+        let (ids, mask) = pad_batch(&refs, self.pad, dev)?;
+        let logits = self.model.classify(&ids, Some(&mask), None)?;
+        let (loss, _) = cross_entropy(&logits, &Tensor::new(ys.as_slice(), dev)?)?;
+        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let grads = if l.is_finite() { optim::collect_grads(opt, &loss.backward()?)? } else { HashMap::new() };
+        Ok(MicroBatch { loss: l, grads, tokens: 0 })
+    }
+
+    fn evaluate(&mut self, _rng: &mut ChaCha8Rng) -> Result<Option<Evaluation>> {
+        let acc = accuracy(&frozen(self.model)?, self.val, self.pad)?;
+        let text = format!("held-out accuracy {acc:.3}");
+        Ok(Some(Evaluation { loss: 1.0 - acc, perplexity: false, text, tracks_best: false }))
+    }
+
+    fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.model.params().tensors()
+    }
+}
+
 /// Trains a classification head (and the encoder under it) as `cfg` says; `val_data` (or a
 /// `val_fraction` of `data`) is the held-out split accuracy is measured on.
 pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: bool) -> Result<ClassifySummary> {
@@ -158,7 +193,6 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         return Err(Error::Msg("classification runs need `task: classify` in their configuration".into()));
     }
     let out = &cfg.out_dir;
-    let ckpt_root = out.join("checkpoints");
     let resume_from = crate::finetune::prepare_run_dir(cfg, resume)?;
     let dev = Device::Cpu;
     let base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
@@ -226,91 +260,39 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
     }
     let store = ParamStore::trainable(weights, &parameters_src, Some(cfg.seed));
     let model = Model::new(mcfg, &store, DType::F32, &dev)?;
-    let vars = model.params().vars();
     let parameters = model.num_parameters();
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
-    let mut opt = AdamW::new(vars, adam);
-    let mut state = match resume_from {
-        Some(l) => {
-            opt.load_state(&l.optimizer, l.state.step, "optimizer.safetensors")?;
-            l.state
-        }
-        None => crate::finetune::fresh_state(cfg.seed),
-    };
+    let resumed = resume_from.map(|l| (l.state, l.optimizer));
+    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
+    let mut trainer = Trainer::new(out, model.params().vars(), adam, resumed, fresh, stop, progress)?;
     // The log's step-0 record is the error rate before training (1 − accuracy); a resumed run
     // reports that as its "before", not the accuracy of the partly trained model it resumes.
-    let metrics_path = out.join("metrics.jsonl");
-    let logged = if resume { metrics::initial_val(&metrics_path)? } else { None };
+    let logged = if resume { metrics::initial_val(trainer.log.path())? } else { None };
     let acc_before = match logged {
         Some(err) => 1.0 - err,
         None => accuracy(&frozen(&model)?, &val, pad)?,
     };
-    let mut log = MetricsLog::open(&metrics_path, resume.then_some(state.step))?;
     if !resume && !val.is_empty() {
-        log.write(&Record::val(0, 1.0 - acc_before, false))?;
+        trainer.log.write(&Record::val(0, 1.0 - acc_before, false))?;
     }
     println!(
         "classification finetuning of {} ({parameters} parameters): labels {labels:?}; {} train / {} held-out examples; held-out accuracy {}: {acc_before:.3} (majority label: {majority_baseline:.3})",
         cfg.base.display(),
         train.len(),
         val.len(),
-        if resume && logged.is_none() { format!("at step {}", state.step) } else { "before".to_owned() }
+        if resume && logged.is_none() { format!("at step {}", trainer.state.step) } else { "before".to_owned() }
     );
     if resume {
-        println!("resuming at step {} of {}", state.step, cfg.max_steps);
+        println!("resuming at step {} of {}", trainer.state.step, cfg.max_steps);
     }
-    let bar = metrics::progress_bar(progress, cfg.max_steps, state.step);
-    let save_ckpt = |state: &TrainerState, model: &Model, opt: &AdamW| -> Result<()> {
-        checkpoint::save(&ckpt_root, state.clone(), &model.params().tensors(), &opt.state_tensors()?, 2)?;
-        Ok(())
-    };
-    let started = Instant::now();
-    let first = state.step;
-    let mut interrupted = false;
-    while state.step < cfg.max_steps {
-        if stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        let step = state.step;
-        let lr = optim::lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps);
-        let k = cfg.batch_size.min(train.len());
-        let picks = rand::seq::index::sample(&mut state.data_rng, train.len(), k);
-        let refs: Vec<&Vec<u32>> = picks.iter().map(|i| &train[i].0).collect();
-        let ys: Vec<u32> = picks.iter().map(|i| train[i].1).collect();
-        let (ids, mask) = pad_batch(&refs, pad, &dev)?;
-        let logits = model.classify(&ids, Some(&mask), None)?;
-        let (loss, _) = cross_entropy(&logits, &Tensor::new(ys.as_slice(), &dev)?)?;
-        let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !l.is_finite() {
-            save_ckpt(&state, &model, &opt)?;
-            return Err(Error::Msg(format!("step {step}: the loss is {l}; stopping. Try a lower --lr")));
-        }
-        let mut grads = optim::collect_grads(&opt, &loss.backward()?)?;
-        let norm = (cfg.grad_clip > 0.0).then(|| optim::clip_grad_norm(&mut grads, cfg.grad_clip));
-        opt.step(&grads, lr)?;
-        state.step += 1;
-        let done = state.step;
-        log.write(&Record::train(done, l, lr, None, norm))?;
-        bar.set_message(format!("loss {l:.4} lr {lr:.2e}"));
-        bar.set_position(done);
-        if done % cfg.eval_interval == 0 || done == cfg.max_steps {
-            let acc = accuracy(&frozen(&model)?, &val, pad)?;
-            log.write(&Record::val(done, 1.0 - acc, false))?;
-            let line = format!("step {done}: train loss {l:.4}, held-out accuracy {acc:.3}");
-            metrics::bar_println(&bar, line);
-        }
-        if cfg.checkpoint_interval > 0 && done % cfg.checkpoint_interval == 0 && done < cfg.max_steps {
-            save_ckpt(&state, &model, &opt)?;
-        }
-    }
-    bar.finish_and_clear();
-    save_ckpt(&state, &model, &opt)?;
-    let records = metrics::read(log.path())?;
-    let title = format!("classification, {} steps (val: error rate)", state.step);
-    lmstack_core::io::write_atomic(&out.join("loss.svg"), metrics::loss_svg(&records, &title).as_bytes())?;
+    // One batch per step: classification runs never accumulated.
+    let loop_cfg = LoopConfig { grad_accum: 1, ..cfg.loop_config() };
+    let mut objective = Classification { model: &model, train: &train, val: &val, pad, batch_size: cfg.batch_size };
+    let outcome = trainer.run(&loop_cfg, &mut objective)?;
+    let title = format!("classification, {} steps (val: error rate)", trainer.state.step);
+    trainer.write_loss_plot(out, &title)?;
     let output = out.join("model");
-    let after = if interrupted {
+    let after = if outcome.interrupted {
         None
     } else {
         let m = frozen(&model)?;
@@ -318,16 +300,15 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         Pretrained { model: m, tokenizer: tok, dir: None }.save(&output)?;
         Some(acc)
     };
-    let steps_run = state.step - first;
     let summary = ClassifySummary {
-        steps: state.step,
-        interrupted,
+        steps: trainer.state.step,
+        interrupted: outcome.interrupted,
         labels,
         accuracy: (acc_before, after),
         majority_baseline,
         examples: (train.len(), val.len()),
         parameters,
-        ms_per_step: started.elapsed().as_secs_f64() * 1e3 / steps_run.max(1) as f64,
+        ms_per_step: outcome.ms_per_step(),
         peak_rss_mib: peak_rss_mib(),
         output,
     };

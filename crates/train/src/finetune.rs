@@ -1,10 +1,10 @@
 //! Supervised finetuning of a causal LM on instruction data: full (every weight trains) or
 //! LoRA (the base is frozen — not even in the optimizer — and only low-rank adapters train).
 //!
-//! It shares pretraining's machinery: the same AdamW with checkpointable moments, warmup +
-//! cosine schedule, gradient clipping and accumulation, data-parallel slices
-//! ([`crate::pretrain::shard_grads`]), atomic verified checkpoints with exact `--resume`,
-//! `metrics.jsonl` and `loss.svg`. Batches are seeded random draws of examples, padded, with
+//! It is an objective of the one training loop ([`crate::trainer`]), so it shares pretraining's
+//! machinery: the same AdamW with checkpointable moments, warmup + cosine schedule, gradient
+//! clipping and accumulation, data-parallel slices ([`crate::batches::shard_grads`]), atomic
+//! verified checkpoints with exact `--resume`, `metrics.jsonl` and `loss.svg`. Batches are seeded random draws of examples, padded, with
 //! the loss on assistant tokens only ([`crate::sft`]).
 //!
 //! A run directory holds `finetune.json` (the resolved configuration), `checkpoints/`,
@@ -18,7 +18,6 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lmstack_core::lora::{LoraConfig, TargetModules};
@@ -30,11 +29,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::batches::Batch;
+use crate::batches::{batch_loss, shard_grads, Batch};
 use crate::checkpoint::{self, TrainerState};
-use crate::metrics::{self, MetricsLog, Record};
-use crate::optim::{self, AdamW, AdamWConfig};
-use crate::pretrain::{frozen, peak_rss_mib, shard_grads};
+use crate::metrics::{self, Record};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
 use crate::sft::{self, ChatFormat, Tokenized};
 use crate::{Error, Result};
 
@@ -201,6 +200,26 @@ impl FinetuneConfig {
             .collect())
     }
 
+    /// How the training loop runs: a record per step, an evaluation line per evaluation, the
+    /// cosine decay ending at the last step.
+    pub fn loop_config(&self) -> LoopConfig {
+        LoopConfig {
+            max_steps: self.max_steps,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_steps: self.warmup_steps,
+            decay_steps: self.max_steps,
+            grad_clip: self.grad_clip,
+            log_interval: 1,
+            eval_interval: self.eval_interval,
+            checkpoint_interval: self.checkpoint_interval,
+            throughput: false,
+            print_evals: true,
+            lr_setting: "--lr",
+        }
+    }
+
     /// The PEFT adapter configuration this run writes.
     pub fn lora_config(&self) -> LoraConfig {
         let targets = match self.target_modules.as_slice() {
@@ -337,20 +356,78 @@ pub struct FinetuneSummary {
     pub output: PathBuf,
 }
 
-/// Masked loss of `model` over `items` (no optimizer step).
-fn val_loss(model: &Model, items: &[Tokenized], max_len: usize, pad: u32) -> Result<f64> {
-    let (mut total, mut n) = (0.0, 0usize);
-    for chunk in items.chunks(32) {
-        let refs: Vec<&Tokenized> = chunk.iter().collect();
-        let b = sft::batch(&refs, max_len, pad, model.device())?;
-        if b.n_scored == 0 {
-            continue;
+/// Supervised finetuning as the trainer sees it: random examples, padded, the loss on the
+/// scored (assistant) tokens over data-parallel slices; evaluation is the masked loss over the
+/// validation examples, adapters' dropout off.
+struct Sft<'a> {
+    model: &'a Model,
+    method: Method,
+    train: &'a [Tokenized],
+    val: &'a [Tokenized],
+    vars: &'a BTreeMap<String, Var>,
+    max_len: usize,
+    pad: u32,
+    batch_size: usize,
+    parallel_shards: usize,
+    /// The step adapters' dropout masks are drawn for.
+    step: Arc<AtomicU64>,
+    /// Whether adapters' dropout is on.
+    training: Arc<AtomicBool>,
+}
+
+impl Sft<'_> {
+    /// Masked loss over the validation examples (no graph, adapters' dropout off).
+    fn val_loss(&self) -> Result<f64> {
+        let was = self.training.swap(false, Ordering::Relaxed);
+        let frozen_copy;
+        let model = match self.method {
+            Method::Full => {
+                frozen_copy = frozen(self.model)?;
+                &frozen_copy
+            }
+            // The adapters' variables are the only trainable tensors; the base builds no graph.
+            Method::Lora => self.model,
+        };
+        let (mut total, mut n) = (0.0, 0usize);
+        for chunk in self.val.chunks(32) {
+            let refs: Vec<&Tokenized> = chunk.iter().collect();
+            let b = sft::batch(&refs, self.max_len, self.pad, model.device())?;
+            if b.n_scored == 0 {
+                continue;
+            }
+            let (l, k) = batch_loss(model, &Batch { inputs: b.inputs, labels: b.labels })?;
+            total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
+            n += k;
         }
-        let (l, k) = crate::pretrain::batch_loss(model, &Batch { inputs: b.inputs, labels: b.labels })?;
-        total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
-        n += k;
+        self.training.store(was, Ordering::Relaxed);
+        Ok(total / n.max(1) as f64)
     }
-    Ok(total / n.max(1) as f64)
+}
+
+impl Objective for Sft<'_> {
+    fn micro_batch(&mut self, step: u64, opt: &AdamW, rng: &mut ChaCha8Rng) -> Result<MicroBatch> {
+        self.step.store(step, Ordering::Relaxed);
+        let k = self.batch_size.min(self.train.len());
+        let picks = rand::seq::index::sample(rng, self.train.len(), k);
+        let refs: Vec<&Tokenized> = picks.iter().map(|i| &self.train[i]).collect();
+        let b = sft::batch(&refs, self.max_len, self.pad, self.model.device())?;
+        let tokens = b.n_scored as u64;
+        let (loss, grads) =
+            shard_grads(self.model, opt, &Batch { inputs: b.inputs, labels: b.labels }, self.parallel_shards)?;
+        Ok(MicroBatch { loss, grads, tokens })
+    }
+
+    fn evaluate(&mut self, _rng: &mut ChaCha8Rng) -> Result<Option<Evaluation>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        let v = self.val_loss()?;
+        Ok(Some(Evaluation { loss: v, perplexity: true, text: format!("val loss {v:.4}"), tracks_best: true }))
+    }
+
+    fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
 }
 
 /// Checks the run directory for a fresh run or a resume (same settings but `max_steps`), writes
@@ -400,19 +477,6 @@ pub fn prepare_run_dir(cfg: &FinetuneConfig, resume: bool) -> Result<Option<chec
     Ok(loaded)
 }
 
-/// A fresh run's state: step 0, the batch and evaluation RNGs seeded.
-pub fn fresh_state(seed: u64) -> TrainerState {
-    TrainerState {
-        version: checkpoint::VERSION,
-        step: 0,
-        data_rng: ChaCha8Rng::seed_from_u64(seed ^ 0xDA7A),
-        eval_rng: ChaCha8Rng::seed_from_u64(seed),
-        best_val: None,
-        tokens_seen: 0,
-        files: Default::default(),
-    }
-}
-
 /// Grows the token embeddings (and an untied output head) to `new_vocab` rows, new rows set to
 /// the mean of the old ones (as `transformers`' `resize_token_embeddings` does), and returns
 /// the config with the new `vocab_size`.
@@ -449,7 +513,6 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         return Err(Error::Msg("a classify run is trained by `train finetune --task classify`".into()));
     }
     let out = &cfg.out_dir;
-    let ckpt_root = out.join("checkpoints");
     let resume_from = prepare_run_dir(cfg, resume)?;
     let dev = Device::Cpu;
     let base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
@@ -567,35 +630,32 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
     };
     let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
-    let mut opt = AdamW::new(vars.clone(), adam);
-    let mut state = match resume_from {
-        Some(l) => {
-            opt.load_state(&l.optimizer, l.state.step, "optimizer.safetensors")?;
-            l.state
-        }
-        None => fresh_state(cfg.seed),
-    };
-    let eval_model = |m: &Model| -> Result<f64> {
-        training.store(false, Ordering::Relaxed);
-        let v = match cfg.method {
-            Method::Full => val_loss(&frozen(m)?, &val, max_len, pad),
-            Method::Lora => val_loss(m, &val, max_len, pad),
-        };
-        training.store(true, Ordering::Relaxed);
-        v
+    let resumed = resume_from.map(|l| (l.state, l.optimizer));
+    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
+    let mut trainer = Trainer::new(out, vars.clone(), adam, resumed, fresh, stop, progress)?;
+    let mut objective = Sft {
+        model: &model,
+        method: cfg.method,
+        train: &train,
+        val: &val,
+        vars: &vars,
+        max_len,
+        pad,
+        batch_size: cfg.batch_size,
+        parallel_shards: cfg.parallel_shards,
+        step: step_counter,
+        training: training.clone(),
     };
     // A resumed run's "before" is the base's loss its log recorded at step 0, not the loss of
     // the partly trained model it resumes.
-    let metrics_path = out.join("metrics.jsonl");
-    let logged = if resume { metrics::initial_val(&metrics_path)? } else { None };
+    let logged = if resume { metrics::initial_val(trainer.log.path())? } else { None };
     let base_val = match logged {
         _ if val.is_empty() => f64::NAN,
         Some(v) => v,
-        None => eval_model(&model)?,
+        None => objective.val_loss()?,
     };
-    let mut log = MetricsLog::open(&metrics_path, resume.then_some(state.step))?;
     if !resume && !val.is_empty() {
-        log.write(&Record::val(0, base_val, true))?;
+        trainer.log.write(&Record::val(0, base_val, true))?;
     }
     println!(
         "{} finetuning of {} ({} parameters; {} trainable, {:.2}%): {} train / {} val examples ({} skipped: longer than {max_len} tokens or nothing to score); {}",
@@ -613,77 +673,22 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
         if val.is_empty() {
             "no validation examples (pass --val-data)".to_owned()
         } else if resume && logged.is_none() {
-            format!("validation loss at step {}: {base_val:.4}", state.step)
+            format!("validation loss at step {}: {base_val:.4}", trainer.state.step)
         } else {
             format!("validation loss before: {base_val:.4}")
         }
     );
     if resume {
-        println!("resuming at step {} of {}", state.step, cfg.max_steps);
+        println!("resuming at step {} of {}", trainer.state.step, cfg.max_steps);
     }
 
-    let bar = metrics::progress_bar(progress, cfg.max_steps, state.step);
-    let save_ckpt = |state: &TrainerState, opt: &AdamW| -> Result<()> {
-        let weights: BTreeMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
-        checkpoint::save(&ckpt_root, state.clone(), &weights, &opt.state_tensors()?, 2)?;
-        Ok(())
-    };
+    let loop_cfg = cfg.loop_config();
     training.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    let first = state.step;
-    let mut interrupted = false;
-    let clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
-    while state.step < cfg.max_steps {
-        if stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        let step = state.step;
-        step_counter.store(step, Ordering::Relaxed);
-        let lr = optim::lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps);
-        let mut grads = HashMap::new();
-        let mut loss = 0.0;
-        for _ in 0..cfg.grad_accum {
-            let k = cfg.batch_size.min(train.len());
-            let picks = rand::seq::index::sample(&mut state.data_rng, train.len(), k);
-            let refs: Vec<&Tokenized> = picks.iter().map(|i| &train[i]).collect();
-            let b = sft::batch(&refs, max_len, pad, &dev)?;
-            state.tokens_seen += b.n_scored as u64;
-            let (l, g) = shard_grads(&model, &opt, &Batch { inputs: b.inputs, labels: b.labels }, cfg.parallel_shards)?;
-            loss += l / cfg.grad_accum as f64;
-            optim::accumulate(&mut grads, g, 1.0 / cfg.grad_accum as f32);
-        }
-        let norm = clip.map(|c| optim::clip_grad_norm(&mut grads, c));
-        if !loss.is_finite() {
-            save_ckpt(&state, &opt)?;
-            return Err(Error::Msg(format!("step {step}: the loss is {loss}; stopping. Try a lower --lr")));
-        }
-        opt.step(&grads, lr)?;
-        state.step += 1;
-        let done = state.step;
-        log.write(&Record::train(done, loss, lr, None, norm))?;
-        bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
-        bar.set_position(done);
-        if (done % cfg.eval_interval == 0 || done == cfg.max_steps) && !val.is_empty() {
-            let v = eval_model(&model)?;
-            log.write(&Record::val(done, v, true))?;
-            let line = format!("step {done}: train loss {loss:.4}, val loss {v:.4}");
-            metrics::bar_println(&bar, line);
-            if state.best_val.is_none_or(|(_, b)| v < b) {
-                state.best_val = Some((done, v));
-            }
-        }
-        if cfg.checkpoint_interval > 0 && done % cfg.checkpoint_interval == 0 && done < cfg.max_steps {
-            save_ckpt(&state, &opt)?;
-        }
-    }
-    bar.finish_and_clear();
-    save_ckpt(&state, &opt)?;
+    let outcome = trainer.run(&loop_cfg, &mut objective)?;
     training.store(false, Ordering::Relaxed);
-    let records = metrics::read(log.path())?;
-    let title = format!("{:?} finetuning, {} steps", cfg.method, state.step);
-    lmstack_core::io::write_atomic(&out.join("loss.svg"), metrics::loss_svg(&records, &title).as_bytes())?;
-    let final_val = if interrupted || val.is_empty() { None } else { Some(eval_model(&model)?) };
+    let title = format!("{:?} finetuning, {} steps", cfg.method, trainer.state.step);
+    trainer.write_loss_plot(out, &title)?;
+    let final_val = if outcome.interrupted || val.is_empty() { None } else { Some(objective.val_loss()?) };
     let output = match cfg.method {
         Method::Full => {
             let dir = out.join("model");
@@ -703,15 +708,14 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
             dir
         }
     };
-    let steps_run = state.step - first;
     let summary = FinetuneSummary {
-        steps: state.step,
-        interrupted,
+        steps: trainer.state.step,
+        interrupted: outcome.interrupted,
         val_loss: (base_val, final_val),
         trainable_parameters,
         base_parameters,
         examples: (train.len(), val.len(), skipped),
-        ms_per_step: started.elapsed().as_secs_f64() * 1e3 / steps_run.max(1) as f64,
+        ms_per_step: outcome.ms_per_step(),
         peak_rss_mib: peak_rss_mib(),
         output,
     };

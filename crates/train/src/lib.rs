@@ -1,12 +1,15 @@
 //! `lmstack-train`: dataset engineering, pretraining and finetuning; the `train` binary.
 //!
 //! - [`config`]: the pretraining configuration (TOML and flags).
-//! - [`batches`]: self-supervised batches (next-token and masked-LM labels).
+//! - [`trainer`]: the one training loop; each task below is an [`trainer::Objective`] of it.
+//! - [`batches`]: self-supervised batches (next-token and masked-LM labels), their loss and
+//!   data-parallel gradients.
 //! - [`optim`]: AdamW with checkpointable state, gradient clipping, the learning-rate schedule.
 //! - [`checkpoint`]: atomic, verified checkpoints for exact resumption.
 //! - [`metrics`]: `metrics.jsonl` and the loss-curve SVG.
-//! - [`pretrain`]: the training loop that ties them together.
+//! - [`pretrain`]: pretraining (causal or masked LM on a corpus).
 //! - [`sft`], [`finetune`]: instruction data with loss masks; full and LoRA finetuning, merging.
+//! - [`classify`]: a classification head on a masked LM.
 //!
 //! Depends on `lmstack-core` for tokenizers and models; knows nothing of HTTP or serving.
 #![deny(missing_docs)]
@@ -23,6 +26,7 @@ pub mod optim;
 pub mod pretrain;
 pub mod sft;
 pub mod synth;
+pub mod trainer;
 
 /// Errors of the training crate.
 #[derive(Debug, thiserror::Error)]

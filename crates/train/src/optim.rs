@@ -222,7 +222,11 @@ pub fn accumulate(acc: &mut HashMap<String, Vec<f32>>, more: HashMap<String, Vec
 /// Scales gradients so their global L2 norm is at most `max_norm` (as
 /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut HashMap<String, Vec<f32>>, max_norm: f64) -> f64 {
-    let norm = grads.values().flat_map(|v| v.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    // Summed in name order: a map's iteration order changes from run to run, and so would the
+    // last bits of the norm (and, through the clip factor, of the weights).
+    let mut names: Vec<&String> = grads.keys().collect();
+    names.sort();
+    let norm = names.iter().flat_map(|k| grads[*k].iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
     if norm > max_norm && norm.is_finite() {
         let c = (max_norm / (norm + 1e-6)) as f32;
         grads.values_mut().for_each(|v| v.iter_mut().for_each(|x| *x *= c));

@@ -10,26 +10,24 @@
 //! - `best/`: the model with the lowest validation loss so far;
 //! - `metrics.jsonl`, `loss.svg`, `sample.txt`, `summary.json`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use lmstack_core::ops::cross_entropy;
 use lmstack_core::params::ParamStore;
 use lmstack_core::{Model, ModelConfig, Pretrained, Sampler, SamplingParams, SeqStep, Tokenizer};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::batches::{self, Objective};
+use crate::batches::{self, batch_loss, shard_grads, SelfSupervised};
 use crate::checkpoint::{self, TrainerState};
 use crate::config::PretrainConfig;
 use crate::data::{Dataset, Tokens};
-use crate::metrics::{self, MetricsLog, Record};
-use crate::optim::{self, AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
 use crate::{corpus, Error, Result};
 
 /// How a run is driven (not part of the saved configuration).
@@ -77,14 +75,6 @@ pub struct Summary {
     pub sample: Option<String>,
     /// The run directory.
     pub out_dir: PathBuf,
-}
-
-/// Peak resident set size of this process in MiB (Linux `VmHWM`).
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 /// This machine's physical memory in bytes (Linux `MemTotal`).
@@ -156,78 +146,12 @@ pub fn model_config(cfg: &PretrainConfig, vocab_size: usize) -> Result<ModelConf
     Ok(ModelConfig::from_value(json, "pretrain config")?)
 }
 
-/// A frozen copy of `model` sharing its current weights, for evaluation and sampling without
-/// building a backward graph.
-pub fn frozen(model: &Model) -> Result<Model> {
-    let tensors: HashMap<String, Tensor> = model.params().tensors().into_iter().map(|(k, t)| (k, t.detach())).collect();
-    let store = ParamStore::frozen(tensors, "<training weights>");
-    Ok(Model::new(model.config().clone(), &store, model.dtype(), model.device())?)
-}
-
-/// Mean loss of `model` on a batch (differentiable when the model is trainable).
-pub fn batch_loss(model: &Model, batch: &batches::Batch) -> Result<(Tensor, usize)> {
-    let logits = model.forward(&batch.inputs, None)?;
-    let (b, t, v) = logits.dims3()?;
-    Ok(cross_entropy(&logits.reshape((b * t, v))?, &batch.labels.reshape(b * t)?)?)
-}
-
-/// Loss and gradients of `batch`, computed as `shards` slices of the batch in parallel (data
-/// parallelism across cores: each slice is an independent forward and backward pass) and
-/// combined weighted by their scored tokens, in slice order so the result is reproducible.
-/// Equals the whole-batch loss and gradient up to float rounding.
-pub fn shard_grads(
-    model: &Model,
-    opt: &AdamW,
-    batch: &batches::Batch,
-    shards: usize,
-) -> Result<(f64, HashMap<String, Vec<f32>>)> {
-    use rayon::prelude::*;
-    let b = batch.inputs.dim(0)?;
-    let shards = shards.clamp(1, b);
-    let bounds: Vec<(usize, usize)> = (0..shards).map(|i| (i * b / shards, (i + 1) * b / shards)).collect();
-    type Part = (f64, usize, HashMap<String, Vec<f32>>);
-    let parts: Vec<Result<Part>> = bounds
-        .par_iter()
-        .map(|&(lo, hi)| {
-            let part = batches::Batch {
-                inputs: batch.inputs.narrow(0, lo, hi - lo)?,
-                labels: batch.labels.narrow(0, lo, hi - lo)?,
-            };
-            match batch_loss(model, &part) {
-                Ok((loss, n)) => {
-                    let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    let g = loss.backward()?;
-                    Ok((l, n, optim::collect_grads(opt, &g)?))
-                }
-                // A masked-LM slice may happen to have nothing masked: it contributes nothing.
-                Err(Error::Core(lmstack_core::Error::InvalidArgument { name: "targets", .. })) => {
-                    Ok((0.0, 0, HashMap::new()))
-                }
-                Err(e) => Err(e),
-            }
-        })
-        .collect();
-    let parts: Vec<_> = parts.into_iter().collect::<Result<_>>()?;
-    let total: usize = parts.iter().map(|p| p.1).sum();
-    if total == 0 {
-        return Err(Error::Msg("the batch has no scored tokens".into()));
-    }
-    let mut grads = HashMap::new();
-    let mut loss = 0.0;
-    for (l, n, g) in parts {
-        let w = n as f64 / total as f64;
-        loss += l * w;
-        optim::accumulate(&mut grads, g, w as f32);
-    }
-    Ok((loss, grads))
-}
-
-fn objective(cfg: &PretrainConfig, tok: &Tokenizer, vocab: usize) -> Result<Objective> {
+fn labels(cfg: &PretrainConfig, tok: &Tokenizer, vocab: usize) -> Result<SelfSupervised> {
     if cfg.arch != "bert" {
-        return Ok(Objective::Causal);
+        return Ok(SelfSupervised::Causal);
     }
     let mask_id = tok.mask_id().ok_or_else(|| Error::Msg("the tokenizer has no mask token".into()))?;
-    Ok(Objective::Masked { mask_id, vocab_size: vocab as u32, prob: cfg.mlm_probability })
+    Ok(SelfSupervised::Masked { mask_id, vocab_size: vocab as u32, prob: cfg.mlm_probability })
 }
 
 /// Loss over `iters` random validation batches.
@@ -235,7 +159,7 @@ fn estimate(
     model: &Model,
     data: &dyn Tokens,
     cfg: &PretrainConfig,
-    obj: Objective,
+    obj: SelfSupervised,
     iters: usize,
     rng: &mut ChaCha8Rng,
 ) -> Result<f64> {
@@ -243,23 +167,25 @@ fn estimate(
     let batches = (0..iters)
         .map(|_| batches::sample_batch(data, cfg.batch_size, cfg.block_size, obj, rng, eval.device()))
         .collect::<Result<Vec<_>>>()?;
-    let (total, count) = summed_loss(&eval, &batches, false)?;
+    let (total, count) = summed_loss(&eval, &batches)?;
     Ok(total / count.max(1) as f64)
 }
 
 /// Summed loss and scored tokens of `batches` under the frozen model `eval`: whole batches are
 /// spread over the thread pool (each runs on one core, as training's slices do, which beats
 /// splitting every op of one batch over both) and their losses summed in batch order, so the
-/// result does not depend on the split. With `skip_failed`, a batch whose loss fails (a
-/// masked-LM window with nothing masked) is left out.
-fn summed_loss(eval: &Model, batches: &[batches::Batch], skip_failed: bool) -> Result<(f64, usize)> {
+/// result does not depend on the split. A batch that scores nothing (a masked-LM window with
+/// nothing masked) is left out.
+fn summed_loss(eval: &Model, batches: &[batches::Batch]) -> Result<(f64, usize)> {
     use rayon::prelude::*;
     let parts: Vec<Result<Option<(f64, usize)>>> = batches
         .par_iter()
-        .map(|b| match batch_loss(eval, b) {
-            Ok((l, n)) => Ok(Some((l.to_dtype(DType::F64)?.to_scalar::<f64>()?, n))),
-            Err(_) if skip_failed => Ok(None),
-            Err(e) => Err(e),
+        .map(|b| {
+            if b.scored()? == 0 {
+                return Ok(None);
+            }
+            let (l, n) = batch_loss(eval, b)?;
+            Ok(Some((l.to_dtype(DType::F64)?.to_scalar::<f64>()?, n)))
         })
         .collect();
     let (mut total, mut count) = (0.0, 0usize);
@@ -271,7 +197,7 @@ fn summed_loss(eval: &Model, batches: &[batches::Batch], skip_failed: bool) -> R
 }
 
 /// Loss over the whole validation split in consecutive windows (masked LM: a fixed masking).
-pub fn full_eval(model: &Model, data: &dyn Tokens, cfg: &PretrainConfig, obj: Objective) -> Result<f64> {
+pub fn full_eval(model: &Model, data: &dyn Tokens, cfg: &PretrainConfig, obj: SelfSupervised) -> Result<f64> {
     let eval = frozen(model)?;
     let t = cfg.block_size;
     let starts: Vec<usize> = (0..(data.len() - 1) / t).map(|i| i * t).filter(|&s| s + t < data.len()).collect();
@@ -284,7 +210,7 @@ pub fn full_eval(model: &Model, data: &dyn Tokens, cfg: &PretrainConfig, obj: Ob
             .chunks(cfg.batch_size.max(32))
             .map(|chunk| batches::windows(data, chunk, t, obj, &mut rng, eval.device()))
             .collect::<Result<Vec<_>>>()?;
-        let (l, n) = summed_loss(&eval, &batches, true)?;
+        let (l, n) = summed_loss(&eval, &batches)?;
         total += l;
         count += n;
     }
@@ -348,6 +274,42 @@ fn save_model_dir(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {
     let p = Pretrained { model: frozen(model)?, tokenizer: tok.clone(), dir: None };
     p.save(dir)?;
     Ok(())
+}
+
+/// Pretraining as the trainer sees it: random windows of the training split, the mean
+/// next-token (or masked-token) loss over data-parallel slices, and a validation estimate over
+/// random windows; the best model so far is kept in `best/`.
+struct Pretraining<'a> {
+    model: &'a Model,
+    tok: &'a Tokenizer,
+    train: &'a dyn Tokens,
+    val: &'a dyn Tokens,
+    cfg: &'a PretrainConfig,
+    labels: SelfSupervised,
+    out: &'a Path,
+}
+
+impl Objective for Pretraining<'_> {
+    fn micro_batch(&mut self, _step: u64, opt: &AdamW, rng: &mut ChaCha8Rng) -> Result<MicroBatch> {
+        let (cfg, dev) = (self.cfg, self.model.device());
+        let b = batches::sample_batch(self.train, cfg.batch_size, cfg.block_size, self.labels, rng, dev)?;
+        let (loss, grads) = shard_grads(self.model, opt, &b, cfg.parallel_shards)?;
+        Ok(MicroBatch { loss, grads, tokens: (cfg.batch_size * cfg.block_size) as u64 })
+    }
+
+    fn evaluate(&mut self, rng: &mut ChaCha8Rng) -> Result<Option<Evaluation>> {
+        let v = estimate(self.model, self.val, self.cfg, self.labels, self.cfg.eval_iters, rng)?;
+        let text = format!("val loss {v:.4} (perplexity {:.2})", v.exp());
+        Ok(Some(Evaluation { loss: v, perplexity: true, text, tracks_best: true }))
+    }
+
+    fn on_best(&mut self, _step: u64) -> Result<()> {
+        save_model_dir(self.model, self.tok, &self.out.join("best"))
+    }
+
+    fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.model.params().tensors()
+    }
 }
 
 /// Runs (or resumes) pretraining as configured.
@@ -450,36 +412,22 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
         check_attention_fits(cfg, memory)?;
     }
     let vocab = tok.vocab_size();
-    let obj = objective(cfg, &tok, vocab)?;
+    let obj = labels(cfg, &tok, vocab)?;
     let mcfg = model_config(cfg, vocab)?;
     let dev = Device::Cpu;
-    let (model, mut state, opt_state) = match resume_from {
+    let (model, resumed) = match resume_from {
         Some(l) => {
             let store = ParamStore::trainable(l.weights, &l.dir.join("model.safetensors").display().to_string(), None);
             let model = Model::new(mcfg, &store, DType::F32, &dev)?;
             store.release_source();
-            (model, l.state, Some(l.optimizer))
+            (model, Some((l.state, l.optimizer)))
         }
-        None => {
-            let model = Model::init(mcfg, cfg.seed, DType::F32, &dev)?;
-            let state = TrainerState {
-                version: checkpoint::VERSION,
-                step: 0,
-                data_rng: ChaCha8Rng::seed_from_u64(cfg.seed),
-                eval_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EED),
-                best_val: None,
-                tokens_seen: 0,
-                files: Default::default(),
-            };
-            (model, state, None)
-        }
+        None => (Model::init(mcfg, cfg.seed, DType::F32, &dev)?, None),
     };
     let adam = AdamWConfig { beta1: cfg.beta1, beta2: cfg.beta2, eps: 1e-8, weight_decay: cfg.weight_decay };
-    let mut opt = AdamW::new(model.params().vars(), adam);
-    if let Some(s) = &opt_state {
-        opt.load_state(s, state.step, "optimizer.safetensors")?;
-    }
-    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), opts.resume.then_some(state.step))?;
+    let fresh = TrainerState::fresh(cfg.seed, cfg.seed ^ 0x5EED);
+    let mut trainer =
+        Trainer::new(out, model.params().vars(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
     let n_params = model.num_parameters();
     if opts.verbose {
         println!(
@@ -491,107 +439,45 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
             val.len(),
             cfg.max_steps,
             cfg.batch_size * cfg.block_size * cfg.grad_accum,
-            if opts.resume { format!("; resuming at step {}", state.step) } else { String::new() }
+            if opts.resume { format!("; resuming at step {}", trainer.state.step) } else { String::new() }
         );
     }
 
-    let bar = metrics::progress_bar(opts.progress, cfg.max_steps, state.step);
-    let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.grad_accum) as f64;
-    let started = Instant::now();
-    let first_step = state.step;
-    let mut window = (0.0f64, 0u64, Instant::now());
-    let clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
-    let mut interrupted = false;
-    // Time spent in periodic evaluations and checkpoints, to report the steps alone as well.
-    let mut side_secs = 0.0f64;
-    let save_ckpt = |state: &TrainerState, model: &Model, opt: &AdamW| -> Result<()> {
-        checkpoint::save(&ckpt_root, state.clone(), &model.params().tensors(), &opt.state_tensors()?, 2)?;
-        Ok(())
+    let loop_cfg = LoopConfig {
+        max_steps: cfg.max_steps,
+        grad_accum: cfg.grad_accum,
+        lr: cfg.lr,
+        min_lr: cfg.min_lr,
+        warmup_steps: cfg.warmup_steps,
+        decay_steps: cfg.decay_steps(),
+        grad_clip: cfg.grad_clip,
+        log_interval: cfg.log_interval,
+        eval_interval: cfg.eval_interval,
+        checkpoint_interval: cfg.checkpoint_interval,
+        throughput: true,
+        print_evals: opts.verbose,
+        lr_setting: "`lr`",
     };
-
-    while state.step < cfg.max_steps {
-        if opts.stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        let step = state.step;
-        let lr = optim::lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.decay_steps());
-        let mut grads = HashMap::new();
-        let mut loss_sum = 0.0;
-        let mut norm = 0.0;
-        for _ in 0..cfg.grad_accum {
-            let b = batches::sample_batch(train, cfg.batch_size, cfg.block_size, obj, &mut state.data_rng, &dev)?;
-            let (l, g) = shard_grads(&model, &opt, &b, cfg.parallel_shards)?;
-            loss_sum += l;
-            optim::accumulate(&mut grads, g, 1.0 / cfg.grad_accum as f32);
-        }
-        if let Some(max) = clip {
-            norm = optim::clip_grad_norm(&mut grads, max);
-        }
-        let loss = loss_sum / cfg.grad_accum as f64;
-        if !loss.is_finite() {
-            save_ckpt(&state, &model, &opt)?;
-            return Err(Error::Msg(format!(
-                "step {step}: the loss is {loss}; stopping (checkpoint of step {step} saved). Try a lower `lr`"
-            )));
-        }
-        opt.step(&grads, lr)?;
-        state.step += 1;
-        state.tokens_seen += tokens_per_step as u64;
-        window.0 += loss;
-        window.1 += 1;
-        let done = state.step;
-        if done % cfg.log_interval == 0 || done == cfg.max_steps {
-            let secs = window.2.elapsed().as_secs_f64();
-            let tps = window.1 as f64 * tokens_per_step / secs.max(1e-9);
-            let mean = window.0 / window.1 as f64;
-            log.write(&Record::train(done, mean, lr, Some(tps), clip.map(|_| norm)))?;
-            bar.set_message(format!("loss {mean:.4} lr {lr:.2e} {tps:.0} tok/s"));
-            window = (0.0, 0, Instant::now());
-        }
-        bar.set_position(done);
-        let side = Instant::now();
-        if done % cfg.eval_interval == 0 || done == cfg.max_steps {
-            let v = estimate(&model, val, cfg, obj, cfg.eval_iters, &mut state.eval_rng)?;
-            log.write(&Record::val(done, v, true))?;
-            if opts.verbose {
-                let line = format!("step {done}: train loss {loss:.4}, val loss {v:.4} (perplexity {:.2})", v.exp());
-                metrics::bar_println(&bar, line);
-            }
-            if state.best_val.is_none_or(|(_, b)| v < b) {
-                state.best_val = Some((done, v));
-                save_model_dir(&model, &tok, &out.join("best"))?;
-            }
-        }
-        if cfg.checkpoint_interval > 0 && done % cfg.checkpoint_interval == 0 && done < cfg.max_steps {
-            save_ckpt(&state, &model, &opt)?;
-        }
-        side_secs += side.elapsed().as_secs_f64();
-    }
-    bar.finish_and_clear();
-    let side = Instant::now();
-    save_ckpt(&state, &model, &opt)?;
-    side_secs += side.elapsed().as_secs_f64();
-    let elapsed = started.elapsed().as_secs_f64();
-    let steps_run = state.step - first_step;
-    let records = metrics::read(log.path())?;
+    let mut objective = Pretraining { model: &model, tok: &tok, train, val, cfg, labels: obj, out };
+    let outcome = trainer.run(&loop_cfg, &mut objective)?;
+    let state = &trainer.state;
     let title = format!("{} {}L {}H {}d, {} steps", cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_embd, state.step);
-    lmstack_core::io::write_atomic(&out.join("loss.svg"), metrics::loss_svg(&records, &title).as_bytes())?;
+    trainer.write_loss_plot(out, &title)?;
     let mut summary = Summary {
         steps: state.step,
-        interrupted,
+        interrupted: outcome.interrupted,
         val_loss: None,
         best_val: state.best_val,
-        tokens_per_sec: steps_run as f64 * tokens_per_step / elapsed.max(1e-9),
-        ms_per_step: elapsed * 1e3 / steps_run.max(1) as f64,
-        train_ms_per_step: (elapsed - side_secs).max(0.0) * 1e3 / steps_run.max(1) as f64,
+        tokens_per_sec: outcome.tokens_per_sec(),
+        ms_per_step: outcome.ms_per_step(),
+        train_ms_per_step: outcome.train_ms_per_step(),
         peak_rss_mib: peak_rss_mib(),
         num_parameters: n_params,
         split_tokens: (train.len(), val.len()),
         sample: None,
         out_dir: out.clone(),
     };
-    if !interrupted {
+    if !outcome.interrupted {
         save_model_dir(&model, &tok, &out.join("model"))?;
         summary.val_loss = Some(full_eval(&model, val, cfg, obj)?);
         if cfg.sample_tokens > 0 && cfg.arch != "bert" {

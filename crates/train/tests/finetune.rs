@@ -15,7 +15,7 @@ use lmstack_core::params::ParamStore;
 use lmstack_core::{Model, ModelConfig, Pretrained, Tokenizer};
 use lmstack_train::batches::Batch;
 use lmstack_train::finetune::{self, FinetuneConfig, Method, Task};
-use lmstack_train::pretrain::batch_loss;
+use lmstack_train::batches::batch_loss;
 use lmstack_train::sft::{self, ChatFormat, Example};
 
 const CHARS: &str = "abcdefghijklmnopqrstuvwxyz :.?\n";

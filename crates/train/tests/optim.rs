@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Device, Tensor, Var};
 use lmstack_core::ops::IGNORE_INDEX;
-use lmstack_train::batches::{sample_batch, Objective};
+use lmstack_train::batches::{sample_batch, SelfSupervised};
 use lmstack_train::optim::{lr_at, no_decay, AdamW, AdamWConfig};
 use rand::SeedableRng;
 
@@ -83,7 +83,7 @@ fn schedule_warms_up_then_follows_a_cosine() {
 fn causal_labels_are_the_next_tokens() {
     let data: Vec<u32> = (0..100).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let b = sample_batch(&data, 4, 8, Objective::Causal, &mut rng, &Device::Cpu).unwrap();
+    let b = sample_batch(&data, 4, 8, SelfSupervised::Causal, &mut rng, &Device::Cpu).unwrap();
     let x = b.inputs.to_vec2::<u32>().unwrap();
     let y = b.labels.to_vec2::<u32>().unwrap();
     for (xr, yr) in x.iter().zip(&y) {
@@ -97,7 +97,7 @@ fn causal_labels_are_the_next_tokens() {
 fn masked_lm_masks_fifteen_percent_eighty_ten_ten() {
     let data: Vec<u32> = (0..20_000).map(|i| (i % 50) as u32).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
-    let obj = Objective::Masked { mask_id: 99, vocab_size: 100, prob: 0.15 };
+    let obj = SelfSupervised::Masked { mask_id: 99, vocab_size: 100, prob: 0.15 };
     let b = sample_batch(&data, 64, 128, obj, &mut rng, &Device::Cpu).unwrap();
     let x = b.inputs.flatten_all().unwrap().to_vec1::<u32>().unwrap();
     let y = b.labels.flatten_all().unwrap().to_vec1::<u32>().unwrap();

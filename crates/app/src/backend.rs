@@ -3,7 +3,8 @@
 //! scoring, a shared cached decode loop for generation).
 
 use lmstack_core::sampling::{argmax, logprobs_of};
-use lmstack_core::{DType, Device, Pretrained, SeqStep, Tensor};
+use lmstack_core::tokenizer::common_prefix;
+use lmstack_core::{DType, Decoding, Device, Pretrained, SamplingParams, SeqStep, StopConditions, Tensor};
 
 use crate::task::GenerationKwargs;
 
@@ -188,9 +189,8 @@ impl Backend for LocalBackend {
             struct S {
                 cache: lmstack_core::KvCache,
                 next: Vec<u32>,
-                ids: Vec<u32>,
+                decoding: Decoding,
                 text: String,
-                left: usize,
                 done: bool,
             }
             let mut seqs = Vec::new();
@@ -202,14 +202,10 @@ impl Backend for LocalBackend {
                 }
                 let keep = (max - limit).min(ids.len()).max(1);
                 let ids = ids[ids.len() - keep..].to_vec();
-                seqs.push(S {
-                    cache: self.p.model.new_cache(),
-                    next: ids,
-                    ids: Vec::new(),
-                    text: String::new(),
-                    left: limit,
-                    done: false,
-                });
+                // Greedy, ending at end-of-sequence, the `until` strings (left out) or `limit`.
+                let stop = StopConditions { max_tokens: limit, stop: kw.until.clone(), ..Default::default() };
+                let decoding = Decoding::new(&tok, SamplingParams::greedy(), &ids, 0, stop, true)?;
+                seqs.push(S { cache: self.p.model.new_cache(), next: ids, decoding, text: String::new(), done: false });
             }
             while seqs.iter().any(|s| !s.done) {
                 let mut steps: Vec<SeqStep<'_>> = Vec::new();
@@ -224,22 +220,13 @@ impl Backend for LocalBackend {
                 drop(steps);
                 for (i, l) in which.into_iter().zip(logits) {
                     let s = &mut seqs[i];
-                    let t = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
-                    let (_, kw) = &chunk[i];
-                    s.left -= 1;
-                    if tok.eos_id() == Some(t) {
-                        s.done = true;
-                        continue;
-                    }
-                    s.ids.push(t);
-                    s.text = tok.decode(&s.ids, true)?;
-                    if let Some(p) = kw.until.iter().filter_map(|u| s.text.find(u.as_str())).min() {
-                        s.text.truncate(p);
-                        s.done = true;
-                    } else if s.left == 0 || s.cache.len() + 1 >= max {
+                    let step = s.decoding.step(&l.squeeze(0)?.to_vec1::<f32>()?)?;
+                    s.text.push_str(&step.text);
+                    if step.finish.is_some() || s.cache.len() + 1 >= max {
+                        s.text.push_str(&s.decoding.finish());
                         s.done = true;
                     }
-                    s.next = vec![t];
+                    s.next = vec![step.sampled.token];
                 }
             }
             for (j, s) in seqs.into_iter().enumerate() {
@@ -248,8 +235,4 @@ impl Backend for LocalBackend {
         }
         Ok(out)
     }
-}
-
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }

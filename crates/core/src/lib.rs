@@ -8,6 +8,8 @@
 //!   whole-batch forward and a KV-cached prefill/decode forward over per-sequence caches.
 //! - [`gguf`]: GGUF files (llama.cpp's format) with quantized weights kept quantized.
 //! - [`lora`]: LoRA adapters in Hugging Face PEFT's layout.
+//! - [`decoding`]: one sequence's decoding (sampler, detokenizer, stop strings), used by every
+//!   generation loop.
 //! - [`kv_cache`], [`sampling`], [`params`] (the parameter store), [`pretrained`] (model
 //!   directories), [`nn`] (building blocks, including the adapter hook on every projection).
 //!
@@ -17,6 +19,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod decoding;
 pub mod error;
 pub mod gemm;
 pub mod gguf;
@@ -48,6 +51,7 @@ pub fn prefer_rayon_threads() {
     }
 }
 pub use config::{ModelConfig, ModelType};
+pub use decoding::{Decoding, Finish, StopConditions};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use models::{Model, SeqStep, StepThreads};

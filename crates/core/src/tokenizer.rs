@@ -457,3 +457,8 @@ impl IncrementalDecoder {
         &self.ids
     }
 }
+
+/// Length of the common beginning of two token sequences.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}

@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, SelectAll, StreamExt};
 use lmstack_core::chat::ChatTemplate;
-use lmstack_core::{SamplingParams, Tokenizer};
+use lmstack_core::{SamplingParams, StopConditions, Tokenizer};
 use serde_json::{json, Map, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
@@ -407,12 +407,14 @@ fn plan(
         id: String::new(),
         prompt: Vec::new(),
         params,
-        max_tokens,
-        stop,
-        include_stop_str: s.include_stop_str_in_output,
-        min_tokens,
-        stop_token_ids: s.stop_token_ids.clone().unwrap_or_default(),
-        ignore_eos: s.ignore_eos,
+        stop: StopConditions {
+            max_tokens,
+            stop,
+            include_stop_str: s.include_stop_str_in_output,
+            min_tokens,
+            stop_token_ids: s.stop_token_ids.clone().unwrap_or_default(),
+            ignore_eos: s.ignore_eos,
+        },
         logprobs,
         prompt_logprobs: None,
         skip_special_tokens: s.skip_special_tokens.unwrap_or(true),

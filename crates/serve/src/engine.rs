@@ -22,7 +22,8 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use lmstack_core::sampling::logprobs_of;
-use lmstack_core::{IncrementalDecoder, KvCache, Model, Sampler, SamplingParams, SeqStep, StepThreads, Tokenizer};
+use lmstack_core::tokenizer::common_prefix;
+use lmstack_core::{Decoding, Finish, KvCache, Model, SamplingParams, SeqStep, StepThreads, StopConditions, Tokenizer};
 use tokio::sync::mpsc as tmpsc;
 
 use crate::metrics::Metrics;
@@ -220,20 +221,8 @@ pub struct Request {
     pub prompt: Vec<u32>,
     /// Sampling parameters.
     pub params: SamplingParams,
-    /// Most tokens to generate (0: only score the prompt).
-    pub max_tokens: usize,
-    /// Strings that end generation; not included in the output unless `include_stop_str`.
-    pub stop: Vec<String>,
-    /// Keep the stop string that ended generation at the end of the output (vLLM's
-    /// `include_stop_str_in_output`).
-    pub include_stop_str: bool,
-    /// Generate at least this many tokens: until then end-of-sequence and the stop tokens are
-    /// not sampled and stop strings are not looked for (vLLM's `min_tokens`).
-    pub min_tokens: usize,
-    /// Token ids that end generation (besides end-of-sequence).
-    pub stop_token_ids: Vec<u32>,
-    /// Keep generating past end-of-sequence.
-    pub ignore_eos: bool,
+    /// `max_tokens` (0: only score the prompt), stop strings and tokens, `min_tokens`.
+    pub stop: StopConditions,
     /// Report log-probabilities of generated tokens with this many alternatives.
     pub logprobs: Option<usize>,
     /// Report log-probabilities of prompt tokens with this many alternatives (`echo`).
@@ -341,14 +330,14 @@ impl EngineHandle {
         if self.stopped.load(Ordering::Relaxed) {
             return Err(SubmitError::Stopped);
         }
-        let need = req.prompt.len() + req.max_tokens;
+        let need = req.prompt.len() + req.stop.max_tokens;
         if need > self.max_len {
             return Err(SubmitError::TooLong(format!(
                 "this model's maximum context length is {} tokens, but {need} were requested ({} in the prompt, {} to \
                  generate); shorten the prompt or lower max_tokens",
                 self.max_len,
                 req.prompt.len(),
-                req.max_tokens
+                req.stop.max_tokens
             )));
         }
         if need > self.kv_budget {
@@ -439,8 +428,8 @@ struct Seq {
     req: Request,
     tx: tmpsc::UnboundedSender<Event>,
     cache: KvCache,
-    sampler: Sampler,
-    decoder: IncrementalDecoder,
+    /// Sampling, detokenizing and the stop conditions.
+    decoding: Decoding,
     /// Prompt tokens already in the cache.
     prefilled: usize,
     /// Prompt tokens copied from the prefix cache at admission.
@@ -449,12 +438,6 @@ struct Seq {
     fed: Vec<u32>,
     /// Last sampled token, not yet in the cache.
     pending: Option<u32>,
-    generated: usize,
-    /// Output text decoded so far (truncated at a stop string) and how much of it was sent.
-    text: String,
-    sent: usize,
-    /// A stop string ended the output.
-    stop_hit: bool,
     prompt_lps: Vec<Option<TokenLogprob>>,
     arrived: Instant,
     last_token: Option<Instant>,
@@ -515,11 +498,6 @@ struct Prefix {
     room: usize,
     /// [`Engine::clock`] at its last use: the least recently used is evicted first.
     used: u64,
-}
-
-/// Length of the common beginning of two token sequences.
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 enum Outcome {
@@ -591,7 +569,7 @@ impl Engine {
 
     fn admit(&mut self) {
         while let Some(w) = self.waiting.front() {
-            let reserve = w.req.prompt.len() + w.req.max_tokens;
+            let reserve = w.req.prompt.len() + w.req.stop.max_tokens;
             if self.running.len() >= self.config.max_num_seqs || self.reserved + reserve > self.kv_budget {
                 break;
             }
@@ -599,31 +577,33 @@ impl Engine {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             self.metrics.queue_time.observe(w.arrived.elapsed().as_secs_f64());
             let top = w.req.logprobs.unwrap_or(0);
-            let sampler = match Sampler::new(w.req.params.clone(), &w.req.prompt, top) {
-                Ok(s) => s,
+            let r = &w.req;
+            let decoding = match Decoding::new(
+                &self.tokenizer,
+                r.params.clone(),
+                &r.prompt,
+                top,
+                r.stop.clone(),
+                r.skip_special_tokens,
+            ) {
+                Ok(d) => d,
                 Err(e) => {
                     let _ = w.tx.send(Event::Failed { timeout: false, message: e.to_string() });
                     continue;
                 }
             };
             self.reserved += reserve;
-            let decoder = self.tokenizer.incremental_decoder(w.req.skip_special_tokens);
             let (cache, cached, share) = self.prefix_for(&w.req, reserve);
             self.evict_prefixes();
             self.running.push(Seq {
                 id: self.clock,
                 share,
                 cache,
-                sampler,
-                decoder,
+                decoding,
                 prefilled: cached,
                 cached,
                 fed: Vec::new(),
                 pending: None,
-                generated: 0,
-                text: String::new(),
-                sent: 0,
-                stop_hit: false,
                 prompt_lps: Vec::new(),
                 arrived: w.arrived,
                 last_token: None,
@@ -919,18 +899,12 @@ impl Engine {
             if s.req.prompt_logprobs.is_some() {
                 let _ = s.tx.send(Event::Prompt(std::mem::take(&mut s.prompt_lps)));
             }
-            if s.req.max_tokens == 0 {
+            if s.req.stop.max_tokens == 0 {
                 return Outcome::Finished(FinishReason::Length);
             }
         }
         let row = rows.last().expect("at least one row");
-        let banned: Vec<u32> = if s.generated < s.req.min_tokens {
-            let eos = tok.eos_id().filter(|_| !s.req.ignore_eos);
-            s.req.stop_token_ids.iter().copied().chain(eos).collect()
-        } else {
-            Vec::new()
-        };
-        let sampled = match s.sampler.sample_except(row, &banned) {
+        let step = match s.decoding.step(row) {
             Ok(x) => x,
             Err(e) => {
                 let _ = s.tx.send(Event::Failed { timeout: false, message: e.to_string() });
@@ -943,110 +917,33 @@ impl Engine {
             Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
         }
         s.last_token = Some(now);
-        s.generated += 1;
         self.metrics.generation_tokens.inc();
+        let sampled = &step.sampled;
         let logprob = s.req.logprobs.map(|_| TokenLogprob {
             id: sampled.token,
             text: piece(tok, sampled.token),
             logprob: sampled.logprob,
             top: sampled.top_logprobs.iter().map(|&(id, lp)| (id, piece(tok, id), lp)).collect(),
         });
-        let is_eos = !s.req.ignore_eos && tok.eos_id() == Some(sampled.token);
-        if is_eos || s.req.stop_token_ids.contains(&sampled.token) {
-            let _ = s.tx.send(Event::Token { text: String::new(), logprob });
-            return Outcome::Finished(FinishReason::Stop);
+        let _ = s.tx.send(Event::Token { text: step.text, logprob });
+        match step.finish {
+            Some(Finish::Stop) => Outcome::Finished(FinishReason::Stop),
+            Some(Finish::Length) => Outcome::Finished(FinishReason::Length),
+            None if s.cache.len() + 1 > max_len => Outcome::Finished(FinishReason::Length),
+            None => {
+                s.pending = Some(step.sampled.token);
+                Outcome::Continue
+            }
         }
-        let piece = s.decoder.push(sampled.token).unwrap_or_default().unwrap_or_default();
-        let (text, stopped) = s.push_text(&piece);
-        let _ = s.tx.send(Event::Token { text, logprob });
-        if stopped {
-            return Outcome::Finished(FinishReason::Stop);
-        }
-        if s.generated >= s.req.max_tokens || s.cache.len() + 1 > max_len {
-            return Outcome::Finished(FinishReason::Length);
-        }
-        s.pending = Some(sampled.token);
-        Outcome::Continue
     }
 
     fn finish(&self, s: &mut Seq, reason: FinishReason) {
-        let mut text = String::new();
-        if !s.stop_hit {
-            if let Ok(Some(rest)) = s.decoder.finish() {
-                let (t, _) = s.push_text(&rest);
-                text.push_str(&t);
-            }
-        }
-        // Whatever was held back as a possible stop-string prefix is output after all.
-        if !s.stop_hit && s.sent < s.text.len() {
-            text.push_str(&s.text[s.sent..]);
-            s.sent = s.text.len();
-        }
+        let text = s.decoding.finish();
         self.metrics.e2e.observe(s.arrived.elapsed().as_secs_f64());
         self.metrics.finished.with_label_values(&[reason.as_str()]).inc();
-        let _ = s.tx.send(Event::Finished { text, reason, cached_tokens: s.cached, completion_tokens: s.generated });
+        let completion_tokens = s.decoding.generated();
+        let _ = s.tx.send(Event::Finished { text, reason, cached_tokens: s.cached, completion_tokens });
     }
-}
-
-impl Seq {
-    /// Appends decoded text; returns the text that may be released now and whether a stop
-    /// string ended the output.
-    fn push_text(&mut self, piece: &str) -> (String, bool) {
-        self.text.push_str(piece);
-        let stops = &self.req.stop;
-        // Before `min_tokens` (this token counted) stop strings are not looked for.
-        if stops.is_empty() || self.generated < self.req.min_tokens {
-            let out = self.text[self.sent..].to_owned();
-            self.sent = self.text.len();
-            return (out, false);
-        }
-        let longest = stops.iter().map(String::len).max().unwrap_or(0);
-        let from = floor_char_boundary(&self.text, self.sent.saturating_sub(longest));
-        // The earliest stop string that takes in new text (one wholly inside text already
-        // released, as after `min_tokens`, does not count), and where the output ends with it.
-        let hit = stops
-            .iter()
-            .filter_map(|st| {
-                let mut p = from;
-                while let Some(i) = self.text[p..].find(st.as_str()) {
-                    let start = p + i;
-                    if start + st.len() > self.sent {
-                        return Some((start, start + st.len()));
-                    }
-                    // Occurrences may overlap: go on from the next character.
-                    p = start + self.text[start..].chars().next().map_or(1, char::len_utf8);
-                }
-                None
-            })
-            .min();
-        if let Some((start, end)) = hit {
-            let pos = if self.req.include_stop_str { end } else { start }.max(self.sent);
-            let out = self.text[self.sent..pos].to_owned();
-            self.text.truncate(pos);
-            self.sent = pos;
-            self.stop_hit = true;
-            return (out, true);
-        }
-        // Hold back the longest tail that could still grow into a stop string.
-        let mut release = self.text.len();
-        for (p, _) in self.text[self.sent..].char_indices() {
-            let tail = &self.text[self.sent + p..];
-            if stops.iter().any(|st| st.starts_with(tail)) {
-                release = self.sent + p;
-                break;
-            }
-        }
-        let out = self.text[self.sent..release].to_owned();
-        self.sent = release;
-        (out, false)
-    }
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 /// The text of one token on its own (as OpenAI's `logprobs.tokens` reports it).

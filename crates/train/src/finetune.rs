@@ -33,8 +33,8 @@ use crate::batches::{batch_loss, shard_grads, Batch};
 use crate::checkpoint::{self, TrainerState};
 use crate::metrics::{self, Record};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
 use crate::sft::{self, ChatFormat, Tokenized};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
 use crate::{Error, Result};
 
 /// `full` or `lora`.

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use lmstack_core::{DType, Device, Pretrained, SamplingParams, Tokenizer};
+use lmstack_core::{DType, Device, Pretrained, SamplingParams, StopConditions, Tokenizer};
 use lmstack_train::config::PretrainConfig;
 use lmstack_train::pretrain::{self, RunOptions};
 
@@ -724,7 +724,9 @@ fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", a.prompt)?;
-    pretrain::generate(&p.model, &p.tokenizer, &a.prompt, a.max_tokens, params, |piece| {
+    let ids = p.tokenizer.encode(&a.prompt, false)?;
+    let stop = StopConditions::max_tokens(a.max_tokens);
+    lmstack_core::decoding::generate(&p.model, &p.tokenizer, &ids, params, stop, |piece| {
         let _ = write!(stdout, "{piece}");
         let _ = stdout.flush();
     })?;

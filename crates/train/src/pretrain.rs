@@ -16,8 +16,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use lmstack_core::decoding::{self, StopConditions};
 use lmstack_core::params::ParamStore;
-use lmstack_core::{Model, ModelConfig, Pretrained, Sampler, SamplingParams, SeqStep, Tokenizer};
+use lmstack_core::{Model, ModelConfig, Pretrained, SamplingParams, Tokenizer};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -217,57 +218,11 @@ pub fn full_eval(model: &Model, data: &dyn Tokens, cfg: &PretrainConfig, obj: Se
     Ok(total / count.max(1) as f64)
 }
 
-/// Generates up to `n` tokens after `prompt` with `model` (a frozen, inference model), handing
-/// each complete piece of text to `on_text` as it is decoded; stops at the end-of-sequence
-/// token. When the context fills up, the window slides: the last half is prefilled again (as
-/// nanoGPT crops its context). Returns the generated text.
-pub fn generate(
-    model: &Model,
-    tok: &Tokenizer,
-    prompt: &str,
-    n: usize,
-    params: SamplingParams,
-    mut on_text: impl FnMut(&str),
-) -> Result<String> {
-    let mut ids = tok.encode(prompt, false)?;
-    if ids.is_empty() {
-        ids.push(tok.bos_id().unwrap_or(0));
-    }
-    let max = model.max_len();
-    let mut cache = model.new_cache();
-    let mut sampler = Sampler::new(params, &ids, 0)?;
-    let mut dec = tok.incremental_decoder(true);
-    let mut text = String::new();
-    let mut next = ids.clone();
-    for _ in 0..n {
-        if cache.len() + next.len() > max {
-            let keep = max / 2;
-            next = ids[ids.len().saturating_sub(keep)..].to_vec();
-            cache.clear();
-        }
-        let logits = model.forward_cached(&mut [SeqStep { tokens: &next, cache: &mut cache, all_logits: false }])?;
-        let t = sampler.sample(&logits[0].squeeze(0)?.to_vec1::<f32>()?)?.token;
-        if Some(t) == tok.eos_id() {
-            break;
-        }
-        ids.push(t);
-        if let Some(piece) = dec.push(t)? {
-            on_text(&piece);
-            text.push_str(&piece);
-        }
-        next = vec![t];
-    }
-    if let Some(rest) = dec.finish()? {
-        on_text(&rest);
-        text.push_str(&rest);
-    }
-    Ok(text)
-}
-
 /// The end-of-run sample: nanoGPT's sampling defaults (temperature 0.8, top-k 200).
 pub fn sample(model: &Model, tok: &Tokenizer, prompt: &str, n: usize, seed: u64) -> Result<String> {
     let params = SamplingParams { temperature: 0.8, top_k: 200, seed: Some(seed), ..Default::default() };
-    generate(&frozen(model)?, tok, prompt, n, params, |_| {})
+    let ids = tok.encode(prompt, false)?;
+    Ok(decoding::generate(&frozen(model)?, tok, &ids, params, StopConditions::max_tokens(n), |_| {})?)
 }
 
 fn save_model_dir(model: &Model, tok: &Tokenizer, dir: &Path) -> Result<()> {
@@ -426,8 +381,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     };
     let adam = AdamWConfig { beta1: cfg.beta1, beta2: cfg.beta2, eps: 1e-8, weight_decay: cfg.weight_decay };
     let fresh = TrainerState::fresh(cfg.seed, cfg.seed ^ 0x5EED);
-    let mut trainer =
-        Trainer::new(out, model.params().vars(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
+    let mut trainer = Trainer::new(out, model.params().vars(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
     let n_params = model.num_parameters();
     if opts.verbose {
         println!(

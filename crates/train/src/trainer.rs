@@ -173,7 +173,13 @@ impl Trainer {
     }
 
     fn save_checkpoint(&self, obj: &dyn Objective) -> Result<()> {
-        checkpoint::save(&self.ckpt_root, self.state.clone(), &obj.checkpoint_tensors(), &self.opt.state_tensors()?, 2)?;
+        checkpoint::save(
+            &self.ckpt_root,
+            self.state.clone(),
+            &obj.checkpoint_tensors(),
+            &self.opt.state_tensors()?,
+            2,
+        )?;
         Ok(())
     }
 

@@ -13,9 +13,9 @@ use candle_core::{DType, Device, Tensor};
 use lmstack_core::lora::{self, LoraConfig, TargetModules};
 use lmstack_core::params::ParamStore;
 use lmstack_core::{Model, ModelConfig, Pretrained, Tokenizer};
+use lmstack_train::batches::batch_loss;
 use lmstack_train::batches::Batch;
 use lmstack_train::finetune::{self, FinetuneConfig, Method, Task};
-use lmstack_train::batches::batch_loss;
 use lmstack_train::sft::{self, ChatFormat, Example};
 
 const CHARS: &str = "abcdefghijklmnopqrstuvwxyz :.?\n";

@@ -1,0 +1,272 @@
+//! The HTTP API (axum): OpenAI's `/v1/completions`, `/v1/chat/completions` (both streaming as
+//! Server-Sent Events) and `/v1/models`, vLLM's `/tokenize` and `/detokenize`, `/health`,
+//! `/ready` and `/metrics`.
+//!
+//! Handlers validate and tokenize (`validate`: a body becomes a validated request or an error
+//! naming the field), submit one engine request per choice and read the engine's events as
+//! updates (`choices`, shared by streaming and non-streaming answers), and turn them into
+//! OpenAI's response or chunk objects (`completions`, `chat`; streams through `sse`). This file
+//! is the router, its middleware and the small endpoints. Dropping a response (the client went
+//! away) drops the engine receivers, which cancels the sequences at the next step.
+
+mod chat;
+mod choices;
+mod completions;
+mod sse;
+mod validate;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request as HttpRequest, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use lmstack_core::chat::ChatTemplate;
+use lmstack_core::Tokenizer;
+use serde_json::{json, Map, Value};
+
+use crate::engine::EngineHandle;
+use crate::metrics::Metrics;
+use crate::openai::{self, ApiError};
+use chat::chat_completions;
+use completions::completions;
+use validate::{check_ids, encode, render_chat};
+
+/// The loaded model: available once loading finished (`/ready`).
+pub struct Ready {
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    /// The chat template (the model's, `--chat-template`, or a plain fallback).
+    pub template: ChatTemplate,
+    /// The engine.
+    pub engine: EngineHandle,
+    /// The model's vocabulary size (token ids must be below it).
+    pub vocab_size: usize,
+}
+
+/// Server-wide settings and state shared by every handler.
+pub struct AppState {
+    /// The name clients use in `model`.
+    pub model_name: String,
+    /// Set when the model is loaded.
+    pub ready: OnceLock<Ready>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Required bearer token, if any.
+    pub api_key: Option<String>,
+    /// Per-request deadline.
+    pub request_timeout: Option<Duration>,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+    /// Allowed CORS origins (`*` for any); empty = no CORS headers.
+    pub cors_origins: Vec<String>,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// State for a server of `model_name`; set [`AppState::ready`] once the model is loaded.
+    pub fn new(model_name: String, metrics: Arc<Metrics>) -> Self {
+        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        Self {
+            model_name,
+            ready: OnceLock::new(),
+            metrics,
+            api_key: None,
+            request_timeout: None,
+            max_body_bytes: 4 << 20,
+            cors_origins: Vec::new(),
+            created,
+            next_id: AtomicU64::new(rand::random::<u32>() as u64),
+        }
+    }
+
+    fn loaded(&self) -> Result<&Ready, ApiError> {
+        self.ready.get().ok_or_else(|| {
+            let mut e = ApiError::status(StatusCode::SERVICE_UNAVAILABLE, "the model is still loading; retry shortly");
+            e.retry_after = Some(1);
+            e
+        })
+    }
+
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if m != self.model_name => Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!("the model `{m}` does not exist; this server serves `{}`", self.model_name),
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+                retry_after: None,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn new_id(&self, prefix: &str) -> String {
+        format!("{prefix}-{:016x}", self.next_id.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+}
+
+/// The web playground: one self-contained page (HTML, CSS and JavaScript, no external assets)
+/// that talks to this server's own API.
+async fn playground() -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-cache"), (header::CONTENT_SECURITY_POLICY, PLAYGROUND_CSP)],
+        axum::response::Html(include_str!("../playground.html")),
+    )
+}
+
+/// The playground loads nothing from elsewhere and talks only to this server.
+const PLAYGROUND_CSP: &str =
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:";
+
+/// The application router with all middleware.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    let mut app = Router::new()
+        .route("/", get(playground))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(DefaultBodyLimit::max(limit));
+    if !state.cors_origins.is_empty() {
+        use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+        let cors = CorsLayer::new().allow_methods([Method::GET, Method::POST]).allow_headers(Any);
+        let cors = if state.cors_origins.iter().any(|o| o == "*") {
+            cors.allow_origin(Any)
+        } else {
+            let origins: Vec<HeaderValue> = state.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+            cors.allow_origin(AllowOrigin::list(origins))
+        };
+        app = app.layer(cors);
+    }
+    app.with_state(state)
+}
+
+/// Paths open without the API key.
+const OPEN_PATHS: [&str; 3] = ["/health", "/ready", "/metrics"];
+
+async fn authenticate(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let path = req.uri().path();
+        if req.method() != Method::OPTIONS && !OPEN_PATHS.contains(&path) && path != "/" {
+            let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            if given.and_then(|g| g.strip_prefix("Bearer ")) != Some(key.as_str()) {
+                let msg = if given.is_none() {
+                    "missing API key: send `Authorization: Bearer <key>`"
+                } else {
+                    "incorrect API key"
+                };
+                return ApiError::status(StatusCode::UNAUTHORIZED, msg).code("invalid_api_key").into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Request ids, access log and the requests counter.
+async fn track(State(state): State<Arc<AppState>>, mut req: HttpRequest, next: Next) -> Response {
+    let endpoint = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| state.new_id("req"));
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let method = req.method().clone();
+    let t0 = Instant::now();
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    tracing::info!(request_id = %id, %method, %endpoint, status = status.as_u16(), ms = t0.elapsed().as_millis() as u64);
+    state.metrics.requests.with_label_values(&[endpoint.as_str(), status.as_str()]).inc();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+#[derive(Clone)]
+struct RequestId(String);
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::status(StatusCode::NOT_FOUND, format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::status(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
+    state.loaded().map(|_| "ready")
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let r = state.loaded()?;
+    Ok(Json(json!({"object": "list", "data": [{
+        "id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmstack",
+        "root": state.model_name, "max_model_len": r.engine.max_len(),
+    }]})))
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::status(StatusCode::PAYLOAD_TOO_LARGE, format!("the request body is larger than {limit} bytes"))
+        } else {
+            ApiError::status(e.status(), format!("could not read the request body: {e}"))
+        }
+    })
+}
+
+async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(body, state.max_body_bytes)?;
+    let req: openai::TokenizeRequest = openai::parse(&body, &openai::TOKENIZE_FIELDS)?;
+    state.check_model(req.model.as_deref())?;
+    let r = state.loaded()?;
+    let ids = match (req.prompt, req.messages) {
+        (Some(p), None) => encode(&r.tokenizer, &p, req.add_special_tokens.unwrap_or(true), "prompt")?,
+        (None, Some(m)) => {
+            let text = render_chat(r, &m, req.add_generation_prompt.unwrap_or(true), &Map::new())?;
+            encode(&r.tokenizer, &text, false, "messages")?
+        }
+        _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` and `messages`")),
+    };
+    Ok(Json(json!({"count": ids.len(), "max_model_len": r.engine.max_len(), "tokens": ids})))
+}
+
+async fn detokenize(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body_bytes(body, state.max_body_bytes)?;
+    let req: openai::DetokenizeRequest = openai::parse(&body, &openai::DETOKENIZE_FIELDS)?;
+    state.check_model(req.model.as_deref())?;
+    let r = state.loaded()?;
+    check_ids(&req.tokens, r.vocab_size, "tokens")?;
+    let text = r.tokenizer.decode(&req.tokens, false).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(Json(json!({"prompt": text})))
+}

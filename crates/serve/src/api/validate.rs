@@ -1,0 +1,288 @@
+//! Request validation: a request body becomes a validated request (what to submit to the
+//! engine and how to answer) or an error naming the field.
+
+use std::time::Instant;
+
+use lmstack_core::{SamplingParams, StopConditions, Tokenizer};
+use serde_json::{Map, Value};
+
+use super::{AppState, Ready};
+use crate::engine::Request;
+use crate::openai::{self, ApiError, ChatRequest, CompletionRequest, Prompt, Sampling};
+
+pub(super) fn encode(tok: &Tokenizer, text: &str, special: bool, field: &str) -> Result<Vec<u32>, ApiError> {
+    tok.encode(text, special).map_err(|e| ApiError::invalid(field, format!("could not tokenize: {e}")))
+}
+
+pub(super) fn check_ids(ids: &[u32], vocab: usize, field: &str) -> Result<(), ApiError> {
+    match ids.iter().position(|&t| t as usize >= vocab) {
+        Some(i) => Err(ApiError::invalid(
+            format!("{field}[{i}]"),
+            format!("token id {} is outside the vocabulary of {vocab}", ids[i]),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Renders chat messages; `content` given as a list of text parts is joined first.
+pub(super) fn render_chat(
+    r: &Ready,
+    messages: &[Value],
+    add_generation_prompt: bool,
+    extra: &Map<String, Value>,
+) -> Result<String, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "at least one message is required"));
+    }
+    let mut norm = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let Some(obj) = m.as_object() else {
+            return Err(ApiError::invalid(format!("messages[{i}]"), "each message must be an object"));
+        };
+        let role = match obj.get("role") {
+            Some(Value::String(role)) => role.as_str(),
+            _ => return Err(ApiError::invalid(format!("messages[{i}].role"), "a message needs a string `role`")),
+        };
+        let mut obj = obj.clone();
+        match obj.get("content") {
+            Some(Value::String(_)) => {}
+            // OpenAI allows an assistant message without content (it carried tool calls); a
+            // template reading `content` then sees empty text rather than failing on undefined.
+            None | Some(Value::Null) if role == "assistant" => {
+                obj.insert("content".into(), Value::String(String::new()));
+            }
+            None | Some(Value::Null) => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].content"),
+                    format!("a `{role}` message needs `content`"),
+                ))
+            }
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        _ => {
+                            return Err(ApiError::invalid(
+                                format!("messages[{i}].content[{j}]"),
+                                "only {\"type\": \"text\", \"text\": …} content parts are supported",
+                            ))
+                        }
+                    }
+                }
+                obj.insert("content".into(), Value::String(text));
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].content"),
+                    "content must be a string or a list of text parts",
+                ))
+            }
+        }
+        norm.push(Value::Object(obj));
+    }
+    r.template
+        .render(&Value::Array(norm), add_generation_prompt, r.tokenizer.special_tokens(), extra)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))
+}
+
+/// Engine requests and response metadata common to both endpoints.
+pub(super) struct Plan {
+    /// The engine request of every choice (its `id` and `prompt` filled in per choice).
+    pub base: Request,
+    /// Choices per prompt.
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// A validated `/v1/completions` request.
+pub(super) struct Completion {
+    pub plan: Plan,
+    /// The prompts' token ids.
+    pub prompts: Vec<Vec<u32>>,
+    /// Per prompt, its text when `echo` asks for it back (decoded from ids given as ids).
+    pub echo: Vec<Option<String>>,
+    pub echoed: bool,
+    /// Alternatives per token when log-probabilities were asked for.
+    pub logprobs: Option<usize>,
+}
+
+/// Validates a `/v1/completions` body.
+pub(super) fn completion<'a>(state: &'a AppState, body: &[u8]) -> Result<(&'a Ready, Completion), ApiError> {
+    let v = openai::parse_object(body, &openai::completion_fields())?;
+    let req = CompletionRequest { sampling: openai::from_value(&v)?, ..openai::from_value(&v)? };
+    state.check_model(req.sampling.model.as_deref())?;
+    let r = state.loaded()?;
+    if req.suffix.is_some() {
+        return Err(ApiError::invalid("suffix", "suffix (insertion) is not supported"));
+    }
+    if req.best_of.is_some_and(|b| b != req.sampling.n.unwrap_or(1)) {
+        return Err(ApiError::invalid("best_of", "best_of is supported only equal to n"));
+    }
+    let special = req.add_special_tokens.unwrap_or(true);
+    let (texts, prompts): (Vec<Option<String>>, Vec<Vec<u32>>) = match req.prompt {
+        Prompt::Text(t) => (vec![Some(t.clone())], vec![encode(&r.tokenizer, &t, special, "prompt")?]),
+        Prompt::Texts(ts) => {
+            let ids = ts.iter().map(|t| encode(&r.tokenizer, t, special, "prompt")).collect::<Result<_, _>>()?;
+            (ts.into_iter().map(Some).collect(), ids)
+        }
+        Prompt::Ids(ids) => (vec![None], vec![ids]),
+        Prompt::IdLists(l) => (vec![None; l.len()], l),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt", "the list of prompts is empty"));
+    }
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(ApiError::invalid("prompt", format!("prompt {i} is empty (no tokens)")));
+        }
+        check_ids(p, r.vocab_size, "prompt")?;
+    }
+    let logprobs = req.logprobs.map(|l| l as usize);
+    let mut plan = plan(state, r, &req.sampling, req.max_tokens.unwrap_or(16) as usize, logprobs)?;
+    if req.echo && logprobs.is_some() {
+        plan.base.prompt_logprobs = logprobs;
+    }
+    let echo: Vec<Option<String>> = if req.echo {
+        texts
+            .into_iter()
+            .zip(&prompts)
+            .map(|(t, ids)| Some(t.unwrap_or_else(|| r.tokenizer.decode(ids, false).unwrap_or_default())))
+            .collect()
+    } else {
+        vec![None; prompts.len()]
+    };
+    Ok((r, Completion { plan, prompts, echo, echoed: req.echo, logprobs }))
+}
+
+/// A validated `/v1/chat/completions` request.
+pub(super) struct Chat {
+    pub plan: Plan,
+    /// The rendered conversation's token ids.
+    pub ids: Vec<u32>,
+    /// Alternatives per token when log-probabilities were asked for.
+    pub logprobs: Option<usize>,
+}
+
+/// Validates a `/v1/chat/completions` body and renders its conversation.
+pub(super) fn chat<'a>(state: &'a AppState, body: &[u8]) -> Result<(&'a Ready, Chat), ApiError> {
+    let v = openai::parse_object(body, &openai::chat_fields())?;
+    let req = ChatRequest { sampling: openai::from_value(&v)?, ..openai::from_value(&v)? };
+    state.check_model(req.sampling.model.as_deref())?;
+    let r = state.loaded()?;
+    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(ApiError::invalid("tools", "tool calling is not supported"));
+    }
+    if req.tool_choice.as_ref().is_some_and(|t| !t.is_null() && t != "none") {
+        return Err(ApiError::invalid("tool_choice", "tool calling is not supported"));
+    }
+    if let Some(f) = &req.response_format {
+        if f.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::invalid("response_format", "only {\"type\": \"text\"} is supported"));
+        }
+    }
+    if req.top_logprobs.is_some() && !req.logprobs {
+        return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true"));
+    }
+    let extra = req.chat_template_kwargs.clone().unwrap_or_default();
+    let text = render_chat(r, &req.messages, req.add_generation_prompt.unwrap_or(true), &extra)?;
+    let ids = encode(&r.tokenizer, &text, false, "messages")?;
+    if ids.is_empty() {
+        return Err(ApiError::invalid("messages", "the rendered conversation has no tokens"));
+    }
+    let max_len = r.engine.max_len();
+    let max_tokens = match req.max_completion_tokens.or(req.max_tokens) {
+        Some(m) => m as usize,
+        None if ids.len() < max_len => max_len - ids.len(),
+        None => {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("the conversation is {} tokens; this model's context is {max_len}", ids.len()),
+            )
+            .code("context_length_exceeded"))
+        }
+    };
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0) as usize);
+    let plan = plan(state, r, &req.sampling, max_tokens, logprobs)?;
+    Ok((r, Chat { plan, ids, logprobs }))
+}
+
+/// OpenAI's `logit_bias`: token ids (as the map's keys) below `vocab` to biases (their range is
+/// checked with the other sampling parameters).
+fn logit_bias(map: &serde_json::Map<String, Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    map.iter()
+        .map(|(k, v)| {
+            let token = k.trim().parse::<u32>().ok().filter(|&t| (t as usize) < vocab).ok_or_else(|| {
+                ApiError::invalid("logit_bias", format!("logit_bias: key {k:?} is not a token id below {vocab}"))
+            })?;
+            let bias = v.as_f64().filter(|b| b.is_finite()).ok_or_else(|| {
+                ApiError::invalid("logit_bias", format!("logit_bias: the bias of token {token} is not a number: {v}"))
+            })?;
+            Ok((token, bias as f32))
+        })
+        .collect()
+}
+
+fn plan(
+    state: &AppState,
+    r: &Ready,
+    s: &Sampling,
+    max_tokens: usize,
+    logprobs: Option<usize>,
+) -> Result<Plan, ApiError> {
+    let top_k = match s.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => return Err(ApiError::invalid("top_k", format!("{k} must be positive, or -1/0 for off"))),
+    };
+    let params = SamplingParams {
+        temperature: s.temperature.unwrap_or(1.0),
+        top_k,
+        top_p: s.top_p.unwrap_or(1.0),
+        min_p: s.min_p.unwrap_or(0.0),
+        repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+        frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: s.presence_penalty.unwrap_or(0.0),
+        seed: s.seed,
+        logit_bias: s.logit_bias.as_ref().map(|b| logit_bias(b, r.vocab_size)).transpose()?.unwrap_or_default(),
+    };
+    params.validate().map_err(|e| match e {
+        lmstack_core::Error::InvalidArgument { name, message } => ApiError::invalid(name, format!("{name}: {message}")),
+        other => ApiError::invalid("body", other.to_string()),
+    })?;
+    let n = s.n.unwrap_or(1) as usize;
+    if !(1..=64).contains(&n) {
+        return Err(ApiError::invalid("n", format!("{n} is outside 1..=64")));
+    }
+    if logprobs.is_some_and(|l| l > 20) {
+        return Err(ApiError::invalid("logprobs", "at most 20 alternatives per token"));
+    }
+    let stop = s.stop.clone().map(openai::Stop::into_vec).transpose()?.unwrap_or_default();
+    let min_tokens = s.min_tokens.unwrap_or(0) as usize;
+    if min_tokens > max_tokens {
+        return Err(ApiError::invalid("min_tokens", format!("{min_tokens} is more than max_tokens = {max_tokens}")));
+    }
+    let base = Request {
+        id: String::new(),
+        prompt: Vec::new(),
+        params,
+        stop: StopConditions {
+            max_tokens,
+            stop,
+            include_stop_str: s.include_stop_str_in_output,
+            min_tokens,
+            stop_token_ids: s.stop_token_ids.clone().unwrap_or_default(),
+            ignore_eos: s.ignore_eos,
+        },
+        logprobs,
+        prompt_logprobs: None,
+        skip_special_tokens: s.skip_special_tokens.unwrap_or(true),
+        deadline: state.request_timeout.map(|t| Instant::now() + t),
+    };
+    let opts = s.stream_options.clone().unwrap_or_default();
+    if s.stream_options.is_some() && !s.stream {
+        return Err(ApiError::invalid("stream_options", "stream_options needs stream: true"));
+    }
+    Ok(Plan { base, n, stream: s.stream, include_usage: opts.include_usage })
+}

@@ -12,7 +12,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::choices::{chat_logprobs, Answer, Update};
-use super::sse::{finish_stream, now, send, sse, ChatChoice, ChunkHead, Delta};
+use super::sse::{now, send, sse, stream_answer, ChatChoice, ChunkHead, Delta};
 use super::{body_bytes, validate, AppState, RequestId};
 use crate::openai::ApiError;
 
@@ -24,7 +24,7 @@ pub(super) async fn chat_completions(
     let body = body_bytes(body, state.max_body_bytes)?;
     let (r, req) = validate::chat(&state, &body)?;
     let n = req.plan.n;
-    let mut answer = Answer::submit(r, &req.plan, std::slice::from_ref(&req.ids), &req_id)?;
+    let answer = Answer::submit(r, &req.plan, std::slice::from_ref(&req.ids), &req_id)?;
     let id = state.new_id("chatcmpl");
     if !req.plan.stream {
         let (acc, counts) = answer.collect().await?;
@@ -53,28 +53,21 @@ pub(super) async fn chat_completions(
                 return;
             }
         }
-        while let Some(update) = answer.next().await {
-            let msg = match update {
-                Ok((_, Update::Prompt(_))) => continue,
-                Ok((i, Update::Token { text, logprob })) => {
-                    let lp = logprob.map_or(Value::Null, |l| chat_logprobs(std::slice::from_ref(&l)));
-                    chunk(i, Delta::content(&text), lp, None)
-                }
-                Ok((i, Update::Finished { text, reason })) => {
-                    if !text.is_empty() && !send(&tx, chunk(i, Delta::content(&text), Value::Null, None)).await {
-                        return;
-                    }
-                    chunk(i, Delta { role: None, content: None }, Value::Null, Some(reason))
-                }
-                Err(e) => {
-                    let _ = send(&tx, e.body().to_string()).await;
-                    break;
-                }
-            };
-            if !send(&tx, msg).await {
-                return;
+        stream_answer(&tx, answer, &head, req.plan.include_usage, |i, update| match update {
+            Update::Prompt(_) => Vec::new(),
+            Update::Token { text, logprob } => {
+                let lp = logprob.map_or(Value::Null, |l| chat_logprobs(std::slice::from_ref(&l)));
+                vec![chunk(i, Delta::content(&text), lp, None)]
             }
-        }
-        finish_stream(&tx, req.plan.include_usage, &head, &answer.counts).await;
+            Update::Finished { text, reason } => {
+                let last = chunk(i, Delta { role: None, content: None }, Value::Null, Some(reason));
+                if text.is_empty() {
+                    vec![last]
+                } else {
+                    vec![chunk(i, Delta::content(&text), Value::Null, None), last]
+                }
+            }
+        })
+        .await;
     }))
 }

@@ -11,7 +11,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::choices::{completion_logprobs, prompt_pieces, Answer, Update};
-use super::sse::{finish_stream, now, send, sse, ChunkHead, TextChoice};
+use super::sse::{now, send, sse, stream_answer, ChunkHead, TextChoice};
 use super::{body_bytes, validate, AppState, RequestId};
 use crate::engine::TokenLogprob;
 use crate::openai::ApiError;
@@ -23,7 +23,7 @@ pub(super) async fn completions(
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body, state.max_body_bytes)?;
     let (r, req) = validate::completion(&state, &body)?;
-    let mut answer = Answer::submit(r, &req.plan, &req.prompts, &req_id)?;
+    let answer = Answer::submit(r, &req.plan, &req.prompts, &req_id)?;
     let id = state.new_id("cmpl");
     let n = req.plan.n;
     if !req.plan.stream {
@@ -69,30 +69,23 @@ pub(super) async fn completions(
                 }
             }
         }
-        while let Some(update) = answer.next().await {
-            let msg = match update {
-                Ok((i, Update::Prompt(p))) => {
+        stream_answer(&tx, answer, &head, req.plan.include_usage, |i, update| {
+            vec![match update {
+                Update::Prompt(p) => {
                     let toks: Vec<Option<&TokenLogprob>> = p.iter().map(Option::as_ref).collect();
                     let lp = completion_logprobs(&toks, &prompt_pieces(&tokenizer, &req.prompts[i / n]), 0);
                     let t = req.echo[i / n].clone().unwrap_or_default();
                     offsets[i] += t.chars().count();
                     chunk(i, t, lp, None)
                 }
-                Ok((i, Update::Token { text, logprob })) => {
+                Update::Token { text, logprob } => {
                     let lp = logprob.as_ref().map_or(Value::Null, |l| completion_logprobs(&[Some(l)], &[], offsets[i]));
                     offsets[i] += text.chars().count();
                     chunk(i, text, lp, None)
                 }
-                Ok((i, Update::Finished { text, reason })) => chunk(i, text, Value::Null, Some(reason)),
-                Err(e) => {
-                    let _ = send(&tx, e.body().to_string()).await;
-                    break;
-                }
-            };
-            if !send(&tx, msg).await {
-                return;
-            }
-        }
-        finish_stream(&tx, req.plan.include_usage, &head, &answer.counts).await;
+                Update::Finished { text, reason } => chunk(i, text, Value::Null, Some(reason)),
+            }]
+        })
+        .await;
     }))
 }

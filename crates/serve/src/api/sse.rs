@@ -9,12 +9,34 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use super::choices::Counts;
+use super::choices::{Answer, Update};
 
-/// The last chunk of a stream: usage, when the client asked for it.
-pub(super) async fn finish_stream(tx: &SseTx, include_usage: bool, head: &ChunkHead, counts: &Counts) {
+/// Streams `answer`: the chunks `chunks_of` makes of each update (none, one, or more), an error
+/// event if a choice fails, then the usage chunk when the client asked for it. Returns early
+/// when the client is gone.
+pub(super) async fn stream_answer(
+    tx: &SseTx,
+    mut answer: Answer,
+    head: &ChunkHead,
+    include_usage: bool,
+    mut chunks_of: impl FnMut(usize, Update) -> Vec<String>,
+) {
+    while let Some(update) = answer.next().await {
+        let chunks = match update {
+            Ok((i, u)) => chunks_of(i, u),
+            Err(e) => {
+                let _ = send(tx, e.body().to_string()).await;
+                break;
+            }
+        };
+        for chunk in chunks {
+            if !send(tx, chunk).await {
+                return;
+            }
+        }
+    }
     if include_usage {
-        let _ = send(tx, format!("{}[],\"usage\":{}}}", head.prefix, counts.usage())).await;
+        let _ = send(tx, format!("{}[],\"usage\":{}}}", head.prefix, answer.counts.usage())).await;
     }
 }
 

@@ -1,4 +1,5 @@
-//! promptfoo-style assertions on generated text, and model-graded scoring by a judge model.
+//! promptfoo-style assertions on generated text; `llm-rubric` ones are graded by a judge model
+//! ([`crate::judge`]).
 //!
 //! A `generate_until` task may list assertions under `assert` (lmstack's extension of the
 //! lm-eval schema, in promptfoo's shape):
@@ -24,26 +25,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::endpoint::EndpointBackend;
+use crate::schema::AssertionSpec;
 use crate::template::PromptTemplate;
-
-/// One assertion as written in a task file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AssertionSpec {
-    /// The check, e.g. `contains`, `not-regex`, `is-json`, `llm-rubric`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// What to check against (a Jinja string, a list of them, or a JSON schema).
-    #[serde(default)]
-    pub value: Option<Value>,
-    /// The metric name it is reported under (default: the type).
-    pub metric: Option<String>,
-    /// `llm-rubric`: the judge's score (0–1) needed to pass.
-    pub threshold: Option<f64>,
-    /// `llm-rubric`: the grading prompt (Jinja over `output`, `rubric` and the document's fields).
-    pub rubric_prompt: Option<String>,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -288,33 +271,6 @@ fn find_json(text: &str) -> Option<Value> {
         }
     }
     None
-}
-
-/// A judge model behind an OpenAI-compatible `/v1/chat/completions` endpoint.
-pub struct Judge {
-    endpoint: EndpointBackend,
-}
-
-impl Judge {
-    /// A judge on `endpoint` (its answers cached like any endpoint's).
-    pub fn new(endpoint: EndpointBackend) -> Self {
-        Self { endpoint }
-    }
-
-    /// Grades each (assertion, output, document variables); greedy, bounded concurrency.
-    pub fn grade(&self, items: &[(&Assertion, String, Value)]) -> anyhow::Result<Vec<Outcome>> {
-        self.endpoint.map(items, |(a, output, vars)| {
-            let prompt = a.rubric_request(output, vars).map_err(|e| anyhow::anyhow!("rubric_prompt: {e}"))?;
-            let reply = self.endpoint.chat(&[json!({"role": "user", "content": prompt})], 512, 0.0, &[])?;
-            Ok(a.verdict(&reply))
-        })
-    }
-
-    /// The judge's name for reports.
-    pub fn name(&self) -> String {
-        use crate::backend::Backend;
-        self.endpoint.name()
-    }
 }
 
 #[cfg(test)]

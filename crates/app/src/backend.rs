@@ -6,7 +6,7 @@ use lmstack_core::sampling::{argmax, logprobs_of};
 use lmstack_core::tokenizer::common_prefix;
 use lmstack_core::{DType, Decoding, Device, Pretrained, SamplingParams, SeqStep, StopConditions, Tensor};
 
-use crate::task::GenerationKwargs;
+use crate::schema::GenerationKwargs;
 
 /// A backend error.
 pub type BackendResult<T> = anyhow::Result<T>;

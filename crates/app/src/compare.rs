@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::metrics::{aggregate, aggregation, higher_is_better, Stats};
+use crate::scores::{aggregate, aggregation, higher_is_better, Stats};
 
 /// A finished run read back from its output folder.
 #[derive(Debug, Clone)]

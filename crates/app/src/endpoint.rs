@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
 use crate::backend::{Backend, BackendResult};
-use crate::task::GenerationKwargs;
+use crate::schema::GenerationKwargs;
 
 /// An OpenAI-compatible completions endpoint.
 pub struct EndpointBackend {

@@ -17,10 +17,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::assertions::{Assertion, Judge};
+use crate::assertions::Assertion;
 use crate::backend::Backend;
-use crate::metrics::{self, aggregation, apply_filters, exact_match, value_stderr, Stats};
-use crate::task::{FilterStep, OutputType, Task, TaskError};
+use crate::judge::Judge;
+use crate::schema::{FilterStep, OutputType};
+use crate::scores::{self, aggregation, apply_filters, exact_match, value_stderr, Stats};
+use crate::task::{Task, TaskError};
 
 /// Run settings.
 #[derive(Debug, Clone)]
@@ -142,7 +144,7 @@ pub fn run_task(
                     ids.iter().map(|&i| task.doc_to_target(&task.docs[i])).collect::<Result<_, TaskError>>()?;
                 let lls = backend.loglikelihood_rolling(&texts)?;
                 for ((&i, text), ll) in ids.iter().zip(&texts).zip(lls) {
-                    let (w, b) = (metrics::count_words(text) as f64, text.len() as f64);
+                    let (w, b) = (scores::count_words(text) as f64, text.len() as f64);
                     let rec = json!({
                         "doc_id": i, "doc": task.docs[i], "target": text, "resps": ll, "words": w, "bytes": b,
                     });
@@ -224,10 +226,10 @@ fn generate_chunk(
         for (name, steps) in &filters {
             let f = apply_filters(steps, &out);
             st.insert(format!("exact_match,{name}"), vec![exact_match(&f, &target, spec)]);
-            st.insert(format!("f1,{name}"), vec![metrics::token_f1(&f, &target)]);
-            st.insert(format!("bleu,{name}"), metrics::bleu_stats(&f, &target));
-            st.insert(format!("chrf,{name}"), metrics::chrf_stats(&f, &target));
-            st.insert(format!("rougeL,{name}"), vec![metrics::rouge_l(&f, &target)]);
+            st.insert(format!("f1,{name}"), vec![scores::token_f1(&f, &target)]);
+            st.insert(format!("bleu,{name}"), scores::bleu_stats(&f, &target));
+            st.insert(format!("chrf,{name}"), scores::chrf_stats(&f, &target));
+            st.insert(format!("rougeL,{name}"), vec![scores::rouge_l(&f, &target)]);
             let mut outcomes = Vec::new();
             for (k, a) in task.assertions.iter().enumerate() {
                 if a.is_model_graded() {

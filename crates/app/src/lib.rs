@@ -5,10 +5,15 @@
 //!   (first-n or seeded-random) rendered as text or chat messages. Chat templates (the model's
 //!   own, rendered as `transformers` does) live in `lmstack_core::chat`.
 //!
-//! - [`task`]: lm-evaluation-harness task YAML (the offline subset) and local datasets.
+//! - [`schema`]: the task file's serde types (lm-eval's task YAML, the offline subset, and the
+//!   `assert` extension); a leaf module.
+//! - [`task`]: loading and checking task files, their local datasets and prompts.
+//! - [`assertions`]: promptfoo-style checks on generations; [`judge`]: `llm-rubric` grading by
+//!   a judge model over HTTP.
 //! - [`backend`]: log-likelihoods and generations from a model directory in-process;
 //!   [`endpoint`]: the same from any OpenAI-compatible server over HTTP.
-//! - [`metrics`]: lm-eval's metric definitions, filters, standard errors.
+//! - [`scores`]: lm-eval's metric definitions, filters, standard errors (the eval's scores;
+//!   not serve's Prometheus metrics nor train's run log).
 //! - [`eval`]: running tasks and suites, results in lm-eval's shape, thresholds.
 //! - the `lmstack-eval` binary (`cargo xtask eval`).
 //!
@@ -20,7 +25,9 @@ pub mod backend;
 pub mod compare;
 pub mod endpoint;
 pub mod eval;
-pub mod metrics;
+pub mod judge;
 pub mod report;
+pub mod schema;
+pub mod scores;
 pub mod task;
 pub mod template;

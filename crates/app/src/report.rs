@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::compare::{sample_stats, Comparison, Run};
-use crate::metrics::{aggregate, aggregation};
+use crate::scores::{aggregate, aggregation};
 
 const TEMPLATE: &str = include_str!("report.html");
 
@@ -108,7 +108,7 @@ fn score_tags(sc: &[(String, f64)]) -> Vec<Value> {
 
 fn is_binary_key(k: &str) -> bool {
     let m = k.split(',').next().unwrap_or(k);
-    !matches!(m, "f1" | "bleu" | "chrf" | "rougeL") && aggregation(m) == crate::metrics::Aggregation::Mean
+    !matches!(m, "f1" | "bleu" | "chrf" | "rougeL") && aggregation(m) == crate::scores::Aggregation::Mean
 }
 
 fn assertions(s: &Value) -> Vec<Value> {

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::assertions::{Assertion, AssertionSpec};
+use crate::assertions::Assertion;
+use crate::schema::{OutputType, TaskConfig};
 use crate::template::{read_examples, PromptTemplate, TemplateError};
 
 /// A task error: which file and what.
@@ -42,172 +43,6 @@ impl From<TemplateError> for TaskError {
     fn from(e: TemplateError) -> Self {
         Self { file: String::new(), message: e.to_string() }
     }
-}
-
-/// lm-eval's `output_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutputType {
-    /// Log-likelihood of the target given the prompt.
-    Loglikelihood,
-    /// Log-likelihood of each choice; the most likely should be the gold one.
-    MultipleChoice,
-    /// Greedy (or sampled) generation until a stop string.
-    GenerateUntil,
-    /// Log-likelihood of a whole text (perplexity).
-    LoglikelihoodRolling,
-}
-
-/// `generation_kwargs`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerationKwargs {
-    /// Stop strings.
-    #[serde(default)]
-    pub until: Vec<String>,
-    /// Most new tokens (default 256).
-    pub max_gen_toks: Option<usize>,
-    /// Sampling temperature (default 0: greedy).
-    pub temperature: Option<f32>,
-    /// Sample instead of greedy decoding.
-    pub do_sample: Option<bool>,
-}
-
-/// One step of a filter pipeline.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FilterStep {
-    /// `regex`, `take_first`, `lowercase`, `uppercase` or `strip`.
-    pub function: String,
-    /// For `regex`.
-    pub regex_pattern: Option<String>,
-    /// For `regex`: which match (negative counts from the end).
-    pub group_select: Option<i64>,
-    /// For `regex`: what a response without a match becomes.
-    pub fallback: Option<String>,
-}
-
-/// A named filter pipeline applied to generations before scoring.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Filter {
-    /// The name metrics are reported under (`exact_match,<name>`).
-    pub name: String,
-    /// The steps.
-    pub filter: Vec<FilterStep>,
-}
-
-/// A `metric_list` entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MetricSpec {
-    /// The metric's name.
-    pub metric: String,
-    /// `mean` (the default), or the metric's own aggregation.
-    pub aggregation: Option<String>,
-    /// Whether larger is better (informational).
-    pub higher_is_better: Option<bool>,
-    /// exact_match: compare case-insensitively.
-    #[serde(default)]
-    pub ignore_case: bool,
-    /// exact_match: drop punctuation before comparing.
-    #[serde(default)]
-    pub ignore_punctuation: bool,
-    /// exact_match: regexes removed before comparing.
-    #[serde(default)]
-    pub regexes_to_ignore: Vec<String>,
-}
-
-/// `dataset_kwargs`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DatasetKwargs {
-    /// Split name → file (relative to the task YAML); one file alone is the `train` split, as
-    /// in Hugging Face `datasets`.
-    #[serde(default, deserialize_with = "split_files")]
-    pub data_files: BTreeMap<String, String>,
-}
-
-/// `data_files`: a map of split names to files, or one file (the `train` split).
-fn split_files<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged, expecting = "a file name or a map of split names to file names")]
-    enum Files {
-        One(String),
-        Splits(BTreeMap<String, String>),
-    }
-    Ok(match Files::deserialize(d)? {
-        Files::One(f) => BTreeMap::from([("train".to_owned(), f)]),
-        Files::Splits(m) => m,
-    })
-}
-
-/// `fewshot_config`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FewshotConfig {
-    /// `first_n` or `random` (lm-eval's default, seeded).
-    pub sampler: Option<String>,
-}
-
-/// A task file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskConfig {
-    /// Task name.
-    pub task: String,
-    /// Tags (informational).
-    #[serde(default)]
-    pub tag: Option<Value>,
-    /// `json` or `csv`.
-    pub dataset_path: String,
-    /// Files per split.
-    #[serde(default)]
-    pub dataset_kwargs: DatasetKwargs,
-    /// Split evaluated.
-    pub test_split: Option<String>,
-    /// Used when there is no test split.
-    pub validation_split: Option<String>,
-    /// Few-shot source when `fewshot_split` is absent.
-    pub training_split: Option<String>,
-    /// Few-shot source.
-    pub fewshot_split: Option<String>,
-    /// Prompt (Jinja or field name).
-    #[serde(default)]
-    pub doc_to_text: Value,
-    /// Target (Jinja, field name, or an integer index into the choices).
-    #[serde(default)]
-    pub doc_to_target: Value,
-    /// Choices (a list, Jinja rendering to a list, or a field name).
-    pub doc_to_choice: Option<Value>,
-    /// Between prompt and target (default `" "`).
-    pub target_delimiter: Option<String>,
-    /// Between few-shot examples (default `"\n\n"`).
-    pub fewshot_delimiter: Option<String>,
-    /// Few-shot examples per prompt (default 0).
-    #[serde(default)]
-    pub num_fewshot: usize,
-    /// How few-shot examples are chosen.
-    #[serde(default)]
-    pub fewshot_config: FewshotConfig,
-    /// Text put before everything (lm-eval's `description`).
-    pub description: Option<String>,
-    /// How the model is queried.
-    pub output_type: OutputType,
-    /// For `generate_until`.
-    #[serde(default)]
-    pub generation_kwargs: GenerationKwargs,
-    /// Filters for generations.
-    #[serde(default)]
-    pub filter_list: Vec<Filter>,
-    /// Metrics (defaults per output type).
-    #[serde(default)]
-    pub metric_list: Vec<MetricSpec>,
-    /// `version`.
-    #[serde(default)]
-    pub metadata: Option<Value>,
-    /// promptfoo-style assertions on generations (lmstack's extension).
-    #[serde(default, rename = "assert", skip_serializing_if = "Vec::is_empty")]
-    pub assertions: Vec<AssertionSpec>,
 }
 
 /// A loaded task: its config, documents and compiled templates.
@@ -369,12 +204,11 @@ impl Task {
             return Err(err("doc_to_choice: multiple_choice tasks need choices".into()));
         }
         for m in &config.metric_list {
-            crate::metrics::check_metric(&m.metric, config.output_type)
-                .map_err(|e| err(format!("metric_list: {e}")))?;
+            crate::scores::check_metric(&m.metric, config.output_type).map_err(|e| err(format!("metric_list: {e}")))?;
         }
         for f in &config.filter_list {
             for s in &f.filter {
-                crate::metrics::check_filter(s).map_err(|e| err(format!("filter_list `{}`: {e}", f.name)))?;
+                crate::scores::check_filter(s).map_err(|e| err(format!("filter_list `{}`: {e}", f.name)))?;
             }
         }
         let mut assertions: Vec<Assertion> = Vec::new();
@@ -388,7 +222,7 @@ impl Task {
             let a = Assertion::new(a).map_err(|e| err(format!("assert[{i}].{e}")))?;
             let taken = assertions.iter().any(|b| b.metric == a.metric)
                 || a.metric == "pass"
-                || crate::metrics::metrics_for(config.output_type).contains(&a.metric.as_str());
+                || crate::scores::metrics_for(config.output_type).contains(&a.metric.as_str());
             if taken {
                 return Err(err(format!(
                     "assert[{i}]: the metric name `{}` is already used; give the assertion its own `metric:`",
@@ -547,7 +381,7 @@ impl Task {
     pub fn metric_names(&self) -> Vec<String> {
         let mut names: Vec<String> = if self.config.metric_list.is_empty() {
             if self.assertions.is_empty() {
-                let defaults = crate::metrics::metrics_for(self.config.output_type);
+                let defaults = crate::scores::metrics_for(self.config.output_type);
                 let n = if self.config.output_type == OutputType::GenerateUntil { 1 } else { defaults.len() };
                 defaults[..n].iter().map(|s| s.to_string()).collect()
             } else {

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use lmstack_app::backend::Backend;
 use lmstack_app::endpoint::EndpointBackend;
-use lmstack_app::task::GenerationKwargs;
+use lmstack_app::schema::GenerationKwargs;
 use serde_json::{json, Value};
 
 #[derive(Default)]

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use lmstack_app::backend::{Backend, BackendResult, LocalBackend};
 use lmstack_app::eval::{self, EvalOptions, Suite};
-use lmstack_app::task::{GenerationKwargs, Task};
+use lmstack_app::schema::GenerationKwargs;
+use lmstack_app::task::Task;
 use lmstack_core::sampling::log_softmax;
 use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, Tensor, Tokenizer};
 use serde_json::json;

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use lmstack_app::assertions::Judge;
 use lmstack_app::backend::{Backend, BackendResult};
 use lmstack_app::endpoint::EndpointBackend;
 use lmstack_app::eval::{self, EvalOptions, Suite};
-use lmstack_app::metrics::{aggregate, bleu_stats, Aggregation};
-use lmstack_app::task::{GenerationKwargs, Task};
+use lmstack_app::judge::Judge;
+use lmstack_app::schema::GenerationKwargs;
+use lmstack_app::scores::{aggregate, bleu_stats, Aggregation};
+use lmstack_app::task::Task;
 use serde_json::{json, Value};
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {

@@ -1,7 +1,7 @@
 //! Text-overlap metrics against their reference implementations (sacreBLEU 2.6, rouge_score,
 //! the SQuAD script), from `tests/data/make_text_metrics.py`.
 
-use lmstack_app::metrics::{aggregate, bleu_stats, chrf_stats, rouge_l, token_f1, Aggregation, Stats};
+use lmstack_app::scores::{aggregate, bleu_stats, chrf_stats, rouge_l, token_f1, Aggregation, Stats};
 use serde_json::Value;
 
 fn golden() -> Value {

@@ -24,8 +24,8 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::TrainerState;
 use crate::finetune::FinetuneConfig;
-use crate::metrics::{self, Record};
 use crate::optim::{self, AdamW, AdamWConfig};
+use crate::runlog::{self, Record};
 use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
 use crate::{Error, Result};
 
@@ -267,7 +267,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
     let mut trainer = Trainer::new(out, model.params().vars(), adam, resumed, fresh, stop, progress)?;
     // The log's step-0 record is the error rate before training (1 − accuracy); a resumed run
     // reports that as its "before", not the accuracy of the partly trained model it resumes.
-    let logged = if resume { metrics::initial_val(trainer.log.path())? } else { None };
+    let logged = if resume { runlog::initial_val(trainer.log.path())? } else { None };
     let acc_before = match logged {
         Some(err) => 1.0 - err,
         None => accuracy(&frozen(&model)?, &val, pad)?,

@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::batches::{batch_loss, shard_grads, Batch};
 use crate::checkpoint::{self, TrainerState};
-use crate::metrics::{self, Record};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::runlog::{self, Record};
 use crate::sft::{self, ChatFormat, Tokenized};
 use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
 use crate::{Error, Result};
@@ -147,10 +147,50 @@ impl Default for FinetuneConfig {
     }
 }
 
+impl Task {
+    /// Where a run of this task goes unless told otherwise.
+    pub fn default_out_dir(self) -> PathBuf {
+        PathBuf::from(match self {
+            Task::Sft => "runs/finetune",
+            Task::Classify => "runs/classify",
+        })
+    }
+}
+
 impl FinetuneConfig {
+    /// The defaults of a `task` run (`method` unless given: LoRA for SFT, full for
+    /// classification), each task's learning rate, step count, base model and data.
+    pub fn for_task(task: Task, method: Option<Method>) -> FinetuneConfig {
+        let classify = task == Task::Classify;
+        let method = method.unwrap_or(if classify { Method::Full } else { Method::Lora });
+        let lr = match (classify, method) {
+            (true, _) => 1e-4,
+            (false, Method::Lora) => 5e-3,
+            (false, Method::Full) => 1e-3,
+        };
+        let pick = |sft: &str, cls: &str| PathBuf::from(if classify { cls } else { sft });
+        FinetuneConfig {
+            task,
+            base: pick("runs/shakespeare-char/model", "runs/shakespeare-bert/model"),
+            data: pick("data/synth/train.jsonl", "data/classify/train.jsonl"),
+            val_data: classify.then(|| "data/classify/test.jsonl".into()),
+            out_dir: task.default_out_dir(),
+            method,
+            max_steps: if classify { 600 } else { 1500 },
+            lr,
+            min_lr: lr / 10.0,
+            ..FinetuneConfig::default()
+        }
+    }
+
     /// Checks values; errors name the flag.
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, m: String| Err(Error::Msg(format!("--{f}: {m}")));
+        if self.task == Task::Classify && self.method == Method::Lora {
+            return Err(Error::Msg(
+                "--task classify trains every weight; --method lora is not supported for it".into(),
+            ));
+        }
         if self.max_steps == 0 {
             return bad("max-steps", "must be positive".into());
         }
@@ -648,7 +688,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
     };
     // A resumed run's "before" is the base's loss its log recorded at step 0, not the loss of
     // the partly trained model it resumes.
-    let logged = if resume { metrics::initial_val(trainer.log.path())? } else { None };
+    let logged = if resume { runlog::initial_val(trainer.log.path())? } else { None };
     let base_val = match logged {
         _ if val.is_empty() => f64::NAN,
         Some(v) => v,

@@ -6,7 +6,7 @@
 //!   data-parallel gradients.
 //! - [`optim`]: AdamW with checkpointable state, gradient clipping, the learning-rate schedule.
 //! - [`checkpoint`]: atomic, verified checkpoints for exact resumption.
-//! - [`metrics`]: `metrics.jsonl` and the loss-curve SVG.
+//! - [`runlog`]: a run's log, `metrics.jsonl`, its loss-curve SVG and progress bar.
 //! - [`pretrain`]: pretraining (causal or masked LM on a corpus).
 //! - [`sft`], [`finetune`]: instruction data with loss masks; full and LoRA finetuning, merging.
 //! - [`classify`]: a classification head on a masked LM.
@@ -21,9 +21,9 @@ pub mod config;
 pub mod corpus;
 pub mod data;
 pub mod finetune;
-pub mod metrics;
 pub mod optim;
 pub mod pretrain;
+pub mod runlog;
 pub mod sft;
 pub mod synth;
 pub mod trainer;

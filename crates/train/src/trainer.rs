@@ -22,8 +22,8 @@ use lmstack_core::Model;
 use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint::{self, TrainerState};
-use crate::metrics::{self, MetricsLog, Record};
 use crate::optim::{self, AdamW, AdamWConfig};
+use crate::runlog::{self, MetricsLog, Record};
 use crate::{Error, Result};
 
 /// How the loop runs: the schedule and the cadence of logging, evaluation and checkpoints.
@@ -186,7 +186,7 @@ impl Trainer {
     /// Trains `obj` from the current step to `cfg.max_steps` (or until the stop flag is set),
     /// then checkpoints.
     pub fn run(&mut self, cfg: &LoopConfig, obj: &mut dyn Objective) -> Result<Outcome> {
-        let bar = metrics::progress_bar(self.progress, cfg.max_steps, self.state.step);
+        let bar = runlog::progress_bar(self.progress, cfg.max_steps, self.state.step);
         let started = Instant::now();
         let (first_step, first_tokens) = (self.state.step, self.state.tokens_seen);
         let clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
@@ -242,7 +242,7 @@ impl Trainer {
                 if let Some(e) = obj.evaluate(&mut self.state.eval_rng)? {
                     self.log.write(&Record::val(done, e.loss, e.perplexity))?;
                     if cfg.print_evals {
-                        metrics::bar_println(&bar, format!("step {done}: train loss {loss:.4}, {}", e.text));
+                        runlog::bar_println(&bar, format!("step {done}: train loss {loss:.4}, {}", e.text));
                     }
                     if e.tracks_best && self.state.best_val.is_none_or(|(_, b)| e.loss < b) {
                         self.state.best_val = Some((done, e.loss));
@@ -270,8 +270,8 @@ impl Trainer {
 
     /// Draws the run's `loss.svg` from its `metrics.jsonl`.
     pub fn write_loss_plot(&self, out: &Path, title: &str) -> Result<()> {
-        let records = metrics::read(self.log.path())?;
-        lmstack_core::io::write_atomic(&out.join("loss.svg"), metrics::loss_svg(&records, title).as_bytes())?;
+        let records = runlog::read(self.log.path())?;
+        lmstack_core::io::write_atomic(&out.join("loss.svg"), runlog::loss_svg(&records, title).as_bytes())?;
         Ok(())
     }
 }

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lmstack_train::config::PretrainConfig;
-use lmstack_train::metrics;
 use lmstack_train::pretrain::{run, RunOptions};
+use lmstack_train::runlog;
 
 fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lmstack-pretrain-{tag}-{}", std::process::id()));
@@ -60,7 +60,7 @@ fn opts() -> RunOptions {
 }
 
 fn train_losses(dir: &Path) -> Vec<(u64, f64)> {
-    metrics::read(&dir.join("metrics.jsonl"))
+    runlog::read(&dir.join("metrics.jsonl"))
         .unwrap()
         .into_iter()
         .filter(|r| r.split == "train")
@@ -112,7 +112,7 @@ fn resumed_run_equals_uninterrupted_run() {
         let stop = stop.clone();
         let metrics = b.join("metrics.jsonl");
         std::thread::spawn(move || loop {
-            if let Ok(r) = metrics::read(&metrics) {
+            if let Ok(r) = runlog::read(&metrics) {
                 if r.iter().any(|r| r.step >= 17) {
                     stop.store(true, Ordering::SeqCst);
                     return;

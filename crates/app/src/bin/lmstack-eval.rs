@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use lmstack_app::assertions::Judge;
 use lmstack_app::backend::{Backend, LocalBackend};
 use lmstack_app::compare::{self, Run};
 use lmstack_app::endpoint::EndpointBackend;
 use lmstack_app::eval::{self, EvalOptions, Suite};
+use lmstack_app::judge::Judge;
 use lmstack_app::report;
 
 /// Evaluate a model on an eval suite (lm-evaluation-harness task files), or compare two runs.

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use rand::{Rng, SeedableRng};
 use regex::Regex;
 
-use crate::task::{FilterStep, MetricSpec, OutputType};
+use crate::schema::{FilterStep, MetricSpec, OutputType};
 
 /// Metrics each output type can compute.
 pub fn metrics_for(t: OutputType) -> &'static [&'static str] {

@@ -1,0 +1,161 @@
+//! `train data`: prepare a dataset (ingest, clean, deduplicate, filter, split, tokenize, pack);
+//! `train data synth`: generate instruction data.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub(crate) struct DataCmd {
+    #[command(subcommand)]
+    sub: Option<DataSub>,
+    #[command(flatten)]
+    args: Option<DataArgs>,
+}
+
+/// Runs `train data` or its subcommand.
+pub(crate) fn run(d: &DataCmd) -> Result<ExitCode> {
+    match &d.sub {
+        Some(DataSub::Synth(s)) => synth_cmd(s),
+        None => match &d.args {
+            Some(a) => data_cmd(a),
+            None => Err(anyhow::anyhow!("train data: give --input and --out, or a subcommand (synth)")),
+        },
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DataSub {
+    /// Generate a labelled instruction dataset (train.jsonl, test.jsonl) from templates.
+    Synth(SynthArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SynthArgs {
+    /// Output directory.
+    #[arg(long, default_value = "data/synth")]
+    out: PathBuf,
+    /// Tasks, comma-separated: reverse, sort, lookup, copy, add (`add` needs digits in the
+    /// base model's vocabulary).
+    #[arg(long, value_delimiter = ',', default_value = "reverse,sort,lookup,copy")]
+    tasks: Vec<String>,
+    /// Training examples.
+    #[arg(long, default_value_t = 4000)]
+    train: usize,
+    /// Held-out test examples (no prompt shared with train).
+    #[arg(long, default_value_t = 200)]
+    test: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DataArgs {
+    /// Text files, JSONL files, or directories of them (.txt, .jsonl, .json).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output directory (manifest.json, stats.json, tokenizer/, *.bin shards).
+    #[arg(long)]
+    out: PathBuf,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// `char`, `bpe:VOCAB_SIZE` (trained on the cleaned corpus), or a tokenizer directory.
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    /// Fraction held out for validation (by document; by tail for a single document).
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Seed of the split and of MinHash.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// How text files become documents: `file` or `paragraphs`.
+    #[arg(long, default_value = "file")]
+    doc_split: String,
+    /// Skip cleaning (NFC, control characters, whitespace).
+    #[arg(long)]
+    no_clean: bool,
+    /// Keep exact duplicates.
+    #[arg(long)]
+    no_exact_dedup: bool,
+    /// Jaccard threshold for near-duplicates, 0 = off.
+    #[arg(long, default_value_t = 0.8)]
+    near_dup_threshold: f64,
+    /// MinHash permutations.
+    #[arg(long, default_value_t = 128)]
+    num_perm: usize,
+    /// Drop documents shorter than this (characters).
+    #[arg(long, default_value_t = 1)]
+    min_chars: usize,
+    /// Drop documents longer than this (characters), 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    max_chars: usize,
+    /// Drop documents with more symbols per alphanumeric character than this.
+    #[arg(long, default_value_t = 1.0)]
+    max_symbol_ratio: f64,
+    /// Drop documents whose fraction of repeated lines exceeds this, 0 = off.
+    #[arg(long, default_value_t = 0.0)]
+    max_repeated_lines: f64,
+    /// Tokens per shard.
+    #[arg(long, default_value_t = 1 << 24)]
+    shard_tokens: usize,
+    /// Skip malformed JSONL lines (counted) instead of stopping.
+    #[arg(long)]
+    skip_bad_lines: bool,
+}
+
+fn synth_cmd(a: &SynthArgs) -> Result<ExitCode> {
+    let (n, m) = lmstack_train::synth::write(&a.out, &a.tasks, a.train, a.test, a.seed)?;
+    println!(
+        "{n} training and {m} test examples of {} in {} (train.jsonl, test.jsonl)",
+        a.tasks.join(", "),
+        a.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn data_cmd(a: &DataArgs) -> Result<ExitCode> {
+    use lmstack_train::data::{self, filter::Filters, DataConfig, DocSplit};
+    let doc_split = match a.doc_split.as_str() {
+        "file" => DocSplit::File,
+        "paragraphs" => DocSplit::Paragraphs,
+        other => anyhow::bail!("--doc-split `{other}`: expected file or paragraphs"),
+    };
+    let cfg = DataConfig {
+        inputs: a.input.clone(),
+        text_field: a.text_field.clone(),
+        out: a.out.clone(),
+        tokenizer: a.tokenizer.clone(),
+        val_fraction: a.val_fraction,
+        seed: a.seed,
+        clean: !a.no_clean,
+        exact_dedup: !a.no_exact_dedup,
+        near_dup_threshold: a.near_dup_threshold,
+        num_perm: a.num_perm,
+        filters: Filters {
+            min_chars: a.min_chars,
+            max_chars: a.max_chars,
+            max_symbol_ratio: a.max_symbol_ratio,
+            max_repeated_lines: a.max_repeated_lines,
+        },
+        doc_split,
+        shard_tokens: a.shard_tokens,
+        skip_bad_lines: a.skip_bad_lines,
+    };
+    let m = data::prepare(&cfg)?;
+    print!("{}", data::report(&m.stats));
+    println!(
+        "vocabulary {} ({} bytes per token); {} train and {} validation shards in {}",
+        m.vocab_size,
+        m.token_bytes,
+        m.train.len(),
+        m.val.len(),
+        a.out.display()
+    );
+    println!("train on it with: cargo run --release --bin train -- --data {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,187 @@
+//! `train finetune`: SFT (full or LoRA) and classification runs; `train merge`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+
+/// Flags override the defaults (with `--resume`, the run's saved `finetune.json`).
+#[derive(Args, Debug)]
+pub(crate) struct FinetuneArgs {
+    /// `sft`: instruction finetuning of a causal LM; `classify`: a classification head on a
+    /// masked LM (bert) [default: sft].
+    #[arg(long, value_enum)]
+    task: Option<lmstack_train::finetune::Task>,
+    /// Base model directory [default: runs/shakespeare-char/model; classify:
+    /// runs/shakespeare-bert/model].
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Training examples, JSONL [default: data/synth/train.jsonl; classify:
+    /// data/classify/train.jsonl with `{"text", "label"}` lines].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Held-out examples (JSONL) [default: --val-fraction of --data; classify:
+    /// data/classify/test.jsonl].
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// Held out for validation without --val-data [default: 0.05].
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    /// Run directory [default: runs/finetune; classify: runs/classify].
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// `full` (every weight) or `lora` (adapters on a frozen base) [default: lora; classify:
+    /// full, the only one it supports].
+    #[arg(long, value_enum)]
+    method: Option<lmstack_train::finetune::Method>,
+    /// LoRA rank [default: 8].
+    #[arg(long)]
+    lora_r: Option<usize>,
+    /// LoRA alpha (scale = alpha / r) [default: 16].
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Dropout on the adapters' input [default: 0.05].
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Modules to adapt (comma-separated names, e.g. c_attn,c_proj or q_proj,v_proj), or
+    /// all-linear [default: all-linear].
+    #[arg(long, value_delimiter = ',')]
+    target_modules: Option<Vec<String>>,
+    /// Chat template: model (the base's own, else plain), plain, chatml, or a Jinja file
+    /// [default: model].
+    #[arg(long)]
+    chat_template: Option<String>,
+    /// Also score the prompt tokens.
+    #[arg(long)]
+    train_on_inputs: bool,
+    /// Optimizer steps [default: 1500; classify: 600].
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Examples per micro-batch [default: 16].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per step [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate; the cosine ends at a tenth of it [default: 5e-3 for LoRA, 1e-3 for
+    /// full, 1e-4 for classify].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Warmup steps [default: 20].
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Weight decay [default: 0].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Validation every N steps [default: 250].
+    #[arg(long)]
+    eval_interval: Option<u64>,
+    /// Checkpoint every N steps [default: 100].
+    #[arg(long)]
+    checkpoint_interval: Option<u64>,
+    /// Seed [default: 1337].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue the run in --out-dir from its latest checkpoint, with the settings it saved
+    /// (only --max-steps may change).
+    #[arg(long)]
+    resume: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl FinetuneArgs {
+    fn resolve(&self) -> Result<lmstack_train::finetune::FinetuneConfig> {
+        use lmstack_train::finetune::{FinetuneConfig, Task};
+        // A resumed run starts from the settings it saved, so that `--resume --out-dir DIR`
+        // alone continues it (`--task` is needed only to find the default classify dir).
+        let saved = match self.resume {
+            true => {
+                let at = self.out_dir.clone().unwrap_or_else(|| Task::default_out_dir(self.task.unwrap_or_default()));
+                let at = at.join("finetune.json");
+                at.is_file().then(|| FinetuneConfig::read_saved(&at, self.task)).transpose()?
+            }
+            false => None,
+        };
+        let mut c = match saved {
+            Some(saved) => saved,
+            None => FinetuneConfig::for_task(self.task.unwrap_or_default(), self.method),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(task, base, data, val_fraction, out_dir, method, lora_r, lora_alpha, lora_dropout, target_modules);
+        set!(chat_template, max_steps, batch_size, grad_accum, warmup_steps, weight_decay, eval_interval);
+        set!(checkpoint_interval, seed);
+        if self.val_data.is_some() {
+            c.val_data = self.val_data.clone();
+        }
+        if let Some(lr) = self.lr {
+            (c.lr, c.min_lr) = (lr, lr / 10.0);
+        }
+        c.train_on_inputs |= self.train_on_inputs;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub(crate) fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
+    use lmstack_train::finetune::{self, Task};
+    let cfg = a.resolve()?;
+    let classify = cfg.task == Task::Classify;
+    let resume_line = format!("continue with: train finetune --resume --out-dir {}", cfg.out_dir.display());
+    let stop = crate::stop_on_ctrl_c()?;
+    if classify {
+        let s = lmstack_train::classify::run(&cfg, a.resume, stop, !a.quiet)?;
+        if s.interrupted {
+            println!("interrupted at step {}; {resume_line}", s.steps);
+            return Ok(ExitCode::from(130));
+        }
+        println!(
+            "done: {} steps, {:.0} ms/step; held-out accuracy {:.3} → {:.3} (majority label {:.3}); wrote {}",
+            s.steps,
+            s.ms_per_step,
+            s.accuracy.0,
+            s.accuracy.1.unwrap_or(f64::NAN),
+            s.majority_baseline,
+            s.output.display()
+        );
+        println!(
+            "try: cargo run --release --bin train -- sample --model {} --classify \"Why dost thou weep\"",
+            s.output.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s = finetune::run(&cfg, a.resume, stop, !a.quiet)?;
+    if s.interrupted {
+        println!("interrupted at step {}; {resume_line}", s.steps);
+        return Ok(ExitCode::from(130));
+    }
+    let val = match s.val_loss {
+        (before, Some(after)) if !before.is_nan() => format!("validation loss {before:.4} → {after:.4}"),
+        _ => "no validation examples".to_owned(),
+    };
+    println!("done: {} steps, {:.0} ms/step; {val}; wrote {}", s.steps, s.ms_per_step, s.output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct MergeArgs {
+    /// Base model directory.
+    #[arg(long)]
+    base: PathBuf,
+    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output model directory.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub(crate) fn merge_cmd(a: &MergeArgs) -> Result<ExitCode> {
+    lmstack_train::finetune::merge(&a.base, &a.adapter, &a.out)?;
+    println!("merged {} into {}: wrote {}", a.adapter.display(), a.base.display(), a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

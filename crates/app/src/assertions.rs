@@ -22,7 +22,7 @@
 //! is a mean metric (the pass rate, 0–1), and `pass` is the rate of documents passing all of
 //! them — usable in suite thresholds like any other metric.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::schema::AssertionSpec;

@@ -13,10 +13,8 @@
 //! One lmstack extension: `assert`, a list of promptfoo-style assertions on generations (see
 //! [`crate::assertions`]).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::assertions::Assertion;

@@ -9,7 +9,7 @@ use lmstack_core::{DType, Device, Model, ModelConfig, SeqStep};
 /// packed as f32 and as bf16: how much more arithmetic a core does per second on a batch of rows
 /// than on one row (the 768-wide shapes' weights, 7-9 MB in f32, outgrow a core's L2).
 fn kernel_only() {
-    use lmstack_core::simd::{packed_linear, PackedWeight};
+    use lmstack_core::kernels::simd::{packed_linear, PackedWeight};
     for (inp, out) in [(128usize, 384usize), (128, 512), (512, 128), (768, 2304), (768, 3072)] {
         let w: Vec<f32> = (0..inp * out).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
         let f32_panels = PackedWeight::new(&w, (0, inp, 1), out, inp);

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -111,30 +110,6 @@ pub enum Activation {
     /// SiLU, also called swish.
     #[serde(rename = "silu", alias = "swish")]
     Silu,
-}
-
-impl Activation {
-    /// Applies the activation elementwise (differentiable).
-    pub fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        use crate::ops::{Act, ActKind};
-        if crate::ops::supported(xs) {
-            let kind = match self {
-                Activation::Gelu => Some(ActKind::GeluErf),
-                Activation::GeluTanh => Some(ActKind::GeluTanh),
-                Activation::Silu => Some(ActKind::Silu),
-                Activation::Relu => None,
-            };
-            if let Some(k) = kind {
-                return xs.contiguous()?.apply_op1(Act(k));
-            }
-        }
-        match self {
-            Activation::Gelu => xs.gelu_erf(),
-            Activation::GeluTanh => xs.gelu(),
-            Activation::Relu => xs.relu(),
-            Activation::Silu => xs.silu(),
-        }
-    }
 }
 
 fn d_true() -> bool {

@@ -491,8 +491,9 @@ impl GgufFile {
             .values()
             .filter(|i| is_block_quantized(i.ggml_dtype))
             .map(|i| i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size());
-        let arena = crate::quant::WeightArena::new(crate::quant::WeightArena::size_for(quantized_bytes))
-            .map_err(|e| Error::io("allocating the weights of", &self.path, e))?;
+        let arena =
+            crate::kernels::quant::WeightArena::new(crate::kernels::quant::WeightArena::size_for(quantized_bytes))
+                .map_err(|e| Error::io("allocating the weights of", &self.path, e))?;
         // The types of the unquantized matrices: (F16 seen, BF16 seen, F32 seen).
         let mut matrix_types = (false, false, false);
         // In file order: one sequential pass over the data.

@@ -37,7 +37,7 @@ pub struct Linear {
     path: String,
     adapter: Option<Arc<dyn LinearAdapter>>,
     /// The weight repacked for inference ([`Linear::repack`]).
-    packed: Option<Arc<crate::simd::PackedWeight>>,
+    packed: Option<Arc<crate::kernels::simd::PackedWeight>>,
     /// The original weight was released ([`Linear::release_weight`]): `weight` is a
     /// placeholder of its shape and only the packed copy computes.
     released: bool,
@@ -198,7 +198,7 @@ impl Linear {
     }
 
     /// Keeps a copy of the weight repacked for the AVX2 inference kernel
-    /// ([`crate::simd::packed_linear`]), which then computes the projection whenever no
+    /// ([`crate::kernels::simd::packed_linear`]), which then computes the projection whenever no
     /// gradient can flow (the input does not track ops). Only f32 weights on the CPU, where the
     /// CPU has AVX2 + FMA; returns whether the layer was packed. The copy is taken now: a later
     /// [`Linear::set_weight`] drops it, but an in-place update of a `Var` would not be seen, so
@@ -215,7 +215,11 @@ impl Linear {
             return Err(crate::Error::invalid("dtype", format!("packed weights are f32, bf16 or f16, not {dtype:?}")));
         }
         let w = &self.weight;
-        if self.quant.is_some() || w.dtype() != DType::F32 || !w.device().is_cpu() || !crate::simd::has_avx2_fma() {
+        if self.quant.is_some()
+            || w.dtype() != DType::F32
+            || !w.device().is_cpu()
+            || !crate::kernels::simd::has_avx2_fma()
+        {
             return Ok(false);
         }
         let (out, inp) = w.dims2()?;
@@ -223,7 +227,7 @@ impl Linear {
         let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(false) };
         let data = cpu.as_slice::<f32>()?;
         let st = layout.stride();
-        let mut packed = crate::simd::PackedWeight::new(data, (layout.start_offset(), st[0], st[1]), out, inp);
+        let mut packed = crate::kernels::simd::PackedWeight::new(data, (layout.start_offset(), st[0], st[1]), out, inp);
         drop(storage);
         if dtype == DType::BF16 {
             packed = packed.to_bf16();
@@ -244,7 +248,7 @@ impl Linear {
         let Some(p) = &self.packed else { return Ok(None) };
         // The AVX2 switch (`LMSTACK_SIMD`, `simd::set_enabled`) steers layers that still hold
         // their weight; a released one has only this copy.
-        let switched_off = !crate::simd::has_avx2_fma() && !self.released;
+        let switched_off = !crate::kernels::simd::has_avx2_fma() && !self.released;
         if xs.dtype() != DType::F32 || !xs.device().is_cpu() || xs.track_op() || switched_off {
             return Ok(None);
         }
@@ -256,7 +260,7 @@ impl Linear {
         let rows = xs.elem_count() / inp.max(1);
         let x = xs.contiguous()?;
         let bias = self.bias.as_ref().map(|b| b.contiguous()).transpose()?;
-        let parallel = crate::ops::linear_in_parallel(rows, inp, out);
+        let parallel = crate::kernels::ops::linear_in_parallel(rows, inp, out);
         let y = {
             let (xs_, xl) = x.storage_and_layout();
             let candle_core::Storage::Cpu(xc) = &*xs_ else { return Ok(None) };
@@ -269,7 +273,7 @@ impl Linear {
                 }
                 None => None,
             };
-            crate::simd::packed_linear(xd, rows, p, bd, parallel)
+            crate::kernels::simd::packed_linear(xd, rows, p, bd, parallel)
         };
         let Some(y) = y else { return Ok(None) };
         let mut shape = dims.to_vec();
@@ -325,11 +329,11 @@ impl Linear {
                 (&self.weight, self.in_out.as_ref())
             }
         };
-        if crate::ops::supported(xs) && weight.dtype() == xs.dtype() && weight.device().is_cpu() {
+        if crate::kernels::ops::supported(xs) && weight.dtype() == xs.dtype() && weight.device().is_cpu() {
             let x = xs.contiguous()?;
             let (w, op) = match in_out {
-                Some(w) => (w, crate::ops::LinearOp { in_out: true }),
-                None => (weight, crate::ops::LinearOp::default()),
+                Some(w) => (w, crate::kernels::ops::LinearOp { in_out: true }),
+                None => (weight, crate::kernels::ops::LinearOp::default()),
             };
             return match &self.bias {
                 Some(b) => x.apply_op3(w, b, op),
@@ -352,11 +356,11 @@ impl Linear {
 }
 
 /// `x Wᵀ` through lmstack's own kernel for the quantized type of `q`, where it has one
-/// ([`crate::quant`]: Q4_0, Q4_1, Q8_0 on AVX2) and `xs` is f32 on the CPU; `None` leaves it
+/// ([`crate::kernels::quant`]: Q4_0, Q4_1, Q8_0 on AVX2) and `xs` is f32 on the CPU; `None` leaves it
 /// to candle.
 fn quantized_forward(q: &QTensor, xs: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    let Some(kind) = crate::quant::Kind::of(q.dtype()) else { return Ok(None) };
-    if xs.dtype() != DType::F32 || !xs.device().is_cpu() || !crate::quant::has_kernels() {
+    let Some(kind) = crate::kernels::quant::Kind::of(q.dtype()) else { return Ok(None) };
+    if xs.dtype() != DType::F32 || !xs.device().is_cpu() || !crate::kernels::quant::has_kernels() {
         return Ok(None);
     }
     let (out, inp) = q.shape().dims2()?;
@@ -371,7 +375,15 @@ fn quantized_forward(q: &QTensor, xs: &Tensor) -> candle_core::Result<Option<Ten
         let (xs_, xl) = x.storage_and_layout();
         let candle_core::Storage::Cpu(xc) = &*xs_ else { return Ok(None) };
         let xd = &xc.as_slice::<f32>()?[xl.start_offset()..];
-        crate::quant::matmul(kind, xd, rows, &data, out, inp, crate::ops::linear_in_parallel(rows, inp, out))
+        crate::kernels::quant::matmul(
+            kind,
+            xd,
+            rows,
+            &data,
+            out,
+            inp,
+            crate::kernels::ops::linear_in_parallel(rows, inp, out),
+        )
     };
     let Some(y) = y else { return Ok(None) };
     let mut shape = dims.to_vec();
@@ -398,7 +410,7 @@ pub struct Embedding {
     path: String,
     /// The table as packed for an output projection it is tied to
     /// ([`Embedding::share_packed`]); `table` is then a placeholder of its shape.
-    packed: Option<Arc<crate::simd::PackedWeight>>,
+    packed: Option<Arc<crate::kernels::simd::PackedWeight>>,
     /// The table held quantized ([`Embedding::set_quantized`]); `table` is a placeholder.
     quant: Option<Arc<QTensor>>,
 }
@@ -515,8 +527,12 @@ impl LayerNorm {
         let cd = compute_dtype(dtype);
         // lmstack's kernel first (it has a backward, and a small step runs on the calling
         // thread, where candle's fused op hands even one row to the thread pool and back).
-        if crate::ops::supported(xs) && self.weight.dtype() == dtype {
-            return xs.contiguous()?.apply_op3(&self.weight, &self.bias, crate::ops::LayerNormOp { eps: self.eps });
+        if crate::kernels::ops::supported(xs) && self.weight.dtype() == dtype {
+            return xs.contiguous()?.apply_op3(
+                &self.weight,
+                &self.bias,
+                crate::kernels::ops::LayerNormOp { eps: self.eps },
+            );
         }
         if !xs.track_op() && !self.weight.track_op() {
             let x = xs.to_dtype(cd)?;
@@ -552,8 +568,8 @@ impl RmsNorm {
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = xs.dtype();
         let cd = compute_dtype(dtype);
-        if crate::ops::supported(xs) && self.weight.dtype() == dtype {
-            return xs.contiguous()?.apply_op2(&self.weight, crate::ops::RmsNormOp { eps: self.eps });
+        if crate::kernels::ops::supported(xs) && self.weight.dtype() == dtype {
+            return xs.contiguous()?.apply_op2(&self.weight, crate::kernels::ops::RmsNormOp { eps: self.eps });
         }
         if !xs.track_op() && !self.weight.track_op() {
             let x = xs.to_dtype(cd)?;
@@ -579,8 +595,8 @@ fn compute_dtype(dtype: DType) -> DType {
 
 /// Softmax over the last dimension: fused for inference, differentiable when tracked.
 pub fn softmax_last(xs: &Tensor) -> candle_core::Result<Tensor> {
-    if xs.track_op() && crate::ops::supported(xs) {
-        return xs.contiguous()?.apply_op1(crate::ops::Softmax);
+    if xs.track_op() && crate::kernels::ops::supported(xs) {
+        return xs.contiguous()?.apply_op1(crate::kernels::ops::Softmax);
     }
     if xs.track_op() {
         let max = xs.max_keepdim(D::Minus1)?.detach();
@@ -705,8 +721,8 @@ pub fn attention_qkv(
     let (b, t, w) = qkv.dims3()?;
     let d = w / 3 / heads;
     if let AttnCtx::Batch { causal, key_mask, .. } = ctx {
-        if crate::ops::supported(qkv) {
-            let op = crate::ops::AttentionQkv::new(b, t, heads, d, *causal, scale, key_mask.clone());
+        if crate::kernels::ops::supported(qkv) {
+            let op = crate::kernels::ops::AttentionQkv::new(b, t, heads, d, *causal, scale, key_mask.clone());
             return Ok(qkv.contiguous()?.apply_op1(op)?);
         }
     }
@@ -747,8 +763,8 @@ pub fn attention(
     let kvh = k.dim(2)?;
     let n_rep = h / kvh;
     match ctx {
-        AttnCtx::Batch { causal, key_mask, .. } if crate::ops::supported(q) => {
-            let op = crate::ops::Attention::new(b, t, h, kvh, d, *causal, scale, key_mask.clone());
+        AttnCtx::Batch { causal, key_mask, .. } if crate::kernels::ops::supported(q) => {
+            let op = crate::kernels::ops::Attention::new(b, t, h, kvh, d, *causal, scale, key_mask.clone());
             Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
         }
         AttnCtx::Batch { mask, .. } => {
@@ -771,7 +787,7 @@ pub fn attention(
         AttnCtx::Packed { spans, caches } if b == 1 && caches.iter().all(|c| c.is_host()) => {
             let flat =
                 |x: &Tensor| -> Result<Vec<f32>> { Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
-            let out = crate::kv_cache::packed_attention(
+            let out = crate::kernels::attention::packed_attention(
                 &flat(q)?,
                 &flat(k)?,
                 &flat(v)?,
@@ -812,6 +828,30 @@ pub fn attention(
                 outs.push(out);
             }
             Ok(Tensor::cat(&outs, 0)?.unsqueeze(0)?)
+        }
+    }
+}
+
+impl crate::config::Activation {
+    /// Applies the activation elementwise (differentiable).
+    pub fn forward(self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        use crate::kernels::ops::{Act, ActKind};
+        if crate::kernels::ops::supported(xs) {
+            let kind = match self {
+                crate::config::Activation::Gelu => Some(ActKind::GeluErf),
+                crate::config::Activation::GeluTanh => Some(ActKind::GeluTanh),
+                crate::config::Activation::Silu => Some(ActKind::Silu),
+                crate::config::Activation::Relu => None,
+            };
+            if let Some(k) = kind {
+                return xs.contiguous()?.apply_op1(Act(k));
+            }
+        }
+        match self {
+            crate::config::Activation::Gelu => xs.gelu_erf(),
+            crate::config::Activation::GeluTanh => xs.gelu(),
+            crate::config::Activation::Relu => xs.relu(),
+            crate::config::Activation::Silu => xs.silu(),
         }
     }
 }

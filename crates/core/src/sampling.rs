@@ -209,9 +209,9 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         // Candidates as (token, unnormalised probability); the exponentials vectorised.
-        let w: Vec<f32> = crate::simd::dispatch(
+        let w: Vec<f32> = crate::kernels::simd::dispatch(
             #[inline(always)]
-            |_| l.iter().map(|&x| crate::ops::exp_f32((x - max) * inv_t)).collect(),
+            |_| l.iter().map(|&x| crate::kernels::simd::exp_f32((x - max) * inv_t)).collect(),
         );
         if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
             // No filter: draw over the whole vocabulary in token order.
@@ -277,20 +277,20 @@ pub fn argmax(xs: &[f32]) -> u32 {
 /// `ln Σ exp(x)` of one row, computed stably: the terms `exp(x - max)` in f32 (vectorised; the
 /// dominant ones are exact to ~2e-7), summed in f64.
 pub fn logsumexp(xs: &[f32]) -> f64 {
-    crate::simd::dispatch(
+    crate::kernels::simd::dispatch(
         #[inline(always)]
         |_| {
-            let max = crate::simd::max(xs);
+            let max = crate::kernels::simd::max(xs);
             if !max.is_finite() {
                 let max = max as f64;
                 return xs.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
             }
             let mut acc = [0f64; 8];
             let c = xs.chunks_exact(8);
-            let tail: f64 = c.remainder().iter().map(|&x| crate::ops::exp_f32(x - max) as f64).sum();
+            let tail: f64 = c.remainder().iter().map(|&x| crate::kernels::simd::exp_f32(x - max) as f64).sum();
             for x in c {
                 for i in 0..8 {
-                    acc[i] += crate::ops::exp_f32(x[i] - max) as f64;
+                    acc[i] += crate::kernels::simd::exp_f32(x[i] - max) as f64;
                 }
             }
             (acc.iter().sum::<f64>() + tail).ln() + max as f64

@@ -6,7 +6,8 @@
 mod common;
 
 use common::{fixture, max_diff};
-use lmstack_core::{ops, simd, DType, Device, Model, ModelConfig, SeqStep, StepThreads, Tensor};
+use lmstack_core::kernels::{ops, simd};
+use lmstack_core::{DType, Device, Model, ModelConfig, SeqStep, StepThreads, Tensor};
 
 /// Serialises the tests of this file: one switches the process-wide kernel toggles, which the
 /// others read (a repack is skipped while the AVX2 build is off).

@@ -1,8 +1,9 @@
-//! The fused training kernels (`lmstack_core::ops`) give the same values and gradients as the
+//! The fused training kernels (`lmstack_core::kernels::ops`) give the same values and gradients as the
 //! differentiable compositions of candle primitives, on whole models and op by op.
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use lmstack_core::ops::{self, cross_entropy, IGNORE_INDEX};
+use lmstack_core::kernels::ops::{self, cross_entropy, IGNORE_INDEX};
+use lmstack_core::kernels::simd;
 use lmstack_core::{Model, ModelConfig};
 
 /// Serialises the tests of this file: one of them switches the process-wide kernel toggle.
@@ -141,8 +142,8 @@ fn fast_exp_is_accurate() {
     for i in -870_000..=0 {
         let x = i as f32 * 1e-4;
         let exact = (x as f64).exp();
-        worst = worst.max((ops::exp_f32(x) as f64 - exact).abs() / exact);
+        worst = worst.max((simd::exp_f32(x) as f64 - exact).abs() / exact);
     }
     assert!(worst < 2e-7, "max relative error {worst}");
-    assert!(ops::exp_f32(f32::NEG_INFINITY) < 1e-37 && ops::exp_f32(0.0) == 1.0);
+    assert!(simd::exp_f32(f32::NEG_INFINITY) < 1e-37 && simd::exp_f32(0.0) == 1.0);
 }

@@ -78,7 +78,7 @@ pub fn default_model_name(dir: &Path) -> String {
 pub fn load(opts: &ServeOptions, metrics: Arc<Metrics>) -> anyhow::Result<Ready> {
     // bf16 where the packed kernel runs: weights held (packed) as bf16, arithmetic in f32 —
     // candle's own bf16 CPU kernels are several times slower than f32.
-    let packed_bf16 = opts.dtype == DType::BF16 && opts.repack && lmstack_core::simd::has_avx2_fma();
+    let packed_bf16 = opts.dtype == DType::BF16 && opts.repack && lmstack_core::kernels::simd::has_avx2_fma();
     let load_dtype = if packed_bf16 { DType::F32 } else { opts.dtype };
     let mut p = Pretrained::load(&opts.model, load_dtype, &Device::Cpu)
         .with_context(|| format!("loading the model directory {}", opts.model.display()))?;

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use lmstack_core::ops::{cross_entropy, IGNORE_INDEX};
+use lmstack_core::kernels::ops::{cross_entropy, IGNORE_INDEX};
 use lmstack_core::Model;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;

@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use lmstack_core::ops::cross_entropy;
+use lmstack_core::kernels::ops::cross_entropy;
 use lmstack_core::params::ParamStore;
 use lmstack_core::{Model, ModelConfig, Pretrained, Tokenizer};
 use rand::SeedableRng;

@@ -131,7 +131,7 @@ impl AdamW {
                 // Zipped (no bounds checks) and compiled for AVX2 where the CPU has it: eight
                 // lanes of the same IEEE operations (no fused multiply-adds), so both builds
                 // give the same bits.
-                lmstack_core::simd::dispatch(
+                lmstack_core::kernels::simd::dispatch(
                     #[inline(always)]
                     |_| {
                         for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
@@ -205,7 +205,7 @@ pub fn collect_grads(opt: &AdamW, grads: &candle_core::backprop::GradStore) -> R
 pub fn accumulate(acc: &mut HashMap<String, Vec<f32>>, more: HashMap<String, Vec<f32>>, scale: f32) {
     for (k, mut v) in more {
         match acc.get_mut(&k) {
-            Some(a) => lmstack_core::simd::dispatch(
+            Some(a) => lmstack_core::kernels::simd::dispatch(
                 #[inline(always)]
                 |_| a.iter_mut().zip(&v).for_each(|(a, b)| *a += scale * b),
             ),

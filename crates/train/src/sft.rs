@@ -17,7 +17,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use lmstack_core::ops::IGNORE_INDEX;
+use lmstack_core::kernels::ops::IGNORE_INDEX;
 use lmstack_core::Tokenizer;
 use serde_json::{json, Value};
 

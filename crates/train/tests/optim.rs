@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Device, Tensor, Var};
-use lmstack_core::ops::IGNORE_INDEX;
+use lmstack_core::kernels::ops::IGNORE_INDEX;
 use lmstack_train::batches::{sample_batch, SelfSupervised};
 use lmstack_train::optim::{lr_at, no_decay, AdamW, AdamWConfig};
 use rand::SeedableRng;
@@ -128,11 +128,11 @@ fn clipping_and_scaled_accumulation() {
 
 #[test]
 fn adamw_update_is_the_same_in_the_portable_and_avx2_builds() {
-    // The update loop is compiled twice (lmstack_core::simd): both builds must give the same
+    // The update loop is compiled twice (lmstack_core::kernels::simd): both builds must give the same
     // bits, or a seed would train differently on different CPUs.
     let n = 1003; // not a multiple of the vector width
     let run = |wide: bool| {
-        lmstack_core::simd::set_enabled(wide);
+        lmstack_core::kernels::simd::set_enabled(wide);
         let init: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
         let w = Var::from_vec(init, (n,), &Device::Cpu).unwrap();
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
@@ -147,6 +147,6 @@ fn adamw_update_is_the_same_in_the_portable_and_avx2_builds() {
     };
     let portable = run(false);
     let wide = run(true);
-    lmstack_core::simd::set_enabled(true);
+    lmstack_core::kernels::simd::set_enabled(true);
     assert_eq!(portable, wide);
 }

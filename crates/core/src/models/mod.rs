@@ -440,7 +440,7 @@ impl Model {
             ),
             None => None,
         };
-        let mask = if crate::ops::supported_for(self.dtype, &self.device) {
+        let mask = if crate::kernels::ops::supported_for(self.dtype, &self.device) {
             None
         } else {
             batch_mask(b, t, causal, attention_mask, &self.device)?
@@ -519,7 +519,7 @@ impl Model {
             }
         }
         if threads == StepThreads::One {
-            return crate::ops::on_one_thread(|| self.forward_cached_one(steps));
+            return crate::kernels::ops::on_one_thread(|| self.forward_cached_one(steps));
         }
         if self.can_split(steps) {
             // Halves of about equal cost: a token whose logits are not wanted skips about three
@@ -546,7 +546,7 @@ impl Model {
             return Ok(out);
         }
         if self.device.is_cpu() {
-            return crate::ops::in_pool(|| self.forward_cached_one(steps));
+            return crate::kernels::ops::in_pool(|| self.forward_cached_one(steps));
         }
         self.forward_cached_one(steps)
     }

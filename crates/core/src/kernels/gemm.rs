@@ -1,5 +1,5 @@
 //! A bounds-checked, safe wrapper over the `gemm` crate (the matrix-multiply kernels candle
-//! itself uses on CPU), for the fused training kernels in [`crate::ops`].
+//! itself uses on CPU), for the fused training kernels in [`crate::kernels::ops`].
 #![allow(unsafe_code)]
 
 /// A matrix view into a slice: element `(r, c)` is at `off + r * rs + c * cs`.

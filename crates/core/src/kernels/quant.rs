@@ -61,7 +61,7 @@ pub fn has_kernels() -> bool {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            crate::simd::cpu_has_avx2_fma() && std::is_x86_feature_detected!("f16c")
+            crate::kernels::simd::cpu_has_avx2_fma() && std::is_x86_feature_detected!("f16c")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {

@@ -16,6 +16,8 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 use num_traits::Float;
+
+use super::simd::{exp_f32, sum8};
 use rayon::prelude::*;
 
 /// Target id that the cross-entropy kernel skips (no loss, no gradient).
@@ -41,7 +43,7 @@ pub fn supported_for(dtype: DType, device: &candle_core::Device) -> bool {
 
 /// Numeric element types the kernels run on.
 pub(crate) trait Elem:
-    crate::gemm::GemmElem
+    crate::kernels::gemm::GemmElem
     + WithDType
     + Float
     + Send
@@ -55,7 +57,7 @@ pub(crate) trait Elem:
     /// tanh; f32 uses [`tanh_f32`], a rational approximation that vectorises (libm's
     /// `tanhf` is a function call per element and dominated GELU's cost).
     fn fast_tanh(self) -> Self;
-    /// e^x; f32 uses [`exp_f32`], which vectorises.
+    /// e^x; f32 uses [`super::simd::exp_f32`], which vectorises.
     fn fast_exp(self) -> Self;
 }
 impl Elem for f32 {
@@ -109,28 +111,6 @@ pub fn tanh_f32(x: f32) -> f32 {
     q = x2 * q + B2;
     q = x2 * q + B0;
     p / q
-}
-
-/// e^x for f32 (Cephes' `expf` scheme: x = n·ln2 + r, a degree-6 polynomial in r, then
-/// scaling by 2^n through the exponent bits), branch-free so loops over it vectorise; relative
-/// error below 2e-7 on [-87, 88]. Inputs are clamped to that range (e^-87 ≈ 1.6e-38).
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding and subtracting it rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_2e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 fn c<T: Elem>(v: f64) -> T {
@@ -225,11 +205,11 @@ fn act_df<T: Elem>(k: ActKind, x: T) -> T {
     }
 }
 
-/// Runs `f` through [`crate::simd::dispatch`]: the AVX2 build of its loops where the CPU has
+/// Runs `f` through [`crate::kernels::simd::dispatch`]: the AVX2 build of its loops where the CPU has
 /// it. `f` and what it calls should be `#[inline(always)]` (see there).
 #[inline(always)]
 fn wide<R>(f: impl FnOnce() -> R) -> R {
-    crate::simd::dispatch(
+    crate::kernels::simd::dispatch(
         #[inline(always)]
         |_| f(),
     )
@@ -416,28 +396,6 @@ pub struct LayerNormOp {
 pub struct RmsNormOp {
     /// Epsilon added to the mean square.
     pub eps: f64,
-}
-
-/// Sum with eight independent accumulators (so the loop vectorises; the order is fixed, so
-/// results are reproducible).
-#[inline(always)]
-pub(crate) fn sum8<T: Elem>(x: &[T], f: impl Fn(T) -> T) -> T {
-    let mut acc = [T::zero(); 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += f(c[i]);
-        }
-    }
-    let mut s = T::zero();
-    for a in acc {
-        s += a;
-    }
-    for &v in rest {
-        s += f(v);
-    }
-    s
 }
 
 /// Mean and reciprocal standard deviation of one row (`rms`: no centring).
@@ -713,24 +671,24 @@ pub struct LinearOp {
     pub in_out: bool,
 }
 
-fn w_view(l: &Layout) -> Result<crate::gemm::View> {
+fn w_view(l: &Layout) -> Result<crate::kernels::gemm::View> {
     let s = l.stride();
     if s.len() != 2 {
         candle_core::bail!("linear: weight must be 2-D");
     }
-    Ok(crate::gemm::View { off: l.start_offset(), rs: s[0], cs: s[1] })
+    Ok(crate::kernels::gemm::View { off: l.start_offset(), rs: s[0], cs: s[1] })
 }
 
 fn linear_fwd<T: Elem>(
     x: &[T],
     w: &[T],
-    wv: crate::gemm::View,
+    wv: crate::kernels::gemm::View,
     b: Option<&[T]>,
     n: usize,
     i: usize,
     o: usize,
 ) -> Vec<T> {
-    use crate::gemm::{matmul_new, matmul_par, View};
+    use crate::kernels::gemm::{matmul_new, matmul_par, View};
     let par = linear_in_parallel(n, i, o);
     let Some(b) = b else { return matmul_new(n, o, i, x, View::rows(0, i), w, wv.t(), T::one(), par) };
     // The bias rows, then the product added onto them (no zero-filled buffer first).
@@ -748,7 +706,7 @@ impl LinearOp {
     }
 
     /// The weight argument's view as `[out, in]`.
-    fn logical(&self, v: crate::gemm::View) -> crate::gemm::View {
+    fn logical(&self, v: crate::kernels::gemm::View) -> crate::kernels::gemm::View {
         if self.in_out {
             v.t()
         } else {
@@ -776,7 +734,7 @@ impl LinearOp {
             xs: &CpuStorage,
             xl: &Layout,
             ws: &CpuStorage,
-            wv: crate::gemm::View,
+            wv: crate::kernels::gemm::View,
             b: Option<(&CpuStorage, &Layout)>,
             n: usize,
             i: usize,
@@ -862,7 +820,7 @@ fn linear_bwd<T: Elem>(
     g: &Tensor,
     bias: bool,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-    use crate::gemm::{matmul_new, View};
+    use crate::kernels::gemm::{matmul_new, View};
     let (o, i) = op.out_in(w.shape())?;
     let n = x.elem_count() / i.max(1);
     // The weight is read through its own strides: no copy.
@@ -959,8 +917,8 @@ impl Heads {
         }
         Ok(Self { off: l.start_offset(), sb: s[0], st: s[1], sh: s[2] })
     }
-    fn at(&self, b: usize, h: usize) -> crate::gemm::View {
-        crate::gemm::View::rows(self.off + b * self.sb + h * self.sh, self.st)
+    fn at(&self, b: usize, h: usize) -> crate::kernels::gemm::View {
+        crate::kernels::gemm::View::rows(self.off + b * self.sb + h * self.sh, self.st)
     }
 }
 
@@ -983,9 +941,17 @@ use std::sync::Arc;
 impl AttnSpec {
     /// Scores `S = scale · Q Kᵀ` for one head, masked, then softmax in place; rows with no
     /// visible key become all zeros.
-    fn probs<T: Elem>(&self, q: &[T], qv: crate::gemm::View, k: &[T], kv: crate::gemm::View, b: usize, p: &mut [T]) {
+    fn probs<T: Elem>(
+        &self,
+        q: &[T],
+        qv: crate::kernels::gemm::View,
+        k: &[T],
+        kv: crate::kernels::gemm::View,
+        b: usize,
+        p: &mut [T],
+    ) {
         let t = self.t;
-        crate::gemm::matmul(
+        crate::kernels::gemm::matmul(
             t,
             t,
             self.d,
@@ -994,7 +960,7 @@ impl AttnSpec {
             k,
             kv.t(),
             p,
-            crate::gemm::View::rows(0, t),
+            crate::kernels::gemm::View::rows(0, t),
             false,
             c::<T>(self.scale),
         );
@@ -1046,16 +1012,16 @@ impl AttnSpec {
                 let mut p = vec![T::zero(); t * t];
                 self.probs(q, ql.at(b, hh), k, kl.at(b, hh / rep), b, &mut p);
                 let mut o = vec![T::zero(); t * d];
-                crate::gemm::matmul(
+                crate::kernels::gemm::matmul(
                     t,
                     d,
                     t,
                     &p,
-                    crate::gemm::View::rows(0, t),
+                    crate::kernels::gemm::View::rows(0, t),
                     v,
                     vl.at(b, hh / rep),
                     &mut o,
-                    crate::gemm::View::rows(0, d),
+                    crate::kernels::gemm::View::rows(0, d),
                     false,
                     T::one(),
                 );
@@ -1085,7 +1051,7 @@ impl AttnSpec {
         vl: Heads,
         dout: &[T],
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        use crate::gemm::{matmul, View};
+        use crate::kernels::gemm::{matmul, View};
         let (t, d, h, kvh) = (self.t, self.d, self.h, self.kvh);
         let rep = h / kvh;
         let scale = c::<T>(self.scale);

@@ -163,7 +163,7 @@ impl Assertion {
     }
 
     /// Checks a deterministic assertion against `output`; `vars` are the document's fields
-    /// plus `target`. Model-graded assertions give `Err` here: use [`Judge`].
+    /// plus `target`. Model-graded assertions give `Err` here: use [`Judge`](crate::judge::Judge).
     pub fn check(&self, output: &str, vars: &Value) -> Result<Outcome, String> {
         let values = self.render_values(vars)?;
         let first = values.first().cloned().unwrap_or_default();

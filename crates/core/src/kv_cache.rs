@@ -7,7 +7,7 @@
 //! each at its own position.
 //!
 //! On CPU in f32 the cache lives in plain host vectors instead (token-major:
-//! `[len, kv_heads, head_dim]`, f32 or, on request, bf16), read directly by [`packed_attention`]: a step over many
+//! `[len, kv_heads, head_dim]`, f32 or, on request, bf16), read directly by [`packed_attention`](crate::kernels::attention::packed_attention): a step over many
 //! sequences then costs two tensor copies per layer instead of a dozen tensor ops per sequence,
 //! which is what makes batching many small decode streams pay off.
 
@@ -163,7 +163,7 @@ impl KvCache {
         self.expected = tokens.min(self.max_len);
     }
 
-    /// Whether the cache lives in host vectors (CPU, f32) for [`packed_attention`].
+    /// Whether the cache lives in host vectors (CPU, f32) for [`packed_attention`](crate::kernels::attention::packed_attention).
     pub fn is_host(&self) -> bool {
         self.host
     }

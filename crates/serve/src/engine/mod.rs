@@ -11,7 +11,7 @@
 //!    is prefilled over several steps so decoding streams keep flowing),
 //! 4. runs one packed forward over all of them ([`Model::forward_cached`], every sequence at its
 //!    own position in its own cache), samples each sequence's next token with its own
-//!    [`Sampler`], and streams the result to the client. Finished sequences leave at once.
+//!    [`Decoding`], and streams the result to the client. Finished sequences leave at once.
 //!
 //! Model compute runs on this thread (and the rayon pool its matrix products use), never on
 //! the async runtime that serves HTTP.

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 /// Whether the engine runs a step of several sequences of a small model as two halves on two
-/// threads or on its own thread alone ([`Model::can_split`], [`Model::forward_cached_on`]).
+/// threads or on its own thread alone ([`Model::can_split`](lmstack_core::Model::can_split), [`Model::forward_cached_on`](lmstack_core::Model::forward_cached_on)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SplitSteps {
     /// Steps of at least 8 tokens (`SPLIT_MIN_TOKENS`) run whichever way this machine

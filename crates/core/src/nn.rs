@@ -260,7 +260,7 @@ impl Linear {
         let rows = xs.elem_count() / inp.max(1);
         let x = xs.contiguous()?;
         let bias = self.bias.as_ref().map(|b| b.contiguous()).transpose()?;
-        let parallel = crate::kernels::ops::linear_in_parallel(rows, inp, out);
+        let parallel = crate::kernels::threads::linear_in_parallel(rows, inp, out);
         let y = {
             let (xs_, xl) = x.storage_and_layout();
             let candle_core::Storage::Cpu(xc) = &*xs_ else { return Ok(None) };
@@ -382,7 +382,7 @@ fn quantized_forward(q: &QTensor, xs: &Tensor) -> candle_core::Result<Option<Ten
             &data,
             out,
             inp,
-            crate::kernels::ops::linear_in_parallel(rows, inp, out),
+            crate::kernels::threads::linear_in_parallel(rows, inp, out),
         )
     };
     let Some(y) = y else { return Ok(None) };

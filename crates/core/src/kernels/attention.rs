@@ -56,7 +56,7 @@ pub fn packed_attention(
     let decode_macs: usize = decoding.iter().map(|&i| 2 * spans[i].1 * caches[i].len() * d * heads).sum();
     // Long caches (a large model, long contexts) are worth the pool: 256K multiply-adds read
     // 1 MB of keys and values or more, which takes longer than waking the pool.
-    let spread = decode_macs > 1 << 18 && crate::kernels::ops::may_spread();
+    let spread = decode_macs > 1 << 18 && crate::kernels::threads::may_spread();
     if spread && decoding.len() == 1 && kv_heads >= 2 {
         // One sequence: its heads in two halves, by KV head, on two threads.
         let (i, mid) = (decoding[0], kv_heads / 2);
@@ -189,7 +189,7 @@ pub fn packed_attention(
             out[o..o + d].copy_from_slice(&part[t * d..(t + 1) * d]);
         }
     };
-    if macs > 1 << 20 && crate::kernels::ops::may_spread() {
+    if macs > 1 << 20 && crate::kernels::threads::may_spread() {
         let parts: Vec<Vec<f32>> = work
             .par_iter()
             .map(|&w| {

@@ -519,7 +519,7 @@ impl Model {
             }
         }
         if threads == StepThreads::One {
-            return crate::kernels::ops::on_one_thread(|| self.forward_cached_one(steps));
+            return crate::kernels::threads::on_one_thread(|| self.forward_cached_one(steps));
         }
         if self.can_split(steps) {
             // Halves of about equal cost: a token whose logits are not wanted skips about three
@@ -546,7 +546,7 @@ impl Model {
             return Ok(out);
         }
         if self.device.is_cpu() {
-            return crate::kernels::ops::in_pool(|| self.forward_cached_one(steps));
+            return crate::kernels::threads::in_pool(|| self.forward_cached_one(steps));
         }
         self.forward_cached_one(steps)
     }

@@ -10,8 +10,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use lmstack_core::kernels::ops::cross_entropy;
@@ -26,7 +24,7 @@ use crate::checkpoint::TrainerState;
 use crate::finetune::FinetuneConfig;
 use crate::optim::{self, AdamW, AdamWConfig};
 use crate::runlog::{self, Record};
-use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, RunOptions, Trainer};
 use crate::{Error, Result};
 
 /// A labelled text.
@@ -187,13 +185,14 @@ impl Objective for Classification<'_> {
 
 /// Trains a classification head (and the encoder under it) as `cfg` says; `val_data` (or a
 /// `val_fraction` of `data`) is the held-out split accuracy is measured on.
-pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: bool) -> Result<ClassifySummary> {
+pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<ClassifySummary> {
+    let resume = opts.resume;
     cfg.validate()?;
     if cfg.task != crate::finetune::Task::Classify {
         return Err(Error::Msg("classification runs need `task: classify` in their configuration".into()));
     }
     let out = &cfg.out_dir;
-    let resume_from = crate::finetune::prepare_run_dir(cfg, resume)?;
+    let resume_from = crate::finetune::prepare_run_dir(cfg, opts)?;
     let dev = Device::Cpu;
     let base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
     if base.model.as_bert().is_none() {
@@ -264,7 +263,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
     let resumed = resume_from.map(|l| (l.state, l.optimizer));
     let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
-    let mut trainer = Trainer::new(out, model.params().vars(), adam, resumed, fresh, stop, progress)?;
+    let mut trainer = Trainer::new(out, model.params().vars(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
     // The log's step-0 record is the error rate before training (1 − accuracy); a resumed run
     // reports that as its "before", not the accuracy of the partly trained model it resumes.
     let logged = if resume { runlog::initial_val(trainer.log.path())? } else { None };

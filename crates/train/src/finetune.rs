@@ -34,7 +34,9 @@ use crate::checkpoint::{self, TrainerState};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::runlog::{self, Record};
 use crate::sft::{self, ChatFormat, Tokenized};
-use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
+use crate::trainer::{
+    frozen, open_run_dir, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, RunOptions, Trainer,
+};
 use crate::{Error, Result};
 
 /// `full` or `lora`.
@@ -472,12 +474,10 @@ impl Objective for Sft<'_> {
 
 /// Checks the run directory for a fresh run or a resume (same settings but `max_steps`), writes
 /// `finetune.json`, and returns the checkpoint to resume from.
-pub fn prepare_run_dir(cfg: &FinetuneConfig, resume: bool) -> Result<Option<checkpoint::Loaded>> {
+pub fn prepare_run_dir(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<Option<checkpoint::Loaded>> {
     let out = &cfg.out_dir;
-    let ckpt_root = out.join("checkpoints");
-    let loaded = if resume {
-        let dir = checkpoint::latest(&ckpt_root)?
-            .ok_or_else(|| Error::Msg(format!("--resume: no checkpoint in {}", ckpt_root.display())))?;
+    let loaded = open_run_dir(out, opts, &["checkpoints", "adapter", "model"], "a finetuning run")?;
+    if opts.resume {
         let saved_at = out.join("finetune.json");
         let saved = FinetuneConfig::read_saved(&saved_at, Some(cfg.task))?;
         let differ = saved.differences(cfg)?;
@@ -489,16 +489,7 @@ pub fn prepare_run_dir(cfg: &FinetuneConfig, resume: bool) -> Result<Option<chec
                 saved_at.display()
             )));
         }
-        Some(checkpoint::load(&dir)?)
-    } else {
-        if checkpoint::latest(&ckpt_root)?.is_some() {
-            return Err(Error::Msg(format!(
-                "{} already holds a finetuning run; pass --resume to continue it or choose another --out-dir",
-                out.display()
-            )));
-        }
-        None
-    };
+    }
     let gguf = lmstack_core::gguf::is_gguf(&cfg.base);
     if gguf && cfg.method != Method::Lora {
         return Err(Error::Msg(format!(
@@ -547,13 +538,14 @@ pub fn grow_vocab(
 }
 
 /// Runs (or with `resume`, continues) a finetuning run.
-pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: bool) -> Result<FinetuneSummary> {
+pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
+    let resume = opts.resume;
     cfg.validate()?;
     if cfg.task != Task::Sft {
         return Err(Error::Msg("a classify run is trained by `train finetune --task classify`".into()));
     }
     let out = &cfg.out_dir;
-    let resume_from = prepare_run_dir(cfg, resume)?;
+    let resume_from = prepare_run_dir(cfg, opts)?;
     let dev = Device::Cpu;
     let base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
     if !base.model.config().is_causal() {
@@ -672,7 +664,7 @@ pub fn run(cfg: &FinetuneConfig, resume: bool, stop: Arc<AtomicBool>, progress: 
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
     let resumed = resume_from.map(|l| (l.state, l.optimizer));
     let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
-    let mut trainer = Trainer::new(out, vars.clone(), adam, resumed, fresh, stop, progress)?;
+    let mut trainer = Trainer::new(out, vars.clone(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
     let mut objective = Sft {
         model: &model,
         method: cfg.method,

@@ -12,8 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use lmstack_core::decoding::{self, StopConditions};
@@ -24,27 +22,14 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::batches::{self, batch_loss, shard_grads, SelfSupervised};
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::TrainerState;
 use crate::config::PretrainConfig;
 use crate::data::{Dataset, Tokens};
 use crate::optim::{AdamW, AdamWConfig};
-use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, Trainer};
+use crate::trainer::{
+    frozen, open_run_dir, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, RunOptions, Trainer,
+};
 use crate::{corpus, Error, Result};
-
-/// How a run is driven (not part of the saved configuration).
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Continue from the run directory's latest checkpoint.
-    pub resume: bool,
-    /// Show a progress bar on the terminal.
-    pub progress: bool,
-    /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
-    pub stop: Arc<AtomicBool>,
-    /// Print one line per evaluation.
-    pub verbose: bool,
-    /// Start afresh in a run directory that already holds a run, replacing it.
-    pub overwrite: bool,
-}
 
 /// What a finished (or interrupted) run reports.
 #[derive(Debug, Clone, Serialize)]
@@ -272,35 +257,7 @@ pub fn run(cfg: &PretrainConfig, opts: &RunOptions) -> Result<Summary> {
     cfg.validate()?;
     let out = &cfg.out_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::Msg(format!("creating {}: {e}", out.display())))?;
-    let ckpt_root = out.join("checkpoints");
-    let resume_from = if opts.resume {
-        match checkpoint::latest(&ckpt_root)? {
-            Some(dir) => Some(checkpoint::load(&dir)?),
-            None => {
-                return Err(Error::Msg(format!(
-                    "--resume: no checkpoint in {} (start without --resume)",
-                    ckpt_root.display()
-                )))
-            }
-        }
-    } else {
-        if checkpoint::latest(&ckpt_root)?.is_some() {
-            if !opts.overwrite {
-                return Err(Error::Msg(format!(
-                    "{} already holds a run; pass --resume to continue it, --overwrite to start again, or another --out-dir",
-                    out.display()
-                )));
-            }
-            // Only what a run writes is removed, never other files the user keeps there.
-            for d in ["checkpoints", "model", "best", "tokenizer"] {
-                let p = out.join(d);
-                if p.exists() {
-                    std::fs::remove_dir_all(&p).map_err(|e| Error::Msg(format!("removing {}: {e}", p.display())))?;
-                }
-            }
-        }
-        None
-    };
+    let resume_from = open_run_dir(out, opts, &["checkpoints", "model", "best", "tokenizer"], "a run")?;
     if resume_from.is_some() {
         let saved = PretrainConfig::from_toml_file(&out.join("config.toml"))?;
         if let Some(field) = cfg.model_field_differing_from(&saved) {

@@ -26,6 +26,52 @@ use crate::optim::{self, AdamW, AdamWConfig};
 use crate::runlog::{self, MetricsLog, Record};
 use crate::{Error, Result};
 
+/// How a run is driven (not part of the saved configuration).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
+    /// With `resume`, continue from the newest checkpoint that verifies when the latest does
+    /// not.
+    pub resume_verified: bool,
+    /// Show a progress bar on the terminal.
+    pub progress: bool,
+    /// Set (e.g. by Ctrl-C) to checkpoint and stop after the current step.
+    pub stop: Arc<AtomicBool>,
+    /// Print one line per evaluation.
+    pub verbose: bool,
+    /// Start afresh in a run directory that already holds a run, replacing it.
+    pub overwrite: bool,
+}
+
+/// Prepares the run directory `out` for a run as `opts` say: with `resume`, returns the
+/// checkpoint to continue from ([`checkpoint::resume`]); otherwise refuses a directory that
+/// holds checkpoints (`latest` or not) unless `overwrite`, which removes the `outputs` a run
+/// writes there (never other files). Temporary files an interrupted write left are removed.
+/// `what` names the run in the refusal ("a run", "a finetuning run").
+pub fn open_run_dir(out: &Path, opts: &RunOptions, outputs: &[&str], what: &str) -> Result<Option<checkpoint::Loaded>> {
+    let root = out.join("checkpoints");
+    checkpoint::clean_leftovers(&root)?;
+    if opts.resume {
+        return Ok(Some(checkpoint::resume(&root, opts.resume_verified)?));
+    }
+    if checkpoint::holds_checkpoints(&root)? {
+        if !opts.overwrite {
+            return Err(Error::Msg(format!(
+                "{} already holds {what}; pass --resume to continue it, --overwrite to start again, or another --out-dir",
+                out.display()
+            )));
+        }
+        for d in outputs {
+            let p = out.join(d);
+            if p.exists() {
+                std::fs::remove_dir_all(&p).map_err(|e| Error::Msg(format!("removing {}: {e}", p.display())))?;
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// How the loop runs: the schedule and the cadence of logging, evaluation and checkpoints.
 #[derive(Debug, Clone)]
 pub struct LoopConfig {

@@ -230,7 +230,7 @@ fn pretraining_reads_a_prepared_dataset() {
         sample_tokens: 5,
         ..Default::default()
     };
-    let opts = lmstack_train::pretrain::RunOptions::default();
+    let opts = lmstack_train::trainer::RunOptions::default();
     let s = lmstack_train::pretrain::run(&pcfg, &opts).unwrap();
     assert_eq!(s.split_tokens, (m.stats.train_tokens, m.stats.val_tokens));
     let tok = lmstack_core::Tokenizer::from_dir(&dir.join("run/model")).unwrap();

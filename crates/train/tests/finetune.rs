@@ -17,6 +17,12 @@ use lmstack_train::batches::batch_loss;
 use lmstack_train::batches::Batch;
 use lmstack_train::finetune::{self, FinetuneConfig, Method, Task};
 use lmstack_train::sft::{self, ChatFormat, Example};
+use lmstack_train::trainer::RunOptions;
+
+/// How the tests drive a run: resumed or not, with a stop flag, quietly.
+fn opts(resume: bool, stop: Arc<AtomicBool>) -> RunOptions {
+    RunOptions { resume, stop, ..Default::default() }
+}
 
 const CHARS: &str = "abcdefghijklmnopqrstuvwxyz :.?\n";
 
@@ -195,7 +201,7 @@ fn lora_finetuning_learns_resumes_exactly_and_writes_peft() {
         target_modules: vec!["c_attn".into(), "c_fc".into(), "lm_head".into()],
         ..cfg(dir.path(), Method::Lora, "lora", 20)
     };
-    let s = finetune::run(&c, false, stop.clone(), false).unwrap();
+    let s = finetune::run(&c, &opts(false, stop.clone())).unwrap();
     let (before, after) = (s.val_loss.0, s.val_loss.1.unwrap());
     assert!(after < before - 0.3, "validation loss {before} → {after}");
     assert!(s.trainable_parameters * 5 < s.base_parameters, "{s:?}");
@@ -228,7 +234,7 @@ fn lora_finetuning_learns_resumes_exactly_and_writes_peft() {
     json["out_dir"] = serde_json::json!(copy);
     std::fs::write(copy.join("finetune.json"), json.to_string()).unwrap();
     let c2 = FinetuneConfig { out_dir: copy.clone(), ..c.clone() };
-    finetune::run(&c2, true, stop.clone(), false).unwrap();
+    finetune::run(&c2, &opts(true, stop.clone())).unwrap();
     let t2 = candle_core::safetensors::load(copy.join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();
     for (k, a) in &t {
         let d =
@@ -237,8 +243,12 @@ fn lora_finetuning_learns_resumes_exactly_and_writes_peft() {
     }
     // Changing a setting on resume is refused; a second fresh run over a run is refused.
     let c3 = FinetuneConfig { lr: 0.5, ..c2 };
-    assert!(finetune::run(&c3, true, stop.clone(), false).unwrap_err().to_string().contains("--resume"));
-    assert!(finetune::run(&c, false, stop, false).unwrap_err().to_string().contains("already holds"));
+    assert!(finetune::run(&c3, &opts(true, stop.clone())).unwrap_err().to_string().contains("--resume"));
+    assert!(finetune::run(&c, &opts(false, stop.clone())).unwrap_err().to_string().contains("already holds"));
+    // --overwrite starts again from step 0.
+    let again = RunOptions { overwrite: true, ..opts(false, stop) };
+    let s2 = finetune::run(&FinetuneConfig { max_steps: 4, ..c.clone() }, &again).unwrap();
+    assert_eq!(s2.steps, 4);
 }
 
 #[test]
@@ -247,7 +257,7 @@ fn full_finetuning_writes_a_model_with_its_chat_template() {
     tiny(&dir.path().join("base"), "llama", 9);
     write_data(dir.path());
     let c = cfg(dir.path(), Method::Full, "full", 12);
-    let s = finetune::run(&c, false, Arc::new(AtomicBool::new(false)), false).unwrap();
+    let s = finetune::run(&c, &opts(false, Arc::new(AtomicBool::new(false)))).unwrap();
     assert!(s.val_loss.1.unwrap() < s.val_loss.0, "{s:?}");
     assert_eq!(s.trainable_parameters, s.base_parameters);
     let m = Pretrained::load(&dir.path().join("full/model"), DType::F32, &Device::Cpu).unwrap();
@@ -257,7 +267,7 @@ fn full_finetuning_writes_a_model_with_its_chat_template() {
     // Bad data is reported with its line.
     std::fs::write(dir.path().join("bad.jsonl"), "{\"messages\": []}\n").unwrap();
     let bad = FinetuneConfig { data: dir.path().join("bad.jsonl"), out_dir: dir.path().join("bad"), ..c };
-    let e = finetune::run(&bad, false, Arc::new(AtomicBool::new(false)), false).unwrap_err().to_string();
+    let e = finetune::run(&bad, &opts(false, Arc::new(AtomicBool::new(false)))).unwrap_err().to_string();
     assert!(e.contains("bad.jsonl:1") && e.contains("empty"), "{e}");
 }
 
@@ -309,12 +319,12 @@ fn a_masked_lm_learns_to_classify_and_fills_masks() {
         method: Method::Full,
         ..cfg(dir.path(), Method::Full, "cls", 40)
     };
-    let s = classify::run(&c, false, Arc::new(AtomicBool::new(false)), false).unwrap();
+    let s = classify::run(&c, &opts(false, Arc::new(AtomicBool::new(false)))).unwrap();
     assert_eq!(s.labels, ["question", "statement"]);
     assert!(s.accuracy.1.unwrap() >= 0.95, "{s:?}");
     // Resumed for more steps, the run reports the accuracy before training, not at the resume.
     let longer = FinetuneConfig { max_steps: 44, ..c.clone() };
-    let s2 = classify::run(&longer, true, Arc::new(AtomicBool::new(false)), false).unwrap();
+    let s2 = classify::run(&longer, &opts(true, Arc::new(AtomicBool::new(false)))).unwrap();
     assert_eq!((s2.steps, s2.accuracy.0), (44, s.accuracy.0), "{s2:?}");
     // A run saved before `task` was recorded resumes as the task it is given.
     let saved = dir.path().join("cls/finetune.json");
@@ -322,7 +332,7 @@ fn a_masked_lm_learns_to_classify_and_fills_masks() {
     json.as_object_mut().unwrap().remove("task");
     std::fs::write(&saved, json.to_string()).unwrap();
     let s3 =
-        classify::run(&FinetuneConfig { max_steps: 46, ..c.clone() }, true, Arc::new(AtomicBool::new(false)), false)
+        classify::run(&FinetuneConfig { max_steps: 46, ..c.clone() }, &opts(true, Arc::new(AtomicBool::new(false))))
             .unwrap();
     assert_eq!(s3.steps, 46);
     let m = Pretrained::load(&dir.path().join("cls/model"), DType::F32, &Device::Cpu).unwrap();
@@ -339,7 +349,7 @@ fn a_masked_lm_learns_to_classify_and_fills_masks() {
     // A causal model is refused as a classification base, naming the flag.
     tiny(&dir.path().join("gpt"), "gpt2", 1);
     let bad = FinetuneConfig { base: dir.path().join("gpt"), out_dir: dir.path().join("bad"), ..c };
-    let e = classify::run(&bad, false, Arc::new(AtomicBool::new(false)), false).unwrap_err().to_string();
+    let e = classify::run(&bad, &opts(false, Arc::new(AtomicBool::new(false)))).unwrap_err().to_string();
     assert!(e.contains("--base") && e.contains("bert"), "{e}");
 }
 
@@ -350,7 +360,7 @@ fn chatml_grows_the_vocabulary_for_full_finetuning_only() {
     let v = base.tokenizer.vocab_size();
     write_data(dir.path());
     let c = FinetuneConfig { chat_template: "chatml".into(), ..cfg(dir.path(), Method::Full, "chatml", 4) };
-    finetune::run(&c, false, Arc::new(AtomicBool::new(false)), false).unwrap();
+    finetune::run(&c, &opts(false, Arc::new(AtomicBool::new(false)))).unwrap();
     let m = Pretrained::load(&dir.path().join("chatml/model"), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(m.tokenizer.vocab_size(), v + 2);
     assert_eq!(m.model.config().vocab_size(), v + 2);
@@ -358,6 +368,6 @@ fn chatml_grows_the_vocabulary_for_full_finetuning_only() {
     let text = m.tokenizer.apply_chat_template(&serde_json::json!([{"role": "user", "content": "hi"}]), true).unwrap();
     assert_eq!(text, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     let lora = FinetuneConfig { method: Method::Lora, out_dir: dir.path().join("chatml-lora"), ..c };
-    let e = finetune::run(&lora, false, Arc::new(AtomicBool::new(false)), false).unwrap_err().to_string();
+    let e = finetune::run(&lora, &opts(false, Arc::new(AtomicBool::new(false)))).unwrap_err().to_string();
     assert!(e.contains("--method full"), "{e}");
 }

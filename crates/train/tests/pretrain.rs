@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use lmstack_train::config::PretrainConfig;
-use lmstack_train::pretrain::{run, RunOptions};
+use lmstack_train::pretrain::run;
 use lmstack_train::runlog;
+use lmstack_train::trainer::RunOptions;
 
 fn tmp(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("lmstack-pretrain-{tag}-{}", std::process::id()));
@@ -52,6 +53,7 @@ fn tiny(out: &Path, arch: &str) -> PretrainConfig {
 fn opts() -> RunOptions {
     RunOptions {
         resume: false,
+        resume_verified: false,
         progress: false,
         stop: Arc::new(AtomicBool::new(false)),
         verbose: false,
@@ -179,6 +181,44 @@ fn corrupt_checkpoints_are_refused() {
     let s = run(&cfg, &RunOptions { overwrite: true, ..opts() }).unwrap();
     assert_eq!(s.steps, 8);
     assert!(train_losses(&out).len() <= metrics_before && train_losses(&out)[0].0 <= 5, "the log restarted");
+}
+
+/// Every file of a checkpoint is verified (an edited `state.json` was loaded silently and
+/// resumed at the wrong step); `--resume` names the newest checkpoint that verifies and
+/// `resume_verified` takes it; leftover temporary files are cleaned; a directory holding
+/// checkpoints needs `--overwrite` even without `latest`.
+#[test]
+fn every_checkpoint_file_is_verified_and_resume_can_fall_back() {
+    let out = tmp("verify");
+    let mut cfg = tiny(&out, "gpt2");
+    cfg.max_steps = 6;
+    cfg.checkpoint_interval = 3;
+    run(&cfg, &opts()).unwrap();
+    let root = out.join("checkpoints");
+    let latest = lmstack_train::checkpoint::latest(&root).unwrap().unwrap();
+    assert!(latest.ends_with("step-0000006"), "{}", latest.display());
+    // One edit to state.json: step 6 becomes 5.
+    let state = latest.join("state.json");
+    let text = std::fs::read_to_string(&state).unwrap();
+    let edited = text.replacen("\"step\": 6", "\"step\": 5", 1);
+    assert_ne!(text, edited);
+    std::fs::write(&state, &edited).unwrap();
+    cfg.max_steps = 8;
+    let e = run(&cfg, &RunOptions { resume: true, ..opts() }).unwrap_err().to_string();
+    assert!(e.contains("state.json") && e.contains("checksum"), "{e}");
+    assert!(e.contains("step-0000003") && e.contains("--resume-verified"), "{e}");
+    // A temporary file an interrupted write left behind goes when a run starts.
+    let leftover = root.join("latest.4242.tmp");
+    std::fs::write(&leftover, "step-0000009\n").unwrap();
+    let s = run(&cfg, &RunOptions { resume: true, resume_verified: true, ..opts() }).unwrap();
+    assert_eq!(s.steps, 8);
+    assert!(!leftover.exists());
+    let resumed = train_losses(&out);
+    assert!(resumed.iter().any(|r| r.0 == 5) && resumed.last().unwrap().0 == 8, "{resumed:?}");
+    // Without `latest`, the directory still holds a run.
+    std::fs::remove_file(root.join("latest")).unwrap();
+    let e = run(&cfg, &opts()).unwrap_err().to_string();
+    assert!(e.contains("already holds") && e.contains("--overwrite"), "{e}");
 }
 
 #[test]

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
+use lmstack_train::trainer::RunOptions;
 
 /// Flags override the defaults (with `--resume`, the run's saved `finetune.json`).
 #[derive(Args, Debug)]
@@ -85,8 +86,16 @@ pub(crate) struct FinetuneArgs {
     seed: Option<u64>,
     /// Continue the run in --out-dir from its latest checkpoint, with the settings it saved
     /// (only --max-steps may change).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// With --resume: when the latest checkpoint fails verification, continue from the newest
+    /// one that verifies.
+    #[arg(long, requires = "resume")]
+    resume_verified: bool,
+    /// Start again in --out-dir even if it holds a run (its checkpoints, adapter and model are
+    /// replaced).
+    #[arg(long)]
+    overwrite: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -133,8 +142,16 @@ pub(crate) fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
     let classify = cfg.task == Task::Classify;
     let resume_line = format!("continue with: train finetune --resume --out-dir {}", cfg.out_dir.display());
     let stop = crate::stop_on_ctrl_c()?;
+    let opts = RunOptions {
+        resume: a.resume,
+        resume_verified: a.resume_verified,
+        progress: !a.quiet,
+        stop,
+        verbose: true,
+        overwrite: a.overwrite,
+    };
     if classify {
-        let s = lmstack_train::classify::run(&cfg, a.resume, stop, !a.quiet)?;
+        let s = lmstack_train::classify::run(&cfg, &opts)?;
         if s.interrupted {
             println!("interrupted at step {}; {resume_line}", s.steps);
             return Ok(ExitCode::from(130));
@@ -154,7 +171,7 @@ pub(crate) fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let s = finetune::run(&cfg, a.resume, stop, !a.quiet)?;
+    let s = finetune::run(&cfg, &opts)?;
     if s.interrupted {
         println!("interrupted at step {}; {resume_line}", s.steps);
         return Ok(ExitCode::from(130));

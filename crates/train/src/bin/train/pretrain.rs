@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 use lmstack_train::config::PretrainConfig;
-use lmstack_train::pretrain::{self, RunOptions};
+use lmstack_train::pretrain;
+use lmstack_train::trainer::RunOptions;
 
 /// Flags override the `--config` file (with `--resume` and no `--config`, the run's saved
 /// `config.toml`), which overrides the defaults.
@@ -19,6 +20,10 @@ pub(crate) struct PretrainArgs {
     /// (flags may still change training settings, e.g. a larger --max-steps).
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// With --resume: when the latest checkpoint fails verification, continue from the newest
+    /// one that verifies.
+    #[arg(long, requires = "resume")]
+    resume_verified: bool,
     /// Start again in --out-dir even if it holds a run (its checkpoints and models are replaced).
     #[arg(long)]
     overwrite: bool,
@@ -156,8 +161,14 @@ impl PretrainArgs {
 pub(crate) fn pretrain_cmd(args: &PretrainArgs) -> Result<ExitCode> {
     let cfg = args.resolve()?;
     let stop = crate::stop_on_ctrl_c()?;
-    let opts =
-        RunOptions { resume: args.resume, progress: !args.quiet, stop, verbose: true, overwrite: args.overwrite };
+    let opts = RunOptions {
+        resume: args.resume,
+        resume_verified: args.resume_verified,
+        progress: !args.quiet,
+        stop,
+        verbose: true,
+        overwrite: args.overwrite,
+    };
     let s = pretrain::run(&cfg, &opts)?;
     if s.interrupted {
         println!(

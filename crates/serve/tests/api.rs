@@ -138,7 +138,9 @@ async fn errors_have_openai_shape_and_name_the_field() {
     let (_d, mut opts) = setup();
     opts.max_body_bytes = 2000;
     let app = common::router(&opts);
-    let raw = |body: &str| call(&app, "POST", "/v1/completions", Some(body.to_owned()), &[]);
+    let raw = |body: &str| {
+        call(&app, "POST", "/v1/completions", Some(body.to_owned()), &[("content-type", "application/json")])
+    };
     assert_error(&raw("{\"prompt\": ").await, StatusCode::BAD_REQUEST, Some("body"));
     assert_error(&raw("").await, StatusCode::BAD_REQUEST, Some("body"));
     assert_error(&raw("[1]").await, StatusCode::BAD_REQUEST, Some("body"));
@@ -206,8 +208,29 @@ async fn errors_have_openai_shape_and_name_the_field() {
     assert_eq!(r.json()["error"]["code"], "invalid_api_key");
     let wrong = call(&app, "POST", "/v1/completions", Some(body.clone()), &[("authorization", "Bearer nope")]).await;
     assert_error(&wrong, StatusCode::UNAUTHORIZED, None);
-    let ok = call(&app, "POST", "/v1/completions", Some(body), &[("authorization", "Bearer sekrit")]).await;
+    let json_type = ("content-type", "application/json");
+    let ok =
+        call(&app, "POST", "/v1/completions", Some(body.clone()), &[("authorization", "Bearer sekrit"), json_type])
+            .await;
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
+    // The scheme name is case-insensitive (RFC 6750).
+    for scheme in ["bearer", "BEARER"] {
+        let auth = format!("{scheme} sekrit");
+        let r = call(&app, "POST", "/v1/completions", Some(body.clone()), &[("authorization", &auth), json_type]).await;
+        assert_eq!(r.status, StatusCode::OK, "{scheme}: {}", r.text);
+    }
+    // JSON endpoints take only JSON: text/plain (which a web page may post without a CORS
+    // preflight), a form or no type at all is a 415; `application/json; charset=utf-8` is fine.
+    let key = ("authorization", "Bearer sekrit");
+    for ct in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
+        let headers: Vec<(&str, &str)> = std::iter::once(key).chain(ct.map(|c| ("content-type", c))).collect();
+        let r = call(&app, "POST", "/v1/completions", Some(body.clone()), &headers).await;
+        assert_error(&r, StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
+        let r = call(&app, "POST", "/tokenize", Some(json!({"prompt": "a"}).to_string()), &headers).await;
+        assert_error(&r, StatusCode::UNSUPPORTED_MEDIA_TYPE, None);
+    }
+    let utf8 = ("content-type", "application/json; charset=utf-8");
+    assert_eq!(call(&app, "POST", "/v1/completions", Some(body), &[key, utf8]).await.status, StatusCode::OK);
     assert_eq!(call(&app, "GET", "/health", None, &[]).await.status, StatusCode::OK);
     assert_error(&call(&app, "GET", "/v1/models", None, &[]).await, StatusCode::UNAUTHORIZED, None);
 }

@@ -141,6 +141,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(require_json))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(limit));
@@ -166,7 +167,12 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: HttpRequest, next
         let path = req.uri().path();
         if req.method() != Method::OPTIONS && !OPEN_PATHS.contains(&path) && path != "/" {
             let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-            if given.and_then(|g| g.strip_prefix("Bearer ")) != Some(key.as_str()) {
+            // The scheme name is case-insensitive (RFC 6750, RFC 9110 §11.1).
+            let token = given.and_then(|g| {
+                let (scheme, token) = g.trim_start().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            });
+            if token != Some(key.as_str()) {
                 let msg = if given.is_none() {
                     "missing API key: send `Authorization: Bearer <key>`"
                 } else {
@@ -174,6 +180,28 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: HttpRequest, next
                 };
                 return ApiError::status(StatusCode::UNAUTHORIZED, msg).code("invalid_api_key").into_response();
             }
+        }
+    }
+    next.run(req).await
+}
+
+/// The JSON endpoints (every POST route) take only JSON: a body declared as anything else
+/// (`text/plain`, a form, nothing) is refused with 415 before it is read. A web page may post
+/// `text/plain` to any server without a CORS preflight; requiring JSON makes the browser ask
+/// first, so a page cannot drive a local server that has no API key.
+async fn require_json(req: HttpRequest, next: Next) -> Response {
+    if req.method() == Method::POST && req.extensions().get::<MatchedPath>().is_some() {
+        let declared = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let essence = declared.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let json = essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"));
+        if !json {
+            let got = if declared.is_empty() { "no Content-Type".to_owned() } else { format!("`{declared}`") };
+            return ApiError::status(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("send the body as JSON with `Content-Type: application/json` (got {got})"),
+            )
+            .code("unsupported_media_type")
+            .into_response();
         }
     }
     next.run(req).await

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub split_steps: IntCounter,
     /// Prompt tokens prefilled.
     pub prompt_tokens: IntCounter,
+    /// Prompt tokens run through the model.
+    pub prompt_tokens_computed: IntCounter,
     /// Tokens generated.
     pub generation_tokens: IntCounter,
     /// Finished sequences by finish reason.
@@ -108,7 +110,14 @@ impl Metrics {
             ),
             decode_step: hist("lmstack_decode_step_duration_seconds", "Decode-only forward steps", STEP),
             split_steps: counter("lmstack_split_steps_total", "Forward steps run as two halves on two threads"),
-            prompt_tokens: counter("lmstack_prompt_tokens_total", "Prompt tokens prefilled"),
+            prompt_tokens: counter(
+                "lmstack_prompt_tokens_total",
+                "Prompt tokens of admitted requests, as received (computed + copied from the prefix cache)",
+            ),
+            prompt_tokens_computed: counter(
+                "lmstack_prompt_tokens_computed_total",
+                "Prompt tokens run through the model (the rest were copied from the prefix cache: prefix_cache_hits_total)",
+            ),
             generation_tokens: counter("lmstack_generation_tokens_total", "Tokens generated"),
             finished: reg(
                 &registry,
@@ -133,7 +142,7 @@ impl Metrics {
             ),
             prefix_cache_queries: counter(
                 "lmstack_prefix_cache_queries_total",
-                "Prompt tokens looked up in the prefix cache (all but each prompt's last)",
+                "Prompt tokens looked up in the prefix cache (every token of each prompt, as vLLM counts them)",
             ),
             prefix_cache_hits: counter(
                 "lmstack_prefix_cache_hits_total",

@@ -603,7 +603,12 @@ async fn a_prompt_beginning_like_an_earlier_one_reuses_its_cache() {
     assert!(m.prefix_cache_tokens.get() > 0);
     let total_prompt: usize =
         [p.len(), p.len()].into_iter().chain(follow.iter().map(|f| f.0.len())).sum::<usize>() + follow[0].0.len();
-    assert_eq!(m.prompt_tokens.get(), (total_prompt - cached_total) as u64, "prompt tokens computed");
+    // Prompt tokens as received, and of them those computed (the rest were cache hits).
+    assert_eq!(m.prompt_tokens.get(), total_prompt as u64, "prompt tokens received");
+    assert_eq!(m.prompt_tokens_computed.get(), (total_prompt - cached_total) as u64, "prompt tokens computed");
+    // Every token of each prompt is a query (vLLM's count), so the hit ratio stays below 1;
+    // the echo (prompt log-probabilities) skips the cache.
+    assert_eq!(m.prefix_cache_queries.get(), (total_prompt - p.len()) as u64, "prefix-cache queries");
     // The server without caching computed every prompt token.
     assert_eq!(apps[1].1.metrics.prefix_cache_hits.get(), 0);
     assert_eq!(apps[1].1.metrics.prefix_cache_tokens.get(), 0);
@@ -631,12 +636,14 @@ async fn the_choices_of_one_prompt_share_its_prefill() {
         let r = post(&app, "/v1/completions", body.clone()).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         let m = &state.metrics;
+        // Four choices' prompts received; of them computed: once, plus each copy's last token.
+        assert_eq!(m.prompt_tokens.get(), 4 * n as u64, "prompt tokens received");
         if caching {
             // The first choice computes the prompt; the other three copy all but its last token.
-            assert_eq!(m.prompt_tokens.get(), (n + 3) as u64, "prompt tokens computed");
+            assert_eq!(m.prompt_tokens_computed.get(), (n + 3) as u64, "prompt tokens computed");
             assert_eq!(m.prefix_cache_hits.get(), 3 * (n - 1) as u64);
         } else {
-            assert_eq!(m.prompt_tokens.get(), 4 * n as u64);
+            assert_eq!(m.prompt_tokens_computed.get(), 4 * n as u64);
         }
         // Usage counts the prompt once, and it was computed once: nothing of it came from an
         // earlier request.

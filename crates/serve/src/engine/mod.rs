@@ -226,6 +226,7 @@ impl Engine {
             let w = self.waiting.pop_front().expect("front exists");
             self.queued.fetch_sub(1, Ordering::SeqCst);
             self.metrics.queue_time.observe(w.arrived.elapsed().as_secs_f64());
+            self.metrics.prompt_tokens.inc_by(w.req.prompt.len() as u64);
             let top = w.req.logprobs.unwrap_or(0);
             let r = &w.req;
             let decoding = match Decoding::new(
@@ -276,8 +277,10 @@ impl Engine {
             let (cache, n) = self.fork_from(None, 0, reserve);
             return (cache, n, None);
         }
+        // Every prompt token is looked up (vLLM's count); at most all but the last can be found,
+        // since its logits must be computed.
+        self.metrics.prefix_cache_queries.inc_by(req.prompt.len() as u64);
         let limit = req.prompt.len().saturating_sub(1);
-        self.metrics.prefix_cache_queries.inc_by(limit as u64);
         let (best, from) = self.best_prefix(&req.prompt, limit);
         let pending = self
             .running
@@ -440,7 +443,7 @@ impl Engine {
         } else {
             m.decode_step.observe(dt);
         }
-        m.prompt_tokens.inc_by(n_prefill as u64);
+        m.prompt_tokens_computed.inc_by(n_prefill as u64);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {

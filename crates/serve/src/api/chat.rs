@@ -22,7 +22,8 @@ pub(super) async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body, state.max_body_bytes)?;
-    let (r, req) = validate::chat(&state, &body)?;
+    let req = validate::off_runtime(&state, body, validate::chat).await?;
+    let r = state.loaded()?;
     let n = req.plan.n;
     let answer = Answer::submit(r, &req.plan, std::slice::from_ref(&req.ids), &req_id)?;
     let id = state.new_id("chatcmpl");

@@ -22,7 +22,8 @@ pub(super) async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body, state.max_body_bytes)?;
-    let (r, req) = validate::completion(&state, &body)?;
+    let req = validate::off_runtime(&state, body, validate::completion).await?;
+    let r = state.loaded()?;
     let answer = Answer::submit(r, &req.plan, &req.prompts, &req_id)?;
     let id = state.new_id("cmpl");
     let n = req.plan.n;

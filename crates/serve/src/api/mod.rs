@@ -272,7 +272,12 @@ async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = body_bytes(body, state.max_body_bytes)?;
-    let req: openai::TokenizeRequest = openai::parse(&body, &openai::TOKENIZE_FIELDS)?;
+    Ok(Json(validate::off_runtime(&state, body, tokenize_body).await?))
+}
+
+/// `/tokenize`'s answer to `body` (tokenizing runs off the runtime's workers).
+fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Value, ApiError> {
+    let req: openai::TokenizeRequest = openai::parse(body, &openai::TOKENIZE_FIELDS)?;
     state.check_model(req.model.as_deref())?;
     let r = state.loaded()?;
     let ids = match (req.prompt, req.messages) {
@@ -283,7 +288,7 @@ async fn tokenize(
         }
         _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` and `messages`")),
     };
-    Ok(Json(json!({"count": ids.len(), "max_model_len": r.engine.max_len(), "tokens": ids})))
+    Ok(json!({"count": ids.len(), "max_model_len": r.engine.max_len(), "tokens": ids}))
 }
 
 async fn detokenize(

@@ -10,6 +10,36 @@ use super::{AppState, Ready};
 use crate::engine::Request;
 use crate::openai::{self, ApiError, ChatRequest, CompletionRequest, Prompt, Sampling};
 
+/// Tokenizes a prompt (or a rendered conversation) that must fit the context: a long text is
+/// tokenized a beginning at a time (16 bytes a token of the context, then four times more each
+/// round) and refused as soon as a beginning alone has more tokens than the context holds, so a
+/// request of megabytes costs the tokens of its first part, not of all of it.
+pub(super) fn encode_prompt(r: &Ready, text: &str, special: bool, field: &str) -> Result<Vec<u32>, ApiError> {
+    let max_len = r.engine.max_len();
+    let mut take = max_len.saturating_mul(16).max(4096);
+    while take < text.len() {
+        let mut cut = take;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let n = encode(&r.tokenizer, &text[..cut], special, field)?.len();
+        // A cut may split a token in two: one more than the context is surely too long.
+        if n > max_len + 1 {
+            let what = if field == "messages" { "the rendered conversation" } else { "the prompt" };
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "this model's maximum context length is {max_len} tokens, but {what} is longer: its first {cut} of {} bytes are already {n} tokens",
+                    text.len()
+                ),
+            )
+            .code("context_length_exceeded"));
+        }
+        take = take.saturating_mul(4);
+    }
+    encode(&r.tokenizer, text, special, field)
+}
+
 pub(super) fn encode(tok: &Tokenizer, text: &str, special: bool, field: &str) -> Result<Vec<u32>, ApiError> {
     tok.encode(text, special).map_err(|e| ApiError::invalid(field, format!("could not tokenize: {e}")))
 }
@@ -108,10 +138,26 @@ pub(super) struct Completion {
     pub logprobs: Option<usize>,
 }
 
+/// Runs `validate` (parsing, rendering, tokenizing: CPU work that grows with the request) on
+/// tokio's blocking pool rather than on a worker that serves connections.
+pub(super) async fn off_runtime<T: Send + 'static>(
+    state: &std::sync::Arc<AppState>,
+    body: axum::body::Bytes,
+    validate: fn(&AppState, &[u8]) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || validate(&state, &body)).await.map_err(|e| {
+        tracing::error!(error = %e, "request validation failed");
+        ApiError::status(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal error while reading the request")
+    })?
+}
+
 /// Validates a `/v1/completions` body.
-pub(super) fn completion<'a>(state: &'a AppState, body: &[u8]) -> Result<(&'a Ready, Completion), ApiError> {
+pub(super) fn completion(state: &AppState, body: &[u8]) -> Result<Completion, ApiError> {
     let v = openai::parse_object(body, &openai::completion_fields())?;
     let req = CompletionRequest { sampling: openai::from_value(&v)?, ..openai::from_value(&v)? };
+    // The parsed tree holds a copy of the prompt: not kept while the prompt is tokenized.
+    drop(v);
     state.check_model(req.sampling.model.as_deref())?;
     let r = state.loaded()?;
     if req.suffix.is_some() {
@@ -122,9 +168,12 @@ pub(super) fn completion<'a>(state: &'a AppState, body: &[u8]) -> Result<(&'a Re
     }
     let special = req.add_special_tokens.unwrap_or(true);
     let (texts, prompts): (Vec<Option<String>>, Vec<Vec<u32>>) = match req.prompt {
-        Prompt::Text(t) => (vec![Some(t.clone())], vec![encode(&r.tokenizer, &t, special, "prompt")?]),
+        Prompt::Text(t) => {
+            let ids = encode_prompt(r, &t, special, "prompt")?;
+            (vec![Some(t)], vec![ids])
+        }
         Prompt::Texts(ts) => {
-            let ids = ts.iter().map(|t| encode(&r.tokenizer, t, special, "prompt")).collect::<Result<_, _>>()?;
+            let ids = ts.iter().map(|t| encode_prompt(r, t, special, "prompt")).collect::<Result<_, _>>()?;
             (ts.into_iter().map(Some).collect(), ids)
         }
         Prompt::Ids(ids) => (vec![None], vec![ids]),
@@ -153,7 +202,7 @@ pub(super) fn completion<'a>(state: &'a AppState, body: &[u8]) -> Result<(&'a Re
     } else {
         vec![None; prompts.len()]
     };
-    Ok((r, Completion { plan, prompts, echo, echoed: req.echo, logprobs }))
+    Ok(Completion { plan, prompts, echo, echoed: req.echo, logprobs })
 }
 
 /// A validated `/v1/chat/completions` request.
@@ -166,9 +215,10 @@ pub(super) struct Chat {
 }
 
 /// Validates a `/v1/chat/completions` body and renders its conversation.
-pub(super) fn chat<'a>(state: &'a AppState, body: &[u8]) -> Result<(&'a Ready, Chat), ApiError> {
+pub(super) fn chat(state: &AppState, body: &[u8]) -> Result<Chat, ApiError> {
     let v = openai::parse_object(body, &openai::chat_fields())?;
     let req = ChatRequest { sampling: openai::from_value(&v)?, ..openai::from_value(&v)? };
+    drop(v);
     state.check_model(req.sampling.model.as_deref())?;
     let r = state.loaded()?;
     if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
@@ -187,7 +237,7 @@ pub(super) fn chat<'a>(state: &'a AppState, body: &[u8]) -> Result<(&'a Ready, C
     }
     let extra = req.chat_template_kwargs.clone().unwrap_or_default();
     let text = render_chat(r, &req.messages, req.add_generation_prompt.unwrap_or(true), &extra)?;
-    let ids = encode(&r.tokenizer, &text, false, "messages")?;
+    let ids = encode_prompt(r, &text, false, "messages")?;
     if ids.is_empty() {
         return Err(ApiError::invalid("messages", "the rendered conversation has no tokens"));
     }
@@ -205,7 +255,7 @@ pub(super) fn chat<'a>(state: &'a AppState, body: &[u8]) -> Result<(&'a Ready, C
     };
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0) as usize);
     let plan = plan(state, r, &req.sampling, max_tokens, logprobs)?;
-    Ok((r, Chat { plan, ids, logprobs }))
+    Ok(Chat { plan, ids, logprobs })
 }
 
 /// OpenAI's `logit_bias`: token ids (as the map's keys) below `vocab` to biases (their range is

@@ -80,6 +80,11 @@ async fn endpoints_respond() {
     let models = call(&app, "GET", "/v1/models", None, &[]).await.json();
     assert_eq!(models["data"][0]["id"], "tiny");
     assert_eq!(models["data"][0]["max_model_len"], 128);
+    // One model by id, as OpenAI's SDKs ask for it (`client.models.retrieve`).
+    let one = call(&app, "GET", "/v1/models/tiny", None, &[]).await;
+    assert_eq!(one.json(), models["data"][0], "{}", one.text);
+    let other = call(&app, "GET", "/v1/models/gpt-4", None, &[]).await;
+    assert_error(&other, StatusCode::NOT_FOUND, Some("model"));
 
     let t = post(&app, "/tokenize", json!({"prompt": "Hello there"})).await.json();
     assert_eq!(t["count"], 11);
@@ -198,6 +203,14 @@ async fn errors_have_openai_shape_and_name_the_field() {
     assert_error(&call(&app, "GET", "/v1/completions", None, &[]).await, StatusCode::METHOD_NOT_ALLOWED, None);
     let big = json!({"prompt": "a".repeat(5000)});
     assert_error(&post(&app, "/v1/completions", big).await, StatusCode::PAYLOAD_TOO_LARGE, None);
+    // A body declared too large is refused before it is read, and the connection closed.
+    let json_type = ("content-type", "application/json");
+    for path in ["/v1/completions", "/v1/models"] {
+        let declared =
+            call(&app, "POST", path, Some("{}".into()), &[json_type, ("content-length", "10000000000")]).await;
+        assert_error(&declared, StatusCode::PAYLOAD_TOO_LARGE, None);
+        assert_eq!(declared.headers["connection"], "close");
+    }
 
     // Authentication: everything but the open paths needs the key.
     opts.api_key = Some("sekrit".into());

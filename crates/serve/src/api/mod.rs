@@ -134,6 +134,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/health", get(|| async { "ok" }))
@@ -143,6 +144,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(require_json))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_oversized))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .layer(DefaultBodyLimit::max(limit));
     if !state.cors_origins.is_empty() {
@@ -181,6 +183,19 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: HttpRequest, next
                 return ApiError::status(StatusCode::UNAUTHORIZED, msg).code("invalid_api_key").into_response();
             }
         }
+    }
+    next.run(req).await
+}
+
+/// A body declared longer than the limit is refused at once with 413 (and the connection
+/// closed), without waiting for bytes that would be thrown away.
+async fn refuse_oversized(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > state.max_body_bytes as u64) {
+        let msg = format!("the request body is {n} bytes, larger than {} bytes", state.max_body_bytes);
+        let mut resp = ApiError::status(StatusCode::PAYLOAD_TOO_LARGE, msg).into_response();
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
     }
     next.run(req).await
 }
@@ -249,12 +264,24 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
+/// The served model as OpenAI's model object.
+fn model_object(state: &AppState, r: &Ready) -> Value {
+    json!({"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmstack",
+           "root": state.model_name, "max_model_len": r.engine.max_len()})
+}
+
 async fn models(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let r = state.loaded()?;
-    Ok(Json(json!({"object": "list", "data": [{
-        "id": state.model_name, "object": "model", "created": state.created, "owned_by": "lmstack",
-        "root": state.model_name, "max_model_len": r.engine.max_len(),
-    }]})))
+    Ok(Json(json!({"object": "list", "data": [model_object(&state, r)]})))
+}
+
+/// `GET /v1/models/{id}`: the served model, or 404 `model_not_found`.
+async fn model(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.check_model(Some(&id))?;
+    Ok(Json(model_object(&state, state.loaded()?)))
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {

@@ -82,6 +82,10 @@ struct Cli {
     /// Allowed CORS origin (repeatable; `*` for any). None by default.
     #[arg(long = "cors-origin")]
     cors_origins: Vec<String>,
+    /// Refuse request fields lmstack does not know with a 400 naming them (by default they are
+    /// ignored with a warning in the log, as vLLM does).
+    #[arg(long)]
+    strict_fields: bool,
     /// Seconds a request may take before it is cancelled (0 = no limit).
     #[arg(long, default_value_t = 600.0)]
     request_timeout: f64,
@@ -174,6 +178,7 @@ fn main() -> ExitCode {
         },
         api_key: cli.api_key.filter(|k| !k.is_empty()),
         cors_origins: cli.cors_origins,
+        strict_fields: cli.strict_fields,
         request_timeout: (!request_timeout.is_zero()).then_some(request_timeout),
         max_body_bytes: cli.max_body_bytes,
         shutdown_timeout,

@@ -1,9 +1,12 @@
 //! OpenAI request bodies and the error shape, with validation that names the offending field.
 //!
-//! Fields OpenAI defines but lmstack cannot honour (`suffix`, tools …) are
-//! refused with a 400 naming them rather than silently ignored; unknown fields are refused the
-//! same way. vLLM's extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`,
-//! `ignore_eos`, `skip_special_tokens`, …) are accepted.
+//! Fields OpenAI defines but lmstack cannot honour (`suffix`, tools …) are refused with a 400
+//! naming them rather than silently ignored. Fields that change nothing about the answer
+//! (`store`, `metadata`, `service_tier`, `user`, …: [`IGNORED_FIELDS`]) are accepted and
+//! ignored. Unknown fields are ignored with a warning in the log, as vLLM does, or refused
+//! with a 400 naming them under `--strict-fields`. vLLM's extensions (`top_k`, `min_p`,
+//! `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `skip_special_tokens`, …) are
+//! accepted.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -77,25 +80,53 @@ impl IntoResponse for ApiError {
 
 /// Parses a JSON object body into `T`, refusing keys outside `fields`; errors name the field
 /// path (`messages[1].content`).
-pub fn parse<T: DeserializeOwned>(bytes: &[u8], fields: &[&str]) -> Result<T, ApiError> {
-    from_value(&parse_object(bytes, fields)?)
+pub fn parse<T: DeserializeOwned>(bytes: &[u8], fields: &[&str], strict: bool) -> Result<T, ApiError> {
+    from_value(&parse_object(bytes, fields, strict)?)
 }
 
-/// Parses a JSON object body, refusing keys outside `fields`.
-pub fn parse_object(bytes: &[u8], fields: &[&str]) -> Result<Value, ApiError> {
+/// Fields of OpenAI's chat and completions requests that change nothing lmstack returns
+/// (storage, billing, tracing, hints for other models): accepted, logged at debug, ignored.
+pub const IGNORED_FIELDS: [&str; 12] = [
+    "store",
+    "metadata",
+    "service_tier",
+    "prediction",
+    "reasoning_effort",
+    "parallel_tool_calls",
+    "modalities",
+    "verbosity",
+    "prompt_cache_key",
+    "safety_identifier",
+    "web_search_options",
+    "audio",
+];
+
+/// Parses a JSON object body. Keys outside `fields` are refused (a 400 naming the first)
+/// when `strict`; otherwise they are dropped with a warning in the log, as vLLM does.
+pub fn parse_object(bytes: &[u8], fields: &[&str], strict: bool) -> Result<Value, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::invalid("body", "the request body is empty; send a JSON object"));
     }
     let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid("body", format!("the request body is not valid JSON: {e}")))?;
-    let Some(obj) = value.as_object() else {
+    let mut value = value;
+    let Some(obj) = value.as_object_mut() else {
         return Err(ApiError::invalid("body", "the request body must be a JSON object"));
     };
-    if let Some(k) = obj.keys().find(|k| !fields.contains(&k.as_str())) {
+    let unknown: Vec<String> = obj.keys().filter(|k| !fields.contains(&k.as_str())).cloned().collect();
+    if let (true, Some(k)) = (strict, unknown.first()) {
         return Err(ApiError::invalid(
             k.clone(),
             format!("unknown field `{k}`; expected one of: {}", fields.join(", ")),
         ));
+    }
+    if !unknown.is_empty() {
+        tracing::warn!(fields = ?unknown, "ignoring unknown request fields (--strict-fields refuses them)");
+        obj.retain(|k, _| !unknown.contains(k));
+    }
+    let ignored: Vec<&String> = obj.keys().filter(|k| IGNORED_FIELDS.contains(&k.as_str())).collect();
+    if !ignored.is_empty() {
+        tracing::debug!(fields = ?ignored, "ignoring request fields that change nothing here");
     }
     Ok(value)
 }
@@ -142,6 +173,7 @@ const SAMPLING_FIELDS: [&str; 20] = [
 /// Fields of [`CompletionRequest`].
 pub fn completion_fields() -> Vec<&'static str> {
     let mut f = SAMPLING_FIELDS.to_vec();
+    f.extend(IGNORED_FIELDS);
     f.extend(["prompt", "max_tokens", "logprobs", "echo", "best_of", "suffix", "add_special_tokens"]);
     f
 }
@@ -149,6 +181,7 @@ pub fn completion_fields() -> Vec<&'static str> {
 /// Fields of [`ChatRequest`].
 pub fn chat_fields() -> Vec<&'static str> {
     let mut f = SAMPLING_FIELDS.to_vec();
+    f.extend(IGNORED_FIELDS);
     f.extend([
         "messages",
         "max_tokens",
@@ -311,7 +344,7 @@ pub struct ChatRequest {
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     /// Only `{"type": "text"}` is supported.
     pub response_format: Option<Value>,
-    /// Not supported.
+    /// Not supported (an empty list is accepted).
     pub tools: Option<Value>,
     /// Not supported.
     pub tool_choice: Option<Value>,

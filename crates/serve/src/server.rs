@@ -42,6 +42,9 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Allowed CORS origins.
     pub cors_origins: Vec<String>,
+    /// Refuse unknown request fields with a 400 (`--strict-fields`) instead of ignoring them
+    /// with a warning.
+    pub strict_fields: bool,
     /// Per-request deadline.
     pub request_timeout: Option<Duration>,
     /// Largest request body.
@@ -142,6 +145,7 @@ pub fn state(opts: &ServeOptions, metrics: Arc<Metrics>) -> AppState {
     let mut st = AppState::new(name, metrics);
     st.api_key = opts.api_key.clone();
     st.cors_origins = opts.cors_origins.clone();
+    st.strict_fields = opts.strict_fields;
     st.request_timeout = opts.request_timeout;
     st.max_body_bytes = opts.max_body_bytes;
     st

@@ -159,7 +159,6 @@ async fn errors_have_openai_shape_and_name_the_field() {
     bad(json!({"prompt": "a", "max_tokens": -3}), "max_tokens").await;
     bad(json!({"prompt": "a", "n": 0}), "n").await;
     bad(json!({"prompt": "a", "logprobs": 50}), "logprobs").await;
-    bad(json!({"prompt": "a", "colour": 1}), "colour").await;
     bad(json!({"prompt": "a", "logit_bias": {"one": 5}}), "logit_bias").await;
     bad(json!({"prompt": "a", "logit_bias": {"1": 101}}), "logit_bias").await;
     bad(json!({"prompt": "a", "logit_bias": {"1": "5"}}), "logit_bias").await;
@@ -906,4 +905,37 @@ async fn prompts_too_long_to_fit_are_refused_before_tokenizing_all_of_them() {
     let short = post(&app, "/v1/completions", json!({"prompt": "a".repeat(max_len + 1)})).await;
     assert_error(&short, StatusCode::BAD_REQUEST, Some("max_tokens"));
     assert!(!short.json()["error"]["message"].as_str().unwrap().contains("its first"), "{}", short.text);
+}
+
+/// Fields as real clients send them: OpenAI's storage/billing/hint fields and `tools: []` are
+/// accepted and change nothing; an unknown field is ignored (with a warning in the log), as
+/// vLLM does, unless `--strict-fields` asks for a 400 naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_are_accepted_as_clients_send_them() {
+    let (_d, mut opts) = setup();
+    let app = common::router(&opts);
+    let base = json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": true});
+    let plain = post(&app, "/v1/completions", base.clone()).await.json();
+    let mut extra = base.clone();
+    for (k, v) in [
+        ("store", json!(false)),
+        ("metadata", json!({"run": "a"})),
+        ("service_tier", json!("auto")),
+        ("user", json!("u1")),
+        ("colour", json!(1)),
+    ] {
+        extra[k] = v;
+    }
+    let r = post(&app, "/v1/completions", extra.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["choices"], plain["choices"]);
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": [],
+                      "parallel_tool_calls": true, "reasoning_effort": "low", "prediction": null});
+    let r = post(&app, "/v1/chat/completions", chat).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    opts.strict_fields = true;
+    let strict = common::router(&opts);
+    assert_error(&post(&strict, "/v1/completions", extra).await, StatusCode::BAD_REQUEST, Some("colour"));
+    let known = json!({"prompt": "Hello", "max_tokens": 1, "store": false, "metadata": {}});
+    assert_eq!(post(&strict, "/v1/completions", known).await.status, StatusCode::OK);
 }

@@ -66,6 +66,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Allowed CORS origins (`*` for any); empty = no CORS headers.
     pub cors_origins: Vec<String>,
+    /// Refuse unknown request fields with a 400 instead of ignoring them with a warning.
+    pub strict_fields: bool,
     created: u64,
     next_id: AtomicU64,
 }
@@ -82,6 +84,7 @@ impl AppState {
             request_timeout: None,
             max_body_bytes: 4 << 20,
             cors_origins: Vec::new(),
+            strict_fields: false,
             created,
             next_id: AtomicU64::new(rand::random::<u32>() as u64),
         }
@@ -304,7 +307,7 @@ async fn tokenize(
 
 /// `/tokenize`'s answer to `body` (tokenizing runs off the runtime's workers).
 fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Value, ApiError> {
-    let req: openai::TokenizeRequest = openai::parse(body, &openai::TOKENIZE_FIELDS)?;
+    let req: openai::TokenizeRequest = openai::parse(body, &openai::TOKENIZE_FIELDS, state.strict_fields)?;
     state.check_model(req.model.as_deref())?;
     let r = state.loaded()?;
     let ids = match (req.prompt, req.messages) {
@@ -323,7 +326,7 @@ async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = body_bytes(body, state.max_body_bytes)?;
-    let req: openai::DetokenizeRequest = openai::parse(&body, &openai::DETOKENIZE_FIELDS)?;
+    let req: openai::DetokenizeRequest = openai::parse(&body, &openai::DETOKENIZE_FIELDS, state.strict_fields)?;
     state.check_model(req.model.as_deref())?;
     let r = state.loaded()?;
     check_ids(&req.tokens, r.vocab_size, "tokens")?;

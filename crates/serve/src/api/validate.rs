@@ -154,7 +154,7 @@ pub(super) async fn off_runtime<T: Send + 'static>(
 
 /// Validates a `/v1/completions` body.
 pub(super) fn completion(state: &AppState, body: &[u8]) -> Result<Completion, ApiError> {
-    let v = openai::parse_object(body, &openai::completion_fields())?;
+    let v = openai::parse_object(body, &openai::completion_fields(), state.strict_fields)?;
     let req = CompletionRequest { sampling: openai::from_value(&v)?, ..openai::from_value(&v)? };
     // The parsed tree holds a copy of the prompt: not kept while the prompt is tokenized.
     drop(v);
@@ -216,12 +216,12 @@ pub(super) struct Chat {
 
 /// Validates a `/v1/chat/completions` body and renders its conversation.
 pub(super) fn chat(state: &AppState, body: &[u8]) -> Result<Chat, ApiError> {
-    let v = openai::parse_object(body, &openai::chat_fields())?;
+    let v = openai::parse_object(body, &openai::chat_fields(), state.strict_fields)?;
     let req = ChatRequest { sampling: openai::from_value(&v)?, ..openai::from_value(&v)? };
     drop(v);
     state.check_model(req.sampling.model.as_deref())?;
     let r = state.loaded()?;
-    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
+    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
         return Err(ApiError::invalid("tools", "tool calling is not supported"));
     }
     if req.tool_choice.as_ref().is_some_and(|t| !t.is_null() && t != "none") {

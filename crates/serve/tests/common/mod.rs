@@ -58,6 +58,7 @@ pub fn options(dir: &Path) -> ServeOptions {
         engine: EngineConfig::default(),
         api_key: None,
         cors_origins: Vec::new(),
+        strict_fields: false,
         request_timeout: None,
         max_body_bytes: 1 << 20,
         shutdown_timeout: Duration::from_secs(10),

@@ -939,3 +939,46 @@ async fn fields_are_accepted_as_clients_send_them() {
     let known = json!({"prompt": "Hello", "max_tokens": 1, "store": false, "metadata": {}});
     assert_eq!(post(&strict, "/v1/completions", known).await.status, StatusCode::OK);
 }
+
+/// `stream_options.continuous_usage_stats` (vLLM's, with `include_usage`): every chunk carries
+/// the usage so far, completion tokens counting up to the final usage's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_usage_stats_put_usage_in_every_chunk() {
+    let (_d, opts) = setup();
+    let app = common::router(&opts);
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let mut body = json!({"max_tokens": 6, "temperature": 0, "ignore_eos": true, "stream": true,
+                              "stream_options": {"include_usage": true, "continuous_usage_stats": true}});
+        if path.contains("chat") {
+            body["messages"] = json!([{"role": "user", "content": "hi"}]);
+        } else {
+            body["prompt"] = json!("Hello");
+        }
+        let r = post(&app, path, body).await;
+        let events = r.events();
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        assert!(chunks.len() > 2, "{}", r.text);
+        let mut last = 0;
+        for c in &chunks {
+            let done = c["usage"]["completion_tokens"].as_u64().unwrap_or_else(|| panic!("no usage in {c}"));
+            assert!(done >= last, "{c}");
+            assert_eq!(
+                c["usage"]["total_tokens"].as_u64().unwrap(),
+                c["usage"]["prompt_tokens"].as_u64().unwrap() + done
+            );
+            last = done;
+        }
+        assert_eq!(last, 6, "{path}");
+        // Without it, only the last chunk has usage.
+        let mut b = json!({"max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}});
+        if path.contains("chat") {
+            b["messages"] = json!([{"role": "user", "content": "hi"}]);
+        } else {
+            b["prompt"] = json!("Hello");
+        }
+        let plain = post(&app, path, b).await;
+        let ev = plain.events();
+        let with_usage = ev[..ev.len() - 1].iter().filter(|e| e.contains("\"usage\"")).count();
+        assert_eq!(with_usage, 1, "{}", plain.text);
+    }
+}

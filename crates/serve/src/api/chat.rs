@@ -12,7 +12,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::choices::{chat_logprobs, Answer, Update};
-use super::sse::{now, send, sse, stream_answer, ChatChoice, ChunkHead, Delta};
+use super::sse::{add_usage, now, send, sse, stream_answer, ChatChoice, ChunkHead, Delta};
 use super::{body_bytes, validate, AppState, RequestId};
 use crate::openai::ApiError;
 
@@ -50,25 +50,35 @@ pub(super) async fn chat_completions(
         };
         for i in 0..n {
             let first = Delta { role: Some("assistant"), content: Some("") };
-            if !send(&tx, chunk(i, first, Value::Null, None)).await {
+            let mut c = chunk(i, first, Value::Null, None);
+            if req.plan.continuous_usage {
+                add_usage(&mut c, &answer.counts.usage_so_far());
+            }
+            if !send(&tx, c).await {
                 return;
             }
         }
-        stream_answer(&tx, answer, &head, req.plan.include_usage, |i, update| match update {
-            Update::Prompt(_) => Vec::new(),
-            Update::Token { text, logprob } => {
-                let lp = logprob.map_or(Value::Null, |l| chat_logprobs(std::slice::from_ref(&l)));
-                vec![chunk(i, Delta::content(&text), lp, None)]
-            }
-            Update::Finished { text, reason } => {
-                let last = chunk(i, Delta { role: None, content: None }, Value::Null, Some(reason));
-                if text.is_empty() {
-                    vec![last]
-                } else {
-                    vec![chunk(i, Delta::content(&text), Value::Null, None), last]
+        stream_answer(
+            &tx,
+            answer,
+            &head,
+            (req.plan.include_usage, req.plan.continuous_usage),
+            |i, update| match update {
+                Update::Prompt(_) => Vec::new(),
+                Update::Token { text, logprob } => {
+                    let lp = logprob.map_or(Value::Null, |l| chat_logprobs(std::slice::from_ref(&l)));
+                    vec![chunk(i, Delta::content(&text), lp, None)]
                 }
-            }
-        })
+                Update::Finished { text, reason } => {
+                    let last = chunk(i, Delta { role: None, content: None }, Value::Null, Some(reason));
+                    if text.is_empty() {
+                        vec![last]
+                    } else {
+                        vec![chunk(i, Delta::content(&text), Value::Null, None), last]
+                    }
+                }
+            },
+        )
         .await;
     }))
 }

@@ -59,11 +59,14 @@ pub(super) struct Counts {
     /// Per prompt, the fewest cached tokens of its choices finished so far (`None`: none yet).
     cached: Vec<Option<usize>>,
     completion: usize,
+    /// Tokens generated so far, over all choices (finished or not).
+    pub generated: usize,
 }
 
 impl Counts {
     fn new(prompts: &[Vec<u32>], n: usize) -> Self {
-        Self { prompt: prompts.iter().map(Vec::len).sum(), n, cached: vec![None; prompts.len()], completion: 0 }
+        let prompt = prompts.iter().map(Vec::len).sum();
+        Self { prompt, n, cached: vec![None; prompts.len()], completion: 0, generated: 0 }
     }
 
     /// Choice `i` finished.
@@ -71,6 +74,13 @@ impl Counts {
         let c = &mut self.cached[i / self.n];
         *c = Some(c.map_or(cached, |c| c.min(cached)));
         self.completion += completion;
+    }
+
+    /// The `usage` object so far, while choices still run (vLLM's continuous usage stats):
+    /// completion tokens are those generated until now.
+    pub fn usage_so_far(&self) -> Value {
+        json!({"prompt_tokens": self.prompt, "completion_tokens": self.generated,
+               "total_tokens": self.prompt + self.generated})
     }
 
     /// OpenAI's `usage` object.
@@ -114,6 +124,9 @@ impl Answer {
     pub async fn next(&mut self) -> Option<Result<(usize, Update), ApiError>> {
         loop {
             let (i, ev) = self.choices.next().await?;
+            if matches!(ev, Event::Token { .. }) {
+                self.counts.generated += 1;
+            }
             let u = match ev {
                 Event::Prompt(p) => Update::Prompt(p),
                 Event::Token { text, logprob } if text.is_empty() && logprob.is_none() => continue,

@@ -11,7 +11,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::choices::{completion_logprobs, prompt_pieces, Answer, Update};
-use super::sse::{now, send, sse, stream_answer, ChunkHead, TextChoice};
+use super::sse::{add_usage, now, send, sse, stream_answer, ChunkHead, TextChoice};
 use super::{body_bytes, validate, AppState, RequestId};
 use crate::engine::TokenLogprob;
 use crate::openai::ApiError;
@@ -65,12 +65,16 @@ pub(super) async fn completions(
             for (i, offset) in offsets.iter_mut().enumerate() {
                 let t = req.echo[i / n].clone().unwrap_or_default();
                 *offset += t.chars().count();
-                if !send(&tx, chunk(i, t, Value::Null, None)).await {
+                let mut c = chunk(i, t, Value::Null, None);
+                if req.plan.continuous_usage {
+                    add_usage(&mut c, &answer.counts.usage_so_far());
+                }
+                if !send(&tx, c).await {
                     return;
                 }
             }
         }
-        stream_answer(&tx, answer, &head, req.plan.include_usage, |i, update| {
+        stream_answer(&tx, answer, &head, (req.plan.include_usage, req.plan.continuous_usage), |i, update| {
             vec![match update {
                 Update::Prompt(p) => {
                     let toks: Vec<Option<&TokenLogprob>> = p.iter().map(Option::as_ref).collect();

@@ -237,10 +237,21 @@ async fn track(State(state): State<Arc<AppState>>, mut req: HttpRequest, next: N
         .unwrap_or_else(|| state.new_id("req"));
     req.extensions_mut().insert(RequestId(id.clone()));
     let method = req.method().clone();
+    // An unmatched route is logged with its path (the metric's label stays `unmatched`, so
+    // probing clients cannot grow the label set); a path longer than 200 bytes is cut.
+    let path = (endpoint == "unmatched").then(|| {
+        let p = req.uri().path();
+        let cut = (0..=p.len().min(200)).rev().find(|&i| p.is_char_boundary(i)).unwrap_or(0);
+        p[..cut].to_owned()
+    });
     let t0 = Instant::now();
     let mut resp = next.run(req).await;
     let status = resp.status();
-    tracing::info!(request_id = %id, %method, %endpoint, status = status.as_u16(), ms = t0.elapsed().as_millis() as u64);
+    let ms = t0.elapsed().as_millis() as u64;
+    match path {
+        Some(path) => tracing::info!(request_id = %id, %method, %endpoint, %path, status = status.as_u16(), ms),
+        None => tracing::info!(request_id = %id, %method, %endpoint, status = status.as_u16(), ms),
+    }
     state.metrics.requests.with_label_values(&[endpoint.as_str(), status.as_str()]).inc();
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);

@@ -11,14 +11,14 @@ use serde_json::{json, Value};
 
 use super::choices::{Answer, Update};
 
-/// Streams `answer`: the chunks `chunks_of` makes of each update (none, one, or more), an error
-/// event if a choice fails, then the usage chunk when the client asked for it. Returns early
-/// when the client is gone.
+/// Streams `answer`: the chunks `chunks_of` makes of each update (none, one, or more), each
+/// with the usage so far when `continuous`, an error event if a choice fails, then the usage
+/// chunk when `include_usage`. Returns early when the client is gone.
 pub(super) async fn stream_answer(
     tx: &SseTx,
     mut answer: Answer,
     head: &ChunkHead,
-    include_usage: bool,
+    (include_usage, continuous): (bool, bool),
     mut chunks_of: impl FnMut(usize, Update) -> Vec<String>,
 ) {
     while let Some(update) = answer.next().await {
@@ -29,7 +29,10 @@ pub(super) async fn stream_answer(
                 break;
             }
         };
-        for chunk in chunks {
+        for mut chunk in chunks {
+            if continuous {
+                add_usage(&mut chunk, &answer.counts.usage_so_far());
+            }
             if !send(tx, chunk).await {
                 return;
             }
@@ -38,6 +41,12 @@ pub(super) async fn stream_answer(
     if include_usage {
         let _ = send(tx, format!("{}[],\"usage\":{}}}", head.prefix, answer.counts.usage())).await;
     }
+}
+
+/// Adds `usage` to a chunk: `…]}` becomes `…],"usage":{…}}`.
+pub(super) fn add_usage(chunk: &mut String, usage: &Value) {
+    chunk.pop();
+    chunk.push_str(&format!(",\"usage\":{usage}}}"));
 }
 
 /// What every chunk of one streamed response starts with, serialized once:

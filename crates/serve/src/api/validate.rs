@@ -124,6 +124,8 @@ pub(super) struct Plan {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// Usage so far in every chunk too (vLLM's `continuous_usage_stats`, with `include_usage`).
+    pub continuous_usage: bool,
 }
 
 /// A validated `/v1/completions` request.
@@ -334,5 +336,6 @@ fn plan(
     if s.stream_options.is_some() && !s.stream {
         return Err(ApiError::invalid("stream_options", "stream_options needs stream: true"));
     }
-    Ok(Plan { base, n, stream: s.stream, include_usage: opts.include_usage })
+    let continuous_usage = opts.include_usage && opts.continuous_usage_stats;
+    Ok(Plan { base, n, stream: s.stream, include_usage: opts.include_usage, continuous_usage })
 }

@@ -151,6 +151,9 @@ pub fn state(opts: &ServeOptions, metrics: Arc<Metrics>) -> AppState {
     st
 }
 
+/// How long responses cut off at the end of the grace period get to reach their clients.
+const CUT_FLUSH: Duration = Duration::from_secs(2);
+
 /// Runs the server until a shutdown signal (or `shutdown` resolves) and in-flight requests are
 /// done or the grace period is over.
 pub async fn run(
@@ -214,19 +217,34 @@ pub async fn serve_on(
         }
     });
     let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(stopping);
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
     let grace = opts.shutdown_timeout;
     let mut sig_rx2 = sig_rx.clone();
     tokio::select! {
-        r = server => r.context("serving")?,
+        r = &mut server => return r.context("serving"),
         Some(e) = fail_rx.recv() => return Err(e),
         () = async move {
             let _ = sig_rx2.wait_for(|&v| v).await;
             tokio::time::sleep(grace).await;
-        } => {
-            tracing::warn!(seconds = grace.as_secs_f64(), "grace period over; exiting with requests still in flight");
-        }
+        } => {}
     }
     drop(sig_rx);
+    // The grace period is over: requests still running end now, a stream with an error event
+    // and `[DONE]`, a whole response with a 503, and their connections close.
+    let _ = state.cut.send(true);
+    let _ = tokio::time::timeout(CUT_FLUSH, &mut server).await;
+    let cut = state.requests_cut.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(
+        seconds = grace.as_secs_f64(),
+        requests = cut,
+        "grace period over; requests still running were cut off"
+    );
+    if cut > 0 {
+        anyhow::bail!(
+            "the shutdown grace period ({:.0} s) ran out: {cut} request(s) were cut off",
+            grace.as_secs_f64()
+        );
+    }
     Ok(())
 }
 

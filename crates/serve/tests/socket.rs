@@ -94,3 +94,42 @@ async fn shutdown_lets_in_flight_streams_finish() {
     tokio::time::timeout(Duration::from_secs(10), server).await.expect("server did not exit").unwrap().unwrap();
     assert!(client.get(format!("{url}/health")).send().await.is_err(), "still accepting connections");
 }
+
+/// Past the grace period, requests still running end properly: a stream with an error event
+/// and `[DONE]`, a whole response with a 503 in OpenAI's shape; and the server reports that
+/// requests were cut (a non-zero exit for the binary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_past_the_grace_period_ends_requests_properly() {
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let mut opts = common::options(dir.path());
+    opts.shutdown_timeout = Duration::from_millis(300);
+    let (url, stop, server) = start(opts).await;
+    let client = reqwest::Client::new();
+    let resp = client.post(format!("{url}/v1/completions")).json(&long_stream(4000)).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let whole = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let body = json!({"prompt": "Wait for me", "max_tokens": 4000, "ignore_eos": true});
+            let r = client.post(format!("{url}/v1/completions")).json(&body).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let error: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("grace period"), "{error}");
+    let (status, json) = tokio::time::timeout(Duration::from_secs(10), whole).await.unwrap().unwrap();
+    assert_eq!(status, 503, "{json}");
+    assert!(json["error"]["message"].as_str().unwrap().contains("grace period"), "{json}");
+    let exit = tokio::time::timeout(Duration::from_secs(10), server).await.expect("server did not exit").unwrap();
+    let e = exit.unwrap_err().to_string();
+    assert!(e.contains("2 request(s) were cut off"), "{e}");
+}

@@ -28,7 +28,10 @@ pub(super) async fn chat_completions(
     let answer = Answer::submit(r, &req.plan, std::slice::from_ref(&req.ids), &req_id)?;
     let id = state.new_id("chatcmpl");
     if !req.plan.stream {
-        let (acc, counts) = answer.collect().await?;
+        let (acc, counts) = tokio::select! {
+            r = answer.collect() => r?,
+            () = state.cut_off() => return Err(AppState::cut_error()),
+        };
         let out: Vec<Value> = acc
             .into_iter()
             .enumerate()
@@ -58,12 +61,8 @@ pub(super) async fn chat_completions(
                 return;
             }
         }
-        stream_answer(
-            &tx,
-            answer,
-            &head,
-            (req.plan.include_usage, req.plan.continuous_usage),
-            |i, update| match update {
+        stream_answer(&state, &tx, answer, &head, (req.plan.include_usage, req.plan.continuous_usage), |i, update| {
+            match update {
                 Update::Prompt(_) => Vec::new(),
                 Update::Token { text, logprob } => {
                     let lp = logprob.map_or(Value::Null, |l| chat_logprobs(std::slice::from_ref(&l)));
@@ -77,8 +76,8 @@ pub(super) async fn chat_completions(
                         vec![chunk(i, Delta::content(&text), Value::Null, None), last]
                     }
                 }
-            },
-        )
+            }
+        })
         .await;
     }))
 }

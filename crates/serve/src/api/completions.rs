@@ -28,7 +28,10 @@ pub(super) async fn completions(
     let id = state.new_id("cmpl");
     let n = req.plan.n;
     if !req.plan.stream {
-        let (acc, counts) = answer.collect().await?;
+        let (acc, counts) = tokio::select! {
+            r = answer.collect() => r?,
+            () = state.cut_off() => return Err(AppState::cut_error()),
+        };
         let out: Vec<Value> = acc
             .into_iter()
             .enumerate()
@@ -74,7 +77,7 @@ pub(super) async fn completions(
                 }
             }
         }
-        stream_answer(&tx, answer, &head, (req.plan.include_usage, req.plan.continuous_usage), |i, update| {
+        stream_answer(&state, &tx, answer, &head, (req.plan.include_usage, req.plan.continuous_usage), |i, update| {
             vec![match update {
                 Update::Prompt(p) => {
                     let toks: Vec<Option<&TokenLogprob>> = p.iter().map(Option::as_ref).collect();

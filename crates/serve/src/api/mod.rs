@@ -68,6 +68,11 @@ pub struct AppState {
     pub cors_origins: Vec<String>,
     /// Refuse unknown request fields with a 400 instead of ignoring them with a warning.
     pub strict_fields: bool,
+    /// Set when the shutdown grace period is over: requests still running end at once (a
+    /// stream with an error event and `[DONE]`, a whole response with a 503).
+    pub cut: tokio::sync::watch::Sender<bool>,
+    /// Requests ended that way.
+    pub requests_cut: AtomicU64,
     created: u64,
     next_id: AtomicU64,
 }
@@ -85,6 +90,8 @@ impl AppState {
             max_body_bytes: 4 << 20,
             cors_origins: Vec::new(),
             strict_fields: false,
+            cut: tokio::sync::watch::Sender::new(false),
+            requests_cut: AtomicU64::new(0),
             created,
             next_id: AtomicU64::new(rand::random::<u32>() as u64),
         }
@@ -109,6 +116,22 @@ impl AppState {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Resolves when the grace period is over and running requests must end; counts the
+    /// request as cut.
+    async fn cut_off(&self) {
+        let mut rx = self.cut.subscribe();
+        let _ = rx.wait_for(|&cut| cut).await;
+        self.requests_cut.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The error a request cut off by the end of the grace period gets.
+    fn cut_error() -> ApiError {
+        ApiError::status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server shut down before the request finished (its shutdown grace period ran out)",
+        )
     }
 
     fn new_id(&self, prefix: &str) -> String {

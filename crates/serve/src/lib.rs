@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod listen;
 pub mod metrics;
 pub mod openai;
 pub mod server;

@@ -92,6 +92,17 @@ struct Cli {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// Seconds a client has to send a request's headers, counted from when the connection waits
+    /// for a request (so also how long an idle kept-alive connection is held).
+    #[arg(long, default_value_t = 30.0)]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's whole body.
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
+    /// Most connections open at once; one more is answered 503 and closed (keep it under the
+    /// process's open-file limit, `ulimit -n`).
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
     /// Seconds in-flight requests may continue after SIGTERM / Ctrl-C.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
@@ -147,9 +158,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let timeouts = seconds("request-timeout", cli.request_timeout)
-        .and_then(|r| Ok((r, seconds("shutdown-timeout", cli.shutdown_timeout)?)));
-    let (request_timeout, shutdown_timeout) = match timeouts {
+    let timeouts = (|| -> Result<_, String> {
+        Ok((
+            seconds("request-timeout", cli.request_timeout)?,
+            seconds("shutdown-timeout", cli.shutdown_timeout)?,
+            seconds("header-timeout", cli.header_timeout)?,
+            seconds("body-timeout", cli.body_timeout)?,
+        ))
+    })();
+    let (request_timeout, shutdown_timeout, header_timeout, body_timeout) = match timeouts {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
@@ -181,6 +198,9 @@ fn main() -> ExitCode {
         strict_fields: cli.strict_fields,
         request_timeout: (!request_timeout.is_zero()).then_some(request_timeout),
         max_body_bytes: cli.max_body_bytes,
+        header_timeout,
+        body_timeout,
+        max_connections: cli.max_connections,
         shutdown_timeout,
         after_load: Some(release_freed_memory),
     };

@@ -49,6 +49,13 @@ pub struct ServeOptions {
     pub request_timeout: Option<Duration>,
     /// Largest request body.
     pub max_body_bytes: usize,
+    /// Longest wait for a request's headers (also how long an idle kept-alive connection is
+    /// held).
+    pub header_timeout: Duration,
+    /// Longest time to receive a request's whole body.
+    pub body_timeout: Duration,
+    /// Most connections open at once; one more gets a 503 and is closed.
+    pub max_connections: usize,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_timeout: Duration,
     /// Called on the loading thread once the model is loaded, before the server reports
@@ -148,6 +155,7 @@ pub fn state(opts: &ServeOptions, metrics: Arc<Metrics>) -> AppState {
     st.strict_fields = opts.strict_fields;
     st.request_timeout = opts.request_timeout;
     st.max_body_bytes = opts.max_body_bytes;
+    st.body_timeout = opts.body_timeout;
     st
 }
 
@@ -208,20 +216,27 @@ pub async fn serve_on(
             let _ = sig_tx.send(true);
         }
     };
-    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
-    // back until the client's delayed ACK (~40 ms), which batches the stream into bursts.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+    // Connections past the process's open-file limit would fail to be accepted rather than
+    // get their 503: keep the bound under it, with room for the model's and logs' files.
+    let max_connections = match open_files_limit() {
+        Some(files) if opts.max_connections as u64 + 64 > files => {
+            let fit = files.saturating_sub(64).max(8) as usize;
+            tracing::warn!(
+                max_connections = fit,
+                open_files = files,
+                "--max-connections lowered under the open-file limit (ulimit -n)"
+            );
+            fit
         }
-    });
-    let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(stopping);
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+        _ => opts.max_connections,
+    };
+    let limits = crate::listen::ConnLimits { header_timeout: opts.header_timeout, max_connections };
+    let server = crate::listen::serve(listener, api::router(state.clone()), limits, stopping);
+    let mut server = std::pin::pin!(server);
     let grace = opts.shutdown_timeout;
     let mut sig_rx2 = sig_rx.clone();
     tokio::select! {
-        r = &mut server => return r.context("serving"),
+        () = &mut server => return Ok(()),
         Some(e) = fail_rx.recv() => return Err(e),
         () = async move {
             let _ = sig_rx2.wait_for(|&v| v).await;
@@ -246,6 +261,13 @@ pub async fn serve_on(
         );
     }
     Ok(())
+}
+
+/// The process's soft limit on open files (Linux `/proc/self/limits`), if known.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

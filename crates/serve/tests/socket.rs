@@ -133,3 +133,73 @@ async fn shutdown_past_the_grace_period_ends_requests_properly() {
     let e = exit.unwrap_err().to_string();
     assert!(e.contains("2 request(s) were cut off"), "{e}");
 }
+
+/// Reads what the server sends until it closes the connection (or `wait` passes): the bytes,
+/// and whether it closed.
+async fn read_until_closed(tcp: &mut tokio::net::TcpStream, wait: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(wait, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&buf).into_owned(), closed)
+}
+
+/// Slow and idle clients cannot hold the server: connections past `max_connections` get a 503
+/// at once (never a queue), an idle connection or one trickling its headers is closed after
+/// `header_timeout`, a body that does not arrive within `body_timeout` gets a 408; then the
+/// server serves normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_cannot_hold_the_server() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    model(dir.path());
+    let mut opts = common::options(dir.path());
+    opts.max_connections = 4;
+    opts.header_timeout = Duration::from_millis(800);
+    opts.body_timeout = Duration::from_millis(500);
+    let (url, _stop, _server) = start(opts).await;
+    // `start` polled /ready on a kept-alive connection: let it time out first.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let addr = url.trim_start_matches("http://").to_owned();
+    let connect = || tokio::net::TcpStream::connect(addr.clone());
+    // Four idle connections fill the server; a fifth is refused with a 503 at once.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(connect().await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fifth = connect().await.unwrap();
+    let (reply, closed) = read_until_closed(&mut fifth, Duration::from_millis(500)).await;
+    assert!(reply.starts_with("HTTP/1.1 503") && reply.contains("too_many_connections") && closed, "{reply}");
+    // The idle ones are closed after the header timeout, headers trickled or not.
+    idle[0].write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let t0 = Instant::now();
+    for c in &mut idle {
+        let (_, closed) = read_until_closed(c, Duration::from_secs(3)).await;
+        assert!(closed, "an idle connection was held past the header timeout");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // A body that does not arrive in time: 408.
+    let mut slow = connect().await.unwrap();
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let (reply, _) = read_until_closed(&mut slow, Duration::from_secs(3)).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    // And the server serves normally.
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": "Hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -68,6 +68,8 @@ pub struct AppState {
     pub cors_origins: Vec<String>,
     /// Refuse unknown request fields with a 400 instead of ignoring them with a warning.
     pub strict_fields: bool,
+    /// Longest time to receive a request's whole body.
+    pub body_timeout: Duration,
     /// Set when the shutdown grace period is over: requests still running end at once (a
     /// stream with an error event and `[DONE]`, a whole response with a 503).
     pub cut: tokio::sync::watch::Sender<bool>,
@@ -90,6 +92,7 @@ impl AppState {
             max_body_bytes: 4 << 20,
             cors_origins: Vec::new(),
             strict_fields: false,
+            body_timeout: Duration::from_secs(30),
             cut: tokio::sync::watch::Sender::new(false),
             requests_cut: AtomicU64::new(0),
             created,
@@ -168,6 +171,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn(require_json))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), refuse_oversized))
@@ -224,6 +228,33 @@ async fn refuse_oversized(State(state): State<Arc<AppState>>, req: HttpRequest, 
         return resp;
     }
     next.run(req).await
+}
+
+/// Reads a request's whole body within `body_timeout` (a client trickling its body cannot
+/// hold a connection and a task: 408 when it runs out) and the size limit (413), before any
+/// handler runs.
+async fn read_body(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let limit = state.max_body_bytes;
+    let bytes = match tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            let msg = format!("the request body is larger than {limit} bytes");
+            let mut resp = ApiError::status(StatusCode::PAYLOAD_TOO_LARGE, msg).into_response();
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+        Err(_) => {
+            let msg = format!("the request body did not arrive within {:.0} s", state.body_timeout.as_secs_f64());
+            let mut resp = ApiError::status(StatusCode::REQUEST_TIMEOUT, msg).into_response();
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+    };
+    next.run(HttpRequest::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 /// The JSON endpoints (every POST route) take only JSON: a body declared as anything else

@@ -61,6 +61,9 @@ pub fn options(dir: &Path) -> ServeOptions {
         strict_fields: false,
         request_timeout: None,
         max_body_bytes: 1 << 20,
+        header_timeout: Duration::from_secs(30),
+        body_timeout: Duration::from_secs(30),
+        max_connections: 512,
         shutdown_timeout: Duration::from_secs(10),
         after_load: None,
     }

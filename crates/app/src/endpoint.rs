@@ -384,12 +384,29 @@ impl Backend for EndpointBackend {
     }
 
     fn generate(&mut self, reqs: &[(String, GenerationKwargs)]) -> BackendResult<Vec<String>> {
+        // With /tokenize and the context length: the context cut from the left to leave room
+        // for the tokens to generate, as in-process (and lm-eval) do; without, the text as is.
+        let max = if self.chat { None } else { self.max_len().ok().filter(|_| self.tokenize("a").is_ok()) };
         self.map(reqs, |(ctx, kw)| {
             if self.chat {
                 let msg = [json!({"role": "user", "content": ctx})];
                 return self.chat(&msg, kw.max_gen_toks.unwrap_or(256), kw.temperature.unwrap_or(0.0), &kw.until);
             }
-            let mut body = json!({"model": self.model, "prompt": ctx, "max_tokens": kw.max_gen_toks.unwrap_or(256),
+            let mut max_tokens = kw.max_gen_toks.unwrap_or(256);
+            let prompt = match max {
+                Some(max) => {
+                    max_tokens = max_tokens.min(max - 1);
+                    let ids = self.tokenize(ctx)?;
+                    let keep = (max - max_tokens).min(ids.len()).max(1);
+                    if ids.is_empty() {
+                        json!(ctx)
+                    } else {
+                        json!(ids[ids.len() - keep..])
+                    }
+                }
+                None => json!(ctx),
+            };
+            let mut body = json!({"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                                   "temperature": kw.temperature.unwrap_or(0.0), "seed": 0});
             if !kw.until.is_empty() {
                 body["stop"] = json!(kw.until);

@@ -334,7 +334,13 @@ impl Suite {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if let Ok(serde_yaml_ng::Value::Mapping(m)) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text) {
+        let yaml_error = |e: serde_yaml_ng::Error| {
+            let at = e.location().map(|l| format!(":{}", l.line())).unwrap_or_default();
+            anyhow::anyhow!("{file}{at}: {e}")
+        };
+        // A syntax error is reported as such, before the file is read as a suite or a task.
+        let value = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text).map_err(yaml_error)?;
+        if let serde_yaml_ng::Value::Mapping(m) = &value {
             if let Some(serde_yaml_ng::Value::String(name)) = m.get("task") {
                 let task = Task::load(path)?;
                 let tasks = vec![path.file_name().map(PathBuf::from).unwrap_or_default()];
@@ -342,10 +348,7 @@ impl Suite {
                 return Ok(Self { config, tasks: vec![task] });
             }
         }
-        let config: SuiteConfig = serde_yaml_ng::from_str(&text).map_err(|e| {
-            let at = e.location().map(|l| format!(":{}", l.line())).unwrap_or_default();
-            anyhow::anyhow!("{file}{at}: {e}")
-        })?;
+        let config: SuiteConfig = serde_yaml_ng::from_str(&text).map_err(yaml_error)?;
         let dir = if base.as_os_str().is_empty() { Path::new(".") } else { base };
         // Task names → files, read from the folder once, and only if some entry is a name.
         let mut by_name: Option<BTreeMap<String, PathBuf>> = None;

@@ -21,6 +21,8 @@ struct Seen {
     refused: AtomicUsize,
     /// Answer 404 on /tokenize (as OpenAI's own API would).
     no_tokenize: std::sync::atomic::AtomicBool,
+    /// The last generation request's prompt and max_tokens.
+    generated: std::sync::Mutex<Vec<(Value, Value)>>,
 }
 
 /// Each prompt character (or token id) is a token with log-probability -1 (`x`: -0.5), the
@@ -33,6 +35,7 @@ async fn completions(State(seen): State<Arc<Seen>>, Json(b): Json<Value>) -> axu
     seen.completions.fetch_add(1, Ordering::SeqCst);
     if b["echo"] != true {
         assert_eq!(b["stop"], json!(["\n"]));
+        seen.generated.lock().unwrap().push((b["prompt"].clone(), b["max_tokens"].clone()));
         return Json(json!({"choices": [{"text": "The answer is 7.", "index": 0}]})).into_response();
     }
     let toks: Vec<String> = match &b["prompt"] {
@@ -103,6 +106,12 @@ fn endpoint_backend_scores_generates_retries_and_caches() {
     assert_eq!(r, vec![-11.0]);
     let kw = GenerationKwargs { until: vec!["\n".into()], max_gen_toks: Some(8), temperature: None, do_sample: None };
     assert_eq!(b.generate(&[("Q".into(), kw)]).unwrap(), vec!["The answer is 7.".to_string()]);
+    // A context past the endpoint's (8 tokens) is cut from the left to leave room for the
+    // tokens to generate, as in-process: 8 - 3 = 5 tokens of "abcdefghij" are sent, as ids.
+    let kw3 = GenerationKwargs { until: vec!["\n".into()], max_gen_toks: Some(3), temperature: None, do_sample: None };
+    b.generate(&[("abcdefghij".into(), kw3)]).unwrap();
+    let ids: Vec<u32> = "fghij".chars().map(|c| c as u32).collect();
+    assert_eq!(seen.generated.lock().unwrap().last().unwrap(), &(json!(ids), json!(3)));
     let asked = seen.completions.load(Ordering::SeqCst);
     drop(b);
     // A rerun with the same cache asks the server nothing.

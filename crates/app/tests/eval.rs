@@ -241,3 +241,14 @@ fn the_builtin_shakespeare_suite_runs() {
     assert_eq!(results[2].samples.len(), 4);
     assert!(!eval::check_thresholds(&suite, &results).is_empty(), "an untrained model must fail the gate");
 }
+
+/// A task file with a YAML syntax error, given as the suite, reports the YAML error with its
+/// line (it reported that a suite's `tasks` was not a sequence).
+#[test]
+fn a_task_file_with_a_yaml_error_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.yaml");
+    std::fs::write(&p, "task: demo\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: [1, 2\n").unwrap();
+    let e = format!("{:#}", lmstack_app::eval::Suite::load(&p).unwrap_err());
+    assert!(e.contains("t.yaml:5") && e.contains("did not find expected") && !e.contains("expected a sequence"), "{e}");
+}

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use lmstack_train::trainer::RunOptions;
 
 /// Flags override the defaults (with `--resume`, the run's saved `finetune.json`).
 #[derive(Args, Debug)]
@@ -84,21 +83,8 @@ pub(crate) struct FinetuneArgs {
     /// Seed [default: 1337].
     #[arg(long)]
     seed: Option<u64>,
-    /// Continue the run in --out-dir from its latest checkpoint, with the settings it saved
-    /// (only --max-steps may change).
-    #[arg(long, conflicts_with = "overwrite")]
-    resume: bool,
-    /// With --resume: when the latest checkpoint fails verification, continue from the newest
-    /// one that verifies.
-    #[arg(long, requires = "resume")]
-    resume_verified: bool,
-    /// Start again in --out-dir even if it holds a run (its checkpoints, adapter and model are
-    /// replaced).
-    #[arg(long)]
-    overwrite: bool,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    run: crate::RunFlags,
 }
 
 impl FinetuneArgs {
@@ -106,7 +92,7 @@ impl FinetuneArgs {
         use lmstack_train::finetune::{FinetuneConfig, Task};
         // A resumed run starts from the settings it saved, so that `--resume --out-dir DIR`
         // alone continues it (`--task` is needed only to find the default classify dir).
-        let saved = match self.resume {
+        let saved = match self.run.resume {
             true => {
                 let at = self.out_dir.clone().unwrap_or_else(|| Task::default_out_dir(self.task.unwrap_or_default()));
                 let at = at.join("finetune.json");
@@ -141,15 +127,7 @@ pub(crate) fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
     let cfg = a.resolve()?;
     let classify = cfg.task == Task::Classify;
     let resume_line = format!("continue with: train finetune --resume --out-dir {}", cfg.out_dir.display());
-    let stop = crate::stop_on_ctrl_c()?;
-    let opts = RunOptions {
-        resume: a.resume,
-        resume_verified: a.resume_verified,
-        progress: !a.quiet,
-        stop,
-        verbose: true,
-        overwrite: a.overwrite,
-    };
+    let opts = a.run.options()?;
     if classify {
         let s = lmstack_train::classify::run(&cfg, &opts)?;
         if s.interrupted {

@@ -58,6 +58,41 @@ enum Command {
     Export(ExportArgs),
 }
 
+/// How a training run is driven, the same for `train` and `train finetune`.
+#[derive(clap::Args, Debug, Default)]
+pub(crate) struct RunFlags {
+    /// Continue the run in --out-dir from its latest checkpoint, with the settings it saved
+    /// (flags may change training settings such as a larger --max-steps; a finetuning run
+    /// allows only --max-steps, and a model setting that differs is refused, naming it).
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// With --resume: when the latest checkpoint fails verification, continue from the newest
+    /// one that verifies.
+    #[arg(long, requires = "resume")]
+    pub resume_verified: bool,
+    /// Start again in --out-dir even if it holds a run (what the run wrote there — checkpoints,
+    /// models, adapter — is replaced).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl RunFlags {
+    /// The run options these flags ask for; Ctrl-C sets the stop flag.
+    pub(crate) fn options(&self) -> Result<lmstack_train::trainer::RunOptions> {
+        Ok(lmstack_train::trainer::RunOptions {
+            resume: self.resume,
+            resume_verified: self.resume_verified,
+            progress: !self.quiet,
+            stop: stop_on_ctrl_c()?,
+            verbose: true,
+            overwrite: self.overwrite,
+        })
+    }
+}
+
 /// Sets a flag on Ctrl-C, which a training run checks to checkpoint and stop after the current
 /// step; a second Ctrl-C exits at once.
 fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {

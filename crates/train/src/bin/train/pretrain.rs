@@ -7,7 +7,6 @@ use anyhow::Result;
 use clap::Args;
 use lmstack_train::config::PretrainConfig;
 use lmstack_train::pretrain;
-use lmstack_train::trainer::RunOptions;
 
 /// Flags override the `--config` file (with `--resume` and no `--config`, the run's saved
 /// `config.toml`), which overrides the defaults.
@@ -16,17 +15,8 @@ pub(crate) struct PretrainArgs {
     /// TOML configuration file (see docs/training.md for every key).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Continue the run in --out-dir from its latest checkpoint, configured as it was saved
-    /// (flags may still change training settings, e.g. a larger --max-steps).
-    #[arg(long, conflicts_with = "overwrite")]
-    resume: bool,
-    /// With --resume: when the latest checkpoint fails verification, continue from the newest
-    /// one that verifies.
-    #[arg(long, requires = "resume")]
-    resume_verified: bool,
-    /// Start again in --out-dir even if it holds a run (its checkpoints and models are replaced).
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    pub(crate) run: crate::RunFlags,
     /// Run directory [default: runs/shakespeare-char].
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -109,9 +99,6 @@ pub(crate) struct PretrainArgs {
     /// Tokens sampled at the end [default: 300].
     #[arg(long)]
     sample_tokens: Option<usize>,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
 }
 
 impl PretrainArgs {
@@ -120,7 +107,7 @@ impl PretrainArgs {
             Some(p) => PretrainConfig::from_toml_file(p)?,
             // A resumed run starts from the configuration it saved, so that `--resume --out-dir
             // DIR` alone continues it as it was set up; flags still change training settings.
-            None if self.resume => {
+            None if self.run.resume => {
                 let dir = self.out_dir.clone().unwrap_or_else(|| PretrainConfig::default().out_dir);
                 let saved = dir.join("config.toml");
                 if saved.is_file() {
@@ -160,15 +147,7 @@ impl PretrainArgs {
 
 pub(crate) fn pretrain_cmd(args: &PretrainArgs) -> Result<ExitCode> {
     let cfg = args.resolve()?;
-    let stop = crate::stop_on_ctrl_c()?;
-    let opts = RunOptions {
-        resume: args.resume,
-        resume_verified: args.resume_verified,
-        progress: !args.quiet,
-        stop,
-        verbose: true,
-        overwrite: args.overwrite,
-    };
+    let opts = args.run.options()?;
     let s = pretrain::run(&cfg, &opts)?;
     if s.interrupted {
         println!(

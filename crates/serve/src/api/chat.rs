@@ -25,13 +25,10 @@ pub(super) async fn chat_completions(
     let req = validate::off_runtime(&state, body, validate::chat).await?;
     let r = state.loaded()?;
     let n = req.plan.n;
-    let answer = Answer::submit(r, &req.plan, std::slice::from_ref(&req.ids), &req_id)?;
+    let answer = Answer::submit(&state, r, &req.plan, std::slice::from_ref(&req.ids), &req_id)?;
     let id = state.new_id("chatcmpl");
     if !req.plan.stream {
-        let (acc, counts) = tokio::select! {
-            r = answer.collect() => r?,
-            () = state.cut_off() => return Err(AppState::cut_error()),
-        };
+        let (acc, counts) = answer.collect().await?;
         let out: Vec<Value> = acc
             .into_iter()
             .enumerate()
@@ -61,8 +58,12 @@ pub(super) async fn chat_completions(
                 return;
             }
         }
-        stream_answer(&state, &tx, answer, &head, (req.plan.include_usage, req.plan.continuous_usage), |i, update| {
-            match update {
+        stream_answer(
+            &tx,
+            answer,
+            &head,
+            (req.plan.include_usage, req.plan.continuous_usage),
+            |i, update| match update {
                 Update::Prompt(_) => Vec::new(),
                 Update::Token { text, logprob } => {
                     let lp = logprob.map_or(Value::Null, |l| chat_logprobs(std::slice::from_ref(&l)));
@@ -76,8 +77,8 @@ pub(super) async fn chat_completions(
                         vec![chunk(i, Delta::content(&text), Value::Null, None), last]
                     }
                 }
-            }
-        })
+            },
+        )
         .await;
     }))
 }

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::validate::Plan;
-use super::Ready;
+use super::{AppState, Ready};
 use crate::engine::{Event, SubmitError, TokenLogprob};
 use crate::openai::ApiError;
 
@@ -105,6 +105,9 @@ pub(super) enum Update {
 /// kept as choices finish.
 pub(super) struct Answer {
     choices: Choices,
+    /// The server's state, and its shutdown cut, which ends the answer.
+    state: std::sync::Arc<AppState>,
+    cut: tokio::sync::watch::Receiver<bool>,
     /// How many choices (prompts × n).
     pub len: usize,
     /// Token counts of the choices finished so far.
@@ -113,17 +116,30 @@ pub(super) struct Answer {
 
 impl Answer {
     /// Submits one engine request per (prompt, choice) of `plan`.
-    pub fn submit(r: &Ready, plan: &Plan, prompts: &[Vec<u32>], req_id: &str) -> Result<Answer, ApiError> {
+    pub fn submit(
+        state: &std::sync::Arc<AppState>,
+        r: &Ready,
+        plan: &Plan,
+        prompts: &[Vec<u32>],
+        req_id: &str,
+    ) -> Result<Answer, ApiError> {
         let choices = submit_all(r, plan, prompts, req_id)?;
-        Ok(Answer { choices, len: prompts.len() * plan.n, counts: Counts::new(prompts, plan.n) })
+        let (len, counts) = (prompts.len() * plan.n, Counts::new(prompts, plan.n));
+        Ok(Answer { choices, state: state.clone(), cut: state.cut.subscribe(), len, counts })
     }
 
-    /// The next update of any choice, or the error it failed with; `None` once every engine
-    /// stream has ended. Tokens that released no text and carry no log-probability are
-    /// skipped.
+    /// The next update of any choice, or the error it failed with (or the server's shutdown
+    /// cut, once its grace period is over); `None` once every engine stream has ended. Tokens
+    /// that released no text and carry no log-probability are skipped.
     pub async fn next(&mut self) -> Option<Result<(usize, Update), ApiError>> {
         loop {
-            let (i, ev) = self.choices.next().await?;
+            let (i, ev) = tokio::select! {
+                ev = self.choices.next() => ev?,
+                _ = self.cut.wait_for(|&c| c) => {
+                    self.state.requests_cut.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Some(Err(AppState::cut_error()));
+                }
+            };
             if matches!(ev, Event::Token { .. }) {
                 self.counts.generated += 1;
             }

@@ -24,14 +24,11 @@ pub(super) async fn completions(
     let body = body_bytes(body, state.max_body_bytes)?;
     let req = validate::off_runtime(&state, body, validate::completion).await?;
     let r = state.loaded()?;
-    let answer = Answer::submit(r, &req.plan, &req.prompts, &req_id)?;
+    let answer = Answer::submit(&state, r, &req.plan, &req.prompts, &req_id)?;
     let id = state.new_id("cmpl");
     let n = req.plan.n;
     if !req.plan.stream {
-        let (acc, counts) = tokio::select! {
-            r = answer.collect() => r?,
-            () = state.cut_off() => return Err(AppState::cut_error()),
-        };
+        let (acc, counts) = answer.collect().await?;
         let out: Vec<Value> = acc
             .into_iter()
             .enumerate()
@@ -77,7 +74,7 @@ pub(super) async fn completions(
                 }
             }
         }
-        stream_answer(&state, &tx, answer, &head, (req.plan.include_usage, req.plan.continuous_usage), |i, update| {
+        stream_answer(&tx, answer, &head, (req.plan.include_usage, req.plan.continuous_usage), |i, update| {
             vec![match update {
                 Update::Prompt(p) => {
                     let toks: Vec<Option<&TokenLogprob>> = p.iter().map(Option::as_ref).collect();

@@ -121,16 +121,8 @@ impl AppState {
         }
     }
 
-    /// Resolves when the grace period is over and running requests must end; counts the
-    /// request as cut.
-    async fn cut_off(&self) {
-        let mut rx = self.cut.subscribe();
-        let _ = rx.wait_for(|&cut| cut).await;
-        self.requests_cut.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// The error a request cut off by the end of the grace period gets.
-    fn cut_error() -> ApiError {
+    pub(crate) fn cut_error() -> ApiError {
         ApiError::status(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server shut down before the request finished (its shutdown grace period ran out)",

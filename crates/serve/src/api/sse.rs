@@ -10,26 +10,19 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::choices::{Answer, Update};
-use super::AppState;
 
 /// Streams `answer`: the chunks `chunks_of` makes of each update (none, one, or more), each
 /// with the usage so far when `continuous`, an error event if a choice fails, then the usage
 /// chunk when `include_usage`. Returns early when the client is gone; ends with an error event
 /// when the shutdown grace period runs out (`[DONE]` follows, as after any error).
 pub(super) async fn stream_answer(
-    state: &AppState,
     tx: &SseTx,
     mut answer: Answer,
     head: &ChunkHead,
     (include_usage, continuous): (bool, bool),
     mut chunks_of: impl FnMut(usize, Update) -> Vec<String>,
 ) {
-    loop {
-        let update = tokio::select! {
-            u = answer.next() => u,
-            () = state.cut_off() => Some(Err(AppState::cut_error())),
-        };
-        let Some(update) = update else { break };
+    while let Some(update) = answer.next().await {
         let chunks = match update {
             Ok((i, u)) => chunks_of(i, u),
             Err(e) => {

@@ -24,12 +24,36 @@ pub trait Backend {
     fn generate(&mut self, reqs: &[(String, GenerationKwargs)]) -> BackendResult<Vec<String>>;
 }
 
+/// lm-eval's rolling windows for perplexity (`get_rolling_token_windows` with `context_len` 1,
+/// then `make_disjoint_window`) over `n` tokens that follow a prefix token, as
+/// `(start, end, scored)` into `full = [prefix, tokens…]`: the model reads
+/// `full[start..end - 1]` and the last `scored` tokens of `full[..end]` are scored. Every token
+/// is scored exactly once; the first window starts at the prefix, every later one reads a full
+/// `max_seq` tokens of context (the last one too).
+pub fn rolling_windows(n: usize, max_seq: usize) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    if n == 0 || max_seq == 0 {
+        return out;
+    }
+    let first = max_seq.min(n);
+    out.push((0, first + 1, first));
+    let mut predicted = first;
+    while predicted < n {
+        let scored = (n - predicted).min(max_seq);
+        let end = predicted + scored; // in `tokens`; `full` is one further on
+        out.push((end - max_seq, end + 1, scored));
+        predicted = end;
+    }
+    out
+}
+
 /// A model directory run in-process.
 pub struct LocalBackend {
     p: Pretrained,
     name: String,
     batch: usize,
     chat: bool,
+    max_length: Option<usize>,
 }
 
 impl LocalBackend {
@@ -40,7 +64,19 @@ impl LocalBackend {
         if !p.model.config().is_causal() {
             anyhow::bail!("{}: eval needs a causal language model (gpt2 or llama)", dir.display());
         }
-        Ok(Self { p, name: dir.display().to_string(), batch: 32, chat: false })
+        Ok(Self { p, name: dir.display().to_string(), batch: 32, chat: false, max_length: None })
+    }
+
+    /// Reads at most `n` tokens at once (lm-eval's `max_length`) instead of the model's whole
+    /// context: longer contexts are cut from the left, rolling windows are `n` long.
+    pub fn with_max_length(mut self, n: Option<usize>) -> BackendResult<Self> {
+        if let Some(n) = n {
+            if !(2..=self.p.model.max_len()).contains(&n) {
+                anyhow::bail!("--max-length {n} is outside 2..={} (the model's context)", self.p.model.max_len());
+            }
+        }
+        self.max_length = n;
+        Ok(self)
     }
 
     /// Attaches a PEFT LoRA adapter directory to the model.
@@ -76,7 +112,7 @@ impl LocalBackend {
     }
 
     fn max_len(&self) -> usize {
-        self.p.model.max_len()
+        self.max_length.unwrap_or(self.p.model.max_len())
     }
 
     /// A token that may stand before the first one so it gets scored (BOS, else EOS).
@@ -160,17 +196,12 @@ impl Backend for LocalBackend {
         let mut items = Vec::new();
         let mut owner = Vec::new();
         for (k, text) in texts.iter().enumerate() {
+            // With a prefix token every text token is scored; without, all but the first.
             let mut full: Vec<u32> = self.prefix_token().into_iter().collect();
-            let scored_from = 1; // with a prefix token every text token is scored; without, all but the first
             full.extend(self.p.tokenizer.encode(text, false)?);
-            let mut a = scored_from;
-            while a < full.len() {
-                let b = (a + max).min(full.len());
-                let s = b.saturating_sub(max + 1).min(a - 1);
-                let input = full[s..b - 1].to_vec();
-                items.push((input, a - 1 - s, full[a..b].to_vec()));
+            for (s, e, n) in rolling_windows(full.len().saturating_sub(1), max) {
+                items.push((full[s..e - 1].to_vec(), e - 1 - n - s, full[e - n..e].to_vec()));
                 owner.push(k);
-                a = b;
             }
         }
         let scores = self.score(&items)?;
@@ -234,5 +265,39 @@ impl Backend for LocalBackend {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rolling_windows;
+
+    /// The windows lm-eval 0.4.13 makes (`make_disjoint_window` over
+    /// `get_rolling_token_windows(range(1, n + 1), prefix 0, max_seq, 1)`, printed as the model's
+    /// input `(ctx + cont)[:-1]` and the scored tokens), so `full[i] = i`.
+    #[test]
+    fn rolling_windows_are_lm_evals() {
+        type W = (Vec<usize>, Vec<usize>);
+        let ours = |n: usize, m: usize| -> Vec<W> {
+            rolling_windows(n, m).into_iter().map(|(s, e, k)| ((s..e - 1).collect(), (e - k..e).collect())).collect()
+        };
+        let w = |a: &[usize], b: &[usize]| (a.to_vec(), b.to_vec());
+        assert_eq!(ours(1, 4), vec![w(&[0], &[1])]);
+        assert_eq!(ours(4, 4), vec![w(&[0, 1, 2, 3], &[1, 2, 3, 4])]);
+        assert_eq!(ours(5, 4), vec![w(&[0, 1, 2, 3], &[1, 2, 3, 4]), w(&[1, 2, 3, 4], &[5])]);
+        assert_eq!(
+            ours(11, 4),
+            vec![w(&[0, 1, 2, 3], &[1, 2, 3, 4]), w(&[4, 5, 6, 7], &[5, 6, 7, 8]), w(&[7, 8, 9, 10], &[9, 10, 11])]
+        );
+        assert_eq!(
+            ours(12, 4),
+            vec![
+                w(&[0, 1, 2, 3], &[1, 2, 3, 4]),
+                w(&[4, 5, 6, 7], &[5, 6, 7, 8]),
+                w(&[8, 9, 10, 11], &[9, 10, 11, 12])
+            ]
+        );
+        assert_eq!(ours(9, 3), vec![w(&[0, 1, 2], &[1, 2, 3]), w(&[3, 4, 5], &[4, 5, 6]), w(&[6, 7, 8], &[7, 8, 9])]);
+        assert!(ours(0, 4).is_empty());
     }
 }

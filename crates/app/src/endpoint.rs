@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -36,6 +36,11 @@ pub struct EndpointBackend {
     concurrency: usize,
     retries: usize,
     chat: bool,
+    max_length: Option<usize>,
+    /// The token rolling windows start from (the server's BOS, else EOS), asked once.
+    prefix: OnceLock<Option<u64>>,
+    /// Whether the server scores a prompt without generating (`max_tokens: 0`), asked once.
+    score_only: OnceLock<bool>,
     cache: Mutex<Cache>,
 }
 
@@ -84,6 +89,9 @@ impl EndpointBackend {
             concurrency: 8,
             retries: 5,
             chat: false,
+            max_length: None,
+            prefix: OnceLock::new(),
+            score_only: OnceLock::new(),
             cache: Mutex::new(Cache { map, file }),
         };
         if b.model.is_empty() {
@@ -111,6 +119,12 @@ impl EndpointBackend {
     /// Generate through `/v1/chat/completions` (the server applies its chat template).
     pub fn with_chat(mut self, chat: bool) -> Self {
         self.chat = chat;
+        self
+    }
+
+    /// Reads at most `n` tokens at once (lm-eval's `max_length`), as `LocalBackend`'s.
+    pub fn with_max_length(mut self, n: Option<usize>) -> Self {
+        self.max_length = n;
         self
     }
 
@@ -257,9 +271,11 @@ impl EndpointBackend {
             .collect())
     }
 
-    /// Log-probabilities of the last `n` prompt tokens (before the one generated token).
+    /// Log-probabilities of the last `n` prompt tokens (generating nothing where the server
+    /// allows `max_tokens: 0`, else one token that is left out).
     fn tail_logprobs(&self, ids: &[u64], n: usize) -> BackendResult<(f64, bool)> {
-        let v = self.complete(json!({"model": self.model, "prompt": ids, "max_tokens": 1, "echo": true,
+        let gen = if self.score_only.get() == Some(&true) { 0 } else { 1 };
+        let v = self.complete(json!({"model": self.model, "prompt": ids, "max_tokens": gen, "echo": true,
                                      "logprobs": 1, "temperature": 0, "seed": 0}))?;
         let lp = &v["choices"][0]["logprobs"];
         let lps =
@@ -274,6 +290,51 @@ impl EndpointBackend {
             }
         }
         Ok((sum, greedy))
+    }
+
+    /// The server's BOS token, else its EOS token (`/tokenizer_info`, as vLLM serves it, and
+    /// `/tokenize`), which lm-eval puts before a text so its first token is scored too; `None`
+    /// where the server does not say.
+    fn prefix_token(&self) -> Option<u64> {
+        *self.prefix.get_or_init(|| {
+            let root = self.base.strip_suffix("/v1").unwrap_or(&self.base);
+            let info = self.send_url(&format!("{root}/tokenizer_info"), None).ok()?;
+            ["bos_token", "eos_token"].iter().find_map(|k| {
+                // A string, or an AddedToken object as in some tokenizer_config.json files.
+                let t = info[*k].as_str().or(info[*k]["content"].as_str())?;
+                match self.tokenize(t).ok()?.as_slice() {
+                    [id] => Some(*id),
+                    _ => None,
+                }
+            })
+        })
+    }
+
+    /// Whether the server returns a prompt's log-probabilities for `max_tokens: 0` (lmstack
+    /// and OpenAI's legacy API do, vLLM refuses it), asked once with a one-token prompt
+    /// (and cached, so a rerun asks nothing).
+    fn scores_without_generating(&self, token: Option<u64>) -> bool {
+        *self.score_only.get_or_init(|| {
+            let body = json!({"model": self.model, "prompt": [token.unwrap_or(0)], "max_tokens": 0, "echo": true,
+                              "logprobs": 1, "temperature": 0});
+            self.complete(body).is_ok()
+        })
+    }
+
+    /// How many tokens a scoring request may have the model read (lm-eval's `max_length`):
+    /// `--max-length`, else what the endpoint's context leaves a prompt that holds them plus
+    /// the last token scored (and the token generated where it cannot score without).
+    fn scoring_context(&self, prefix: Option<u64>) -> BackendResult<usize> {
+        let max = self.max_len()?;
+        let room = max.saturating_sub(if self.scores_without_generating(prefix) { 1 } else { 2 });
+        match self.max_length {
+            Some(n) if n > room => {
+                bail!("--max-length {n} does not fit the endpoint: its context of {max} allows at most {room}")
+            }
+            Some(n) => Ok(n),
+            None if room < 1 => bail!("the endpoint's context of {max} tokens is too short to score anything"),
+            None => Ok(room),
+        }
     }
 
     fn max_len(&self) -> BackendResult<usize> {
@@ -336,20 +397,29 @@ impl Backend for EndpointBackend {
         // lm-eval's tokenized requests; without: text prompts and `text_offset`.
         let max = self.max_len().ok();
         let tokenized = max.is_some() && self.tokenize("a").is_ok();
+        let prefix = if tokenized { self.prefix_token() } else { None };
+        let max_seq = if tokenized { Some(self.scoring_context(prefix)?) } else { None };
         self.map(reqs, |(ctx, cont)| {
             let prompt = format!("{ctx}{cont}");
-            if let (true, Some(max)) = (tokenized, max) {
+            if let Some(max_seq) = max_seq {
                 let ctx_ids = self.tokenize(ctx)?;
-                let whole = self.tokenize(&prompt)?;
-                let split = ctx_ids.iter().zip(&whole).take_while(|(a, b)| a == b).count().max(1);
+                let mut whole = self.tokenize(&prompt)?;
+                let mut split = ctx_ids.iter().zip(&whole).take_while(|(a, b)| a == b).count();
+                if split == 0 {
+                    // An empty context: the prefix token stands before the continuation, as
+                    // in-process; without one its first token is context.
+                    whole.splice(0..0, prefix);
+                    split = 1;
+                }
                 let n = whole.len().saturating_sub(split);
                 if n == 0 {
                     bail!("the continuation {cont:?} has no tokens");
                 }
-                if n + 1 > max {
-                    bail!("the continuation is {n} tokens, beyond the model's context of {max}");
+                if n > max_seq {
+                    bail!("the continuation is {n} tokens, beyond the {max_seq} the endpoint can score at once");
                 }
-                let keep = whole.len().min(max - 1);
+                // The model reads the last `max_seq` tokens before the last one, as in-process.
+                let keep = whole.len().min(max_seq + 1);
                 return self.tail_logprobs(&whole[whole.len() - keep..], n);
             }
             let v = self.complete(json!({"model": self.model, "prompt": prompt, "max_tokens": 1, "echo": true,
@@ -365,19 +435,16 @@ impl Backend for EndpointBackend {
 
     fn loglikelihood_rolling(&mut self, texts: &[String]) -> BackendResult<Vec<f64>> {
         self.no_chat()?;
-        let max = self.max_len()?;
-        // Windows of max - 1 prompt tokens: the request also generates one.
-        let w = max.saturating_sub(1).max(2);
+        let prefix = self.prefix_token();
+        let max_seq = self.scoring_context(prefix)?;
         self.map(texts, |text| {
             let ids = self.tokenize(text).context("rolling log-likelihoods need the server's /tokenize endpoint")?;
-            // Disjoint windows of predictions; the first token has no context.
+            // lm-eval's windows after the prefix token; without one, the first token is
+            // context only.
+            let full: Vec<u64> = prefix.into_iter().chain(ids).collect();
             let mut total = 0.0;
-            let mut a = 1;
-            while a < ids.len() {
-                let b = (a + w - 1).min(ids.len());
-                let s = b.saturating_sub(w).min(a - 1);
-                total += self.tail_logprobs(&ids[s..b], b - a)?.0;
-                a = b;
+            for (s, e, n) in crate::backend::rolling_windows(full.len().saturating_sub(1), max_seq) {
+                total += self.tail_logprobs(&full[s..e], n)?.0;
             }
             Ok(total)
         })

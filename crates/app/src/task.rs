@@ -175,7 +175,14 @@ impl Task {
                 .data_files
                 .get(split)
                 .ok_or_else(|| err(format!("dataset_kwargs.data_files: no file for split `{split}`")))?;
-            load_docs(&base.join(f), &config.dataset_path)
+            let path = base.join(f);
+            if !path.is_file() {
+                return Err(err(format!(
+                    "dataset_kwargs.data_files.{split}: no file at {} (a path is relative to the task file)",
+                    path.display()
+                )));
+            }
+            load_docs(&path, &config.dataset_path)
         };
         let docs = load(&split)?;
         if docs.is_empty() {

@@ -21,6 +21,10 @@ struct Seen {
     refused: AtomicUsize,
     /// Answer 404 on /tokenize (as OpenAI's own API would).
     no_tokenize: std::sync::atomic::AtomicBool,
+    /// Answer 404 on /tokenizer_info (older vLLM, OpenAI).
+    no_info: std::sync::atomic::AtomicBool,
+    /// The max_tokens of each scoring (echo) request.
+    scoring_max_tokens: std::sync::Mutex<Vec<Value>>,
     /// The last generation request's prompt and max_tokens.
     generated: std::sync::Mutex<Vec<(Value, Value)>>,
 }
@@ -38,6 +42,7 @@ async fn completions(State(seen): State<Arc<Seen>>, Json(b): Json<Value>) -> axu
         seen.generated.lock().unwrap().push((b["prompt"].clone(), b["max_tokens"].clone()));
         return Json(json!({"choices": [{"text": "The answer is 7.", "index": 0}]})).into_response();
     }
+    seen.scoring_max_tokens.lock().unwrap().push(b["max_tokens"].clone());
     let toks: Vec<String> = match &b["prompt"] {
         Value::String(s) => s.chars().map(String::from).collect(),
         Value::Array(ids) => {
@@ -66,6 +71,15 @@ fn server() -> (String, Arc<Seen>) {
     let app = Router::new()
         .route("/v1/models", get(|| async { Json(json!({"data": [{"id": "mock", "max_model_len": 8}]})) }))
         .route("/v1/completions", post(completions))
+        .route(
+            "/tokenizer_info",
+            get(|State(seen): State<Arc<Seen>>| async move {
+                if seen.no_info.load(Ordering::SeqCst) {
+                    return StatusCode::NOT_FOUND.into_response();
+                }
+                Json(json!({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "\u{1}"})).into_response()
+            }),
+        )
         .route(
             "/tokenize",
             post(|State(seen): State<Arc<Seen>>, Json(b): Json<Value>| async move {
@@ -100,10 +114,14 @@ fn endpoint_backend_scores_generates_retries_and_caches() {
     let reqs = vec![("ab".to_string(), "cx".to_string()), ("hello ".to_string(), "world".to_string())];
     let ll = b.loglikelihood(&reqs).unwrap();
     assert_eq!(ll, vec![(-1.5, true), (-5.0, true)]);
-    assert_eq!(seen.refused.load(Ordering::SeqCst), 3, "the first request was refused once and retried");
-    // 12 tokens, context 8: every token but the first scored once, across two windows.
+    // The probe (does it score with max_tokens 0?), refused once and retried, then two.
+    assert_eq!(seen.refused.load(Ordering::SeqCst), 4, "the first request was refused once and retried");
+    // 12 tokens after the server's EOS token (/tokenizer_info), context 8: every token scored
+    // once, across two windows of lm-eval's layout, each prompt at most 8 tokens and nothing
+    // generated (the server scores with max_tokens 0).
     let r = b.loglikelihood_rolling(&["abcdefghijkl".to_string()]).unwrap();
-    assert_eq!(r, vec![-11.0]);
+    assert_eq!(r, vec![-12.0]);
+    assert_eq!(seen.scoring_max_tokens.lock().unwrap().last().unwrap(), &json!(0));
     let kw = GenerationKwargs { until: vec!["\n".into()], max_gen_toks: Some(8), temperature: None, do_sample: None };
     assert_eq!(b.generate(&[("Q".into(), kw)]).unwrap(), vec!["The answer is 7.".to_string()]);
     // A context past the endpoint's (8 tokens) is cut from the left to leave room for the
@@ -124,6 +142,15 @@ fn endpoint_backend_scores_generates_retries_and_caches() {
     let mut plain = EndpointBackend::new(&url, Some("mock"), None, None).unwrap().with_retries(0);
     assert_eq!(plain.loglikelihood(&reqs).unwrap(), ll);
     assert!(plain.loglikelihood_rolling(&["abc".to_string()]).is_err(), "rolling needs /tokenize");
+    // Without /tokenizer_info there is no prefix token: the first token is context only.
+    seen.no_tokenize.store(false, Ordering::SeqCst);
+    seen.no_info.store(true, Ordering::SeqCst);
+    let mut bare = EndpointBackend::new(&url, Some("mock"), None, None).unwrap().with_retries(0);
+    assert_eq!(bare.loglikelihood_rolling(&["abcdefghijkl".to_string()]).unwrap(), vec![-11.0]);
+    // A --max-length the endpoint's context cannot hold is refused, naming both.
+    let mut long = EndpointBackend::new(&url, Some("mock"), None, None).unwrap().with_max_length(Some(9));
+    let e = long.loglikelihood_rolling(&["abc".to_string()]).unwrap_err().to_string();
+    assert!(e.contains("--max-length 9") && e.contains("context of 8"), "{e}");
 }
 
 #[test]

@@ -252,3 +252,17 @@ fn a_task_file_with_a_yaml_error_reports_it() {
     let e = format!("{:#}", lmstack_app::eval::Suite::load(&p).unwrap_err());
     assert!(e.contains("t.yaml:5") && e.contains("did not find expected") && !e.contains("expected a sequence"), "{e}");
 }
+
+#[test]
+fn a_missing_data_file_names_the_task_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.yaml");
+    std::fs::write(
+        &p,
+        "task: demo\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: nothere.jsonl\ntest_split: test\n\
+         output_type: generate_until\ndoc_to_text: \"{{q}}\"\ndoc_to_target: \"{{a}}\"\n",
+    )
+    .unwrap();
+    let e = format!("{:#}", lmstack_app::eval::Suite::load(&p).unwrap_err());
+    assert!(e.contains("t.yaml") && e.contains("dataset_kwargs.data_files.test") && e.contains("nothere.jsonl"), "{e}");
+}

@@ -93,6 +93,11 @@ async fn endpoints_respond() {
     let chat = post(&app, "/tokenize", json!({"messages": [{"role": "user", "content": "hi"}]})).await.json();
     // <|im_start|> user \n h i <|im_end|> \n <|im_start|> assistant \n
     assert_eq!(chat["count"], 1 + 4 + 1 + 2 + 1 + 1 + 1 + 9 + 1);
+    // vLLM's /tokenizer_info: the tokenizer_config.json, whose EOS token tokenizes to one id.
+    let info = call(&app, "GET", "/tokenizer_info", None, &[]).await.json();
+    assert!(info["chat_template"].as_str().is_some_and(|t| t.contains("im_start")), "{info}");
+    let eos = post(&app, "/tokenize", json!({"prompt": info["eos_token"], "add_special_tokens": false})).await.json();
+    assert_eq!(eos["count"], 1, "{info} {eos}");
 
     let c = post(&app, "/v1/completions", json!({"prompt": "Hello", "max_tokens": 5, "ignore_eos": true})).await;
     assert_eq!(c.status, StatusCode::OK, "{}", c.text);

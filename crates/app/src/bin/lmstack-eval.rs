@@ -73,6 +73,10 @@ struct RunArgs {
     /// Requests in flight at once against the endpoint.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Read at most this many tokens at once (lm-eval's `max_length`; default: the model's
+    /// context, over an endpoint what its context allows a scoring prompt).
+    #[arg(long, value_parser = at_least_one)]
+    max_length: Option<usize>,
     /// Output folder (default: `runs/eval/<suite name>`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -111,7 +115,8 @@ fn run(cli: RunArgs) -> anyhow::Result<bool> {
             let cache = lmstack_app::endpoint::default_cache(&out);
             let b = EndpointBackend::new(url, cli.endpoint_model.as_deref(), cli.api_key.clone(), Some(&cache))?
                 .with_concurrency(cli.concurrency)
-                .with_chat(cli.chat);
+                .with_chat(cli.chat)
+                .with_max_length(cli.max_length);
             if b.cached() > 0 {
                 eprintln!("resuming: {} answers cached in {}", b.cached(), cache.display());
             }
@@ -125,7 +130,7 @@ fn run(cli: RunArgs) -> anyhow::Result<bool> {
                     cli.model.display()
                 );
             }
-            let mut b = LocalBackend::load(&cli.model)?.with_chat(cli.chat)?;
+            let mut b = LocalBackend::load(&cli.model)?.with_chat(cli.chat)?.with_max_length(cli.max_length)?;
             if let Some(a) = &cli.adapter {
                 b = b.with_adapter(a)?;
             }

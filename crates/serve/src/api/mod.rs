@@ -1,5 +1,5 @@
 //! The HTTP API (axum): OpenAI's `/v1/completions`, `/v1/chat/completions` (both streaming as
-//! Server-Sent Events) and `/v1/models`, vLLM's `/tokenize` and `/detokenize`, `/health`,
+//! Server-Sent Events) and `/v1/models`, vLLM's `/tokenize`, `/detokenize` and `/tokenizer_info`, `/health`,
 //! `/ready` and `/metrics`.
 //!
 //! Handlers validate and tokenize (`validate`: a body becomes a validated request or an error
@@ -158,6 +158,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{id}", get(model))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/tokenizer_info", get(tokenizer_info))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -376,6 +377,12 @@ fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Value, ApiError> {
         _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` and `messages`")),
     };
     Ok(json!({"count": ids.len(), "max_model_len": r.engine.max_len(), "tokens": ids}))
+}
+
+/// vLLM's `/tokenizer_info`: the tokenizer's `tokenizer_config.json` (special tokens, chat
+/// template, `model_max_length`), which lm-eval-style clients read the BOS/EOS token from.
+async fn tokenizer_info(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(state.loaded()?.tokenizer.config_json()))
 }
 
 async fn detokenize(

@@ -302,6 +302,63 @@ impl Tokenizer {
         Ok(EncodedText { ids: e.get_ids().to_vec(), offsets: e.get_offsets().to_vec() })
     }
 
+    /// Encodes a long `text` (no special tokens) a piece of about `piece_bytes` at a time, so
+    /// memory is that of one piece rather than of the whole (the `tokenizers` crate keeps about
+    /// 100 bytes a token and 16 a byte of text while encoding). A cut is made only where it
+    /// changes nothing for this tokenizer, as checked on the text's own beginning (cut at every
+    /// candidate place of its first 4 KiB, the ids must equal those of that beginning whole):
+    /// anywhere for a character tokenizer; before a space that follows a non-space for
+    /// byte-level BPE, WordPiece and Metaspace tokenizers; nowhere (the text encoded whole)
+    /// for a normaliser that prepends to the text (SentencePiece's `▁`). The ids are
+    /// `encode(text, false)`'s.
+    pub fn encode_long(&self, text: &str, piece_bytes: usize) -> Result<Vec<u32>> {
+        if text.len() <= piece_bytes.max(1) {
+            return self.encode(text, false);
+        }
+        let anywhere = |t: &str, i: usize| t.is_char_boundary(i);
+        let before_space = |t: &str, i: usize| t.as_bytes()[i] == b' ' && !t.as_bytes()[i - 1].is_ascii_whitespace();
+        let can_cut: &dyn Fn(&str, usize) -> bool = if self.cuts_keep_ids(text, &anywhere)? {
+            &anywhere
+        } else if self.cuts_keep_ids(text, &before_space)? {
+            &before_space
+        } else {
+            return self.encode(text, false);
+        };
+        let mut ids = Vec::new();
+        let mut start = 0;
+        while start < text.len() {
+            // The first cut at or after `piece_bytes` on (a piece may run long to find one).
+            let mut end = (start + piece_bytes.max(1)).min(text.len());
+            while end < text.len() && !can_cut(text, end) {
+                end += 1;
+            }
+            ids.extend(self.encode(&text[start..end], false)?);
+            start = end;
+        }
+        Ok(ids)
+    }
+
+    /// Whether cutting `text`'s first 4 KiB at every place `can_cut` allows gives the ids of
+    /// that beginning whole (and there is such a place).
+    fn cuts_keep_ids(&self, text: &str, can_cut: &dyn Fn(&str, usize) -> bool) -> Result<bool> {
+        let mut end = 4096.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let probe = &text[..end];
+        let cuts: Vec<usize> = (1..probe.len()).filter(|&i| can_cut(probe, i)).collect();
+        if cuts.is_empty() {
+            return Ok(false);
+        }
+        let mut pieces = Vec::new();
+        let mut from = 0;
+        for &c in cuts.iter().chain(std::iter::once(&probe.len())) {
+            pieces.extend(self.encode(&probe[from..c], false)?);
+            from = c;
+        }
+        Ok(pieces == self.encode(probe, false)?)
+    }
+
     /// Encodes several texts (in parallel where the crate allows).
     pub fn encode_batch(&self, texts: &[&str], add_special_tokens: bool) -> Result<Vec<Vec<u32>>> {
         let inputs: Vec<&str> = texts.to_vec();

@@ -144,3 +144,48 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// `encode_long` (a piece at a time, cut only where the tokenizer allows) gives `encode`'s ids
+/// for character, byte-level BPE, WordPiece and SentencePiece-style tokenizers; for the last,
+/// cutting before spaces would change the ids, so it is encoded whole.
+#[test]
+fn long_texts_encode_in_pieces_like_whole() {
+    let dir = tempdir("long");
+    let corpus = shakespeare_excerpt(&dir);
+    let text = std::fs::read_to_string(&corpus).unwrap();
+    let text = format!("{text}  double  spaces,\ttabs\t and café naïve 日本語 😀 at the end");
+    let chars = Tokenizer::from_chars(text.chars()).unwrap();
+    let bpe = Tokenizer::train_bpe(&[&corpus], 400, &["<|endoftext|>"]).unwrap();
+    let gpt2 = Tokenizer::from_dir(&fixture("tiny-gpt2")).unwrap();
+    let bert = Tokenizer::from_dir(&fixture("tiny-bert")).unwrap();
+    // Llama 2's shape: a normaliser that prepends "▁" and replaces spaces, no pre-tokenizer.
+    let mut vocab = serde_json::Map::new();
+    for (i, c) in text.chars().chain(['▁']).collect::<std::collections::BTreeSet<char>>().into_iter().enumerate() {
+        vocab.insert(c.to_string(), i.into());
+    }
+    let n = vocab.len();
+    vocab.insert("▁t".into(), n.into());
+    vocab.insert("▁th".into(), (n + 1).into());
+    let spm = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": [["▁", "t"], ["▁t", "h"]]}
+    });
+    std::fs::write(dir.join("tokenizer.json"), spm.to_string()).unwrap();
+    let spm = Tokenizer::from_dir(&dir).unwrap();
+    for (name, tok) in [("chars", &chars), ("bpe", &bpe), ("gpt2", &gpt2), ("bert", &bert), ("spm", &spm)] {
+        let whole = tok.encode(&text, false).unwrap();
+        for piece in [1, 100, 5000] {
+            assert_eq!(tok.encode_long(&text, piece).unwrap(), whole, "{name}, pieces of {piece} bytes");
+        }
+    }
+    // What makes the last one different: cut before a space, it gains a "▁" per piece.
+    let cut = text[1000..].find(' ').unwrap() + 1000;
+    let mut pieces = spm.encode(&text[..cut], false).unwrap();
+    pieces.extend(spm.encode(&text[cut..], false).unwrap());
+    assert_ne!(pieces, spm.encode(&text, false).unwrap());
+}

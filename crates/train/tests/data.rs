@@ -95,6 +95,11 @@ fn minhash_threshold_separates_similar_from_different() {
     let c = long_doc(4);
     let sig = |t: &str| mh.signature(&data::dedup::MinHasher::shingles(t));
     let (sa, sb, sc) = (sig(&a), sig(&b), sig(&c));
+    // Streamed over the shingles (as dedup does), the same signature; short texts too.
+    assert_eq!(mh.signature_of(&a), sa);
+    for t in ["", "abc", "abcdefgh", "a b c d", "a b c d e f"] {
+        assert_eq!(mh.signature_of(t), sig(t), "{t:?}");
+    }
     assert!(data::dedup::MinHasher::similarity(&sa, &sb) > 0.8);
     assert!(data::dedup::MinHasher::similarity(&sa, &sc) < 0.5);
     assert_eq!(mh.dedup(&[a.clone(), b, c]), vec![true, false, true]);
@@ -250,4 +255,39 @@ fn pretraining_reads_a_prepared_dataset() {
         let e = lmstack_train::pretrain::run(&other_tok, &opts).unwrap_err().to_string();
         assert!(e.contains("`tokenizer`") && e.contains("leave --tokenizer out"), "{e}");
     }
+}
+
+/// A document over `max_doc_bytes` is refused naming file:line (JSONL line, text file, the
+/// paragraph's first line), or skipped and counted with `skip_bad_lines`.
+#[test]
+fn documents_over_the_size_bound_are_refused_where_they_are() {
+    let dir = tmp("maxdoc");
+    let big = "word ".repeat(100);
+    let j = jsonl(&dir, "docs.jsonl", &["a short one", &big, "another short one"]);
+    let t = dir.join("book.txt");
+    std::fs::write(&t, &big).unwrap();
+    let p = dir.join("paras.txt");
+    std::fs::write(&p, format!("first paragraph\nof two lines\n\n\n\n{big}\n\nlast one")).unwrap();
+    let cfg = |input: &std::path::Path, split: DocSplit| DataConfig {
+        inputs: vec![input.to_owned()],
+        out: dir.join("out"),
+        max_doc_bytes: 200,
+        doc_split: split,
+        ..DataConfig::default()
+    };
+    for (input, split, at) in [
+        (&j, DocSplit::File, "docs.jsonl:2:"),
+        (&t, DocSplit::File, "book.txt:1:"),
+        (&p, DocSplit::Paragraphs, "paras.txt:6:"),
+    ] {
+        let e = data::prepare(&cfg(input, split)).unwrap_err().to_string();
+        assert!(e.contains(at) && e.contains("500 bytes") && e.contains("--max-doc-bytes 200"), "{e}");
+    }
+    let m = data::prepare(&DataConfig { skip_bad_lines: true, ..cfg(&j, DocSplit::File) }).unwrap();
+    assert_eq!((m.stats.bad_lines, m.stats.documents), (1, 2));
+    let m = data::prepare(&DataConfig { skip_bad_lines: true, ..cfg(&p, DocSplit::Paragraphs) }).unwrap();
+    assert_eq!((m.stats.bad_lines, m.stats.documents), (1, 2));
+    // Unbounded (0), the long document is taken.
+    let m = data::prepare(&DataConfig { max_doc_bytes: 0, ..cfg(&j, DocSplit::File) }).unwrap();
+    assert_eq!((m.stats.bad_lines, m.stats.documents), (0, 3));
 }

@@ -68,33 +68,64 @@ impl MinHasher {
         Self { a, b, bands: best.0, rows: best.1, threshold }
     }
 
-    /// Shingle hashes of a document.
-    pub fn shingles(text: &str) -> HashSet<u64> {
-        let words: Vec<&str> = text.split_whitespace().collect();
-        let mut out = HashSet::new();
-        if words.len() >= 5 {
-            for w in words.windows(5) {
-                out.insert(hash64(w));
+    /// Calls `f` with the hash of each shingle of a document, in order (repeats included):
+    /// word 5-grams, or character 5-grams for fewer than five words (the whole text for fewer
+    /// than five characters). Nothing is collected, so a long document costs no memory.
+    pub fn for_each_shingle(text: &str, mut f: impl FnMut(u64)) {
+        if text.split_whitespace().nth(4).is_some() {
+            let mut w = [""; 5];
+            for (i, word) in text.split_whitespace().enumerate() {
+                w.rotate_left(1);
+                w[4] = word;
+                if i >= 4 {
+                    f(hash64(&w[..]));
+                }
             }
         } else {
-            let chars: Vec<char> = text.chars().collect();
-            if chars.len() < 5 {
-                out.insert(hash64(text));
+            let mut w = ['\0'; 5];
+            let mut n = 0;
+            for c in text.chars() {
+                w.rotate_left(1);
+                w[4] = c;
+                n += 1;
+                if n >= 5 {
+                    f(hash64(&w[..]));
+                }
             }
-            for w in chars.windows(5) {
-                out.insert(hash64(w));
+            if n < 5 {
+                f(hash64(text));
             }
         }
+    }
+
+    /// Shingle hashes of a document, as a set.
+    pub fn shingles(text: &str) -> HashSet<u64> {
+        let mut out = HashSet::new();
+        Self::for_each_shingle(text, |h| {
+            out.insert(h);
+        });
         out
     }
 
     /// The MinHash signature of a shingle set.
     pub fn signature(&self, shingles: &HashSet<u64>) -> Vec<u64> {
-        self.a
-            .iter()
-            .zip(&self.b)
-            .map(|(&a, &b)| shingles.iter().map(|&x| (mulmod(a, x % PRIME) + b) % PRIME).min().unwrap_or(u64::MAX))
-            .collect()
+        let mut sig = vec![u64::MAX; self.a.len()];
+        shingles.iter().for_each(|&x| self.update(&mut sig, x));
+        sig
+    }
+
+    /// The MinHash signature of a document, streamed over its shingles (equal to
+    /// `signature(&shingles(text))`: a minimum does not change with repeats).
+    pub fn signature_of(&self, text: &str) -> Vec<u64> {
+        let mut sig = vec![u64::MAX; self.a.len()];
+        Self::for_each_shingle(text, |x| self.update(&mut sig, x));
+        sig
+    }
+
+    fn update(&self, sig: &mut [u64], x: u64) {
+        for ((s, &a), &b) in sig.iter_mut().zip(&self.a).zip(&self.b) {
+            *s = (*s).min((mulmod(a, x % PRIME) + b) % PRIME);
+        }
     }
 
     /// Estimated Jaccard similarity of two signatures.
@@ -105,7 +136,7 @@ impl MinHasher {
     /// Keeps each document unless it is a near-duplicate of an earlier kept one.
     pub fn dedup(&self, docs: &[String]) -> Vec<bool> {
         use rayon::prelude::*;
-        let sigs: Vec<Vec<u64>> = docs.par_iter().map(|d| self.signature(&Self::shingles(d))).collect();
+        let sigs: Vec<Vec<u64>> = docs.par_iter().map(|d| self.signature_of(d)).collect();
         let mut buckets: Vec<HashMap<u64, Vec<usize>>> = vec![HashMap::new(); self.bands];
         let mut keep = vec![true; docs.len()];
         for (i, sig) in sigs.iter().enumerate() {

@@ -64,8 +64,20 @@ pub struct DataConfig {
     pub doc_split: DocSplit,
     /// Maximum tokens per shard.
     pub shard_tokens: usize,
-    /// Count and skip malformed JSONL lines instead of stopping at the first.
+    /// Count and skip malformed JSONL lines (and documents over `max_doc_bytes`) instead of
+    /// stopping at the first.
     pub skip_bad_lines: bool,
+    /// Documents longer than this many bytes are refused (naming file:line), 0 = no limit.
+    /// Every step works a document at a time, so memory grows with the largest one.
+    #[serde(default = "default_max_doc_bytes")]
+    pub max_doc_bytes: usize,
+}
+
+/// The default bound on one document: 32 MiB (a long book is 1–5 MB).
+pub const DEFAULT_MAX_DOC_BYTES: usize = 32 << 20;
+
+fn default_max_doc_bytes() -> usize {
+    DEFAULT_MAX_DOC_BYTES
 }
 
 impl Default for DataConfig {
@@ -85,6 +97,7 @@ impl Default for DataConfig {
             doc_split: DocSplit::File,
             shard_tokens: 1 << 24,
             skip_bad_lines: false,
+            max_doc_bytes: DEFAULT_MAX_DOC_BYTES,
         }
     }
 }
@@ -96,7 +109,8 @@ pub struct Stats {
     pub files: usize,
     /// Documents read.
     pub documents: usize,
-    /// Malformed JSONL lines skipped (with `skip_bad_lines`).
+    /// Malformed JSONL lines and documents over `max_doc_bytes` skipped (with
+    /// `skip_bad_lines`).
     pub bad_lines: usize,
     /// Files skipped because they hold nothing but whitespace.
     #[serde(default)]
@@ -204,6 +218,18 @@ pub fn ingest(cfg: &DataConfig, stats: &mut Stats) -> Result<Vec<String>> {
             empty.push(f.display().to_string());
             continue;
         }
+        // A document over the bound: refused naming where it is, or skipped (counted: 1).
+        let too_large = |line: usize, len: usize| -> Result<usize> {
+            if !cfg.skip_bad_lines {
+                return Err(Error::Msg(format!(
+                    "{}:{line}: a document of {len} bytes, over --max-doc-bytes {} (raise it, or pass --skip-bad-lines to skip such documents)",
+                    f.display(),
+                    cfg.max_doc_bytes
+                )));
+            }
+            Ok(1)
+        };
+        let over = |len: usize| cfg.max_doc_bytes > 0 && len > cfg.max_doc_bytes;
         let is_jsonl = f.extension().is_some_and(|x| x == "jsonl" || x == "json");
         if is_jsonl {
             for (i, line) in text.lines().enumerate() {
@@ -212,21 +238,19 @@ pub fn ingest(cfg: &DataConfig, stats: &mut Stats) -> Result<Vec<String>> {
                 }
                 let r: std::result::Result<String, String> = match serde_json::from_str::<serde_json::Value>(line) {
                     Err(e) => Err(format!("not valid JSON: {e}")),
-                    Ok(serde_json::Value::Object(m)) => match m.get(&cfg.text_field) {
-                        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                    Ok(serde_json::Value::Object(mut m)) => match m.remove(&cfg.text_field) {
+                        Some(serde_json::Value::String(s)) => Ok(s),
                         Some(other) => {
-                            Err(format!("field `{}` is not a string (found {})", cfg.text_field, kind(other)))
+                            Err(format!("field `{}` is not a string (found {})", cfg.text_field, kind(&other)))
                         }
                         None => Err(format!("no field `{}`", cfg.text_field)),
                     },
                     Ok(other) => Err(format!("not a JSON object (found {})", kind(&other))),
                 };
                 match r {
+                    Ok(s) if over(s.len()) => stats.bad_lines += too_large(i + 1, s.len())?,
                     Ok(s) => docs.push(s),
-                    Err(m) if cfg.skip_bad_lines => {
-                        stats.bad_lines += 1;
-                        let _ = m;
-                    }
+                    Err(_) if cfg.skip_bad_lines => stats.bad_lines += 1,
                     Err(m) => {
                         return Err(Error::Msg(format!(
                             "{}:{}: {m} (pass --skip-bad-lines to skip such lines)",
@@ -238,10 +262,20 @@ pub fn ingest(cfg: &DataConfig, stats: &mut Stats) -> Result<Vec<String>> {
             }
         } else {
             match cfg.doc_split {
+                DocSplit::File if over(text.len()) => stats.bad_lines += too_large(1, text.len())?,
                 DocSplit::File => docs.push(text),
                 DocSplit::Paragraphs => {
                     let norm = text.replace("\r\n", "\n");
-                    docs.extend(norm.split("\n\n").filter(|p| !p.trim().is_empty()).map(str::to_owned));
+                    drop(text);
+                    let mut line = 1;
+                    for p in norm.split("\n\n") {
+                        if over(p.len()) {
+                            stats.bad_lines += too_large(line + p.len() - p.trim_start_matches('\n').len(), p.len())?;
+                        } else if !p.trim().is_empty() {
+                            docs.push(p.to_owned());
+                        }
+                        line += p.matches('\n').count() + 2;
+                    }
                 }
             }
         }
@@ -322,6 +356,11 @@ pub fn tokenizer_from_spec(spec: &str, all: &[&str], train: &[&str], scratch_dir
     Ok(r?)
 }
 
+/// Text tokenized at once in `prepare`: a group of documents of about this many bytes.
+const ENCODE_GROUP_BYTES: usize = 8 << 20;
+/// A long document is tokenized a piece of about this many bytes at a time.
+const ENCODE_PIECE_BYTES: usize = 256 << 10;
+
 /// Runs the whole pipeline and writes the dataset directory.
 pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
     if !(cfg.val_fraction > 0.0 && cfg.val_fraction < 1.0) {
@@ -364,20 +403,34 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
         Some(e) => vec![e],
         None => tok.encode("\n\n", false)?,
     };
-    let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
-    let ids = tok.encode_batch(&refs, false)?;
+    // Tokenized a group of documents at a time (in parallel within a group) and long documents
+    // a piece at a time, so the tokenizer's working memory stays bounded whatever the corpus.
     let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (i, d) in ids.into_iter().enumerate() {
-        let dst = if by_doc && is_val[i] { &mut val } else { &mut train };
-        dst.extend(d);
-        dst.extend_from_slice(&sep);
-        if by_doc {
-            if is_val[i] {
-                stats.val_documents += 1;
-            } else {
-                stats.train_documents += 1;
+    let mut first = 0;
+    while first < docs.len() {
+        let mut last = first + 1;
+        let mut bytes = docs[first].len();
+        while last < docs.len() && bytes + docs[last].len() <= ENCODE_GROUP_BYTES {
+            bytes += docs[last].len();
+            last += 1;
+        }
+        let ids: Vec<Vec<u32>> = docs[first..last]
+            .par_iter()
+            .map(|d| tok.encode_long(d, ENCODE_PIECE_BYTES))
+            .collect::<lmstack_core::Result<_>>()?;
+        for (i, d) in (first..last).zip(ids) {
+            let dst = if by_doc && is_val[i] { &mut val } else { &mut train };
+            dst.extend(d);
+            dst.extend_from_slice(&sep);
+            if by_doc {
+                if is_val[i] {
+                    stats.val_documents += 1;
+                } else {
+                    stats.train_documents += 1;
+                }
             }
         }
+        first = last;
     }
     if !by_doc {
         let n = (train.len() as f64 * (1.0 - cfg.val_fraction)) as usize;

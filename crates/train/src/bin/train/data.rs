@@ -103,9 +103,14 @@ pub(crate) struct DataArgs {
     /// Tokens per shard.
     #[arg(long, default_value_t = 1 << 24)]
     shard_tokens: usize,
-    /// Skip malformed JSONL lines (counted) instead of stopping.
+    /// Skip malformed JSONL lines and documents over --max-doc-bytes (counted) instead of
+    /// stopping.
     #[arg(long)]
     skip_bad_lines: bool,
+    /// Refuse documents longer than this many bytes, naming file:line (0 = no limit; memory
+    /// grows with the largest document).
+    #[arg(long, default_value_t = lmstack_train::data::DEFAULT_MAX_DOC_BYTES)]
+    max_doc_bytes: usize,
 }
 
 fn synth_cmd(a: &SynthArgs) -> Result<ExitCode> {
@@ -145,6 +150,7 @@ fn data_cmd(a: &DataArgs) -> Result<ExitCode> {
         doc_split,
         shard_tokens: a.shard_tokens,
         skip_bad_lines: a.skip_bad_lines,
+        max_doc_bytes: a.max_doc_bytes,
     };
     let m = data::prepare(&cfg)?;
     print!("{}", data::report(&m.stats));

@@ -158,6 +158,48 @@ async fn the_playground_streams_stops_and_reports_errors_in_chromium() {
     c.goto(&format!("{url}/")).await.unwrap();
     until("the model name", 10, || async { text_of(&c, "#model").await.contains("tiny") }).await;
 
+    // The completion tab starts from the model's own prompt: a chat model's template applied
+    // to a question (not "ROMEO:" for every model).
+    until("the model's prompt", 10, || async {
+        c.find(Locator::Css("#prompt")).await.unwrap().prop("value").await.unwrap().is_some_and(|v| !v.is_empty())
+    })
+    .await;
+    let prompt = c.find(Locator::Css("#prompt")).await.unwrap().prop("value").await.unwrap().unwrap();
+    assert_eq!(prompt, "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n");
+
+    // Replies are Markdown, rendered without ever interpreting HTML the model writes.
+    let render = |md: &str| {
+        let js = "const d = document.createElement('div'); d.append(renderMarkdown(arguments[0])); return d.innerHTML;";
+        let c = c.clone();
+        let md = md.to_owned();
+        async move { c.execute(js, vec![json!(md)]).await.unwrap().as_str().unwrap().to_owned() }
+    };
+    for (md, html) in [
+        ("Hello **world** and *you*, `x < y`", "<p>Hello <strong>world</strong> and <em>you</em>, <code>x &lt; y</code></p>"),
+        ("```rust\nfn main() {}\n```", "<pre><code data-lang=\"rust\">fn main() {}</code></pre>"),
+        ("# Title\n\n- one\n- two\n  - nested\n\n1. first\n2. second",
+         "<h1>Title</h1><ul><li>one</li><li>two<ul><li>nested</li></ul></li></ul><ol><li>first</li><li>second</li></ol>"),
+        ("> quoted\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n---",
+         "<blockquote><p>quoted</p></blockquote><table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr></tbody></table><hr>"),
+        ("[ok](https://example.com) [bad](javascript:alert(1))",
+         "<p><a href=\"https://example.com\" target=\"_blank\" rel=\"noopener noreferrer\">ok</a> bad</p>"),
+        ("<img src=x onerror=\"window.pwned=1\"><script>window.pwned=1</script>",
+         "<p>&lt;img src=x onerror=\"window.pwned=1\"&gt;&lt;script&gt;window.pwned=1&lt;/script&gt;</p>"),
+        ("\\*not emphasis\\*", "<p>*not emphasis*</p>"),
+    ] {
+        assert_eq!(render(md).await, html, "{md:?}");
+    }
+    // Through the chat view too: the model's HTML stays text.
+    let shown = c
+        .execute(
+            "const b = addMessage('assistant', ''); showReply(b, arguments[0], true); \
+             const n = b.querySelectorAll('img, script').length; b.parentElement.remove(); return [n, window.pwned === undefined];",
+            vec![json!("**bold** <img src=x onerror=\"window.pwned=1\">")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(shown, json!([0, true]));
+
     // Chat: Enter sends; the streamed reply appears and finishes.
     set(&c, "#max_tokens", "40").await;
     set(&c, "#seed", "3").await;
@@ -184,11 +226,14 @@ async fn the_playground_streams_stops_and_reports_errors_in_chromium() {
             && text_of(&c, ".msg.assistant .content").await.chars().count() > 20
     })
     .await;
-    let streaming = text_of(&c, ".msg.assistant .content").await;
+    let raw = |c: Client| async move {
+        c.find(Locator::Css(".msg.assistant .content")).await.unwrap().attr("data-raw").await.unwrap().unwrap_or_default()
+    };
+    let streaming = raw(c.clone()).await;
     c.find(Locator::Css("#stop")).await.unwrap().click().await.unwrap();
     until("the stopped reply", 10, || async { text_of(&c, ".msg.assistant .content").await.ends_with("[stopped]") })
         .await;
-    let stopped = text_of(&c, ".msg.assistant .content").await;
+    let stopped = raw(c.clone()).await;
     assert!(stopped.chars().count() < 3900 && stopped.starts_with(&streaming), "{} chars", stopped.len());
     until("the server to cancel", 10, || async {
         metric(&url, "lmstack_request_cancelled_total").await > cancelled

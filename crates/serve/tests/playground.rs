@@ -199,6 +199,12 @@ async fn the_playground_streams_stops_and_reports_errors_in_chromium() {
         .await
         .unwrap();
     assert_eq!(shown, json!([0, true]));
+    let sample = "## Steps\n\n1. Install with `cargo install`\n2. Run it:\n\n```sh\nserve --model DIR\n```\n\n\
+                  - **bold**, *italic*, ~~gone~~\n  - nested, [a link](https://example.com)\n\n> a quote\n\n\
+                  | a | b |\n|---|---|\n| 1 | 2 |\n\n<b>not bold</b>";
+    c.execute("showReply(addMessage('assistant', ''), arguments[0], true)", vec![json!(sample)]).await.unwrap();
+    shot(&c, &shots, "markdown.png").await;
+    c.find(Locator::Css("#clear")).await.unwrap().click().await.unwrap();
 
     // Chat: Enter sends; the streamed reply appears and finishes.
     set(&c, "#max_tokens", "40").await;

@@ -10,6 +10,8 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -78,10 +80,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parses a JSON object body into `T`, refusing keys outside `fields`; errors name the field
-/// path (`messages[1].content`).
+/// Parses a JSON object body into `T`, refusing keys outside `fields` (see [`check_object`]);
+/// errors name the field path (`messages[1].content`).
 pub fn parse<T: DeserializeOwned>(bytes: &[u8], fields: &[&str], strict: bool) -> Result<T, ApiError> {
-    from_value(&parse_object(bytes, fields, strict)?)
+    check_object(bytes, fields, strict)?;
+    from_slice(bytes)
 }
 
 /// Fields of OpenAI's chat and completions requests that change nothing lmstack returns
@@ -101,50 +104,59 @@ pub const IGNORED_FIELDS: [&str; 12] = [
     "audio",
 ];
 
-/// Parses a JSON object body. Keys outside `fields` are refused (a 400 naming the first)
-/// when `strict`; otherwise they are dropped with a warning in the log, as vLLM does.
-pub fn parse_object(bytes: &[u8], fields: &[&str], strict: bool) -> Result<Value, ApiError> {
+/// Checks that a body is one JSON object whose keys are among `fields`: others are refused (a
+/// 400 naming the first) when `strict`, else ignored with a warning in the log, as vLLM does.
+/// Reads the bytes without building a tree (values are skipped), so a body of megabytes is not
+/// copied; [`from_slice`] then reads it into its types, which ignore keys they don't know.
+pub fn check_object(bytes: &[u8], fields: &[&str], strict: bool) -> Result<(), ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::invalid("body", "the request body is empty; send a JSON object"));
     }
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::invalid("body", format!("the request body is not valid JSON: {e}")))?;
-    let mut value = value;
-    let Some(obj) = value.as_object_mut() else {
-        return Err(ApiError::invalid("body", "the request body must be a JSON object"));
-    };
-    let unknown: Vec<String> = obj.keys().filter(|k| !fields.contains(&k.as_str())).cloned().collect();
+    if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err() {
+        let e = serde_json::from_slice::<Value>(bytes).err().map_or_else(String::new, |e| e.to_string());
+        return Err(ApiError::invalid("body", format!("the request body is not valid JSON: {e}")));
+    }
+    let keys: std::collections::BTreeMap<String, serde::de::IgnoredAny> = serde_json::from_slice(bytes)
+        .map_err(|_| ApiError::invalid("body", "the request body must be a JSON object"))?;
+    let unknown: Vec<&String> = keys.keys().filter(|k| !fields.contains(&k.as_str())).collect();
     if let (true, Some(k)) = (strict, unknown.first()) {
         return Err(ApiError::invalid(
-            k.clone(),
+            k.to_string(),
             format!("unknown field `{k}`; expected one of: {}", fields.join(", ")),
         ));
     }
     if !unknown.is_empty() {
         tracing::warn!(fields = ?unknown, "ignoring unknown request fields (--strict-fields refuses them)");
-        obj.retain(|k, _| !unknown.contains(k));
     }
-    let ignored: Vec<&String> = obj.keys().filter(|k| IGNORED_FIELDS.contains(&k.as_str())).collect();
+    let ignored: Vec<&String> = keys.keys().filter(|k| IGNORED_FIELDS.contains(&k.as_str())).collect();
     if !ignored.is_empty() {
         tracing::debug!(fields = ?ignored, "ignoring request fields that change nothing here");
     }
-    Ok(value)
+    Ok(())
 }
 
-/// Deserializes `T` from a parsed body; errors name the field path.
-pub fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let msg = e.into_inner().to_string();
-        let msg = msg.replace("data did not match any variant of untagged enum ", "unexpected type for ");
-        if path == "." {
-            // Missing top-level fields come without a path; serde names them.
-            let param = msg.split('`').nth(1).unwrap_or("body").to_owned();
-            ApiError::invalid(param, msg)
-        } else {
-            ApiError::invalid(path.clone(), format!("{path}: {msg}"))
-        }
-    })
+/// Deserializes `T` from a body [`check_object`] accepted; errors name the field path.
+pub fn from_slice<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(path_error)
+}
+
+fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let msg = e.into_inner().to_string();
+    // serde_json appends the position (" at line 1 column 99"): the path says where.
+    let msg = match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains(" column ") => msg[..i].to_owned(),
+        _ => msg,
+    };
+    let msg = msg.replace("data did not match any variant of untagged enum ", "unexpected type for ");
+    if path == "." {
+        // Missing top-level fields come without a path; serde names them.
+        let param = msg.split('`').nth(1).unwrap_or("body").to_owned();
+        ApiError::invalid(param, msg)
+    } else {
+        ApiError::invalid(path.clone(), format!("{path}: {msg}"))
+    }
 }
 
 const SAMPLING_FIELDS: [&str; 20] = [
@@ -202,18 +214,133 @@ pub const TOKENIZE_FIELDS: [&str; 5] = ["model", "prompt", "messages", "add_spec
 /// Fields of [`DetokenizeRequest`].
 pub const DETOKENIZE_FIELDS: [&str; 2] = ["model", "tokens"];
 
-/// `prompt`: a string, a list of strings, token ids, or a list of token-id lists.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged, expecting = "expected a string, a list of strings, a list of token ids or a list of token-id lists")]
-pub enum Prompt {
-    /// One text prompt.
-    Text(String),
+/// `prompt`: a string, a list of strings, token ids, or a list of token-id lists. Read as it
+/// comes (not buffered to try each shape in turn, as `#[serde(untagged)]` would: that copies a
+/// prompt of megabytes once more).
+#[derive(Debug, Clone)]
+pub enum Prompt<'a> {
+    /// One text prompt (borrowed from the body where it has no escapes: not copied).
+    Text(Cow<'a, str>),
     /// Several text prompts.
-    Texts(Vec<String>),
+    Texts(Vec<Cow<'a, str>>),
     /// One tokenized prompt.
     Ids(Vec<u32>),
     /// Several tokenized prompts.
     IdLists(Vec<Vec<u32>>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Prompt<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{DeserializeSeed, Error, SeqAccess, Visitor};
+        /// One element of a list prompt.
+        enum Elem<'a> {
+            Text(Cow<'a, str>),
+            Id(u32),
+            Ids(Vec<u32>),
+        }
+        impl Elem<'_> {
+            fn kind(&self) -> &'static str {
+                match self {
+                    Elem::Text(_) => "strings",
+                    Elem::Id(_) => "token ids",
+                    Elem::Ids(_) => "token-id lists",
+                }
+            }
+        }
+        /// Reads an element; after the first, one of the first's kind (else the error names
+        /// this element).
+        struct Like(Option<&'static str>);
+        impl<'de> DeserializeSeed<'de> for Like {
+            type Value = Elem<'de>;
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Elem<'de>, D::Error> {
+                d.deserialize_any(self)
+            }
+        }
+        impl<'de> Visitor<'de> for Like {
+            type Value = Elem<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match self.0 {
+                    Some(kind) => write!(f, "one of {kind}, as the first element is"),
+                    None => f.write_str("a string, a token id or a list of token ids"),
+                }
+            }
+            fn visit_borrowed_str<E: Error>(self, v: &'de str) -> Result<Elem<'de>, E> {
+                self.check(Elem::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Elem<'de>, E> {
+                self.check(Elem::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: Error>(self, v: String) -> Result<Elem<'de>, E> {
+                self.check(Elem::Text(Cow::Owned(v)))
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> Result<Elem<'de>, E> {
+                let id = u32::try_from(v).map_err(|_| E::custom(format!("token id {v} is too large")))?;
+                self.check(Elem::Id(id))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> Result<Elem<'de>, E> {
+                Err(E::custom(format!("token id {v} is negative")))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Elem<'de>, A::Error> {
+                let mut ids = Vec::new();
+                while let Some(id) = seq.next_element::<u32>()? {
+                    ids.push(id);
+                }
+                self.check(Elem::Ids(ids))
+            }
+        }
+        impl Like {
+            fn check<'e, E: Error>(&self, e: Elem<'e>) -> Result<Elem<'e>, E> {
+                match self.0 {
+                    Some(kind) if kind != e.kind() => Err(E::custom(format!(
+                        "one of {kind} expected, as the first element is; found one of {}",
+                        e.kind()
+                    ))),
+                    _ => Ok(e),
+                }
+            }
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Prompt<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string, a list of strings, a list of token ids or a list of token-id lists")
+            }
+            fn visit_borrowed_str<E: Error>(self, v: &'de str) -> Result<Prompt<'de>, E> {
+                Ok(Prompt::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: Error>(self, v: &str) -> Result<Prompt<'de>, E> {
+                Ok(Prompt::Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: Error>(self, v: String) -> Result<Prompt<'de>, E> {
+                Ok(Prompt::Text(Cow::Owned(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Prompt<'de>, A::Error> {
+                let Some(first) = seq.next_element_seed(Like(None))? else {
+                    return Ok(Prompt::Texts(Vec::new()));
+                };
+                let like = Like(Some(first.kind()));
+                // Each element is taken out as it comes (never a list of `Elem`s: ids would
+                // take eight times their room).
+                macro_rules! rest {
+                    ($first:expr, $variant:path) => {{
+                        let mut v = vec![$first];
+                        while let Some(e) = seq.next_element_seed(Like(like.0))? {
+                            if let $variant(x) = e {
+                                v.push(x);
+                            }
+                        }
+                        v
+                    }};
+                }
+                Ok(match first {
+                    Elem::Text(t) => Prompt::Texts(rest!(t, Elem::Text)),
+                    Elem::Id(i) => Prompt::Ids(rest!(i, Elem::Id)),
+                    Elem::Ids(ids) => Prompt::IdLists(rest!(ids, Elem::Ids)),
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `stop`: one string or a list.
@@ -303,9 +430,10 @@ pub struct Sampling {
 
 /// `POST /v1/completions`.
 #[derive(Debug, Clone, Deserialize)]
-pub struct CompletionRequest {
-    /// The prompt(s).
-    pub prompt: Prompt,
+pub struct CompletionRequest<'a> {
+    /// The prompt(s), borrowed from the body where they can be.
+    #[serde(borrow)]
+    pub prompt: Prompt<'a>,
     /// Default 16, as OpenAI.
     pub max_tokens: Option<u32>,
     /// Top-n log-probabilities per token (0..=20).

@@ -176,7 +176,11 @@ async fn errors_have_openai_shape_and_name_the_field() {
     assert_eq!(r.json()["error"]["message"], "stop: expected a string or a list of strings");
     let r = post(&app, "/v1/completions", json!({"prompt": {"text": "a"}})).await;
     let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
-    assert!(msg.starts_with("prompt: expected a string, a list of strings"), "{msg}");
+    assert!(msg.starts_with("prompt: invalid type: map, expected a string, a list of strings"), "{msg}");
+    // Lists of one kind only, each element named.
+    for (p, at) in [(json!(["a", 3]), "prompt[1]"), (json!([3, "a"]), "prompt[1]"), (json!([[3], -1]), "prompt[1]")] {
+        bad(json!({"prompt": p}), at).await;
+    }
     bad(json!({"prompt": [3, 100000]}), "prompt[1]").await;
     bad(json!({"prompt": ""}), "prompt").await;
     bad(json!({"max_tokens": 3}), "prompt").await;

@@ -233,7 +233,13 @@ async fn the_playground_streams_stops_and_reports_errors_in_chromium() {
     })
     .await;
     let raw = |c: Client| async move {
-        c.find(Locator::Css(".msg.assistant .content")).await.unwrap().attr("data-raw").await.unwrap().unwrap_or_default()
+        c.find(Locator::Css(".msg.assistant .content"))
+            .await
+            .unwrap()
+            .attr("data-raw")
+            .await
+            .unwrap()
+            .unwrap_or_default()
     };
     let streaming = raw(c.clone()).await;
     c.find(Locator::Css("#stop")).await.unwrap().click().await.unwrap();

@@ -10,34 +10,63 @@ use super::{AppState, Ready};
 use crate::engine::Request;
 use crate::openai::{self, ApiError, ChatRequest, CompletionRequest, Prompt, Sampling};
 
-/// Tokenizes a prompt (or a rendered conversation) that must fit the context: a long text is
-/// tokenized a beginning at a time (16 bytes a token of the context, then four times more each
-/// round) and refused as soon as a beginning alone has more tokens than the context holds, so a
-/// request of megabytes costs the tokens of its first part, not of all of it.
+/// Tokenizes a prompt (or a rendered conversation) that must fit the context: a long one is
+/// refused by [`refuse_surely_too_long`] before it is tokenized whole.
 pub(super) fn encode_prompt(r: &Ready, text: &str, special: bool, field: &str) -> Result<Vec<u32>, ApiError> {
-    let max_len = r.engine.max_len();
-    let mut take = max_len.saturating_mul(16).max(4096);
-    while take < text.len() {
-        let mut cut = take;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let n = encode(&r.tokenizer, &text[..cut], special, field)?.len();
-        // A cut may split a token in two: one more than the context is surely too long.
-        if n > max_len + 1 {
-            let what = if field == "messages" { "the rendered conversation" } else { "the prompt" };
-            return Err(ApiError::invalid(
-                field,
-                format!(
-                    "this model's maximum context length is {max_len} tokens, but {what} is longer: its first {cut} of {} bytes are already {n} tokens",
-                    text.len()
-                ),
-            )
-            .code("context_length_exceeded"));
-        }
-        take = take.saturating_mul(4);
-    }
+    refuse_surely_too_long(r, &[text], field)?;
     encode(&r.tokenizer, text, special, field)
+}
+
+/// Refuses texts that will not fit the context together (a prompt, or the contents of a
+/// conversation before it is rendered: the rendering holds them all). Texts past 4 KiB in all
+/// are counted a 4 KiB piece at a time, and refused as soon as the pieces so far surely hold
+/// more tokens than the context, so a request of megabytes costs the tokens of its first few
+/// pieces (and the tokenizer's working memory of one piece: ~200 bytes a byte of text), not of
+/// all of it.
+pub(super) fn refuse_surely_too_long(r: &Ready, texts: &[&str], field: &str) -> Result<(), ApiError> {
+    const PIECE: usize = 4 << 10;
+    let max_len = r.engine.max_len();
+    let total: usize = texts.iter().map(|t| t.len()).sum();
+    if total <= PIECE {
+        return Ok(());
+    }
+    let (mut n, mut cuts, mut seen) = (0, 0, 0);
+    for text in texts {
+        let mut start = 0;
+        while start < text.len() {
+            let mut end = (start + PIECE).min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            // Cut before a space where one is near (a word is not split: the count is exact
+            // for most tokenizers).
+            if end < text.len() {
+                if let Some(i) = text[start..end].rfind(' ').filter(|&i| i > PIECE / 2) {
+                    end = start + i;
+                }
+            }
+            cuts += 1;
+            n += encode(&r.tokenizer, &text[start..end], false, field)?.len();
+            seen += end - start;
+            // A cut (or the seams between texts) may split a token in two or three: two more
+            // per cut than the context holds is surely too long.
+            if n > max_len + 1 + 2 * cuts {
+                let what = match field {
+                    "messages" => "the conversation",
+                    _ => "the prompt",
+                };
+                return Err(ApiError::invalid(
+                    field,
+                    format!(
+                        "this model's maximum context length is {max_len} tokens, but {what} is longer: its first {seen} of {total} bytes are already {n} tokens"
+                    ),
+                )
+                .code("context_length_exceeded"));
+            }
+            start = end;
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn encode(tok: &Tokenizer, text: &str, special: bool, field: &str) -> Result<Vec<u32>, ApiError> {
@@ -54,26 +83,25 @@ pub(super) fn check_ids(ids: &[u32], vocab: usize, field: &str) -> Result<(), Ap
     }
 }
 
-/// Renders chat messages; `content` given as a list of text parts is joined first.
+/// Renders chat messages (taken, so a long one is not copied); `content` given as a list of
+/// text parts is joined first.
 pub(super) fn render_chat(
     r: &Ready,
-    messages: &[Value],
+    mut messages: Vec<Value>,
     add_generation_prompt: bool,
     extra: &Map<String, Value>,
 ) -> Result<String, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "at least one message is required"));
     }
-    let mut norm = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
-        let Some(obj) = m.as_object() else {
+    for (i, m) in messages.iter_mut().enumerate() {
+        let Some(obj) = m.as_object_mut() else {
             return Err(ApiError::invalid(format!("messages[{i}]"), "each message must be an object"));
         };
         let role = match obj.get("role") {
-            Some(Value::String(role)) => role.as_str(),
+            Some(Value::String(role)) => role.clone(),
             _ => return Err(ApiError::invalid(format!("messages[{i}].role"), "a message needs a string `role`")),
         };
-        let mut obj = obj.clone();
         match obj.get("content") {
             Some(Value::String(_)) => {}
             // OpenAI allows an assistant message without content (it carried tool calls); a
@@ -109,10 +137,9 @@ pub(super) fn render_chat(
                 ))
             }
         }
-        norm.push(Value::Object(obj));
     }
     r.template
-        .render(&Value::Array(norm), add_generation_prompt, r.tokenizer.special_tokens(), extra)
+        .render(&Value::Array(messages), add_generation_prompt, r.tokenizer.special_tokens(), extra)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
 
@@ -141,12 +168,17 @@ pub(super) struct Completion {
 }
 
 /// Runs `validate` (parsing, rendering, tokenizing: CPU work that grows with the request) on
-/// tokio's blocking pool rather than on a worker that serves connections.
+/// tokio's blocking pool rather than on a worker that serves connections, as many at once as
+/// there are cores (the rest wait their turn).
 pub(super) async fn off_runtime<T: Send + 'static>(
     state: &std::sync::Arc<AppState>,
     body: axum::body::Bytes,
     validate: fn(&AppState, &[u8]) -> Result<T, ApiError>,
 ) -> Result<T, ApiError> {
+    let _slot =
+        state.validating.acquire().await.map_err(|_| {
+            ApiError::status(axum::http::StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down")
+        })?;
     let state = state.clone();
     tokio::task::spawn_blocking(move || validate(&state, &body)).await.map_err(|e| {
         tracing::error!(error = %e, "request validation failed");
@@ -156,10 +188,9 @@ pub(super) async fn off_runtime<T: Send + 'static>(
 
 /// Validates a `/v1/completions` body.
 pub(super) fn completion(state: &AppState, body: &[u8]) -> Result<Completion, ApiError> {
-    let v = openai::parse_object(body, &openai::completion_fields(), state.strict_fields)?;
-    let req = CompletionRequest { sampling: openai::from_value(&v)?, ..openai::from_value(&v)? };
-    // The parsed tree holds a copy of the prompt: not kept while the prompt is tokenized.
-    drop(v);
+    // Read from the bytes into the types (no tree in between: the prompt is copied once).
+    openai::check_object(body, &openai::completion_fields(), state.strict_fields)?;
+    let req = CompletionRequest { sampling: openai::from_slice(body)?, ..openai::from_slice(body)? };
     state.check_model(req.sampling.model.as_deref())?;
     let r = state.loaded()?;
     if req.suffix.is_some() {
@@ -169,7 +200,7 @@ pub(super) fn completion(state: &AppState, body: &[u8]) -> Result<Completion, Ap
         return Err(ApiError::invalid("best_of", "best_of is supported only equal to n"));
     }
     let special = req.add_special_tokens.unwrap_or(true);
-    let (texts, prompts): (Vec<Option<String>>, Vec<Vec<u32>>) = match req.prompt {
+    let (texts, prompts): (Vec<Option<std::borrow::Cow<'_, str>>>, Vec<Vec<u32>>) = match req.prompt {
         Prompt::Text(t) => {
             let ids = encode_prompt(r, &t, special, "prompt")?;
             (vec![Some(t)], vec![ids])
@@ -199,7 +230,9 @@ pub(super) fn completion(state: &AppState, body: &[u8]) -> Result<Completion, Ap
         texts
             .into_iter()
             .zip(&prompts)
-            .map(|(t, ids)| Some(t.unwrap_or_else(|| r.tokenizer.decode(ids, false).unwrap_or_default())))
+            .map(|(t, ids)| {
+                Some(t.map_or_else(|| r.tokenizer.decode(ids, false).unwrap_or_default(), |t| t.into_owned()))
+            })
             .collect()
     } else {
         vec![None; prompts.len()]
@@ -218,9 +251,8 @@ pub(super) struct Chat {
 
 /// Validates a `/v1/chat/completions` body and renders its conversation.
 pub(super) fn chat(state: &AppState, body: &[u8]) -> Result<Chat, ApiError> {
-    let v = openai::parse_object(body, &openai::chat_fields(), state.strict_fields)?;
-    let req = ChatRequest { sampling: openai::from_value(&v)?, ..openai::from_value(&v)? };
-    drop(v);
+    openai::check_object(body, &openai::chat_fields(), state.strict_fields)?;
+    let req = ChatRequest { sampling: openai::from_slice(body)?, ..openai::from_slice(body)? };
     state.check_model(req.sampling.model.as_deref())?;
     let r = state.loaded()?;
     if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
@@ -237,8 +269,12 @@ pub(super) fn chat(state: &AppState, body: &[u8]) -> Result<Chat, ApiError> {
     if req.top_logprobs.is_some() && !req.logprobs {
         return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true"));
     }
+    // Contents that cannot fit are refused before the template copies them.
+    let contents: Vec<&str> = req.messages.iter().filter_map(|m| m.get("content")?.as_str()).collect();
+    refuse_surely_too_long(r, &contents, "messages")?;
+    drop(contents);
     let extra = req.chat_template_kwargs.clone().unwrap_or_default();
-    let text = render_chat(r, &req.messages, req.add_generation_prompt.unwrap_or(true), &extra)?;
+    let text = render_chat(r, req.messages, req.add_generation_prompt.unwrap_or(true), &extra)?;
     let ids = encode_prompt(r, &text, false, "messages")?;
     if ids.is_empty() {
         return Err(ApiError::invalid("messages", "the rendered conversation has no tokens"));

@@ -312,8 +312,24 @@ impl Tokenizer {
     /// for a normaliser that prepends to the text (SentencePiece's `▁`). The ids are
     /// `encode(text, false)`'s.
     pub fn encode_long(&self, text: &str, piece_bytes: usize) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        self.encode_pieces(text, piece_bytes, |piece| {
+            ids.extend(piece);
+            Ok::<_, Error>(())
+        })?;
+        Ok(ids)
+    }
+
+    /// [`Tokenizer::encode_long`] handing each piece's ids to `f` as they are made, so a caller
+    /// can store them (packed, on disk) without holding them all twice.
+    pub fn encode_pieces<E: From<Error>>(
+        &self,
+        text: &str,
+        piece_bytes: usize,
+        mut f: impl FnMut(Vec<u32>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
         if text.len() <= piece_bytes.max(1) {
-            return self.encode(text, false);
+            return f(self.encode(text, false)?);
         }
         let anywhere = |t: &str, i: usize| t.is_char_boundary(i);
         let before_space = |t: &str, i: usize| t.as_bytes()[i] == b' ' && !t.as_bytes()[i - 1].is_ascii_whitespace();
@@ -322,9 +338,8 @@ impl Tokenizer {
         } else if self.cuts_keep_ids(text, &before_space)? {
             &before_space
         } else {
-            return self.encode(text, false);
+            return f(self.encode(text, false)?);
         };
-        let mut ids = Vec::new();
         let mut start = 0;
         while start < text.len() {
             // The first cut at or after `piece_bytes` on (a piece may run long to find one).
@@ -332,10 +347,10 @@ impl Tokenizer {
             while end < text.len() && !can_cut(text, end) {
                 end += 1;
             }
-            ids.extend(self.encode(&text[start..end], false)?);
+            f(self.encode(&text[start..end], false)?)?;
             start = end;
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// Whether cutting `text`'s first 4 KiB at every place `can_cut` allows gives the ids of
@@ -421,7 +436,13 @@ impl Tokenizer {
 
     /// A character-level tokenizer over `chars` (see [`Tokenizer::train_chars`]).
     pub fn from_chars(chars: impl IntoIterator<Item = char>) -> Result<Self> {
-        let chars: BTreeSet<char> = chars.into_iter().collect();
+        // Inserted one at a time: `collect` into a set first gathers every item in a vector
+        // to sort it (4 bytes a character of the corpus).
+        let mut set = BTreeSet::new();
+        chars.into_iter().for_each(|c| {
+            set.insert(c);
+        });
+        let chars = set;
         let unk = "<unk>".to_string();
         let mut vocab = serde_json::Map::new();
         for (i, c) in chars.iter().enumerate() {

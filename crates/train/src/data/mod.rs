@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 use filter::Filters;
-use shards::{Shard, ShardEntry};
+use shards::{Shard, ShardEntry, TokenBuf};
 
 /// How text files are cut into documents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -359,7 +359,7 @@ pub fn tokenizer_from_spec(spec: &str, all: &[&str], train: &[&str], scratch_dir
 /// Text tokenized at once in `prepare`: a group of documents of about this many bytes.
 const ENCODE_GROUP_BYTES: usize = 8 << 20;
 /// A long document is tokenized a piece of about this many bytes at a time.
-const ENCODE_PIECE_BYTES: usize = 256 << 10;
+const ENCODE_PIECE_BYTES: usize = 64 << 10;
 
 /// Runs the whole pipeline and writes the dataset directory.
 pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
@@ -404,8 +404,11 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
         None => tok.encode("\n\n", false)?,
     };
     // Tokenized a group of documents at a time (in parallel within a group) and long documents
-    // a piece at a time, so the tokenizer's working memory stays bounded whatever the corpus.
-    let (mut train, mut val) = (Vec::new(), Vec::new());
+    // a piece at a time, so the tokenizer's working memory stays bounded whatever the corpus;
+    // the tokens are kept at the shards' width (half the memory of u32 ids for vocabularies up
+    // to 65,536), and a document alone in its group goes straight into them, piece by piece.
+    let width = shards::width_for(tok.vocab_size());
+    let (mut train, mut val) = (TokenBuf::new(width), TokenBuf::new(width));
     let mut first = 0;
     while first < docs.len() {
         let mut last = first + 1;
@@ -414,14 +417,23 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
             bytes += docs[last].len();
             last += 1;
         }
-        let ids: Vec<Vec<u32>> = docs[first..last]
-            .par_iter()
-            .map(|d| tok.encode_long(d, ENCODE_PIECE_BYTES))
-            .collect::<lmstack_core::Result<_>>()?;
-        for (i, d) in (first..last).zip(ids) {
-            let dst = if by_doc && is_val[i] { &mut val } else { &mut train };
-            dst.extend(d);
-            dst.extend_from_slice(&sep);
+        let to = |i: usize| by_doc && is_val[i];
+        if last == first + 1 {
+            let dst = if to(first) { &mut val } else { &mut train };
+            tok.encode_pieces(&docs[first], ENCODE_PIECE_BYTES, |ids| dst.push_all(&ids))?;
+            dst.push_all(&sep)?;
+        } else {
+            let ids: Vec<Vec<u32>> = docs[first..last]
+                .par_iter()
+                .map(|d| tok.encode_long(d, ENCODE_PIECE_BYTES))
+                .collect::<lmstack_core::Result<_>>()?;
+            for (i, d) in (first..last).zip(ids) {
+                let dst = if to(i) { &mut val } else { &mut train };
+                dst.push_all(&d)?;
+                dst.push_all(&sep)?;
+            }
+        }
+        for i in first..last {
             if by_doc {
                 if is_val[i] {
                     stats.val_documents += 1;
@@ -442,15 +454,16 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
     }
     stats.train_tokens = train.len();
     stats.val_tokens = val.len();
-    let width = shards::width_for(tok.vocab_size());
-    let mut write = |name: &str, tokens: &[u32]| -> Result<Vec<ShardEntry>> {
-        tokens
-            .chunks(cfg.shard_tokens)
+    let mut write = |name: &str, tokens: &TokenBuf| -> Result<Vec<ShardEntry>> {
+        (0..tokens.len())
+            .step_by(cfg.shard_tokens)
             .enumerate()
-            .map(|(i, c)| {
+            .map(|(i, at)| {
                 let file = format!("{name}-{i:05}.bin");
-                files.write(&cfg.out.join(&file), &shards::encode(c, width)?)?;
-                Ok(ShardEntry { file, tokens: c.len() })
+                let range = at..(at + cfg.shard_tokens).min(tokens.len());
+                let n = range.len();
+                files.write(&cfg.out.join(&file), &tokens.shard(range))?;
+                Ok(ShardEntry { file, tokens: n })
             })
             .collect()
     };

@@ -32,20 +32,83 @@ pub fn write(path: &Path, tokens: &[u32], width: u32) -> Result<()> {
 
 /// A shard's bytes: the header, then `tokens` at `width` bytes each.
 pub fn encode(tokens: &[u32], width: u32) -> Result<Vec<u8>> {
-    let mut bytes = Vec::with_capacity(HEADER + tokens.len() * width as usize);
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&VERSION.to_le_bytes());
-    bytes.extend_from_slice(&width.to_le_bytes());
-    bytes.extend_from_slice(&(tokens.len() as u64).to_le_bytes());
-    for &t in tokens {
-        match width {
-            2 => bytes.extend_from_slice(
-                &u16::try_from(t).map_err(|_| Error::Msg(format!("token {t} does not fit in u16")))?.to_le_bytes(),
-            ),
-            _ => bytes.extend_from_slice(&t.to_le_bytes()),
+    let mut buf = TokenBuf::new(width);
+    buf.push_all(tokens)?;
+    Ok(buf.shard(0..buf.len()))
+}
+
+/// Token ids held at a shard's width, 2 or 4 bytes each: a dataset being prepared takes half
+/// the memory of `u32`s when its vocabulary allows.
+#[derive(Debug, Clone)]
+pub enum TokenBuf {
+    /// Ids below 65,536.
+    U16(Vec<u16>),
+    /// Any ids.
+    U32(Vec<u32>),
+}
+
+impl TokenBuf {
+    /// An empty buffer of `width` bytes per token (2, else 4).
+    pub fn new(width: u32) -> Self {
+        if width == 2 {
+            TokenBuf::U16(Vec::new())
+        } else {
+            TokenBuf::U32(Vec::new())
         }
     }
-    Ok(bytes)
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        match self {
+            TokenBuf::U16(v) => v.len(),
+            TokenBuf::U32(v) => v.len(),
+        }
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `ids`; an id too large for the width is an error.
+    pub fn push_all(&mut self, ids: &[u32]) -> Result<()> {
+        match self {
+            TokenBuf::U16(v) => {
+                v.reserve(ids.len());
+                for &t in ids {
+                    v.push(u16::try_from(t).map_err(|_| Error::Msg(format!("token {t} does not fit in u16")))?);
+                }
+            }
+            TokenBuf::U32(v) => v.extend_from_slice(ids),
+        }
+        Ok(())
+    }
+
+    /// Moves the tokens from `at` on into a new buffer.
+    pub fn split_off(&mut self, at: usize) -> Self {
+        match self {
+            TokenBuf::U16(v) => TokenBuf::U16(v.split_off(at)),
+            TokenBuf::U32(v) => TokenBuf::U32(v.split_off(at)),
+        }
+    }
+
+    /// The bytes of a shard holding tokens `range`: the header, then the tokens little-endian.
+    pub fn shard(&self, range: std::ops::Range<usize>) -> Vec<u8> {
+        let width = match self {
+            TokenBuf::U16(_) => 2u32,
+            TokenBuf::U32(_) => 4,
+        };
+        let mut bytes = Vec::with_capacity(HEADER + range.len() * width as usize);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&VERSION.to_le_bytes());
+        bytes.extend_from_slice(&width.to_le_bytes());
+        bytes.extend_from_slice(&(range.len() as u64).to_le_bytes());
+        match self {
+            TokenBuf::U16(v) => v[range].iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes())),
+            TokenBuf::U32(v) => v[range].iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes())),
+        }
+        bytes
+    }
 }
 
 /// A memory-mapped shard.

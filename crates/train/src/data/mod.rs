@@ -433,14 +433,10 @@ pub fn prepare(cfg: &DataConfig) -> Result<Manifest> {
                 dst.push_all(&sep)?;
             }
         }
-        for i in first..last {
-            if by_doc {
-                if is_val[i] {
-                    stats.val_documents += 1;
-                } else {
-                    stats.train_documents += 1;
-                }
-            }
+        if by_doc {
+            let held_out = is_val[first..last].iter().filter(|&&v| v).count();
+            stats.val_documents += held_out;
+            stats.train_documents += last - first - held_out;
         }
         first = last;
     }

@@ -40,6 +40,7 @@ pub async fn serve(
     let (closed_tx, closed_rx) = watch::channel(());
     let (stop_tx, _) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (accept_failed, refused) = (Throttled::default(), Throttled::default());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let tcp = tokio::select! {
@@ -47,7 +48,9 @@ pub async fn serve(
                 Ok((tcp, _)) => tcp,
                 Err(e) => {
                     // Out of file descriptors, most often: wait for some to close.
-                    tracing::warn!(error = %e, "accepting a connection failed");
+                    if let Some(more) = accept_failed.due() {
+                        tracing::warn!(error = %e, more, "accepting a connection failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -55,6 +58,10 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(more) = refused.due() {
+                let max = limits.max_connections;
+                tracing::warn!(max_connections = max, more, "refusing connections: the server holds its most");
+            }
             tokio::spawn(refuse(tcp, limits.max_connections));
             continue;
         };
@@ -96,9 +103,30 @@ pub async fn serve(
     closed_tx.closed().await;
 }
 
+/// A warning repeated by every refused connection, logged at most every 10 s with how many
+/// more happened since (a flood of clients must not flood the log too).
+#[derive(Default)]
+struct Throttled {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl Throttled {
+    /// `Some(n)` when the warning is due (`n` occurrences went unlogged before it), else `None`.
+    fn due(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            self.since.fetch_add(1, Relaxed);
+            return None;
+        }
+        *last = Some(std::time::Instant::now());
+        Some(self.since.swap(0, Relaxed))
+    }
+}
+
 /// Answers a connection over the bound with a 503 in OpenAI's shape and closes it.
 async fn refuse(mut tcp: TcpStream, max: usize) {
-    tracing::warn!(max_connections = max, "refusing a connection: the server holds its most");
     let body = serde_json::json!({"error": {
         "message": format!("the server holds its most connections ({max}); retry shortly"),
         "type": "server_error", "param": null, "code": "too_many_connections"}})
@@ -112,4 +140,19 @@ async fn refuse(mut tcp: TcpStream, max: usize) {
         let _ = tcp.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttled;
+
+    #[test]
+    fn a_repeated_warning_is_logged_once_then_counted() {
+        let t = Throttled::default();
+        assert_eq!(t.due(), Some(0));
+        assert_eq!((t.due(), t.due()), (None, None));
+        // Ten seconds later it is due again, saying how many went unlogged.
+        *t.last.lock().unwrap() = Some(std::time::Instant::now() - std::time::Duration::from_secs(11));
+        assert_eq!(t.due(), Some(2));
+    }
 }

@@ -8,6 +8,7 @@
 //! The model step is the caller's: a [`Decoding`] sees one row of logits per generated token
 //! and says what text it releases and whether the sequence is finished.
 
+use crate::constraint::Constraint;
 use crate::sampling::{Sampled, Sampler, SamplingParams};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use crate::{Model, Result, SeqStep};
@@ -72,6 +73,8 @@ pub struct Decoding {
     sent: usize,
     /// A stop string ended the output.
     stop_hit: bool,
+    /// What the output must match, if anything.
+    constraint: Option<Constraint>,
 }
 
 impl Decoding {
@@ -95,7 +98,15 @@ impl Decoding {
             text: String::new(),
             sent: 0,
             stop_hit: false,
+            constraint: None,
         })
+    }
+
+    /// Only tokens `constraint` allows are sampled; the sequence stops when its output is
+    /// complete.
+    pub fn with_constraint(mut self, constraint: Option<Constraint>) -> Self {
+        self.constraint = constraint;
+        self
     }
 
     /// Tokens generated so far.
@@ -112,14 +123,24 @@ impl Decoding {
         } else {
             Vec::new()
         };
-        let sampled = self.sampler.sample_except(logits, &banned)?;
+        let sampled = match &mut self.constraint {
+            Some(c) => {
+                let mut masked = logits.to_vec();
+                c.mask(&mut masked)?;
+                let sampled = self.sampler.sample_except(&masked, &banned)?;
+                c.commit(sampled.token)?;
+                sampled
+            }
+            None => self.sampler.sample_except(logits, &banned)?,
+        };
         self.generated += 1;
         if Some(sampled.token) == eos || self.stop.stop_token_ids.contains(&sampled.token) {
             return Ok(Step { sampled, text: String::new(), finish: Some(Finish::Stop) });
         }
         let piece = self.decoder.push(sampled.token)?.unwrap_or_default();
         let (text, stopped) = self.push_text(&piece);
-        let finish = if stopped {
+        let complete = self.constraint.as_ref().is_some_and(Constraint::is_finished);
+        let finish = if stopped || complete {
             Some(Finish::Stop)
         } else if self.generated >= self.stop.max_tokens {
             Some(Finish::Length)

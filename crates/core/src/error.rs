@@ -75,6 +75,9 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// Constrained decoding failed (llguidance's reason).
+    #[error("constrained decoding: {0}")]
+    Constraint(String),
     /// An error from candle's tensor operations.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -672,7 +672,7 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
 /// row of the Hugging Face weight, the row of the file holding it (row `h*hd + j*hd/2 + i` of
 /// the Hugging Face weight is row `h*hd + 2i + j` of the file).
 fn file_rows(rows: usize, heads: usize) -> std::result::Result<Vec<usize>, String> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return Err(format!("{rows} rows do not split into {heads} heads of even width"));
     }
     let hd = rows / heads;

@@ -359,7 +359,7 @@ impl KvCache {
 
     fn host_append_rows(&mut self, layer: usize, k: Rows<'_>, v: Rows<'_>) -> Result<()> {
         let row = self.kv_heads * self.head_dim;
-        if !self.host || k.len() != v.len() || k.len() % row != 0 {
+        if !self.host || k.len() != v.len() || !k.len().is_multiple_of(row) {
             return Err(Error::invalid("kv", "host append needs a host cache and whole [n, kv_heads, head_dim] rows"));
         }
         let len = self.host_layer_len(layer);

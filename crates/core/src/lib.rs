@@ -19,6 +19,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod constraint;
 pub mod decoding;
 pub mod error;
 pub mod gguf;
@@ -48,6 +49,7 @@ pub fn prefer_rayon_threads() {
     }
 }
 pub use config::{ModelConfig, ModelType};
+pub use constraint::{Constrainer, Constraint, Grammar};
 pub use decoding::{Decoding, Finish, StopConditions};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;

@@ -159,7 +159,7 @@ fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     }
 }
 
-const SAMPLING_FIELDS: [&str; 20] = [
+const SAMPLING_FIELDS: [&str; 26] = [
     "temperature",
     "top_p",
     "top_k",
@@ -180,6 +180,12 @@ const SAMPLING_FIELDS: [&str; 20] = [
     "logit_bias",
     "user",
     "model",
+    "response_format",
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
 ];
 
 /// Fields of [`CompletionRequest`].
@@ -202,7 +208,6 @@ pub fn chat_fields() -> Vec<&'static str> {
         "top_logprobs",
         "add_generation_prompt",
         "chat_template_kwargs",
-        "response_format",
         "tools",
         "tool_choice",
     ]);
@@ -426,6 +431,18 @@ pub struct Sampling {
     pub user: Option<String>,
     /// Model name (optional: the served model).
     pub model: Option<String>,
+    /// OpenAI: `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema", …}}`.
+    pub response_format: Option<Value>,
+    /// vLLM: `{"json" | "regex" | "choice" | "grammar" | "json_object": …}`.
+    pub structured_outputs: Option<Value>,
+    /// vLLM's older names of the same.
+    pub guided_json: Option<Value>,
+    /// vLLM: a regular expression.
+    pub guided_regex: Option<String>,
+    /// vLLM: one of these strings.
+    pub guided_choice: Option<Vec<String>>,
+    /// vLLM: a grammar (llguidance's Lark dialect).
+    pub guided_grammar: Option<String>,
 }
 
 /// `POST /v1/completions`.
@@ -470,8 +487,6 @@ pub struct ChatRequest {
     pub add_generation_prompt: Option<bool>,
     /// Extra variables for the chat template.
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
-    /// Only `{"type": "text"}` is supported.
-    pub response_format: Option<Value>,
     /// Not supported (an empty list is accepted).
     pub tools: Option<Value>,
     /// Not supported.

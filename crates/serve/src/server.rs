@@ -143,7 +143,7 @@ pub fn load(opts: &ServeOptions, metrics: Arc<Metrics>) -> anyhow::Result<Ready>
     let vocab_size = p.model.config().vocab_size();
     let tokenizer = p.tokenizer.clone();
     let (engine, _join) = engine::start(p.model, p.tokenizer, opts.engine.clone(), metrics);
-    Ok(Ready { tokenizer, template, engine, vocab_size })
+    Ok(Ready { tokenizer, template, engine, vocab_size, constrainer: std::sync::OnceLock::new() })
 }
 
 /// The shared state for `opts` (model not loaded yet).

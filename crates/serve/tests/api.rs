@@ -991,3 +991,99 @@ async fn continuous_usage_stats_put_usage_in_every_chunk() {
         assert_eq!(with_usage, 1, "{}", plain.text);
     }
 }
+
+/// Structured outputs (llguidance): OpenAI's `response_format` (json_schema, json_object) and
+/// vLLM's `structured_outputs` / `guided_*` constrain what the (random-weight) model writes, on
+/// both endpoints, streamed or not, with several choices; bad constraints are 400s naming the
+/// field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_outputs_constrain_what_is_written() {
+    let (_d, opts) = setup();
+    let app = common::router(&opts);
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 6}, "n": {"type": "integer", "minimum": 1, "maximum": 9},
+        "kind": {"enum": ["a", "b"]}}, "required": ["name", "n", "kind"], "additionalProperties": false});
+    let check = |text: &str| {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 3, "{text}");
+        assert!(o["name"].as_str().unwrap().chars().count() <= 6, "{text}");
+        assert!((1..=9).contains(&o["n"].as_i64().unwrap()), "{text}");
+        assert!(["a", "b"].contains(&o["kind"].as_str().unwrap()), "{text}");
+    };
+    let rf = json!({"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": true}});
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let mut body = json!({"max_tokens": 90, "temperature": 1.0, "seed": 7, "n": 3, "response_format": rf});
+        if path.contains("chat") {
+            body["messages"] = json!([{"role": "user", "content": "a thing"}]);
+        } else {
+            body["prompt"] = json!("A thing:");
+        }
+        let v = post(&app, path, body.clone()).await;
+        assert_eq!(v.status, StatusCode::OK, "{}", v.text);
+        let v = v.json();
+        for c in v["choices"].as_array().unwrap() {
+            assert_eq!(c["finish_reason"], "stop", "{c}");
+            check(c["text"].as_str().or(c["message"]["content"].as_str()).unwrap());
+        }
+        // Streamed: the deltas reassemble to a valid object.
+        body["stream"] = json!(true);
+        body["n"] = json!(1);
+        let r = post(&app, path, body).await;
+        let mut text = String::new();
+        for e in r.events().iter().filter(|e| *e != "[DONE]") {
+            let c: Value = serde_json::from_str(e).unwrap();
+            let c = &c["choices"][0];
+            text.push_str(c["text"].as_str().or(c["delta"]["content"].as_str()).unwrap_or(""));
+        }
+        check(&text);
+    }
+    // Any JSON object; a choice; a regular expression; vLLM's structured_outputs.
+    let text = |v: Value| v["choices"][0]["text"].as_str().unwrap().to_owned();
+    let base = json!({"prompt": "x", "max_tokens": 60, "temperature": 0});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    let obj = post(&app, "/v1/completions", with("response_format", json!({"type": "json_object"}))).await.json();
+    let t = text(obj.clone());
+    if obj["choices"][0]["finish_reason"] == "stop" {
+        assert!(serde_json::from_str::<Value>(&t).unwrap().is_object(), "{t}");
+    } else {
+        assert!(t.starts_with('{'), "{t}");
+    }
+    let c = text(post(&app, "/v1/completions", with("guided_choice", json!(["red", "green"]))).await.json());
+    assert!(c == "red" || c == "green", "{c}");
+    let r = text(post(&app, "/v1/completions", with("guided_regex", json!("[0-9]{2}-[0-9]{2}"))).await.json());
+    assert!(r.len() == 5 && r.as_bytes()[2] == b'-', "{r}");
+    let so = text(post(&app, "/v1/completions", with("structured_outputs", json!({"json": schema}))).await.json());
+    check(&so);
+    let so =
+        text(post(&app, "/v1/completions", with("structured_outputs", json!({"choice": ["yes", "no"]}))).await.json());
+    assert!(so == "yes" || so == "no", "{so}");
+
+    // Bad constraints: 400s naming the field.
+    let bad = |body: Value, param: &'static str| {
+        let app = app.clone();
+        async move {
+            let r = post(&app, "/v1/completions", body).await;
+            assert_error(&r, StatusCode::BAD_REQUEST, Some(param));
+        }
+    };
+    bad(with("response_format", json!({"type": "xml"})), "response_format.type").await;
+    bad(
+        with("response_format", json!({"type": "json_schema", "json_schema": {"name": "x"}})),
+        "response_format.json_schema.schema",
+    )
+    .await;
+    let unresolvable = json!({"type": "json_schema", "json_schema": {"name": "x", "schema":
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}, "required": ["a"]}}});
+    bad(with("response_format", unresolvable), "response_format.json_schema.schema").await;
+    bad(with("guided_regex", json!("(unclosed")), "guided_regex").await;
+    bad(with("guided_choice", json!([])), "guided_choice").await;
+    let mut two = with("guided_regex", json!("a+"));
+    two["guided_choice"] = json!(["a"]);
+    bad(two, "guided_choice").await;
+    bad(with("structured_outputs", json!({"xml": "<a/>"})), "structured_outputs").await;
+}

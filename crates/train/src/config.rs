@@ -195,10 +195,10 @@ impl PretrainConfig {
                 return bad(f, "must be at least 1".into());
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad("n_embd", format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head));
         }
-        if self.n_kv_head != 0 && self.n_head % self.n_kv_head != 0 {
+        if self.n_kv_head != 0 && !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad("n_kv_head", format!("{} does not divide n_head = {}", self.n_kv_head, self.n_head));
         }
         if !["gpt2", "llama", "bert"].contains(&self.arch.as_str()) {

@@ -272,7 +272,7 @@ impl Trainer {
             window.1 += 1;
             window.2 += tokens;
             let done = self.state.step;
-            if done % cfg.log_interval.max(1) == 0 || done == cfg.max_steps {
+            if done.is_multiple_of(cfg.log_interval.max(1)) || done == cfg.max_steps {
                 let mean = window.0 / window.1 as f64;
                 let tps = cfg.throughput.then(|| window.2 as f64 / window.3.elapsed().as_secs_f64().max(1e-9));
                 self.log.write(&Record::train(done, mean, lr, tps, norm))?;
@@ -284,7 +284,7 @@ impl Trainer {
             }
             bar.set_position(done);
             let side = Instant::now();
-            if done % cfg.eval_interval.max(1) == 0 || done == cfg.max_steps {
+            if done.is_multiple_of(cfg.eval_interval.max(1)) || done == cfg.max_steps {
                 if let Some(e) = obj.evaluate(&mut self.state.eval_rng)? {
                     self.log.write(&Record::val(done, e.loss, e.perplexity))?;
                     if cfg.print_evals {
@@ -296,7 +296,7 @@ impl Trainer {
                     }
                 }
             }
-            if cfg.checkpoint_interval > 0 && done % cfg.checkpoint_interval == 0 && done < cfg.max_steps {
+            if cfg.checkpoint_interval > 0 && done.is_multiple_of(cfg.checkpoint_interval) && done < cfg.max_steps {
                 self.save_checkpoint(obj)?;
             }
             side_secs += side.elapsed().as_secs_f64();

@@ -127,7 +127,7 @@ pub fn matmul(kind: Kind, x: &[f32], m: usize, w: &[u8], out: usize, inp: usize,
     if !has_kernels() {
         return None;
     }
-    assert!(inp % QK == 0, "quant::matmul: {inp} inputs do not split into blocks of {QK}");
+    assert!(inp.is_multiple_of(QK), "quant::matmul: {inp} inputs do not split into blocks of {QK}");
     assert!(x.len() >= m * inp, "quant::matmul: x has {} values for {m} rows of {inp}", x.len());
     let row_bytes = inp / QK * kind.block_bytes();
     assert_eq!(w.len(), out * row_bytes, "quant::matmul: {} bytes for a [{out}, {inp}] {kind:?} weight", w.len());
@@ -396,7 +396,7 @@ impl<T: GgmlType + 'static> candle_core::quantized::QuantizedType for ArenaBlock
     }
     fn embedding(&self, ids: &[u32], rows: usize, hidden: usize) -> candle_core::Result<candle_core::CpuStorage> {
         let per = hidden / T::BLCK_SIZE;
-        if hidden % T::BLCK_SIZE != 0 || self.n != rows * per {
+        if !hidden.is_multiple_of(T::BLCK_SIZE) || self.n != rows * per {
             candle_core::bail!("quantized embedding of {} blocks is not {rows} rows of {hidden}", self.n)
         }
         let mut out = vec![0f32; ids.len() * hidden];

@@ -48,6 +48,20 @@ pub struct Ready {
     pub engine: EngineHandle,
     /// The model's vocabulary size (token ids must be below it).
     pub vocab_size: usize,
+    /// Compiles output constraints for the vocabulary; made by the first request that asks
+    /// for one (its token trie takes a moment for a large vocabulary).
+    pub constrainer: OnceLock<Result<lmstack_core::Constrainer, String>>,
+}
+
+impl Ready {
+    fn constrainer(&self) -> Result<&lmstack_core::Constrainer, ApiError> {
+        self.constrainer
+            .get_or_init(|| lmstack_core::Constrainer::new(&self.tokenizer, self.vocab_size).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| {
+                ApiError::invalid("response_format", format!("this model's vocabulary cannot be constrained: {e}"))
+            })
+    }
 }
 
 /// Server-wide settings and state shared by every handler.

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use lmstack_core::{SamplingParams, StopConditions, Tokenizer};
+use lmstack_core::{Grammar, SamplingParams, StopConditions, Tokenizer};
 use serde_json::{Map, Value};
 
 use super::{AppState, Ready};
@@ -240,6 +240,105 @@ pub(super) fn completion(state: &AppState, body: &[u8]) -> Result<Completion, Ap
     Ok(Completion { plan, prompts, echo, echoed: req.echo, logprobs })
 }
 
+/// What the output must match, from OpenAI's `response_format` or vLLM's `structured_outputs`
+/// (or its older `guided_*` fields), with the field it came from; at most one may be given.
+fn grammar(s: &Sampling) -> Result<Option<(&'static str, Grammar)>, ApiError> {
+    let mut found: Vec<(&'static str, Grammar)> = Vec::new();
+    if let Some(f) = &s.response_format {
+        match f.get("type").and_then(Value::as_str) {
+            Some("text") => {}
+            Some("json_object") => found.push(("response_format", Grammar::json_object())),
+            Some("json_schema") => {
+                let schema = f.pointer("/json_schema/schema").filter(|v| v.is_object() || v.is_boolean());
+                let schema = schema.ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format.json_schema.schema",
+                        "a json_schema response format needs `json_schema.schema`, a JSON schema object",
+                    )
+                })?;
+                found.push(("response_format.json_schema.schema", Grammar::json_schema(schema)));
+            }
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "response_format.type",
+                    format!("`{other}` is not a response format; use text, json_object or json_schema"),
+                ))
+            }
+            None => return Err(ApiError::invalid("response_format.type", "response_format needs a string `type`")),
+        }
+    }
+    let json = |v: &Value, field: &'static str| -> Result<Grammar, ApiError> {
+        match v {
+            Value::String(t) => serde_json::from_str::<Value>(t)
+                .map(|schema| Grammar::json_schema(&schema))
+                .map_err(|e| ApiError::invalid(field, format!("{field}: not a JSON schema: {e}"))),
+            Value::Object(_) | Value::Bool(_) => Ok(Grammar::json_schema(v)),
+            _ => Err(ApiError::invalid(field, format!("{field}: expected a JSON schema"))),
+        }
+    };
+    let choice = |c: &[String], field: &'static str| -> Result<Grammar, ApiError> {
+        if c.is_empty() {
+            return Err(ApiError::invalid(field, format!("{field}: give at least one choice")));
+        }
+        Ok(Grammar::Choice(c.to_vec()))
+    };
+    if let Some(so) = &s.structured_outputs {
+        let Some(obj) = so.as_object() else {
+            return Err(ApiError::invalid("structured_outputs", "structured_outputs must be an object"));
+        };
+        for (k, v) in obj {
+            let g = match (k.as_str(), v) {
+                ("json", v) => json(v, "structured_outputs.json")?,
+                ("regex", Value::String(r)) => Grammar::Regex(r.clone()),
+                ("grammar", Value::String(g)) => Grammar::Lark(g.clone()),
+                ("choice", Value::Array(c)) => {
+                    let c: Option<Vec<String>> = c.iter().map(|x| x.as_str().map(str::to_owned)).collect();
+                    let c =
+                        c.ok_or_else(|| ApiError::invalid("structured_outputs.choice", "choices must be strings"))?;
+                    choice(&c, "structured_outputs.choice")?
+                }
+                ("json_object", Value::Bool(true)) => Grammar::json_object(),
+                ("json_object", Value::Bool(false)) | (_, Value::Null) => continue,
+                ("regex" | "grammar" | "choice" | "json_object", _) => {
+                    return Err(ApiError::invalid(
+                        "structured_outputs",
+                        format!("structured_outputs.{k} has the wrong type"),
+                    ))
+                }
+                (other, _) => {
+                    return Err(ApiError::invalid(
+                        "structured_outputs",
+                        format!(
+                        "structured_outputs.{other} is not supported (json, regex, choice, grammar, json_object are)"
+                    ),
+                    ))
+                }
+            };
+            found.push(("structured_outputs", g));
+        }
+    }
+    if let Some(v) = &s.guided_json {
+        found.push(("guided_json", json(v, "guided_json")?));
+    }
+    if let Some(r) = &s.guided_regex {
+        found.push(("guided_regex", Grammar::Regex(r.clone())));
+    }
+    if let Some(c) = &s.guided_choice {
+        found.push(("guided_choice", choice(c, "guided_choice")?));
+    }
+    if let Some(g) = &s.guided_grammar {
+        found.push(("guided_grammar", Grammar::Lark(g.clone())));
+    }
+    if found.len() > 1 {
+        let names: Vec<&str> = found.iter().map(|(f, _)| *f).collect();
+        return Err(ApiError::invalid(
+            found[1].0,
+            format!("give one output constraint, not several ({})", names.join(", ")),
+        ));
+    }
+    Ok(found.pop())
+}
+
 /// A validated `/v1/chat/completions` request.
 pub(super) struct Chat {
     pub plan: Plan,
@@ -260,11 +359,6 @@ pub(super) fn chat(state: &AppState, body: &[u8]) -> Result<Chat, ApiError> {
     }
     if req.tool_choice.as_ref().is_some_and(|t| !t.is_null() && t != "none") {
         return Err(ApiError::invalid("tool_choice", "tool calling is not supported"));
-    }
-    if let Some(f) = &req.response_format {
-        if f.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::invalid("response_format", "only {\"type\": \"text\"} is supported"));
-        }
     }
     if req.top_logprobs.is_some() && !req.logprobs {
         return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true"));
@@ -351,6 +445,18 @@ fn plan(
     if min_tokens > max_tokens {
         return Err(ApiError::invalid("min_tokens", format!("{min_tokens} is more than max_tokens = {max_tokens}")));
     }
+    let constraint = match grammar(s)? {
+        Some((field, g)) => Some(r.constrainer()?.constraint(&g).map_err(|e| {
+            ApiError::invalid(
+                field,
+                format!(
+                    "{field}: llguidance cannot use it: {}",
+                    e.to_string().trim_start_matches("invalid argument `grammar`: ")
+                ),
+            )
+        })?),
+        None => None,
+    };
     let base = Request {
         id: String::new(),
         prompt: Vec::new(),
@@ -367,6 +473,7 @@ fn plan(
         prompt_logprobs: None,
         skip_special_tokens: s.skip_special_tokens.unwrap_or(true),
         deadline: state.request_timeout.map(|t| Instant::now() + t),
+        constraint,
     };
     let opts = s.stream_options.clone().unwrap_or_default();
     if s.stream_options.is_some() && !s.stream {

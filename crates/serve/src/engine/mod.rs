@@ -237,7 +237,7 @@ impl Engine {
                 r.stop.clone(),
                 r.skip_special_tokens,
             ) {
-                Ok(d) => d,
+                Ok(d) => d.with_constraint(r.constraint.clone()),
                 Err(e) => {
                     let _ = w.tx.send(Event::Failed { timeout: false, message: e.to_string() });
                     continue;

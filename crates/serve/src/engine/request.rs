@@ -27,6 +27,8 @@ pub struct Request {
     pub skip_special_tokens: bool,
     /// Give up (with [`Event::Failed`]) after this instant.
     pub deadline: Option<Instant>,
+    /// What the output must match (a fresh constraint; each choice gets its own copy).
+    pub constraint: Option<lmstack_core::Constraint>,
 }
 
 /// A token with its log-probability and the most likely alternatives.

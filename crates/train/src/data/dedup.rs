@@ -55,7 +55,7 @@ impl MinHasher {
         // threshold, leaning lower so true duplicates are not missed.
         let (mut best, mut err) = ((num_perm, 1), f64::INFINITY);
         for r in 1..=num_perm {
-            if num_perm % r != 0 {
+            if !num_perm.is_multiple_of(r) {
                 continue;
             }
             let bands = num_perm / r;

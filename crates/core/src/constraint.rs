@@ -1,0 +1,266 @@
+//! Constrained decoding: the output is valid by construction, not by hoping the model
+//! complies. A [`Grammar`] (a JSON schema, a regular expression, a Lark grammar or a list of
+//! choices) is compiled by [llguidance](https://github.com/guidance-ai/llguidance) — the
+//! library behind structured outputs in llama.cpp, vLLM and mistral.rs — against the model's
+//! vocabulary; a [`Constraint`] then masks each step's logits to the tokens the grammar allows
+//! there and advances with each sampled token. [`Decoding`](crate::Decoding) applies it.
+//!
+//! A [`Constrainer`] is made once per tokenizer (it builds the token trie: every token's
+//! bytes) and compiles each distinct grammar once, keeping the last 64 compiled.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory, TokenParser};
+use serde_json::Value;
+
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// What the output must match.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Grammar {
+    /// A JSON value valid against a JSON schema (the schema's canonical JSON text).
+    JsonSchema(String),
+    /// Text matching a regular expression.
+    Regex(String),
+    /// Text of a Lark grammar (llguidance's dialect, which also embeds JSON schemas and
+    /// regular expressions).
+    Lark(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+}
+
+impl Grammar {
+    /// A JSON value valid against `schema`, written compactly (`", "` between items, `": "`
+    /// after keys, no other whitespace: a small model given free whitespace may write nothing
+    /// else). A schema with llguidance's own `x-guidance` options keeps them.
+    pub fn json_schema(schema: &Value) -> Grammar {
+        let mut schema = schema.clone();
+        if let Some(obj) = schema.as_object_mut().filter(|o| !o.contains_key("x-guidance")) {
+            obj.insert(
+                "x-guidance".into(),
+                serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+            );
+        }
+        Grammar::JsonSchema(schema.to_string())
+    }
+
+    /// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+    pub fn json_object() -> Grammar {
+        Grammar::json_schema(&serde_json::json!({"type": "object"}))
+    }
+
+    fn top_level(&self) -> Result<TopLevelGrammar> {
+        Ok(match self {
+            Grammar::JsonSchema(s) => {
+                let schema: Value = serde_json::from_str(s).map_err(|e| invalid(format!("not JSON: {e}")))?;
+                TopLevelGrammar::from_json_schema(schema)
+            }
+            Grammar::Regex(r) => TopLevelGrammar::from_regex(r),
+            Grammar::Lark(l) => TopLevelGrammar::from_lark(l.clone()),
+            Grammar::Choice(c) => {
+                if c.is_empty() {
+                    return Err(invalid("a choice needs at least one string".into()));
+                }
+                // Lark string literals: JSON string syntax is a valid spelling of each.
+                let alts: Vec<String> = c.iter().map(|s| Value::String(s.clone()).to_string()).collect();
+                TopLevelGrammar::from_lark(format!("start: {}", alts.join(" | ")))
+            }
+        })
+    }
+}
+
+fn invalid(message: String) -> Error {
+    Error::invalid("grammar", message)
+}
+
+/// Compiles grammars for one tokenizer.
+pub struct Constrainer {
+    factory: ParserFactory,
+    vocab_size: usize,
+    /// The end-of-sequence token the trie was told (the last token when the tokenizer has
+    /// none: ending is then the grammar's own completion).
+    eos: TokenId,
+    /// Compiled grammars by grammar, with the request each was last used by, and a count of
+    /// requests.
+    compiled: Mutex<(Compiled, u64)>,
+}
+
+impl std::fmt::Debug for Constrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constrainer").finish_non_exhaustive()
+    }
+}
+
+/// Compiled grammars kept for reuse.
+const KEEP: usize = 64;
+
+/// A compiled grammar's parser and when it was last used.
+type Compiled = HashMap<Grammar, (TokenParser, u64)>;
+
+impl Constrainer {
+    /// Builds the token trie of `tok`'s vocabulary (`vocab_size` rows of logits).
+    pub fn new(tok: &Tokenizer, vocab_size: usize) -> Result<Constrainer> {
+        let words = token_bytes(tok, vocab_size)?;
+        let eos = tok.eos_id().unwrap_or(vocab_size as u32 - 1);
+        let mut info = TokRxInfo::new(vocab_size as u32, eos);
+        info.tok_bos = tok.bos_id();
+        info.tok_pad = tok.pad_id();
+        let trie = TokTrie::from(&info, &words);
+        let env: TokEnv = Arc::new(Env { trie, tok: tok.clone() });
+        let mut factory = ParserFactory::new(
+            &env,
+            InferenceCapabilities::default(),
+            &llguidance::earley::SlicedBiasComputer::general_slices(),
+        )
+        .map_err(|e| Error::Constraint(format!("preparing the vocabulary: {e}")))?;
+        factory.quiet();
+        Ok(Constrainer { factory, vocab_size, eos, compiled: Mutex::new((HashMap::new(), 0)) })
+    }
+
+    /// A fresh constraint for `grammar` (compiled now, or copied from the last compilation).
+    /// A grammar llguidance cannot compile is an error saying why.
+    pub fn constraint(&self, grammar: &Grammar) -> Result<Constraint> {
+        let parser = {
+            let mut guard = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+            let (map, clock) = &mut *guard;
+            *clock += 1;
+            let now = *clock;
+            match map.get_mut(grammar) {
+                Some((p, used)) => {
+                    *used = now;
+                    Some(p.deep_clone())
+                }
+                None => None,
+            }
+        };
+        let parser = match parser {
+            Some(p) => p,
+            None => {
+                let p = self.factory.create_parser(grammar.top_level()?).map_err(|e| invalid(e.to_string()))?;
+                let mut guard = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+                let (map, clock) = &mut *guard;
+                if map.len() >= KEEP {
+                    if let Some(oldest) = map.iter().min_by_key(|(_, (_, used))| *used).map(|(g, _)| g.clone()) {
+                        map.remove(&oldest);
+                    }
+                }
+                map.insert(grammar.clone(), (p.deep_clone(), *clock));
+                p
+            }
+        };
+        let mut c = Constraint { matcher: Matcher::new(Ok(parser)) };
+        if let Some(e) = c.matcher.get_error() {
+            return Err(invalid(e));
+        }
+        // The first step's mask (kept by the parser for that step): a grammar whose output
+        // this vocabulary cannot even begin is refused now, not mid-generation (llguidance
+        // then allows only end-of-sequence, which would end with an invalid empty output).
+        let first = c.matcher.compute_mask().map_err(|e| invalid(e.to_string()))?;
+        let begins = (0..self.vocab_size as TokenId).any(|t| t != self.eos && first.is_allowed(t));
+        if !begins && !c.matcher.is_accepting().unwrap_or(false) {
+            return Err(invalid("no token of the vocabulary can begin an output the grammar allows".into()));
+        }
+        Ok(c)
+    }
+}
+
+/// One sequence's constraint: which tokens may come next.
+#[derive(Clone)]
+pub struct Constraint {
+    matcher: Matcher,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint").field("stopped", &self.matcher.is_stopped()).finish()
+    }
+}
+
+impl Constraint {
+    /// Sets the logits of the tokens the grammar does not allow next to −∞ (end-of-sequence
+    /// is allowed once the output is complete, and only then).
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        let allowed = self.matcher.compute_mask().map_err(|e| Error::Constraint(e.to_string()))?;
+        if let Some(e) = self.matcher.get_error() {
+            return Err(Error::Constraint(e));
+        }
+        let mut any = false;
+        for (i, l) in logits.iter_mut().enumerate() {
+            if allowed.is_allowed(i as TokenId) {
+                any = true;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if !any {
+            // The grammar needs bytes no token of this vocabulary spells.
+            return Err(Error::Constraint("no token of the vocabulary can continue the output here".into()));
+        }
+        Ok(())
+    }
+
+    /// Advances past the sampled `token`.
+    pub fn commit(&mut self, token: u32) -> Result<()> {
+        self.matcher.consume_token(token).map_err(|e| Error::Constraint(e.to_string()))
+    }
+
+    /// Whether the output is complete and nothing more may follow.
+    pub fn is_finished(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
+
+/// The vocabulary as llguidance sees it.
+struct Env {
+    trie: TokTrie,
+    tok: Tokenizer,
+}
+
+impl TokenizerEnv for Env {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.tok.encode(&String::from_utf8_lossy(s), false).unwrap_or_default()
+    }
+}
+
+/// Every token's bytes: byte-level (GPT-2 style) and byte-fallback (SentencePiece) vocabularies
+/// through llguidance's reading of `tokenizer.json`; others (character vocabularies, WordPiece)
+/// as their text. Special tokens carry llguidance's marker so they never match text.
+fn token_bytes(tok: &Tokenizer, vocab_size: usize) -> Result<Vec<Vec<u8>>> {
+    let json: Value = serde_json::from_str(&tok.inner().to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut words = match llguidance::token_bytes_from_tokenizer_json(&json) {
+        Ok(w) => w,
+        Err(_) => {
+            let mut w = vec![Vec::new(); vocab_size];
+            if let Some(vocab) = json["model"]["vocab"].as_object() {
+                for (text, id) in vocab {
+                    if let Some(id) = id.as_u64().map(|i| i as usize).filter(|&i| i < vocab_size) {
+                        w[id] = text.replace('▁', " ").into_bytes();
+                    }
+                }
+            }
+            for t in json["added_tokens"].as_array().into_iter().flatten() {
+                if let (Some(id), Some(text)) = (t["id"].as_u64(), t["content"].as_str()) {
+                    if (id as usize) < vocab_size {
+                        let mut b = text.as_bytes().to_vec();
+                        if t["special"] == true {
+                            b.insert(0, TokTrie::SPECIAL_TOKEN_MARKER);
+                        }
+                        w[id as usize] = b;
+                    }
+                }
+            }
+            w
+        }
+    };
+    words.resize(vocab_size, Vec::new());
+    Ok(words)
+}

@@ -331,3 +331,27 @@ async fn the_playground_chats_with_a_quantized_gguf_model() {
     let _ = stop_tx.send(());
     let _ = server.await;
 }
+
+/// A base model (no chat template): the completion tab starts from a line the model itself
+/// writes, not from a fixed prompt and not empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_completion_prompt_of_a_base_model_is_its_own_line() {
+    let Some((_driver, c)) = browser().await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    common::write_model_ctx(dir.path(), 128);
+    let cfg_path = dir.path().join("tokenizer_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (url, server, stop_tx) = server(common::options(dir.path())).await;
+    c.goto(&format!("{url}/")).await.unwrap();
+    until("the model's prompt", 20, || async {
+        c.find(Locator::Css("#prompt")).await.unwrap().prop("value").await.unwrap().is_some_and(|v| !v.is_empty())
+    })
+    .await;
+    let prompt = c.find(Locator::Css("#prompt")).await.unwrap().prop("value").await.unwrap().unwrap();
+    assert!(!prompt.contains('\n') && !prompt.contains("im_start") && prompt != "ROMEO:", "{prompt:?}");
+    c.close().await.unwrap();
+    let _ = stop_tx.send(());
+    let _ = server.await;
+}

@@ -54,13 +54,13 @@ pub struct Ready {
 }
 
 impl Ready {
-    fn constrainer(&self) -> Result<&lmstack_core::Constrainer, ApiError> {
+    /// The constrainer; a request asking for a constraint through `field` is refused (naming
+    /// it) when the vocabulary cannot be read for one.
+    fn constrainer(&self, field: &'static str) -> Result<&lmstack_core::Constrainer, ApiError> {
         self.constrainer
             .get_or_init(|| lmstack_core::Constrainer::new(&self.tokenizer, self.vocab_size).map_err(|e| e.to_string()))
             .as_ref()
-            .map_err(|e| {
-                ApiError::invalid("response_format", format!("this model's vocabulary cannot be constrained: {e}"))
-            })
+            .map_err(|e| ApiError::invalid(field, format!("this model's vocabulary cannot be constrained: {e}")))
     }
 }
 

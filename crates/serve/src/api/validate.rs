@@ -446,7 +446,7 @@ fn plan(
         return Err(ApiError::invalid("min_tokens", format!("{min_tokens} is more than max_tokens = {max_tokens}")));
     }
     let constraint = match grammar(s)? {
-        Some((field, g)) => Some(r.constrainer()?.constraint(&g).map_err(|e| {
+        Some((field, g)) => Some(r.constrainer(field)?.constraint(&g).map_err(|e| {
             ApiError::invalid(
                 field,
                 format!(

@@ -30,6 +30,10 @@ pub const PLAIN: &str = "{% for message in messages %}{{ message['role'] + ': ' 
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Variables the template reads that it does not set itself (`messages`, `tools`, …).
+    reads: std::collections::HashSet<String>,
+    /// Whether the template writes calls in the `<tool_call>` format (see [`crate::tools`]).
+    writes_tool_calls: bool,
 }
 
 const NAME: &str = "chat_template";
@@ -47,7 +51,22 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_owned()).map_err(|e| template_error(&e))?;
-        Ok(Self { env })
+        let reads = env.get_template(NAME).map_err(|e| template_error(&e))?.undeclared_variables(false);
+        let writes_tool_calls = source.contains(crate::tools::CALL_OPEN);
+        Ok(Self { env, reads, writes_tool_calls })
+    }
+
+    /// Whether the template reads the variable `name` (e.g. `tools`: it describes tools
+    /// itself, as `apply_chat_template(…, tools=…)` expects).
+    pub fn reads(&self, name: &str) -> bool {
+        self.reads.contains(name)
+    }
+
+    /// Whether the template renders tools and calls itself, in the `<tool_call>` format lmstack
+    /// constrains and reads ([`crate::tools`]); otherwise tools are described by lmstack's
+    /// default tool prompt.
+    pub fn renders_tool_calls(&self) -> bool {
+        self.writes_tool_calls && self.reads("tools")
     }
 
     /// Renders `messages` (a JSON array of `{"role", "content", …}` objects).
@@ -213,6 +232,14 @@ mod tests {
         let m = json!([{"role": "user", "content": "hi"}]);
         let s = t.render(&m, true, &special(), &Default::default()).unwrap();
         assert_eq!(s, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn a_template_that_takes_tools_is_told_apart() {
+        assert!(!ChatTemplate::new(CHATML).unwrap().renders_tool_calls());
+        let t = ChatTemplate::new("{% if tools %}{% for t in tools %}{{ t | tojson }}{% endfor %}<tool_call>{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}").unwrap();
+        assert!(t.reads("tools") && t.reads("messages") && !t.reads("t"));
+        assert!(t.renders_tool_calls());
     }
 
     #[test]

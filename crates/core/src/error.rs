@@ -75,6 +75,14 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// A field of a request (an API body, a list of messages or tools) is invalid.
+    #[error("`{field}`: {message}")]
+    Field {
+        /// Where: `tools[2].function.parameters`, `messages[3].content` …
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// Constrained decoding failed (llguidance's reason).
     #[error("constrained decoding: {0}")]
     Constraint(String),
@@ -100,6 +108,11 @@ impl Error {
     /// A configuration error for `field` in `file`.
     pub fn config(file: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Config { file: file.into(), field: field.into(), message: message.into() }
+    }
+
+    /// An invalid field of a request, named by its path.
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Field { field: field.into(), message: message.into() }
     }
 
     /// An invalid argument.

@@ -33,6 +33,7 @@ pub mod params;
 pub mod pretrained;
 pub mod sampling;
 pub mod tokenizer;
+pub mod tools;
 
 pub use candle_core::{DType, Device, Tensor};
 

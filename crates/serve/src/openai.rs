@@ -1,6 +1,6 @@
 //! OpenAI request bodies and the error shape, with validation that names the offending field.
 //!
-//! Fields OpenAI defines but lmstack cannot honour (`suffix`, tools …) are refused with a 400
+//! Fields OpenAI defines but lmstack cannot honour (`suffix`, non-text content …) are refused with a 400
 //! naming them rather than silently ignored. Fields that change nothing about the answer
 //! (`store`, `metadata`, `service_tier`, `user`, …: [`IGNORED_FIELDS`]) are accepted and
 //! ignored. Unknown fields are ignored with a warning in the log, as vLLM does, or refused
@@ -89,13 +89,12 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8], fields: &[&str], strict: bool) -
 
 /// Fields of OpenAI's chat and completions requests that change nothing lmstack returns
 /// (storage, billing, tracing, hints for other models): accepted, logged at debug, ignored.
-pub const IGNORED_FIELDS: [&str; 12] = [
+pub const IGNORED_FIELDS: [&str; 11] = [
     "store",
     "metadata",
     "service_tier",
     "prediction",
     "reasoning_effort",
-    "parallel_tool_calls",
     "modalities",
     "verbosity",
     "prompt_cache_key",
@@ -210,6 +209,7 @@ pub fn chat_fields() -> Vec<&'static str> {
         "chat_template_kwargs",
         "tools",
         "tool_choice",
+        "parallel_tool_calls",
     ]);
     f
 }
@@ -487,10 +487,14 @@ pub struct ChatRequest {
     pub add_generation_prompt: Option<bool>,
     /// Extra variables for the chat template.
     pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
-    /// Not supported (an empty list is accepted).
+    /// Functions the model may call: `[{"type": "function", "function": {"name", "description",
+    /// "parameters"}}]`.
     pub tools: Option<Value>,
-    /// Not supported.
+    /// `none`, `auto` (the default with tools), `required`, or `{"type": "function",
+    /// "function": {"name": …}}`.
     pub tool_choice: Option<Value>,
+    /// Several calls in one answer (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// Shared sampling fields (read from the same object).
     #[serde(skip)]
     pub sampling: Sampling,

@@ -201,7 +201,7 @@ async fn errors_have_openai_shape_and_name_the_field() {
         "messages[1].content",
     )
     .await;
-    chat(json!({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}), "tools").await;
+    chat(json!({"messages": [{"role": "user", "content": "x"}], "tools": [{}]}), "tools[0].type").await;
     chat(json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), "top_logprobs").await;
 
     let unknown = post(&app, "/v1/completions", json!({"prompt": "a", "model": "gpt-4"})).await;
@@ -1086,4 +1086,181 @@ async fn structured_outputs_constrain_what_is_written() {
     two["guided_choice"] = json!(["a"]);
     bad(two, "guided_choice").await;
     bad(with("structured_outputs", json!({"xml": "<a/>"})), "structured_outputs").await;
+}
+
+/// Reassembles a streamed chat answer's content and tool calls (`(id, name, arguments)`), as
+/// the OpenAI SDK does, with its finish reason.
+fn stream_calls(r: &Resp) -> (String, Vec<(String, String, String)>, String) {
+    let (mut content, mut calls, mut finish) = (String::new(), Vec::<(String, String, String)>::new(), String::new());
+    for e in r.events().iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        let c = &v["choices"][0];
+        content.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        for t in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            let i = t["index"].as_u64().unwrap() as usize;
+            if i == calls.len() {
+                assert!(t["id"].as_str().is_some_and(|id| id.starts_with("call_")), "{t}");
+                assert_eq!(t["type"], "function", "{t}");
+                calls.push((t["id"].as_str().unwrap().into(), String::new(), String::new()));
+            }
+            calls[i].1.push_str(t["function"]["name"].as_str().unwrap_or(""));
+            calls[i].2.push_str(t["function"]["arguments"].as_str().unwrap_or(""));
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_owned();
+        }
+    }
+    (content, calls, finish)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_are_valid_streamed_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_model_ctx(dir.path(), 2048);
+    // A template that renders tools itself (names only, to stay short) and earlier calls.
+    let template = dir.path().join("tools.jinja");
+    std::fs::write(
+        &template,
+        "{% if tools %}{% for t in tools %}{{ t.function.name }} {% endfor %}<tool_call>\n{% endif %}{% for m in messages %}{{ m.role }}: {% if m.tool_calls %}{% for c in m.tool_calls %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}assistant:",
+    )
+    .unwrap();
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+         "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+             "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "add", "parameters": {"type": "object",
+         "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 9}},
+         "required": ["a", "b"], "additionalProperties": false}}}
+    ]);
+    let check = |name: &str, args: &str| {
+        let v: Value = serde_json::from_str(args).unwrap_or_else(|e| panic!("{name}: {args:?}: {e}"));
+        let o = v.as_object().unwrap();
+        match name {
+            "get_weather" => {
+                assert!(
+                    o["city"].as_str().unwrap().chars().count() <= 8
+                        && ["c", "f"].contains(&o["unit"].as_str().unwrap())
+                )
+            }
+            "add" => assert!(o["a"].as_u64().unwrap() <= 99 && o["b"].as_u64().unwrap() <= 9),
+            other => panic!("unknown tool {other}"),
+        }
+        assert_eq!(o.len(), 2, "{args}");
+    };
+    let user = json!([{"role": "user", "content": "weather in Paris?"}]);
+    for templated in [false, true] {
+        let mut opts = common::options(dir.path());
+        if templated {
+            opts.chat_template = Some(template.clone());
+        }
+        let app = common::router(&opts);
+        let choices = [json!("required"), json!({"type": "function", "function": {"name": "add"}}), json!("auto")];
+        for (k, choice) in choices.iter().enumerate() {
+            for parallel in [false, true] {
+                let body = json!({"messages": user, "tools": tools, "tool_choice": choice, "parallel_tool_calls": parallel,
+                                  "max_tokens": 300, "temperature": 1.0, "seed": 11, "n": 3});
+                let v = post(&app, "/v1/chat/completions", body.clone()).await;
+                assert_eq!(v.status, StatusCode::OK, "{}", v.text);
+                let v = v.json();
+                for c in v["choices"].as_array().unwrap() {
+                    let calls = c["message"]["tool_calls"].as_array().cloned().unwrap_or_default();
+                    let finish = c["finish_reason"].as_str().unwrap();
+                    if k < 2 {
+                        // Forced: calls and nothing else.
+                        assert!(!calls.is_empty() && c["message"]["content"].is_null(), "{c}");
+                        assert!(finish == "tool_calls" || (parallel && finish == "length"), "{c}");
+                        if !parallel {
+                            assert_eq!(calls.len(), 1, "{c}");
+                        }
+                    }
+                    for (j, t) in calls.iter().enumerate() {
+                        assert!(t["id"].as_str().unwrap().starts_with("call_") && t["type"] == "function", "{t}");
+                        let (name, args) =
+                            (t["function"]["name"].as_str().unwrap(), t["function"]["arguments"].as_str().unwrap());
+                        if k == 1 {
+                            assert_eq!(name, "add");
+                        }
+                        if finish != "length" || j + 1 < calls.len() {
+                            check(name, args);
+                        }
+                    }
+                }
+                // Streamed, the first choice again: the same calls, delta by delta.
+                let mut body = body;
+                body["stream"] = json!(true);
+                body["n"] = json!(1);
+                let (content, calls, finish) = stream_calls(&post(&app, "/v1/chat/completions", body).await);
+                let first = &v["choices"][0];
+                assert_eq!(finish, first["finish_reason"].as_str().unwrap(), "{first}");
+                assert_eq!(content, first["message"]["content"].as_str().unwrap_or(""), "{first}");
+                let whole = first["message"]["tool_calls"].as_array().cloned().unwrap_or_default();
+                assert_eq!(calls.len(), whole.len(), "{first}");
+                for ((_, name, args), t) in calls.iter().zip(&whole) {
+                    assert_eq!(
+                        (name.as_str(), args.as_str()),
+                        (t["function"]["name"].as_str().unwrap(), t["function"]["arguments"].as_str().unwrap())
+                    );
+                }
+            }
+        }
+        // `none`: text only, and the tools are left out of the prompt.
+        let usage = |v: &Value| v["usage"]["prompt_tokens"].as_u64().unwrap();
+        let none = post(
+            &app,
+            "/v1/chat/completions",
+            json!({"messages": user, "tools": tools, "tool_choice": "none", "max_tokens": 5}),
+        )
+        .await
+        .json();
+        let auto =
+            post(&app, "/v1/chat/completions", json!({"messages": user, "tools": tools, "max_tokens": 5})).await.json();
+        let plain = post(&app, "/v1/chat/completions", json!({"messages": user, "max_tokens": 5})).await.json();
+        assert!(none["choices"][0]["message"].get("tool_calls").is_none(), "{none}");
+        assert_eq!(usage(&none), usage(&plain));
+        assert!(usage(&auto) > usage(&none) + 10, "{auto} {none}");
+        // A conversation with a call and its result: the template gets the arguments as an
+        // object (written by `tojson`), the default prompt the call in `<tool_call>` form.
+        let history = json!([
+            {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+              "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\",\"unit\":\"c\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 c"}]);
+        let r = post(&app, "/tokenize", json!({"messages": history, "add_generation_prompt": false})).await.json();
+        let ids: Vec<u32> = serde_json::from_value(r["tokens"].clone()).unwrap();
+        let d = post(&app, "/detokenize", json!({"tokens": ids})).await.json();
+        let text = d["prompt"].as_str().unwrap();
+        if templated {
+            assert!(text.contains("get_weather{\"city\": \"Paris\", \"unit\": \"c\"}tool: 18 c"), "{text}");
+        } else {
+            assert!(text.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"c\"}}\n</tool_call>"), "{text}");
+            assert!(text.contains("user\n<tool_response>\n18 c\n</tool_response>"), "{text}");
+        }
+        let r = post(&app, "/v1/chat/completions", json!({"messages": history, "tools": tools, "max_tokens": 5})).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+
+    // Bad tools and choices: 400s naming the field, before anything is generated.
+    let app = common::router(&common::options(dir.path()));
+    let bad = |body: Value, param: &'static str| {
+        let app = app.clone();
+        async move {
+            let mut b = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5});
+            b.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+            assert_error(&post(&app, "/v1/chat/completions", b).await, StatusCode::BAD_REQUEST, Some(param));
+        }
+    };
+    bad(json!({"tools": [{"type": "function", "function": {"name": "f"}}]}), "tools[0].function.parameters").await;
+    bad(json!({"tools": [{"type": "retrieval"}]}), "tools[0].type").await;
+    bad(json!({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "nope"}}}), "tool_choice")
+        .await;
+    bad(json!({"tool_choice": "required"}), "tool_choice").await;
+    bad(json!({"tools": tools, "tool_choice": "sometimes"}), "tool_choice").await;
+    let unresolvable = json!([{"type": "function", "function": {"name": "f", "parameters":
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}, "required": ["a"]}}}]);
+    bad(json!({"tools": unresolvable}), "tools").await;
+    bad(json!({"tools": tools, "response_format": {"type": "json_object"}}), "response_format").await;
+    let not_json = json!([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "add", "arguments": "{a: 1"}}]}]);
+    bad(json!({"messages": not_json}), "messages[1].tool_calls[0].function.arguments").await;
+    bad(json!({"messages": [{"role": "tool", "tool_call_id": "c"}]}), "messages[0].content").await;
 }

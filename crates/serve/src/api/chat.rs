@@ -9,6 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use lmstack_core::tools::{self, ToolCallReader, ToolEvent};
 use serde_json::{json, Value};
 
 use super::choices::{chat_logprobs, Answer, Update};
@@ -33,8 +34,25 @@ pub(super) async fn chat_completions(
             .into_iter()
             .enumerate()
             .map(|(i, a)| {
-                json!({"index": i, "message": {"role": "assistant", "content": a.text},
-                       "logprobs": req.logprobs.map(|_| chat_logprobs(&a.lps)), "finish_reason": a.finish})
+                let logprobs = req.logprobs.map(|_| chat_logprobs(&a.lps));
+                if !req.tools {
+                    return json!({"index": i, "message": {"role": "assistant", "content": a.text},
+                                  "logprobs": logprobs, "finish_reason": a.finish});
+                }
+                let (content, calls) = tools::read_answer(&a.text);
+                let mut message = json!({"role": "assistant", "content": content});
+                if !calls.is_empty() {
+                    let calls: Vec<Value> = calls
+                        .into_iter()
+                        .map(|(name, arguments)| {
+                            json!({"id": call_id(), "type": "function",
+                                   "function": {"name": name, "arguments": arguments}})
+                        })
+                        .collect();
+                    message["tool_calls"] = Value::Array(calls);
+                }
+                let finish = finish_reason(a.finish.unwrap_or("stop"), message.get("tool_calls").is_some());
+                json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
             })
             .collect();
         return Ok(Json(json!({
@@ -49,7 +67,7 @@ pub(super) async fn chat_completions(
             head.chunk(&ChatChoice { index, delta, logprobs: &lp, finish_reason: finish })
         };
         for i in 0..n {
-            let first = Delta { role: Some("assistant"), content: Some("") };
+            let first = Delta { role: Some("assistant"), content: Some(""), tool_calls: None };
             let mut c = chunk(i, first, Value::Null, None);
             if req.plan.continuous_usage {
                 add_usage(&mut c, &answer.counts.usage_so_far());
@@ -58,6 +76,10 @@ pub(super) async fn chat_completions(
                 return;
             }
         }
+        // With tools, each choice's text is read for calls as it comes.
+        let mut readers: Vec<ToolCallReader> =
+            if req.tools { (0..answer.len).map(|_| ToolCallReader::new()).collect() } else { Vec::new() };
+        let mut ids: Vec<Vec<String>> = vec![Vec::new(); readers.len()];
         stream_answer(
             &tx,
             answer,
@@ -67,18 +89,75 @@ pub(super) async fn chat_completions(
                 Update::Prompt(_) => Vec::new(),
                 Update::Token { text, logprob } => {
                     let lp = logprob.map_or(Value::Null, |l| chat_logprobs(std::slice::from_ref(&l)));
-                    vec![chunk(i, Delta::content(&text), lp, None)]
+                    match readers.get_mut(i) {
+                        None => vec![chunk(i, Delta::content(&text), lp, None)],
+                        Some(r) => {
+                            let events = r.push(&text);
+                            tool_chunks(events, &mut ids[i], lp, |d, lp| chunk(i, d, lp, None))
+                        }
+                    }
                 }
                 Update::Finished { text, reason } => {
-                    let last = chunk(i, Delta { role: None, content: None }, Value::Null, Some(reason));
-                    if text.is_empty() {
-                        vec![last]
-                    } else {
-                        vec![chunk(i, Delta::content(&text), Value::Null, None), last]
-                    }
+                    let mut out = match readers.get_mut(i) {
+                        None if text.is_empty() => Vec::new(),
+                        None => vec![chunk(i, Delta::content(&text), Value::Null, None)],
+                        Some(r) => {
+                            let mut events = r.push(&text);
+                            events.extend(r.finish());
+                            tool_chunks(events, &mut ids[i], Value::Null, |d, lp| chunk(i, d, lp, None))
+                        }
+                    };
+                    let called = readers.get(i).is_some_and(|r| r.calls() > 0);
+                    out.push(chunk(i, Delta::empty(), Value::Null, Some(finish_reason(reason, called))));
+                    out
                 }
             },
         )
         .await;
     }))
+}
+
+/// OpenAI's `finish_reason`: `tool_calls` when an answer that ended by itself made calls.
+fn finish_reason(reason: &'static str, called: bool) -> &'static str {
+    if called && reason == "stop" {
+        "tool_calls"
+    } else {
+        reason
+    }
+}
+
+/// A new tool call's id (`call_` and 24 letters and digits, as OpenAI's).
+fn call_id() -> String {
+    use rand::Rng;
+    let tail: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect();
+    format!("call_{tail}")
+}
+
+/// The chunks of one token's tool events, as OpenAI streams them: content, a call's first
+/// chunk (index, id, type, name, empty arguments), then pieces of its arguments. The token's
+/// log-probabilities go with its first chunk. `ids`: the answer's call ids so far.
+fn tool_chunks(
+    events: Vec<ToolEvent>,
+    ids: &mut Vec<String>,
+    mut lp: Value,
+    mut chunk: impl FnMut(Delta<'_>, Value) -> String,
+) -> Vec<String> {
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        let lp = std::mem::take(&mut lp);
+        out.push(match e {
+            ToolEvent::Content(t) => chunk(Delta::content(&t), lp),
+            ToolEvent::Call { index, name } => {
+                ids.push(call_id());
+                let call = json!([{"index": index, "id": ids[index], "type": "function",
+                                   "function": {"name": name, "arguments": ""}}]);
+                chunk(Delta { tool_calls: Some(call), ..Delta::empty() }, lp)
+            }
+            ToolEvent::Arguments { index, delta } => {
+                let call = json!([{"index": index, "function": {"arguments": delta}}]);
+                chunk(Delta { tool_calls: Some(call), ..Delta::empty() }, lp)
+            }
+        });
+    }
+    out
 }

@@ -412,7 +412,7 @@ fn tokenize_body(state: &AppState, body: &[u8]) -> Result<Value, ApiError> {
     let ids = match (req.prompt, req.messages) {
         (Some(p), None) => encode(&r.tokenizer, &p, req.add_special_tokens.unwrap_or(true), "prompt")?,
         (None, Some(m)) => {
-            let text = render_chat(r, m, req.add_generation_prompt.unwrap_or(true), &Map::new())?;
+            let text = render_chat(r, m, req.add_generation_prompt.unwrap_or(true), Map::new(), &[])?;
             encode(&r.tokenizer, &text, false, "messages")?
         }
         _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` and `messages`")),

@@ -92,18 +92,26 @@ pub(super) struct ChatChoice<'a> {
     pub finish_reason: Option<&'a str>,
 }
 
-/// A chat chunk's `delta`: the role in a choice's first chunk, then content.
+/// A chat chunk's `delta`: the role in a choice's first chunk, then content or a piece of a
+/// tool call.
 #[derive(serde::Serialize)]
 pub(super) struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Value>,
 }
 
 impl<'a> Delta<'a> {
     pub fn content(text: &'a str) -> Self {
-        Self { role: None, content: Some(text) }
+        Self { role: None, content: Some(text), tool_calls: None }
+    }
+
+    /// Nothing (the last chunk's, which carries `finish_reason`).
+    pub fn empty() -> Self {
+        Self { role: None, content: None, tool_calls: None }
     }
 }
 

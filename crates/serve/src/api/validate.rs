@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use lmstack_core::tools::{self, Tool, ToolChoice};
 use lmstack_core::{Grammar, SamplingParams, StopConditions, Tokenizer};
 use serde_json::{Map, Value};
 
@@ -83,13 +84,28 @@ pub(super) fn check_ids(ids: &[u32], vocab: usize, field: &str) -> Result<(), Ap
     }
 }
 
+/// A core error about a request field as a 400 naming it.
+pub(super) fn field_error(e: lmstack_core::Error) -> ApiError {
+    match e {
+        lmstack_core::Error::Field { field, message } => {
+            ApiError::invalid(field.clone(), format!("{field}: {message}"))
+        }
+        lmstack_core::Error::InvalidArgument { name, message } => ApiError::invalid(name, format!("{name}: {message}")),
+        other => ApiError::invalid("body", other.to_string()),
+    }
+}
+
 /// Renders chat messages (taken, so a long one is not copied); `content` given as a list of
-/// text parts is joined first.
+/// text parts is joined first. `tools` are described to the model: through the template when
+/// it renders tools itself (`tools` in its context), else by lmstack's default tool prompt in
+/// the system message; earlier calls and `tool` results are rendered likewise (see
+/// [`lmstack_core::tools`]).
 pub(super) fn render_chat(
     r: &Ready,
     mut messages: Vec<Value>,
     add_generation_prompt: bool,
-    extra: &Map<String, Value>,
+    mut extra: Map<String, Value>,
+    tools: &[Tool],
 ) -> Result<String, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "at least one message is required"));
@@ -138,8 +154,17 @@ pub(super) fn render_chat(
             }
         }
     }
+    let messages = if r.template.renders_tool_calls() {
+        tools::messages_for_template(&mut messages).map_err(field_error)?;
+        if !tools.is_empty() {
+            extra.entry("tools").or_insert_with(|| tools::template_tools(tools));
+        }
+        messages
+    } else {
+        tools::messages_for_default_prompt(messages, tools).map_err(field_error)?
+    };
     r.template
-        .render(&Value::Array(messages), add_generation_prompt, r.tokenizer.special_tokens(), extra)
+        .render(&Value::Array(messages), add_generation_prompt, r.tokenizer.special_tokens(), &extra)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
 
@@ -222,7 +247,7 @@ pub(super) fn completion(state: &AppState, body: &[u8]) -> Result<Completion, Ap
         check_ids(p, r.vocab_size, "prompt")?;
     }
     let logprobs = req.logprobs.map(|l| l as usize);
-    let mut plan = plan(state, r, &req.sampling, req.max_tokens.unwrap_or(16) as usize, logprobs)?;
+    let mut plan = plan(state, r, &req.sampling, req.max_tokens.unwrap_or(16) as usize, logprobs, None)?;
     if req.echo && logprobs.is_some() {
         plan.base.prompt_logprobs = logprobs;
     }
@@ -346,6 +371,8 @@ pub(super) struct Chat {
     pub ids: Vec<u32>,
     /// Alternatives per token when log-probabilities were asked for.
     pub logprobs: Option<usize>,
+    /// Whether the answers are read for tool calls (`tools` given, `tool_choice` not `none`).
+    pub tools: bool,
 }
 
 /// Validates a `/v1/chat/completions` body and renders its conversation.
@@ -354,12 +381,11 @@ pub(super) fn chat(state: &AppState, body: &[u8]) -> Result<Chat, ApiError> {
     let req = ChatRequest { sampling: openai::from_slice(body)?, ..openai::from_slice(body)? };
     state.check_model(req.sampling.model.as_deref())?;
     let r = state.loaded()?;
-    if req.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty())) {
-        return Err(ApiError::invalid("tools", "tool calling is not supported"));
-    }
-    if req.tool_choice.as_ref().is_some_and(|t| !t.is_null() && t != "none") {
-        return Err(ApiError::invalid("tool_choice", "tool calling is not supported"));
-    }
+    let tool_list = tools::tools_from_openai(req.tools.as_ref()).map_err(field_error)?;
+    let choice = ToolChoice::from_openai(req.tool_choice.as_ref(), &tool_list).map_err(field_error)?;
+    let tool_grammar = tools::grammar(&tool_list, &choice, req.parallel_tool_calls.unwrap_or(true));
+    // With `tool_choice: none` the tools are left out of the prompt.
+    let shown: &[Tool] = if choice == ToolChoice::None { &[] } else { &tool_list };
     if req.top_logprobs.is_some() && !req.logprobs {
         return Err(ApiError::invalid("top_logprobs", "top_logprobs needs logprobs: true"));
     }
@@ -368,7 +394,7 @@ pub(super) fn chat(state: &AppState, body: &[u8]) -> Result<Chat, ApiError> {
     refuse_surely_too_long(r, &contents, "messages")?;
     drop(contents);
     let extra = req.chat_template_kwargs.clone().unwrap_or_default();
-    let text = render_chat(r, req.messages, req.add_generation_prompt.unwrap_or(true), &extra)?;
+    let text = render_chat(r, req.messages, req.add_generation_prompt.unwrap_or(true), extra, shown)?;
     let ids = encode_prompt(r, &text, false, "messages")?;
     if ids.is_empty() {
         return Err(ApiError::invalid("messages", "the rendered conversation has no tokens"));
@@ -386,8 +412,9 @@ pub(super) fn chat(state: &AppState, body: &[u8]) -> Result<Chat, ApiError> {
         }
     };
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0) as usize);
-    let plan = plan(state, r, &req.sampling, max_tokens, logprobs)?;
-    Ok(Chat { plan, ids, logprobs })
+    let tools = tool_grammar.is_some();
+    let plan = plan(state, r, &req.sampling, max_tokens, logprobs, tool_grammar)?;
+    Ok(Chat { plan, ids, logprobs, tools })
 }
 
 /// OpenAI's `logit_bias`: token ids (as the map's keys) below `vocab` to biases (their range is
@@ -406,12 +433,15 @@ fn logit_bias(map: &serde_json::Map<String, Value>, vocab: usize) -> Result<Vec<
         .collect()
 }
 
+/// The engine request common to every choice; `tools`: the grammar of the tool calls
+/// `tool_choice` allows.
 fn plan(
     state: &AppState,
     r: &Ready,
     s: &Sampling,
     max_tokens: usize,
     logprobs: Option<usize>,
+    tools: Option<Grammar>,
 ) -> Result<Plan, ApiError> {
     let top_k = match s.top_k {
         None | Some(-1) | Some(0) => 0,
@@ -445,7 +475,17 @@ fn plan(
     if min_tokens > max_tokens {
         return Err(ApiError::invalid("min_tokens", format!("{min_tokens} is more than max_tokens = {max_tokens}")));
     }
-    let constraint = match grammar(s)? {
+    let grammar = match (grammar(s)?, tools) {
+        (Some((field, _)), Some(_)) => {
+            return Err(ApiError::invalid(
+                field,
+                format!("{field} cannot be combined with tools; give tool_choice: \"none\" or leave one out"),
+            ))
+        }
+        (g, None) => g,
+        (None, Some(t)) => Some(("tools", t)),
+    };
+    let constraint = match grammar {
         Some((field, g)) => Some(r.constrainer(field)?.constraint(&g).map_err(|e| {
             ApiError::invalid(
                 field,

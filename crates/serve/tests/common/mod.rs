@@ -12,7 +12,7 @@ use lmstack_serve::api::{self, AppState};
 use lmstack_serve::metrics::Metrics;
 use lmstack_serve::{server, EngineConfig, ServeOptions};
 
-pub const CHARS: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'-\n{}[]\"_";
+pub const CHARS: &str = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'-\n{}[]\"_<>/";
 
 /// Writes the model directory (context 128) into `dir`.
 pub fn write_model(dir: &Path) {

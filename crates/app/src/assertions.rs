@@ -12,6 +12,10 @@
 //!     value: "I cannot"
 //!   - type: is-json             # value (optional): a JSON schema the output must satisfy
 //!     value: {type: object, required: [name]}
+//!   - type: json-fields         # the output's JSON fields equal these (a key or a JSON
+//!     value:                    #   pointer, to a Jinja template); the score is the share
+//!       name: "{{ name }}"      #   that do (field accuracy), it passes when all do
+//!       /address/city: "{{ city }}"
 //!   - type: llm-rubric          # graded by the judge model (`--judge URL`)
 //!     value: "The answer names a colour"
 //!     metric: names_colour      # the reported metric's name (default: the type)
@@ -39,11 +43,11 @@ enum Kind {
     Regex,
     IsJson,
     ContainsJson,
+    JsonFields,
     LlmRubric,
 }
 
-const KINDS: &str =
-    "equals, contains, icontains, contains-any, contains-all, starts-with, regex, is-json, contains-json, llm-rubric";
+const KINDS: &str = "equals, contains, icontains, contains-any, contains-all, starts-with, regex, is-json, contains-json, json-fields, llm-rubric";
 
 /// An assertion ready to check.
 #[derive(Debug)]
@@ -53,6 +57,8 @@ pub struct Assertion {
     /// The metric it is reported under.
     pub metric: String,
     values: Vec<PromptTemplate>,
+    /// `json-fields`: the JSON pointer of each value's field.
+    fields: Vec<String>,
     schema: Option<jsonschema::Validator>,
     threshold: Option<f64>,
     rubric_prompt: Option<PromptTemplate>,
@@ -98,6 +104,7 @@ impl Assertion {
             "regex" => Kind::Regex,
             "is-json" => Kind::IsJson,
             "contains-json" => Kind::ContainsJson,
+            "json-fields" => Kind::JsonFields,
             "llm-rubric" => Kind::LlmRubric,
             other => return Err(format!("type: `{other}` is not supported ({KINDS}, each also with `not-`)")),
         };
@@ -109,8 +116,21 @@ impl Assertion {
             other => PromptTemplate::new("assert.value", &other.to_string()).map_err(|e| format!("value: {e}")),
         };
         let mut values = Vec::new();
+        let mut fields = Vec::new();
         let mut schema = None;
         match (kind, &spec.value) {
+            (Kind::JsonFields, Some(Value::Object(m))) if !m.is_empty() => {
+                for (k, v) in m {
+                    // A key, or a JSON pointer (`/address/city`).
+                    fields.push(if k.starts_with('/') {
+                        k.clone()
+                    } else {
+                        format!("/{}", k.replace('~', "~0").replace('/', "~1"))
+                    });
+                    values.push(template(v)?);
+                }
+            }
+            (Kind::JsonFields, _) => return Err("value: a map of fields to expected values is needed".into()),
             (Kind::IsJson | Kind::ContainsJson, Some(s)) => {
                 schema =
                     Some(jsonschema::validator_for(s).map_err(|e| format!("value: not a valid JSON schema: {e}"))?);
@@ -147,6 +167,7 @@ impl Assertion {
             negate,
             metric: spec.metric.clone().unwrap_or_else(|| spec.kind.clone()),
             values,
+            fields,
             schema,
             threshold: spec.threshold,
             rubric_prompt,
@@ -187,6 +208,25 @@ impl Assertion {
             }
             Kind::IsJson => self.json_outcome(serde_json::from_str::<Value>(output.trim()).ok(), "is not JSON"),
             Kind::ContainsJson => self.json_outcome(find_json(output), "contains no JSON value"),
+            Kind::JsonFields => match find_json(output) {
+                None => Outcome { pass: false, score: 0.0, reason: "the output contains no JSON value".into() },
+                Some(v) => {
+                    let wrong: Vec<String> = self
+                        .fields
+                        .iter()
+                        .zip(&values)
+                        .filter(|(f, want)| !same_value(v.pointer(f), want))
+                        .map(|(f, want)| {
+                            format!(
+                                "{f}: expected {want:?}, got {}",
+                                v.pointer(f).map_or("nothing".into(), Value::to_string)
+                            )
+                        })
+                        .collect();
+                    let n = self.fields.len() as f64;
+                    Outcome { pass: wrong.is_empty(), score: (n - wrong.len() as f64) / n, reason: wrong.join("; ") }
+                }
+            },
             Kind::LlmRubric => return Err("llm-rubric assertions are graded by the judge".into()),
         };
         Ok(self.negated(o))
@@ -255,6 +295,18 @@ impl Assertion {
     }
 }
 
+/// Whether a JSON field equals the expected text: a string equal to it, or a value equal to
+/// the text read as JSON (`42` for 42, `true`, `[1, 2]`); numbers compare by value.
+fn same_value(got: Option<&Value>, want: &str) -> bool {
+    match (got, serde_json::from_str::<Value>(want)) {
+        (None, _) => false,
+        (Some(Value::String(s)), _) => s == want,
+        (Some(Value::Number(a)), Ok(Value::Number(b))) => a.as_f64() == b.as_f64(),
+        (Some(g), Ok(w)) => *g == w,
+        (Some(_), Err(_)) => false,
+    }
+}
+
 /// The first JSON object or array in `text` (the whole text, a fenced block, or the outermost
 /// braces).
 fn find_json(text: &str) -> Option<Value> {
@@ -297,6 +349,22 @@ mod tests {
         assert!(check(json!({"type": "is-json"}), " {\"a\": 1} "));
         assert!(!check(json!({"type": "is-json"}), "{a: 1}"));
         assert!(check(json!({"type": "contains-json"}), "Sure! ```json\n{\"a\": [1, 2]}\n```"));
+    }
+
+    #[test]
+    fn json_fields_score_the_share_that_match() {
+        let f = a(json!({"type": "json-fields", "value": {"name": "{{ name }}", "age": "{{ age }}",
+                          "/address/city": "Paris", "tags": "[1, 2]"}}));
+        let vars = json!({"name": "Ada", "age": 36});
+        let o = f
+            .check("{\"name\": \"Ada\", \"age\": 36.0, \"address\": {\"city\": \"Paris\"}, \"tags\": [1, 2]}", &vars)
+            .unwrap();
+        assert!(o.pass && o.score == 1.0, "{o:?}");
+        let o = f.check("{\"name\": \"Ada\", \"age\": \"36x\", \"address\": {}}", &vars).unwrap();
+        assert!(!o.pass && o.score == 0.25, "{o:?}");
+        assert!(o.reason.contains("/address/city") && o.reason.contains("/age"), "{}", o.reason);
+        assert_eq!(f.check("no json", &vars).unwrap().score, 0.0);
+        assert!(Assertion::new(&serde_json::from_value(json!({"type": "json-fields", "value": "x"})).unwrap()).is_err());
     }
 
     #[test]

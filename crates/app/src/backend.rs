@@ -54,6 +54,8 @@ pub struct LocalBackend {
     batch: usize,
     chat: bool,
     max_length: Option<usize>,
+    /// Compiles output constraints; made for the first task that asks for one.
+    constrainer: Option<lmstack_core::Constrainer>,
 }
 
 impl LocalBackend {
@@ -64,7 +66,7 @@ impl LocalBackend {
         if !p.model.config().is_causal() {
             anyhow::bail!("{}: eval needs a causal language model (gpt2 or llama)", dir.display());
         }
-        Ok(Self { p, name: dir.display().to_string(), batch: 32, chat: false, max_length: None })
+        Ok(Self { p, name: dir.display().to_string(), batch: 32, chat: false, max_length: None, constrainer: None })
     }
 
     /// Reads at most `n` tokens at once (lm-eval's `max_length`) instead of the model's whole
@@ -235,7 +237,15 @@ impl Backend for LocalBackend {
                 let ids = ids[ids.len() - keep..].to_vec();
                 // Greedy, ending at end-of-sequence, the `until` strings (left out) or `limit`.
                 let stop = StopConditions { max_tokens: limit, stop: kw.until.clone(), ..Default::default() };
-                let decoding = Decoding::new(&tok, SamplingParams::greedy(), &ids, 0, stop, true)?;
+                let mut decoding = Decoding::new(&tok, SamplingParams::greedy(), &ids, 0, stop, true)?;
+                if let Some(g) = kw.grammar().map_err(anyhow::Error::msg)? {
+                    if self.constrainer.is_none() {
+                        self.constrainer =
+                            Some(lmstack_core::Constrainer::new(&tok, self.p.model.config().vocab_size())?);
+                    }
+                    let c = self.constrainer.as_ref().expect("made above");
+                    decoding = decoding.with_constraint(Some(c.constraint(&g)?));
+                }
                 seqs.push(S { cache: self.p.model.new_cache(), next: ids, decoding, text: String::new(), done: false });
             }
             while seqs.iter().any(|s| !s.done) {

@@ -199,11 +199,24 @@ impl EndpointBackend {
         temperature: f32,
         stop: &[String],
     ) -> BackendResult<String> {
+        let kw = GenerationKwargs { until: stop.to_vec(), ..Default::default() };
+        self.chat_with(messages, max_tokens, temperature, &kw)
+    }
+
+    /// One chat completion's text with `kw`'s stop strings and output constraint.
+    fn chat_with(
+        &self,
+        messages: &[Value],
+        max_tokens: usize,
+        temperature: f32,
+        kw: &GenerationKwargs,
+    ) -> BackendResult<String> {
         let mut body = json!({"model": self.model, "messages": messages, "max_tokens": max_tokens,
                               "temperature": temperature, "seed": 0});
-        if !stop.is_empty() {
-            body["stop"] = json!(stop);
+        if !kw.until.is_empty() {
+            body["stop"] = json!(kw.until);
         }
+        kw.constrain(&mut body);
         let v = self.post_cached("/chat/completions", body)?;
         v["choices"][0]["message"]["content"]
             .as_str()
@@ -457,7 +470,7 @@ impl Backend for EndpointBackend {
         self.map(reqs, |(ctx, kw)| {
             if self.chat {
                 let msg = [json!({"role": "user", "content": ctx})];
-                return self.chat(&msg, kw.max_gen_toks.unwrap_or(256), kw.temperature.unwrap_or(0.0), &kw.until);
+                return self.chat_with(&msg, kw.max_gen_toks.unwrap_or(256), kw.temperature.unwrap_or(0.0), kw);
             }
             let mut max_tokens = kw.max_gen_toks.unwrap_or(256);
             let prompt = match max {
@@ -478,6 +491,7 @@ impl Backend for EndpointBackend {
             if !kw.until.is_empty() {
                 body["stop"] = json!(kw.until);
             }
+            kw.constrain(&mut body);
             let v = self.complete(body)?;
             v["choices"][0]["text"]
                 .as_str()

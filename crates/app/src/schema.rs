@@ -35,6 +35,48 @@ pub struct GenerationKwargs {
     pub temperature: Option<f32>,
     /// Sample instead of greedy decoding.
     pub do_sample: Option<bool>,
+    /// lmstack's extension: what the output must match, as OpenAI's `response_format`
+    /// (`{type: json_schema, json_schema: {name, schema}}` or `{type: json_object}`); the
+    /// output is constrained to it (passed on as is to an endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
+    /// lmstack's extension: vLLM's `structured_outputs` (`json`, `regex`, `choice`,
+    /// `grammar`), the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub structured_outputs: Option<Value>,
+}
+
+impl GenerationKwargs {
+    /// The grammar the output must match, if any; errors name the key.
+    pub fn grammar(&self) -> Result<Option<lmstack_core::Grammar>, String> {
+        let named = |e: lmstack_core::Error| match e {
+            lmstack_core::Error::Field { field, message } => format!("generation_kwargs.{field}: {message}"),
+            other => format!("generation_kwargs: {other}"),
+        };
+        let mut found = Vec::new();
+        if let Some(f) = &self.response_format {
+            found.extend(lmstack_core::Grammar::from_response_format(f).map_err(named)?.map(|(_, g)| g));
+        }
+        if let Some(so) = &self.structured_outputs {
+            found.extend(lmstack_core::Grammar::from_structured_outputs(so).map_err(named)?);
+        }
+        if found.len() > 1 {
+            return Err(
+                "generation_kwargs: give one of response_format and structured_outputs, with one constraint".into()
+            );
+        }
+        Ok(found.pop())
+    }
+
+    /// Adds the output constraint to an OpenAI request body.
+    pub fn constrain(&self, body: &mut Value) {
+        if let Some(f) = &self.response_format {
+            body["response_format"] = f.clone();
+        }
+        if let Some(so) = &self.structured_outputs {
+            body["structured_outputs"] = so.clone();
+        }
+    }
 }
 
 /// One step of a filter pipeline.

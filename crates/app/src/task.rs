@@ -10,8 +10,11 @@
 //! `lowercase`, `uppercase`, `strip`), `metric_list`, `metadata` (`version`), `tag`. Any other key
 //! is an error naming it: an lm-eval task that runs here means what it means there.
 //!
-//! One lmstack extension: `assert`, a list of promptfoo-style assertions on generations (see
-//! [`crate::assertions`]).
+//! lmstack's extensions: `assert`, a list of promptfoo-style assertions on generations (see
+//! [`crate::assertions`]), and an output constraint in `generation_kwargs`: `response_format`
+//! (OpenAI's `json_object` / `json_schema`) or `structured_outputs` (vLLM's `json`, `regex`,
+//! `choice`, `grammar`), which every generation is constrained to, in-process and over an
+//! endpoint alike.
 
 use std::path::{Path, PathBuf};
 
@@ -215,6 +218,13 @@ impl Task {
             for s in &f.filter {
                 crate::scores::check_filter(s).map_err(|e| err(format!("filter_list `{}`: {e}", f.name)))?;
             }
+        }
+        let constrained = config.generation_kwargs.grammar().map_err(err)?.is_some();
+        if constrained && config.output_type != OutputType::GenerateUntil {
+            return Err(err(format!(
+                "generation_kwargs: an output constraint needs output_type generate_until; this task is {:?}",
+                config.output_type
+            )));
         }
         let mut assertions: Vec<Assertion> = Vec::new();
         for (i, a) in config.assertions.iter().enumerate() {

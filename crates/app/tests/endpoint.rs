@@ -40,6 +40,10 @@ async fn completions(State(seen): State<Arc<Seen>>, Json(b): Json<Value>) -> axu
     if b["echo"] != true {
         assert_eq!(b["stop"], json!(["\n"]));
         seen.generated.lock().unwrap().push((b["prompt"].clone(), b["max_tokens"].clone()));
+        // An output constraint is passed on as given: answer in its shape.
+        if b["response_format"]["type"] == "json_object" {
+            return Json(json!({"choices": [{"text": "{\"answer\": 7}", "index": 0}]})).into_response();
+        }
         return Json(json!({"choices": [{"text": "The answer is 7.", "index": 0}]})).into_response();
     }
     seen.scoring_max_tokens.lock().unwrap().push(b["max_tokens"].clone());
@@ -122,11 +126,29 @@ fn endpoint_backend_scores_generates_retries_and_caches() {
     let r = b.loglikelihood_rolling(&["abcdefghijkl".to_string()]).unwrap();
     assert_eq!(r, vec![-12.0]);
     assert_eq!(seen.scoring_max_tokens.lock().unwrap().last().unwrap(), &json!(0));
-    let kw = GenerationKwargs { until: vec!["\n".into()], max_gen_toks: Some(8), temperature: None, do_sample: None };
+    let kw = GenerationKwargs {
+        until: vec!["\n".into()],
+        max_gen_toks: Some(8),
+        temperature: None,
+        do_sample: None,
+        ..Default::default()
+    };
     assert_eq!(b.generate(&[("Q".into(), kw)]).unwrap(), vec!["The answer is 7.".to_string()]);
+    let json_kw = GenerationKwargs {
+        until: vec!["\n".into()],
+        response_format: Some(json!({"type": "json_object"})),
+        ..Default::default()
+    };
+    assert_eq!(b.generate(&[("Q".into(), json_kw)]).unwrap(), vec!["{\"answer\": 7}".to_string()]);
     // A context past the endpoint's (8 tokens) is cut from the left to leave room for the
     // tokens to generate, as in-process: 8 - 3 = 5 tokens of "abcdefghij" are sent, as ids.
-    let kw3 = GenerationKwargs { until: vec!["\n".into()], max_gen_toks: Some(3), temperature: None, do_sample: None };
+    let kw3 = GenerationKwargs {
+        until: vec!["\n".into()],
+        max_gen_toks: Some(3),
+        temperature: None,
+        do_sample: None,
+        ..Default::default()
+    };
     b.generate(&[("abcdefghij".into(), kw3)]).unwrap();
     let ids: Vec<u32> = "fghij".chars().map(|c| c as u32).collect();
     assert_eq!(seen.generated.lock().unwrap().last().unwrap(), &(json!(ids), json!(3)));

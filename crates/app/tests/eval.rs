@@ -202,13 +202,57 @@ fn local_loglikelihoods_equal_a_direct_forward() {
     assert!((got - want).abs() < 1e-3, "{got} vs {want}");
     assert!(got < 0.0);
     // Greedy generation respects max_gen_toks and stop strings.
-    let kw = GenerationKwargs { until: vec![], max_gen_toks: Some(5), temperature: None, do_sample: None };
+    let kw = GenerationKwargs {
+        until: vec![],
+        max_gen_toks: Some(5),
+        temperature: None,
+        do_sample: None,
+        ..Default::default()
+    };
     let g = b.generate(&[("the ".into(), kw.clone())]).unwrap();
     assert_eq!(g[0].chars().count(), 5);
     let first: String = g[0].chars().take(2).collect();
     let kw2 = GenerationKwargs { until: vec![first.chars().nth(1).unwrap().to_string()], ..kw };
     let g2 = b.generate(&[("the ".into(), kw2)]).unwrap();
     assert!(g2[0].chars().count() <= 1, "{:?} then {:?}", g[0], g2[0]);
+}
+
+/// A task that asks for a JSON schema in its generation settings gets outputs that satisfy
+/// it from a random model (in-process); the schema-validity assertion measures it, and a bad
+/// constraint is refused naming the key.
+#[test]
+fn a_task_constrains_its_generations_to_a_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::from_chars("abcdefghijklmnopqrstuvwxyz .{}\":,0123456789".chars()).unwrap();
+    let cfg = format!(
+        r#"{{"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 2, "n_positions": 96, "vocab_size": {}}}"#,
+        tok.vocab_size()
+    );
+    let model = Model::init(ModelConfig::from_json(&cfg, "t").unwrap(), 5, DType::F32, &Device::Cpu).unwrap();
+    let mdir = dir.path().join("model");
+    Pretrained { model, tokenizer: tok, dir: None }.save(&mdir).unwrap();
+    write(
+        dir.path(),
+        "d.jsonl",
+        "{\"t\": \"one\", \"k\": \"ab\"}\n{\"t\": \"two\", \"k\": \"cd\"}\n{\"t\": \"six\", \"k\": \"ab\"}\n",
+    );
+    let task = |rf: &str| {
+        format!(
+            "task: j\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: generate_until\ndoc_to_text: \"{{{{t}}}}\"\ndoc_to_target: \"{{{{k}}}}\"\ngeneration_kwargs:\n  max_gen_toks: 40\n  response_format: {rf}\nassert:\n  - type: is-json\n    value: {{type: object, properties: {{k: {{enum: [ab, cd]}}, n: {{type: integer, minimum: 0, maximum: 9}}}}, required: [k, n], additionalProperties: false}}\n    metric: schema_valid\n  - type: json-fields\n    value: {{k: \"{{{{k}}}}\"}}\n    metric: field_accuracy\n"
+        )
+    };
+    let schema = "{type: json_schema, json_schema: {name: x, schema: {type: object, properties: {k: {enum: [ab, cd]}, n: {type: integer, minimum: 0, maximum: 9}}, required: [k, n], additionalProperties: false}}}";
+    let t = Task::load(&write(dir.path(), "j.yaml", &task(schema))).unwrap();
+    let mut b = LocalBackend::load(&mdir).unwrap();
+    let r = eval::run_task(&t, &mut b, None, &EvalOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(r.get("schema_valid"), Some(1.0), "{:?}", r.samples);
+    assert!(r.get("field_accuracy").is_some());
+    for s in &r.samples {
+        let out = s["resps"][0].as_str().unwrap();
+        assert!(serde_json::from_str::<serde_json::Value>(out).is_ok(), "{out}");
+    }
+    let e = Task::load(&write(dir.path(), "bad.yaml", &task("{type: xml}"))).unwrap_err().to_string();
+    assert!(e.contains("generation_kwargs.response_format.type"), "{e}");
 }
 
 /// The built-in suite loads from the repository and runs end to end (on a random model, a few

@@ -53,6 +53,83 @@ impl Grammar {
         Grammar::json_schema(&serde_json::json!({"type": "object"}))
     }
 
+    /// OpenAI's `response_format`: `{"type": "text"}` (no constraint), `{"type":
+    /// "json_object"}`, or `{"type": "json_schema", "json_schema": {"schema": …}}`. Returns the
+    /// grammar and the field it came from; errors name the field (`response_format.type`).
+    pub fn from_response_format(v: &Value) -> Result<Option<(&'static str, Grammar)>> {
+        match v.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(("response_format", Grammar::json_object()))),
+            Some("json_schema") => {
+                let schema = v.pointer("/json_schema/schema").filter(|v| v.is_object() || v.is_boolean());
+                let schema = schema.ok_or_else(|| {
+                    Error::field(
+                        "response_format.json_schema.schema",
+                        "a json_schema response format needs `json_schema.schema`, a JSON schema object",
+                    )
+                })?;
+                Ok(Some(("response_format.json_schema.schema", Grammar::json_schema(schema))))
+            }
+            Some(other) => Err(Error::field(
+                "response_format.type",
+                format!("`{other}` is not a response format; use text, json_object or json_schema"),
+            )),
+            None => Err(Error::field("response_format.type", "response_format needs a string `type`")),
+        }
+    }
+
+    /// A JSON schema given as an object (or `true`/`false`) or as JSON text (vLLM's
+    /// `guided_json` takes either); `field` names it in errors.
+    pub fn from_schema_value(v: &Value, field: &str) -> Result<Grammar> {
+        match v {
+            Value::String(t) => serde_json::from_str::<Value>(t)
+                .map(|schema| Grammar::json_schema(&schema))
+                .map_err(|e| Error::field(field, format!("not a JSON schema: {e}"))),
+            Value::Object(_) | Value::Bool(_) => Ok(Grammar::json_schema(v)),
+            _ => Err(Error::field(field, "expected a JSON schema")),
+        }
+    }
+
+    /// A choice of strings; `field` names it in errors.
+    pub fn from_choices(c: &[String], field: &str) -> Result<Grammar> {
+        if c.is_empty() {
+            return Err(Error::field(field, "give at least one choice"));
+        }
+        Ok(Grammar::Choice(c.to_vec()))
+    }
+
+    /// vLLM's `structured_outputs`: one of `json` (a schema), `regex`, `choice` (strings),
+    /// `grammar` (Lark) or `json_object: true`. Keys set to `null` (or `json_object: false`)
+    /// are skipped; errors name the key.
+    pub fn from_structured_outputs(v: &Value) -> Result<Vec<Grammar>> {
+        let obj = v.as_object().ok_or_else(|| Error::field("structured_outputs", "must be an object"))?;
+        let mut found = Vec::new();
+        for (k, v) in obj {
+            found.push(match (k.as_str(), v) {
+                (_, Value::Null) | ("json_object", Value::Bool(false)) => continue,
+                ("json", v) => Grammar::from_schema_value(v, "structured_outputs.json")?,
+                ("regex", Value::String(r)) => Grammar::Regex(r.clone()),
+                ("grammar", Value::String(g)) => Grammar::Lark(g.clone()),
+                ("choice", Value::Array(c)) => {
+                    let c: Option<Vec<String>> = c.iter().map(|x| x.as_str().map(str::to_owned)).collect();
+                    let c = c.ok_or_else(|| Error::field("structured_outputs.choice", "choices must be strings"))?;
+                    Grammar::from_choices(&c, "structured_outputs.choice")?
+                }
+                ("json_object", Value::Bool(true)) => Grammar::json_object(),
+                ("regex" | "grammar" | "choice" | "json_object", _) => {
+                    return Err(Error::field(format!("structured_outputs.{k}"), "has the wrong type"))
+                }
+                (other, _) => {
+                    return Err(Error::field(
+                        format!("structured_outputs.{other}"),
+                        "is not supported (json, regex, choice, grammar, json_object are)",
+                    ))
+                }
+            });
+        }
+        Ok(found)
+    }
+
     fn top_level(&self) -> Result<TopLevelGrammar> {
         Ok(match self {
             Grammar::JsonSchema(s) => {

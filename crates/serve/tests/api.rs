@@ -1085,7 +1085,7 @@ async fn structured_outputs_constrain_what_is_written() {
     let mut two = with("guided_regex", json!("a+"));
     two["guided_choice"] = json!(["a"]);
     bad(two, "guided_choice").await;
-    bad(with("structured_outputs", json!({"xml": "<a/>"})), "structured_outputs").await;
+    bad(with("structured_outputs", json!({"xml": "<a/>"})), "structured_outputs.xml").await;
 }
 
 /// Reassembles a streamed chat answer's content and tool calls (`(id, name, arguments)`), as

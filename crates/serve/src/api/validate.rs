@@ -270,86 +270,20 @@ pub(super) fn completion(state: &AppState, body: &[u8]) -> Result<Completion, Ap
 fn grammar(s: &Sampling) -> Result<Option<(&'static str, Grammar)>, ApiError> {
     let mut found: Vec<(&'static str, Grammar)> = Vec::new();
     if let Some(f) = &s.response_format {
-        match f.get("type").and_then(Value::as_str) {
-            Some("text") => {}
-            Some("json_object") => found.push(("response_format", Grammar::json_object())),
-            Some("json_schema") => {
-                let schema = f.pointer("/json_schema/schema").filter(|v| v.is_object() || v.is_boolean());
-                let schema = schema.ok_or_else(|| {
-                    ApiError::invalid(
-                        "response_format.json_schema.schema",
-                        "a json_schema response format needs `json_schema.schema`, a JSON schema object",
-                    )
-                })?;
-                found.push(("response_format.json_schema.schema", Grammar::json_schema(schema)));
-            }
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    "response_format.type",
-                    format!("`{other}` is not a response format; use text, json_object or json_schema"),
-                ))
-            }
-            None => return Err(ApiError::invalid("response_format.type", "response_format needs a string `type`")),
-        }
+        found.extend(Grammar::from_response_format(f).map_err(field_error)?);
     }
-    let json = |v: &Value, field: &'static str| -> Result<Grammar, ApiError> {
-        match v {
-            Value::String(t) => serde_json::from_str::<Value>(t)
-                .map(|schema| Grammar::json_schema(&schema))
-                .map_err(|e| ApiError::invalid(field, format!("{field}: not a JSON schema: {e}"))),
-            Value::Object(_) | Value::Bool(_) => Ok(Grammar::json_schema(v)),
-            _ => Err(ApiError::invalid(field, format!("{field}: expected a JSON schema"))),
-        }
-    };
-    let choice = |c: &[String], field: &'static str| -> Result<Grammar, ApiError> {
-        if c.is_empty() {
-            return Err(ApiError::invalid(field, format!("{field}: give at least one choice")));
-        }
-        Ok(Grammar::Choice(c.to_vec()))
-    };
     if let Some(so) = &s.structured_outputs {
-        let Some(obj) = so.as_object() else {
-            return Err(ApiError::invalid("structured_outputs", "structured_outputs must be an object"));
-        };
-        for (k, v) in obj {
-            let g = match (k.as_str(), v) {
-                ("json", v) => json(v, "structured_outputs.json")?,
-                ("regex", Value::String(r)) => Grammar::Regex(r.clone()),
-                ("grammar", Value::String(g)) => Grammar::Lark(g.clone()),
-                ("choice", Value::Array(c)) => {
-                    let c: Option<Vec<String>> = c.iter().map(|x| x.as_str().map(str::to_owned)).collect();
-                    let c =
-                        c.ok_or_else(|| ApiError::invalid("structured_outputs.choice", "choices must be strings"))?;
-                    choice(&c, "structured_outputs.choice")?
-                }
-                ("json_object", Value::Bool(true)) => Grammar::json_object(),
-                ("json_object", Value::Bool(false)) | (_, Value::Null) => continue,
-                ("regex" | "grammar" | "choice" | "json_object", _) => {
-                    return Err(ApiError::invalid(
-                        "structured_outputs",
-                        format!("structured_outputs.{k} has the wrong type"),
-                    ))
-                }
-                (other, _) => {
-                    return Err(ApiError::invalid(
-                        "structured_outputs",
-                        format!(
-                        "structured_outputs.{other} is not supported (json, regex, choice, grammar, json_object are)"
-                    ),
-                    ))
-                }
-            };
-            found.push(("structured_outputs", g));
-        }
+        let g = Grammar::from_structured_outputs(so).map_err(field_error)?;
+        found.extend(g.into_iter().map(|g| ("structured_outputs", g)));
     }
     if let Some(v) = &s.guided_json {
-        found.push(("guided_json", json(v, "guided_json")?));
+        found.push(("guided_json", Grammar::from_schema_value(v, "guided_json").map_err(field_error)?));
     }
     if let Some(r) = &s.guided_regex {
         found.push(("guided_regex", Grammar::Regex(r.clone())));
     }
     if let Some(c) = &s.guided_choice {
-        found.push(("guided_choice", choice(c, "guided_choice")?));
+        found.push(("guided_choice", Grammar::from_choices(c, "guided_choice").map_err(field_error)?));
     }
     if let Some(g) = &s.guided_grammar {
         found.push(("guided_grammar", Grammar::Lark(g.clone())));

@@ -283,6 +283,65 @@ async fn the_playground_streams_stops_and_reports_errors_in_chromium() {
     assert!(tok.attr("data-tip").await.unwrap().unwrap().contains("top alternatives"));
     shot(&c, &shots, "completion.png").await;
 
+    // Structured output: a schema constrains the completion; text that is not JSON is refused
+    // in words before anything is sent.
+    c.find(Locator::Css("#structured summary")).await.unwrap().click().await.unwrap();
+    set(&c, "#schema", "{\"type\": \"object\"").await;
+    c.find(Locator::Css("#run")).await.unwrap().click().await.unwrap();
+    until("the schema error", 10, || async { text_of(&c, "#error").await.contains("JSON schema is not valid JSON") })
+        .await;
+    set(&c, "#schema", r#"{"type": "object", "properties": {"n": {"enum": [1, 2, 3]}}, "required": ["n"], "additionalProperties": false}"#).await;
+    set(&c, "#max_tokens", "40").await;
+    c.find(Locator::Css("#run")).await.unwrap().click().await.unwrap();
+    let generated = |c: Client| async move {
+        let mut t = String::new();
+        for e in c.find_all(Locator::Css("#completion-out .tok")).await.unwrap() {
+            t.push_str(&e.text().await.unwrap());
+        }
+        t
+    };
+    until("a constrained completion", 30, || async {
+        c.find(Locator::Css("#run")).await.unwrap().is_enabled().await.unwrap()
+            && serde_json::from_str::<serde_json::Value>(&generated(c.clone()).await).is_ok()
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&generated(c.clone()).await).unwrap();
+    assert!([1, 2, 3].contains(&v["n"].as_i64().unwrap()), "{v}");
+    set(&c, "#schema", "").await;
+
+    // Tools: a required call is shown as name(arguments), and its result, typed in, goes back
+    // as a tool message before the model answers again.
+    c.find(Locator::Css("#tab-chat")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Css("#clear")).await.unwrap().click().await.unwrap();
+    set(&c, "#tools", r#"[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"], "additionalProperties": false}}}]"#).await;
+    c.find(Locator::Css("#tool_choice")).await.unwrap().select_by_value("required").await.unwrap();
+    // (A call is ~70 characters: tokens, for this model.)
+    set(&c, "#max_tokens", "200").await;
+    set(&c, "#input", "Weather in Paris?").await;
+    let input = c.find(Locator::Css("#input")).await.unwrap();
+    input.send_keys(&Key::Enter.to_string()).await.unwrap();
+    until("a tool call", 30, || async { c.find(Locator::Css(".msg.assistant.done .call")).await.is_ok() }).await;
+    let call = text_of(&c, ".msg.assistant .call").await;
+    let args = call.strip_prefix("get_weather(").and_then(|a| a.strip_suffix(')')).unwrap_or_else(|| panic!("{call}"));
+    let v: serde_json::Value = serde_json::from_str(args).unwrap();
+    assert!(["Paris", "Oslo"].contains(&v["city"].as_str().unwrap()), "{call}");
+    let placeholder = input.attr("placeholder").await.unwrap().unwrap_or_default();
+    assert!(placeholder.starts_with("Result of get_weather("), "{placeholder}");
+    shot(&c, &shots, "tool_call.png").await;
+    // The answer may hold several calls: each gets a result, then the model answers again.
+    let calls = c.find_all(Locator::Css(".msg.assistant .call")).await.unwrap().len();
+    for _ in 0..calls {
+        input.send_keys("18 C and sunny").await.unwrap();
+        input.send_keys(&Key::Enter.to_string()).await.unwrap();
+    }
+    until("the answer after the results", 30, || async {
+        c.find_all(Locator::Css(".msg.assistant.done")).await.is_ok_and(|v| v.len() == 2)
+    })
+    .await;
+    assert_eq!(c.find_all(Locator::Css(".msg.tool")).await.unwrap().len(), calls);
+    assert_eq!(text_of(&c, "#error").await, "");
+    set(&c, "#tools", "").await;
+
     // Phone width: the controls stay on screen, stacked under the conversation.
     c.set_window_size(390, 844).await.unwrap();
     c.find(Locator::Css("#tab-chat")).await.unwrap().click().await.unwrap();

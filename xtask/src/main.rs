@@ -22,6 +22,12 @@
 //!   concurrency, optionally single-stream decode of a GPT-2 124M-shaped model and a memory
 //!   soak.
 //!
+//! - `bench structured [--model FILE] [--rounds N] [--tokens N]`: what structured outputs
+//!   cost on a GGUF chat model (default: the fetched SmolLM2 Q4_1) through the release `serve`
+//!   (`crates/serve/examples/bench_structured.rs`): decode tokens/s with a JSON-schema
+//!   constraint against none at 1 and 16 streams, alternated, and time to first token with no
+//!   constraint, a new schema and a cached one.
+//!
 //! - `bench gguf [--model FILE] [--llama-bench PATH] [--prompt N] [--gen N]`: single-stream
 //!   prefill and decode tokens/s of a GGUF model (default: the fetched SmolLM2 Q4_1) through
 //!   `crates/core/examples/gguf_bench.rs`, and, given llama.cpp's `llama-bench` (built outside
@@ -113,6 +119,22 @@ fn bench_serve(extra: &[String]) -> Result<(), String> {
     run("cargo", &["build", "--release", "-p", "lmstack-serve", "--bin", "serve", "--example", "bench_serve"], &[])?;
     let exe = root().join("target/release/examples/bench_serve");
     let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    run(&exe.display().to_string(), &args, &[])
+}
+
+fn bench_structured(extra: &[String]) -> Result<(), String> {
+    run(
+        "cargo",
+        &["build", "--release", "-p", "lmstack-serve", "--bin", "serve", "--example", "bench_structured"],
+        &[],
+    )?;
+    let mut args: Vec<String> = extra.to_vec();
+    if !args.iter().any(|a| a == "--model") {
+        args.extend(["--model".to_owned(), default_gguf()?]);
+    }
+    args.extend(["--serve".to_owned(), root().join("target/release/serve").display().to_string()]);
+    let exe = root().join("target/release/examples/bench_structured");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     run(&exe.display().to_string(), &args, &[])
 }
 
@@ -318,10 +340,12 @@ fn main() -> ExitCode {
             Some("train") => bench_train(&args[2..]),
             Some("serve") => bench_serve(&args[2..]),
             Some("gguf") => bench_gguf(&args[2..]),
+            Some("structured") => bench_structured(&args[2..]),
             Some("fidelity") => bench_fidelity(&args[2..]),
             _ => Err(
                 "usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N] [--rounds N] … \
                  | bench gguf [--model FILE] [--llama-bench PATH] \
+                 | bench structured [--model FILE] [--rounds N] [--tokens N] \
                  | bench fidelity --llama-perplexity PATH [--model FILE] [--python PATH]"
                     .into(),
             ),

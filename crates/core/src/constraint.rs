@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::toktrie::{InferenceCapabilities, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory, TokenParser};
 use serde_json::Value;
 
@@ -187,7 +187,9 @@ impl Constrainer {
         info.tok_bos = tok.bos_id();
         info.tok_pad = tok.pad_id();
         let trie = TokTrie::from(&info, &words);
-        let env: TokEnv = Arc::new(Env { trie, tok: tok.clone() });
+        let mut env = Env { trie, tok: tok.clone(), canonical: false };
+        env.check_canonical();
+        let env: TokEnv = Arc::new(env);
         let mut factory = ParserFactory::new(
             &env,
             InferenceCapabilities::default(),
@@ -229,18 +231,28 @@ impl Constrainer {
                 p
             }
         };
-        let mut c = Constraint { matcher: Matcher::new(Ok(parser)) };
+        let mut c = Constraint { matcher: Matcher::new(Ok(parser)), ready: None };
         if let Some(e) = c.matcher.get_error() {
             return Err(invalid(e));
         }
         // The first step's mask (kept by the parser for that step): a grammar whose output
         // this vocabulary cannot even begin is refused now, not mid-generation (llguidance
         // then allows only end-of-sequence, which would end with an invalid empty output).
-        let first = c.matcher.compute_mask().map_err(|e| invalid(e.to_string()))?;
+        const CANNOT_BEGIN: &str = "no token of the vocabulary can begin an output the grammar allows";
+        let first = c.matcher.compute_mask().map_err(|e| {
+            // llguidance stops with `NoExtensionBias` when no token may come first.
+            if e.to_string().starts_with("NoExtensionBias") {
+                invalid(CANNOT_BEGIN.into())
+            } else {
+                invalid(e.to_string())
+            }
+        })?;
         let begins = (0..self.vocab_size as TokenId).any(|t| t != self.eos && first.is_allowed(t));
         if !begins && !c.matcher.is_accepting().unwrap_or(false) {
-            return Err(invalid("no token of the vocabulary can begin an output the grammar allows".into()));
+            return Err(invalid(CANNOT_BEGIN.into()));
         }
+        // Kept for the first step, which then need not compute it again.
+        c.ready = Some(first);
         Ok(c)
     }
 }
@@ -249,6 +261,8 @@ impl Constrainer {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
+    /// The next step's mask, computed ahead by [`Constraint::prepare`].
+    ready: Option<SimpleVob>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -261,7 +275,10 @@ impl Constraint {
     /// Sets the logits of the tokens the grammar does not allow next to −∞ (end-of-sequence
     /// is allowed once the output is complete, and only then).
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let allowed = self.matcher.compute_mask().map_err(|e| Error::Constraint(e.to_string()))?;
+        let allowed = match self.ready.take() {
+            Some(m) => m,
+            None => self.matcher.compute_mask().map_err(|e| Error::Constraint(e.to_string()))?,
+        };
         if let Some(e) = self.matcher.get_error() {
             return Err(Error::Constraint(e));
         }
@@ -280,9 +297,26 @@ impl Constraint {
         Ok(())
     }
 
+    /// Computes the next step's mask now (e.g. on another thread while the model runs the
+    /// step), so that [`Constraint::mask`] only applies it. Does nothing once finished or when
+    /// it is already computed.
+    pub fn prepare(&mut self) {
+        if self.ready.is_none() && !self.matcher.is_stopped() {
+            // An error is left for `mask` to report (it computes again and fails the same way).
+            self.ready = self.matcher.compute_mask().ok();
+        }
+    }
+
     /// Advances past the sampled `token`.
     pub fn commit(&mut self, token: u32) -> Result<()> {
+        self.ready = None;
         self.matcher.consume_token(token).map_err(|e| Error::Constraint(e.to_string()))
+    }
+
+    /// The tokens the grammar forces next, without consuming them (empty where it allows a
+    /// choice, or when the vocabulary's tokenization of the forced text is not canonical).
+    pub fn forced(&mut self) -> Vec<u32> {
+        self.matcher.compute_ff_tokens()
     }
 
     /// Whether the output is complete and nothing more may follow.
@@ -295,6 +329,29 @@ impl Constraint {
 struct Env {
     trie: TokTrie,
     tok: Tokenizer,
+    /// Whether tokenizing a piece of text gives the tokens the model would see for it
+    /// ([`Env::check_canonical`]); forced tokens are fast-forwarded only then.
+    canonical: bool,
+}
+
+impl Env {
+    /// Tokenizes a few pieces of text (with and without a leading space, JSON punctuation) and
+    /// checks the tokens spell them back exactly: not so for a tokenizer whose normaliser adds
+    /// a leading space (Llama 2's SentencePiece), where a piece is tokenized as if it began a
+    /// text.
+    fn check_canonical(&mut self) {
+        let probes = ["a", " a", "{\"", "ab c", "\": ", "\n", "x"];
+        // Only pieces the vocabulary can spell at all tell anything.
+        let spelled: Vec<&str> = probes
+            .into_iter()
+            .filter(|p| self.trie.decode_raw(&self.trie.greedy_tokenize(p.as_bytes())) == p.as_bytes())
+            .collect();
+        self.canonical = !spelled.is_empty()
+            && spelled.iter().all(|p| {
+                let ids = self.tokenize_bytes(p.as_bytes());
+                self.trie.decode_raw(&ids) == p.as_bytes()
+            });
+    }
 }
 
 impl TokenizerEnv for Env {
@@ -302,8 +359,23 @@ impl TokenizerEnv for Env {
         &self.trie
     }
 
+    /// The tokenizer's tokens for the longest valid UTF-8 beginning of `s`, then the vocabulary's
+    /// longest matches for the bytes of an incomplete character after it.
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        self.tok.encode(&String::from_utf8_lossy(s), false).unwrap_or_default()
+        let valid = match std::str::from_utf8(s) {
+            Ok(t) => t.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        let text = std::str::from_utf8(&s[..valid]).unwrap_or_default();
+        let mut ids = if text.is_empty() { Vec::new() } else { self.tok.encode(text, false).unwrap_or_default() };
+        if valid < s.len() {
+            ids.extend(self.trie.greedy_tokenize(&s[valid..]));
+        }
+        ids
+    }
+
+    fn tokenize_is_canonical(&self) -> bool {
+        self.canonical
     }
 }
 

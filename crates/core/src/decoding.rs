@@ -109,6 +109,19 @@ impl Decoding {
         self
     }
 
+    /// Whether the output is constrained.
+    pub fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
+    }
+
+    /// Computes the constraint's next mask ahead of [`Decoding::step`] (see
+    /// [`Constraint::prepare`]): a caller may run it beside the model's forward pass.
+    pub fn prepare(&mut self) {
+        if let Some(c) = &mut self.constraint {
+            c.prepare();
+        }
+    }
+
     /// Tokens generated so far.
     pub fn generated(&self) -> usize {
         self.generated
@@ -133,6 +146,41 @@ impl Decoding {
             }
             None => self.sampler.sample_except(logits, &banned)?,
         };
+        self.accept(sampled)
+    }
+
+    /// The tokens the constraint forces next (where its grammar allows one continuation only:
+    /// a JSON key, the punctuation between values, a tool call's name), at most `limit`, taken
+    /// as generated without asking the model: the caller feeds them with the sampled token in
+    /// one step (fast-forward). Their `logprob` is 0 (certain under the constraint; the model's
+    /// own is not computed), so callers reporting log-probabilities should not fast-forward.
+    /// Empty without a constraint, or once the sequence is finished.
+    pub fn forced(&mut self, limit: usize) -> Result<Vec<Step>> {
+        let mut out = Vec::new();
+        let Some(c) = &mut self.constraint else { return Ok(out) };
+        let room = limit.min(self.stop.max_tokens.saturating_sub(self.generated));
+        if room == 0 || c.is_finished() {
+            return Ok(out);
+        }
+        let tokens = c.forced();
+        for t in tokens.into_iter().take(room) {
+            if let Some(c) = &mut self.constraint {
+                c.commit(t)?;
+            }
+            self.sampler.observe(t);
+            let step = self.accept(Sampled { token: t, logprob: 0.0, top_logprobs: Vec::new() })?;
+            let done = step.finish.is_some();
+            out.push(step);
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts a chosen token and applies the stop conditions.
+    fn accept(&mut self, sampled: Sampled) -> Result<Step> {
+        let eos = self.eos.filter(|_| !self.stop.ignore_eos);
         self.generated += 1;
         if Some(sampled.token) == eos || self.stop.stop_token_ids.contains(&sampled.token) {
             return Ok(Step { sampled, text: String::new(), finish: Some(Finish::Stop) });

@@ -138,3 +138,46 @@ fn a_grammar_the_vocabulary_cannot_spell_is_refused_at_once() {
     assert!(e.contains("no token of the vocabulary can begin"), "{e}");
     assert!(c.constraint(&Grammar::Regex("[ab]+c".into())).is_ok());
 }
+
+/// Where the grammar allows one continuation only, the tokens are forced: the first mask
+/// allows only the first of them, and `Decoding::forced` hands out the rest at once (fed
+/// without asking the model), ending the output when the grammar is complete.
+#[test]
+fn forced_tokens_are_fast_forwarded() {
+    let tok = Tokenizer::from_chars("abcdefghijklmnopqrstuvwxyz {}\":,".chars()).unwrap();
+    let c = Constrainer::new(&tok, tok.vocab_size()).unwrap();
+    let grammar = Grammar::json_schema(&json!({"type": "object", "properties": {"colour": {"enum": ["red", "green"]}},
+                                                 "required": ["colour"], "additionalProperties": false}));
+    let mut dec = Decoding::new(&tok, SamplingParams::greedy(), &[0], 0, StopConditions::max_tokens(100), true)
+        .unwrap()
+        .with_constraint(Some(c.constraint(&grammar).unwrap()));
+    // The model wants `z` everywhere; the grammar allows `{` only.
+    let z = tok.encode("z", false).unwrap()[0] as usize;
+    let mut logits = vec![0.0f32; tok.vocab_size()];
+    logits[z] = 10.0;
+    let first = dec.step(&logits).unwrap();
+    assert_eq!(first.text, "{");
+    let forced = dec.forced(100).unwrap();
+    let text: String = forced.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(text, "\"colour\": \"");
+    assert!(forced.iter().all(|s| s.finish.is_none() && s.sampled.logprob == 0.0));
+    // A choice: `r` or `g`; then the rest of the value and the object's end are forced.
+    let g = tok.encode("g", false).unwrap()[0] as usize;
+    logits[g] = 20.0;
+    assert_eq!(dec.step(&logits).unwrap().text, "g");
+    let rest = dec.forced(100).unwrap();
+    let text: String = rest.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(text, "reen\"}");
+    assert_eq!(rest.last().unwrap().finish, Some(lmstack_core::Finish::Stop));
+    assert_eq!(dec.generated(), 1 + 11 + 1 + 6);
+    // A limit: at most that many are handed out.
+    let mut dec = Decoding::new(&tok, SamplingParams::greedy(), &[0], 0, StopConditions::max_tokens(5), true)
+        .unwrap()
+        .with_constraint(Some(c.constraint(&grammar).unwrap()));
+    dec.step(&logits).unwrap();
+    let two = dec.forced(2).unwrap();
+    assert_eq!(two.len(), 2);
+    let capped = dec.forced(100).unwrap();
+    assert_eq!(capped.len(), 2, "max_tokens 5: one sampled, four forced");
+    assert_eq!(capped.last().unwrap().finish, Some(lmstack_core::Finish::Length));
+}

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub prompt_tokens_computed: IntCounter,
     /// Tokens generated.
     pub generation_tokens: IntCounter,
+    /// Generated tokens an output constraint forced (fed without sampling: fast-forward).
+    pub forced_tokens: IntCounter,
     /// Finished sequences by finish reason.
     pub finished: IntCounterVec,
     /// Sequences cancelled because their client went away.
@@ -119,6 +121,10 @@ impl Metrics {
                 "Prompt tokens run through the model (the rest were copied from the prefix cache: prefix_cache_hits_total)",
             ),
             generation_tokens: counter("lmstack_generation_tokens_total", "Tokens generated"),
+            forced_tokens: counter(
+                "lmstack_forced_tokens_total",
+                "Generated tokens an output constraint forced, fed without sampling (fast-forward; counted in generation_tokens_total too)",
+            ),
             finished: reg(
                 &registry,
                 IntCounterVec::new(

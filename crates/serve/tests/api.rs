@@ -1264,3 +1264,59 @@ async fn tool_calls_are_valid_streamed_or_not() {
     bad(json!({"messages": not_json}), "messages[1].tool_calls[0].function.arguments").await;
     bad(json!({"messages": [{"role": "tool", "tool_call_id": "c"}]}), "messages[0].content").await;
 }
+
+/// Tokens a constraint forces are fed without sampling (fast-forward) — except when
+/// log-probabilities are asked for — and the output is the same either way; the forced tokens
+/// are in the sequence's cache (a follow-up prompt made of the prompt and the output finds
+/// them all in the prefix cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_tokens_are_fast_forwarded_with_the_same_output() {
+    let (_d, opts) = setup();
+    let app = common::router(&opts);
+    let schema = json!({"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["colour", "count"],
+        "additionalProperties": false});
+    let forced = |text: String| -> f64 {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("lmstack_forced_tokens_total "))
+            .map(|v| v.parse::<f64>().unwrap())
+            .sum()
+    };
+    let id = |c: &str| {
+        let app = app.clone();
+        let c = c.to_owned();
+        async move {
+            post(&app, "/tokenize", json!({"prompt": c, "add_special_tokens": false})).await.json()["tokens"][0].clone()
+        }
+    };
+    // The random model's choices are near ties, which the different shapes of a fast-forwarded
+    // step may tip: biases make the two choices in this output clear.
+    let bias = json!({id("g").await.to_string(): 30, id("7").await.to_string(): 30});
+    let body = json!({"prompt": "x", "max_tokens": 60, "temperature": 0, "logit_bias": bias,
+                      "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}});
+    let before = forced(call(&app, "GET", "/metrics", None, &[]).await.text);
+    let fast = post(&app, "/v1/completions", body.clone()).await.json();
+    let after = forced(call(&app, "GET", "/metrics", None, &[]).await.text);
+    // The forced tokens went into the cache (kept as a prefix when the sequence ended): a
+    // prompt that continues the output finds all but its last token cached.
+    let prompt: Vec<Value> =
+        post(&app, "/tokenize", json!({"prompt": format!("x{}", fast["choices"][0]["text"].as_str().unwrap())}))
+            .await
+            .json()["tokens"]
+            .as_array()
+            .unwrap()
+            .clone();
+    let again = post(&app, "/v1/completions", json!({"prompt": prompt, "max_tokens": 1})).await.json();
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() as usize;
+    assert!(cached >= prompt.len() - 2, "{cached} of {} prompt tokens cached", prompt.len());
+    let mut slow_body = body;
+    slow_body["logprobs"] = json!(0);
+    let slow = post(&app, "/v1/completions", slow_body).await.json();
+    assert_eq!(forced(call(&app, "GET", "/metrics", None, &[]).await.text), after, "no fast-forward with logprobs");
+    let text = fast["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(text, "{\"colour\": \"green\", \"count\": 7}");
+    assert_eq!(text, slow["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(fast["usage"]["completion_tokens"], slow["usage"]["completion_tokens"]);
+    // All but the `g` and the `7` (and the first `{`, which the first step samples).
+    assert_eq!(after - before, (text.chars().count() - 3) as f64, "forced tokens of {text}");
+}

@@ -254,6 +254,7 @@ impl Engine {
                 prefilled: cached,
                 cached,
                 fed: Vec::new(),
+                forced: Vec::new(),
                 prompt_lps: Vec::new(),
                 arrived: w.arrived,
                 last_token: None,
@@ -407,8 +408,15 @@ impl Engine {
         drop(wants);
         let mut steps: Vec<SeqStep<'_>> = Vec::new();
         let mut idx = Vec::new();
+        // Constrained sequences that sample after this step: their masks are computed while
+        // the model runs it.
+        let mut masks: Vec<&mut lmstack_core::Decoding> = Vec::new();
         for (i, (s, p)) in self.running.iter_mut().zip(&plan).enumerate() {
             if let Some((tokens, all_logits)) = p {
+                let samples = matches!(s.phase, Phase::Decoding(_)) || s.prefilled + tokens.len() >= s.req.prompt.len();
+                if samples && s.decoding.is_constrained() {
+                    masks.push(&mut s.decoding);
+                }
                 steps.push(SeqStep { tokens, cache: &mut s.cache, all_logits: *all_logits });
                 idx.push(i);
             }
@@ -427,9 +435,20 @@ impl Engine {
             SplitSteps::Auto => self.tuner.on_step(t0, n_tokens, can_split && n_tokens >= SPLIT_MIN_TOKENS),
         };
         let threads = if can_split && !split { StepThreads::One } else { StepThreads::Auto };
-        let result = self.model.forward_cached_on(&mut steps, threads).and_then(|ls| {
-            ls.into_iter().map(|l| l.to_vec2::<f32>().map_err(Into::into)).collect::<lmstack_core::Result<Vec<_>>>()
-        });
+        let model = &self.model;
+        let forward = |steps: &mut Vec<SeqStep<'_>>| {
+            model.forward_cached_on(steps, threads).and_then(|ls| {
+                ls.into_iter().map(|l| l.to_vec2::<f32>().map_err(Into::into)).collect::<lmstack_core::Result<Vec<_>>>()
+            })
+        };
+        let result = if masks.is_empty() {
+            forward(&mut steps)
+        } else {
+            std::thread::scope(|scope| {
+                scope.spawn(move || masks.into_iter().for_each(lmstack_core::Decoding::prepare));
+                forward(&mut steps)
+            })
+        };
         drop(steps);
         let dt = t0.elapsed().as_secs_f64();
         let m = &self.metrics;
@@ -482,8 +501,10 @@ impl Engine {
         let tok = &self.tokenizer;
         let max_len = self.model.max_len();
         let s = &mut self.running[i];
-        if let Phase::Decoding(t) = s.phase {
-            s.fed.push(t);
+        if let Phase::Decoding(_) = s.phase {
+            // The sampled token and any forced after it.
+            s.fed.extend_from_slice(tokens);
+            s.forced.clear();
         } else {
             // A prefill chunk.
             let start = s.prefilled;
@@ -532,15 +553,40 @@ impl Engine {
             top: sampled.top_logprobs.iter().map(|&(id, lp)| (id, piece(tok, id), lp)).collect(),
         });
         let _ = s.tx.send(Event::Token { text: step.text, logprob });
-        match step.finish {
-            Some(Finish::Stop) => Outcome::Finished(FinishReason::Stop),
-            Some(Finish::Length) => Outcome::Finished(FinishReason::Length),
-            None if s.cache.len() + 1 > max_len => Outcome::Finished(FinishReason::Length),
-            None => {
-                s.phase = Phase::Decoding(step.sampled.token);
-                Outcome::Continue
+        let finish = |f: Option<Finish>| match f {
+            Some(Finish::Stop) => Some(FinishReason::Stop),
+            Some(Finish::Length) => Some(FinishReason::Length),
+            None => None,
+        };
+        if let Some(reason) = finish(step.finish) {
+            return Outcome::Finished(reason);
+        }
+        if s.cache.len() + 1 > max_len {
+            return Outcome::Finished(FinishReason::Length);
+        }
+        // Tokens the constraint forces next go out now and are fed with this one (not when
+        // log-probabilities are asked for: the model's own for them are not computed).
+        if s.req.logprobs.is_none() {
+            let room = max_len - (s.cache.len() + 1);
+            let forced = match s.decoding.forced(room) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = s.tx.send(Event::Failed { timeout: false, message: e.to_string() });
+                    return Outcome::Finished(FinishReason::Stop);
+                }
+            };
+            for f in forced {
+                self.metrics.generation_tokens.inc();
+                self.metrics.forced_tokens.inc();
+                let _ = s.tx.send(Event::Token { text: f.text, logprob: None });
+                if let Some(reason) = finish(f.finish) {
+                    return Outcome::Finished(reason);
+                }
+                s.forced.push(f.sampled.token);
             }
         }
+        s.phase = Phase::Decoding(step.sampled.token);
+        Outcome::Continue
     }
 
     fn finish(&self, s: &mut Seq, reason: FinishReason) {

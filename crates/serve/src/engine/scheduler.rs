@@ -12,8 +12,9 @@ pub(super) fn admits(running: usize, reserved: usize, reserve: usize, max_num_se
 /// What a running sequence needs from the next step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Want<'a> {
-    /// Its last sampled token fed (one token).
-    Decode(u32),
+    /// Its last sampled token fed, with the tokens its output constraint forced after it
+    /// (fast-forward; usually none).
+    Decode { token: u32, forced: &'a [u32] },
     /// The rest of its prompt prefilled (as much of it as the step has room for); `all_logits`
     /// when every prompt token's log-probabilities were asked for.
     Prefill { rest: &'a [u32], all_logits: bool },
@@ -29,16 +30,19 @@ pub(super) struct Batch {
     pub prefill_tokens: usize,
 }
 
-/// Plans a step of at most `max_batch_tokens` tokens: first one decode token for every
-/// generating sequence (streams keep flowing), then prefill chunks of the prompts in the order
+/// Plans a step of at most `max_batch_tokens` tokens: first the decode tokens of every
+/// generating sequence (streams keep flowing; one each, with any forced tokens after it), then prefill chunks of the prompts in the order
 /// the sequences were admitted, a long prompt cut to the room left (it goes on next step).
 pub(super) fn plan(wants: &[Want<'_>], max_batch_tokens: usize) -> Batch {
     let mut budget = max_batch_tokens;
     let mut tokens: Vec<Option<(Vec<u32>, bool)>> = vec![None; wants.len()];
     for (p, w) in tokens.iter_mut().zip(wants) {
-        if let Want::Decode(t) = *w {
-            *p = Some((vec![t], false));
-            budget = budget.saturating_sub(1);
+        if let Want::Decode { token, forced } = *w {
+            let mut t = Vec::with_capacity(1 + forced.len());
+            t.push(token);
+            t.extend_from_slice(forced);
+            budget = budget.saturating_sub(t.len());
+            *p = Some((t, false));
         }
     }
     let mut prefill_tokens = 0;
@@ -75,20 +79,21 @@ mod tests {
         let short = [7u32, 8, 9];
         let wants = [
             Want::Prefill { rest: &long, all_logits: false },
-            Want::Decode(42),
+            Want::Decode { token: 42, forced: &[] },
             Want::Nothing,
             Want::Prefill { rest: &short, all_logits: true },
-            Want::Decode(43),
+            Want::Decode { token: 43, forced: &[44, 45] },
         ];
-        // Room for both decode tokens and 6 prompt tokens: the first prompt's chunk only.
-        let b = plan(&wants, 8);
+        // Room for the decode tokens (one, and one with two forced after it) and 6 prompt
+        // tokens: the first prompt's chunk only.
+        let b = plan(&wants, 10);
         assert_eq!(b.tokens[1], Some((vec![42], false)));
-        assert_eq!(b.tokens[4], Some((vec![43], false)));
+        assert_eq!(b.tokens[4], Some((vec![43, 44, 45], false)));
         assert_eq!(b.tokens[0], Some(((0..6).collect(), false)));
         assert_eq!((b.tokens[2].clone(), b.tokens[3].clone()), (None, None));
         assert_eq!(b.prefill_tokens, 6);
         // Room for everything.
-        let b = plan(&wants, 100);
+        let b = plan(&wants, 102);
         assert_eq!(b.tokens[0], Some((long.clone(), false)));
         assert_eq!(b.tokens[3], Some((short.to_vec(), true)));
         assert_eq!(b.prefill_tokens, 13);

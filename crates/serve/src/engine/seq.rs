@@ -51,6 +51,8 @@ pub(super) struct Seq {
     pub cached: usize,
     /// Generated tokens already in the cache (after the prompt's).
     pub fed: Vec<u32>,
+    /// Tokens the output constraint forced after the last sampled one, fed with it next step.
+    pub forced: Vec<u32>,
     pub prompt_lps: Vec<Option<TokenLogprob>>,
     pub arrived: Instant,
     pub last_token: Option<Instant>,
@@ -70,7 +72,7 @@ impl Seq {
     /// What it needs from the next step.
     pub fn want(&self) -> Want<'_> {
         match self.phase {
-            Phase::Decoding(t) => Want::Decode(t),
+            Phase::Decoding(token) => Want::Decode { token, forced: &self.forced },
             Phase::Prefilling if self.prefilled < self.req.prompt.len() => Want::Prefill {
                 rest: &self.req.prompt[self.prefilled..],
                 all_logits: self.req.prompt_logprobs.is_some(),

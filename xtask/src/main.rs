@@ -22,7 +22,7 @@
 //!   concurrency, optionally single-stream decode of a GPT-2 124M-shaped model and a memory
 //!   soak.
 //!
-//! - `bench structured [--model FILE] [--rounds N] [--tokens N]`: what structured outputs
+//! - `bench structured [--model FILE] [--rounds N] [--tokens N] [--skip-validity | --only-validity]`: what structured outputs
 //!   cost on a GGUF chat model (default: the fetched SmolLM2 Q4_1) through the release `serve`
 //!   (`crates/serve/examples/bench_structured.rs`): decode tokens/s with a JSON-schema
 //!   constraint against none at 1 and 16 streams, alternated, and time to first token with no

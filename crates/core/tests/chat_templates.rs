@@ -1,7 +1,7 @@
 //! Chat templates render exactly as `transformers.apply_chat_template` rendered them
 //! (`tests/data/chat_templates.json`, from `make_chat_golden.py`): ChatML, Llama-3, Zephyr,
-//! Mistral (including its `raise_exception` on a system message) and a template using
-//! `tojson(indent=…)`, dict methods, filters in loops and `{% continue %}`.
+//! Mistral (including its `raise_exception` on a system message), Qwen2.5 (tools and tool calls)
+//! and a template using `tojson(indent=…)`, dict methods, filters in loops and `{% continue %}`.
 
 mod common;
 
@@ -43,4 +43,44 @@ fn templates_render_as_transformers_does() {
         checked += 1;
     }
     assert_eq!(checked, cases.len());
+}
+
+/// A conversation with tool calls as OpenAI's API sends it (arguments as JSON text, call ids),
+/// prepared by `tools::messages_for_template`, renders through Qwen2.5's template exactly as
+/// `transformers` rendered it from arguments given as dicts; Qwen2.5's template is told apart
+/// as one that renders tools itself, the others are not.
+#[test]
+fn openai_tool_calls_render_through_a_template_that_takes_tools() {
+    let text = std::fs::read_to_string(common::fixture("chat_templates.json")).unwrap();
+    let golden: Value = serde_json::from_str(&text).unwrap();
+    for (name, src) in golden["templates"].as_object().unwrap() {
+        let t = ChatTemplate::new(src.as_str().unwrap()).unwrap();
+        assert_eq!(t.renders_tool_calls(), name == "qwen2_5", "{name}");
+    }
+    let qwen = ChatTemplate::new(golden["templates"]["qwen2_5"].as_str().unwrap()).unwrap();
+    let mut messages = vec![
+        serde_json::json!({"role": "user", "content": "Weather in Paris and Oslo?"}),
+        serde_json::json!({"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\", \"unit\": \"c\"}"}}]}),
+        serde_json::json!({"role": "tool", "tool_call_id": "call_1", "content": "18 C"}),
+        serde_json::json!({"role": "tool", "tool_call_id": "call_2", "content": "9 C"}),
+    ];
+    lmstack_core::tools::messages_for_template(&mut messages).unwrap();
+    let case = golden["cases"].as_array().unwrap().iter().find(|c| c["template"] == "qwen2_5").unwrap();
+    let tools = lmstack_core::tools::tools_from_openai(Some(&case["tools"])).unwrap();
+    let tools = lmstack_core::tools::template_tools(&tools);
+    let mut extra = Map::new();
+    extra.insert("tools".into(), tools);
+    let special = SpecialTokens { bos: Some("<s>".into()), eos: Some("</s>".into()), ..Default::default() };
+    let got = qwen.render(&Value::Array(messages), true, &special, &extra).unwrap();
+    let want = golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["template"] == "qwen2_5" && c["conversation"] == "tool_use" && c["add_generation_prompt"] == true)
+        .unwrap()["expected"]
+        .as_str()
+        .unwrap();
+    assert_eq!(got, want);
 }

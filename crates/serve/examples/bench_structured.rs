@@ -56,7 +56,8 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args, String> {
-    let (mut serve, mut model, mut rounds, mut tokens, mut validity, mut only_validity) = (None, None, 3, 128, true, false);
+    let (mut serve, mut model, mut rounds, mut tokens, mut validity, mut only_validity) =
+        (None, None, 3, 128, true, false);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().ok_or(format!("{a} needs a value"));
@@ -261,7 +262,8 @@ const SETTINGS: [(f64, u64); 4] = [(0.0, 0), (0.8, 1), (0.8, 2), (1.0, 3)];
 /// Every answer to the held-out schemas, and every tool call, checked.
 async fn validity(client: &reqwest::Client, url: &str) {
     println!("\n== validity: held-out schemas, greedy and sampled");
-    let cases: Vec<Value> = serde_json::from_str(include_str!("data/heldout_schemas.json")).expect("the schema set is JSON");
+    let cases: Vec<Value> =
+        serde_json::from_str(include_str!("data/heldout_schemas.json")).expect("the schema set is JSON");
     let mut jobs = Vec::new();
     for case in &cases {
         for (temperature, seed) in SETTINGS {
@@ -271,8 +273,19 @@ async fn validity(client: &reqwest::Client, url: &str) {
                               "response_format": {"type": "json_schema", "json_schema": {"name": case["name"], "schema": case["schema"], "strict": true}}});
             let client = client.clone();
             jobs.push(async move {
-                let v: Value = client.post(format!("{url}/v1/chat/completions")).json(&body).send().await.unwrap().json().await.unwrap();
-                (v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned(), v["choices"][0]["finish_reason"].as_str().unwrap_or_default().to_owned())
+                let v: Value = client
+                    .post(format!("{url}/v1/chat/completions"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                (
+                    v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_owned(),
+                    v["choices"][0]["finish_reason"].as_str().unwrap_or_default().to_owned(),
+                )
             });
         }
     }
@@ -311,7 +324,11 @@ async fn validity(client: &reqwest::Client, url: &str) {
          "parameters": {"type": "object", "properties": {"amount": {"type": "number", "minimum": 0}, "from": {"enum": ["EUR", "USD", "GBP", "JPY"]},
              "to": {"enum": ["EUR", "USD", "GBP", "JPY"]}}, "required": ["amount", "from", "to"], "additionalProperties": false}}}
     ]);
-    let prompts = ["What's the weather in Lisbon?", "Find me a flight from Paris (CDG) to Tokyo (HND) on 2027-03-14 for two.", "How much is 250 euros in yen?"];
+    let prompts = [
+        "What's the weather in Lisbon?",
+        "Find me a flight from Paris (CDG) to Tokyo (HND) on 2027-03-14 for two.",
+        "How much is 250 euros in yen?",
+    ];
     let choices = [json!("required"), json!("auto"), json!({"type": "function", "function": {"name": "convert"}})];
     let mut jobs = Vec::new();
     for p in prompts {
@@ -337,7 +354,9 @@ async fn validity(client: &reqwest::Client, url: &str) {
             }
             let spec = tools.as_array().unwrap().iter().find(|t| t["function"]["name"] == name.as_str());
             let ok = spec.is_some_and(|t| {
-                serde_json::from_str::<Value>(args).ok().is_some_and(|v| jsonschema::is_valid(&t["function"]["parameters"], &v))
+                serde_json::from_str::<Value>(args)
+                    .ok()
+                    .is_some_and(|v| jsonschema::is_valid(&t["function"]["parameters"], &v))
             });
             calls += 1;
             if !ok {
@@ -347,7 +366,12 @@ async fn validity(client: &reqwest::Client, url: &str) {
         }
         if k % SETTINGS.len() == 0 {
             let shown: Vec<String> = got.iter().map(|(n, a)| format!("{n}({a})")).collect();
-            println!("  {:<58} {finish:<10} {} {}", prompts[k / (SETTINGS.len() * choices.len())].chars().take(58).collect::<String>(), shown.join(" "), content.chars().take(40).collect::<String>());
+            println!(
+                "  {:<58} {finish:<10} {} {}",
+                prompts[k / (SETTINGS.len() * choices.len())].chars().take(58).collect::<String>(),
+                shown.join(" "),
+                content.chars().take(40).collect::<String>()
+            );
         }
     }
     println!("  {} of {calls} complete calls valid ({bad} invalid), {cut} cut by max_tokens, {texts} answers in text only (auto)", calls - bad);

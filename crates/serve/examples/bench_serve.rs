@@ -26,14 +26,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "common/server.rs"]
+mod server;
 
 use futures_util::StreamExt;
 use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, SeqStep, StepThreads, Tokenizer};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use server::{free_port, wait_ready, Server};
 
 struct Args {
     model: Option<PathBuf>,
@@ -127,22 +131,6 @@ fn random_model(name: &str, n_layer: usize, n_head: usize, n_embd: usize, ctx: u
     dir
 }
 
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string()).map(|a| a.port())
-}
-
 async fn start_server(serve: &Path, model: &Path, extra: &[&str]) -> Result<Server, String> {
     let port = free_port()?;
     let child = Command::new(serve)
@@ -170,22 +158,6 @@ async fn start_llama_server(exe: &Path, model: &Path, slots: usize) -> Result<Se
         .spawn()
         .map_err(|e| format!("starting {}: {e}", exe.display()))?;
     wait_ready(Server { child, url: format!("http://127.0.0.1:{port}") }, "health").await
-}
-
-async fn wait_ready(server: Server, path: &str) -> Result<Server, String> {
-    let client = reqwest::Client::new();
-    let t0 = Instant::now();
-    loop {
-        if let Ok(r) = client.get(format!("{}/{path}", server.url)).send().await {
-            if r.status().is_success() {
-                return Ok(server);
-            }
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            return Err("the server did not become ready within 120 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[derive(Default)]

@@ -28,23 +28,15 @@
 //! of answers valid.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+#[path = "common/server.rs"]
+mod server;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use server::{free_port, wait_ready, Server};
 
 struct Args {
     serve: PathBuf,
@@ -82,8 +74,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 async fn start(a: &Args) -> Result<Server, String> {
-    let port =
-        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let port = free_port()?;
     let child = Command::new(&a.serve)
         .args(["--model", &a.model.display().to_string(), "--port", &port.to_string(), "--max-num-seqs", "16"])
         .env("RUST_LOG", "warn")
@@ -91,17 +82,7 @@ async fn start(a: &Args) -> Result<Server, String> {
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("starting {}: {e}", a.serve.display()))?;
-    let server = Server { child, url: format!("http://127.0.0.1:{port}") };
-    let t0 = Instant::now();
-    loop {
-        if reqwest::get(format!("{}/ready", server.url)).await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(server);
-        }
-        if t0.elapsed() > Duration::from_secs(120) {
-            return Err("the server did not become ready within 120 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(Server { child, url: format!("http://127.0.0.1:{port}") }, "ready").await
 }
 
 const PROMPT: &str = "Tell me a long story about a dragon who learns to bake bread.";

@@ -49,6 +49,19 @@ pub fn prefer_rayon_threads() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+/// Hands memory the allocator holds free back to the system (glibc's `malloc_trim`): after a
+/// phase that allocated much and freed it (an evaluation pass), so the resident size falls
+/// back instead of staying at the phase's peak. Does nothing on other allocators.
+#[allow(unsafe_code)]
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free pages to the kernel; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub use config::{ModelConfig, ModelType};
 pub use constraint::{Constrainer, Constraint, Grammar};
 pub use decoding::{Decoding, Finish, StopConditions};

@@ -284,7 +284,8 @@ impl FinetuneConfig {
 }
 
 /// A LoRA adapter being trained: `A` and `B` are variables; dropout on the input while
-/// `training` is set (masks drawn from a seed, the step and the input, so runs repeat).
+/// `training` is set (masks drawn from a seed, the step and the input, so runs repeat); read as
+/// constants, building no graph, while `frozen` is set (evaluation).
 #[derive(Debug)]
 pub struct TrainableLora {
     /// `[r, in]`, Kaiming-uniform as PEFT initialises it.
@@ -296,6 +297,7 @@ pub struct TrainableLora {
     seed: u64,
     step: Arc<AtomicU64>,
     training: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
 }
 
 impl LinearAdapter for TrainableLora {
@@ -314,19 +316,29 @@ impl LinearAdapter for TrainableLora {
         } else {
             xs.clone()
         };
-        let h = xs.broadcast_matmul(&self.a.as_tensor().t()?)?;
-        h.broadcast_matmul(&self.b.as_tensor().t()?)? * self.scale
+        // Evaluation builds no graph: the adapters are read as constants.
+        let (a, b) = if self.frozen.load(Ordering::Relaxed) {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        } else {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        };
+        // The scale goes into B (r columns), not onto the output (a tensor as large as the
+        // layer's output, kept for the backward pass).
+        let h = xs.broadcast_matmul(&a.t()?)?;
+        h.broadcast_matmul(&(b * self.scale)?.t()?)
     }
 }
 
 /// Attaches fresh trainable adapters to the targeted projections of `model`; returns the
-/// variables by PEFT key (`base_model.model.<path>.lora_A.weight` …).
+/// variables by PEFT key (`base_model.model.<path>.lora_A.weight` …). `step` and `training`
+/// drive their dropout, `frozen` makes them constants (evaluation: no graph).
 pub fn attach_lora(
     model: &mut Model,
     cfg: &LoraConfig,
     seed: u64,
     step: Arc<AtomicU64>,
     training: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
 ) -> Result<BTreeMap<String, Var>> {
     let mut vars = BTreeMap::new();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x10BA);
@@ -351,6 +363,7 @@ pub fn attach_lora(
             seed,
             step: step.clone(),
             training: training.clone(),
+            frozen: frozen.clone(),
         })));
     }
     if vars.is_empty() {
@@ -390,8 +403,10 @@ pub struct FinetuneSummary {
     pub base_parameters: usize,
     /// Training / validation examples, and examples skipped as longer than the context.
     pub examples: (usize, usize, usize),
-    /// Mean wall time per step (ms).
+    /// Mean wall time per step (ms), evaluations and checkpoints included.
     pub ms_per_step: f64,
+    /// Mean wall time of the training steps alone (ms).
+    pub train_ms_per_step: f64,
     /// Peak resident memory (MiB).
     pub peak_rss_mib: Option<f64>,
     /// Where the result is: `model/` or `adapter/`.
@@ -415,19 +430,23 @@ struct Sft<'a> {
     step: Arc<AtomicU64>,
     /// Whether adapters' dropout is on.
     training: Arc<AtomicBool>,
+    /// Whether the adapters are read as constants (during evaluation).
+    frozen: Arc<AtomicBool>,
 }
 
 impl Sft<'_> {
     /// Masked loss over the validation examples (no graph, adapters' dropout off).
     fn val_loss(&self) -> Result<f64> {
         let was = self.training.swap(false, Ordering::Relaxed);
+        self.frozen.store(true, Ordering::Relaxed);
         let frozen_copy;
         let model = match self.method {
             Method::Full => {
                 frozen_copy = frozen(self.model)?;
                 &frozen_copy
             }
-            // The adapters' variables are the only trainable tensors; the base builds no graph.
+            // With dropout off the adapters are read as constants (`TrainableLora::forward`):
+            // nothing builds a graph.
             Method::Lora => self.model,
         };
         let (mut total, mut n) = (0.0, 0usize);
@@ -442,6 +461,8 @@ impl Sft<'_> {
             n += k;
         }
         self.training.store(was, Ordering::Relaxed);
+        self.frozen.store(false, Ordering::Relaxed);
+        lmstack_core::release_free_memory();
         Ok(total / n.max(1) as f64)
     }
 }
@@ -636,6 +657,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
     }
     let step_counter = Arc::new(AtomicU64::new(0));
     let training = Arc::new(AtomicBool::new(false));
+    let frozen_adapters = Arc::new(AtomicBool::new(false));
     let src = cfg.base.join("model.safetensors").display().to_string();
     let (mut model, vars) = match cfg.method {
         Method::Full => {
@@ -647,7 +669,14 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         Method::Lora => {
             let store = ParamStore::frozen(weights, &src);
             let mut m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
-            let vars = attach_lora(&mut m, &cfg.lora_config(), cfg.seed, step_counter.clone(), training.clone())?;
+            let vars = attach_lora(
+                &mut m,
+                &cfg.lora_config(),
+                cfg.seed,
+                step_counter.clone(),
+                training.clone(),
+                frozen_adapters.clone(),
+            )?;
             if let Some(l) = &resume_from {
                 for (k, v) in &vars {
                     let t = l
@@ -677,6 +706,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         parallel_shards: cfg.parallel_shards,
         step: step_counter,
         training: training.clone(),
+        frozen: frozen_adapters,
     };
     // A resumed run's "before" is the base's loss its log recorded at step 0, not the loss of
     // the partly trained model it resumes.
@@ -748,6 +778,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         base_parameters,
         examples: (train.len(), val.len(), skipped),
         ms_per_step: outcome.ms_per_step(),
+        train_ms_per_step: outcome.train_ms_per_step(),
         peak_rss_mib: peak_rss_mib(),
         output,
     };

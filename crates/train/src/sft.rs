@@ -171,7 +171,16 @@ fn encode_checked(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 /// Tokenizes one example; with `train_on_inputs` every token is scored, otherwise only
 /// assistant turns / the completion. The first token is never scored (nothing precedes it).
 pub fn tokenize(ex: &Example, tok: &Tokenizer, fmt: &ChatFormat, train_on_inputs: bool) -> Result<Tokenized> {
-    let mut ids: Vec<u32> = tok.bos_id().into_iter().collect();
+    // BOS first, unless the chat template writes it itself (Llama 3's `{{ bos_token }}`;
+    // SmolLM2's ChatML, whose BOS is `<|im_start|>`): as `apply_chat_template` gives it, not twice.
+    let bos_text = tok.special_tokens().bos.clone().unwrap_or_default();
+    let template_writes_bos = match ex {
+        Example::Chat(msgs) if !bos_text.is_empty() => {
+            fmt.render(tok, &msgs[..msgs.len().min(1)], false)?.starts_with(bos_text.as_str())
+        }
+        _ => false,
+    };
+    let mut ids: Vec<u32> = tok.bos_id().filter(|_| !template_writes_bos).into_iter().collect();
     let mut scored = vec![false; ids.len()];
     let mut push = |text: &str, score: bool| -> Result<()> {
         let t = encode_checked(tok, text)?;
@@ -268,6 +277,7 @@ pub fn batch(items: &[&Tokenized], max_len: usize, pad: u32, dev: &Device) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lmstack_core::SpecialTokens;
 
     fn tok() -> Tokenizer {
         Tokenizer::from_chars("abcdefghijklmnopqrstuvwxyz:. \n".chars()).unwrap()
@@ -288,6 +298,32 @@ mod tests {
         assert_eq!(scored, " yo\n", "the answer and its end of turn, not the generation prompt");
         let all = tokenize(&ex, &t, &fmt, true).unwrap();
         assert_eq!(all.n_scored(), all.ids.len() - 1);
+    }
+
+    #[test]
+    fn bos_comes_once_when_the_template_writes_it() {
+        let mut t = tok();
+        t.add_special_tokens(&["<s>"]);
+        t.set_special_tokens(SpecialTokens { bos: Some("<s>".into()), ..Default::default() }).unwrap();
+        let ex = Example::from_value(&json!({"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+        .unwrap();
+        let bos = t.bos_id().unwrap();
+        let writes = ChatFormat::from_spec("model", &{
+            let mut t2 = t.clone();
+            t2.set_chat_template(Some(
+                "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}".into(),
+            ));
+            t2
+        })
+        .unwrap();
+        let x = tokenize(&ex, &t, &writes, false).unwrap();
+        assert_eq!(x.ids.iter().filter(|&&i| i == bos).count(), 1, "{:?}", t.decode(&x.ids, false));
+        assert_eq!(x.ids[0], bos);
+        // A template that does not write it: BOS is added.
+        let plain = ChatFormat::from_spec("plain", &t).unwrap();
+        let y = tokenize(&ex, &t, &plain, false).unwrap();
+        assert_eq!((y.ids[0], y.ids.iter().filter(|&&i| i == bos).count()), (bos, 1));
     }
 
     #[test]

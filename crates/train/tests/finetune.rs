@@ -112,7 +112,9 @@ fn gradients_reach_every_adapter_and_match_finite_differences() {
     let mut model = Model::new(p.model.config().clone(), &store, DType::F32, &Device::Cpu).unwrap();
     let cfg = lora_cfg(TargetModules::List(vec!["c_attn".into(), "c_fc".into()]));
     let training = Arc::new(AtomicBool::new(false));
-    let vars = finetune::attach_lora(&mut model, &cfg, 1, Arc::new(AtomicU64::new(0)), training).unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let vars =
+        finetune::attach_lora(&mut model, &cfg, 1, Arc::new(AtomicU64::new(0)), training, frozen.clone()).unwrap();
     assert_eq!(vars.len(), 2 * 2 * 2, "A and B on c_attn and c_fc of 2 layers");
     // Give B values so A gets gradient too (a fresh B = 0 blocks A's gradient, as in PEFT).
     for (k, v) in &vars {
@@ -135,6 +137,17 @@ fn gradients_reach_every_adapter_and_match_finite_differences() {
     }
     // The frozen base has no variables at all.
     assert!(model.params().vars().is_empty());
+    // Evaluating (adapters frozen), nothing builds a graph: the loss is the same and tracks
+    // nothing; the base's weights got no gradient above either (nothing is kept for them).
+    frozen.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (eval_loss, _) = batch_loss(&model, &batch).unwrap();
+    frozen.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(!eval_loss.track_op(), "evaluation built a graph");
+    let same = (eval_loss.to_scalar::<f32>().unwrap() - loss.to_scalar::<f32>().unwrap()).abs();
+    assert!(same < 1e-6, "{same}");
+    for (_, w) in model.params().tensors() {
+        assert!(grads.get(&w).is_none(), "a frozen weight got a gradient");
+    }
     // Finite differences on one element of one A and one B.
     for key in ["transformer.h.0.attn.c_attn.lora_A.weight", "transformer.h.1.mlp.c_fc.lora_B.weight"] {
         let v = &vars[&format!("base_model.model.{key}")];

@@ -757,16 +757,20 @@ impl LinearOp {
 }
 
 /// Returns `(dx, dw, db)`, `dw` contiguous in the weight argument's shape.
+/// The linear op's gradients: of the input, the weight and the bias, each only where that
+/// tensor gets a gradient at all (a frozen weight — LoRA's base, a frozen layer — is not
+/// tracked: its gradient, a matmul as large as the forward's, is not computed).
 fn linear_bwd<T: Elem>(
     op: LinearOp,
     x: &Tensor,
     w: &Tensor,
     g: &Tensor,
-    bias: bool,
-) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    bias: Option<&Tensor>,
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     use crate::kernels::gemm::{matmul_new, View};
     let (o, i) = op.out_in(w.shape())?;
     let n = x.elem_count() / i.max(1);
+    let (want_dx, want_dw, want_db) = (x.track_op(), w.track_op(), bias.is_some_and(Tensor::track_op));
     // The weight is read through its own strides: no copy.
     let (wstore, wl) = w.storage_and_layout();
     let Storage::Cpu(wcpu) = &*wstore else { candle_core::bail!("fused op: CPU tensors only") };
@@ -776,13 +780,15 @@ fn linear_bwd<T: Elem>(
         {
             with_data::<T, _>(g, |gs| {
                 let par = n * o * i > 1 << 16 && rayon::current_thread_index().is_none();
-                let dx = matmul_new(n, i, o, gs, View::rows(0, o), ws, wv, T::one(), par);
-                let dw = if op.in_out {
-                    matmul_new(i, o, n, xs, View::rows(0, i).t(), gs, View::rows(0, o), T::one(), par)
-                } else {
-                    matmul_new(o, i, n, gs, View::rows(0, o).t(), xs, View::rows(0, i), T::one(), par)
-                };
-                let db = bias.then(|| {
+                let dx = want_dx.then(|| matmul_new(n, i, o, gs, View::rows(0, o), ws, wv, T::one(), par));
+                let dw = want_dw.then(|| {
+                    if op.in_out {
+                        matmul_new(i, o, n, xs, View::rows(0, i).t(), gs, View::rows(0, o), T::one(), par)
+                    } else {
+                        matmul_new(o, i, n, gs, View::rows(0, o).t(), xs, View::rows(0, i), T::one(), par)
+                    }
+                });
+                let db = want_db.then(|| {
                     let mut db = vec![T::zero(); o];
                     for r in gs.chunks(o) {
                         db.iter_mut().zip(r).for_each(|(d, &v)| *d += v);
@@ -795,8 +801,8 @@ fn linear_bwd<T: Elem>(
     })?;
     drop(wstore);
     Ok((
-        new_tensor(dx, x.shape(), x)?,
-        new_tensor(dw, w.shape(), w)?,
+        dx.map(|d| new_tensor(d, x.shape(), x)).transpose()?,
+        dw.map(|d| new_tensor(d, w.shape(), w)).transpose()?,
         db.map(|d| new_tensor(d, &Shape::from(o), w)).transpose()?,
     ))
 }
@@ -809,8 +815,8 @@ impl CustomOp2 for LinearOp {
         self.fwd_any(s1, l1, s2, l2, None)
     }
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = dispatch!(x.dtype(), linear_bwd(*self, x, w, g, false))?;
-        Ok((Some(dx), Some(dw)))
+        let (dx, dw, _) = dispatch!(x.dtype(), linear_bwd(*self, x, w, g, None))?;
+        Ok((dx, dw))
     }
 }
 
@@ -833,12 +839,11 @@ impl CustomOp3 for LinearOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = dispatch!(x.dtype(), linear_bwd(*self, x, w, g, true))?;
-        Ok((Some(dx), Some(dw), db))
+        dispatch!(x.dtype(), linear_bwd(*self, x, w, g, Some(b)))
     }
 }
 

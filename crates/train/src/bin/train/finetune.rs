@@ -158,7 +158,14 @@ pub(crate) fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
         (before, Some(after)) if !before.is_nan() => format!("validation loss {before:.4} → {after:.4}"),
         _ => "no validation examples".to_owned(),
     };
-    println!("done: {} steps, {:.0} ms/step; {val}; wrote {}", s.steps, s.ms_per_step, s.output.display());
+    let peak = s.peak_rss_mib.map_or_else(String::new, |m| format!(", peak memory {m:.0} MiB"));
+    println!(
+        "done: {} steps, {:.0} ms/step ({:.0} training alone){peak}; {val}; wrote {}",
+        s.steps,
+        s.ms_per_step,
+        s.train_ms_per_step,
+        s.output.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

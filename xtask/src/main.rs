@@ -22,6 +22,14 @@
 //!   concurrency, optionally single-stream decode of a GPT-2 124M-shaped model and a memory
 //!   soak.
 //!
+//! - `bench finetune [--steps N] [--rounds N] [--python PATH]`: LoRA finetuning of
+//!   SmolLM2-135M-Instruct (the fetched GGUF written as an f32 Hugging Face directory by
+//!   `crates/train/examples/gguf_to_dir.rs`) on `train data synth`'s 4,000 examples, batch 8,
+//!   r 8 on every linear layer, against PyTorch + peft on the same directory, data and
+//!   settings (`crates/train/examples/peft_reference.py`, run with `--python`, default
+//!   `python3`; skipped with a note when it lacks torch, transformers or peft), alternated round
+//!   by round: ms/step, scored tokens/s, peak resident memory and validation loss of both.
+//!
 //! - `bench structured [--model FILE] [--rounds N] [--tokens N] [--skip-validity | --only-validity]`: what structured outputs
 //!   cost on a GGUF chat model (default: the fetched SmolLM2 Q4_1) through the release `serve`
 //!   (`crates/serve/examples/bench_structured.rs`): decode tokens/s with a JSON-schema
@@ -120,6 +128,109 @@ fn bench_serve(extra: &[String]) -> Result<(), String> {
     let exe = root().join("target/release/examples/bench_serve");
     let args: Vec<&str> = extra.iter().map(String::as_str).collect();
     run(&exe.display().to_string(), &args, &[])
+}
+
+fn bench_finetune(extra: &[String]) -> Result<(), String> {
+    let (mut steps, mut rounds, mut python) = ("60".to_owned(), 1usize, "python3".to_owned());
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--steps" => steps = val()?,
+            "--rounds" => rounds = val()?.parse().map_err(|_| "--rounds: not a number")?,
+            "--python" => python = val()?,
+            other => return Err(format!("bench finetune: unknown argument {other}")),
+        }
+    }
+    run("cargo", &["build", "--release", "-p", "lmstack-train", "--bin", "train", "--example", "gguf_to_dir"], &[])?;
+    let cache = cache_dir()?;
+    let model = cache.join("models/SmolLM2-135M-Instruct-f32");
+    if !model.join("model.safetensors").exists() {
+        let exe = root().join("target/release/examples/gguf_to_dir");
+        run(&exe.display().to_string(), &[&default_gguf()?, &model.display().to_string()], &[])?;
+    }
+    let data = cache.join("data/synth");
+    let train = root().join("target/release/train");
+    if !data.join("train.jsonl").exists() {
+        run(&train.display().to_string(), &["data", "synth", "--out", &data.display().to_string()], &[])?;
+    }
+    let (model_s, data_s) = (model.display().to_string(), data.join("train.jsonl").display().to_string());
+    let out = root().join("runs/bench-finetune");
+    let peft_ok =
+        Command::new(&python).args(["-c", "import torch, transformers, peft"]).status().is_ok_and(|s| s.success());
+    if !peft_ok {
+        println!("note: `{python}` lacks torch, transformers or peft: only lmstack runs (pass --python PATH)");
+    }
+    let mut rows = Vec::new();
+    for round in 0..rounds {
+        let out_s = out.display().to_string();
+        run(
+            &train.display().to_string(),
+            &[
+                "finetune",
+                "--base",
+                &model_s,
+                "--data",
+                &data_s,
+                "--out-dir",
+                &out_s,
+                "--method",
+                "lora",
+                "--batch-size",
+                "8",
+                "--max-steps",
+                &steps,
+                "--eval-interval",
+                "100000",
+                "--checkpoint-interval",
+                "100000",
+                "--quiet",
+                "--overwrite",
+            ],
+            &[],
+        )?;
+        let text = std::fs::read_to_string(out.join("summary.json")).map_err(|e| format!("summary.json: {e}"))?;
+        let s: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("summary.json: {e}"))?;
+        let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+        rows.push(format!(
+            "round {}  lmstack        {:7.0} ms/step  {:6.1} scored tokens/s  peak {:6.0} MiB  val loss {:.4} -> {:.4}",
+            round + 1,
+            f("train_ms_per_step"),
+            f("tokens_per_sec"),
+            f("peak_rss_mib"),
+            s["val_loss"][0].as_f64().unwrap_or(f64::NAN),
+            s["val_loss"][1].as_f64().unwrap_or(f64::NAN)
+        ));
+        if peft_ok {
+            let script = root().join("crates/train/examples/peft_reference.py");
+            let o = Command::new(&python)
+                .args([&script.display().to_string(), "--model", &model_s, "--data", &data_s, "--steps", &steps])
+                .output()
+                .map_err(|e| format!("{python}: {e}"))?;
+            if !o.status.success() {
+                return Err(format!("peft_reference.py failed: {}", String::from_utf8_lossy(&o.stderr)));
+            }
+            let line = String::from_utf8_lossy(&o.stdout);
+            let p: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or_default())
+                .map_err(|e| format!("peft_reference.py's output: {e}: {line}"))?;
+            let g = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+            rows.push(format!(
+                "round {}  PyTorch + peft {:7.0} ms/step  {:6.1} scored tokens/s  peak {:6.0} MiB  val loss {:.4} -> {:.4}",
+                round + 1,
+                g("ms_per_step"),
+                g("scored_tokens_per_sec"),
+                g("peak_rss_mib"),
+                g("val_loss_before"),
+                g("val_loss_after")
+            ));
+        }
+    }
+    println!("\n== bench finetune: SmolLM2-135M-Instruct (f32), LoRA r 8 on all linear layers, batch 8, {steps} steps");
+    for r in rows {
+        println!("{r}");
+    }
+    println!("targets (issue 26): step time <= 0.8x PyTorch + peft's; peak memory <= theirs (f32 base), <= 1 GB (bf16 or quantized base)");
+    Ok(())
 }
 
 fn bench_structured(extra: &[String]) -> Result<(), String> {
@@ -341,11 +452,13 @@ fn main() -> ExitCode {
             Some("serve") => bench_serve(&args[2..]),
             Some("gguf") => bench_gguf(&args[2..]),
             Some("structured") => bench_structured(&args[2..]),
+            Some("finetune") => bench_finetune(&args[2..]),
             Some("fidelity") => bench_fidelity(&args[2..]),
             _ => Err(
                 "usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N] [--rounds N] … \
                  | bench gguf [--model FILE] [--llama-bench PATH] \
                  | bench structured [--model FILE] [--rounds N] [--tokens N] \
+                 | bench finetune [--steps N] [--rounds N] [--python PATH] \
                  | bench fidelity --llama-perplexity PATH [--model FILE] [--python PATH]"
                     .into(),
             ),

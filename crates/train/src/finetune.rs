@@ -407,6 +407,8 @@ pub struct FinetuneSummary {
     pub ms_per_step: f64,
     /// Mean wall time of the training steps alone (ms).
     pub train_ms_per_step: f64,
+    /// Scored (loss-bearing) tokens per second of the training steps alone.
+    pub tokens_per_sec: f64,
     /// Peak resident memory (MiB).
     pub peak_rss_mib: Option<f64>,
     /// Where the result is: `model/` or `adapter/`.
@@ -779,6 +781,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         examples: (train.len(), val.len(), skipped),
         ms_per_step: outcome.ms_per_step(),
         train_ms_per_step: outcome.train_ms_per_step(),
+        tokens_per_sec: outcome.tokens as f64 / (outcome.secs - outcome.side_secs).max(1e-9),
         peak_rss_mib: peak_rss_mib(),
         output,
     };

@@ -430,6 +430,8 @@ struct Scan {
     expect_key: bool,
     name: Option<String>,
     named: bool,
+    /// The object's text as read (given back as content if it turns out to name no function).
+    raw: String,
     /// `arguments`' text so far, given out up to `args_sent`.
     args: String,
     args_sent: usize,
@@ -500,8 +502,10 @@ impl ToolCallReader {
                     self.held.drain(..consumed);
                     if self.place == Place::Closing {
                         if !self.scan.named {
-                            // An object without a name is no call: it was text.
+                            // An object without a name is no call: it was text, and so is
+                            // what follows it.
                             out.push(ToolEvent::Content(format!("{CALL_OPEN}{}", self.scan.raw_fallback())));
+                            self.place = Place::Text;
                         } else {
                             self.calls += 1;
                         }
@@ -554,16 +558,13 @@ impl ToolCallReader {
 impl Scan {
     /// The call's text read so far, for an object that turned out not to be a call.
     fn raw_fallback(&self) -> String {
-        let mut s = String::from("{");
-        if let Some(n) = &self.name {
-            s.push_str(&format!("\"name\": {}", Value::String(n.clone())));
-        }
-        s
+        self.raw.clone()
     }
 
     /// Reads one character of the object; true once the object has closed. Emits the call's
     /// name once read, and collects `arguments`' text.
     fn step(&mut self, c: char, index: usize, out: &mut Vec<ToolEvent>) -> bool {
+        self.raw.push(c);
         if self.reading_args() {
             self.args.push(c);
         }
@@ -760,6 +761,14 @@ mod tests {
         assert_eq!(calls, vec![("f".to_owned(), "{\"x\": 1}".to_owned())]);
         let (content, calls) = read_answer("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": ");
         assert_eq!((content, calls), (None, vec![("f".to_owned(), "{\"x\": ".to_owned())]));
+        // An object that names no function is text, given back as written.
+        let text = "<tool_call>\n{\"x\": [1, {\"y\": 2}]}\n</tool_call> ok";
+        let (content, calls) = read_answer(text);
+        assert!(calls.is_empty());
+        assert_eq!(content.as_deref(), Some(text));
+        for piece in 1..6 {
+            assert_eq!(collect(stream(text, piece)), (content.clone(), Vec::new()), "pieces of {piece}");
+        }
     }
 
     #[test]

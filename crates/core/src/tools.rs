@@ -38,8 +38,6 @@ pub const CALL_CLOSE: &str = "</tool_call>";
 pub struct Tool {
     /// Its name (letters, digits, `_` and `-`, at most 64).
     pub name: String,
-    /// What it does, for the model.
-    pub description: Option<String>,
     /// The JSON schema of its arguments (an object).
     pub parameters: Value,
     /// The tool as given (`{"type": "function", "function": {…}}`), as templates receive it.
@@ -87,12 +85,10 @@ impl Tool {
         if parameters.get("type").is_some_and(|t| t != "object") {
             return Err(bad(format!("{at}.function.parameters.type"), "a function's arguments are an object"));
         }
-        let description = match f.get("description") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(d)) => Some(d.clone()),
-            Some(_) => return Err(bad(format!("{at}.function.description"), "description must be a string")),
-        };
-        Ok(Tool { name: name.to_owned(), description, parameters, spec: v.clone() })
+        if f.get("description").is_some_and(|d| !d.is_null() && !d.is_string()) {
+            return Err(bad(format!("{at}.function.description"), "description must be a string"));
+        }
+        Ok(Tool { name: name.to_owned(), parameters, spec: v.clone() })
     }
 
     /// The JSON schema of one call of this tool: `{"name": <its name>, "arguments": {…}}`
@@ -429,7 +425,6 @@ struct Scan {
     /// Depth-1 state: expecting a key (else a value after `:`).
     expect_key: bool,
     name: Option<String>,
-    named: bool,
     /// The object's text as read (given back as content if it turns out to name no function).
     raw: String,
     /// `arguments`' text so far, given out up to `args_sent`.
@@ -492,7 +487,10 @@ impl ToolCallReader {
                             break;
                         }
                     }
-                    if self.scan.named && !self.scan.args.is_empty() && self.scan.args_sent < self.scan.args.len() {
+                    if self.scan.name.is_some()
+                        && !self.scan.args.is_empty()
+                        && self.scan.args_sent < self.scan.args.len()
+                    {
                         out.push(ToolEvent::Arguments {
                             index: self.calls,
                             delta: self.scan.args[self.scan.args_sent..].to_owned(),
@@ -501,7 +499,7 @@ impl ToolCallReader {
                     }
                     self.held.drain(..consumed);
                     if self.place == Place::Closing {
-                        if !self.scan.named {
+                        if self.scan.name.is_none() {
                             // An object without a name is no call: it was text, and so is
                             // what follows it.
                             out.push(ToolEvent::Content(format!("{CALL_OPEN}{}", self.scan.raw_fallback())));
@@ -542,7 +540,7 @@ impl ToolCallReader {
                     out.push(ToolEvent::Content(t.to_owned()));
                 }
             }
-            Place::Call if self.scan.named => self.calls += 1,
+            Place::Call if self.scan.name.is_some() => self.calls += 1,
             Place::Call => {
                 let rest = format!("{CALL_OPEN}{}{}", self.scan.raw_fallback(), self.held);
                 out.push(ToolEvent::Content(rest.trim_end().to_owned()));
@@ -657,7 +655,6 @@ impl Scan {
             self.key = Some(s);
         } else if self.key.as_deref() == Some("name") && self.name.is_none() {
             self.name = Some(s.clone());
-            self.named = true;
             out.push(ToolEvent::Call { index, name: s });
         }
     }

@@ -126,3 +126,14 @@ impl From<tokenizers::Error> for Error {
         Error::Tokenizer(e.to_string())
     }
 }
+
+/// For code that runs inside candle (a custom op's closure): lmstack's error as candle's,
+/// candle's own unwrapped.
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(e) => e,
+            e => candle_core::Error::Msg(e.to_string()),
+        }
+    }
+}

@@ -23,6 +23,7 @@ pub mod constraint;
 pub mod decoding;
 pub mod error;
 pub mod gguf;
+pub mod grad;
 pub mod io;
 pub mod kernels;
 pub mod kv_cache;

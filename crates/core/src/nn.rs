@@ -733,6 +733,32 @@ pub fn attention_qkv(
     attention(&q, &k, &v, ctx, layer, scale)
 }
 
+/// Whether a block may run through [`crate::grad::checkpoint`]: gradients on, whole sequences
+/// (not a KV-cached step), every row kept.
+pub(crate) fn checkpoints(ctx: &AttnCtx<'_, '_>, keep: Option<&Tensor>) -> bool {
+    crate::grad::enabled() && keep.is_none() && matches!(ctx, AttnCtx::Batch { .. })
+}
+
+/// `block(x, ctx)` through [`crate::grad::checkpoint`]; `ctx` must be [`AttnCtx::Batch`]
+/// ([`checkpoints`]), which the rerun gets a copy of.
+pub(crate) fn checkpointed(
+    x: &Tensor,
+    ctx: &AttnCtx<'_, '_>,
+    block: impl Fn(&Tensor, &mut AttnCtx<'_, '_>) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let AttnCtx::Batch { mask, causal, key_mask } = ctx else {
+        return Err(crate::Error::invalid("checkpointing", "only whole sequences can be checkpointed"));
+    };
+    let (mask, causal, key_mask) = (mask.clone(), *causal, key_mask.clone());
+    crate::grad::checkpoint(
+        x,
+        std::sync::Arc::new(move |x: &Tensor| {
+            let mut ctx = AttnCtx::Batch { mask: mask.clone(), causal, key_mask: key_mask.clone() };
+            Ok(block(x, &mut ctx)?)
+        }),
+    )
+}
+
 /// Keeps only the tokens `keep` lists of the residual stream `x` and the attention output
 /// `attn` (both `[b, t, w]`, indices along `t`), or both whole when `keep` is `None`.
 ///

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use lmstack_core::kernels::ops::{cross_entropy, IGNORE_INDEX};
+use lmstack_core::kernels::ops::IGNORE_INDEX;
 use lmstack_core::Model;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -124,9 +124,7 @@ impl Batch {
 /// Mean loss of `model` on a batch (differentiable when the model is trainable), and the number
 /// of scored positions. The batch must score at least one position ([`Batch::scored`]).
 pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize)> {
-    let logits = model.forward(&batch.inputs, None)?;
-    let (b, t, v) = logits.dims3()?;
-    Ok(cross_entropy(&logits.reshape((b * t, v))?, &batch.labels.reshape(b * t)?)?)
+    Ok(model.lm_loss(&batch.inputs, &batch.labels)?)
 }
 
 /// Loss and gradients of `batch`, computed as `shards` slices of the batch in parallel (data
@@ -155,7 +153,8 @@ pub fn shard_grads(
             }
             let (loss, n) = batch_loss(model, &part)?;
             let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let g = loss.backward()?;
+            let vars: Vec<Tensor> = opt.vars().map(|(_, v)| v.as_tensor().clone()).collect();
+            let g = lmstack_core::grad::backward(&loss, &vars)?;
             Ok((l, n, optim::collect_grads(opt, &g)?))
         })
         .collect();

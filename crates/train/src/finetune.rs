@@ -115,6 +115,11 @@ pub struct FinetuneConfig {
     pub checkpoint_interval: u64,
     /// Seed of the split, batch order, adapter init and dropout.
     pub seed: u64,
+    /// Activation checkpointing: each block's activations are recomputed in the backward
+    /// pass instead of kept, and the loss runs in chunks of rows (less memory, about one more
+    /// forward pass per step; [`lmstack_core::Model::set_gradient_checkpointing`]).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for FinetuneConfig {
@@ -145,6 +150,7 @@ impl Default for FinetuneConfig {
             eval_interval: 250,
             checkpoint_interval: 100,
             seed: 1337,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -234,7 +240,7 @@ impl FinetuneConfig {
         };
         let (a, b) = (as_map(self)?, as_map(other)?);
         Ok(a.iter()
-            .filter(|(k, v)| !matches!(k.as_str(), "out_dir" | "max_steps") && b.get(k.as_str()) != Some(*v))
+            .filter(|(k, v)| !matches!(k.as_str(), "out_dir" | "max_steps" | "gradient_checkpointing") && b.get(k.as_str()) != Some(*v))
             .map(|(k, v)| {
                 let here = b.get(k.as_str()).cloned().unwrap_or(serde_json::Value::Null);
                 format!("--{} ({v} there, {here} here)", k.replace('_', "-"))
@@ -284,8 +290,9 @@ impl FinetuneConfig {
 }
 
 /// A LoRA adapter being trained: `A` and `B` are variables; dropout on the input while
-/// `training` is set (masks drawn from a seed, the step and the input, so runs repeat); read as
-/// constants, building no graph, while `frozen` is set (evaluation).
+/// `training` is set (masks drawn from a seed, the step and the input, so runs repeat, and a
+/// checkpointed block's rerun draws the same); read as constants, building no graph, with
+/// gradients off ([`lmstack_core::grad::no_grad`]: evaluation, a checkpointed forward).
 #[derive(Debug)]
 pub struct TrainableLora {
     /// `[r, in]`, Kaiming-uniform as PEFT initialises it.
@@ -297,27 +304,31 @@ pub struct TrainableLora {
     seed: u64,
     step: Arc<AtomicU64>,
     training: Arc<AtomicBool>,
-    frozen: Arc<AtomicBool>,
 }
 
 impl LinearAdapter for TrainableLora {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let xs = if self.dropout > 0.0 && self.training.load(Ordering::Relaxed) {
-            let head: Vec<f32> = xs.flatten_all()?.narrow(0, 0, xs.elem_count().min(8))?.to_vec1()?;
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            (self.seed, self.step.load(Ordering::Relaxed), xs.dims()).hash(&mut h);
-            head.iter().for_each(|x| x.to_bits().hash(&mut h));
-            let mut rng = ChaCha8Rng::seed_from_u64(h.finish());
+            // Each row's mask is drawn from the seed, the step and the row's own values, so a
+            // row gets the same mask however the rows are batched or chunked (the loss's
+            // chunks, a checkpointed block's rerun).
+            let width = xs.dim(candle_core::D::Minus1)?;
+            let rows: Vec<f32> = xs.flatten_all()?.to_vec1()?;
             let keep = 1.0 - self.dropout;
-            let mask: Vec<f32> = (0..xs.elem_count())
-                .map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 })
-                .collect();
+            let mut mask = Vec::with_capacity(rows.len());
+            for row in rows.chunks(width) {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (self.seed, self.step.load(Ordering::Relaxed), width).hash(&mut h);
+                row.iter().take(8).for_each(|x| x.to_bits().hash(&mut h));
+                let mut rng = ChaCha8Rng::seed_from_u64(h.finish());
+                mask.extend((0..width).map(|_| if rng.random::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }));
+            }
             (xs * Tensor::from_vec(mask, xs.shape(), xs.device())?)?
         } else {
             xs.clone()
         };
-        // Evaluation builds no graph: the adapters are read as constants.
-        let (a, b) = if self.frozen.load(Ordering::Relaxed) {
+        // With gradients off nothing builds a graph: the adapters are read as constants.
+        let (a, b) = if !lmstack_core::grad::enabled() {
             (self.a.as_tensor().detach(), self.b.as_tensor().detach())
         } else {
             (self.a.as_tensor().clone(), self.b.as_tensor().clone())
@@ -331,14 +342,13 @@ impl LinearAdapter for TrainableLora {
 
 /// Attaches fresh trainable adapters to the targeted projections of `model`; returns the
 /// variables by PEFT key (`base_model.model.<path>.lora_A.weight` …). `step` and `training`
-/// drive their dropout, `frozen` makes them constants (evaluation: no graph).
+/// drive their dropout.
 pub fn attach_lora(
     model: &mut Model,
     cfg: &LoraConfig,
     seed: u64,
     step: Arc<AtomicU64>,
     training: Arc<AtomicBool>,
-    frozen: Arc<AtomicBool>,
 ) -> Result<BTreeMap<String, Var>> {
     let mut vars = BTreeMap::new();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x10BA);
@@ -363,7 +373,6 @@ pub fn attach_lora(
             seed,
             step: step.clone(),
             training: training.clone(),
-            frozen: frozen.clone(),
         })));
     }
     if vars.is_empty() {
@@ -432,25 +441,29 @@ struct Sft<'a> {
     step: Arc<AtomicU64>,
     /// Whether adapters' dropout is on.
     training: Arc<AtomicBool>,
-    /// Whether the adapters are read as constants (during evaluation).
-    frozen: Arc<AtomicBool>,
 }
 
 impl Sft<'_> {
     /// Masked loss over the validation examples (no graph, adapters' dropout off).
     fn val_loss(&self) -> Result<f64> {
         let was = self.training.swap(false, Ordering::Relaxed);
-        self.frozen.store(true, Ordering::Relaxed);
         let frozen_copy;
         let model = match self.method {
             Method::Full => {
                 frozen_copy = frozen(self.model)?;
                 &frozen_copy
             }
-            // With dropout off the adapters are read as constants (`TrainableLora::forward`):
+            // With gradients off the adapters are read as constants (`TrainableLora::forward`):
             // nothing builds a graph.
             Method::Lora => self.model,
         };
+        let result = lmstack_core::grad::no_grad(|| self.masked_loss(model));
+        self.training.store(was, Ordering::Relaxed);
+        lmstack_core::release_free_memory();
+        result
+    }
+
+    fn masked_loss(&self, model: &Model) -> Result<f64> {
         let (mut total, mut n) = (0.0, 0usize);
         for chunk in self.val.chunks(32) {
             let refs: Vec<&Tokenized> = chunk.iter().collect();
@@ -462,9 +475,6 @@ impl Sft<'_> {
             total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
             n += k;
         }
-        self.training.store(was, Ordering::Relaxed);
-        self.frozen.store(false, Ordering::Relaxed);
-        lmstack_core::release_free_memory();
         Ok(total / n.max(1) as f64)
     }
 }
@@ -659,7 +669,6 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
     }
     let step_counter = Arc::new(AtomicU64::new(0));
     let training = Arc::new(AtomicBool::new(false));
-    let frozen_adapters = Arc::new(AtomicBool::new(false));
     let src = cfg.base.join("model.safetensors").display().to_string();
     let (mut model, vars) = match cfg.method {
         Method::Full => {
@@ -677,7 +686,6 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
                 cfg.seed,
                 step_counter.clone(),
                 training.clone(),
-                frozen_adapters.clone(),
             )?;
             if let Some(l) = &resume_from {
                 for (k, v) in &vars {
@@ -691,6 +699,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
             (m, vars)
         }
     };
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
     let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
     let resumed = resume_from.map(|l| (l.state, l.optimizer));
@@ -708,7 +717,6 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         parallel_shards: cfg.parallel_shards,
         step: step_counter,
         training: training.clone(),
-        frozen: frozen_adapters,
     };
     // A resumed run's "before" is the base's loss its log recorded at step 0, not the loss of
     // the partly trained model it resumes.

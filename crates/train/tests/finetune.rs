@@ -112,9 +112,7 @@ fn gradients_reach_every_adapter_and_match_finite_differences() {
     let mut model = Model::new(p.model.config().clone(), &store, DType::F32, &Device::Cpu).unwrap();
     let cfg = lora_cfg(TargetModules::List(vec!["c_attn".into(), "c_fc".into()]));
     let training = Arc::new(AtomicBool::new(false));
-    let frozen = Arc::new(AtomicBool::new(false));
-    let vars =
-        finetune::attach_lora(&mut model, &cfg, 1, Arc::new(AtomicU64::new(0)), training, frozen.clone()).unwrap();
+    let vars = finetune::attach_lora(&mut model, &cfg, 1, Arc::new(AtomicU64::new(0)), training).unwrap();
     assert_eq!(vars.len(), 2 * 2 * 2, "A and B on c_attn and c_fc of 2 layers");
     // Give B values so A gets gradient too (a fresh B = 0 blocks A's gradient, as in PEFT).
     for (k, v) in &vars {
@@ -137,11 +135,9 @@ fn gradients_reach_every_adapter_and_match_finite_differences() {
     }
     // The frozen base has no variables at all.
     assert!(model.params().vars().is_empty());
-    // Evaluating (adapters frozen), nothing builds a graph: the loss is the same and tracks
+    // Evaluating (gradients off), nothing builds a graph: the loss is the same and tracks
     // nothing; the base's weights got no gradient above either (nothing is kept for them).
-    frozen.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (eval_loss, _) = batch_loss(&model, &batch).unwrap();
-    frozen.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (eval_loss, _) = lmstack_core::grad::no_grad(|| batch_loss(&model, &batch)).unwrap();
     assert!(!eval_loss.track_op(), "evaluation built a graph");
     let same = (eval_loss.to_scalar::<f32>().unwrap() - loss.to_scalar::<f32>().unwrap()).abs();
     assert!(same < 1e-6, "{same}");
@@ -164,6 +160,75 @@ fn gradients_reach_every_adapter_and_match_finite_differences() {
         let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
         v.set(&orig).unwrap();
         assert!((fd - g[1] as f64).abs() < 2e-3 + 0.02 * fd.abs(), "{key}: analytic {} vs numeric {fd}", g[1]);
+    }
+}
+
+/// Activation checkpointing (blocks rerun in the backward pass, the loss in chunks of rows)
+/// changes memory and time, never the loss or a gradient: LoRA with dropout on (the rerun must
+/// draw the same masks) and full finetuning, GPT-2 and Llama, padded batches.
+#[test]
+fn checkpointing_gives_the_loss_and_gradients_of_the_plain_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["gpt2", "llama"] {
+        for method in [Method::Lora, Method::Full] {
+            let p = tiny(&dir.path().join(arch), arch, 9);
+            let weights = p.model.params().tensors().into_iter().collect();
+            let (mut model, vars) = match method {
+                Method::Lora => {
+                    let store = ParamStore::frozen(weights, "base");
+                    let mut m = Model::new(p.model.config().clone(), &store, DType::F32, &Device::Cpu).unwrap();
+                    // Every projection and the output head (whose adapter runs in the loss's chunks).
+                    let names: &[&str] = match arch {
+                        "gpt2" => &["c_attn", "c_proj", "c_fc", "lm_head"],
+                        _ => &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+                    };
+                    let mut cfg = lora_cfg(TargetModules::List(names.iter().map(|n| n.to_string()).collect()));
+                    cfg.lora_dropout = 0.3;
+                    let training = Arc::new(AtomicBool::new(true));
+                    let vars = finetune::attach_lora(&mut m, &cfg, 1, Arc::new(AtomicU64::new(3)), training).unwrap();
+                    for (k, v) in &vars {
+                        if k.ends_with("lora_B.weight") {
+                            v.set(&seeded(v.dims2().unwrap(), 7, 0.5)).unwrap();
+                        }
+                    }
+                    (m, vars.into_values().collect::<Vec<_>>())
+                }
+                Method::Full => {
+                    let store = ParamStore::trainable(weights, "base", None);
+                    let m = Model::new(p.model.config().clone(), &store, DType::F32, &Device::Cpu).unwrap();
+                    let vars = m.params().vars().into_values().collect();
+                    (m, vars)
+                }
+            };
+            let tok = &p.tokenizer;
+            let fmt = ChatFormat::from_spec("plain", tok).unwrap();
+            let exs = [
+                Example::Completion { prompt: "copy: cat dog".into(), completion: "cat dog".into() },
+                Example::Completion { prompt: "say: sun".into(), completion: "sun sea owl".into() },
+            ];
+            let ts: Vec<_> = exs.iter().map(|e| sft::tokenize(e, tok, &fmt, false).unwrap()).collect();
+            let b = sft::batch(&ts.iter().collect::<Vec<_>>(), 48, 0, &Device::Cpu).unwrap();
+            let batch = Batch { inputs: b.inputs, labels: b.labels };
+            let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let mut run = |on: bool| {
+                model.set_gradient_checkpointing(on).unwrap();
+                model.set_loss_chunk_rows(Some(3));
+                let (loss, _) = batch_loss(&model, &batch).unwrap();
+                let g = lmstack_core::grad::backward(&loss, &tensors).unwrap();
+                (loss.to_scalar::<f32>().unwrap(), g)
+            };
+            let (l0, g0) = run(false);
+            let (l1, g1) = run(true);
+            assert!((l0 - l1).abs() < 1e-5, "{arch} {method:?}: loss {l0} vs {l1}");
+            for (i, v) in tensors.iter().enumerate() {
+                let a: Vec<f32> = g0.get(v).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = g1.get(v).unwrap_or_else(|| panic!("{arch} {method:?}: var {i} lost its gradient")).flatten_all().unwrap().to_vec1().unwrap();
+                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(scale > 0.0 || method == Method::Lora, "{arch} {method:?}: var {i} has a zero gradient");
+                let d = max_diff(&a, &b);
+                assert!(d <= 1e-5 * scale.max(1.0), "{arch} {method:?}: var {i} differs by {d} (of {scale})");
+            }
+        }
     }
 }
 

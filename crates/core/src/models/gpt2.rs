@@ -8,7 +8,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::Gpt2Config;
-use crate::nn::{attention_qkv, keep_rows, AttnCtx, Embedding, LayerNorm, Linear};
+use crate::nn::{attention_qkv, checkpointed, checkpoints, keep_rows, AttnCtx, Embedding, LayerNorm, Linear};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -42,6 +42,27 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     lm_head: Linear,
     cfg: Gpt2Config,
+    checkpointing: bool,
+}
+
+impl Block {
+    /// One pre-LN block on the residual stream `x` (`[b, t, d]`); the attention output and
+    /// residual keep only the `keep` rows when given (the last layer, see [`keep_rows`]).
+    fn forward(
+        &self,
+        x: Tensor,
+        ctx: &mut AttnCtx<'_, '_>,
+        layer: usize,
+        act: crate::config::Activation,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let qkv = self.attn.c_attn.forward(&self.ln_1.forward(&x)?)?;
+        let a = attention_qkv(&qkv, self.attn.n_head, ctx, layer, self.attn.scale)?;
+        let (x, a) = keep_rows(x, a, keep)?;
+        let x = (x + self.attn.c_proj.forward(&a)?)?;
+        let m = self.mlp.c_fc.forward(&self.ln_2.forward(&x)?)?;
+        Ok((&x + self.mlp.c_proj.forward(&act.forward(&m)?)?)?)
+    }
 }
 
 impl Gpt2 {
@@ -80,7 +101,7 @@ impl Gpt2 {
         } else {
             Linear::load(vb.pp("lm_head"), d, cfg.vocab_size, false, std)?
         };
-        Ok(Self { wte, wpe, h, ln_f, lm_head, cfg: cfg.clone() })
+        Ok(Self { wte, wpe, h, ln_f, lm_head, cfg: cfg.clone(), checkpointing: false })
     }
 
     /// Final hidden states (after `ln_f`): of every token, or of the tokens `keep` lists (see
@@ -99,16 +120,21 @@ impl Gpt2 {
         let mut x = self.wte.forward(ids)?.broadcast_add(&self.wpe.forward(positions)?)?;
         let act = self.cfg.activation_function;
         for (i, blk) in self.h.iter().enumerate() {
-            let qkv = blk.attn.c_attn.forward(&blk.ln_1.forward(&x)?)?;
-            let mut a = attention_qkv(&qkv, blk.attn.n_head, ctx, i, blk.attn.scale)?;
-            if i + 1 == self.h.len() {
-                (x, a) = keep_rows(x, a, keep)?;
-            }
-            x = (x + blk.attn.c_proj.forward(&a)?)?;
-            let m = blk.mlp.c_fc.forward(&blk.ln_2.forward(&x)?)?;
-            x = (&x + blk.mlp.c_proj.forward(&act.forward(&m)?)?)?;
+            x = if self.checkpointing && checkpoints(ctx, keep) {
+                let blk = blk.clone();
+                checkpointed(&x, ctx, move |x, ctx| blk.forward(x.clone(), ctx, i, act, None))?
+            } else {
+                let keep = if i + 1 == self.h.len() { keep } else { None };
+                blk.forward(x, ctx, i, act, keep)?
+            };
         }
         Ok(self.ln_f.forward(&x)?)
+    }
+
+    /// Whether [`Gpt2::hidden`] runs each block through [`crate::grad::checkpoint`] when
+    /// gradients are on (activation checkpointing: less memory, one more forward per block).
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 
     /// The LM head: hidden states to vocabulary logits.

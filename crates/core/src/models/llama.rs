@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::LlamaConfig;
-use crate::nn::{attention, keep_rows, AttnCtx, Embedding, Linear, RmsNorm, Rotary};
+use crate::nn::{attention, checkpointed, checkpoints, keep_rows, AttnCtx, Embedding, Linear, RmsNorm, Rotary};
 use crate::Result;
 
 #[derive(Debug, Clone)]
@@ -45,6 +45,48 @@ pub struct Llama {
     lm_head: Linear,
     rotary: Rotary,
     cfg: LlamaConfig,
+    checkpointing: bool,
+}
+
+/// What a block needs of the configuration.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    act: crate::config::Activation,
+}
+
+impl Block {
+    /// One pre-norm block on the residual stream `x` (`[b, t, d]`); the attention output and
+    /// residual keep only the `keep` rows when given (the last layer, see [`keep_rows`]).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: Tensor,
+        rotary: &Rotary,
+        positions: &Tensor,
+        ctx: &mut AttnCtx<'_, '_>,
+        layer: usize,
+        s: Shape,
+        keep: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let xn = self.input_layernorm.forward(&x)?;
+        let a = &self.self_attn;
+        let q = a.q_proj.forward(&xn)?.reshape((b, t, s.heads, s.head_dim))?;
+        let k = a.k_proj.forward(&xn)?.reshape((b, t, s.kv_heads, s.head_dim))?;
+        let v = a.v_proj.forward(&xn)?.reshape((b, t, s.kv_heads, s.head_dim))?;
+        let q = rotary.apply(&q, positions)?;
+        let k = rotary.apply(&k, positions)?;
+        let o = attention(&q, &k, &v, ctx, layer, 1.0 / (s.head_dim as f64).sqrt())?;
+        let (x, o) = keep_rows(x, o, keep)?;
+        let x = (x + a.o_proj.forward(&o)?)?;
+        let xn = self.post_attention_layernorm.forward(&x)?;
+        let f = &self.mlp;
+        let g = s.act.forward(&f.gate_proj.forward(&xn)?)?;
+        Ok((&x + f.down_proj.forward(&(g * f.up_proj.forward(&xn)?)?)?)?)
+    }
 }
 
 impl Llama {
@@ -87,7 +129,7 @@ impl Llama {
         };
         // RoPE tables are computed in f32 as transformers does, then cast once.
         let rotary = Rotary::new(hd, cfg.max_position_embeddings, cfg.rope_theta(), dtype, device)?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone() })
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone(), checkpointing: false })
     }
 
     /// Final hidden states (after the last RMSNorm): of every token, or of the tokens `keep`
@@ -103,29 +145,29 @@ impl Llama {
         ctx: &mut AttnCtx<'_, '_>,
         keep: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (h, kvh, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
-        let scale = 1.0 / (hd as f64).sqrt();
+        let shape = Shape {
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.kv_heads(),
+            head_dim: self.cfg.head_dim(),
+            act: self.cfg.hidden_act,
+        };
         let mut x = self.embed_tokens.forward(ids)?;
         for (i, blk) in self.layers.iter().enumerate() {
-            let (b, t, _) = x.dims3()?;
-            let xn = blk.input_layernorm.forward(&x)?;
-            let a = &blk.self_attn;
-            let q = a.q_proj.forward(&xn)?.reshape((b, t, h, hd))?;
-            let k = a.k_proj.forward(&xn)?.reshape((b, t, kvh, hd))?;
-            let v = a.v_proj.forward(&xn)?.reshape((b, t, kvh, hd))?;
-            let q = self.rotary.apply(&q, positions)?;
-            let k = self.rotary.apply(&k, positions)?;
-            let mut o = attention(&q, &k, &v, ctx, i, scale)?;
-            if i + 1 == self.layers.len() {
-                (x, o) = keep_rows(x, o, keep)?;
-            }
-            x = (x + a.o_proj.forward(&o)?)?;
-            let xn = blk.post_attention_layernorm.forward(&x)?;
-            let f = &blk.mlp;
-            let g = self.cfg.hidden_act.forward(&f.gate_proj.forward(&xn)?)?;
-            x = (&x + f.down_proj.forward(&(g * f.up_proj.forward(&xn)?)?)?)?;
+            x = if self.checkpointing && checkpoints(ctx, keep) {
+                let (blk, rotary, positions) = (blk.clone(), self.rotary.clone(), positions.clone());
+                checkpointed(&x, ctx, move |x, ctx| blk.forward(x.clone(), &rotary, &positions, ctx, i, shape, None))?
+            } else {
+                let keep = if i + 1 == self.layers.len() { keep } else { None };
+                blk.forward(x, &self.rotary, positions, ctx, i, shape, keep)?
+            };
         }
         Ok(self.norm.forward(&x)?)
+    }
+
+    /// Whether [`Llama::hidden`] runs each block through [`crate::grad::checkpoint`] when
+    /// gradients are on (activation checkpointing: less memory, one more forward per block).
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 
     /// The LM head: hidden states to vocabulary logits.

@@ -47,6 +47,10 @@ pub struct Model {
     /// The type the file held its unquantized matrices in, which
     /// [`Model::repack_for_inference`] keeps ([`Model::stored_matrix_dtype`]).
     stored: DType,
+    /// Activation checkpointing ([`Model::set_gradient_checkpointing`]).
+    checkpointing: bool,
+    /// Rows per loss chunk under checkpointing ([`Model::set_loss_chunk_rows`]).
+    loss_chunk_rows: Option<usize>,
 }
 
 /// Above this many bytes of weights, [`Model::forward_cached`] parallelises each matrix
@@ -100,6 +104,8 @@ impl Model {
             weight_bytes,
             kv_bf16: false,
             stored: DType::F32,
+            checkpointing: false,
+            loss_chunk_rows: None,
         };
         if store.has_quantized() {
             m.attach_quantized()?;
@@ -405,6 +411,113 @@ impl Model {
             Arch::Gpt2(m) => Ok(m.lm_head().forward(&hidden)?),
             Arch::Llama(m) => Ok(m.lm_head().forward(&hidden)?),
             Arch::Bert(m) => m.mlm_logits(&hidden),
+        }
+    }
+
+    /// Activation checkpointing ("gradient checkpointing" in transformers): with it on, while
+    /// gradients are on, each block of a whole-sequence forward keeps only its input and reruns
+    /// in the backward pass ([`crate::grad::checkpoint`]; collect gradients with
+    /// [`crate::grad::backward`]), and [`Model::lm_loss`] computes the loss in chunks of
+    /// rows. Memory for activations falls from every block's intermediates to one block's;
+    /// a step costs about one more forward pass. Causal models only.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) -> Result<()> {
+        match &mut self.arch {
+            Arch::Gpt2(m) => m.set_checkpointing(on),
+            Arch::Llama(m) => m.set_checkpointing(on),
+            Arch::Bert(_) if on => {
+                return Err(Error::invalid("gradient_checkpointing", "not implemented for bert models"));
+            }
+            Arch::Bert(_) => {}
+        }
+        self.checkpointing = on;
+        Ok(())
+    }
+
+    /// Rows of output logits per chunk of [`Model::lm_loss`] under checkpointing: by default
+    /// about 32 MB of f32 logits (and as much again for their gradient).
+    fn loss_chunk_rows(&self) -> usize {
+        self.loss_chunk_rows.unwrap_or(((8usize << 20) / self.config.vocab_size().max(1)).max(16))
+    }
+
+    /// Sets the rows per chunk of [`Model::lm_loss`] under checkpointing (`None`: the
+    /// default of about 32 MB of logits).
+    pub fn set_loss_chunk_rows(&mut self, rows: Option<usize>) {
+        self.loss_chunk_rows = rows.map(|r| r.max(1));
+    }
+
+    /// Mean cross-entropy over the positions whose label is not
+    /// [`crate::kernels::ops::IGNORE_INDEX`], and their number (next-token labels for causal
+    /// models, masked positions for BERT; differentiable when the model is trainable).
+    ///
+    /// Only the scored rows go through the output head, so the full `[b, t, vocab]` logits
+    /// never exist (an SFT batch scores its answers only). With
+    /// [`Model::set_gradient_checkpointing`] on, the head and loss run in chunks of rows,
+    /// each a checkpoint, so at most one chunk's logits and their gradient exist at once (as
+    /// Liger's fused linear cross-entropy and cut-cross-entropy avoid materialising them).
+    ///
+    /// # Shapes
+    /// `input_ids`, `labels`: `[b, t]` (u32) → scalar.
+    pub fn lm_loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+        use crate::kernels::ops::{cross_entropy, IGNORE_INDEX};
+        if labels.dims() != input_ids.dims() {
+            return Err(Error::invalid(
+                "labels",
+                format!("shape {:?} does not match input_ids {:?}", labels.dims(), input_ids.dims()),
+            ));
+        }
+        let hidden = self.hidden_states(input_ids, None, None)?;
+        let (b, t, d) = hidden.dims3()?;
+        let lv = labels.flatten_all()?.to_vec1::<u32>()?;
+        let (rows, targets): (Vec<u32>, Vec<u32>) =
+            lv.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, &l)| (i as u32, l)).unzip();
+        if targets.is_empty() {
+            return Err(Error::invalid("labels", "every label is ignored; nothing to score"));
+        }
+        let n = targets.len();
+        let h = hidden.reshape((b * t, d))?;
+        let h = if n < b * t { h.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)? } else { h };
+        let head = self.output_head();
+        if !self.checkpointing || !crate::grad::enabled() {
+            let logits = head(&h)?;
+            return cross_entropy(&logits, &Tensor::from_vec(targets, n, &self.device)?);
+        }
+        let chunk = self.loss_chunk_rows();
+        let mut total: Option<Tensor> = None;
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
+            let tc = Tensor::from_slice(&targets[start..start + len], len, &self.device)?;
+            let head = head.clone();
+            let part = crate::grad::checkpoint(
+                &h.narrow(0, start, len)?,
+                std::sync::Arc::new(move |h: &Tensor| {
+                    let (mean, k) = cross_entropy(&head(h)?, &tc)?;
+                    mean * k as f64
+                }),
+            )?;
+            total = Some(match total {
+                Some(t) => (t + part)?,
+                None => part,
+            });
+        }
+        Ok(((total.expect("n > 0") / n as f64)?, n))
+    }
+
+    /// The output head as a function of hidden rows (`[.., d]` → `[.., vocab]`): the LM head
+    /// of a causal model, the masked-LM head of BERT.
+    fn output_head(&self) -> std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync> {
+        match &self.arch {
+            Arch::Gpt2(m) => {
+                let head = m.lm_head().clone();
+                std::sync::Arc::new(move |h| head.forward(h))
+            }
+            Arch::Llama(m) => {
+                let head = m.lm_head().clone();
+                std::sync::Arc::new(move |h| head.forward(h))
+            }
+            Arch::Bert(m) => {
+                let m = m.clone();
+                std::sync::Arc::new(move |h| Ok(m.mlm_logits(h)?))
+            }
         }
     }
 

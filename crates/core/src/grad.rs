@@ -29,7 +29,9 @@ use crate::Result;
 
 thread_local! {
     static NO_GRAD: Cell<bool> = const { Cell::new(false) };
-    static SINK: RefCell<Option<Sink>> = const { RefCell::new(None) };
+    /// One sink per [`backward`] in progress on this thread, innermost last: a thread waiting
+    /// inside one (a rayon join in a kernel) may run another task's whole backward pass.
+    static SINKS: RefCell<Vec<Sink>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Where checkpointed blocks' backward passes put their variables' gradients.
@@ -45,34 +47,45 @@ pub fn enabled() -> bool {
 
 /// Runs `f` with gradients off on this thread (restored afterwards, also on a panic).
 pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
+    set_enabled_in(false, f)
+}
+
+/// Runs `f` with gradients on on this thread (restored afterwards). A task that builds a graph
+/// and may run on a rayon worker starts with it: a worker waiting inside another task's
+/// [`no_grad`] scope (a checkpointed forward) can pick it up, and would otherwise build
+/// nothing.
+pub fn with_grad<R>(f: impl FnOnce() -> R) -> R {
+    set_enabled_in(true, f)
+}
+
+fn set_enabled_in<R>(on: bool, f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
         fn drop(&mut self) {
             NO_GRAD.with(|c| c.set(self.0));
         }
     }
-    let _restore = Restore(NO_GRAD.with(|c| c.replace(true)));
+    let _restore = Restore(NO_GRAD.with(|c| c.replace(!on)));
     f()
 }
 
 /// Backpropagates from the scalar `loss` and returns the gradients, including those that
 /// checkpointed blocks ([`checkpoint`]) computed for `vars` while rerunning.
 pub fn backward(loss: &Tensor, vars: &[Tensor]) -> Result<GradStore> {
-    struct Clear;
-    impl Drop for Clear {
+    struct Pop(usize);
+    impl Drop for Pop {
         fn drop(&mut self) {
-            SINK.with(|s| s.borrow_mut().take());
+            SINKS.with(|s| s.borrow_mut().truncate(self.0));
         }
     }
-    let outer = SINK.with(|s| s.borrow_mut().replace(Sink { vars: vars.to_vec(), grads: HashMap::new() }));
-    if outer.is_some() {
-        SINK.with(|s| *s.borrow_mut() = outer);
-        return Err(candle_core::Error::Msg("grad::backward: already inside a backward pass on this thread".into()).into());
-    }
-    let _clear = Clear;
-    let mut grads = loss.backward()?;
-    let sink = SINK.with(|s| s.borrow_mut().take()).expect("set above");
-    let mut extra = sink.grads;
+    let depth = SINKS.with(|s| {
+        let mut s = s.borrow_mut();
+        s.push(Sink { vars: vars.to_vec(), grads: HashMap::new() });
+        s.len() - 1
+    });
+    let _pop = Pop(depth);
+    let mut grads = with_grad(|| loss.backward())?;
+    let mut extra = SINKS.with(|s| std::mem::take(&mut s.borrow_mut()[depth].grads));
     for v in vars {
         if let Some(g) = extra.remove(&v.id()) {
             let total = match grads.get(v) {
@@ -124,8 +137,9 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) =
-            l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("checkpoint: input must be contiguous".into()))?;
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("checkpoint: input must be contiguous".into()))?;
         let dev = candle_core::Device::Cpu;
         let x = match s {
             CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev)?,
@@ -137,7 +151,7 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        if !SINK.with(|s| s.borrow().is_some()) {
+        if SINKS.with(|s| s.borrow().is_empty()) {
             candle_core::bail!(
                 "a checkpointed block was reached by a backward pass outside lmstack_core::grad::backward; \
                  its variables' gradients would be lost"
@@ -147,9 +161,9 @@ impl CustomOp1 for Checkpoint {
         let y = (self.0)(x.as_tensor())?;
         let s = (y * grad_res)?.sum_all()?;
         let inner = s.backward()?;
-        SINK.with(|s| -> candle_core::Result<()> {
+        SINKS.with(|s| -> candle_core::Result<()> {
             let mut s = s.borrow_mut();
-            let sink = s.as_mut().expect("checked above");
+            let sink = s.last_mut().expect("checked above");
             for v in &sink.vars {
                 if let Some(g) = inner.get(v) {
                     let total = match sink.grads.remove(&v.id()) {
@@ -184,7 +198,9 @@ mod tests {
     fn checkpointed_blocks_give_the_gradients_of_the_plain_graph() -> Result<()> {
         let dev = Device::Cpu;
         let vars: Vec<Var> = (0..4)
-            .map(|i| Var::from_tensor(&(Tensor::randn(0f32, 0.5, (6, 6), &dev).unwrap() * (1.0 + i as f64 * 0.1)).unwrap()))
+            .map(|i| {
+                Var::from_tensor(&(Tensor::randn(0f32, 0.5, (6, 6), &dev).unwrap() * (1.0 + i as f64 * 0.1)).unwrap())
+            })
             .collect::<candle_core::Result<_>>()?;
         let head = Var::from_tensor(&Tensor::randn(0f32, 0.5, (3, 6), &dev)?)?;
         let x = Tensor::randn(0f32, 1.0, (5, 6), &dev)?;

@@ -656,16 +656,18 @@ impl Rotary {
 /// a uniform distribution instead of NaN).
 pub const MASK_VALUE: f32 = -1e30;
 
-/// An additive attention mask `[b, 1, t, t]` (f32): `causal` hides later keys, and
-/// `attention_mask` (`[b, t]`, 1 for real tokens and 0 for padding) hides padded keys.
+/// An additive attention mask `[b, 1, t, t]` (f32): `causal` hides later keys,
+/// `attention_mask` (`[b, t]`, 1 for real tokens and 0 for padding) hides padded keys, and
+/// `segments` hides every key outside a query's own sequence.
 pub fn batch_mask(
     b: usize,
     t: usize,
     causal: bool,
     attention_mask: Option<&Tensor>,
+    segments: Option<&Segments>,
     device: &Device,
 ) -> Result<Option<Tensor>> {
-    if !causal && attention_mask.is_none() {
+    if !causal && attention_mask.is_none() && segments.is_none() {
         return Ok(None);
     }
     let mut m = vec![0f32; b * t * t];
@@ -673,10 +675,13 @@ pub fn batch_mask(
         Some(am) => Some(am.to_dtype(DType::U32)?.to_vec2::<u32>()?),
         None => None,
     };
+    let seg = segments.map(|s| s.ids(b, t));
     for bi in 0..b {
         for q in 0..t {
             for k in 0..t {
-                let hidden = (causal && k > q) || pad.as_ref().is_some_and(|p| p[bi][k] == 0);
+                let hidden = (causal && k > q)
+                    || pad.as_ref().is_some_and(|p| p[bi][k] == 0)
+                    || seg.as_ref().is_some_and(|s| s[bi * t + q] != s[bi * t + k] || s[bi * t + k] == usize::MAX);
                 if hidden {
                     m[(bi * t + q) * t + k] = MASK_VALUE;
                 }
@@ -684,6 +689,71 @@ pub fn batch_mask(
         }
     }
     Ok(Some(Tensor::from_vec(m, (b, 1, t, t), device)?))
+}
+
+/// Independent sequences packed along the time axis of a `[b, t]` batch (padding-free
+/// training, TRL's `padding_free`): each `(row, start, len)` attends only within itself and
+/// its positions start at 0. Tokens outside every sequence (a row's tail) are padding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segments(std::sync::Arc<Vec<(usize, usize, usize)>>);
+
+impl Segments {
+    /// Checks that each `(row, start, len)` is non-empty, inside a `[b, t]` batch, and that
+    /// none overlap.
+    pub fn new(mut spans: Vec<(usize, usize, usize)>, b: usize, t: usize) -> Result<Self> {
+        spans.sort_unstable();
+        for (i, &(row, start, len)) in spans.iter().enumerate() {
+            if len == 0 || row >= b || start + len > t {
+                return Err(crate::Error::invalid(
+                    "segments",
+                    format!("({row}, {start}, {len}) is empty or outside the [{b}, {t}] batch"),
+                ));
+            }
+            if let Some(&(r, s, l)) = i.checked_sub(1).map(|j| &spans[j]) {
+                if r == row && s + l > start {
+                    return Err(crate::Error::invalid(
+                        "segments",
+                        format!("({r}, {s}, {l}) overlaps ({row}, {start}, {len})"),
+                    ));
+                }
+            }
+        }
+        Ok(Self(std::sync::Arc::new(spans)))
+    }
+
+    /// The `(row, start, len)` spans, sorted.
+    pub fn spans(&self) -> &[(usize, usize, usize)] {
+        &self.0
+    }
+
+    /// The longest sequence.
+    pub fn max_len(&self) -> usize {
+        self.0.iter().map(|s| s.2).max().unwrap_or(0)
+    }
+
+    /// Each token's position within its sequence (0 outside every sequence), `[b · t]`.
+    pub fn positions(&self, b: usize, t: usize) -> Vec<u32> {
+        let mut p = vec![0u32; b * t];
+        for &(row, start, len) in self.0.iter() {
+            for i in 0..len {
+                p[row * t + start + i] = i as u32;
+            }
+        }
+        p
+    }
+
+    /// Each token's sequence index (`usize::MAX` outside every sequence), `[b · t]`.
+    fn ids(&self, b: usize, t: usize) -> Vec<usize> {
+        let mut ids = vec![usize::MAX; b * t];
+        for (n, &(row, start, len)) in self.0.iter().enumerate() {
+            ids[row * t + start..row * t + start + len].iter_mut().for_each(|x| *x = n);
+        }
+        ids
+    }
+
+    pub(crate) fn shared(&self) -> std::sync::Arc<Vec<(usize, usize, usize)>> {
+        self.0.clone()
+    }
 }
 
 /// How attention sees the keys and values of a forward pass.
@@ -696,6 +766,9 @@ pub enum AttnCtx<'a, 'c> {
         causal: bool,
         /// `[b · t]`, 0 where a key is padding, for the fused path.
         key_mask: Option<Vec<u8>>,
+        /// Independent sequences packed along `t`, for the fused path (the composed path's
+        /// `mask` includes them).
+        segments: Option<Segments>,
     },
     /// The new tokens of several sequences packed as `[1, n_total]`, each sequence
     /// continuing its own KV cache: `spans[i] = (start, len)` in the packed axis.
@@ -720,9 +793,10 @@ pub fn attention_qkv(
 ) -> Result<Tensor> {
     let (b, t, w) = qkv.dims3()?;
     let d = w / 3 / heads;
-    if let AttnCtx::Batch { causal, key_mask, .. } = ctx {
+    if let AttnCtx::Batch { causal, key_mask, segments, .. } = ctx {
         if crate::kernels::ops::supported(qkv) {
-            let op = crate::kernels::ops::AttentionQkv::new(b, t, heads, d, *causal, scale, key_mask.clone());
+            let op = crate::kernels::ops::AttentionQkv::new(b, t, heads, d, *causal, scale, key_mask.clone())
+                .with_segments(segments.as_ref().map(Segments::shared));
             return Ok(qkv.contiguous()?.apply_op1(op)?);
         }
     }
@@ -746,14 +820,15 @@ pub(crate) fn checkpointed(
     ctx: &AttnCtx<'_, '_>,
     block: impl Fn(&Tensor, &mut AttnCtx<'_, '_>) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    let AttnCtx::Batch { mask, causal, key_mask } = ctx else {
+    let AttnCtx::Batch { mask, causal, key_mask, segments } = ctx else {
         return Err(crate::Error::invalid("checkpointing", "only whole sequences can be checkpointed"));
     };
-    let (mask, causal, key_mask) = (mask.clone(), *causal, key_mask.clone());
+    let (mask, causal, key_mask, segments) = (mask.clone(), *causal, key_mask.clone(), segments.clone());
     crate::grad::checkpoint(
         x,
         std::sync::Arc::new(move |x: &Tensor| {
-            let mut ctx = AttnCtx::Batch { mask: mask.clone(), causal, key_mask: key_mask.clone() };
+            let mut ctx =
+                AttnCtx::Batch { mask: mask.clone(), causal, key_mask: key_mask.clone(), segments: segments.clone() };
             Ok(block(x, &mut ctx)?)
         }),
     )
@@ -789,8 +864,9 @@ pub fn attention(
     let kvh = k.dim(2)?;
     let n_rep = h / kvh;
     match ctx {
-        AttnCtx::Batch { causal, key_mask, .. } if crate::kernels::ops::supported(q) => {
-            let op = crate::kernels::ops::Attention::new(b, t, h, kvh, d, *causal, scale, key_mask.clone());
+        AttnCtx::Batch { causal, key_mask, segments, .. } if crate::kernels::ops::supported(q) => {
+            let op = crate::kernels::ops::Attention::new(b, t, h, kvh, d, *causal, scale, key_mask.clone())
+                .with_segments(segments.as_ref().map(Segments::shared));
             Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
         }
         AttnCtx::Batch { mask, .. } => {

@@ -147,3 +147,86 @@ fn fast_exp_is_accurate() {
     assert!(worst < 2e-7, "max relative error {worst}");
     assert!(simd::exp_f32(f32::NEG_INFINITY) < 1e-37 && simd::exp_f32(0.0) == 1.0);
 }
+
+/// Sequences packed into rows with segments (padding-free batches) give the loss and the
+/// gradients of the same sequences run one by one, fused kernels and composed masks alike,
+/// a row's unused tail included.
+#[test]
+fn packed_sequences_train_as_separate_ones() {
+    use lmstack_core::nn::Segments;
+    let _guard = TOGGLE.lock().unwrap_or_else(|p| p.into_inner());
+    let dev = Device::Cpu;
+    let seqs: Vec<Vec<u32>> = [5usize, 8, 6]
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| (0..n as u32).map(|i| (i * 5 + s as u32 * 3 + 1) % 29).collect())
+        .collect();
+    // One sequence's inputs and next-token labels.
+    let pair = |s: &[u32]| (s[..s.len() - 1].to_vec(), s[1..].to_vec());
+    for cfg in [
+        r#"{"model_type":"gpt2","vocab_size":29,"n_positions":16,"n_embd":12,"n_layer":2,"n_head":3}"#,
+        r#"{"model_type":"llama","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":16}"#,
+    ] {
+        for fused in [true, false] {
+            ops::set_enabled(fused);
+            let m = Model::init(ModelConfig::from_json(cfg, "t").unwrap(), 5, DType::F64, &dev).unwrap();
+            let vars = m.params().vars();
+            let grads_of = |loss: &Tensor| -> Vec<Vec<f64>> {
+                let g = loss.backward().unwrap();
+                vars.values().map(|v| g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect()
+            };
+            // One by one: the sum of the per-token losses and of their gradients.
+            let mut total = 0.0;
+            let mut sum: Vec<Vec<f64>> = Vec::new();
+            for s in &seqs {
+                let (x, y) = pair(s);
+                let n = x.len();
+                let (loss, k) = m
+                    .lm_loss(
+                        &Tensor::from_vec(x, (1, n), &dev).unwrap(),
+                        &Tensor::from_vec(y, (1, n), &dev).unwrap(),
+                        None,
+                    )
+                    .unwrap();
+                let scaled = (loss * k as f64).unwrap();
+                total += scaled.to_scalar::<f64>().unwrap();
+                let g = grads_of(&scaled);
+                if sum.is_empty() {
+                    sum = g;
+                } else {
+                    sum.iter_mut().zip(g).for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+                }
+            }
+            // Packed: rows [seq 0, seq 1] and [seq 2, 6 padding tokens].
+            let (x0, y0) = pair(&seqs[0]);
+            let (x1, y1) = pair(&seqs[1]);
+            let (x2, y2) = pair(&seqs[2]);
+            let t = x0.len() + x1.len();
+            let mut xs = [x0.clone(), x1.clone(), x2.clone()].concat();
+            let mut ys = [y0, y1, y2].concat();
+            xs.extend(std::iter::repeat_n(0, t - x2.len()));
+            ys.extend(std::iter::repeat_n(IGNORE_INDEX, t - x2.len()));
+            let segs = Segments::new(vec![(0, 0, x0.len()), (0, x0.len(), x1.len()), (1, 0, x2.len())], 2, t).unwrap();
+            let (loss, k) = m
+                .lm_loss(
+                    &Tensor::from_vec(xs, (2, t), &dev).unwrap(),
+                    &Tensor::from_vec(ys, (2, t), &dev).unwrap(),
+                    Some(&segs),
+                )
+                .unwrap();
+            let scaled = (loss * k as f64).unwrap();
+            let packed = scaled.to_scalar::<f64>().unwrap();
+            assert!((packed - total).abs() < 1e-9, "{cfg} fused {fused}: loss {packed} vs {total}");
+            for ((name, a), b) in vars.keys().zip(grads_of(&scaled)).zip(&sum) {
+                let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                assert!(d < 1e-9, "{cfg} fused {fused}: gradient of {name} differs by {d}");
+            }
+        }
+        ops::set_enabled(true);
+    }
+    // Bad spans are refused naming them.
+    let err = Segments::new(vec![(0, 0, 4), (0, 3, 2)], 1, 8).unwrap_err().to_string();
+    assert!(err.contains("overlaps"), "{err}");
+    let err = Segments::new(vec![(1, 0, 4)], 1, 8).unwrap_err().to_string();
+    assert!(err.contains("outside"), "{err}");
+}

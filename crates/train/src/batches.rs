@@ -13,6 +13,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use lmstack_core::kernels::ops::IGNORE_INDEX;
+use lmstack_core::nn::Segments;
 use lmstack_core::Model;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -28,6 +29,8 @@ pub struct Batch {
     pub inputs: Tensor,
     /// Labels `[batch, block]` (u32), [`IGNORE_INDEX`] where nothing is scored.
     pub labels: Tensor,
+    /// Several sequences packed in a row (padding-free batches), or `None`: a row each.
+    pub segments: Option<Segments>,
 }
 
 /// Which self-supervised labels batches are built with.
@@ -111,10 +114,28 @@ pub fn windows(
             }
         }
     }
-    Ok(Batch { inputs: Tensor::from_vec(x, (b, block), device)?, labels: Tensor::from_vec(y, (b, block), device)? })
+    Ok(Batch {
+        inputs: Tensor::from_vec(x, (b, block), device)?,
+        labels: Tensor::from_vec(y, (b, block), device)?,
+        segments: None,
+    })
 }
 
 impl Batch {
+    /// Rows `lo..hi`, with the sequences packed in them.
+    pub fn rows(&self, lo: usize, hi: usize) -> Result<Batch> {
+        let t = self.inputs.dim(1)?;
+        let segments = match &self.segments {
+            Some(s) => Some(Segments::new(
+                s.spans().iter().filter(|sp| (lo..hi).contains(&sp.0)).map(|&(r, st, l)| (r - lo, st, l)).collect(),
+                hi - lo,
+                t,
+            )?),
+            None => None,
+        };
+        Ok(Batch { inputs: self.inputs.narrow(0, lo, hi - lo)?, labels: self.labels.narrow(0, lo, hi - lo)?, segments })
+    }
+
     /// The number of scored positions (labels other than [`IGNORE_INDEX`]).
     pub fn scored(&self) -> Result<usize> {
         Ok(self.labels.flatten_all()?.to_vec1::<u32>()?.iter().filter(|&&t| t != IGNORE_INDEX).count())
@@ -124,7 +145,7 @@ impl Batch {
 /// Mean loss of `model` on a batch (differentiable when the model is trainable), and the number
 /// of scored positions. The batch must score at least one position ([`Batch::scored`]).
 pub fn batch_loss(model: &Model, batch: &Batch) -> Result<(Tensor, usize)> {
-    Ok(model.lm_loss(&batch.inputs, &batch.labels)?)
+    Ok(model.lm_loss(&batch.inputs, &batch.labels, batch.segments.as_ref())?)
 }
 
 /// Loss and gradients of `batch`, computed as `shards` slices of the batch in parallel (data
@@ -145,17 +166,20 @@ pub fn shard_grads(
     type Part = (f64, usize, HashMap<String, Vec<f32>>);
     let parts: Vec<Result<Part>> = bounds
         .par_iter()
-        .map(|&(lo, hi)| {
-            let part =
-                Batch { inputs: batch.inputs.narrow(0, lo, hi - lo)?, labels: batch.labels.narrow(0, lo, hi - lo)? };
-            if part.scored()? == 0 {
-                return Ok((0.0, 0, HashMap::new()));
-            }
-            let (loss, n) = batch_loss(model, &part)?;
-            let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let vars: Vec<Tensor> = opt.vars().map(|(_, v)| v.as_tensor().clone()).collect();
-            let g = lmstack_core::grad::backward(&loss, &vars)?;
-            Ok((l, n, optim::collect_grads(opt, &g)?))
+        .map(|&(lo, hi)| -> Result<Part> {
+            // Gradients on for this slice whatever the worker was doing (it may pick the task
+            // up while waiting inside another slice's checkpointed forward, under no_grad).
+            lmstack_core::grad::with_grad(|| {
+                let part = batch.rows(lo, hi)?;
+                if part.scored()? == 0 {
+                    return Ok((0.0, 0, HashMap::new()));
+                }
+                let (loss, n) = batch_loss(model, &part)?;
+                let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let vars: Vec<Tensor> = opt.vars().map(|(_, v)| v.as_tensor().clone()).collect();
+                let g = lmstack_core::grad::backward(&loss, &vars)?;
+                Ok((l, n, optim::collect_grads(opt, &g)?))
+            })
         })
         .collect();
     let parts: Vec<_> = parts.into_iter().collect::<Result<_>>()?;

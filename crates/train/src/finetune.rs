@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::batches::{batch_loss, shard_grads, Batch};
+use crate::batches::{batch_loss, shard_grads};
 use crate::checkpoint::{self, TrainerState};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::runlog::{self, Record};
@@ -120,6 +120,10 @@ pub struct FinetuneConfig {
     /// forward pass per step; [`lmstack_core::Model::set_gradient_checkpointing`]).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Padding-free batches (TRL's `padding_free`): each micro-batch's examples packed end to
+    /// end, one row per parallel slice, each attending only within itself ([`sft::packed`]).
+    #[serde(default)]
+    pub padding_free: bool,
 }
 
 impl Default for FinetuneConfig {
@@ -151,6 +155,7 @@ impl Default for FinetuneConfig {
             checkpoint_interval: 100,
             seed: 1337,
             gradient_checkpointing: false,
+            padding_free: false,
         }
     }
 }
@@ -240,7 +245,10 @@ impl FinetuneConfig {
         };
         let (a, b) = (as_map(self)?, as_map(other)?);
         Ok(a.iter()
-            .filter(|(k, v)| !matches!(k.as_str(), "out_dir" | "max_steps" | "gradient_checkpointing") && b.get(k.as_str()) != Some(*v))
+            .filter(|(k, v)| {
+                !matches!(k.as_str(), "out_dir" | "max_steps" | "gradient_checkpointing" | "padding_free")
+                    && b.get(k.as_str()) != Some(*v)
+            })
             .map(|(k, v)| {
                 let here = b.get(k.as_str()).cloned().unwrap_or(serde_json::Value::Null);
                 format!("--{} ({v} there, {here} here)", k.replace('_', "-"))
@@ -437,6 +445,8 @@ struct Sft<'a> {
     pad: u32,
     batch_size: usize,
     parallel_shards: usize,
+    /// Pack each micro-batch's examples, a row per slice ([`sft::packed`]).
+    padding_free: bool,
     /// The step adapters' dropout masks are drawn for.
     step: Arc<AtomicU64>,
     /// Whether adapters' dropout is on.
@@ -471,7 +481,7 @@ impl Sft<'_> {
             if b.n_scored == 0 {
                 continue;
             }
-            let (l, k) = batch_loss(model, &Batch { inputs: b.inputs, labels: b.labels })?;
+            let (l, k) = batch_loss(model, &b.into_batch())?;
             total += l.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
             n += k;
         }
@@ -485,10 +495,13 @@ impl Objective for Sft<'_> {
         let k = self.batch_size.min(self.train.len());
         let picks = rand::seq::index::sample(rng, self.train.len(), k);
         let refs: Vec<&Tokenized> = picks.iter().map(|i| &self.train[i]).collect();
-        let b = sft::batch(&refs, self.max_len, self.pad, self.model.device())?;
+        let dev = self.model.device();
+        let b = match self.padding_free {
+            true => sft::packed(&refs, self.parallel_shards, self.max_len, self.pad, dev)?,
+            false => sft::batch(&refs, self.max_len, self.pad, dev)?,
+        };
         let tokens = b.n_scored as u64;
-        let (loss, grads) =
-            shard_grads(self.model, opt, &Batch { inputs: b.inputs, labels: b.labels }, self.parallel_shards)?;
+        let (loss, grads) = shard_grads(self.model, opt, &b.into_batch(), self.parallel_shards)?;
         Ok(MicroBatch { loss, grads, tokens })
     }
 
@@ -680,13 +693,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         Method::Lora => {
             let store = ParamStore::frozen(weights, &src);
             let mut m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
-            let vars = attach_lora(
-                &mut m,
-                &cfg.lora_config(),
-                cfg.seed,
-                step_counter.clone(),
-                training.clone(),
-            )?;
+            let vars = attach_lora(&mut m, &cfg.lora_config(), cfg.seed, step_counter.clone(), training.clone())?;
             if let Some(l) = &resume_from {
                 for (k, v) in &vars {
                     let t = l
@@ -715,6 +722,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         pad,
         batch_size: cfg.batch_size,
         parallel_shards: cfg.parallel_shards,
+        padding_free: cfg.padding_free,
         step: step_counter,
         training: training.clone(),
     };

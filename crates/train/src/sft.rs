@@ -18,6 +18,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use lmstack_core::kernels::ops::IGNORE_INDEX;
+use lmstack_core::nn::Segments;
 use lmstack_core::Tokenizer;
 use serde_json::{json, Value};
 
@@ -227,8 +228,9 @@ fn not_incremental(i: usize) -> Error {
     ))
 }
 
-/// A padded batch: inputs `[b, t]` and labels `[b, t]` (next token where scored, else
-/// [`IGNORE_INDEX`]; padding is never scored).
+/// A batch: inputs `[b, t]` and labels `[b, t]` (next token where scored, else
+/// [`IGNORE_INDEX`]; padding is never scored), an example per row ([`batch`]) or several
+/// packed in a row ([`packed`]).
 pub struct SftBatch {
     /// Input ids.
     pub inputs: Tensor,
@@ -236,41 +238,87 @@ pub struct SftBatch {
     pub labels: Tensor,
     /// Scored positions in the batch.
     pub n_scored: usize,
+    /// Where each example sits when several share a row ([`packed`]).
+    pub segments: Option<Segments>,
+}
+
+impl SftBatch {
+    /// As the training loop takes it.
+    pub fn into_batch(self) -> crate::batches::Batch {
+        crate::batches::Batch { inputs: self.inputs, labels: self.labels, segments: self.segments }
+    }
+}
+
+/// One example's inputs and labels (cut to `max_len + 1` tokens from the left): next token
+/// where scored, else [`IGNORE_INDEX`].
+fn inputs_and_labels(x: &Tokenized, max_len: usize) -> (Vec<u32>, Vec<u32>) {
+    let keep = x.ids.len().min(max_len + 1);
+    let s = x.ids.len() - keep;
+    let (ids, scored) = (&x.ids[s..], &x.scored[s..]);
+    let n = ids.len().saturating_sub(1);
+    let labels = (0..n).map(|p| if scored[p + 1] { ids[p + 1] } else { IGNORE_INDEX }).collect();
+    (ids[..n].to_vec(), labels)
+}
+
+/// Padding-free batch (TRL's `padding_free`): the examples packed end to end into `rows`
+/// rows (each to the row with the fewest tokens so far, longest first), each attending only
+/// within itself with positions from 0; rows shorter than the longest are padded at the end.
+/// The same loss and gradients as [`batch`], without computing padding.
+pub fn packed(items: &[&Tokenized], rows: usize, max_len: usize, pad: u32, dev: &Device) -> Result<SftBatch> {
+    let rows = rows.clamp(1, items.len().max(1));
+    let mut seqs: Vec<(Vec<u32>, Vec<u32>)> =
+        items.iter().map(|x| inputs_and_labels(x, max_len)).filter(|(x, _)| !x.is_empty()).collect();
+    seqs.sort_by_key(|(x, _)| std::cmp::Reverse(x.len()));
+    let mut fill: Vec<Vec<usize>> = vec![Vec::new(); rows];
+    let mut lens = vec![0usize; rows];
+    for (i, (x, _)) in seqs.iter().enumerate() {
+        let r = (0..rows).min_by_key(|&r| (lens[r], r)).expect("rows > 0");
+        fill[r].push(i);
+        lens[r] += x.len();
+    }
+    let t = lens.iter().copied().max().unwrap_or(0).max(1);
+    let (mut inputs, mut labels, mut spans) = (Vec::with_capacity(rows * t), Vec::with_capacity(rows * t), Vec::new());
+    for (r, members) in fill.iter().enumerate() {
+        let mut at = 0;
+        for &i in members {
+            let (x, y) = &seqs[i];
+            spans.push((r, at, x.len()));
+            inputs.extend_from_slice(x);
+            labels.extend_from_slice(y);
+            at += x.len();
+        }
+        inputs.extend(std::iter::repeat_n(pad, t - at));
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, t - at));
+    }
+    let n_scored = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    Ok(SftBatch {
+        inputs: Tensor::from_vec(inputs, (rows, t), dev)?,
+        labels: Tensor::from_vec(labels, (rows, t), dev)?,
+        n_scored,
+        segments: Some(Segments::new(spans, rows, t)?),
+    })
 }
 
 /// Pads `items` to the longest (cut to `max_len + 1` tokens from the left) and builds inputs and
 /// labels; `pad` fills inputs (its value never matters: nothing attends forward into padding
 /// in a causal model, and padded positions are not scored).
 pub fn batch(items: &[&Tokenized], max_len: usize, pad: u32, dev: &Device) -> Result<SftBatch> {
-    let cut: Vec<(&[u32], &[bool])> = items
-        .iter()
-        .map(|x| {
-            let keep = x.ids.len().min(max_len + 1);
-            let s = x.ids.len() - keep;
-            (&x.ids[s..], &x.scored[s..])
-        })
-        .collect();
-    let t = cut.iter().map(|(ids, _)| ids.len().saturating_sub(1)).max().unwrap_or(0).max(1);
+    let seqs: Vec<(Vec<u32>, Vec<u32>)> = items.iter().map(|x| inputs_and_labels(x, max_len)).collect();
+    let t = seqs.iter().map(|(x, _)| x.len()).max().unwrap_or(0).max(1);
     let mut inputs = Vec::with_capacity(items.len() * t);
     let mut labels = Vec::with_capacity(items.len() * t);
-    let mut n = 0;
-    for (ids, scored) in cut {
-        for p in 0..t {
-            inputs.push(ids.get(p).copied().unwrap_or(pad));
-            let label = match (ids.get(p + 1), scored.get(p + 1)) {
-                (Some(&y), Some(true)) => {
-                    n += 1;
-                    y
-                }
-                _ => IGNORE_INDEX,
-            };
-            labels.push(label);
-        }
+    for (x, y) in &seqs {
+        inputs.extend_from_slice(x);
+        inputs.extend(std::iter::repeat_n(pad, t - x.len()));
+        labels.extend_from_slice(y);
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, t - y.len()));
     }
+    let n_scored = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
     Ok(SftBatch {
         inputs: Tensor::from_vec(inputs, (items.len(), t), dev)?,
         labels: Tensor::from_vec(labels, (items.len(), t), dev)?,
-        n_scored: n,
+        n_scored,
+        segments: None,
     })
 }
 

@@ -883,44 +883,64 @@ struct AttnSpec {
     scale: f64,
     /// `[b * t]`, 0 where the key is padding.
     key_mask: Option<Arc<Vec<u8>>>,
+    /// Independent sequences packed along `t` (padding-free batches): `(row, start, len)`,
+    /// each attending only within itself; `None`: each row is one sequence. Tokens outside
+    /// every segment get a zero output.
+    segments: Option<Arc<Vec<(usize, usize, usize)>>>,
 }
 
 use std::sync::Arc;
 
+/// `v` moved down `rows` rows.
+fn down(v: crate::kernels::gemm::View, rows: usize) -> crate::kernels::gemm::View {
+    crate::kernels::gemm::View { off: v.off + rows * v.rs, ..v }
+}
+
 impl AttnSpec {
-    /// Scores `S = scale · Q Kᵀ` for one head, masked, then softmax in place; rows with no
+    /// The sequences attention runs over: `(row, start, len)`.
+    fn seqs(&self) -> Vec<(usize, usize, usize)> {
+        match &self.segments {
+            Some(s) => s.as_ref().clone(),
+            None => (0..self.b).map(|b| (b, 0, self.t)).collect(),
+        }
+    }
+
+    /// Scores `S = scale · Q Kᵀ` for one head of the sequence `(b, start, n)` (`qv`, `kv`
+    /// at its first token), masked, then softmax in place into `p` (`n × n`); rows with no
     /// visible key become all zeros.
+    #[allow(clippy::too_many_arguments)]
     fn probs<T: Elem>(
         &self,
         q: &[T],
         qv: crate::kernels::gemm::View,
         k: &[T],
         kv: crate::kernels::gemm::View,
-        b: usize,
+        (b, start, n): (usize, usize, usize),
         p: &mut [T],
     ) {
         let t = self.t;
         crate::kernels::gemm::matmul(
-            t,
-            t,
+            n,
+            n,
             self.d,
             q,
             qv,
             k,
             kv.t(),
             p,
-            crate::kernels::gemm::View::rows(0, t),
+            crate::kernels::gemm::View::rows(0, n),
             false,
             c::<T>(self.scale),
         );
+        let key_mask = self.key_mask.as_ref().map(|m| &m[b * t + start..b * t + start + n]);
         wide(
             #[inline(always)]
             || {
-                for i in 0..t {
-                    let row = &mut p[i * t..(i + 1) * t];
+                for i in 0..n {
+                    let row = &mut p[i * n..(i + 1) * n];
                     // Visible keys: a causal row sees 0..=i; padded keys are then zeroed after the exp.
-                    let visible = if self.causal { i + 1 } else { t };
-                    let keys = |j: usize| self.key_mask.as_ref().is_none_or(|m| m[b * t + j] != 0);
+                    let visible = if self.causal { i + 1 } else { n };
+                    let keys = |j: usize| key_mask.is_none_or(|m| m[j] != 0);
                     let mut max = T::neg_infinity();
                     for (j, &s) in row[..visible].iter().enumerate() {
                         if s > max && keys(j) {
@@ -935,9 +955,9 @@ impl AttnSpec {
                         *s = (*s - max).fast_exp();
                     }
                     row[visible..].iter_mut().for_each(|s| *s = T::zero());
-                    if let Some(m) = &self.key_mask {
+                    if let Some(m) = key_mask {
                         for (j, s) in row[..visible].iter_mut().enumerate() {
-                            if m[b * t + j] == 0 {
+                            if m[j] == 0 {
                                 *s = T::zero();
                             }
                         }
@@ -954,21 +974,22 @@ impl AttnSpec {
     fn forward<T: Elem>(&self, q: &[T], ql: Heads, k: &[T], kl: Heads, v: &[T], vl: Heads) -> Vec<T> {
         let (t, d, h) = (self.t, self.d, self.h);
         let rep = h / self.kvh;
-        let blocks: Vec<Vec<T>> = (0..self.b * h)
+        let seqs = self.seqs();
+        let blocks: Vec<Vec<T>> = (0..seqs.len() * h)
             .into_par_iter()
-            .map(|bh| {
-                let (b, hh) = (bh / h, bh % h);
-                let mut p = vec![T::zero(); t * t];
-                self.probs(q, ql.at(b, hh), k, kl.at(b, hh / rep), b, &mut p);
-                let mut o = vec![T::zero(); t * d];
+            .map(|sh| {
+                let ((b, start, n), hh) = (seqs[sh / h], sh % h);
+                let mut p = vec![T::zero(); n * n];
+                self.probs(q, down(ql.at(b, hh), start), k, down(kl.at(b, hh / rep), start), (b, start, n), &mut p);
+                let mut o = vec![T::zero(); n * d];
                 crate::kernels::gemm::matmul(
-                    t,
+                    n,
                     d,
-                    t,
+                    n,
                     &p,
-                    crate::kernels::gemm::View::rows(0, t),
+                    crate::kernels::gemm::View::rows(0, n),
                     v,
-                    vl.at(b, hh / rep),
+                    down(vl.at(b, hh / rep), start),
                     &mut o,
                     crate::kernels::gemm::View::rows(0, d),
                     false,
@@ -978,10 +999,10 @@ impl AttnSpec {
             })
             .collect();
         let mut out = vec![T::zero(); self.b * t * h * d];
-        for (bh, o) in blocks.iter().enumerate() {
-            let (b, hh) = (bh / h, bh % h);
-            for i in 0..t {
-                let dst = ((b * t + i) * h + hh) * d;
+        for (sh, o) in blocks.iter().enumerate() {
+            let ((b, start, n), hh) = (seqs[sh / h], sh % h);
+            for i in 0..n {
+                let dst = ((b * t + start + i) * h + hh) * d;
                 out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
             }
         }
@@ -1004,36 +1025,37 @@ impl AttnSpec {
         let (t, d, h, kvh) = (self.t, self.d, self.h, self.kvh);
         let rep = h / kvh;
         let scale = c::<T>(self.scale);
-        let groups: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..self.b * kvh)
+        let seqs = self.seqs();
+        let groups: Vec<(Vec<Vec<T>>, Vec<T>, Vec<T>)> = (0..seqs.len() * kvh)
             .into_par_iter()
-            .map(|bg| {
-                let (b, g) = (bg / kvh, bg % kvh);
-                let (kv_k, kv_v) = (kl.at(b, g), vl.at(b, g));
-                let mut dk = vec![T::zero(); t * d];
-                let mut dv = vec![T::zero(); t * d];
+            .map(|sg| {
+                let ((b, start, n), g) = (seqs[sg / kvh], sg % kvh);
+                let (kv_k, kv_v) = (down(kl.at(b, g), start), down(vl.at(b, g), start));
+                let mut dk = vec![T::zero(); n * d];
+                let mut dv = vec![T::zero(); n * d];
                 let mut dqs = Vec::with_capacity(rep);
-                let mut p = vec![T::zero(); t * t];
-                let mut dp = vec![T::zero(); t * t];
+                let mut p = vec![T::zero(); n * n];
+                let mut dp = vec![T::zero(); n * n];
                 for r in 0..rep {
                     let hh = g * rep + r;
-                    let qv = ql.at(b, hh);
-                    self.probs(q, qv, k, kv_k, b, &mut p);
-                    let dov = View::rows((b * t * h + hh) * d, h * d);
+                    let qv = down(ql.at(b, hh), start);
+                    self.probs(q, qv, k, kv_k, (b, start, n), &mut p);
+                    let dov = View::rows(((b * t + start) * h + hh) * d, h * d);
                     // dV += Pᵀ dO ; dP = dO Vᵀ
-                    matmul(t, d, t, &p, View::rows(0, t).t(), dout, dov, &mut dv, View::rows(0, d), true, T::one());
-                    matmul(t, t, d, dout, dov, v, kv_v.t(), &mut dp, View::rows(0, t), false, T::one());
+                    matmul(n, d, n, &p, View::rows(0, n).t(), dout, dov, &mut dv, View::rows(0, d), true, T::one());
+                    matmul(n, n, d, dout, dov, v, kv_v.t(), &mut dp, View::rows(0, n), false, T::one());
                     // dS = P ⊙ (dP − rowsum(dP ⊙ P))
-                    for i in 0..t {
-                        let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
+                    for i in 0..n {
+                        let (pr, dr) = (&p[i * n..(i + 1) * n], &mut dp[i * n..(i + 1) * n]);
                         let dot: T = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum();
                         for (dv_, &pv) in dr.iter_mut().zip(pr) {
                             *dv_ = pv * (*dv_ - dot);
                         }
                     }
                     // dQ = scale · dS K ; dK += scale · dSᵀ Q
-                    let mut dq = vec![T::zero(); t * d];
-                    matmul(t, d, t, &dp, View::rows(0, t), k, kv_k, &mut dq, View::rows(0, d), false, scale);
-                    matmul(t, d, t, &dp, View::rows(0, t).t(), q, qv, &mut dk, View::rows(0, d), true, scale);
+                    let mut dq = vec![T::zero(); n * d];
+                    matmul(n, d, n, &dp, View::rows(0, n), k, kv_k, &mut dq, View::rows(0, d), false, scale);
+                    matmul(n, d, n, &dp, View::rows(0, n).t(), q, qv, &mut dk, View::rows(0, d), true, scale);
                     dqs.push(dq);
                 }
                 (dqs, dk, dv)
@@ -1042,14 +1064,15 @@ impl AttnSpec {
         let mut dq = vec![T::zero(); self.b * t * h * d];
         let mut dk = vec![T::zero(); self.b * t * kvh * d];
         let mut dv = vec![T::zero(); self.b * t * kvh * d];
-        for (bg, (dqs, gk, gv)) in groups.iter().enumerate() {
-            let (b, g) = (bg / kvh, bg % kvh);
-            for i in 0..t {
-                let kd = ((b * t + i) * kvh + g) * d;
+        for (sg, (dqs, gk, gv)) in groups.iter().enumerate() {
+            let ((b, start, n), g) = (seqs[sg / kvh], sg % kvh);
+            for i in 0..n {
+                let row = b * t + start + i;
+                let kd = (row * kvh + g) * d;
                 dk[kd..kd + d].copy_from_slice(&gk[i * d..(i + 1) * d]);
                 dv[kd..kd + d].copy_from_slice(&gv[i * d..(i + 1) * d]);
                 for (r, gq) in dqs.iter().enumerate() {
-                    let qd = ((b * t + i) * h + g * rep + r) * d;
+                    let qd = (row * h + g * rep + r) * d;
                     dq[qd..qd + d].copy_from_slice(&gq[i * d..(i + 1) * d]);
                 }
             }
@@ -1078,7 +1101,14 @@ impl Attention {
         scale: f64,
         key_mask: Option<Vec<u8>>,
     ) -> Self {
-        Self { spec: AttnSpec { b, t, h, kvh, d, causal, scale, key_mask: key_mask.map(Arc::new) } }
+        Self { spec: AttnSpec { b, t, h, kvh, d, causal, scale, key_mask: key_mask.map(Arc::new), segments: None } }
+    }
+
+    /// Attention within each of the sequences packed along `t` (`(row, start, len)`; see
+    /// [`crate::nn::Segments`]) instead of within each row.
+    pub fn with_segments(mut self, segments: Option<Arc<Vec<(usize, usize, usize)>>>) -> Self {
+        self.spec.segments = segments;
+        self
     }
 }
 
@@ -1151,7 +1181,13 @@ pub struct AttentionQkv {
 impl AttentionQkv {
     /// An attention op over packed projections; `key_mask` as in [`Attention::new`].
     pub fn new(b: usize, t: usize, h: usize, d: usize, causal: bool, scale: f64, key_mask: Option<Vec<u8>>) -> Self {
-        Self { spec: AttnSpec { b, t, h, kvh: h, d, causal, scale, key_mask: key_mask.map(Arc::new) } }
+        Self { spec: AttnSpec { b, t, h, kvh: h, d, causal, scale, key_mask: key_mask.map(Arc::new), segments: None } }
+    }
+
+    /// As [`Attention::with_segments`].
+    pub fn with_segments(mut self, segments: Option<Arc<Vec<(usize, usize, usize)>>>) -> Self {
+        self.spec.segments = segments;
+        self
     }
 
     fn views(&self, off: usize) -> [Heads; 3] {

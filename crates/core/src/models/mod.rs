@@ -19,7 +19,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
-use crate::nn::{batch_mask, AttnCtx, Linear};
+use crate::nn::{batch_mask, AttnCtx, Linear, Segments};
 use crate::params::ParamStore;
 use crate::{Error, Result};
 
@@ -448,6 +448,8 @@ impl Model {
     /// Mean cross-entropy over the positions whose label is not
     /// [`crate::kernels::ops::IGNORE_INDEX`], and their number (next-token labels for causal
     /// models, masked positions for BERT; differentiable when the model is trainable).
+    /// `segments`: several sequences packed in a row (padding-free batches; see
+    /// [`Segments`]).
     ///
     /// Only the scored rows go through the output head, so the full `[b, t, vocab]` logits
     /// never exist (an SFT batch scores its answers only). With
@@ -457,7 +459,7 @@ impl Model {
     ///
     /// # Shapes
     /// `input_ids`, `labels`: `[b, t]` (u32) → scalar.
-    pub fn lm_loss(&self, input_ids: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
+    pub fn lm_loss(&self, input_ids: &Tensor, labels: &Tensor, segments: Option<&Segments>) -> Result<(Tensor, usize)> {
         use crate::kernels::ops::{cross_entropy, IGNORE_INDEX};
         if labels.dims() != input_ids.dims() {
             return Err(Error::invalid(
@@ -465,7 +467,7 @@ impl Model {
                 format!("shape {:?} does not match input_ids {:?}", labels.dims(), input_ids.dims()),
             ));
         }
-        let hidden = self.hidden_states(input_ids, None, None)?;
+        let hidden = self.hidden_states_in(input_ids, None, None, segments)?;
         let (b, t, d) = hidden.dims3()?;
         let lv = labels.flatten_all()?.to_vec1::<u32>()?;
         let (rows, targets): (Vec<u32>, Vec<u32>) =
@@ -532,12 +534,36 @@ impl Model {
         attention_mask: Option<&Tensor>,
         token_type_ids: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.hidden_states_in(input_ids, attention_mask, token_type_ids, None)
+    }
+
+    /// [`Model::hidden_states`], with several sequences packed in a row where `segments`
+    /// says (each attends only within itself, positions from 0).
+    fn hidden_states_in(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        token_type_ids: Option<&Tensor>,
+        segments: Option<&Segments>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
-        if t > self.max_len() {
-            return Err(Error::ContextOverflow { len: t, max: self.max_len() });
+        let longest = segments.map_or(t, Segments::max_len);
+        if longest > self.max_len() {
+            return Err(Error::ContextOverflow { len: longest, max: self.max_len() });
+        }
+        if let Some(s) = segments {
+            if let Some(&(row, start, len)) = s.spans().iter().find(|&&(r, st, l)| r >= b || st + l > t) {
+                return Err(Error::invalid(
+                    "segments",
+                    format!("({row}, {start}, {len}) is outside the [{b}, {t}] batch"),
+                ));
+            }
         }
         self.check_ids(&input_ids.flatten_all()?.to_vec1::<u32>()?)?;
-        let positions = Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?;
+        let positions = match segments {
+            Some(s) => Tensor::from_vec(s.positions(b, t), (b, t), &self.device)?,
+            None => Tensor::arange(0u32, t as u32, &self.device)?.unsqueeze(0)?.repeat((b, 1))?,
+        };
         let causal = self.config.is_causal();
         if let Some(m) = attention_mask {
             if m.dims() != [b, t] {
@@ -556,9 +582,9 @@ impl Model {
         let mask = if crate::kernels::ops::supported_for(self.dtype, &self.device) {
             None
         } else {
-            batch_mask(b, t, causal, attention_mask, &self.device)?
+            batch_mask(b, t, causal, attention_mask, segments, &self.device)?
         };
-        let mut ctx = AttnCtx::Batch { mask, causal, key_mask };
+        let mut ctx = AttnCtx::Batch { mask, causal, key_mask, segments: segments.cloned() };
         match &self.arch {
             Arch::Gpt2(m) => m.hidden(input_ids, &positions, &mut ctx, None),
             Arch::Llama(m) => m.hidden(input_ids, &positions, &mut ctx, None),

@@ -88,6 +88,10 @@ pub(crate) struct FinetuneArgs {
     /// third more time per step).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Padding-free batches: pack each micro-batch's examples end to end, each attending only
+    /// within itself (no compute spent on padding; same loss up to rounding).
+    #[arg(long)]
+    padding_free: bool,
     #[command(flatten)]
     run: crate::RunFlags,
 }
@@ -123,6 +127,7 @@ impl FinetuneArgs {
         }
         c.train_on_inputs |= self.train_on_inputs;
         c.gradient_checkpointing |= self.gradient_checkpointing;
+        c.padding_free |= self.padding_free;
         c.validate()?;
         Ok(c)
     }

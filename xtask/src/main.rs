@@ -28,7 +28,9 @@
 //!   r 8 on every linear layer, against PyTorch + peft on the same directory, data and
 //!   settings (`crates/train/examples/peft_reference.py`, run with `--python`, default
 //!   `python3`; skipped with a note when it lacks torch, transformers or peft), alternated round
-//!   by round: ms/step, scored tokens/s, peak resident memory and validation loss of both.
+//!   by round: ms/step, scored tokens/s, peak resident memory and validation loss of both;
+//!   then lmstack's memory-saving settings: `--gradient-checkpointing`, and QLoRA on the
+//!   quantized GGUF base with it.
 //!
 //! - `bench structured [--model FILE] [--rounds N] [--tokens N] [--skip-validity | --only-validity]`: what structured outputs
 //!   cost on a GGUF chat model (default: the fetched SmolLM2 Q4_1) through the release `serve`
@@ -162,14 +164,21 @@ fn bench_finetune(extra: &[String]) -> Result<(), String> {
         println!("note: `{python}` lacks torch, transformers or peft: only lmstack runs (pass --python PATH)");
     }
     let mut rows = Vec::new();
+    let gguf = default_gguf()?;
+    // lmstack as the peer runs (f32 base), then the memory-saving settings: activation
+    // checkpointing (with chunked loss), and QLoRA on the quantized GGUF base.
+    let variants: [(&str, &str, &[&str]); 3] = [
+        ("lmstack", &model_s, &[]),
+        ("lmstack ckpt", &model_s, &["--gradient-checkpointing"]),
+        ("lmstack QLoRA ckpt", &gguf, &["--gradient-checkpointing"]),
+    ];
     for round in 0..rounds {
-        let out_s = out.display().to_string();
-        run(
-            &train.display().to_string(),
-            &[
+        for (i, (name, base, extra)) in variants.into_iter().enumerate() {
+            let out_s = out.join(format!("run{i}")).display().to_string();
+            let mut args = vec![
                 "finetune",
                 "--base",
-                &model_s,
+                base,
                 "--data",
                 &data_s,
                 "--out-dir",
@@ -186,25 +195,29 @@ fn bench_finetune(extra: &[String]) -> Result<(), String> {
                 "100000",
                 "--quiet",
                 "--overwrite",
-            ],
-            &[],
-        )?;
-        let text = std::fs::read_to_string(out.join("summary.json")).map_err(|e| format!("summary.json: {e}"))?;
-        let s: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("summary.json: {e}"))?;
-        let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
-        rows.push(format!(
-            "round {}  lmstack        {:7.0} ms/step  {:6.1} scored tokens/s  peak {:6.0} MiB  val loss {:.4} -> {:.4}",
-            round + 1,
-            f("train_ms_per_step"),
-            f("tokens_per_sec"),
-            f("peak_rss_mib"),
-            s["val_loss"][0].as_f64().unwrap_or(f64::NAN),
-            s["val_loss"][1].as_f64().unwrap_or(f64::NAN)
-        ));
+            ];
+            args.extend_from_slice(extra);
+            run(&train.display().to_string(), &args, &[])?;
+            let summary = Path::new(&out_s).join("summary.json");
+            let text = std::fs::read_to_string(&summary).map_err(|e| format!("{}: {e}", summary.display()))?;
+            let s: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("summary.json: {e}"))?;
+            let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
+            rows.push(format!(
+                "round {}  {name:<18} {:7.0} ms/step  {:6.1} scored tokens/s  peak {:6.0} MiB  val loss {:.4} -> {:.4}",
+                round + 1,
+                f("train_ms_per_step"),
+                f("tokens_per_sec"),
+                f("peak_rss_mib"),
+                s["val_loss"][0].as_f64().unwrap_or(f64::NAN),
+                s["val_loss"][1].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
         if peft_ok {
             let script = root().join("crates/train/examples/peft_reference.py");
             let o = Command::new(&python)
                 .args([&script.display().to_string(), "--model", &model_s, "--data", &data_s, "--steps", &steps])
+                // The validation split and batches of lmstack's first run this round.
+                .args(["--order", &out.join("run0/data_order.jsonl").display().to_string()])
                 .output()
                 .map_err(|e| format!("{python}: {e}"))?;
             if !o.status.success() {
@@ -215,8 +228,9 @@ fn bench_finetune(extra: &[String]) -> Result<(), String> {
                 .map_err(|e| format!("peft_reference.py's output: {e}: {line}"))?;
             let g = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
             rows.push(format!(
-                "round {}  PyTorch + peft {:7.0} ms/step  {:6.1} scored tokens/s  peak {:6.0} MiB  val loss {:.4} -> {:.4}",
+                "round {}  {:<18} {:7.0} ms/step  {:6.1} scored tokens/s  peak {:6.0} MiB  val loss {:.4} -> {:.4}",
                 round + 1,
+                "PyTorch + peft",
                 g("ms_per_step"),
                 g("scored_tokens_per_sec"),
                 g("peak_rss_mib"),
@@ -230,6 +244,7 @@ fn bench_finetune(extra: &[String]) -> Result<(), String> {
         println!("{r}");
     }
     println!("targets (issue 26): step time <= 0.8x PyTorch + peft's; peak memory <= theirs (f32 base), <= 1 GB (bf16 or quantized base)");
+    println!("(ckpt: --gradient-checkpointing; QLoRA: the Q4_1 GGUF base, whose validation loss is the quantized model's)");
     Ok(())
 }
 

@@ -7,7 +7,11 @@ to a tenth of the peak), random batches of `--batch` examples padded to the long
 Prints one JSON line: ms/step (optimizer steps only, evaluation excluded), scored and padded
 tokens/s, peak resident memory, and the validation loss before and after.
 
-    python crates/train/examples/peft_reference.py --model DIR --data train.jsonl [--steps 60]
+With `--order RUN/data_order.jsonl` (written by `train finetune`) it holds out the same
+validation examples and draws the same examples at each step as that lmstack run did;
+without it, its own seeded split and draws.
+
+    python crates/train/examples/peft_reference.py --model DIR --data train.jsonl [--steps 60] [--order FILE]
 
 Needs torch, transformers and peft (outside the repository: `pip install torch transformers
 peft`).
@@ -93,6 +97,7 @@ def main():
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--order", help="an lmstack run's data_order.jsonl: its validation split and batches")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -104,11 +109,25 @@ def main():
     )
     rows = [json.loads(l) for l in open(a.data, encoding="utf-8") if l.strip()]
     data = [tokenize(tok, r["messages"]) for r in rows]
-    idx = list(range(len(data)))
-    rng.shuffle(idx)
-    n_val = max(1, int(len(data) * a.val_fraction))
-    val = [data[i] for i in idx[:n_val]]
-    train = [data[i] for i in idx[n_val:]]
+    steps_of = None
+    if a.order:
+        lines = [json.loads(l) for l in open(a.order, encoding="utf-8") if l.strip()]
+        head = lines[0]
+        if head.get("val_file"):
+            raise SystemExit(f"{a.order}: that run validated on another file; pass its data instead")
+        val = [data[i] for i in head["val"]]
+        # A resumed run may have logged a step twice: the later line is the one it trained on.
+        steps_of = {l["step"]: l["examples"] for l in lines[1:]}
+        missing = [s for s in range(a.steps) if s not in steps_of]
+        if missing:
+            raise SystemExit(f"{a.order}: no batch for steps {missing[:5]}... (the run was shorter than --steps)")
+        train = None
+    else:
+        idx = list(range(len(data)))
+        rng.shuffle(idx)
+        n_val = max(1, int(len(data) * a.val_fraction))
+        val = [data[i] for i in idx[:n_val]]
+        train = [data[i] for i in idx[n_val:]]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
 
@@ -121,7 +140,8 @@ def main():
     before = val_loss(model, val, pad)
     times, scored, padded = [], 0, 0
     for step in range(a.steps):
-        x, y = batch(rng.sample(train, a.batch), pad)
+        picked = [data[i] for i in steps_of[step]] if steps_of else rng.sample(train, a.batch)
+        x, y = batch(picked, pad)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         t0 = time.perf_counter()
@@ -143,7 +163,8 @@ def main():
         "val_loss_before": before,
         "val_loss_after": after,
         "steps": a.steps,
-        "train": len(train),
+        "train": len(train) if train is not None else len(data) - len(val),
+        "same_order": bool(a.order),
         "val": len(val),
         "torch": torch.__version__,
     }))

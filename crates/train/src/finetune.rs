@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -439,6 +440,10 @@ struct Sft<'a> {
     model: &'a Model,
     method: Method,
     train: &'a [Tokenized],
+    /// Each training example's index in the data file.
+    train_index: &'a [usize],
+    /// `data_order.jsonl`: the examples each micro-batch drew.
+    order: std::fs::File,
     val: &'a [Tokenized],
     vars: &'a BTreeMap<String, Var>,
     max_len: usize,
@@ -501,6 +506,8 @@ impl Objective for Sft<'_> {
             false => sft::batch(&refs, self.max_len, self.pad, dev)?,
         };
         let tokens = b.n_scored as u64;
+        let line = serde_json::json!({"step": step, "examples": picks.iter().map(|i| self.train_index[i]).collect::<Vec<_>>()});
+        writeln!(self.order, "{line}").map_err(|e| Error::Msg(format!("data_order.jsonl: {e}")))?;
         let (loss, grads) = shard_grads(self.model, opt, &b.into_batch(), self.parallel_shards)?;
         Ok(MicroBatch { loss, grads, tokens })
     }
@@ -621,8 +628,8 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
     let max_len = base.model.max_len();
     let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
 
-    // Data: tokenize, drop what cannot fit, split.
-    let prepare = |path: &Path| -> Result<(Vec<Tokenized>, usize)> {
+    // Data: tokenize, drop what cannot fit, split; each example keeps its index in its file.
+    let prepare = |path: &Path| -> Result<(Vec<(usize, Tokenized)>, usize)> {
         let examples = sft::read_examples(path)?;
         let mut kept = Vec::new();
         let mut skipped = 0;
@@ -632,7 +639,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
             if t.ids.len() > max_len + 1 || t.n_scored() == 0 {
                 skipped += 1;
             } else {
-                kept.push(t);
+                kept.push((i, t));
             }
         }
         Ok((kept, skipped))
@@ -657,6 +664,22 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
             v.into_iter().map(|x| x.1).collect()
         }
     };
+    let (train_index, train): (Vec<usize>, Vec<Tokenized>) = train.into_iter().unzip();
+    let (val_index, val): (Vec<usize>, Vec<Tokenized>) = val.into_iter().unzip();
+    // Which examples each step drew, for a peer run on the same data order
+    // (`crates/train/examples/peft_reference.py --order`).
+    let order_path = out.join("data_order.jsonl");
+    let mut order = std::fs::OpenOptions::new()
+        .create(true)
+        .append(resume)
+        .write(true)
+        .truncate(!resume)
+        .open(&order_path)
+        .map_err(|e| Error::Msg(format!("{}: {e}", order_path.display())))?;
+    if !resume {
+        let line = serde_json::json!({"val": val_index, "val_file": cfg.val_data.is_some()});
+        writeln!(order, "{line}").map_err(|e| Error::Msg(format!("{}: {e}", order_path.display())))?;
+    }
     if train.is_empty() {
         return Err(Error::Msg(format!(
             "{}: no example fits the model's context of {max_len} tokens",
@@ -716,6 +739,8 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         model: &model,
         method: cfg.method,
         train: &train,
+        train_index: &train_index,
+        order,
         val: &val,
         vars: &vars,
         max_len,

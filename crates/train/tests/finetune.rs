@@ -354,11 +354,26 @@ fn lora_finetuning_learns_resumes_exactly_and_writes_peft() {
     assert!(t.keys().all(
         |k| k.starts_with("base_model.model.") && (k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
     ));
+    // data_order.jsonl: the held-out examples, then the examples of each step (for a peer run
+    // on the same order), indices into the data file.
+    let order = |dir: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.join("data_order.jsonl")).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let lines = order(&dir.path().join("lora"));
+    assert_eq!(lines[0]["val"].as_array().unwrap().len(), s.examples.1, "{}", lines[0]);
+    assert_eq!(lines.len(), 21);
+    for (i, l) in lines[1..].iter().enumerate() {
+        assert_eq!(l["step"].as_u64(), Some(i as u64));
+        let ex = l["examples"].as_array().unwrap();
+        assert_eq!(ex.len(), c.batch_size.min(s.examples.0));
+        assert!(ex.iter().all(|e| e.as_u64().unwrap() < 64 && !lines[0]["val"].as_array().unwrap().contains(e)));
+    }
 
     // A crash after step 10: drop the step-20 checkpoint, resume, and get the same adapter.
     let copy = dir.path().join("lora-crashed");
     std::fs::create_dir_all(copy.join("checkpoints")).unwrap();
-    for f in ["finetune.json", "metrics.jsonl"] {
+    for f in ["finetune.json", "metrics.jsonl", "data_order.jsonl"] {
         std::fs::copy(dir.path().join("lora").join(f), copy.join(f)).unwrap();
     }
     let src = dir.path().join("lora/checkpoints/step-0000010");
@@ -381,6 +396,10 @@ fn lora_finetuning_learns_resumes_exactly_and_writes_peft() {
             max_diff(&a.flatten_all().unwrap().to_vec1().unwrap(), &t2[k].flatten_all().unwrap().to_vec1().unwrap());
         assert_eq!(d, 0.0, "{k} differs after resuming");
     }
+    // The resumed run logged steps 10.. again, drawing the same examples.
+    let resumed = order(&copy);
+    assert_eq!(resumed.len(), 31);
+    assert_eq!(&resumed[21..], &lines[11..]);
     // Changing a setting on resume is refused; a second fresh run over a run is refused.
     let c3 = FinetuneConfig { lr: 0.5, ..c2 };
     assert!(finetune::run(&c3, &opts(true, stop.clone())).unwrap_err().to_string().contains("--resume"));

@@ -29,6 +29,8 @@ use crate::Result;
 
 thread_local! {
     static NO_GRAD: Cell<bool> = const { Cell::new(false) };
+    /// Inside a [`checkpoint`]'s first forward (whose values the rerun must reproduce).
+    static CHECKPOINTED: Cell<bool> = const { Cell::new(false) };
     /// One sink per [`backward`] in progress on this thread, innermost last: a thread waiting
     /// inside one (a rayon join in a kernel) may run another task's whole backward pass.
     static SINKS: RefCell<Vec<Sink>> = const { RefCell::new(Vec::new()) };
@@ -38,6 +40,14 @@ thread_local! {
 struct Sink {
     vars: Vec<Tensor>,
     grads: HashMap<TensorId, Tensor>,
+}
+
+/// Whether this thread is in the first forward of a [`checkpoint`]: gradients are off, but
+/// the values must be those the rerun (with gradients) computes, so layers with a fast
+/// approximate path for inference (quantized products that round activations to 8 bits)
+/// take their exact one.
+pub fn in_checkpointed_forward() -> bool {
+    CHECKPOINTED.with(Cell::get)
 }
 
 /// Whether gradients are on for this thread (false inside [`no_grad`]).
@@ -122,13 +132,25 @@ pub fn checkpoint(x: &Tensor, f: BlockFn) -> Result<Tensor> {
 
 struct Checkpoint(BlockFn);
 
-fn storage_of(t: &Tensor) -> candle_core::Result<CpuStorage> {
+/// `t`'s values as a CPU storage (for a custom op's output).
+pub(crate) fn storage_of(t: &Tensor) -> candle_core::Result<CpuStorage> {
     let t = t.flatten_all()?;
     Ok(match t.dtype() {
         candle_core::DType::F32 => CpuStorage::F32(t.to_vec1()?),
         candle_core::DType::F64 => CpuStorage::F64(t.to_vec1()?),
         d => candle_core::bail!("checkpoint: unsupported dtype {d:?}"),
     })
+}
+
+/// A custom op's (contiguous, f32 or f64) input as a tensor of its own (a copy).
+pub(crate) fn tensor_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("custom op: input must be contiguous".into()))?;
+    let dev = candle_core::Device::Cpu;
+    match s {
+        CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
+        CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev),
+        _ => candle_core::bail!("custom op: unsupported dtype {:?}", s.dtype()),
+    }
 }
 
 impl CustomOp1 for Checkpoint {

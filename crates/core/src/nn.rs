@@ -299,7 +299,7 @@ impl Linear {
     fn project(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dequantized;
         let (weight, in_out) = match &self.quant {
-            Some(q) if !xs.track_op() => {
+            Some(q) if !xs.track_op() && !crate::grad::in_checkpointed_forward() => {
                 let y = match quantized_forward(q, xs)? {
                     Some(y) => y,
                     None => QMatMul::QTensor(q.clone()).forward(&xs.contiguous()?)?,
@@ -309,8 +309,16 @@ impl Linear {
                     None => Ok(y),
                 };
             }
-            // A gradient flows to the input (adapters below): the fused op or matmul below on a
-            // dequantized copy.
+            // Training (a gradient flows to the input, or a checkpointed forward the backward
+            // pass reruns): the exact product with the weight dequantized a slice of rows at a
+            // time, forward and backward (no f32 copy of the weight is made or kept).
+            Some(q) if xs.device().is_cpu() && xs.dtype() == DType::F32 => {
+                let y = xs.contiguous()?.apply_op1(QuantizedLinear::new(q.clone()))?;
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
             Some(q) => {
                 dequantized = q.dequantize(xs.device())?;
                 (&dequantized, None)
@@ -389,6 +397,88 @@ fn quantized_forward(q: &QTensor, xs: &Tensor) -> candle_core::Result<Option<Ten
     let mut shape = dims.to_vec();
     *shape.last_mut().expect("non-empty") = out;
     Ok(Some(Tensor::from_vec(y, shape, xs.device())?))
+}
+
+/// `x Wᵀ` for a frozen quantized `W` (`[out, in]`), exact and with a backward pass to `x`,
+/// for training through a quantized base (QLoRA): `W` is dequantized a slice of rows (about
+/// 4 MB) at a time for the product and again for the input's gradient `g W`, so no f32 copy
+/// of it is ever whole or kept in the graph. (Inference uses the quantized kernels, which
+/// round activations to 8 bits: faster, but not the function whose gradient this computes.)
+struct QuantizedLinear(Arc<QTensor>, usize);
+
+impl QuantizedLinear {
+    /// Dequantizing about 1M values (4 MB) at a time.
+    fn new(q: Arc<QTensor>) -> Self {
+        let inp = q.shape().dims().last().copied().unwrap_or(1);
+        let step = ((1usize << 20) / inp.max(1)).max(1);
+        Self(q, step)
+    }
+
+    /// Rows of `W` per slice.
+    fn step(&self, _inp: usize) -> usize {
+        self.1
+    }
+
+    /// Rows `r0..r0 + n` of `W`, dequantized: `[n, in]`.
+    fn rows(&self, r0: usize, n: usize) -> candle_core::Result<Tensor> {
+        let (_, inp) = self.0.shape().dims2()?;
+        let dtype = self.0.dtype();
+        let row_bytes = inp / dtype.block_size() * dtype.type_size();
+        let data = self.0.data()?;
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &data[r0 * row_bytes..(r0 + n) * row_bytes],
+            vec![n, inp],
+            &Device::Cpu,
+        )?
+        .dequantize(&Device::Cpu)
+    }
+}
+
+impl candle_core::CustomOp1 for QuantizedLinear {
+    fn name(&self) -> &'static str {
+        "lmstack-quantized-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = crate::grad::tensor_of(s, l)?;
+        let (out, inp) = self.0.shape().dims2()?;
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, inp))?.to_dtype(DType::F32)?;
+        let step = self.step(inp);
+        let mut parts = Vec::with_capacity(out.div_ceil(step));
+        for r0 in (0..out).step_by(step) {
+            parts.push(x2.matmul(&self.rows(r0, step.min(out - r0))?.t()?)?);
+        }
+        let mut shape = dims;
+        *shape.last_mut().expect("non-empty") = out;
+        let y = Tensor::cat(&parts, 1)?.reshape(shape)?.to_dtype(x.dtype())?;
+        Ok((crate::grad::storage_of(&y)?, y.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (out, inp) = self.0.shape().dims2()?;
+        let rows: usize = arg.dims()[..arg.rank() - 1].iter().product();
+        let g = grad.reshape((rows, out))?.to_dtype(DType::F32)?;
+        let step = self.step(inp);
+        let mut dx: Option<Tensor> = None;
+        for r0 in (0..out).step_by(step) {
+            let n = step.min(out - r0);
+            let w = self.rows(r0, n)?;
+            let part = g.narrow(1, r0, n)?.matmul(&w)?;
+            dx = Some(match dx {
+                Some(d) => (d + part)?,
+                None => part,
+            });
+        }
+        let dx = dx.ok_or_else(|| candle_core::Error::Msg("quantized linear: empty weight".into()))?;
+        Ok(Some(dx.reshape(arg.shape())?.to_dtype(arg.dtype())?))
+    }
 }
 
 /// A tensor of `t`'s shape, dtype and device that holds no values (one broadcast zero): what a
@@ -954,6 +1044,33 @@ impl crate::config::Activation {
             crate::config::Activation::GeluTanh => xs.gelu(),
             crate::config::Activation::Relu => xs.relu(),
             crate::config::Activation::Silu => xs.silu(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod quantized_linear_tests {
+    use super::*;
+
+    /// Slices of dequantized rows give the whole weight's product and input gradient.
+    #[test]
+    fn sliced_products_equal_the_whole_weights() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (70, 64), &dev).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0).unwrap());
+        let wd = q.dequantize(&dev).unwrap();
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap()).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (2, 3, 70), &dev).unwrap();
+        for step in [1, 16, 70, 1000] {
+            let y = x.as_tensor().apply_op1(QuantizedLinear(q.clone(), step)).unwrap();
+            let want = x.as_tensor().broadcast_matmul(&wd.t().unwrap()).unwrap();
+            let d = (&y - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "step {step}: product off by {d}");
+            let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gx = g.get(x.as_tensor()).unwrap();
+            let want = up.broadcast_matmul(&wd).unwrap();
+            let d = (gx - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "step {step}: gradient off by {d}");
         }
     }
 }

@@ -234,6 +234,12 @@ fn a_gradient_reaches_adapters_below_a_quantized_layer() {
     let g = y.sum_all().unwrap().backward().unwrap();
     let gx = g.get(x.as_tensor()).expect("a gradient reaches the input");
     assert!(gx.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    // d(sum y)/dx = 1ᵀ W for every row: the quantized op's slices of dequantized rows give
+    // the whole weight's product.
+    let w = l.weight_values().unwrap();
+    let ones = Tensor::ones((1, w.dim(0).unwrap()), DType::F32, &Device::Cpu).unwrap();
+    let want = ones.matmul(&w).unwrap().unsqueeze(0).unwrap().broadcast_as(xs.shape()).unwrap();
+    assert!(max_diff(&gx.narrow(2, 0, inp).unwrap(), &want.contiguous().unwrap()) < 1e-4);
 }
 
 /// A change to a GGUF file's metadata and tensors.

@@ -687,46 +687,54 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         )));
     }
 
-    // The model: trainable everywhere (full) or frozen with trainable adapters (LoRA).
-    let weights: HashMap<String, Tensor> = match &resume_from {
-        Some(l) if cfg.method == Method::Full => l.weights.clone(),
-        _ => base.model.params().tensors().into_iter().collect(),
-    };
+    // The model: trainable everywhere (full) or frozen with trainable adapters (LoRA). LoRA
+    // takes the base as loaded: frozen, and quantized where the file is (a GGUF base: QLoRA,
+    // no f32 copy of its weights).
     let base_parameters = base.model.num_parameters();
     let mut mcfg = base.model.config().clone();
-    drop(base);
-    let mut weights = weights;
-    if tok.vocab_size() > mcfg.vocab_size() && resume_from.is_none() {
-        mcfg = grow_vocab(&mut weights, &mcfg, tok.vocab_size())?;
-    } else if tok.vocab_size() > mcfg.vocab_size() {
-        let mut j = mcfg.to_value();
-        j["vocab_size"] = serde_json::json!(tok.vocab_size());
-        mcfg = lmstack_core::ModelConfig::from_value(j, "finetune config")?;
-    }
     let step_counter = Arc::new(AtomicU64::new(0));
     let training = Arc::new(AtomicBool::new(false));
-    let src = cfg.base.join("model.safetensors").display().to_string();
-    let (mut model, vars) = match cfg.method {
-        Method::Full => {
-            let store = ParamStore::trainable(weights, &src, None);
-            let m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
-            let vars = m.params().vars();
-            (m, vars)
-        }
-        Method::Lora => {
-            let store = ParamStore::frozen(weights, &src);
-            let mut m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
-            let vars = attach_lora(&mut m, &cfg.lora_config(), cfg.seed, step_counter.clone(), training.clone())?;
-            if let Some(l) = &resume_from {
-                for (k, v) in &vars {
-                    let t = l
-                        .weights
-                        .get(k)
-                        .ok_or_else(|| Error::Msg(format!("{}: the checkpoint has no `{k}`", l.dir.display())))?;
-                    v.set(t)?;
-                }
+    let (mut model, vars) = if cfg.method == Method::Lora && tok.vocab_size() <= mcfg.vocab_size() {
+        let mut m = base.model;
+        let vars = attach_lora(&mut m, &cfg.lora_config(), cfg.seed, step_counter.clone(), training.clone())?;
+        if let Some(l) = &resume_from {
+            for (k, v) in &vars {
+                let t = l
+                    .weights
+                    .get(k)
+                    .ok_or_else(|| Error::Msg(format!("{}: the checkpoint has no `{k}`", l.dir.display())))?;
+                v.set(t)?;
             }
-            (m, vars)
+        }
+        (m, vars)
+    } else {
+        let mut weights: HashMap<String, Tensor> = match &resume_from {
+            Some(l) if cfg.method == Method::Full => l.weights.clone(),
+            _ => base.model.params().tensors().into_iter().collect(),
+        };
+        drop(base);
+        if tok.vocab_size() > mcfg.vocab_size() && resume_from.is_none() {
+            mcfg = grow_vocab(&mut weights, &mcfg, tok.vocab_size())?;
+        } else if tok.vocab_size() > mcfg.vocab_size() {
+            let mut j = mcfg.to_value();
+            j["vocab_size"] = serde_json::json!(tok.vocab_size());
+            mcfg = lmstack_core::ModelConfig::from_value(j, "finetune config")?;
+        }
+        let src = cfg.base.join("model.safetensors").display().to_string();
+        match cfg.method {
+            Method::Full => {
+                let store = ParamStore::trainable(weights, &src, None);
+                let m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
+                let vars = m.params().vars();
+                (m, vars)
+            }
+            Method::Lora => {
+                return Err(Error::Msg(format!(
+                    "the tokenizer has {} tokens, the base model's embedding {}; LoRA cannot train new embeddings (use --method full)",
+                    tok.vocab_size(),
+                    mcfg.vocab_size()
+                )));
+            }
         }
     };
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;

@@ -244,7 +244,9 @@ fn bench_finetune(extra: &[String]) -> Result<(), String> {
         println!("{r}");
     }
     println!("targets (issue 26): step time <= 0.8x PyTorch + peft's; peak memory <= theirs (f32 base), <= 1 GB (bf16 or quantized base)");
-    println!("(ckpt: --gradient-checkpointing; QLoRA: the Q4_1 GGUF base, whose validation loss is the quantized model's)");
+    println!(
+        "(ckpt: --gradient-checkpointing; QLoRA: the Q4_1 GGUF base, whose validation loss is the quantized model's)"
+    );
     Ok(())
 }
 

@@ -144,7 +144,8 @@ pub(crate) fn storage_of(t: &Tensor) -> candle_core::Result<CpuStorage> {
 
 /// A custom op's (contiguous, f32 or f64) input as a tensor of its own (a copy).
 pub(crate) fn tensor_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("custom op: input must be contiguous".into()))?;
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("custom op: input must be contiguous".into()))?;
     let dev = candle_core::Device::Cpu;
     match s {
         CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev),

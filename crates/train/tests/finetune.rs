@@ -14,7 +14,6 @@ use lmstack_core::lora::{self, LoraConfig, TargetModules};
 use lmstack_core::params::ParamStore;
 use lmstack_core::{Model, ModelConfig, Pretrained, Tokenizer};
 use lmstack_train::batches::batch_loss;
-use lmstack_train::batches::Batch;
 use lmstack_train::finetune::{self, FinetuneConfig, Method, Task};
 use lmstack_train::sft::{self, ChatFormat, Example};
 use lmstack_train::trainer::RunOptions;

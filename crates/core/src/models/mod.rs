@@ -506,7 +506,7 @@ impl Model {
 
     /// The output head as a function of hidden rows (`[.., d]` → `[.., vocab]`): the LM head
     /// of a causal model, the masked-LM head of BERT.
-    fn output_head(&self) -> std::sync::Arc<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync> {
+    fn output_head(&self) -> crate::grad::BlockFn {
         match &self.arch {
             Arch::Gpt2(m) => {
                 let head = m.lm_head().clone();

@@ -4,11 +4,15 @@
 //! It is an objective of the one training loop ([`crate::trainer`]), so it shares pretraining's
 //! machinery: the same AdamW with checkpointable moments, warmup + cosine schedule, gradient
 //! clipping and accumulation, data-parallel slices ([`crate::batches::shard_grads`]), atomic
-//! verified checkpoints with exact `--resume`, `metrics.jsonl` and `loss.svg`. Batches are seeded random draws of examples, padded, with
-//! the loss on assistant tokens only ([`crate::sft`]).
+//! verified checkpoints with exact `--resume`, `metrics.jsonl` and `loss.svg`. Batches are
+//! seeded random draws of examples, padded (or packed, `padding_free`), with the loss on
+//! assistant tokens only ([`crate::sft`]). LoRA takes the base as loaded, so a GGUF base stays
+//! quantized (QLoRA); `gradient_checkpointing` trades a forward pass for most of the
+//! activations' memory ([`lmstack_core::grad`]).
 //!
 //! A run directory holds `finetune.json` (the resolved configuration), `checkpoints/`,
-//! `metrics.jsonl`, `loss.svg`, `summary.json`, and the result: `model/` (full: a complete model
+//! `metrics.jsonl`, `loss.svg`, `summary.json`, `data_order.jsonl` (the held-out examples and
+//! each step's, by index in the data file), and the result: `model/` (full: a complete model
 //! directory, its tokenizer carrying the chat template used) or `adapter/` (LoRA: PEFT's
 //! `adapter_config.json` + `adapter_model.safetensors`, loadable by Python `peft`, by
 //! `serve --adapter` and by `train merge`).

@@ -404,6 +404,7 @@ fn quantized_forward(q: &QTensor, xs: &Tensor) -> candle_core::Result<Option<Ten
 /// 4 MB) at a time for the product and again for the input's gradient `g W`, so no f32 copy
 /// of it is ever whole or kept in the graph. (Inference uses the quantized kernels, which
 /// round activations to 8 bits: faster, but not the function whose gradient this computes.)
+/// The weight, and how many of its rows are dequantized at a time.
 struct QuantizedLinear(Arc<QTensor>, usize);
 
 impl QuantizedLinear {
@@ -412,11 +413,6 @@ impl QuantizedLinear {
         let inp = q.shape().dims().last().copied().unwrap_or(1);
         let step = ((1usize << 20) / inp.max(1)).max(1);
         Self(q, step)
-    }
-
-    /// Rows of `W` per slice.
-    fn step(&self, _inp: usize) -> usize {
-        self.1
     }
 
     /// Rows `r0..r0 + n` of `W`, dequantized: `[n, in]`.
@@ -450,7 +446,7 @@ impl candle_core::CustomOp1 for QuantizedLinear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inp))?.to_dtype(DType::F32)?;
-        let step = self.step(inp);
+        let step = self.1;
         let mut parts = Vec::with_capacity(out.div_ceil(step));
         for r0 in (0..out).step_by(step) {
             parts.push(x2.matmul(&self.rows(r0, step.min(out - r0))?.t()?)?);
@@ -462,10 +458,10 @@ impl candle_core::CustomOp1 for QuantizedLinear {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (out, inp) = self.0.shape().dims2()?;
+        let (out, _) = self.0.shape().dims2()?;
         let rows: usize = arg.dims()[..arg.rank() - 1].iter().product();
         let g = grad.reshape((rows, out))?.to_dtype(DType::F32)?;
-        let step = self.step(inp);
+        let step = self.1;
         let mut dx: Option<Tensor> = None;
         for r0 in (0..out).step_by(step) {
             let n = step.min(out - r0);

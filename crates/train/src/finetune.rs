@@ -698,47 +698,46 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
     let mut mcfg = base.model.config().clone();
     let step_counter = Arc::new(AtomicU64::new(0));
     let training = Arc::new(AtomicBool::new(false));
-    let (mut model, vars) = if cfg.method == Method::Lora && tok.vocab_size() <= mcfg.vocab_size() {
-        let mut m = base.model;
-        let vars = attach_lora(&mut m, &cfg.lora_config(), cfg.seed, step_counter.clone(), training.clone())?;
-        if let Some(l) = &resume_from {
-            for (k, v) in &vars {
-                let t = l
-                    .weights
-                    .get(k)
-                    .ok_or_else(|| Error::Msg(format!("{}: the checkpoint has no `{k}`", l.dir.display())))?;
-                v.set(t)?;
+    if cfg.method == Method::Lora && tok.vocab_size() > mcfg.vocab_size() {
+        return Err(Error::Msg(format!(
+            "the tokenizer has {} tokens, the base model's embedding {}; LoRA cannot train new embeddings (use --method full)",
+            tok.vocab_size(),
+            mcfg.vocab_size()
+        )));
+    }
+    let (mut model, vars) = match cfg.method {
+        Method::Lora => {
+            let mut m = base.model;
+            let vars = attach_lora(&mut m, &cfg.lora_config(), cfg.seed, step_counter.clone(), training.clone())?;
+            if let Some(l) = &resume_from {
+                for (k, v) in &vars {
+                    let t = l
+                        .weights
+                        .get(k)
+                        .ok_or_else(|| Error::Msg(format!("{}: the checkpoint has no `{k}`", l.dir.display())))?;
+                    v.set(t)?;
+                }
             }
+            (m, vars)
         }
-        (m, vars)
-    } else {
-        let mut weights: HashMap<String, Tensor> = match &resume_from {
-            Some(l) if cfg.method == Method::Full => l.weights.clone(),
-            _ => base.model.params().tensors().into_iter().collect(),
-        };
-        drop(base);
-        if tok.vocab_size() > mcfg.vocab_size() && resume_from.is_none() {
-            mcfg = grow_vocab(&mut weights, &mcfg, tok.vocab_size())?;
-        } else if tok.vocab_size() > mcfg.vocab_size() {
-            let mut j = mcfg.to_value();
-            j["vocab_size"] = serde_json::json!(tok.vocab_size());
-            mcfg = lmstack_core::ModelConfig::from_value(j, "finetune config")?;
-        }
-        let src = cfg.base.join("model.safetensors").display().to_string();
-        match cfg.method {
-            Method::Full => {
-                let store = ParamStore::trainable(weights, &src, None);
-                let m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
-                let vars = m.params().vars();
-                (m, vars)
+        Method::Full => {
+            let mut weights: HashMap<String, Tensor> = match &resume_from {
+                Some(l) => l.weights.clone(),
+                None => base.model.params().tensors().into_iter().collect(),
+            };
+            drop(base);
+            if tok.vocab_size() > mcfg.vocab_size() && resume_from.is_none() {
+                mcfg = grow_vocab(&mut weights, &mcfg, tok.vocab_size())?;
+            } else if tok.vocab_size() > mcfg.vocab_size() {
+                let mut j = mcfg.to_value();
+                j["vocab_size"] = serde_json::json!(tok.vocab_size());
+                mcfg = lmstack_core::ModelConfig::from_value(j, "finetune config")?;
             }
-            Method::Lora => {
-                return Err(Error::Msg(format!(
-                    "the tokenizer has {} tokens, the base model's embedding {}; LoRA cannot train new embeddings (use --method full)",
-                    tok.vocab_size(),
-                    mcfg.vocab_size()
-                )));
-            }
+            let src = cfg.base.join("model.safetensors").display().to_string();
+            let store = ParamStore::trainable(weights, &src, None);
+            let m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
+            let vars = m.params().vars();
+            (m, vars)
         }
     };
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;

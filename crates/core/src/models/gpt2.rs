@@ -137,6 +137,11 @@ impl Gpt2 {
         self.checkpointing = on;
     }
 
+    /// Whether blocks run through [`crate::grad::checkpoint`] ([`Gpt2::set_checkpointing`]).
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
     /// The LM head: hidden states to vocabulary logits.
     pub fn lm_head(&self) -> &Linear {
         &self.lm_head

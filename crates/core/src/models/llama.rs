@@ -170,6 +170,11 @@ impl Llama {
         self.checkpointing = on;
     }
 
+    /// Whether blocks run through [`crate::grad::checkpoint`] ([`Llama::set_checkpointing`]).
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
     /// The LM head: hidden states to vocabulary logits.
     pub fn lm_head(&self) -> &Linear {
         &self.lm_head

@@ -47,8 +47,6 @@ pub struct Model {
     /// The type the file held its unquantized matrices in, which
     /// [`Model::repack_for_inference`] keeps ([`Model::stored_matrix_dtype`]).
     stored: DType,
-    /// Activation checkpointing ([`Model::set_gradient_checkpointing`]).
-    checkpointing: bool,
     /// Rows per loss chunk under checkpointing ([`Model::set_loss_chunk_rows`]).
     loss_chunk_rows: Option<usize>,
 }
@@ -104,7 +102,6 @@ impl Model {
             weight_bytes,
             kv_bf16: false,
             stored: DType::F32,
-            checkpointing: false,
             loss_chunk_rows: None,
         };
         if store.has_quantized() {
@@ -429,8 +426,16 @@ impl Model {
             }
             Arch::Bert(_) => {}
         }
-        self.checkpointing = on;
         Ok(())
+    }
+
+    /// Whether activation checkpointing is on ([`Model::set_gradient_checkpointing`]).
+    pub fn gradient_checkpointing(&self) -> bool {
+        match &self.arch {
+            Arch::Gpt2(m) => m.checkpointing(),
+            Arch::Llama(m) => m.checkpointing(),
+            Arch::Bert(_) => false,
+        }
     }
 
     /// Rows of output logits per chunk of [`Model::lm_loss`] under checkpointing: by default
@@ -479,7 +484,7 @@ impl Model {
         let h = hidden.reshape((b * t, d))?;
         let h = if n < b * t { h.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)? } else { h };
         let head = self.output_head();
-        if !self.checkpointing || !crate::grad::enabled() {
+        if !self.gradient_checkpointing() || !crate::grad::enabled() {
             let logits = head(&h)?;
             return cross_entropy(&logits, &Tensor::from_vec(targets, n, &self.device)?);
         }

@@ -60,22 +60,27 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     set_enabled_in(false, f)
 }
 
-/// Runs `f` with gradients on on this thread (restored afterwards). A task that builds a graph
-/// and may run on a rayon worker starts with it: a worker waiting inside another task's
-/// [`no_grad`] scope (a checkpointed forward) can pick it up, and would otherwise build
-/// nothing.
+/// Runs `f` with gradients on on this thread, outside any checkpointed forward (both restored
+/// afterwards). A task that builds a graph and may run on a rayon worker starts with it: a
+/// worker waiting inside another task's [`no_grad`] scope (a checkpointed forward) can pick
+/// it up, and would otherwise build nothing.
 pub fn with_grad<R>(f: impl FnOnce() -> R) -> R {
-    set_enabled_in(true, f)
+    with_flag(&CHECKPOINTED, false, || set_enabled_in(true, f))
 }
 
 fn set_enabled_in<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
+    with_flag(&NO_GRAD, !on, f)
+}
+
+/// Runs `f` with this thread's `flag` set to `value`, restored afterwards (also on a panic).
+fn with_flag<R>(flag: &'static std::thread::LocalKey<Cell<bool>>, value: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(&'static std::thread::LocalKey<Cell<bool>>, bool);
     impl Drop for Restore {
         fn drop(&mut self) {
-            NO_GRAD.with(|c| c.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(NO_GRAD.with(|c| c.replace(!on)));
+    let _restore = Restore(flag, flag.with(|c| c.replace(value)));
     f()
 }
 
@@ -160,16 +165,8 @@ impl CustomOp1 for Checkpoint {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint: input must be contiguous".into()))?;
-        let dev = candle_core::Device::Cpu;
-        let x = match s {
-            CpuStorage::F32(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev)?,
-            CpuStorage::F64(v) => Tensor::from_slice(&v[a..b], l.shape(), &dev)?,
-            _ => candle_core::bail!("checkpoint: unsupported dtype {:?}", s.dtype()),
-        };
-        let y = no_grad(|| (self.0)(&x))?;
+        let x = tensor_of(s, l)?;
+        let y = with_flag(&CHECKPOINTED, true, || no_grad(|| (self.0)(&x)))?;
         Ok((storage_of(&y)?, y.shape().clone()))
     }
 
@@ -259,6 +256,25 @@ mod tests {
         let y = checkpoint(&Tensor::ones((1, 2), DType::F32, &dev)?, mlp(&w, &w2))?;
         let err = y.sum_all()?.backward().unwrap_err().to_string();
         assert!(err.contains("outside lmstack_core::grad::backward"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_checkpointed_forward_is_marked_and_its_rerun_is_not() -> Result<()> {
+        let dev = Device::Cpu;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let w = Var::from_tensor(&Tensor::ones((2, 2), DType::F32, &dev)?)?;
+        let wt = w.as_tensor().clone();
+        let f: BlockFn = Arc::new(move |x: &Tensor| {
+            log.lock().unwrap().push((in_checkpointed_forward(), enabled()));
+            let w = if enabled() { wt.clone() } else { wt.detach() };
+            x.matmul(&w)
+        });
+        let y = checkpoint(&Tensor::ones((1, 2), DType::F32, &dev)?, f)?;
+        backward(&y.sum_all()?, &[w.as_tensor().clone()])?;
+        assert_eq!(*seen.lock().unwrap(), vec![(true, false), (false, true)]);
+        assert!(!in_checkpointed_forward());
         Ok(())
     }
 

@@ -213,10 +213,196 @@ impl Gpt2Config {
     }
 }
 
-/// Llama (`model_type: "llama"`, also `"mistral"` without a sliding window), mirroring
-/// `transformers.LlamaConfig`.
+/// The published families built from the Llama block, each a variation of it: what
+/// `model_type` names, and so which of [`LlamaConfig`]'s switches apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    /// Llama 1–3 (`"llama"`), SmolLM and other Llama-architecture models.
+    #[default]
+    Llama,
+    /// Mistral (`"mistral"`): Llama with a sliding attention window on every layer.
+    Mistral,
+    /// Qwen2 and Qwen2.5 (`"qwen2"`): biases on the query, key and value projections (none on
+    /// the output projection); an optional window on the layers from `max_window_layers` on.
+    Qwen2,
+    /// Qwen3 (`"qwen3"`): an RMSNorm over each query and key head before RoPE; `head_dim`
+    /// independent of the width; the window as Qwen2's.
+    Qwen3,
+}
+
+impl Family {
+    /// Every family, in the order error messages list them.
+    pub const ALL: [Family; 4] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3];
+
+    /// The family a `model_type` names.
+    pub fn of(model_type: &str) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.model_type() == model_type)
+    }
+
+    /// The `model_type` written to `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The `transformers` class of the causal LM.
+    pub fn causal_lm_class(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// The defaults of the family's `transformers` config class where they differ from
+    /// `LlamaConfig`'s, filled in for keys a `config.json` leaves out.
+    fn defaults(self) -> Vec<(&'static str, Value)> {
+        use serde_json::json;
+        let qwen = || {
+            vec![
+                ("vocab_size", json!(151936)),
+                ("intermediate_size", json!(22016)),
+                ("max_position_embeddings", json!(32768)),
+                ("use_sliding_window", json!(false)),
+                ("sliding_window", json!(4096)),
+                ("max_window_layers", json!(28)),
+            ]
+        };
+        match self {
+            Family::Llama => Vec::new(),
+            Family::Mistral => vec![
+                ("intermediate_size", json!(14336)),
+                ("num_key_value_heads", json!(8)),
+                ("max_position_embeddings", json!(4096 * 32)),
+                ("sliding_window", json!(4096)),
+            ],
+            Family::Qwen2 => qwen(),
+            Family::Qwen3 => {
+                let mut d = qwen();
+                d.push(("head_dim", json!(128)));
+                d
+            }
+        }
+    }
+}
+
+/// RoPE frequency scaling (`rope_scaling`, or `rope_parameters` in newer `transformers`), as
+/// `transformers`' `ROPE_INIT_FUNCTIONS` compute it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Every frequency divided by `factor` (position interpolation).
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are scaled.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context length of pretraining.
+        original_max_position_embeddings: f64,
+    },
+    /// YaRN: a ramp between interpolated and original frequencies by dimension, and cos/sin
+    /// multiplied by `attention_factor`.
+    Yarn {
+        /// Interpolation divisor.
+        factor: f64,
+        /// Multiplier of cos and sin.
+        attention_factor: f64,
+        /// Rotations bounding the ramp.
+        beta_fast: f64,
+        /// Rotations bounding the ramp.
+        beta_slow: f64,
+        /// The context length of pretraining.
+        original_max_position_embeddings: f64,
+        /// Whether the ramp's ends are rounded to whole dimensions.
+        truncate: bool,
+    },
+}
+
+impl RopeScaling {
+    /// The inverse frequencies of a head of width `dim` with base `theta` (`dim / 2` of them),
+    /// and the factor cos and sin are multiplied by.
+    pub fn frequencies(&self, dim: usize, theta: f64) -> (Vec<f64>, f64) {
+        let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / dim as f64)).collect();
+        match *self {
+            RopeScaling::None => (base, 1.0),
+            RopeScaling::Linear { factor } => (base.iter().map(|f| f / factor).collect(), 1.0),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+                let inv = base
+                    .iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect();
+                (inv, 1.0)
+            }
+            RopeScaling::Yarn {
+                factor,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                original_max_position_embeddings: old,
+                truncate,
+            } => {
+                let d = dim as f64;
+                let correction = |rot: f64| d * (old / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+                let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                let inv = base
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &f)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrapolation = 1.0 - ramp;
+                        f / factor * (1.0 - extrapolation) + f * extrapolation
+                    })
+                    .collect();
+                (inv, attention_factor)
+            }
+        }
+    }
+}
+
+/// Llama and the families built from its block ([`Family`]: `model_type` `"llama"`,
+/// `"mistral"`, `"qwen2"`, `"qwen3"`), mirroring `transformers.LlamaConfig` and the fields the
+/// other families' config classes add.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LlamaConfig {
+    /// Which family the `model_type` named.
+    #[serde(skip)]
+    pub family: Family,
     /// Vocabulary size.
     #[serde(default = "LlamaConfig::d_vocab")]
     pub vocab_size: usize,
@@ -253,7 +439,7 @@ pub struct LlamaConfig {
     /// RoPE parameters in the newer transformers layout (`{"rope_type", "rope_theta"}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Map<String, Value>>,
-    /// RoPE scaling; only `null` is supported.
+    /// RoPE scaling in the older layout (see [`LlamaConfig::rope_scaling`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<Value>,
     /// Biases on the q/k/v/o projections.
@@ -271,7 +457,8 @@ pub struct LlamaConfig {
     /// Tensor-parallel pretraining degree; only 1 is supported.
     #[serde(default = "LlamaConfig::d_tp")]
     pub pretraining_tp: usize,
-    /// Mistral's sliding window; must be absent, `null` or at least the context length.
+    /// The attention window of the sliding layers (Mistral, Qwen2/3; see
+    /// [`LlamaConfig::layer_window`]): a token sees itself and the `sliding_window - 1` before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
     /// Other keys, kept for round trips.
@@ -321,6 +508,156 @@ impl LlamaConfig {
     /// RoPE base frequency from `rope_theta` or `rope_parameters.rope_theta` (default 10000).
     pub fn rope_theta(&self) -> f64 {
         self.rope_theta.or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64()).unwrap_or(10000.0)
+    }
+
+    /// Whether the query, key and value projections have biases.
+    pub fn qkv_bias(&self) -> bool {
+        self.family == Family::Qwen2 || self.attention_bias
+    }
+
+    /// Whether the output projection has a bias.
+    pub fn o_bias(&self) -> bool {
+        self.family != Family::Qwen2 && self.attention_bias
+    }
+
+    /// Whether each query and key head is RMS-normalised before RoPE (Qwen3).
+    pub fn qk_norm(&self) -> bool {
+        self.family == Family::Qwen3
+    }
+
+    /// The attention window of layer `layer`, or `None` where it attends to every earlier
+    /// token, as `transformers` decides it: Mistral windows every layer by `sliding_window`;
+    /// Qwen2/3 only with `use_sliding_window`, from layer `max_window_layers` on; a
+    /// `layer_types` list names the sliding layers itself. A window as long as the context is
+    /// no window.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        let w = match self.family {
+            Family::Llama => None,
+            Family::Mistral => self.sliding_window,
+            Family::Qwen2 | Family::Qwen3 => {
+                self.sliding_window.filter(|_| self.extra.get("use_sliding_window") == Some(&Value::Bool(true)))
+            }
+        }
+        .filter(|&w| w < self.max_position_embeddings)?;
+        let sliding = match self.extra.get("layer_types").and_then(Value::as_array) {
+            Some(types) => types.get(layer).and_then(Value::as_str) == Some("sliding_attention"),
+            None => match self.family {
+                Family::Qwen2 | Family::Qwen3 => {
+                    layer as u64 >= self.extra.get("max_window_layers").and_then(Value::as_u64).unwrap_or(28)
+                }
+                _ => true,
+            },
+        };
+        sliding.then_some(w)
+    }
+
+    /// The RoPE scaling of `rope_scaling`, or of `rope_parameters` (`transformers` ≥ 5), checked.
+    pub fn rope_scaling(&self) -> Result<RopeScaling> {
+        self.rope_spec().map_err(|(field, msg)| Error::config("config.json", field, msg))
+    }
+
+    fn rope_spec(&self) -> std::result::Result<RopeScaling, (String, String)> {
+        let (name, params) = match (&self.rope_scaling, &self.rope_parameters) {
+            (Some(Value::Object(m)), _) => ("rope_scaling", m),
+            (None | Some(Value::Null), Some(m)) => ("rope_parameters", m),
+            (None | Some(Value::Null), None) => return Ok(RopeScaling::None),
+            (Some(other), _) => {
+                return Err(("rope_scaling".into(), format!("expected an object or null, found {other}")))
+            }
+        };
+        let field = |k: &str| format!("{name}.{k}");
+        const KNOWN: &[&str] = &[
+            "rope_type",
+            "type",
+            "rope_theta",
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+            "attention_factor",
+            "beta_fast",
+            "beta_slow",
+            "mscale",
+            "mscale_all_dim",
+            "truncate",
+        ];
+        if let Some(k) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err((field(k), "is not a RoPE parameter lmstack knows".into()));
+        }
+        let num = |k: &str| -> std::result::Result<Option<f64>, (String, String)> {
+            match params.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => match v.as_f64() {
+                    Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                    _ => Err((field(k), format!("expected a positive number, found {v}"))),
+                },
+            }
+        };
+        let need = |k: &str| num(k)?.ok_or_else(|| (field(k), "missing".to_string()));
+        let kind = params.get("rope_type").or_else(|| params.get("type"));
+        let kind = match kind {
+            None => "default",
+            Some(v) => v.as_str().ok_or_else(|| (field("rope_type"), format!("expected a string, found {v}")))?,
+        };
+        let original = || -> std::result::Result<f64, (String, String)> {
+            Ok(num("original_max_position_embeddings")?.unwrap_or(self.max_position_embeddings as f64))
+        };
+        Ok(match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear { factor: need("factor")? },
+            "llama3" => {
+                let (low, high) = (need("low_freq_factor")?, need("high_freq_factor")?);
+                if low >= high {
+                    return Err((field("low_freq_factor"), format!("{low} is not below high_freq_factor = {high}")));
+                }
+                RopeScaling::Llama3 {
+                    factor: need("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: need("original_max_position_embeddings")?,
+                }
+            }
+            "yarn" => {
+                let original = original()?;
+                let factor = match num("factor")? {
+                    Some(f) => f,
+                    None => self.max_position_embeddings as f64 / original,
+                };
+                let mscale = |m: f64| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+                let attention_factor = match (num("attention_factor")?, num("mscale")?, num("mscale_all_dim")?) {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(all)) => mscale(m) / mscale(all),
+                    _ => mscale(1.0),
+                };
+                let truncate = match params.get("truncate") {
+                    None | Some(Value::Null) => true,
+                    Some(Value::Bool(b)) => *b,
+                    Some(v) => return Err((field("truncate"), format!("expected true or false, found {v}"))),
+                };
+                RopeScaling::Yarn {
+                    factor,
+                    attention_factor,
+                    beta_fast: num("beta_fast")?.unwrap_or(32.0),
+                    beta_slow: num("beta_slow")?.unwrap_or(1.0),
+                    original_max_position_embeddings: original,
+                    truncate,
+                }
+            }
+            "dynamic" => {
+                return Err((
+                    field("rope_type"),
+                    "`dynamic` is not supported: its frequencies change with the length of each call, so cached \
+                     keys would disagree with new ones"
+                        .into(),
+                ))
+            }
+            other => {
+                return Err((
+                    field("rope_type"),
+                    format!("`{other}` is not supported; expected default, linear, llama3 or yarn"),
+                ))
+            }
+        })
     }
 }
 
@@ -438,7 +775,7 @@ impl BertConfig {
 pub enum ModelConfig {
     /// `gpt2`.
     Gpt2(Gpt2Config),
-    /// `llama` (and `mistral` without a sliding window).
+    /// `llama` and the families of its block: `mistral`, `qwen2`, `qwen3` ([`Family`]).
     Llama(LlamaConfig),
     /// `bert`.
     Bert(BertConfig),
@@ -449,7 +786,7 @@ pub enum ModelConfig {
 pub enum ModelType {
     /// GPT-2.
     Gpt2,
-    /// Llama / Mistral.
+    /// Llama and the families of its block ([`Family`]).
     Llama,
     /// BERT.
     Bert,
@@ -480,22 +817,32 @@ impl ModelConfig {
                 return Err(Error::config(source, "model_type", format!("expected a string, found {other}")))
             }
             None => {
-                return Err(Error::config(source, "model_type", "missing; expected one of gpt2, llama, mistral, bert"))
+                return Err(Error::config(source, "model_type", format!("missing; expected one of {}", known_types())))
             }
         };
+        let family = Family::of(&model_type);
+        if let Some(f) = family {
+            for (k, v) in f.defaults() {
+                map.entry(k).or_insert(v);
+            }
+        }
         let value = Value::Object(map);
         fn parse<T: serde::de::DeserializeOwned>(v: Value, source: &str) -> Result<T> {
             serde_path_to_error(v, source)
         }
         let cfg = match model_type.as_str() {
             "gpt2" => ModelConfig::Gpt2(parse(value, source)?),
-            "llama" | "mistral" => ModelConfig::Llama(parse(value, source)?),
+            _ if family.is_some() => {
+                let mut c: LlamaConfig = parse(value, source)?;
+                c.family = family.unwrap_or_default();
+                ModelConfig::Llama(c)
+            }
             "bert" => ModelConfig::Bert(parse(value, source)?),
             other => {
                 return Err(Error::config(
                     source,
                     "model_type",
-                    format!("unsupported model type `{other}`; expected one of gpt2, llama, mistral, bert"),
+                    format!("unsupported model type `{other}`; expected one of {}", known_types()),
                 ))
             }
         };
@@ -516,7 +863,7 @@ impl ModelConfig {
     pub fn model_type_str(&self) -> &'static str {
         match self {
             ModelConfig::Gpt2(_) => "gpt2",
-            ModelConfig::Llama(_) => "llama",
+            ModelConfig::Llama(c) => c.family.model_type(),
             ModelConfig::Bert(_) => "bert",
         }
     }
@@ -617,6 +964,13 @@ impl ModelConfig {
         .expect("config structs serialise");
         if let Value::Object(m) = &mut v {
             m.insert("model_type".into(), Value::String(self.model_type_str().into()));
+            // A key the family defaults when absent is written as null where it is unset, so
+            // that reading the file back does not fill the default in.
+            if let ModelConfig::Llama(c) = self {
+                for (k, _) in c.family.defaults() {
+                    m.entry(k).or_insert(Value::Null);
+                }
+            }
             let sorted: BTreeMap<_, _> = std::mem::take(m).into_iter().collect();
             *m = sorted.into_iter().collect();
         }
@@ -695,40 +1049,25 @@ impl ModelConfig {
                 if c.head_dim() % 2 != 0 {
                     return err("head_dim", format!("{} must be even for rotary embeddings", c.head_dim()));
                 }
-                match &c.rope_scaling {
-                    None | Some(Value::Null) => {}
-                    Some(Value::Object(m)) => {
-                        let t = m.get("rope_type").or_else(|| m.get("type")).and_then(Value::as_str);
-                        if t != Some("default") {
-                            return err(
-                                "rope_scaling.rope_type",
-                                format!("{} is not supported; only no RoPE scaling", t.unwrap_or("a missing type")),
-                            );
-                        }
-                    }
-                    Some(other) => return err("rope_scaling", format!("expected an object or null, found {other}")),
-                }
-                if let Some(p) = &c.rope_parameters {
-                    match p.get("rope_type").and_then(Value::as_str) {
-                        None | Some("default") => {}
-                        Some(t) => {
-                            return err("rope_parameters.rope_type", format!("`{t}` is not supported; only `default`"))
-                        }
-                    }
+                if let Err((field, msg)) = c.rope_spec() {
+                    return err(&field, msg);
                 }
                 if let Some(v) = c.extra.get("rope_interleaved") {
                     if v != &Value::Bool(false) {
                         return err("rope_interleaved", format!("{v} is not supported; only false (rotate-half RoPE)"));
                     }
                 }
-                // `use_sliding_window: false` (Qwen2's layout) switches a window off.
-                let window_off = c.extra.get("use_sliding_window").and_then(Value::as_bool) == Some(false);
+                if let Some(v) = c.extra.get("use_sliding_window").filter(|v| !v.is_boolean()) {
+                    return err("use_sliding_window", format!("expected true or false, found {v}"));
+                }
+                if let Some(v) = c.extra.get("max_window_layers").filter(|v| !v.is_u64()) {
+                    return err("max_window_layers", format!("expected a layer count, found {v}"));
+                }
                 if let Some(types) = c.extra.get("layer_types") {
                     let Some(list) = types.as_array() else {
                         return err("layer_types", format!("expected a list, found {types}"));
                     };
-                    // A "sliding_attention" layer attends fully unless a window is active,
-                    // which the `sliding_window` check below refuses.
+                    // A "sliding_attention" layer attends fully unless the family has a window.
                     let known = |t: &Value| matches!(t.as_str(), Some("full_attention" | "sliding_attention"));
                     if let Some((i, t)) = list.iter().enumerate().find(|(_, t)| !known(t)) {
                         return err(&format!("layer_types[{i}]"), format!("{t} is not supported"));
@@ -743,12 +1082,17 @@ impl ModelConfig {
                 if c.pretraining_tp != 1 {
                     return err("pretraining_tp", format!("{} is not supported; only 1", c.pretraining_tp));
                 }
-                if let Some(w) = c.sliding_window.filter(|_| !window_off) {
+                if c.sliding_window == Some(0) {
+                    return err("sliding_window", "must be at least 1".into());
+                }
+                let window_off = c.extra.get("use_sliding_window") == Some(&Value::Bool(false));
+                if let (Family::Llama, Some(w), false) = (c.family, c.sliding_window, window_off) {
                     if w < c.max_position_embeddings {
                         return err(
                             "sliding_window",
                             format!(
-                                "{w} is below max_position_embeddings = {}; sliding-window attention is not supported",
+                                "{w} is below max_position_embeddings = {}, and `llama` has no sliding window \
+                                 (model_type `mistral` has)",
                                 c.max_position_embeddings
                             ),
                         );
@@ -787,6 +1131,13 @@ impl ModelConfig {
         }
         Ok(())
     }
+}
+
+/// The `model_type`s lmstack reads, for error messages.
+fn known_types() -> String {
+    let mut v = vec!["gpt2", "bert"];
+    v.extend(Family::ALL.iter().map(|f| f.model_type()));
+    v.join(", ")
 }
 
 /// Deserialises `v` into `T`, naming the offending field in the error.

@@ -63,7 +63,7 @@ pub fn release_free_memory() {
     }
 }
 
-pub use config::{ModelConfig, ModelType};
+pub use config::{Family, ModelConfig, ModelType, RopeScaling};
 pub use constraint::{Constrainer, Constraint, Grammar};
 pub use decoding::{Decoding, Finish, StopConditions};
 pub use error::{Error, Result};

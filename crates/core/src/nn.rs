@@ -701,10 +701,20 @@ pub struct Rotary {
 }
 
 impl Rotary {
-    /// Tables for positions `0..max_pos` and head width `head_dim`, with base `theta`.
-    pub fn new(head_dim: usize, max_pos: usize, theta: f64, dtype: DType, device: &Device) -> Result<Self> {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32).collect();
+    /// Tables for positions `0..max_pos` and head width `head_dim`, with base `theta` and the
+    /// frequencies and cos/sin factor of `scaling`.
+    pub fn new(
+        head_dim: usize,
+        max_pos: usize,
+        theta: f64,
+        scaling: &crate::config::RopeScaling,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (inv, factor) = scaling.frequencies(head_dim, theta);
+        // transformers holds the frequencies and angles in f32.
+        let inv: Vec<f32> = inv.into_iter().map(|f| f as f32).collect();
+        let factor = factor as f32;
         let mut cos = Vec::with_capacity(max_pos * head_dim);
         let mut sin = Vec::with_capacity(max_pos * head_dim);
         for p in 0..max_pos {
@@ -712,8 +722,8 @@ impl Rotary {
             for _half in 0..2 {
                 for f in &inv {
                     let a = p as f32 * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
+                    cos.push(a.cos() * factor);
+                    sin.push(a.sin() * factor);
                 }
             }
         }
@@ -890,7 +900,7 @@ pub fn attention_qkv(
     let q = qkv.narrow(2, 0, hd)?.reshape((b, t, heads, d))?;
     let k = qkv.narrow(2, hd, hd)?.reshape((b, t, heads, d))?;
     let v = qkv.narrow(2, 2 * hd, hd)?.reshape((b, t, heads, d))?;
-    attention(&q, &k, &v, ctx, layer, scale)
+    attention(&q, &k, &v, ctx, layer, scale, None)
 }
 
 /// Whether a block may run through [`crate::grad::checkpoint`]: gradients on, whole sequences
@@ -934,7 +944,9 @@ pub fn keep_rows(x: Tensor, attn: Tensor, keep: Option<&Tensor>) -> Result<(Tens
     }
 }
 
-/// Scaled dot-product attention with grouped-query heads.
+/// Scaled dot-product attention with grouped-query heads; with a `window`, a causal query
+/// sees only itself and the `window - 1` keys before it (sliding-window attention: Mistral,
+/// Qwen2's upper layers, Gemma's local layers).
 ///
 /// # Shapes
 /// `q`: `[b, t, heads, d]`, `k`/`v`: `[b, t, kv_heads, d]` → `[b, t, heads * d]`.
@@ -945,14 +957,19 @@ pub fn attention(
     ctx: &mut AttnCtx<'_, '_>,
     layer: usize,
     scale: f64,
+    window: Option<usize>,
 ) -> Result<Tensor> {
     let (b, t, h, d) = q.dims4()?;
     let kvh = k.dim(2)?;
     let n_rep = h / kvh;
+    // Whether query `i` (0-based position among its sequence's tokens) may not see key `j`
+    // for the window alone.
+    let outside = |i: usize, j: usize| window.is_some_and(|w| j + w <= i);
     match ctx {
         AttnCtx::Batch { causal, key_mask, segments, .. } if crate::kernels::ops::supported(q) => {
             let op = crate::kernels::ops::Attention::new(b, t, h, kvh, d, *causal, scale, key_mask.clone())
-                .with_segments(segments.as_ref().map(Segments::shared));
+                .with_segments(segments.as_ref().map(Segments::shared))
+                .with_window(window);
             Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
         }
         AttnCtx::Batch { mask, .. } => {
@@ -967,6 +984,13 @@ pub fn attention(
             let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(compute_dtype(dtype))?;
             if let Some(m) = mask {
                 scores = scores.broadcast_add(&m.to_dtype(scores.dtype())?)?;
+            }
+            if window.is_some_and(|w| w < t) {
+                // Tokens of a row (or of one packed sequence) are consecutive, so the distance
+                // of their indices is that of their positions.
+                let m: Vec<f32> = (0..t * t).map(|x| if outside(x / t, x % t) { MASK_VALUE } else { 0.0 }).collect();
+                let m = Tensor::from_vec(m, (t, t), q.device())?.to_dtype(scores.dtype())?;
+                scores = scores.broadcast_add(&m)?;
             }
             let probs = softmax_last(&scores)?.to_dtype(dtype)?;
             let out = probs.matmul(&v)?;
@@ -984,6 +1008,7 @@ pub fn attention(
                 caches,
                 layer,
                 scale as f32,
+                window,
             )?;
             Ok(Tensor::from_vec(out, (1, t, h * d), q.device())?.to_dtype(q.dtype())?)
         }
@@ -1000,11 +1025,13 @@ pub fn attention(
                 let qg = qi.transpose(0, 1)?.contiguous()?.reshape((kvh, n_rep * n, d))?;
                 let dtype = qg.dtype();
                 let mut scores = (qg.matmul(&k_all.t()?)? * scale)?.to_dtype(compute_dtype(dtype))?;
-                if n > 1 {
+                if n > 1 || window.is_some_and(|w| w < l) {
                     let mut m = vec![0f32; n * l];
                     for qi in 0..n {
-                        for kj in (p0 + qi + 1)..l {
-                            m[qi * l + kj] = MASK_VALUE;
+                        for kj in 0..l {
+                            if kj > p0 + qi || outside(p0 + qi, kj) {
+                                m[qi * l + kj] = MASK_VALUE;
+                            }
                         }
                     }
                     let m = Tensor::from_vec(m, (n, l), q.device())?.to_dtype(scores.dtype())?;

@@ -22,7 +22,16 @@ fn check(json: &str, field: &str) {
 fn config_cases() {
     check(r#"{"model_type":"gpt2","n_embd":16,"n_head":2,"n_layer":1}"#, "");
     check(r#"{"model_type":"llama","hidden_size":16,"num_attention_heads":4,"num_key_value_heads":2}"#, "");
-    check(r#"{"model_type":"mistral","hidden_size":16,"num_attention_heads":4,"sliding_window":null}"#, "");
+    check(r#"{"model_type":"mistral","hidden_size":16,"num_attention_heads":4,"num_key_value_heads":2}"#, "");
+    check(
+        r#"{"model_type":"mistral","hidden_size":16,"num_attention_heads":4,"sliding_window":null}"#,
+        "num_key_value_heads",
+    );
+    check(r#"{"model_type":"qwen2","hidden_size":16,"num_attention_heads":4,"use_sliding_window":true}"#, "");
+    check(r#"{"model_type":"qwen3","hidden_size":16,"num_attention_heads":4,"head_dim":6}"#, "");
+    check(r#"{"model_type":"qwen2","use_sliding_window":"yes"}"#, "use_sliding_window");
+    check(r#"{"model_type":"qwen2","max_window_layers":-1}"#, "max_window_layers");
+    check(r#"{"model_type":"mistral","num_attention_heads":8,"sliding_window":0}"#, "sliding_window");
     check(r#"{"model_type":"bert","hidden_size":16,"num_attention_heads":2}"#, "");
     check(r#"{"n_embd":16}"#, "model_type");
     check(r#"{"model_type":"t5"}"#, "model_type");
@@ -37,8 +46,22 @@ fn config_cases() {
         r#"{"model_type":"llama","hidden_size":16,"num_attention_heads":4,"num_key_value_heads":3}"#,
         "num_key_value_heads",
     );
-    check(r#"{"model_type":"llama","rope_scaling":{"type":"linear","factor":2.0}}"#, "rope_scaling.rope_type");
-    check(r#"{"model_type":"llama","rope_scaling":{"rope_type":"llama3","factor":8.0}}"#, "rope_scaling.rope_type");
+    check(r#"{"model_type":"llama","rope_scaling":{"type":"linear","factor":2.0}}"#, "");
+    check(r#"{"model_type":"llama","rope_scaling":{"type":"linear","factor":-2.0}}"#, "rope_scaling.factor");
+    check(r#"{"model_type":"llama","rope_scaling":{"type":"linear"}}"#, "rope_scaling.factor");
+    check(
+        r#"{"model_type":"llama","rope_scaling":{"rope_type":"llama3","factor":8.0}}"#,
+        "rope_scaling.low_freq_factor",
+    );
+    check(
+        r#"{"model_type":"llama","rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,
+        "high_freq_factor":4.0,"original_max_position_embeddings":8192}}"#,
+        "",
+    );
+    check(r#"{"model_type":"llama","rope_scaling":{"rope_type":"yarn","factor":4.0,"magic":1}}"#, "rope_scaling.magic");
+    check(r#"{"model_type":"llama","rope_scaling":{"rope_type":"longrope","factor":4.0}}"#, "rope_scaling.rope_type");
+    check(r#"{"model_type":"llama","rope_scaling":{"rope_type":"dynamic","factor":4.0}}"#, "rope_scaling.rope_type");
+    check(r#"{"model_type":"llama","rope_scaling":"linear"}"#, "rope_scaling");
     check(r#"{"model_type":"llama","rope_scaling":{"rope_type":"default"}}"#, "");
     check(r#"{"model_type":"llama","rope_interleaved":true}"#, "rope_interleaved");
     check(r#"{"model_type":"llama","quantization_config":{"quant_method":"gptq"}}"#, "quantization_config");
@@ -52,8 +75,10 @@ fn config_cases() {
         "",
     );
     check(r#"{"model_type":"gpt2","_model_name_or_path":"x","unk_token_id":0,"_commit_hash":"abc"}"#, "");
-    check(r#"{"model_type":"llama","rope_parameters":{"rope_type":"yarn"}}"#, "rope_parameters.rope_type");
-    check(r#"{"model_type":"mistral","max_position_embeddings":4096,"sliding_window":1024}"#, "sliding_window");
+    check(r#"{"model_type":"llama","rope_parameters":{"rope_type":"su"}}"#, "rope_parameters.rope_type");
+    check(r#"{"model_type":"llama","rope_parameters":{"rope_type":"yarn","factor":4.0,"rope_theta":1e6}}"#, "");
+    check(r#"{"model_type":"mistral","max_position_embeddings":4096,"sliding_window":1024}"#, "");
+    check(r#"{"model_type":"llama","max_position_embeddings":4096,"sliding_window":1024}"#, "sliding_window");
     check(r#"{"model_type":"llama","pretraining_tp":2}"#, "pretraining_tp");
     check(r#"{"model_type":"bert","position_embedding_type":"relative_key"}"#, "position_embedding_type");
     check(r#"{"model_type":"bert","hidden_size":10,"num_attention_heads":3}"#, "hidden_size");
@@ -83,9 +108,43 @@ fn hub_configs_load() {
     assert_eq!(cfg.to_value(), again.to_value());
 }
 
+/// Which layers slide, and by how much, as `transformers` decides it for each family.
+#[test]
+fn layer_windows_follow_transformers() {
+    let windows = |json: &str| -> Vec<Option<usize>> {
+        let ModelConfig::Llama(c) = ModelConfig::from_json(json, "config.json").unwrap() else { panic!() };
+        (0..c.num_hidden_layers).map(|i| c.layer_window(i)).collect()
+    };
+    let base = r#""num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":64"#;
+    // Mistral: every layer; a window as long as the context is none.
+    assert_eq!(windows(&format!(r#"{{"model_type":"mistral",{base},"sliding_window":8}}"#)), [Some(8); 3]);
+    assert_eq!(windows(&format!(r#"{{"model_type":"mistral",{base},"sliding_window":64}}"#)), [None; 3]);
+    assert_eq!(windows(&format!(r#"{{"model_type":"mistral",{base},"sliding_window":null}}"#)), [None; 3]);
+    // Qwen2 as the Hub publishes Qwen2.5 (a window given, switched off), switched on from
+    // layer `max_window_layers`, and as transformers 5 saves it (`layer_types`).
+    let qwen = |extra: &str| windows(&format!(r#"{{"model_type":"qwen2",{base},"sliding_window":8,{extra}}}"#));
+    assert_eq!(qwen(r#""use_sliding_window":false,"max_window_layers":1"#), [None; 3]);
+    assert_eq!(qwen(r#""use_sliding_window":true,"max_window_layers":1"#), [None, Some(8), Some(8)]);
+    assert_eq!(
+        qwen(r#""use_sliding_window":true,"layer_types":["sliding_attention","full_attention","sliding_attention"]"#),
+        [Some(8), None, Some(8)]
+    );
+    // Llama has no window.
+    assert_eq!(windows(&format!(r#"{{"model_type":"llama",{base}}}"#)), [None; 3]);
+}
+
 #[test]
 fn fixture_configs_round_trip() {
-    for name in ["tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-bert-cls"] {
+    for name in [
+        "tiny-gpt2",
+        "tiny-llama",
+        "tiny-bert",
+        "tiny-bert-cls",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-mistral",
+        "tiny-llama3",
+    ] {
         let cfg = ModelConfig::from_file(&common::fixture(name).join("config.json")).unwrap();
         let again = ModelConfig::from_value(cfg.to_value(), name).unwrap();
         assert_eq!(cfg.to_value(), again.to_value(), "{name}");

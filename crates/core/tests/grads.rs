@@ -21,6 +21,24 @@ fn llama(tied: bool) -> ModelConfig {
     ))
 }
 
+/// The families of the Llama block: Qwen2's biases, Qwen3's head norms (with head_dim apart
+/// from the width), Mistral's window; windows of 4 and 3 are shorter than the batch's 9 tokens.
+fn family(model_type: &str) -> ModelConfig {
+    let extra = match model_type {
+        "qwen2" => {
+            r#""num_attention_heads":4,"num_key_value_heads":2,"use_sliding_window":true,"sliding_window":4,"max_window_layers":1"#
+        }
+        "qwen3" => {
+            r#""num_attention_heads":4,"num_key_value_heads":1,"head_dim":6,"attention_bias":true,"use_sliding_window":true,"sliding_window":4,"max_window_layers":0"#
+        }
+        _ => r#""num_attention_heads":4,"num_key_value_heads":2,"sliding_window":3"#,
+    };
+    config(&format!(
+        r#"{{"model_type":"{model_type}","vocab_size":37,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,
+        "max_position_embeddings":16,{extra}}}"#
+    ))
+}
+
 fn bert(classifier: bool) -> ModelConfig {
     let arch = if classifier { "BertForSequenceClassification" } else { "BertForMaskedLM" };
     config(&format!(
@@ -65,6 +83,9 @@ fn every_parameter_gets_a_nonzero_gradient() {
         ("gpt2", gpt2()),
         ("llama", llama(false)),
         ("llama-tied", llama(true)),
+        ("qwen2", family("qwen2")),
+        ("qwen3", family("qwen3")),
+        ("mistral", family("mistral")),
         ("bert-mlm", bert(false)),
         ("bert-cls", bert(true)),
     ] {
@@ -85,7 +106,14 @@ fn every_parameter_gets_a_nonzero_gradient() {
 fn gradients_match_finite_differences() {
     let dev = Device::Cpu;
     let (ids, mask) = batch(&dev);
-    for (name, cfg) in [("gpt2", gpt2()), ("llama", llama(false)), ("bert-mlm", bert(false))] {
+    for (name, cfg) in [
+        ("gpt2", gpt2()),
+        ("llama", llama(false)),
+        ("qwen2", family("qwen2")),
+        ("qwen3", family("qwen3")),
+        ("mistral", family("mistral")),
+        ("bert-mlm", bert(false)),
+    ] {
         let m = Model::init(cfg, 3, DType::F64, &dev).unwrap();
         let grads = loss(&m, &ids, &mask).backward().unwrap();
         for (pname, var) in m.params().vars() {

@@ -45,6 +45,59 @@ fn llama_gqa_logits_match_transformers() {
 }
 
 #[test]
+fn qwen2_biases_windows_and_yarn_match_transformers() {
+    check_lm("tiny-qwen2");
+}
+
+#[test]
+fn qwen3_head_norms_and_wide_heads_match_transformers() {
+    check_lm("tiny-qwen3");
+}
+
+#[test]
+fn mistral_sliding_window_and_linear_rope_match_transformers() {
+    check_lm("tiny-mistral");
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    check_lm("tiny-llama3");
+}
+
+/// The families of the Llama block, with the features each fixture sets apart.
+const FAMILIES: [&str; 4] = ["tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-llama3"];
+
+/// Greedy decoding through the KV cache (prompt prefilled in two chunks, then one token a
+/// step, past the sliding windows) picks the tokens `transformers`' `generate` picks.
+#[test]
+fn greedy_generations_match_transformers() {
+    use lmstack_core::SeqStep;
+    for name in FAMILIES {
+        let exp = expected(name);
+        let prompt: Vec<u32> = serde_json::from_value(exp["greedy"]["prompt"].clone()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(exp["greedy"]["tokens"].clone()).unwrap();
+        let model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        let mut cache = model.new_cache();
+        let argmax = |t: &Tensor| t.flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        model.forward_cached(&mut [SeqStep { tokens: &prompt[..7], cache: &mut cache, all_logits: false }]).unwrap();
+        let mut logits = model
+            .forward_cached(&mut [SeqStep { tokens: &prompt[7..], cache: &mut cache, all_logits: false }])
+            .unwrap()
+            .remove(0);
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let next = argmax(&logits);
+            got.push(next);
+            logits = model
+                .forward_cached(&mut [SeqStep { tokens: &[next], cache: &mut cache, all_logits: false }])
+                .unwrap()
+                .remove(0);
+        }
+        assert_eq!(got, want, "{name}: greedy tokens");
+    }
+}
+
+#[test]
 fn bert_masked_lm_logits_match_transformers() {
     check_lm("tiny-bert");
 }

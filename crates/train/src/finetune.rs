@@ -573,10 +573,15 @@ pub fn grow_vocab(
     cfg: &lmstack_core::ModelConfig,
     new_vocab: usize,
 ) -> Result<lmstack_core::ModelConfig> {
-    let keys: &[&str] = match cfg.model_type_str() {
-        "gpt2" => &["transformer.wte.weight", "lm_head.weight"],
-        "llama" => &["model.embed_tokens.weight", "lm_head.weight"],
-        other => return Err(Error::Msg(format!("growing the vocabulary of a {other} model is not supported"))),
+    let keys: &[&str] = match cfg.model_type() {
+        lmstack_core::ModelType::Gpt2 => &["transformer.wte.weight", "lm_head.weight"],
+        lmstack_core::ModelType::Llama => &["model.embed_tokens.weight", "lm_head.weight"],
+        lmstack_core::ModelType::Bert => {
+            return Err(Error::Msg(format!(
+                "growing the vocabulary of a {} model is not supported",
+                cfg.model_type_str()
+            )))
+        }
     };
     for k in keys {
         let Some(w) = weights.get(*k) else { continue };

@@ -9,7 +9,9 @@ use crate::Result;
 
 /// Causal attention of the new tokens of several sequences over their host caches, on CPU in
 /// f32: appends each sequence's new keys and values to its cache, then computes each
-/// (sequence, head) with two matrix products over the cache in place, in parallel.
+/// (sequence, head) with two matrix products over the cache in place, in parallel. With a
+/// `window`, a token sees only itself and the `window - 1` cached tokens before it (the cache
+/// keeps the older ones; they are skipped).
 ///
 /// # Shapes
 /// `q`: `[N, heads, d]`, `k`/`v`: `[N, kv_heads, d]` flattened, where the `N` packed tokens are
@@ -24,6 +26,7 @@ pub fn packed_attention(
     caches: &mut [&mut KvCache],
     layer: usize,
     scale: f32,
+    window: Option<usize>,
 ) -> Result<Vec<f32>> {
     use crate::kernels::gemm::{matmul, View};
     use crate::kernels::simd;
@@ -35,6 +38,8 @@ pub fn packed_attention(
     let n_rep = heads / kv_heads;
     let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
     let total: usize = spans.iter().map(|s| s.1).sum();
+    // The first key a token that sees `visible` keys (itself and all before it) attends to.
+    let first = |visible: usize| window.map_or(0, |w| visible.saturating_sub(w));
     let mut out = vec![0f32; total * heads * d];
     // Decoding sequences (a few new tokens), where the CPU allows: every head of a token in one
     // pass over the cache, straight into `out`.
@@ -47,7 +52,9 @@ pub fn packed_attention(
         let (kc, vc) = caches[i].host_kv(layer);
         let qt = &q[(start + t) * heads * d..][g.start * n_rep * d..g.end * n_rep * d];
         let valid = kc.len() / row - n + t + 1;
-        simd::decode_attention_groups(qt, kc, vc, (heads, kv_heads, d), g, valid, scale, scores, o)
+        let skip = first(valid);
+        let (kc, vc) = (kc.skip(skip * row), vc.skip(skip * row));
+        simd::decode_attention_groups(qt, kc, vc, (heads, kv_heads, d), g, valid - skip, scale, scores, o)
     };
     // Sequence `i`'s new tokens into `o` (its rows of `out`).
     let decode = |i: usize, o: &mut [f32], scores: &mut Vec<f32>| {
@@ -132,7 +139,7 @@ pub fn packed_attention(
                 // Decode: a few dot products per cached token; a gemm call would cost more.
                 for t in 0..n {
                     let qr = &q[qoff(t)..qoff(t) + d];
-                    for (j, s) in scores[t * l..t * l + p0 + t + 1].iter_mut().enumerate() {
+                    for (j, s) in scores[t * l..t * l + p0 + t + 1].iter_mut().enumerate().skip(first(p0 + t + 1)) {
                         *s = simd::dot(fma, qr, &kc[j * row + col..j * row + col + d]) * scale;
                     }
                 }
@@ -154,13 +161,15 @@ pub fn packed_attention(
             }
             for (t, s) in scores.chunks_mut(l).enumerate() {
                 let (s, masked) = s.split_at_mut(p0 + t + 1);
+                let (before, s) = s.split_at_mut(first(p0 + t + 1));
                 simd::softmax(s);
+                before.fill(0.0);
                 masked.fill(0.0);
             }
             if n <= 4 {
                 for t in 0..n {
                     let o = &mut part[t * d..(t + 1) * d];
-                    for (j, &p) in scores[t * l..t * l + p0 + t + 1].iter().enumerate() {
+                    for (j, &p) in scores[t * l..t * l + p0 + t + 1].iter().enumerate().skip(first(p0 + t + 1)) {
                         simd::axpy(fma, p, &vc[j * row + col..j * row + col + d], o);
                     }
                 }

@@ -887,6 +887,8 @@ struct AttnSpec {
     /// each attending only within itself; `None`: each row is one sequence. Tokens outside
     /// every segment get a zero output.
     segments: Option<Arc<Vec<(usize, usize, usize)>>>,
+    /// Sliding window: a causal query sees only itself and the `window - 1` keys before it.
+    window: Option<usize>,
 }
 
 use std::sync::Arc;
@@ -938,11 +940,16 @@ impl AttnSpec {
             || {
                 for i in 0..n {
                     let row = &mut p[i * n..(i + 1) * n];
-                    // Visible keys: a causal row sees 0..=i; padded keys are then zeroed after the exp.
+                    // Visible keys: a causal row sees 0..=i, within a window only its last
+                    // `window`; padded keys are then zeroed after the exp.
                     let visible = if self.causal { i + 1 } else { n };
+                    let first = match self.window {
+                        Some(w) if self.causal => visible.saturating_sub(w),
+                        _ => 0,
+                    };
                     let keys = |j: usize| key_mask.is_none_or(|m| m[j] != 0);
                     let mut max = T::neg_infinity();
-                    for (j, &s) in row[..visible].iter().enumerate() {
+                    for (j, &s) in row[..visible].iter().enumerate().skip(first) {
                         if s > max && keys(j) {
                             max = s;
                         }
@@ -951,9 +958,10 @@ impl AttnSpec {
                         row.iter_mut().for_each(|s| *s = T::zero());
                         continue;
                     }
-                    for s in row[..visible].iter_mut() {
+                    for s in row[first..visible].iter_mut() {
                         *s = (*s - max).fast_exp();
                     }
+                    row[..first].iter_mut().for_each(|s| *s = T::zero());
                     row[visible..].iter_mut().for_each(|s| *s = T::zero());
                     if let Some(m) = key_mask {
                         for (j, s) in row[..visible].iter_mut().enumerate() {
@@ -962,9 +970,9 @@ impl AttnSpec {
                             }
                         }
                     }
-                    let sum = sum8(&row[..visible], |v| v);
+                    let sum = sum8(&row[first..visible], |v| v);
                     let inv = T::one() / sum;
-                    row[..visible].iter_mut().for_each(|s| *s *= inv);
+                    row[first..visible].iter_mut().for_each(|s| *s *= inv);
                 }
             },
         );
@@ -1101,13 +1109,32 @@ impl Attention {
         scale: f64,
         key_mask: Option<Vec<u8>>,
     ) -> Self {
-        Self { spec: AttnSpec { b, t, h, kvh, d, causal, scale, key_mask: key_mask.map(Arc::new), segments: None } }
+        Self {
+            spec: AttnSpec {
+                b,
+                t,
+                h,
+                kvh,
+                d,
+                causal,
+                scale,
+                key_mask: key_mask.map(Arc::new),
+                segments: None,
+                window: None,
+            },
+        }
     }
 
     /// Attention within each of the sequences packed along `t` (`(row, start, len)`; see
     /// [`crate::nn::Segments`]) instead of within each row.
     pub fn with_segments(mut self, segments: Option<Arc<Vec<(usize, usize, usize)>>>) -> Self {
         self.spec.segments = segments;
+        self
+    }
+
+    /// Sliding-window attention (see [`crate::nn::attention`]); `None`: every earlier key.
+    pub fn with_window(mut self, window: Option<usize>) -> Self {
+        self.spec.window = window;
         self
     }
 }
@@ -1181,7 +1208,20 @@ pub struct AttentionQkv {
 impl AttentionQkv {
     /// An attention op over packed projections; `key_mask` as in [`Attention::new`].
     pub fn new(b: usize, t: usize, h: usize, d: usize, causal: bool, scale: f64, key_mask: Option<Vec<u8>>) -> Self {
-        Self { spec: AttnSpec { b, t, h, kvh: h, d, causal, scale, key_mask: key_mask.map(Arc::new), segments: None } }
+        Self {
+            spec: AttnSpec {
+                b,
+                t,
+                h,
+                kvh: h,
+                d,
+                causal,
+                scale,
+                key_mask: key_mask.map(Arc::new),
+                segments: None,
+                window: None,
+            },
+        }
     }
 
     /// As [`Attention::with_segments`].

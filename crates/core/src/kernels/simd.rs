@@ -274,7 +274,7 @@ pub enum Rows<'a> {
     Bf16(&'a [u16]),
 }
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
     /// Number of values.
     pub fn len(&self) -> usize {
         match self {
@@ -286,6 +286,14 @@ impl Rows<'_> {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The values from the `n`-th on.
+    pub fn skip(&self, n: usize) -> Rows<'a> {
+        match self {
+            Rows::F32(x) => Rows::F32(&x[n..]),
+            Rows::Bf16(x) => Rows::Bf16(&x[n..]),
+        }
     }
 
     /// Writes `n` runs of `width` values, run `r` starting at `off + r·stride`, as f32 into `out`

@@ -2,9 +2,18 @@
 //! grouped-query attention ("GQA", Ainslie et al., 2023).
 //!
 //! Mirrors `transformers.models.llama.modeling_llama`: RMSNorm pre-norm blocks, rotary
-//! position embeddings in the "rotate half" layout with `rope_theta`, SwiGLU MLP
-//! (`down(act(gate(x)) * up(x))`), `num_key_value_heads` shared K/V heads, tied or untied LM
-//! head. Mistral checkpoints without a sliding window are the same network.
+//! position embeddings in the "rotate half" layout with `rope_theta` (and `rope_scaling`:
+//! linear, Llama 3.1's, YaRN), SwiGLU MLP (`down(act(gate(x)) * up(x))`),
+//! `num_key_value_heads` shared K/V heads, tied or untied LM head.
+//!
+//! The families built from this block differ by switches of [`LlamaConfig`] ([`crate::config::Family`]), as
+//! their `transformers` files differ from `modeling_llama` (`modular_*.py`):
+//! - Mistral ("Mistral 7B", Jiang et al., 2023; `modeling_mistral`): a sliding attention
+//!   window ([`LlamaConfig::layer_window`]).
+//! - Qwen2 / Qwen2.5 ("Qwen2 Technical Report", 2024; `modeling_qwen2`): biases on the
+//!   query, key and value projections, and a window on the upper layers when switched on.
+//! - Qwen3 ("Qwen3 Technical Report", 2025; `modeling_qwen3`): RMSNorm over each query and
+//!   key head before RoPE (`q_norm`, `k_norm`), `head_dim` set apart from the width.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -19,6 +28,11 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3's RMSNorm over each query head and each key head (`[head_dim]` weights).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    /// The layer's sliding window ([`LlamaConfig::layer_window`]).
+    window: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,12 +88,16 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let xn = self.input_layernorm.forward(&x)?;
         let a = &self.self_attn;
-        let q = a.q_proj.forward(&xn)?.reshape((b, t, s.heads, s.head_dim))?;
-        let k = a.k_proj.forward(&xn)?.reshape((b, t, s.kv_heads, s.head_dim))?;
+        let mut q = a.q_proj.forward(&xn)?.reshape((b, t, s.heads, s.head_dim))?;
+        let mut k = a.k_proj.forward(&xn)?.reshape((b, t, s.kv_heads, s.head_dim))?;
         let v = a.v_proj.forward(&xn)?.reshape((b, t, s.kv_heads, s.head_dim))?;
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
         let q = rotary.apply(&q, positions)?;
         let k = rotary.apply(&k, positions)?;
-        let o = attention(&q, &k, &v, ctx, layer, 1.0 / (s.head_dim as f64).sqrt())?;
+        let o = attention(&q, &k, &v, ctx, layer, 1.0 / (s.head_dim as f64).sqrt(), a.window)?;
         let (x, o) = keep_rows(x, o, keep)?;
         let x = (x + a.o_proj.forward(&o)?)?;
         let xn = self.post_attention_layernorm.forward(&x)?;
@@ -97,8 +115,11 @@ impl Llama {
         let (h, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let std = cfg.extra.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
         let embed_tokens = Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, d, std)?;
-        let ab = cfg.attention_bias;
+        let (qkv_b, o_b) = (cfg.qkv_bias(), cfg.o_bias());
         let mb = cfg.mlp_bias;
+        let head_norm = |vb: VarBuilder<'_>| -> Result<Option<RmsNorm>> {
+            Ok(if cfg.qk_norm() { Some(RmsNorm::load(vb, hd, cfg.rms_norm_eps)?) } else { None })
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let b = m.pp("layers").pp(i);
@@ -107,10 +128,13 @@ impl Llama {
                 Ok(Block {
                     input_layernorm: RmsNorm::load(b.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
                     self_attn: Attention {
-                        q_proj: Linear::load(a.pp("q_proj"), d, h * hd, ab, std)?,
-                        k_proj: Linear::load(a.pp("k_proj"), d, kvh * hd, ab, std)?,
-                        v_proj: Linear::load(a.pp("v_proj"), d, kvh * hd, ab, std)?,
-                        o_proj: Linear::load(a.pp("o_proj"), h * hd, d, ab, std)?,
+                        q_proj: Linear::load(a.pp("q_proj"), d, h * hd, qkv_b, std)?,
+                        k_proj: Linear::load(a.pp("k_proj"), d, kvh * hd, qkv_b, std)?,
+                        v_proj: Linear::load(a.pp("v_proj"), d, kvh * hd, qkv_b, std)?,
+                        o_proj: Linear::load(a.pp("o_proj"), h * hd, d, o_b, std)?,
+                        q_norm: head_norm(a.pp("q_norm"))?,
+                        k_norm: head_norm(a.pp("k_norm"))?,
+                        window: cfg.layer_window(i),
                     },
                     post_attention_layernorm: RmsNorm::load(b.pp("post_attention_layernorm"), d, cfg.rms_norm_eps)?,
                     mlp: Mlp {
@@ -128,7 +152,8 @@ impl Llama {
             Linear::load(vb.pp("lm_head"), d, cfg.vocab_size, false, std)?
         };
         // RoPE tables are computed in f32 as transformers does, then cast once.
-        let rotary = Rotary::new(hd, cfg.max_position_embeddings, cfg.rope_theta(), dtype, device)?;
+        let rotary =
+            Rotary::new(hd, cfg.max_position_embeddings, cfg.rope_theta(), &cfg.rope_scaling()?, dtype, device)?;
         Ok(Self { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone(), checkpointing: false })
     }
 

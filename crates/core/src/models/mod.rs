@@ -208,7 +208,10 @@ impl Model {
         let mut cfg = self.config.clone();
         let archs = match &self.arch {
             Arch::Gpt2(_) => "GPT2LMHeadModel",
-            Arch::Llama(_) => "LlamaForCausalLM",
+            Arch::Llama(_) => match &self.config {
+                ModelConfig::Llama(c) => c.family.causal_lm_class(),
+                _ => "LlamaForCausalLM",
+            },
             Arch::Bert(b) if b.heads().classifier.is_some() => "BertForSequenceClassification",
             Arch::Bert(b) if b.heads().mlm => "BertForMaskedLM",
             Arch::Bert(_) => "BertModel",

@@ -171,6 +171,55 @@ def main():
     dump(model, d, ids, mask, tt)
 
 
+    # The families of the Llama block, each with odd sizes and what sets it apart; the prompts
+    # (20, 13 and 5 tokens) are longer than the sliding windows.
+    for name, cls, cfg_cls, kw in [
+        # Qwen2.5: q/k/v biases, GQA 3:1, tied head, a window of 6 on layers 1 and 2, YaRN.
+        ("tiny-qwen2", "Qwen2ForCausalLM", "Qwen2Config", dict(
+            vocab_size=70, hidden_size=36, intermediate_size=50, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, use_sliding_window=True,
+            sliding_window=6, max_window_layers=1,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                             "rope_theta": 10000.0})),
+        # Qwen3: q/k norms, head_dim 12 with a width of 32 (4 heads), GQA 4:1, biases everywhere.
+        ("tiny-qwen3", "Qwen3ForCausalLM", "Qwen3Config", dict(
+            vocab_size=66, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=12, max_position_embeddings=64, tie_word_embeddings=False,
+            attention_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+        # Mistral: a window of 5 on every layer, head_dim 8 with a width of 24 (6 heads), GQA 3:1,
+        # linear RoPE scaling.
+        ("tiny-mistral", "MistralForCausalLM", "MistralConfig", dict(
+            vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=5,
+            tie_word_embeddings=False, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+        # Llama 3.2: Llama 3.1's RoPE scaling, tied head, GQA 4:1.
+        ("tiny-llama3", "LlamaForCausalLM", "LlamaConfig", dict(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16, "rope_theta": 500000.0})),
+    ]:
+        d = os.path.join(HERE, name)
+        os.makedirs(d, exist_ok=True)
+        cfg = getattr(transformers, cfg_cls)(rms_norm_eps=1e-6, attn_implementation="eager", **kw)
+        model = getattr(transformers, cls)(cfg)
+        with torch.no_grad():  # non-trivial norms and biases, so their loading is tested
+            for n, p in model.named_parameters():
+                if "norm" in n or n.endswith(".bias"):
+                    p.add_(0.1 * torch.randn_like(p))
+        ids, mask = batch(kw["vocab_size"], [20, 13, 5], 4)
+        dump(model, d, ids, mask)
+        # Greedy generation from the first prompt (`expected.json` "greedy"), cached.
+        with torch.no_grad():
+            prompt = torch.tensor([ids[0][:12]])
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                 do_sample=False, pad_token_id=0)
+        with open(os.path.join(d, "expected.json")) as f:
+            exp = json.load(f)
+        exp["greedy"] = {"prompt": ids[0][:12], "tokens": out[0, 12:].tolist()}
+        with open(os.path.join(d, "expected.json"), "w") as f:
+            json.dump(exp, f)
+
 def verify(d):
     """Loads an lmstack-written directory in transformers and compares logits."""
     with open(os.path.join(d, "expected.json")) as f:

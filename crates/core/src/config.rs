@@ -970,6 +970,15 @@ impl ModelConfig {
                 for (k, _) in c.family.defaults() {
                     m.entry(k).or_insert(Value::Null);
                 }
+                // Written resolved: some `transformers` classes read a null `head_dim` or
+                // `rope_theta` as given (Qwen2's attention, the RoPE of a scaled config).
+                if m.get("head_dim").is_none_or(Value::is_null) {
+                    m.insert("head_dim".into(), c.head_dim().into());
+                }
+                let theta_in_params = c.rope_parameters.as_ref().is_some_and(|p| p.contains_key("rope_theta"));
+                if m.get("rope_theta").is_none_or(Value::is_null) && !theta_in_params {
+                    m.insert("rope_theta".into(), c.rope_theta().into());
+                }
             }
             let sorted: BTreeMap<_, _> = std::mem::take(m).into_iter().collect();
             *m = sorted.into_iter().collect();

@@ -214,6 +214,25 @@ fn lmstack_written_dirs_carry_expected_logits() {
             "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":32,"rope_theta":10000.0}"#,
         ),
         (
+            "qwen2",
+            r#"{"model_type":"qwen2","vocab_size":66,"hidden_size":24,"intermediate_size":40,"num_hidden_layers":2,
+            "num_attention_heads":6,"num_key_value_heads":2,"max_position_embeddings":32,"use_sliding_window":true,
+            "sliding_window":4,"max_window_layers":1,"tie_word_embeddings":true,
+            "rope_scaling":{"type":"yarn","factor":2.0,"original_max_position_embeddings":16}}"#,
+        ),
+        (
+            "qwen3",
+            r#"{"model_type":"qwen3","vocab_size":66,"hidden_size":32,"intermediate_size":40,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":1,"head_dim":12,"max_position_embeddings":32}"#,
+        ),
+        (
+            "mistral",
+            r#"{"model_type":"mistral","vocab_size":66,"hidden_size":24,"intermediate_size":40,"num_hidden_layers":2,
+            "num_attention_heads":6,"num_key_value_heads":2,"max_position_embeddings":32,"sliding_window":4,
+            "rope_scaling":{"rope_type":"llama3","factor":4.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
+            "original_max_position_embeddings":16}}"#,
+        ),
+        (
             "bert",
             r#"{"model_type":"bert","vocab_size":66,"hidden_size":16,"num_hidden_layers":2,"num_attention_heads":2,
             "intermediate_size":32,"max_position_embeddings":32,"architectures":["BertForMaskedLM"]}"#,

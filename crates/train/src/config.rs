@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+/// The architectures `train pretrain` initialises.
+pub const ARCHS: [&str; 6] = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "bert"];
+
 /// Everything a pretraining run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -24,7 +27,8 @@ pub struct PretrainConfig {
     pub tokenizer: String,
     /// Fraction of the text held out for validation (taken from the end, as nanoGPT does).
     pub val_fraction: f64,
-    /// `gpt2` or `llama` (causal LM) or `bert` (masked LM).
+    /// The architecture: `gpt2`, `llama`, `mistral`, `qwen2`, `qwen3` (causal LM) or `bert`
+    /// (masked LM), with the block and the `model_type` of that family.
     pub arch: String,
     /// Number of transformer blocks.
     pub n_layer: usize,
@@ -42,6 +46,8 @@ pub struct PretrainConfig {
     pub init_std: f64,
     /// Context length in tokens.
     pub block_size: usize,
+    /// Sliding attention window in tokens, every layer (mistral, qwen2, qwen3); 0 = none.
+    pub sliding_window: usize,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -97,6 +103,7 @@ impl Default for PretrainConfig {
             n_embd: 128,
             init_std: 0.0,
             block_size: 64,
+            sliding_window: 0,
             batch_size: 12,
             grad_accum: 1,
             parallel_shards: 2,
@@ -153,6 +160,7 @@ impl PretrainConfig {
             ("n_kv_head", self.n_kv_head == other.n_kv_head),
             ("n_embd", self.n_embd == other.n_embd),
             ("block_size", self.block_size == other.block_size),
+            ("sliding_window", self.sliding_window == other.sliding_window),
             ("tokenizer", self.tokenizer == other.tokenizer),
             ("data", self.data == other.data),
         ]
@@ -201,8 +209,14 @@ impl PretrainConfig {
         if self.n_kv_head != 0 && !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad("n_kv_head", format!("{} does not divide n_head = {}", self.n_kv_head, self.n_head));
         }
-        if !["gpt2", "llama", "bert"].contains(&self.arch.as_str()) {
-            return bad("arch", format!("`{}` is not one of gpt2, llama, bert", self.arch));
+        if !ARCHS.contains(&self.arch.as_str()) {
+            return bad("arch", format!("`{}` is not one of {}", self.arch, ARCHS.join(", ")));
+        }
+        if self.sliding_window > 0 && !["mistral", "qwen2", "qwen3"].contains(&self.arch.as_str()) {
+            return bad(
+                "sliding_window",
+                format!("arch `{}` has no sliding window; mistral, qwen2 and qwen3 have", self.arch),
+            );
         }
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
             return bad("val_fraction", format!("{} is outside (0, 1)", self.val_fraction));

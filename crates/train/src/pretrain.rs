@@ -111,22 +111,37 @@ pub fn model_config(cfg: &PretrainConfig, vocab_size: usize) -> Result<ModelConf
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "activation_function": "gelu_new",
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         }),
-        "llama" => {
+        family @ ("llama" | "mistral" | "qwen2" | "qwen3") => {
             // SwiGLU width ≈ 8/3 · d, rounded up to a multiple of 32 (as Llama does with 256).
             let inter = (8 * d / 3).div_ceil(32) * 32;
-            serde_json::json!({
-                "model_type": "llama", "vocab_size": vocab_size, "hidden_size": d, "intermediate_size": inter,
+            let mut json = serde_json::json!({
+                "model_type": family, "vocab_size": vocab_size, "hidden_size": d, "intermediate_size": inter,
                 "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
                 "num_key_value_heads": if cfg.n_kv_head == 0 { cfg.n_head } else { cfg.n_kv_head },
+                "head_dim": d / cfg.n_head,
                 "max_position_embeddings": cfg.block_size, "rope_theta": 10000.0, "tie_word_embeddings": true,
-            })
+            });
+            let window = (cfg.sliding_window > 0).then_some(cfg.sliding_window);
+            json["sliding_window"] = serde_json::json!(window);
+            if family.starts_with("qwen") {
+                // Every layer slides when a window is set (Qwen's window starts at layer
+                // `max_window_layers`).
+                json["use_sliding_window"] = serde_json::json!(window.is_some());
+                json["max_window_layers"] = serde_json::json!(0);
+            }
+            json
         }
         "bert" => serde_json::json!({
             "model_type": "bert", "vocab_size": vocab_size, "hidden_size": d, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "intermediate_size": 4 * d, "max_position_embeddings": cfg.block_size,
             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "architectures": ["BertForMaskedLM"],
         }),
-        other => return Err(Error::Msg(format!("config field `arch`: `{other}` is not one of gpt2, llama, bert"))),
+        other => {
+            return Err(Error::Msg(format!(
+                "config field `arch`: `{other}` is not one of {}",
+                crate::config::ARCHS.join(", ")
+            )))
+        }
     };
     json["initializer_range"] = serde_json::json!(cfg.resolved_init_std());
     Ok(ModelConfig::from_value(json, "pretrain config")?)

@@ -72,9 +72,13 @@ fn train_losses(dir: &Path) -> Vec<(u64, f64)> {
 
 #[test]
 fn loss_falls_for_every_architecture() {
-    for arch in ["gpt2", "llama", "bert"] {
+    for arch in ["gpt2", "llama", "mistral", "qwen2", "qwen3", "bert"] {
         let out = tmp(arch);
-        let s = run(&tiny(&out, arch), &opts()).unwrap();
+        let mut cfg = tiny(&out, arch);
+        if arch == "mistral" || arch == "qwen3" {
+            cfg.sliding_window = 8;
+        }
+        let s = run(&cfg, &opts()).unwrap();
         let l = train_losses(&out);
         let (first, last) = (l.first().unwrap().1, l.last().unwrap().1);
         assert!(last < first - 0.5, "{arch}: loss went from {first} to {last}");
@@ -84,6 +88,11 @@ fn loss_falls_for_every_architecture() {
             lmstack_core::Pretrained::load(&out.join("model"), lmstack_core::DType::F32, &lmstack_core::Device::Cpu)
                 .unwrap();
         assert_eq!(p.model.num_parameters(), s.num_parameters);
+        assert_eq!(p.model.config().model_type_str(), arch);
+        if cfg.sliding_window > 0 {
+            let lmstack_core::ModelConfig::Llama(c) = p.model.config() else { panic!("{arch}") };
+            assert_eq!(c.layer_window(1), Some(8), "{arch}");
+        }
         assert!(out.join("best/model.safetensors").is_file());
         assert!(std::fs::read_to_string(out.join("loss.svg")).unwrap().contains("<polyline"));
         if arch != "bert" {

@@ -27,7 +27,8 @@ pub(crate) struct PretrainArgs {
     /// `char`, `bpe:VOCAB_SIZE`, or a directory with tokenizer.json [default: char].
     #[arg(long)]
     tokenizer: Option<String>,
-    /// Architecture: gpt2, llama or bert [default: gpt2].
+    /// Architecture: gpt2, llama, mistral, qwen2, qwen3 (causal LMs) or bert (masked LM)
+    /// [default: gpt2].
     #[arg(long)]
     arch: Option<String>,
     /// Transformer blocks [default: 4].
@@ -45,6 +46,10 @@ pub(crate) struct PretrainArgs {
     /// Context length [default: 64].
     #[arg(long)]
     block_size: Option<usize>,
+    /// Sliding attention window in tokens, on every layer (mistral, qwen2, qwen3); 0 = none
+    /// [default: 0].
+    #[arg(long)]
+    sliding_window: Option<usize>,
     /// Standard deviation of the initial weights; 0 = 1/sqrt(n_embd) [default: 0; nanoGPT: 0.02].
     #[arg(long)]
     init_std: Option<f64>,
@@ -131,6 +136,7 @@ impl PretrainArgs {
             n_embd,
             init_std,
             block_size,
+            sliding_window,
             batch_size,
             grad_accum,
             parallel_shards

@@ -14,10 +14,14 @@
 //!   which [`crate::nn::Linear`] then multiplies as such. F32/F16/BF16 tensors become ordinary
 //!   tensors of the model's dtype.
 //!
-//! llama.cpp stores a Llama model's query and key projections with the rows of each head
+//! Architectures: `llama` (Llama, SmolLM; Mistral's files are `llama` ones, without a window),
+//! `qwen2`, `qwen3` (as the families of [`crate::config::Family`]) and `gpt2`.
+//!
+//! llama.cpp stores a `llama` model's query and key projections with the rows of each head
 //! interleaved for its rotary layout (`convert_hf_to_gguf.py`'s `permute`); they are put back in
 //! the "rotate half" order `transformers` and lmstack use. Rows are whole quantization blocks,
-//! so this is a reordering of bytes and keeps quantized weights exact.
+//! so this is a reordering of bytes and keeps quantized weights exact. `qwen2` and `qwen3`
+//! rotate halves themselves and are stored unpermuted.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -29,7 +33,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Map, Value};
 
-use crate::config::ModelConfig;
+use crate::config::{Family, ModelConfig};
 use crate::params::ParamStore;
 use crate::tokenizer::{SpecialTokens, Tokenizer};
 use crate::{Error, Result};
@@ -219,15 +223,17 @@ impl GgufFile {
         if arch == "gpt2" {
             return self.gpt2_config();
         }
-        if arch != "llama" {
+        // llama.cpp's architectures of the Llama block; Mistral's files are `llama` ones.
+        let Some(family) = Family::of(&arch).filter(|f| matches!(f, Family::Llama | Family::Qwen2 | Family::Qwen3))
+        else {
             return Err(self.err(
                 "general.architecture",
                 format!(
                     "`{arch}` is not supported; GGUF files of architecture `llama` (Llama, SmolLM, Mistral without a \
-                     window) and `gpt2` load"
+                     window), `qwen2`, `qwen3` and `gpt2` load"
                 ),
             ));
-        }
+        };
         let k = |s: &str| format!("{arch}.{s}");
         for key in [k("expert_count"), k("expert_used_count")] {
             if self.uint(&key)?.unwrap_or(0) > 0 {
@@ -278,17 +284,16 @@ impl GgufFile {
             None => self.strings("tokenizer.ggml.tokens")?.len(),
         };
         let mut cfg = Map::new();
-        cfg.insert("model_type".into(), json!("llama"));
-        cfg.insert("architectures".into(), json!(["LlamaForCausalLM"]));
+        cfg.insert("model_type".into(), json!(family.model_type()));
+        cfg.insert("architectures".into(), json!([family.causal_lm_class()]));
         cfg.insert("vocab_size".into(), json!(vocab));
         cfg.insert("hidden_size".into(), json!(hidden));
         cfg.insert("intermediate_size".into(), json!(self.usize_req(&k("feed_forward_length"))?));
         cfg.insert("num_hidden_layers".into(), json!(self.usize_req(&k("block_count"))?));
         cfg.insert("num_attention_heads".into(), json!(heads));
         cfg.insert("num_key_value_heads".into(), json!(kv_heads));
-        if head_dim != hidden / heads {
-            cfg.insert("head_dim".into(), json!(head_dim));
-        }
+        // Always given: a family's own default (Qwen3's 128) is not hidden / heads.
+        cfg.insert("head_dim".into(), json!(head_dim));
         cfg.insert("max_position_embeddings".into(), json!(self.usize_req(&k("context_length"))?));
         let eps = self.float(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
         // Stored as f32 in the file: print the f32's shortest decimal (1e-5, not 9.99…e-6).
@@ -297,8 +302,11 @@ impl GgufFile {
         cfg.insert("rope_theta".into(), json!((theta as f32).to_string().parse::<f64>().unwrap_or(theta)));
         cfg.insert("hidden_act".into(), json!("silu"));
         cfg.insert("tie_word_embeddings".into(), json!(!self.content.tensor_infos.contains_key("output.weight")));
-        let bias = self.content.tensor_infos.contains_key("blk.0.attn_q.bias");
-        cfg.insert("attention_bias".into(), json!(bias));
+        if family != Family::Qwen2 {
+            // (Qwen2's query, key and value projections always have biases, its output none.)
+            let bias = self.content.tensor_infos.contains_key("blk.0.attn_q.bias");
+            cfg.insert("attention_bias".into(), json!(bias));
+        }
         for (field, key) in [
             ("bos_token_id", "tokenizer.ggml.bos_token_id"),
             ("eos_token_id", "tokenizer.ggml.eos_token_id"),
@@ -470,7 +478,8 @@ impl GgufFile {
         let map = tensor_map(config).map_err(|e| self.err("general.architecture", e))?;
         let arch = match config {
             ModelConfig::Gpt2(_) => "gpt2",
-            _ => "llama",
+            ModelConfig::Llama(c) => llama_cpp_arch(c.family),
+            ModelConfig::Bert(_) => "bert",
         };
         if let Some(e) = map.iter().find(|e| e.required && !self.content.tensor_infos.contains_key(e.gg.as_str())) {
             return Err(Error::Weight { file: self.source(), name: e.gg.clone(), message: "is missing".into() });
@@ -605,17 +614,29 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
     match config {
         ModelConfig::Llama(cfg) => {
             let (d, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-            let (q, kv) = (cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
-            let (hq, hkv) = (Layout::Permute(cfg.num_attention_heads), Layout::Permute(cfg.kv_heads()));
+            let (hd, q, kv) =
+                (cfg.head_dim(), cfg.num_attention_heads * cfg.head_dim(), cfg.kv_heads() * cfg.head_dim());
+            // llama.cpp's `llama` rotates interleaved pairs, so its converter permutes the query
+            // and key rows; Qwen's architectures rotate halves as Hugging Face does.
+            let (hq, hkv) = match llama_cpp_arch(cfg.family) {
+                "llama" => (Layout::Permute(cfg.num_attention_heads), Layout::Permute(cfg.kv_heads())),
+                _ => (Layout::Same, Layout::Same),
+            };
             push("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![v, d], Layout::Same, true);
             for i in 0..cfg.num_hidden_layers {
-                let bias = cfg.attention_bias;
+                let (qkv_bias, o_bias) = (cfg.qkv_bias(), cfg.o_bias());
+                if cfg.qk_norm() {
+                    for (gg, hf) in [("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")] {
+                        let (gg, hf) = (format!("blk.{i}.{gg}.weight"), format!("model.layers.{i}.{hf}.weight"));
+                        push(gg, hf, vec![hd], Layout::Same, true);
+                    }
+                }
                 for (gg, hf, w, b, layout, b_required) in [
                     ("attn_norm", "input_layernorm", vec![d], None, Layout::Same, false),
-                    ("attn_q", "self_attn.q_proj", vec![q, d], Some(q), hq, bias),
-                    ("attn_k", "self_attn.k_proj", vec![kv, d], Some(kv), hkv, bias),
-                    ("attn_v", "self_attn.v_proj", vec![kv, d], Some(kv), Layout::Same, bias),
-                    ("attn_output", "self_attn.o_proj", vec![d, q], Some(d), Layout::Same, bias),
+                    ("attn_q", "self_attn.q_proj", vec![q, d], Some(q), hq, qkv_bias),
+                    ("attn_k", "self_attn.k_proj", vec![kv, d], Some(kv), hkv, qkv_bias),
+                    ("attn_v", "self_attn.v_proj", vec![kv, d], Some(kv), Layout::Same, qkv_bias),
+                    ("attn_output", "self_attn.o_proj", vec![d, q], Some(d), Layout::Same, o_bias),
                     ("ffn_norm", "post_attention_layernorm", vec![d], None, Layout::Same, false),
                     ("ffn_gate", "mlp.gate_proj", vec![f, d], Some(f), Layout::Same, false),
                     ("ffn_up", "mlp.up_proj", vec![f, d], Some(f), Layout::Same, false),
@@ -663,9 +684,21 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
                 push("output.weight".into(), "lm_head.weight".into(), vec![v, d], Layout::Same, true);
             }
         }
-        ModelConfig::Bert(_) => return Err("only llama and gpt2 models are read from and written to GGUF".into()),
+        ModelConfig::Bert(_) => {
+            return Err("only llama, mistral, qwen2, qwen3 and gpt2 models are read from and written to GGUF".into())
+        }
     }
     Ok(out)
+}
+
+/// The llama.cpp architecture (`general.architecture`) of a family of the Llama block: Mistral
+/// is converted as `llama`.
+fn llama_cpp_arch(family: Family) -> &'static str {
+    match family {
+        Family::Llama | Family::Mistral => "llama",
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 => "qwen3",
+    }
 }
 
 /// The inverse of llama.cpp's `permute` of a query/key projection with `heads` heads: for each
@@ -1014,24 +1047,41 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
     // Per architecture: its metadata.
     let (arch, vocab_size, name, mut meta) = match model.config() {
         ModelConfig::Llama(cfg) => {
+            let arch = llama_cpp_arch(cfg.family);
             if cfg.hidden_act != crate::config::Activation::Silu {
-                return Err(Error::invalid("model", "llama.cpp's llama architecture computes SiLU only"));
+                return Err(Error::invalid("model", format!("llama.cpp's {arch} architecture computes SiLU only")));
             }
+            if (0..cfg.num_hidden_layers).any(|i| cfg.layer_window(i).is_some()) {
+                return Err(Error::invalid(
+                    "sliding_window",
+                    format!("llama.cpp's {arch} architecture has no sliding window; this model attends through one"),
+                ));
+            }
+            if cfg.rope_scaling()? != crate::config::RopeScaling::None {
+                return Err(Error::invalid("rope_scaling", "RoPE scaling is not written to GGUF files yet"));
+            }
+            if cfg.o_bias() || cfg.mlp_bias || (cfg.qkv_bias() && cfg.family != Family::Qwen2) {
+                return Err(Error::invalid(
+                    "attention_bias",
+                    format!("llama.cpp's {arch} architecture has no biases on these projections"),
+                ));
+            }
+            let k = |key: &str| format!("{arch}.{key}");
             let meta = vec![
-                ("llama.vocab_size".to_string(), u(cfg.vocab_size)),
-                ("llama.context_length".into(), u(cfg.max_position_embeddings)),
-                ("llama.embedding_length".into(), u(cfg.hidden_size)),
-                ("llama.feed_forward_length".into(), u(cfg.intermediate_size)),
-                ("llama.block_count".into(), u(cfg.num_hidden_layers)),
-                ("llama.attention.head_count".into(), u(cfg.num_attention_heads)),
-                ("llama.attention.head_count_kv".into(), u(cfg.kv_heads())),
-                ("llama.attention.key_length".into(), u(cfg.head_dim())),
-                ("llama.attention.value_length".into(), u(cfg.head_dim())),
-                ("llama.rope.dimension_count".into(), u(cfg.head_dim())),
-                ("llama.rope.freq_base".into(), GValue::F32(cfg.rope_theta() as f32)),
-                ("llama.attention.layer_norm_rms_epsilon".into(), GValue::F32(cfg.rms_norm_eps as f32)),
+                (k("vocab_size"), u(cfg.vocab_size)),
+                (k("context_length"), u(cfg.max_position_embeddings)),
+                (k("embedding_length"), u(cfg.hidden_size)),
+                (k("feed_forward_length"), u(cfg.intermediate_size)),
+                (k("block_count"), u(cfg.num_hidden_layers)),
+                (k("attention.head_count"), u(cfg.num_attention_heads)),
+                (k("attention.head_count_kv"), u(cfg.kv_heads())),
+                (k("attention.key_length"), u(cfg.head_dim())),
+                (k("attention.value_length"), u(cfg.head_dim())),
+                (k("rope.dimension_count"), u(cfg.head_dim())),
+                (k("rope.freq_base"), GValue::F32(cfg.rope_theta() as f32)),
+                (k("attention.layer_norm_rms_epsilon"), GValue::F32(cfg.rms_norm_eps as f32)),
             ];
-            ("llama", cfg.vocab_size, cfg.extra.get("_name_or_path").and_then(Value::as_str), meta)
+            (arch, cfg.vocab_size, cfg.extra.get("_name_or_path").and_then(Value::as_str), meta)
         }
         ModelConfig::Gpt2(cfg) => {
             if cfg.activation_function != crate::config::Activation::GeluTanh {
@@ -1050,7 +1100,12 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
             ];
             ("gpt2", cfg.vocab_size, cfg.extra.get("_name_or_path").and_then(Value::as_str), meta)
         }
-        ModelConfig::Bert(_) => return Err(Error::invalid("model", "only llama and gpt2 models are written as GGUF")),
+        ModelConfig::Bert(_) => {
+            return Err(Error::invalid(
+                "model",
+                "only llama, mistral, qwen2, qwen3 and gpt2 models are written as GGUF",
+            ))
+        }
     };
     let tj: Value =
         serde_json::from_str(&tokenizer.inner().to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?)

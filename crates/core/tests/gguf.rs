@@ -82,6 +82,65 @@ fn f32_gguf_has_the_models_logits_and_tokenizer() {
     }
 }
 
+/// Qwen2 (query/key/value biases) and Qwen3 (query/key head norms, head_dim apart from the
+/// width) are written under llama.cpp's `qwen2`/`qwen3` architectures, without the `llama`
+/// row permutation, and read back as the same family with the same logits (f32, and Q8_0
+/// computing what its dequantized weights imply).
+#[test]
+fn qwen_families_round_trip() {
+    let tok = tokenizer();
+    // (A Qwen3 head_dim of width / heads is written too: the family's default is 128.)
+    for (family, extra) in [("qwen2", ""), ("qwen3", r#","head_dim":32"#), ("qwen3", r#","head_dim":64"#)] {
+        let cfg = ModelConfig::from_json(
+            &format!(
+                r#"{{"model_type":"{family}","vocab_size":{},"hidden_size":256,"intermediate_size":512,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":1,"max_position_embeddings":64,
+                "rms_norm_eps":1e-6,"rope_theta":1000000.0,"tie_word_embeddings":true,"initializer_range":0.05{extra}}}"#,
+                tok.vocab_size()
+            ),
+            "test",
+        )
+        .unwrap();
+        let m = Model::init(cfg, 7, DType::F32, &Device::Cpu).unwrap();
+        // Biases and norms away from their initial zeros and ones, so that their mapping counts.
+        for (name, v) in m.params().vars() {
+            if name.ends_with(".bias") || name.contains("norm") {
+                let noise = Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).unwrap();
+                v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
+            }
+        }
+        let dir = tmp(family);
+        let path = dir.join("m.gguf");
+        write_model(&m, &tok, &path, WriteType::F32).unwrap();
+        let file = lmstack_core::gguf::GgufFile::open(&path).unwrap();
+        assert_eq!(file.architecture().unwrap(), family);
+        let back = Pretrained::load(&path, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(back.model.config().model_type_str(), family);
+        assert_eq!(back.model.num_parameters(), m.num_parameters());
+        let d = max_diff(&m.forward(&ids(), None).unwrap(), &back.model.forward(&ids(), None).unwrap());
+        assert!(d < 1e-5, "{family}: {d}");
+        let q = dir.join("q8.gguf");
+        write_model(&m, &tok, &q, WriteType::Q8_0).unwrap();
+        let back = Pretrained::load(&q, DType::F32, &Device::Cpu).unwrap();
+        let want = dequantized_twin(&back.model).forward(&ids(), None).unwrap();
+        let d = max_diff(&back.model.forward(&ids(), None).unwrap(), &want);
+        let scale = want.abs().unwrap().max_keepdim(2).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        // (Only the kernels' 8-bit rounding of activations differs; Qwen3's normalised heads
+        // give sharper attention, which passes more of it on: 4 % of the logit scale.)
+        assert!(d < 0.06 * scale, "{family} Q8_0: {d} from its dequantized weights (logits up to {scale})");
+    }
+    // What llama.cpp's architectures cannot compute is refused, naming it.
+    let windowed = ModelConfig::from_json(
+        r#"{"model_type":"mistral","vocab_size":400,"hidden_size":32,"intermediate_size":64,"num_hidden_layers":1,
+        "num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":64,"sliding_window":8}"#,
+        "test",
+    )
+    .unwrap();
+    let m = Model::init(windowed, 1, DType::F32, &Device::Cpu).unwrap();
+    let err = write_model(&m, &tok, &tmp("windowed").join("m.gguf"), WriteType::F32).unwrap_err().to_string();
+    assert!(err.contains("sliding_window"), "{err}");
+}
+
 /// A character-level vocabulary (what `train` builds by default) is written as byte-level BPE
 /// without merges: read back, it encodes and decodes text of its characters as the original
 /// does; a character of several bytes is refused naming it.

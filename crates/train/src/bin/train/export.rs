@@ -10,7 +10,8 @@ use lmstack_core::{DType, Device, Pretrained};
 #[derive(Args, Debug)]
 pub(crate) struct ExportArgs {
     /// Model directory (config.json, model.safetensors, tokenizer.json) or GGUF file; a Llama
-    /// or GPT-2 model with a byte-level BPE or character-level tokenizer.
+    /// (or Mistral without a window), Qwen2, Qwen3 or GPT-2 model with a byte-level BPE or
+    /// character-level tokenizer.
     #[arg(long)]
     model: PathBuf,
     /// Output GGUF file.

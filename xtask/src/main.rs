@@ -43,6 +43,11 @@
 //!   `crates/core/examples/gguf_bench.rs`, and, given llama.cpp's `llama-bench` (built outside
 //!   the repository), llama.cpp's figures on the same file and threads, alternating the two.
 //!
+//! - `bench families [--prompt N] [--gen N] [--rounds N] [--window N]`: prefill and decode
+//!   tokens/s of each family of the Llama block (Llama, Qwen2, Qwen3, Mistral with a sliding
+//!   window) at one parameter count, SmolLM2-135M's shape with random f32 weights, alternated
+//!   round by round (`crates/core/examples/family_bench.rs`), each against Llama.
+//!
 //! - `bench fidelity --llama-perplexity PATH [--model FILE] [--text FILE] [--chunks N] [--python
 //!   PATH]`: teacher-forced agreement of lmstack with llama.cpp on a GGUF model (default: the
 //!   fetched SmolLM2 Q4_1): `llama-perplexity --kl-divergence-base` saves llama.cpp's
@@ -266,6 +271,26 @@ fn bench_structured(extra: &[String]) -> Result<(), String> {
     run(&exe.display().to_string(), &args, &[])
 }
 
+fn bench_families(extra: &[String]) -> Result<(), String> {
+    let mut env: Vec<(&str, String)> = vec![("RAYON_NUM_THREADS", "2".into())];
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
+        let key = match a.as_str() {
+            "--prompt" => "PROMPT",
+            "--gen" => "GEN",
+            "--rounds" => "ROUNDS",
+            "--window" => "WINDOW",
+            other => return Err(format!("unknown flag `{other}` for bench families")),
+        };
+        env.push((key, val()?));
+    }
+    run("cargo", &["build", "--release", "-q", "-p", "lmstack-core", "--example", "family_bench"], &[])?;
+    let exe = root().join("target/release/examples/family_bench").display().to_string();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    run(&exe, &[], &env)
+}
+
 fn bench_gguf(extra: &[String]) -> Result<(), String> {
     let mut model: Option<String> = None;
     let mut llama: Option<String> = None;
@@ -468,12 +493,14 @@ fn main() -> ExitCode {
             Some("train") => bench_train(&args[2..]),
             Some("serve") => bench_serve(&args[2..]),
             Some("gguf") => bench_gguf(&args[2..]),
+            Some("families") => bench_families(&args[2..]),
             Some("structured") => bench_structured(&args[2..]),
             Some("finetune") => bench_finetune(&args[2..]),
             Some("fidelity") => bench_fidelity(&args[2..]),
             _ => Err(
                 "usage: cargo xtask bench train [extra train flags] | bench serve [--gpt2] [--soak N] [--rounds N] … \
                  | bench gguf [--model FILE] [--llama-bench PATH] \
+                 | bench families [--prompt N] [--gen N] [--rounds N] [--window N] \
                  | bench structured [--model FILE] [--rounds N] [--tokens N] \
                  | bench finetune [--steps N] [--rounds N] [--python PATH] \
                  | bench fidelity --llama-perplexity PATH [--model FILE] [--python PATH]"

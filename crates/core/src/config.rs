@@ -228,11 +228,20 @@ pub enum Family {
     /// Qwen3 (`"qwen3"`): an RMSNorm over each query and key head before RoPE; `head_dim`
     /// independent of the width; the window as Qwen2's.
     Qwen3,
+    /// Gemma 2 (`"gemma2"`): RMSNorms scaling by `1 + w`, embeddings scaled by √width, GeGLU,
+    /// norms before and after attention and MLP, soft-capped attention scores and logits,
+    /// `query_pre_attn_scalar`, local (windowed) and global layers alternating.
+    Gemma2,
+    /// Gemma 3's text model (`"gemma3_text"`): Gemma 2's block without the soft caps, with
+    /// query/key head norms, five local layers to a global one, and a RoPE base of its own
+    /// (`rope_local_base_freq`) on the local layers.
+    Gemma3,
 }
 
 impl Family {
     /// Every family, in the order error messages list them.
-    pub const ALL: [Family; 4] = [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3];
+    pub const ALL: [Family; 6] =
+        [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3, Family::Gemma2, Family::Gemma3];
 
     /// The family a `model_type` names.
     pub fn of(model_type: &str) -> Option<Family> {
@@ -246,7 +255,14 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3_text",
         }
+    }
+
+    /// Whether this is a Gemma (2 or 3): the block with norms around attention and MLP.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
     }
 
     /// The `transformers` class of the causal LM.
@@ -256,6 +272,8 @@ impl Family {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -285,6 +303,34 @@ impl Family {
             Family::Qwen3 => {
                 let mut d = qwen();
                 d.push(("head_dim", json!(128)));
+                d
+            }
+            Family::Gemma2 | Family::Gemma3 => {
+                let gemma2 = self == Family::Gemma2;
+                let mut d = vec![
+                    ("vocab_size", json!(if gemma2 { 256000 } else { 262208 })),
+                    ("hidden_size", json!(2304)),
+                    ("intermediate_size", json!(9216)),
+                    ("num_hidden_layers", json!(26)),
+                    ("num_attention_heads", json!(8)),
+                    ("num_key_value_heads", json!(4)),
+                    ("head_dim", json!(256)),
+                    ("hidden_act", json!("gelu_pytorch_tanh")),
+                    ("hidden_activation", json!("gelu_pytorch_tanh")),
+                    ("max_position_embeddings", json!(if gemma2 { 8192 } else { 131072 })),
+                    ("tie_word_embeddings", json!(true)),
+                    ("query_pre_attn_scalar", json!(256)),
+                    ("sliding_window", json!(4096)),
+                    ("final_logit_softcapping", if gemma2 { json!(30.0) } else { Value::Null }),
+                    ("attn_logit_softcapping", if gemma2 { json!(50.0) } else { Value::Null }),
+                ];
+                if !gemma2 {
+                    d.extend([
+                        ("rope_theta", json!(1_000_000.0)),
+                        ("rope_local_base_freq", json!(10000.0)),
+                        ("sliding_window_pattern", json!(6)),
+                    ]);
+                }
                 d
             }
         }
@@ -457,6 +503,22 @@ pub struct LlamaConfig {
     /// Tensor-parallel pretraining degree; only 1 is supported.
     #[serde(default = "LlamaConfig::d_tp")]
     pub pretraining_tp: usize,
+    /// Gemma's name for the MLP activation (`hidden_act` is ignored where given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_activation: Option<Activation>,
+    /// Gemma: attention scores are scaled by `query_pre_attn_scalar^-½` instead of
+    /// `head_dim^-½`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<usize>,
+    /// Gemma 2: attention scores `s` become `cap · tanh(s / cap)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma 2: output logits `l` become `cap · tanh(l / cap)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 3: the RoPE base of the local (sliding) layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
     /// The attention window of the sliding layers (Mistral, Qwen2/3; see
     /// [`LlamaConfig::layer_window`]): a token sees itself and the `sliding_window - 1` before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -494,8 +556,15 @@ impl LlamaConfig {
     fn d_tp() -> usize {
         1
     }
-    const KEYS: &'static [&'static str] =
-        &["max_window_layers", "use_sliding_window", "rope_interleaved", "layer_types"];
+    const KEYS: &'static [&'static str] = &[
+        "max_window_layers",
+        "use_sliding_window",
+        "rope_interleaved",
+        "layer_types",
+        "sliding_window_pattern",
+        "use_bidirectional_attention",
+        "cache_implementation",
+    ];
 
     /// Number of key/value heads.
     pub fn kv_heads(&self) -> usize {
@@ -520,9 +589,9 @@ impl LlamaConfig {
         self.family != Family::Qwen2 && self.attention_bias
     }
 
-    /// Whether each query and key head is RMS-normalised before RoPE (Qwen3).
+    /// Whether each query and key head is RMS-normalised before RoPE (Qwen3, Gemma 3).
     pub fn qk_norm(&self) -> bool {
-        self.family == Family::Qwen3
+        matches!(self.family, Family::Qwen3 | Family::Gemma3)
     }
 
     /// The attention window of layer `layer`, or `None` where it attends to every earlier
@@ -537,8 +606,12 @@ impl LlamaConfig {
             Family::Qwen2 | Family::Qwen3 => {
                 self.sliding_window.filter(|_| self.extra.get("use_sliding_window") == Some(&Value::Bool(true)))
             }
+            Family::Gemma2 | Family::Gemma3 => self.sliding_window,
         }
         .filter(|&w| w < self.max_position_embeddings)?;
+        if self.family.is_gemma() {
+            return self.is_sliding_layer(layer).then_some(w);
+        }
         let sliding = match self.extra.get("layer_types").and_then(Value::as_array) {
             Some(types) => types.get(layer).and_then(Value::as_str) == Some("sliding_attention"),
             None => match self.family {
@@ -549,6 +622,57 @@ impl LlamaConfig {
             },
         };
         sliding.then_some(w)
+    }
+
+    /// Whether layer `layer` is a local one, as `layer_types` or the family's pattern says
+    /// (Gemma 2: every other layer from the first; Gemma 3: all but every
+    /// `sliding_window_pattern`-th): it attends through the window and, in Gemma 3, rotates
+    /// by the local RoPE base.
+    pub fn is_sliding_layer(&self, layer: usize) -> bool {
+        if let Some(types) = self.extra.get("layer_types").and_then(Value::as_array) {
+            return types.get(layer).and_then(Value::as_str) == Some("sliding_attention");
+        }
+        match self.family {
+            Family::Gemma2 => layer % 2 == 0,
+            Family::Gemma3 => {
+                let pattern = self.extra.get("sliding_window_pattern").and_then(Value::as_u64).unwrap_or(6);
+                (layer as u64 + 1) % pattern.max(1) != 0
+            }
+            _ => self.layer_window(layer).is_some(),
+        }
+    }
+
+    /// The MLP activation (Gemma's `hidden_activation` where given).
+    pub fn activation(&self) -> Activation {
+        match self.family {
+            Family::Gemma2 | Family::Gemma3 => self.hidden_activation.unwrap_or(self.hidden_act),
+            _ => self.hidden_act,
+        }
+    }
+
+    /// The multiplier of `q · k`: `query_pre_attn_scalar^-½` (Gemma) or `head_dim^-½`.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / (self.query_pre_attn_scalar.unwrap_or(self.head_dim()) as f64).sqrt()
+    }
+
+    /// The RoPE base and scaling of the local (`sliding`) or the global layers: one for every
+    /// layer except in Gemma 3, whose local layers rotate by `rope_local_base_freq` without
+    /// scaling. `rope_parameters` may hold one set per layer type (`transformers` ≥ 5).
+    pub fn rope_for(&self, sliding: bool) -> Result<(f64, RopeScaling)> {
+        self.rope_of(sliding).map_err(|(field, msg)| Error::config("config.json", field, msg))
+    }
+
+    fn rope_of(&self, sliding: bool) -> std::result::Result<(f64, RopeScaling), (String, String)> {
+        let kind = if sliding { "sliding_attention" } else { "full_attention" };
+        let nested = self.rope_parameters.as_ref().and_then(|p| p.get(kind)).and_then(Value::as_object);
+        if let Some(m) = nested {
+            let theta = m.get("rope_theta").and_then(Value::as_f64).unwrap_or_else(|| self.rope_theta());
+            return Ok((theta, self.rope_spec_of(&format!("rope_parameters.{kind}"), m)?));
+        }
+        if sliding && self.family == Family::Gemma3 {
+            return Ok((self.rope_local_base_freq.unwrap_or(10000.0), RopeScaling::None));
+        }
+        Ok((self.rope_theta(), self.rope_spec()?))
     }
 
     /// The RoPE scaling of `rope_scaling`, or of `rope_parameters` (`transformers` ≥ 5), checked.
@@ -565,6 +689,19 @@ impl LlamaConfig {
                 return Err(("rope_scaling".into(), format!("expected an object or null, found {other}")))
             }
         };
+        if params.values().any(Value::is_object) {
+            // One set per layer type: each is checked by `rope_of`.
+            return Ok(RopeScaling::None);
+        }
+        self.rope_spec_of(name, params)
+    }
+
+    /// The scaling the RoPE parameters `params` (found at `name`) describe.
+    fn rope_spec_of(
+        &self,
+        name: &str,
+        params: &Map<String, Value>,
+    ) -> std::result::Result<RopeScaling, (String, String)> {
         let field = |k: &str| format!("{name}.{k}");
         const KNOWN: &[&str] = &[
             "rope_type",
@@ -975,6 +1112,14 @@ impl ModelConfig {
                 if m.get("head_dim").is_none_or(Value::is_null) {
                     m.insert("head_dim".into(), c.head_dim().into());
                 }
+                if c.family.is_gemma() {
+                    // Gemma's configs name the tanh GELU as PyTorch does.
+                    for key in ["hidden_act", "hidden_activation"] {
+                        if m.get(key) == Some(&Value::String("gelu_new".into())) {
+                            m.insert(key.into(), "gelu_pytorch_tanh".into());
+                        }
+                    }
+                }
                 let theta_in_params = c.rope_parameters.as_ref().is_some_and(|p| p.contains_key("rope_theta"));
                 if m.get("rope_theta").is_none_or(Value::is_null) && !theta_in_params {
                     m.insert("rope_theta".into(), c.rope_theta().into());
@@ -1058,8 +1203,41 @@ impl ModelConfig {
                 if c.head_dim() % 2 != 0 {
                     return err("head_dim", format!("{} must be even for rotary embeddings", c.head_dim()));
                 }
-                if let Err((field, msg)) = c.rope_spec() {
-                    return err(&field, msg);
+                for sliding in [false, true] {
+                    if let Err((field, msg)) = c.rope_spec().and_then(|_| c.rope_of(sliding)) {
+                        return err(&field, msg);
+                    }
+                }
+                if !c.family.is_gemma() {
+                    for (field, set) in [
+                        ("hidden_activation", c.hidden_activation.is_some()),
+                        ("query_pre_attn_scalar", c.query_pre_attn_scalar.is_some()),
+                        ("attn_logit_softcapping", c.attn_logit_softcapping.is_some()),
+                        ("final_logit_softcapping", c.final_logit_softcapping.is_some()),
+                        ("rope_local_base_freq", c.rope_local_base_freq.is_some()),
+                    ] {
+                        if set {
+                            return err(field, format!("is not a field of model type `{}`", c.family.model_type()));
+                        }
+                    }
+                }
+                if c.query_pre_attn_scalar == Some(0) {
+                    return err("query_pre_attn_scalar", "must be at least 1".into());
+                }
+                for (field, v) in [
+                    ("attn_logit_softcapping", c.attn_logit_softcapping),
+                    ("final_logit_softcapping", c.final_logit_softcapping),
+                    ("rope_local_base_freq", c.rope_local_base_freq),
+                ] {
+                    if let Some(x) = v.filter(|x| !(x.is_finite() && *x > 0.0)) {
+                        return err(field, format!("{x} must be a positive number"));
+                    }
+                }
+                if let Some(v) = c.extra.get("use_bidirectional_attention").filter(|v| v.as_bool() == Some(true)) {
+                    return err(
+                        "use_bidirectional_attention",
+                        format!("{v} is not supported; lmstack's Gemma is a causal language model"),
+                    );
                 }
                 if let Some(v) = c.extra.get("rope_interleaved") {
                     if v != &Value::Bool(false) {

@@ -612,6 +612,9 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
         out.push(TensorEntry { gg, hf, shape, layout, required })
     };
     match config {
+        ModelConfig::Llama(cfg) if cfg.family.is_gemma() => {
+            return Err(format!("{} models are not read from or written to GGUF yet", cfg.family.model_type()))
+        }
         ModelConfig::Llama(cfg) => {
             let (d, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
             let (hd, q, kv) =
@@ -698,6 +701,8 @@ fn llama_cpp_arch(family: Family) -> &'static str {
         Family::Llama | Family::Mistral => "llama",
         Family::Qwen2 => "qwen2",
         Family::Qwen3 => "qwen3",
+        Family::Gemma2 => "gemma2",
+        Family::Gemma3 => "gemma3",
     }
 }
 

@@ -635,23 +635,41 @@ impl LayerNorm {
     }
 }
 
-/// RMSNorm with a weight (`{prefix}.weight`), as in Llama.
+/// RMSNorm with a weight (`{prefix}.weight`), as in Llama; Gemma's scales by `1 + weight`
+/// ([`RmsNorm::load_gemma`]).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    /// Gemma's: the stored weight is the scale minus one.
+    plus_one: bool,
 }
 
 impl RmsNorm {
     /// Loads an RMSNorm of width `dim`, initialised to the identity.
     pub fn load(vb: VarBuilder<'_>, dim: usize, eps: f64) -> Result<Self> {
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
-        Ok(Self { weight, eps })
+        Ok(Self { weight, eps, plus_one: false })
+    }
+
+    /// Loads Gemma's RMSNorm, `x / rms(x) · (1 + weight)` computed in f32 (initialised to the
+    /// identity: a zero weight).
+    pub fn load_gemma(vb: VarBuilder<'_>, dim: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(0.0))?;
+        Ok(Self { weight, eps, plus_one: true })
     }
 
     /// # Shapes
     /// `xs`: `[.., dim]` → `[.., dim]`; computed in f32.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.plus_one {
+            // Gemma multiplies in f32 before casting back (Llama after): the same for f32.
+            let dtype = xs.dtype();
+            let cd = compute_dtype(dtype);
+            let w = (self.weight.to_dtype(cd)? + 1.0)?;
+            let unit = Self { weight: w, eps: self.eps, plus_one: false };
+            return unit.forward(&xs.to_dtype(cd)?)?.to_dtype(dtype);
+        }
         let dtype = xs.dtype();
         let cd = compute_dtype(dtype);
         if crate::kernels::ops::supported(xs) && self.weight.dtype() == dtype {
@@ -900,7 +918,7 @@ pub fn attention_qkv(
     let q = qkv.narrow(2, 0, hd)?.reshape((b, t, heads, d))?;
     let k = qkv.narrow(2, hd, hd)?.reshape((b, t, heads, d))?;
     let v = qkv.narrow(2, 2 * hd, hd)?.reshape((b, t, heads, d))?;
-    attention(&q, &k, &v, ctx, layer, scale, None)
+    attention(&q, &k, &v, ctx, layer, Scores::scaled(scale))
 }
 
 /// Whether a block may run through [`crate::grad::checkpoint`]: gradients on, whole sequences
@@ -944,9 +962,27 @@ pub fn keep_rows(x: Tensor, attn: Tensor, keep: Option<&Tensor>) -> Result<(Tens
     }
 }
 
-/// Scaled dot-product attention with grouped-query heads; with a `window`, a causal query
-/// sees only itself and the `window - 1` keys before it (sliding-window attention: Mistral,
-/// Qwen2's upper layers, Gemma's local layers).
+/// How a layer's attention scores its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Scores {
+    /// The multiplier of `q · k` (usually `1 / √head_dim`).
+    pub scale: f64,
+    /// Sliding window: a causal query sees only itself and the `window - 1` keys before it
+    /// (Mistral, Qwen2's upper layers, Gemma's local layers); `None`: every earlier key.
+    pub window: Option<usize>,
+    /// Soft cap (Gemma 2's `attn_logit_softcapping`): a score `s` becomes
+    /// `cap · tanh(s / cap)` before the mask and the softmax.
+    pub softcap: Option<f64>,
+}
+
+impl Scores {
+    /// Plain scaled scores over every earlier key.
+    pub fn scaled(scale: f64) -> Self {
+        Self { scale, window: None, softcap: None }
+    }
+}
+
+/// Scaled dot-product attention with grouped-query heads, scored as `scores` says.
 ///
 /// # Shapes
 /// `q`: `[b, t, heads, d]`, `k`/`v`: `[b, t, kv_heads, d]` → `[b, t, heads * d]`.
@@ -956,9 +992,16 @@ pub fn attention(
     v: &Tensor,
     ctx: &mut AttnCtx<'_, '_>,
     layer: usize,
-    scale: f64,
-    window: Option<usize>,
+    scores_: Scores,
 ) -> Result<Tensor> {
+    let Scores { scale, window, softcap } = scores_;
+    // `cap · tanh(s / cap)`, differentiably.
+    let cap = |s: Tensor| -> Result<Tensor> {
+        Ok(match softcap {
+            Some(c) => ((s / c)?.tanh()? * c)?,
+            None => s,
+        })
+    };
     let (b, t, h, d) = q.dims4()?;
     let kvh = k.dim(2)?;
     let n_rep = h / kvh;
@@ -969,7 +1012,8 @@ pub fn attention(
         AttnCtx::Batch { causal, key_mask, segments, .. } if crate::kernels::ops::supported(q) => {
             let op = crate::kernels::ops::Attention::new(b, t, h, kvh, d, *causal, scale, key_mask.clone())
                 .with_segments(segments.as_ref().map(Segments::shared))
-                .with_window(window);
+                .with_window(window)
+                .with_softcap(softcap);
             Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
         }
         AttnCtx::Batch { mask, .. } => {
@@ -981,7 +1025,7 @@ pub fn attention(
                 v = v.unsqueeze(2)?.expand((b, kvh, n_rep, t, d))?.reshape((b, h, t, d))?;
             }
             let dtype = q.dtype();
-            let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(compute_dtype(dtype))?;
+            let mut scores = cap((q.matmul(&k.t()?)? * scale)?.to_dtype(compute_dtype(dtype))?)?;
             if let Some(m) = mask {
                 scores = scores.broadcast_add(&m.to_dtype(scores.dtype())?)?;
             }
@@ -1007,8 +1051,7 @@ pub fn attention(
                 spans,
                 caches,
                 layer,
-                scale as f32,
-                window,
+                Scores { scale, window, softcap },
             )?;
             Ok(Tensor::from_vec(out, (1, t, h * d), q.device())?.to_dtype(q.dtype())?)
         }
@@ -1024,7 +1067,7 @@ pub fn attention(
                 // Heads sharing a KV head are stacked along the query axis: [kvh, n_rep * n, d].
                 let qg = qi.transpose(0, 1)?.contiguous()?.reshape((kvh, n_rep * n, d))?;
                 let dtype = qg.dtype();
-                let mut scores = (qg.matmul(&k_all.t()?)? * scale)?.to_dtype(compute_dtype(dtype))?;
+                let mut scores = cap((qg.matmul(&k_all.t()?)? * scale)?.to_dtype(compute_dtype(dtype))?)?;
                 if n > 1 || window.is_some_and(|w| w < l) {
                     let mut m = vec![0f32; n * l];
                     for qi in 0..n {

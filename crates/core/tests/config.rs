@@ -144,6 +144,8 @@ fn fixture_configs_round_trip() {
         "tiny-qwen3",
         "tiny-mistral",
         "tiny-llama3",
+        "tiny-gemma2",
+        "tiny-gemma3",
     ] {
         let cfg = ModelConfig::from_file(&common::fixture(name).join("config.json")).unwrap();
         let again = ModelConfig::from_value(cfg.to_value(), name).unwrap();

@@ -31,6 +31,12 @@ fn family(model_type: &str) -> ModelConfig {
         "qwen3" => {
             r#""num_attention_heads":4,"num_key_value_heads":1,"head_dim":6,"attention_bias":true,"use_sliding_window":true,"sliding_window":4,"max_window_layers":0"#
         }
+        "gemma2" => {
+            r#""num_attention_heads":4,"num_key_value_heads":2,"head_dim":6,"sliding_window":3,"query_pre_attn_scalar":8,"attn_logit_softcapping":0.5,"final_logit_softcapping":2.0,"initializer_range":0.5"#
+        }
+        "gemma3_text" => {
+            r#""num_attention_heads":4,"num_key_value_heads":1,"head_dim":8,"sliding_window":3,"sliding_window_pattern":2"#
+        }
         _ => r#""num_attention_heads":4,"num_key_value_heads":2,"sliding_window":3"#,
     };
     config(&format!(
@@ -86,6 +92,8 @@ fn every_parameter_gets_a_nonzero_gradient() {
         ("qwen2", family("qwen2")),
         ("qwen3", family("qwen3")),
         ("mistral", family("mistral")),
+        ("gemma2", family("gemma2")),
+        ("gemma3", family("gemma3_text")),
         ("bert-mlm", bert(false)),
         ("bert-cls", bert(true)),
     ] {
@@ -112,6 +120,8 @@ fn gradients_match_finite_differences() {
         ("qwen2", family("qwen2")),
         ("qwen3", family("qwen3")),
         ("mistral", family("mistral")),
+        ("gemma2", family("gemma2")),
+        ("gemma3", family("gemma3_text")),
         ("bert-mlm", bert(false)),
     ] {
         let m = Model::init(cfg, 3, DType::F64, &dev).unwrap();

@@ -60,12 +60,22 @@ fn mistral_sliding_window_and_linear_rope_match_transformers() {
 }
 
 #[test]
+fn gemma2_soft_caps_and_sandwich_norms_match_transformers() {
+    check_lm("tiny-gemma2");
+}
+
+#[test]
+fn gemma3_local_rope_and_head_norms_match_transformers() {
+    check_lm("tiny-gemma3");
+}
+
+#[test]
 fn llama3_rope_scaling_matches_transformers() {
     check_lm("tiny-llama3");
 }
 
 /// The families of the Llama block, with the features each fixture sets apart.
-const FAMILIES: [&str; 4] = ["tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-llama3"];
+const FAMILIES: [&str; 6] = ["tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-llama3", "tiny-gemma2", "tiny-gemma3"];
 
 /// Greedy decoding through the KV cache (prompt prefilled in two chunks, then one token a
 /// step, past the sliding windows) picks the tokens `transformers`' `generate` picks.

@@ -44,7 +44,7 @@ fn host_caches_match_the_tensor_path() {
     let _serial = serial();
     // tiny-mistral and tiny-qwen2 have sliding windows (5; 6 on their upper layers) shorter
     // than the 15 tokens the longest sequence reaches.
-    for name in ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2"] {
+    for name in ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma2", "tiny-gemma3"] {
         let m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         ops::set_enabled(true);
         assert!(m.new_cache().is_host());
@@ -176,7 +176,7 @@ fn a_forked_prefix_continues_like_a_full_prefill() {
     let _serial = serial();
     for host in [true, false] {
         ops::set_enabled(host);
-        for name in ["tiny-gpt2", "tiny-llama", "tiny-mistral"] {
+        for name in ["tiny-gpt2", "tiny-llama", "tiny-mistral", "tiny-gemma2"] {
             let m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
             let v = m.config().vocab_size() as u32;
             let toks: Vec<u32> = (0..20u32).map(|i| (i * 7 + i * i + 3) % v).collect();

@@ -31,6 +31,8 @@ fn save_and_reload_gives_identical_logits() {
         "tiny-qwen3",
         "tiny-mistral",
         "tiny-llama3",
+        "tiny-gemma2",
+        "tiny-gemma3",
     ] {
         let m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let dir = tmp(name);
@@ -231,6 +233,20 @@ fn lmstack_written_dirs_carry_expected_logits() {
             "num_attention_heads":6,"num_key_value_heads":2,"max_position_embeddings":32,"sliding_window":4,
             "rope_scaling":{"rope_type":"llama3","factor":4.0,"low_freq_factor":1.0,"high_freq_factor":4.0,
             "original_max_position_embeddings":16}}"#,
+        ),
+        (
+            "gemma2",
+            r#"{"model_type":"gemma2","vocab_size":66,"hidden_size":32,"intermediate_size":40,"num_hidden_layers":3,
+            "num_attention_heads":4,"num_key_value_heads":2,"head_dim":12,"max_position_embeddings":32,
+            "sliding_window":4,"query_pre_attn_scalar":16,"attn_logit_softcapping":1.0,
+            "final_logit_softcapping":2.0,"initializer_range":0.3}"#,
+        ),
+        (
+            "gemma3",
+            r#"{"model_type":"gemma3_text","vocab_size":66,"hidden_size":32,"intermediate_size":40,
+            "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":16,
+            "max_position_embeddings":32,"sliding_window":4,"sliding_window_pattern":3,"rope_theta":100000.0,
+            "rope_local_base_freq":5000.0,"rope_scaling":{"rope_type":"linear","factor":4.0},"initializer_range":0.3}"#,
         ),
         (
             "bert",

@@ -111,7 +111,8 @@ pub fn model_config(cfg: &PretrainConfig, vocab_size: usize) -> Result<ModelConf
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "activation_function": "gelu_new",
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         }),
-        family @ ("llama" | "mistral" | "qwen2" | "qwen3") => {
+        arch @ ("llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3") => {
+            let family = if arch == "gemma3" { "gemma3_text" } else { arch };
             // SwiGLU width ≈ 8/3 · d, rounded up to a multiple of 32 (as Llama does with 256).
             let inter = (8 * d / 3).div_ceil(32) * 32;
             let mut json = serde_json::json!({
@@ -128,6 +129,13 @@ pub fn model_config(cfg: &PretrainConfig, vocab_size: usize) -> Result<ModelConf
                 // `max_window_layers`).
                 json["use_sliding_window"] = serde_json::json!(window.is_some());
                 json["max_window_layers"] = serde_json::json!(0);
+            }
+            if family.starts_with("gemma") {
+                // Gemma's block as published: GeGLU, scores scaled by head_dim^-½, soft caps
+                // (Gemma 2) and local/global layers as the family alternates them.
+                json["hidden_activation"] = serde_json::json!("gelu_pytorch_tanh");
+                json["hidden_act"] = serde_json::json!("gelu_pytorch_tanh");
+                json["query_pre_attn_scalar"] = serde_json::json!(d / cfg.n_head);
             }
             json
         }

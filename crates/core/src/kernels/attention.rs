@@ -11,7 +11,8 @@ use crate::Result;
 /// f32: appends each sequence's new keys and values to its cache, then computes each
 /// (sequence, head) with two matrix products over the cache in place, in parallel. With a
 /// `window`, a token sees only itself and the `window - 1` cached tokens before it (the cache
-/// keeps the older ones; they are skipped).
+/// keeps the older ones; they are skipped), and with a soft cap each score `s` becomes
+/// `cap · tanh(s / cap)`.
 ///
 /// # Shapes
 /// `q`: `[N, heads, d]`, `k`/`v`: `[N, kv_heads, d]` flattened, where the `N` packed tokens are
@@ -25,8 +26,7 @@ pub fn packed_attention(
     spans: &[(usize, usize)],
     caches: &mut [&mut KvCache],
     layer: usize,
-    scale: f32,
-    window: Option<usize>,
+    scores_: crate::nn::Scores,
 ) -> Result<Vec<f32>> {
     use crate::kernels::gemm::{matmul, View};
     use crate::kernels::simd;
@@ -38,6 +38,7 @@ pub fn packed_attention(
     let n_rep = heads / kv_heads;
     let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
     let total: usize = spans.iter().map(|s| s.1).sum();
+    let (scale, window, softcap) = (scores_.scale as f32, scores_.window, scores_.softcap.map(|c| c as f32));
     // The first key a token that sees `visible` keys (itself and all before it) attends to.
     let first = |visible: usize| window.map_or(0, |w| visible.saturating_sub(w));
     let mut out = vec![0f32; total * heads * d];
@@ -51,6 +52,10 @@ pub fn packed_attention(
         let (start, n) = spans[i];
         let (kc, vc) = caches[i].host_kv(layer);
         let qt = &q[(start + t) * heads * d..][g.start * n_rep * d..g.end * n_rep * d];
+        if softcap.is_some() {
+            // (The AVX2 decode loop has no soft cap: the general path below caps.)
+            return false;
+        }
         let valid = kc.len() / row - n + t + 1;
         let skip = first(valid);
         let (kc, vc) = (kc.skip(skip * row), vc.skip(skip * row));
@@ -162,6 +167,9 @@ pub fn packed_attention(
             for (t, s) in scores.chunks_mut(l).enumerate() {
                 let (s, masked) = s.split_at_mut(p0 + t + 1);
                 let (before, s) = s.split_at_mut(first(p0 + t + 1));
+                if let Some(cap) = softcap {
+                    s.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+                }
                 simd::softmax(s);
                 before.fill(0.0);
                 masked.fill(0.0);

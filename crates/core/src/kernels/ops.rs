@@ -889,6 +889,8 @@ struct AttnSpec {
     segments: Option<Arc<Vec<(usize, usize, usize)>>>,
     /// Sliding window: a causal query sees only itself and the `window - 1` keys before it.
     window: Option<usize>,
+    /// Soft cap (Gemma 2): scores become `cap · tanh(scores / cap)` before the softmax.
+    softcap: Option<f64>,
 }
 
 use std::sync::Arc;
@@ -908,8 +910,9 @@ impl AttnSpec {
     }
 
     /// Scores `S = scale · Q Kᵀ` for one head of the sequence `(b, start, n)` (`qv`, `kv`
-    /// at its first token), masked, then softmax in place into `p` (`n × n`); rows with no
-    /// visible key become all zeros.
+    /// at its first token), soft-capped, masked, then softmax in place into `p` (`n × n`); rows
+    /// with no visible key become all zeros. With a soft cap, `capped` (when given) receives
+    /// the capped scores divided by the cap (`tanh` of them), for the backward pass.
     #[allow(clippy::too_many_arguments)]
     fn probs<T: Elem>(
         &self,
@@ -919,6 +922,7 @@ impl AttnSpec {
         kv: crate::kernels::gemm::View,
         (b, start, n): (usize, usize, usize),
         p: &mut [T],
+        mut capped: Option<&mut [T]>,
     ) {
         let t = self.t;
         crate::kernels::gemm::matmul(
@@ -948,6 +952,16 @@ impl AttnSpec {
                         _ => 0,
                     };
                     let keys = |j: usize| key_mask.is_none_or(|m| m[j] != 0);
+                    if let Some(cap) = self.softcap {
+                        let (cap, inv) = (c::<T>(cap), c::<T>(1.0 / cap));
+                        for s in row[first..visible].iter_mut() {
+                            *s = (*s * inv).fast_tanh();
+                        }
+                        if let Some(out) = capped.as_deref_mut() {
+                            out[i * n..(i + 1) * n].copy_from_slice(row);
+                        }
+                        row[first..visible].iter_mut().for_each(|s| *s *= cap);
+                    }
                     let mut max = T::neg_infinity();
                     for (j, &s) in row[..visible].iter().enumerate().skip(first) {
                         if s > max && keys(j) {
@@ -988,7 +1002,8 @@ impl AttnSpec {
             .map(|sh| {
                 let ((b, start, n), hh) = (seqs[sh / h], sh % h);
                 let mut p = vec![T::zero(); n * n];
-                self.probs(q, down(ql.at(b, hh), start), k, down(kl.at(b, hh / rep), start), (b, start, n), &mut p);
+                let (qv, kv) = (down(ql.at(b, hh), start), down(kl.at(b, hh / rep), start));
+                self.probs(q, qv, k, kv, (b, start, n), &mut p, None);
                 let mut o = vec![T::zero(); n * d];
                 crate::kernels::gemm::matmul(
                     n,
@@ -1044,20 +1059,28 @@ impl AttnSpec {
                 let mut dqs = Vec::with_capacity(rep);
                 let mut p = vec![T::zero(); n * n];
                 let mut dp = vec![T::zero(); n * n];
+                let mut tanh = vec![T::zero(); if self.softcap.is_some() { n * n } else { 0 }];
                 for r in 0..rep {
                     let hh = g * rep + r;
                     let qv = down(ql.at(b, hh), start);
-                    self.probs(q, qv, k, kv_k, (b, start, n), &mut p);
+                    let capped = self.softcap.map(|_| tanh.as_mut_slice());
+                    self.probs(q, qv, k, kv_k, (b, start, n), &mut p, capped);
                     let dov = View::rows(((b * t + start) * h + hh) * d, h * d);
                     // dV += Pᵀ dO ; dP = dO Vᵀ
                     matmul(n, d, n, &p, View::rows(0, n).t(), dout, dov, &mut dv, View::rows(0, d), true, T::one());
                     matmul(n, n, d, dout, dov, v, kv_v.t(), &mut dp, View::rows(0, n), false, T::one());
-                    // dS = P ⊙ (dP − rowsum(dP ⊙ P))
+                    // dS = P ⊙ (dP − rowsum(dP ⊙ P)); through a soft cap, times 1 − tanh²
+                    // (masked entries have P = 0, so whatever `tanh` holds there is unused).
                     for i in 0..n {
                         let (pr, dr) = (&p[i * n..(i + 1) * n], &mut dp[i * n..(i + 1) * n]);
                         let dot: T = pr.iter().zip(dr.iter()).map(|(&a, &b)| a * b).sum();
                         for (dv_, &pv) in dr.iter_mut().zip(pr) {
                             *dv_ = pv * (*dv_ - dot);
+                        }
+                        if self.softcap.is_some() {
+                            for (dv_, &th) in dr.iter_mut().zip(&tanh[i * n..(i + 1) * n]) {
+                                *dv_ *= T::one() - th * th;
+                            }
                         }
                     }
                     // dQ = scale · dS K ; dK += scale · dSᵀ Q
@@ -1121,6 +1144,7 @@ impl Attention {
                 key_mask: key_mask.map(Arc::new),
                 segments: None,
                 window: None,
+                softcap: None,
             },
         }
     }
@@ -1135,6 +1159,12 @@ impl Attention {
     /// Sliding-window attention (see [`crate::nn::attention`]); `None`: every earlier key.
     pub fn with_window(mut self, window: Option<usize>) -> Self {
         self.spec.window = window;
+        self
+    }
+
+    /// Soft-capped scores (see [`crate::nn::Scores`]); `None`: plain.
+    pub fn with_softcap(mut self, softcap: Option<f64>) -> Self {
+        self.spec.softcap = softcap;
         self
     }
 }
@@ -1220,6 +1250,7 @@ impl AttentionQkv {
                 key_mask: key_mask.map(Arc::new),
                 segments: None,
                 window: None,
+                softcap: None,
             },
         }
     }

@@ -158,7 +158,7 @@ impl Bert {
             let q = l.query.forward(&x)?.reshape((b, t, nh, hd))?;
             let k = l.key.forward(&x)?.reshape((b, t, nh, hd))?;
             let v = l.value.forward(&x)?.reshape((b, t, nh, hd))?;
-            let a = attention(&q, &k, &v, ctx, i, scale, None)?;
+            let a = attention(&q, &k, &v, ctx, i, crate::nn::Scores::scaled(scale))?;
             x = l.attn_ln.forward(&(l.attn_out.forward(&a)? + &x)?)?;
             let m = self.cfg.hidden_act.forward(&l.intermediate.forward(&x)?)?;
             x = l.output_ln.forward(&(l.output.forward(&m)? + &x)?)?;

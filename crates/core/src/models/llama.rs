@@ -14,13 +14,30 @@
 //!   query, key and value projections, and a window on the upper layers when switched on.
 //! - Qwen3 ("Qwen3 Technical Report", 2025; `modeling_qwen3`): RMSNorm over each query and
 //!   key head before RoPE (`q_norm`, `k_norm`), `head_dim` set apart from the width.
+//! - Gemma 2 ("Gemma 2: Improving Open Language Models at a Practical Size", 2024;
+//!   `modeling_gemma2`): RMSNorms scaling by `1 + w`, embeddings times √width, GeGLU, a norm
+//!   after attention and around the MLP (`pre_feedforward_layernorm`,
+//!   `post_feedforward_layernorm`), soft-capped attention scores and logits,
+//!   `query_pre_attn_scalar`, local (windowed) layers alternating with global ones.
+//! - Gemma 3's text model ("Gemma 3 Technical Report", 2025; `modeling_gemma3`): Gemma 2's
+//!   block with query/key head norms instead of soft caps, and a RoPE base of its own on the
+//!   local layers.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::LlamaConfig;
-use crate::nn::{attention, checkpointed, checkpoints, keep_rows, AttnCtx, Embedding, Linear, RmsNorm, Rotary};
+use crate::config::{Family, LlamaConfig};
+use crate::nn::{attention, checkpointed, checkpoints, keep_rows, AttnCtx, Embedding, Linear, RmsNorm, Rotary, Scores};
 use crate::Result;
+
+/// `head(hidden)`, soft-capped by `cap`: `cap · tanh(logits / cap)`.
+fn logits_of(head: &Linear, cap: Option<f64>, hidden: &Tensor) -> Result<Tensor> {
+    let logits = head.forward(hidden)?;
+    Ok(match cap {
+        Some(c) => ((logits / c)?.tanh()? * c)?,
+        None => logits,
+    })
+}
 
 #[derive(Debug, Clone)]
 struct Attention {
@@ -28,11 +45,14 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    /// Qwen3's RMSNorm over each query head and each key head (`[head_dim]` weights).
+    /// Qwen3's and Gemma 3's RMSNorm over each query head and each key head (`[head_dim]`
+    /// weights).
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
-    /// The layer's sliding window ([`LlamaConfig::layer_window`]).
-    window: Option<usize>,
+    /// How the layer scores keys: scale, window ([`LlamaConfig::layer_window`]), soft cap.
+    scores: Scores,
+    /// Whether it rotates by the local RoPE base (Gemma 3's local layers).
+    local_rope: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -46,7 +66,10 @@ struct Mlp {
 struct Block {
     input_layernorm: RmsNorm,
     self_attn: Attention,
+    /// Llama's norm before the MLP; Gemma's after attention.
     post_attention_layernorm: RmsNorm,
+    /// Gemma's norms before and after the MLP.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
     mlp: Mlp,
 }
 
@@ -58,6 +81,10 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rotary: Rotary,
+    /// Gemma 3's RoPE of the local layers.
+    local_rotary: Option<Rotary>,
+    /// Gemma's embeddings are multiplied by √width.
+    embed_scale: Option<f64>,
     cfg: LlamaConfig,
     checkpointing: bool,
 }
@@ -97,13 +124,26 @@ impl Block {
         }
         let q = rotary.apply(&q, positions)?;
         let k = rotary.apply(&k, positions)?;
-        let o = attention(&q, &k, &v, ctx, layer, 1.0 / (s.head_dim as f64).sqrt(), a.window)?;
+        let o = attention(&q, &k, &v, ctx, layer, a.scores)?;
         let (x, o) = keep_rows(x, o, keep)?;
-        let x = (x + a.o_proj.forward(&o)?)?;
-        let xn = self.post_attention_layernorm.forward(&x)?;
+        let o = a.o_proj.forward(&o)?;
         let f = &self.mlp;
-        let g = s.act.forward(&f.gate_proj.forward(&xn)?)?;
-        Ok((&x + f.down_proj.forward(&(g * f.up_proj.forward(&xn)?)?)?)?)
+        let mlp = |xn: &Tensor| -> Result<Tensor> {
+            let g = s.act.forward(&f.gate_proj.forward(xn)?)?;
+            Ok(f.down_proj.forward(&(g * f.up_proj.forward(xn)?)?)?)
+        };
+        match &self.feedforward_norms {
+            None => {
+                let x = (x + o)?;
+                let y = mlp(&self.post_attention_layernorm.forward(&x)?)?;
+                Ok((x + y)?)
+            }
+            Some((pre, post)) => {
+                let x = (x + self.post_attention_layernorm.forward(&o)?)?;
+                let y = post.forward(&mlp(&pre.forward(&x)?)?)?;
+                Ok((x + y)?)
+            }
+        }
     }
 }
 
@@ -117,8 +157,16 @@ impl Llama {
         let embed_tokens = Embedding::load(m.pp("embed_tokens"), cfg.vocab_size, d, std)?;
         let (qkv_b, o_b) = (cfg.qkv_bias(), cfg.o_bias());
         let mb = cfg.mlp_bias;
+        let gemma = cfg.family.is_gemma();
+        let norm = |vb: VarBuilder<'_>, dim: usize| -> Result<RmsNorm> {
+            if gemma {
+                RmsNorm::load_gemma(vb, dim, cfg.rms_norm_eps)
+            } else {
+                RmsNorm::load(vb, dim, cfg.rms_norm_eps)
+            }
+        };
         let head_norm = |vb: VarBuilder<'_>| -> Result<Option<RmsNorm>> {
-            Ok(if cfg.qk_norm() { Some(RmsNorm::load(vb, hd, cfg.rms_norm_eps)?) } else { None })
+            Ok(if cfg.qk_norm() { Some(norm(vb, hd)?) } else { None })
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -126,7 +174,7 @@ impl Llama {
                 let a = b.pp("self_attn");
                 let f = b.pp("mlp");
                 Ok(Block {
-                    input_layernorm: RmsNorm::load(b.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
+                    input_layernorm: norm(b.pp("input_layernorm"), d)?,
                     self_attn: Attention {
                         q_proj: Linear::load(a.pp("q_proj"), d, h * hd, qkv_b, std)?,
                         k_proj: Linear::load(a.pp("k_proj"), d, kvh * hd, qkv_b, std)?,
@@ -134,9 +182,22 @@ impl Llama {
                         o_proj: Linear::load(a.pp("o_proj"), h * hd, d, o_b, std)?,
                         q_norm: head_norm(a.pp("q_norm"))?,
                         k_norm: head_norm(a.pp("k_norm"))?,
-                        window: cfg.layer_window(i),
+                        scores: Scores {
+                            scale: cfg.attention_scale(),
+                            window: cfg.layer_window(i),
+                            softcap: cfg.attn_logit_softcapping,
+                        },
+                        local_rope: cfg.family == Family::Gemma3 && cfg.is_sliding_layer(i),
                     },
-                    post_attention_layernorm: RmsNorm::load(b.pp("post_attention_layernorm"), d, cfg.rms_norm_eps)?,
+                    post_attention_layernorm: norm(b.pp("post_attention_layernorm"), d)?,
+                    feedforward_norms: if gemma {
+                        Some((
+                            norm(b.pp("pre_feedforward_layernorm"), d)?,
+                            norm(b.pp("post_feedforward_layernorm"), d)?,
+                        ))
+                    } else {
+                        None
+                    },
                     mlp: Mlp {
                         gate_proj: Linear::load(f.pp("gate_proj"), d, cfg.intermediate_size, mb, std)?,
                         up_proj: Linear::load(f.pp("up_proj"), d, cfg.intermediate_size, mb, std)?,
@@ -145,16 +206,30 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(m.pp("norm"), d, cfg.rms_norm_eps)?;
+        let norm = norm(m.pp("norm"), d)?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::from_tensors(embed_tokens.table().clone(), None, "lm_head")
         } else {
             Linear::load(vb.pp("lm_head"), d, cfg.vocab_size, false, std)?
         };
         // RoPE tables are computed in f32 as transformers does, then cast once.
-        let rotary =
-            Rotary::new(hd, cfg.max_position_embeddings, cfg.rope_theta(), &cfg.rope_scaling()?, dtype, device)?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, cfg: cfg.clone(), checkpointing: false })
+        let rope = |sliding: bool| -> Result<Rotary> {
+            let (theta, scaling) = cfg.rope_for(sliding)?;
+            Rotary::new(hd, cfg.max_position_embeddings, theta, &scaling, dtype, device)
+        };
+        let rotary = rope(false)?;
+        let local_rotary = if cfg.family == Family::Gemma3 { Some(rope(true)?) } else { None };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            local_rotary,
+            embed_scale: gemma.then(|| (d as f64).sqrt()),
+            cfg: cfg.clone(),
+            checkpointing: false,
+        })
     }
 
     /// Final hidden states (after the last RMSNorm): of every token, or of the tokens `keep`
@@ -174,16 +249,24 @@ impl Llama {
             heads: self.cfg.num_attention_heads,
             kv_heads: self.cfg.kv_heads(),
             head_dim: self.cfg.head_dim(),
-            act: self.cfg.hidden_act,
+            act: self.cfg.activation(),
         };
         let mut x = self.embed_tokens.forward(ids)?;
+        if let Some(s) = self.embed_scale {
+            // transformers multiplies by √width in the embedding's dtype.
+            x = x.broadcast_mul(&Tensor::new(s as f32, x.device())?.to_dtype(x.dtype())?)?;
+        }
         for (i, blk) in self.layers.iter().enumerate() {
+            let rotary = match &self.local_rotary {
+                Some(local) if blk.self_attn.local_rope => local,
+                _ => &self.rotary,
+            };
             x = if self.checkpointing && checkpoints(ctx, keep) {
-                let (blk, rotary, positions) = (blk.clone(), self.rotary.clone(), positions.clone());
+                let (blk, rotary, positions) = (blk.clone(), rotary.clone(), positions.clone());
                 checkpointed(&x, ctx, move |x, ctx| blk.forward(x.clone(), &rotary, &positions, ctx, i, shape, None))?
             } else {
                 let keep = if i + 1 == self.layers.len() { keep } else { None };
-                blk.forward(x, &self.rotary, positions, ctx, i, shape, keep)?
+                blk.forward(x, rotary, positions, ctx, i, shape, keep)?
             };
         }
         Ok(self.norm.forward(&x)?)
@@ -200,9 +283,25 @@ impl Llama {
         self.checkpointing
     }
 
-    /// The LM head: hidden states to vocabulary logits.
+    /// The LM head: hidden states to vocabulary logits (before Gemma 2's soft cap: see
+    /// [`Llama::logits`]).
     pub fn lm_head(&self) -> &Linear {
         &self.lm_head
+    }
+
+    /// The output logits of final hidden states: the LM head, soft-capped where the config
+    /// says (`final_logit_softcapping`, Gemma 2).
+    ///
+    /// # Shapes
+    /// `hidden`: `[.., hidden_size]` → `[.., vocab_size]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        logits_of(&self.lm_head, self.cfg.final_logit_softcapping, hidden)
+    }
+
+    /// [`Llama::logits`] as a function that owns what it needs (for the chunked loss).
+    pub fn logits_fn(&self) -> impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static {
+        let (head, cap) = (self.lm_head.clone(), self.cfg.final_logit_softcapping);
+        move |h| logits_of(&head, cap, h)
     }
 
     /// The token embedding and the output projection, for reading both from one packed copy

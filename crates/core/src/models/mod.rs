@@ -409,7 +409,7 @@ impl Model {
         let hidden = self.hidden_states(input_ids, attention_mask, None)?;
         match &self.arch {
             Arch::Gpt2(m) => Ok(m.lm_head().forward(&hidden)?),
-            Arch::Llama(m) => Ok(m.lm_head().forward(&hidden)?),
+            Arch::Llama(m) => m.logits(&hidden),
             Arch::Bert(m) => m.mlm_logits(&hidden),
         }
     }
@@ -521,8 +521,8 @@ impl Model {
                 std::sync::Arc::new(move |h| head.forward(h))
             }
             Arch::Llama(m) => {
-                let head = m.lm_head().clone();
-                std::sync::Arc::new(move |h| head.forward(h))
+                let logits = m.logits_fn();
+                std::sync::Arc::new(move |h| Ok(logits(h)?))
             }
             Arch::Bert(m) => {
                 let m = m.clone();
@@ -734,12 +734,12 @@ impl Model {
         // other tokens are needed for their keys and values alone).
         let n_rows = rows.len();
         let keep = Tensor::from_vec(rows, n_rows, &self.device)?;
-        let (hidden, head) = match &self.arch {
-            Arch::Gpt2(m) => (m.hidden(&ids_t, &pos_t, &mut ctx, Some(&keep))?, m.lm_head()),
-            Arch::Llama(m) => (m.hidden(&ids_t, &pos_t, &mut ctx, Some(&keep))?, m.lm_head()),
+        let logits = match &self.arch {
+            Arch::Gpt2(m) => m.lm_head().forward(&m.hidden(&ids_t, &pos_t, &mut ctx, Some(&keep))?.i(0)?)?,
+            Arch::Llama(m) => m.logits(&m.hidden(&ids_t, &pos_t, &mut ctx, Some(&keep))?.i(0)?)?,
             Arch::Bert(_) => unreachable!("checked above"),
-        };
-        let logits = head.forward(&hidden.i(0)?)?.to_dtype(DType::F32)?;
+        }
+        .to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(steps.len());
         let mut r = 0;
         for s in steps.iter() {

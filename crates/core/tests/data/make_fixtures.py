@@ -198,6 +198,23 @@ def main():
             num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
             rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 16, "rope_theta": 500000.0})),
+        # Gemma 2: (1 + w) norms, √width embeddings, GeGLU, sandwich norms, soft caps small
+        # enough to bind (weights drawn wide), query_pre_attn_scalar, local layers 0 and 2
+        # with a window of 5, head_dim 12 with a width of 32.
+        ("tiny-gemma2", "Gemma2ForCausalLM", "Gemma2Config", dict(
+            vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=12, max_position_embeddings=64, sliding_window=5,
+            query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+            initializer_range=0.3, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+        # Gemma 3 (text): q/k norms, local layers 0, 1, 3 with a window of 4 and their own RoPE
+        # base, linear RoPE scaling on the global layer, GQA 4:1, head_dim 16.
+        ("tiny-gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+            vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=4,
+            query_pre_attn_scalar=24, initializer_range=0.3,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     ]:
         d = os.path.join(HERE, name)
         os.makedirs(d, exist_ok=True)
@@ -209,6 +226,21 @@ def main():
                     p.add_(0.1 * torch.randn_like(p))
         ids, mask = batch(kw["vocab_size"], [20, 13, 5], 4)
         dump(model, d, ids, mask)
+        if name == "tiny-gemma2":
+            # The soft caps bind: without them the logits differ.
+            with torch.no_grad():
+                kw_ = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+                capped = model(**kw_).logits
+                model.config.attn_logit_softcapping = None
+                for layer in model.model.layers:
+                    layer.self_attn.attn_logit_softcapping = None
+                model.config.final_logit_softcapping = None
+                uncapped = model(**kw_).logits
+                assert (capped - uncapped).abs().max() > 0.1, (capped - uncapped).abs().max()
+                model.config.attn_logit_softcapping = kw["attn_logit_softcapping"]
+                for layer in model.model.layers:
+                    layer.self_attn.attn_logit_softcapping = kw["attn_logit_softcapping"]
+                model.config.final_logit_softcapping = kw["final_logit_softcapping"]
         # Greedy generation from the first prompt (`expected.json` "greedy"), cached.
         with torch.no_grad():
             prompt = torch.tensor([ids[0][:12]])

@@ -633,10 +633,10 @@ impl LlamaConfig {
             return types.get(layer).and_then(Value::as_str) == Some("sliding_attention");
         }
         match self.family {
-            Family::Gemma2 => layer % 2 == 0,
+            Family::Gemma2 => layer.is_multiple_of(2),
             Family::Gemma3 => {
                 let pattern = self.extra.get("sliding_window_pattern").and_then(Value::as_u64).unwrap_or(6);
-                (layer as u64 + 1) % pattern.max(1) != 0
+                !(layer as u64 + 1).is_multiple_of(pattern.max(1))
             }
             _ => self.layer_window(layer).is_some(),
         }
@@ -909,10 +909,13 @@ impl BertConfig {
 
 /// A validated model configuration, one variant per supported `model_type`.
 #[derive(Debug, Clone)]
+// One per model, never in a hot path: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum ModelConfig {
     /// `gpt2`.
     Gpt2(Gpt2Config),
-    /// `llama` and the families of its block: `mistral`, `qwen2`, `qwen3` ([`Family`]).
+    /// `llama` and the families of its block: `mistral`, `qwen2`, `qwen3`, `gemma2`,
+    /// `gemma3_text` ([`Family`]).
     Llama(LlamaConfig),
     /// `bert`.
     Bert(BertConfig),

@@ -1,8 +1,9 @@
 //! Decode speed of each family of the Llama block against Llama itself, at one parameter count:
 //! SmolLM2-135M's shape (576 wide, 30 layers, 9 heads over 3 KV heads, MLP 1536, vocabulary
 //! 49,152, tied head) with random weights, as Llama, Qwen2 (query/key/value biases), Qwen3
-//! (query/key head norms) and Mistral (a sliding window of `WINDOW` tokens, default 64, shorter
-//! than the context the decode reaches). Each round runs every family in turn (alternated, so a
+//! (query/key head norms), Mistral (a sliding window of `WINDOW` tokens, default 64, shorter
+//! than the context the decode reaches), Gemma 2 (its norms, soft caps, and the window on every
+//! other layer) and Gemma 3 (head norms, the window on five layers of six). Each round runs every family in turn (alternated, so a
 //! slower stretch of the machine falls on all of them): a prompt of `PROMPT` tokens (default
 //! 128), then `GEN` decode steps (default 128); the best of `ROUNDS` rounds (default 3) is kept.
 //! Weights are f32, repacked for inference as `serve` does.
@@ -23,6 +24,8 @@ fn model(family: &str, window: usize) -> Model {
     let extra = match family {
         "mistral" => format!(r#","sliding_window":{window}"#),
         "qwen3" => r#","head_dim":64"#.to_string(),
+        // Gemma's local layers window by `WINDOW` too (Gemma 2's soft caps as published).
+        "gemma2" | "gemma3_text" => format!(r#","head_dim":64,"query_pre_attn_scalar":64,"sliding_window":{window}"#),
         _ => String::new(),
     };
     let json = format!(
@@ -59,7 +62,7 @@ fn run(m: &Model, prompt: usize, gen: usize) -> (f64, f64) {
 fn main() {
     lmstack_core::prefer_rayon_threads();
     let (prompt, gen, rounds, window) = (env("PROMPT", 128), env("GEN", 128), env("ROUNDS", 3), env("WINDOW", 64));
-    let families = ["llama", "qwen2", "qwen3", "mistral"];
+    let families = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text"];
     let models: Vec<Model> = families.iter().map(|f| model(f, window)).collect();
     for (f, m) in families.iter().zip(&models) {
         println!("{f}: {:.1} M parameters", m.num_parameters() as f64 / 1e6);
@@ -84,7 +87,7 @@ fn main() {
     let llama = best[0];
     for (f, &(p, d)) in families.iter().zip(&best) {
         println!(
-            "{f:8} prefill {:7.1} tokens/s ({:.2}× llama)   decode {:6.2} tokens/s ({:.2}× llama)",
+            "{f:12} prefill {:7.1} tokens/s ({:.2}× llama)   decode {:6.2} tokens/s ({:.2}× llama)",
             prompt as f64 / p,
             llama.0 / p,
             gen as f64 / d,

@@ -52,14 +52,10 @@ pub fn packed_attention(
         let (start, n) = spans[i];
         let (kc, vc) = caches[i].host_kv(layer);
         let qt = &q[(start + t) * heads * d..][g.start * n_rep * d..g.end * n_rep * d];
-        if softcap.is_some() {
-            // (The AVX2 decode loop has no soft cap: the general path below caps.)
-            return false;
-        }
         let valid = kc.len() / row - n + t + 1;
         let skip = first(valid);
         let (kc, vc) = (kc.skip(skip * row), vc.skip(skip * row));
-        simd::decode_attention_groups(qt, kc, vc, (heads, kv_heads, d), g, valid - skip, scale, scores, o)
+        simd::decode_attention_groups(qt, kc, vc, (heads, kv_heads, d), g, valid - skip, (scale, softcap), scores, o)
     };
     // Sequence `i`'s new tokens into `o` (its rows of `out`).
     let decode = |i: usize, o: &mut [f32], scores: &mut Vec<f32>| {
@@ -168,7 +164,7 @@ pub fn packed_attention(
                 let (s, masked) = s.split_at_mut(p0 + t + 1);
                 let (before, s) = s.split_at_mut(first(p0 + t + 1));
                 if let Some(cap) = softcap {
-                    s.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+                    simd::soft_cap(s, cap);
                 }
                 simd::softmax(s);
                 before.fill(0.0);

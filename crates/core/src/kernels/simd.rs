@@ -208,12 +208,13 @@ pub fn decode_attention(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) -> bool {
-    decode_attention_groups(q, k, v, (heads, kv_heads, d), 0..kv_heads, valid, scale, scores, out)
+    decode_attention_groups(q, k, v, (heads, kv_heads, d), 0..kv_heads, valid, (scale, None), scores, out)
 }
 
 /// [`decode_attention`] for the heads of KV heads `groups` only (so two threads can share one
 /// sequence's heads): `q` and `out` hold just those heads, `[groups.len() · heads / kv_heads, d]`,
-/// while `k`/`v` are the whole cache rows.
+/// while `k`/`v` are the whole cache rows. `(scale, softcap)`: with a soft cap, each score `s`
+/// becomes `cap · tanh(s / cap)` before the softmax (Gemma 2).
 ///
 /// # Panics
 /// As [`decode_attention`], or if `groups` is empty or reaches past `kv_heads`.
@@ -225,7 +226,7 @@ pub fn decode_attention_groups(
     (heads, kv_heads, d): (usize, usize, usize),
     groups: std::ops::Range<usize>,
     valid: usize,
-    scale: f32,
+    (scale, softcap): (f32, Option<f32>),
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) -> bool {
@@ -250,10 +251,10 @@ pub fn decode_attention_groups(
         unsafe {
             match (k, v) {
                 (Rows::F32(k), Rows::F32(v)) => {
-                    avx::decode_attention(q, &k[off..], &v[off..], dims, valid, scale, scores, out)
+                    avx::decode_attention(q, &k[off..], &v[off..], dims, valid, (scale, softcap), scores, out)
                 }
                 (Rows::Bf16(k), Rows::Bf16(v)) => {
-                    avx::decode_attention(q, &k[off..], &v[off..], dims, valid, scale, scores, out)
+                    avx::decode_attention(q, &k[off..], &v[off..], dims, valid, (scale, softcap), scores, out)
                 }
                 _ => panic!("decode_attention: keys and values stored as different types"),
             }
@@ -262,6 +263,13 @@ pub fn decode_attention_groups(
     }
     #[allow(unreachable_code)]
     false
+}
+
+/// Gemma 2's soft cap in place: each score `s` becomes `cap · tanh(s / cap)` (tanh as the
+/// training kernels compute it, [`crate::kernels::ops::tanh_f32`]).
+pub fn soft_cap(scores: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    scores.iter_mut().for_each(|s| *s = cap * crate::kernels::ops::tanh_f32(*s * inv));
 }
 
 /// Stored values read as f32: f32 themselves, or bf16 ([`f32_to_bf16`]) widened exactly as they
@@ -682,7 +690,7 @@ mod avx {
         v: &[E],
         (heads, n_rep, d, row): (usize, usize, usize, usize),
         valid: usize,
-        scale: f32,
+        (scale, softcap): (f32, Option<f32>),
         scores: &mut [f32],
         out: &mut [f32],
     ) {
@@ -723,6 +731,9 @@ mod avx {
                 let s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
                 *sp.add(h * valid + j) = _mm_cvtss_f32(s1) * scale;
             }
+        }
+        if let Some(cap) = softcap {
+            super::soft_cap(scores, cap);
         }
         scores.chunks_mut(valid).for_each(super::softmax);
         // out[h] = Σ_j p[h, j] · v[j, g(h)], 32 columns at a time in registers.

@@ -236,12 +236,16 @@ pub enum Family {
     /// query/key head norms, five local layers to a global one, and a RoPE base of its own
     /// (`rope_local_base_freq`) on the local layers.
     Gemma3,
+    /// Phi-3 and Phi-3.5 (`"phi3"`): one `qkv_proj` for queries, keys and values, one
+    /// `gate_up_proj` for the MLP's two inputs, RoPE on the first `partial_rotary_factor` of
+    /// each head, a window on every layer where `sliding_window` is set.
+    Phi3,
 }
 
 impl Family {
     /// Every family, in the order error messages list them.
-    pub const ALL: [Family; 6] =
-        [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3, Family::Gemma2, Family::Gemma3];
+    pub const ALL: [Family; 7] =
+        [Family::Llama, Family::Mistral, Family::Qwen2, Family::Qwen3, Family::Gemma2, Family::Gemma3, Family::Phi3];
 
     /// The family a `model_type` names.
     pub fn of(model_type: &str) -> Option<Family> {
@@ -257,6 +261,7 @@ impl Family {
             Family::Qwen3 => "qwen3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3_text",
+            Family::Phi3 => "phi3",
         }
     }
 
@@ -274,6 +279,7 @@ impl Family {
             Family::Qwen3 => "Qwen3ForCausalLM",
             Family::Gemma2 => "Gemma2ForCausalLM",
             Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -305,6 +311,14 @@ impl Family {
                 d.push(("head_dim", json!(128)));
                 d
             }
+            Family::Phi3 => vec![
+                ("vocab_size", json!(32064)),
+                ("hidden_size", json!(3072)),
+                ("intermediate_size", json!(8192)),
+                ("max_position_embeddings", json!(4096)),
+                ("original_max_position_embeddings", json!(4096)),
+                ("rms_norm_eps", json!(1e-5)),
+            ],
             Family::Gemma2 | Family::Gemma3 => {
                 let gemma2 = self == Family::Gemma2;
                 let mut d = vec![
@@ -516,6 +530,9 @@ pub struct LlamaConfig {
     /// Gemma 2: output logits `l` become `cap · tanh(l / cap)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_logit_softcapping: Option<f64>,
+    /// Phi-3: the fraction of each head RoPE rotates (the rest passes through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
     /// Gemma 3: the RoPE base of the local (sliding) layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_local_base_freq: Option<f64>,
@@ -564,6 +581,9 @@ impl LlamaConfig {
         "sliding_window_pattern",
         "use_bidirectional_attention",
         "cache_implementation",
+        "original_max_position_embeddings",
+        "resid_pdrop",
+        "embd_pdrop",
     ];
 
     /// Number of key/value heads.
@@ -606,7 +626,7 @@ impl LlamaConfig {
             Family::Qwen2 | Family::Qwen3 => {
                 self.sliding_window.filter(|_| self.extra.get("use_sliding_window") == Some(&Value::Bool(true)))
             }
-            Family::Gemma2 | Family::Gemma3 => self.sliding_window,
+            Family::Gemma2 | Family::Gemma3 | Family::Phi3 => self.sliding_window,
         }
         .filter(|&w| w < self.max_position_embeddings)?;
         if self.family.is_gemma() {
@@ -640,6 +660,21 @@ impl LlamaConfig {
             }
             _ => self.layer_window(layer).is_some(),
         }
+    }
+
+    /// Whether queries, keys and values come from one fused projection (`qkv_proj`), and the
+    /// MLP's gate and up branches from another (`gate_up_proj`): Phi-3.
+    pub fn fused_projections(&self) -> bool {
+        self.family == Family::Phi3
+    }
+
+    /// How many of each head's dimensions RoPE rotates: `head_dim · partial_rotary_factor`
+    /// (the field, or `rope_parameters.partial_rotary_factor`), all of them by default.
+    pub fn rotary_dim(&self) -> usize {
+        let f = self
+            .partial_rotary_factor
+            .or_else(|| self.rope_parameters.as_ref()?.get("partial_rotary_factor")?.as_f64());
+        f.map_or(self.head_dim(), |f| (self.head_dim() as f64 * f) as usize)
     }
 
     /// The MLP activation (Gemma's `hidden_activation` where given).
@@ -717,6 +752,9 @@ impl LlamaConfig {
             "mscale",
             "mscale_all_dim",
             "truncate",
+            "partial_rotary_factor",
+            "short_factor",
+            "long_factor",
         ];
         if let Some(k) = params.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err((field(k), "is not a RoPE parameter lmstack knows".into()));
@@ -739,6 +777,8 @@ impl LlamaConfig {
         let original = || -> std::result::Result<f64, (String, String)> {
             Ok(num("original_max_position_embeddings")?.unwrap_or(self.max_position_embeddings as f64))
         };
+        // transformers reads Phi-3's older names of LongRoPE as LongRoPE.
+        let kind = if self.family == Family::Phi3 && matches!(kind, "su" | "yarn") { "longrope" } else { kind };
         Ok(match kind {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear { factor: need("factor")? },
@@ -779,6 +819,15 @@ impl LlamaConfig {
                     original_max_position_embeddings: original,
                     truncate,
                 }
+            }
+            "longrope" => {
+                return Err((
+                    field("rope_type"),
+                    "`longrope` (Phi-3's long-context models) is not supported yet: its frequencies switch from \
+                     `short_factor` to `long_factor` once a sequence passes original_max_position_embeddings, which \
+                     invalidates the cached keys; the 4k models use no scaling"
+                        .into(),
+                ))
             }
             "dynamic" => {
                 return Err((
@@ -1115,6 +1164,11 @@ impl ModelConfig {
                 if m.get("head_dim").is_none_or(Value::is_null) {
                     m.insert("head_dim".into(), c.head_dim().into());
                 }
+                if c.family == Family::Phi3 {
+                    // Phi3Config's default pad id (32000) is outside a smaller vocabulary, where
+                    // transformers refuses it as the embedding's padding index.
+                    m.entry("pad_token_id").or_insert(Value::Null);
+                }
                 if c.family.is_gemma() {
                     // Gemma's configs name the tanh GELU as PyTorch does.
                     for key in ["hidden_act", "hidden_activation"] {
@@ -1223,6 +1277,37 @@ impl ModelConfig {
                             return err(field, format!("is not a field of model type `{}`", c.family.model_type()));
                         }
                     }
+                }
+                if c.family != Family::Phi3 {
+                    for key in ["resid_pdrop", "embd_pdrop", "original_max_position_embeddings"] {
+                        if c.extra.contains_key(key) {
+                            return err(key, format!("is not a field of model type `{}`", c.family.model_type()));
+                        }
+                    }
+                    if c.partial_rotary_factor.is_some() {
+                        return err(
+                            "partial_rotary_factor",
+                            format!("is not a field of model type `{}`", c.family.model_type()),
+                        );
+                    }
+                }
+                for key in ["resid_pdrop", "embd_pdrop"] {
+                    if let Some(v) = c.extra.get(key).filter(|v| v.as_f64() != Some(0.0)) {
+                        return err(
+                            key,
+                            format!("{v} is not supported; only 0 (lmstack trains this family without dropout)"),
+                        );
+                    }
+                }
+                let rd = c.rotary_dim();
+                if rd == 0 || rd % 2 != 0 || rd > c.head_dim() {
+                    return err(
+                        "partial_rotary_factor",
+                        format!(
+                            "rotates {rd} of {} dimensions per head; must be an even number from 2 to head_dim",
+                            c.head_dim()
+                        ),
+                    );
                 }
                 if c.query_pre_attn_scalar == Some(0) {
                     return err("query_pre_attn_scalar", "must be at least 1".into());

@@ -612,7 +612,7 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
         out.push(TensorEntry { gg, hf, shape, layout, required })
     };
     match config {
-        ModelConfig::Llama(cfg) if cfg.family.is_gemma() => {
+        ModelConfig::Llama(cfg) if cfg.family.is_gemma() || cfg.fused_projections() => {
             return Err(format!("{} models are not read from or written to GGUF yet", cfg.family.model_type()))
         }
         ModelConfig::Llama(cfg) => {
@@ -703,6 +703,7 @@ fn llama_cpp_arch(family: Family) -> &'static str {
         Family::Qwen3 => "qwen3",
         Family::Gemma2 => "gemma2",
         Family::Gemma3 => "gemma3",
+        Family::Phi3 => "phi3",
     }
 }
 

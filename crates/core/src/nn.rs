@@ -711,7 +711,8 @@ pub fn softmax_last(xs: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// Rotary position embeddings (RoPE) in the Hugging Face (“rotate half”) layout.
+/// Rotary position embeddings (RoPE) in the Hugging Face (“rotate half”) layout, over the
+/// first `dim` dimensions of each head (all of them, or Phi-3's `partial_rotary_factor`).
 #[derive(Debug, Clone)]
 pub struct Rotary {
     cos: Tensor,
@@ -719,8 +720,9 @@ pub struct Rotary {
 }
 
 impl Rotary {
-    /// Tables for positions `0..max_pos` and head width `head_dim`, with base `theta` and the
-    /// frequencies and cos/sin factor of `scaling`.
+    /// Tables for positions `0..max_pos` rotating `head_dim` dimensions (the first ones of a
+    /// head, which may be wider), with base `theta` and the frequencies and cos/sin factor of
+    /// `scaling`.
     pub fn new(
         head_dim: usize,
         max_pos: usize,
@@ -750,12 +752,18 @@ impl Rotary {
         Ok(Self { cos, sin })
     }
 
-    /// Rotates `xs` by the angles of `positions`.
+    /// Rotates `xs` by the angles of `positions` (a head's dimensions past the table's width
+    /// pass through).
     ///
     /// # Shapes
     /// `xs`: `[b, t, heads, head_dim]`, `positions`: `[b, t]` (u32) → `[b, t, heads, head_dim]`.
     pub fn apply(&self, xs: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, _h, d) = xs.dims4()?;
+        let (b, t, _h, full) = xs.dims4()?;
+        let d = self.cos.dim(1)?;
+        if d < full {
+            let rotated = self.apply(&xs.narrow(D::Minus1, 0, d)?, positions)?;
+            return Tensor::cat(&[&rotated, &xs.narrow(D::Minus1, d, full - d)?], D::Minus1);
+        }
         let idx = positions.flatten_all()?;
         let cos = self.cos.index_select(&idx, 0)?.reshape((b, t, 1, d))?;
         let sin = self.sin.index_select(&idx, 0)?.reshape((b, t, 1, d))?;

@@ -32,6 +32,19 @@ fn config_cases() {
     check(r#"{"model_type":"qwen2","use_sliding_window":"yes"}"#, "use_sliding_window");
     check(r#"{"model_type":"qwen2","max_window_layers":-1}"#, "max_window_layers");
     check(r#"{"model_type":"mistral","num_attention_heads":8,"sliding_window":0}"#, "sliding_window");
+    check(r#"{"model_type":"gemma2","hidden_size":64,"num_attention_heads":4,"num_key_value_heads":2}"#, "");
+    check(r#"{"model_type":"gemma2","attn_logit_softcapping":-1.0}"#, "attn_logit_softcapping");
+    check(r#"{"model_type":"gemma3_text","use_bidirectional_attention":true}"#, "use_bidirectional_attention");
+    check(r#"{"model_type":"llama","final_logit_softcapping":30.0}"#, "final_logit_softcapping");
+    check(r#"{"model_type":"phi3","partial_rotary_factor":0.75,"resid_pdrop":0.0}"#, "");
+    check(r#"{"model_type":"phi3","resid_pdrop":0.1}"#, "resid_pdrop");
+    check(r#"{"model_type":"phi3","partial_rotary_factor":0.01}"#, "partial_rotary_factor");
+    check(r#"{"model_type":"qwen2","resid_pdrop":0.0}"#, "resid_pdrop");
+    check(
+        r#"{"model_type":"phi3","rope_scaling":{"type":"longrope","short_factor":[1.0],"long_factor":[2.0]}}"#,
+        "rope_scaling.rope_type",
+    );
+    check(r#"{"model_type":"phi3","rope_scaling":{"type":"su","short_factor":[1.0]}}"#, "rope_scaling.rope_type");
     check(r#"{"model_type":"bert","hidden_size":16,"num_attention_heads":2}"#, "");
     check(r#"{"n_embd":16}"#, "model_type");
     check(r#"{"model_type":"t5"}"#, "model_type");
@@ -146,6 +159,7 @@ fn fixture_configs_round_trip() {
         "tiny-llama3",
         "tiny-gemma2",
         "tiny-gemma3",
+        "tiny-phi3",
     ] {
         let cfg = ModelConfig::from_file(&common::fixture(name).join("config.json")).unwrap();
         let again = ModelConfig::from_value(cfg.to_value(), name).unwrap();

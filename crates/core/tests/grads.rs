@@ -37,6 +37,7 @@ fn family(model_type: &str) -> ModelConfig {
         "gemma3_text" => {
             r#""num_attention_heads":4,"num_key_value_heads":1,"head_dim":8,"sliding_window":3,"sliding_window_pattern":2"#
         }
+        "phi3" => r#""num_attention_heads":4,"num_key_value_heads":2,"sliding_window":3,"partial_rotary_factor":0.5"#,
         _ => r#""num_attention_heads":4,"num_key_value_heads":2,"sliding_window":3"#,
     };
     config(&format!(
@@ -94,6 +95,7 @@ fn every_parameter_gets_a_nonzero_gradient() {
         ("mistral", family("mistral")),
         ("gemma2", family("gemma2")),
         ("gemma3", family("gemma3_text")),
+        ("phi3", family("phi3")),
         ("bert-mlm", bert(false)),
         ("bert-cls", bert(true)),
     ] {
@@ -122,6 +124,7 @@ fn gradients_match_finite_differences() {
         ("mistral", family("mistral")),
         ("gemma2", family("gemma2")),
         ("gemma3", family("gemma3_text")),
+        ("phi3", family("phi3")),
         ("bert-mlm", bert(false)),
     ] {
         let m = Model::init(cfg, 3, DType::F64, &dev).unwrap();

@@ -70,12 +70,18 @@ fn gemma3_local_rope_and_head_norms_match_transformers() {
 }
 
 #[test]
+fn phi3_fused_projections_and_partial_rope_match_transformers() {
+    check_lm("tiny-phi3");
+}
+
+#[test]
 fn llama3_rope_scaling_matches_transformers() {
     check_lm("tiny-llama3");
 }
 
 /// The families of the Llama block, with the features each fixture sets apart.
-const FAMILIES: [&str; 6] = ["tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-llama3", "tiny-gemma2", "tiny-gemma3"];
+const FAMILIES: [&str; 7] =
+    ["tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-llama3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3"];
 
 /// Greedy decoding through the KV cache (prompt prefilled in two chunks, then one token a
 /// step, past the sliding windows) picks the tokens `transformers`' `generate` picks.

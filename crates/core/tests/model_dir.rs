@@ -33,6 +33,7 @@ fn save_and_reload_gives_identical_logits() {
         "tiny-llama3",
         "tiny-gemma2",
         "tiny-gemma3",
+        "tiny-phi3",
     ] {
         let m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let dir = tmp(name);
@@ -157,7 +158,12 @@ impl LinearAdapter for LowRank {
 
 #[test]
 fn adapters_attach_to_named_projections() {
-    for (name, targets) in [("tiny-llama", ["q_proj", "v_proj"]), ("tiny-gpt2", ["c_attn", "c_fc"])] {
+    // Phi-3's fused projections are targets under PEFT's names too.
+    for (name, targets) in [
+        ("tiny-llama", ["q_proj", "v_proj"]),
+        ("tiny-gpt2", ["c_attn", "c_fc"]),
+        ("tiny-phi3", ["qkv_proj", "gate_up_proj"]),
+    ] {
         let base = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let reference = base.forward(&ids(), None).unwrap();
         let mut m = base.clone();
@@ -247,6 +253,12 @@ fn lmstack_written_dirs_carry_expected_logits() {
             "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":16,
             "max_position_embeddings":32,"sliding_window":4,"sliding_window_pattern":3,"rope_theta":100000.0,
             "rope_local_base_freq":5000.0,"rope_scaling":{"rope_type":"linear","factor":4.0},"initializer_range":0.3}"#,
+        ),
+        (
+            "phi3",
+            r#"{"model_type":"phi3","vocab_size":66,"hidden_size":48,"intermediate_size":40,"num_hidden_layers":2,
+            "num_attention_heads":3,"num_key_value_heads":1,"max_position_embeddings":32,
+            "original_max_position_embeddings":32,"sliding_window":5,"partial_rotary_factor":0.5}"#,
         ),
         (
             "bert",

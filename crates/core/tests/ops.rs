@@ -45,6 +45,7 @@ fn fused_and_composed_training_agree() {
         r#"{"model_type":"mistral","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":16,"sliding_window":3}"#,
         r#"{"model_type":"qwen3","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":6,"max_position_embeddings":16,"use_sliding_window":true,"sliding_window":4,"max_window_layers":1}"#,
         r#"{"model_type":"gemma2","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":6,"max_position_embeddings":16,"sliding_window":3,"query_pre_attn_scalar":8,"attn_logit_softcapping":0.5,"final_logit_softcapping":2.0,"initializer_range":0.5}"#,
+        r#"{"model_type":"phi3","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":16,"sliding_window":4,"partial_rotary_factor":0.5}"#,
         r#"{"model_type":"gemma3_text","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":8,"max_position_embeddings":16,"sliding_window":3,"sliding_window_pattern":2}"#,
         r#"{"model_type":"bert","vocab_size":29,"hidden_size":12,"num_hidden_layers":2,"num_attention_heads":3,"intermediate_size":20,"max_position_embeddings":16}"#,
     ] {
@@ -175,6 +176,7 @@ fn packed_sequences_train_as_separate_ones() {
         r#"{"model_type":"mistral","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":16,"sliding_window":3}"#,
         r#"{"model_type":"qwen3","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":6,"max_position_embeddings":16,"use_sliding_window":true,"sliding_window":4,"max_window_layers":1}"#,
         r#"{"model_type":"gemma2","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":6,"max_position_embeddings":16,"sliding_window":3,"query_pre_attn_scalar":8,"attn_logit_softcapping":0.5,"final_logit_softcapping":2.0,"initializer_range":0.5}"#,
+        r#"{"model_type":"phi3","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":16,"sliding_window":4,"partial_rotary_factor":0.5}"#,
         r#"{"model_type":"gemma3_text","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":8,"max_position_embeddings":16,"sliding_window":3,"sliding_window_pattern":2}"#,
     ] {
         for fused in [true, false] {

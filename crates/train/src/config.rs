@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// The architectures `train pretrain` initialises.
-pub const ARCHS: [&str; 8] = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "bert"];
+pub const ARCHS: [&str; 9] = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "bert"];
 
 /// Everything a pretraining run needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,8 +27,8 @@ pub struct PretrainConfig {
     pub tokenizer: String,
     /// Fraction of the text held out for validation (taken from the end, as nanoGPT does).
     pub val_fraction: f64,
-    /// The architecture: `gpt2`, `llama`, `mistral`, `qwen2`, `qwen3`, `gemma2`, `gemma3`
-    /// (causal LMs; Gemma 3's text model) or `bert` (masked LM), with the block and the
+    /// The architecture: `gpt2`, `llama`, `mistral`, `qwen2`, `qwen3`, `gemma2`, `gemma3`,
+    /// `phi3` (causal LMs; Gemma 3's text model) or `bert` (masked LM), with the block and the
     /// `model_type` of that family.
     pub arch: String,
     /// Number of transformer blocks.
@@ -47,8 +47,8 @@ pub struct PretrainConfig {
     pub init_std: f64,
     /// Context length in tokens.
     pub block_size: usize,
-    /// Sliding attention window in tokens (mistral, qwen2, qwen3: every layer; gemma2, gemma3:
-    /// the local layers); 0 = none.
+    /// Sliding attention window in tokens (mistral, qwen2, qwen3, phi3: every layer; gemma2,
+    /// gemma3: the local layers); 0 = none.
     pub sliding_window: usize,
     /// Sequences per micro-batch.
     pub batch_size: usize,
@@ -214,10 +214,13 @@ impl PretrainConfig {
         if !ARCHS.contains(&self.arch.as_str()) {
             return bad("arch", format!("`{}` is not one of {}", self.arch, ARCHS.join(", ")));
         }
-        if self.sliding_window > 0 && !["mistral", "qwen2", "qwen3", "gemma2", "gemma3"].contains(&self.arch.as_str()) {
+        if self.sliding_window > 0 && ["gpt2", "llama", "bert"].contains(&self.arch.as_str()) {
             return bad(
                 "sliding_window",
-                format!("arch `{}` has no sliding window; mistral, qwen2, qwen3, gemma2 and gemma3 have", self.arch),
+                format!(
+                    "arch `{}` has no sliding window; mistral, qwen2, qwen3, gemma2, gemma3 and phi3 have",
+                    self.arch
+                ),
             );
         }
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {

@@ -111,7 +111,7 @@ pub fn model_config(cfg: &PretrainConfig, vocab_size: usize) -> Result<ModelConf
             "n_layer": cfg.n_layer, "n_head": cfg.n_head, "activation_function": "gelu_new",
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
         }),
-        arch @ ("llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3") => {
+        arch @ ("llama" | "mistral" | "qwen2" | "qwen3" | "gemma2" | "gemma3" | "phi3") => {
             let family = if arch == "gemma3" { "gemma3_text" } else { arch };
             // SwiGLU width ≈ 8/3 · d, rounded up to a multiple of 32 (as Llama does with 256).
             let inter = (8 * d / 3).div_ceil(32) * 32;

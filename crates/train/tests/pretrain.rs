@@ -72,10 +72,10 @@ fn train_losses(dir: &Path) -> Vec<(u64, f64)> {
 
 #[test]
 fn loss_falls_for_every_architecture() {
-    for arch in ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "bert"] {
+    for arch in ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "bert"] {
         let out = tmp(arch);
         let mut cfg = tiny(&out, arch);
-        if ["mistral", "qwen3", "gemma2", "gemma3"].contains(&arch) {
+        if ["mistral", "qwen3", "gemma2", "gemma3", "phi3"].contains(&arch) {
             cfg.sliding_window = 8;
         }
         let s = run(&cfg, &opts()).unwrap();

@@ -22,8 +22,11 @@
 //! - Gemma 3's text model ("Gemma 3 Technical Report", 2025; `modeling_gemma3`): Gemma 2's
 //!   block with query/key head norms instead of soft caps, and a RoPE base of its own on the
 //!   local layers.
+//! - Phi-3 ("Phi-3 Technical Report", 2024; `modeling_phi3`): fused `qkv_proj` and
+//!   `gate_up_proj` (kept fused, so checkpoints and PEFT adapters name them as Microsoft's do),
+//!   RoPE on the first `partial_rotary_factor` of each head, a window where set.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::{Family, LlamaConfig};
@@ -39,11 +42,24 @@ fn logits_of(head: &Linear, cap: Option<f64>, hidden: &Tensor) -> Result<Tensor>
     })
 }
 
+/// The query, key and value projections: three (`q_proj`, `k_proj`, `v_proj`), or Phi-3's
+/// one `qkv_proj` whose output holds the three side by side.
+#[derive(Debug, Clone)]
+enum Qkv {
+    Split { q_proj: Linear, k_proj: Linear, v_proj: Linear },
+    Fused { qkv_proj: Linear },
+}
+
+/// The MLP's gate and up projections: two, or Phi-3's one `gate_up_proj` (gate first).
+#[derive(Debug, Clone)]
+enum GateUp {
+    Split { gate_proj: Linear, up_proj: Linear },
+    Fused { gate_up_proj: Linear },
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     /// Qwen3's and Gemma 3's RMSNorm over each query head and each key head (`[head_dim]`
     /// weights).
@@ -57,8 +73,7 @@ struct Attention {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
 }
 
@@ -115,9 +130,17 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let xn = self.input_layernorm.forward(&x)?;
         let a = &self.self_attn;
-        let mut q = a.q_proj.forward(&xn)?.reshape((b, t, s.heads, s.head_dim))?;
-        let mut k = a.k_proj.forward(&xn)?.reshape((b, t, s.kv_heads, s.head_dim))?;
-        let v = a.v_proj.forward(&xn)?.reshape((b, t, s.kv_heads, s.head_dim))?;
+        let (q, k, v) = match &a.qkv {
+            Qkv::Split { q_proj, k_proj, v_proj } => (q_proj.forward(&xn)?, k_proj.forward(&xn)?, v_proj.forward(&xn)?),
+            Qkv::Fused { qkv_proj } => {
+                let y = qkv_proj.forward(&xn)?;
+                let (nq, nk) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+                (y.narrow(D::Minus1, 0, nq)?, y.narrow(D::Minus1, nq, nk)?, y.narrow(D::Minus1, nq + nk, nk)?)
+            }
+        };
+        let mut q = q.reshape((b, t, s.heads, s.head_dim))?;
+        let mut k = k.reshape((b, t, s.kv_heads, s.head_dim))?;
+        let v = v.reshape((b, t, s.kv_heads, s.head_dim))?;
         if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -129,8 +152,15 @@ impl Block {
         let o = a.o_proj.forward(&o)?;
         let f = &self.mlp;
         let mlp = |xn: &Tensor| -> Result<Tensor> {
-            let g = s.act.forward(&f.gate_proj.forward(xn)?)?;
-            Ok(f.down_proj.forward(&(g * f.up_proj.forward(xn)?)?)?)
+            let (g, u) = match &f.gate_up {
+                GateUp::Split { gate_proj, up_proj } => (gate_proj.forward(xn)?, up_proj.forward(xn)?),
+                GateUp::Fused { gate_up_proj } => {
+                    let y = gate_up_proj.forward(xn)?;
+                    let n = y.dim(D::Minus1)? / 2;
+                    (y.narrow(D::Minus1, 0, n)?, y.narrow(D::Minus1, n, n)?)
+                }
+            };
+            Ok(f.down_proj.forward(&(s.act.forward(&g)? * u)?)?)
         };
         match &self.feedforward_norms {
             None => {
@@ -176,9 +206,15 @@ impl Llama {
                 Ok(Block {
                     input_layernorm: norm(b.pp("input_layernorm"), d)?,
                     self_attn: Attention {
-                        q_proj: Linear::load(a.pp("q_proj"), d, h * hd, qkv_b, std)?,
-                        k_proj: Linear::load(a.pp("k_proj"), d, kvh * hd, qkv_b, std)?,
-                        v_proj: Linear::load(a.pp("v_proj"), d, kvh * hd, qkv_b, std)?,
+                        qkv: if cfg.fused_projections() {
+                            Qkv::Fused { qkv_proj: Linear::load(a.pp("qkv_proj"), d, (h + 2 * kvh) * hd, qkv_b, std)? }
+                        } else {
+                            Qkv::Split {
+                                q_proj: Linear::load(a.pp("q_proj"), d, h * hd, qkv_b, std)?,
+                                k_proj: Linear::load(a.pp("k_proj"), d, kvh * hd, qkv_b, std)?,
+                                v_proj: Linear::load(a.pp("v_proj"), d, kvh * hd, qkv_b, std)?,
+                            }
+                        },
                         o_proj: Linear::load(a.pp("o_proj"), h * hd, d, o_b, std)?,
                         q_norm: head_norm(a.pp("q_norm"))?,
                         k_norm: head_norm(a.pp("k_norm"))?,
@@ -199,8 +235,22 @@ impl Llama {
                         None
                     },
                     mlp: Mlp {
-                        gate_proj: Linear::load(f.pp("gate_proj"), d, cfg.intermediate_size, mb, std)?,
-                        up_proj: Linear::load(f.pp("up_proj"), d, cfg.intermediate_size, mb, std)?,
+                        gate_up: if cfg.fused_projections() {
+                            GateUp::Fused {
+                                gate_up_proj: Linear::load(
+                                    f.pp("gate_up_proj"),
+                                    d,
+                                    2 * cfg.intermediate_size,
+                                    mb,
+                                    std,
+                                )?,
+                            }
+                        } else {
+                            GateUp::Split {
+                                gate_proj: Linear::load(f.pp("gate_proj"), d, cfg.intermediate_size, mb, std)?,
+                                up_proj: Linear::load(f.pp("up_proj"), d, cfg.intermediate_size, mb, std)?,
+                            }
+                        },
                         down_proj: Linear::load(f.pp("down_proj"), cfg.intermediate_size, d, mb, std)?,
                     },
                 })
@@ -215,7 +265,7 @@ impl Llama {
         // RoPE tables are computed in f32 as transformers does, then cast once.
         let rope = |sliding: bool| -> Result<Rotary> {
             let (theta, scaling) = cfg.rope_for(sliding)?;
-            Rotary::new(hd, cfg.max_position_embeddings, theta, &scaling, dtype, device)
+            Rotary::new(cfg.rotary_dim(), cfg.max_position_embeddings, theta, &scaling, dtype, device)
         };
         let rotary = rope(false)?;
         let local_rotary = if cfg.family == Family::Gemma3 { Some(rope(true)?) } else { None };
@@ -315,9 +365,17 @@ impl Llama {
         let mut v = Vec::new();
         for b in &mut self.layers {
             let a = &mut b.self_attn;
-            v.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            match &mut a.qkv {
+                Qkv::Split { q_proj, k_proj, v_proj } => v.extend([q_proj, k_proj, v_proj]),
+                Qkv::Fused { qkv_proj } => v.push(qkv_proj),
+            }
+            v.push(&mut a.o_proj);
             let f = &mut b.mlp;
-            v.extend([&mut f.gate_proj, &mut f.up_proj, &mut f.down_proj]);
+            match &mut f.gate_up {
+                GateUp::Split { gate_proj, up_proj } => v.extend([gate_proj, up_proj]),
+                GateUp::Fused { gate_up_proj } => v.push(gate_up_proj),
+            }
+            v.push(&mut f.down_proj);
         }
         v.push(&mut self.lm_head);
         v

@@ -215,6 +215,13 @@ def main():
             layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+        # Phi-3: fused qkv_proj and gate_up_proj, RoPE on the first 3/4 of each 16-wide head,
+        # a window of 6 on every layer, GQA 3:1.
+        ("tiny-phi3", "Phi3ForCausalLM", "Phi3Config", dict(
+            vocab_size=64, hidden_size=48, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
+            num_key_value_heads=1, max_position_embeddings=64, original_max_position_embeddings=64,
+            sliding_window=6, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})),
     ]:
         d = os.path.join(HERE, name)
         os.makedirs(d, exist_ok=True)

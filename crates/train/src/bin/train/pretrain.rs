@@ -27,8 +27,8 @@ pub(crate) struct PretrainArgs {
     /// `char`, `bpe:VOCAB_SIZE`, or a directory with tokenizer.json [default: char].
     #[arg(long)]
     tokenizer: Option<String>,
-    /// Architecture: gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3 (causal LMs) or bert
-    /// (masked LM) [default: gpt2].
+    /// Architecture: gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3 (causal LMs) or
+    /// bert (masked LM) [default: gpt2].
     #[arg(long)]
     arch: Option<String>,
     /// Transformer blocks [default: 4].
@@ -46,8 +46,8 @@ pub(crate) struct PretrainArgs {
     /// Context length [default: 64].
     #[arg(long)]
     block_size: Option<usize>,
-    /// Sliding attention window in tokens (mistral, qwen2, qwen3: every layer; gemma2, gemma3:
-    /// the local layers); 0 = none [default: 0].
+    /// Sliding attention window in tokens (mistral, qwen2, qwen3, phi3: every layer; gemma2,
+    /// gemma3: the local layers); 0 = none [default: 0].
     #[arg(long)]
     sliding_window: Option<usize>,
     /// Standard deviation of the initial weights; 0 = 1/sqrt(n_embd) [default: 0; nanoGPT: 0.02].

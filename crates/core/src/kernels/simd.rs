@@ -827,7 +827,17 @@ mod tests {
             for g in 0..kv_heads {
                 let (q, mut part) = (&q[g * 2 * d..(g + 1) * 2 * d], vec![0.0; 2 * d]);
                 let (kr, vr) = (Rows::F32(&k), Rows::F32(&v));
-                assert!(decode_attention_groups(q, kr, vr, dims, g..g + 1, valid, scale, &mut Vec::new(), &mut part));
+                assert!(decode_attention_groups(
+                    q,
+                    kr,
+                    vr,
+                    dims,
+                    g..g + 1,
+                    valid,
+                    (scale, None),
+                    &mut Vec::new(),
+                    &mut part
+                ));
                 assert_eq!(part, out[g * 2 * d..(g + 1) * 2 * d], "valid {valid}, kv head {g}");
             }
             for h in 0..heads {

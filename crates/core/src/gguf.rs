@@ -224,13 +224,12 @@ impl GgufFile {
             return self.gpt2_config();
         }
         // llama.cpp's architectures of the Llama block; Mistral's files are `llama` ones.
-        let Some(family) = Family::of(&arch).filter(|f| matches!(f, Family::Llama | Family::Qwen2 | Family::Qwen3))
-        else {
+        let Some(family) = Family::ALL.into_iter().find(|&f| f != Family::Mistral && llama_cpp_arch(f) == arch) else {
             return Err(self.err(
                 "general.architecture",
                 format!(
                     "`{arch}` is not supported; GGUF files of architecture `llama` (Llama, SmolLM, Mistral without a \
-                     window), `qwen2`, `qwen3` and `gpt2` load"
+                     window), `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3` and `gpt2` load"
                 ),
             ));
         };
@@ -240,9 +239,23 @@ impl GgufFile {
                 return Err(self.err(&key, "mixture-of-experts models are not supported"));
             }
         }
-        if let Some(t) = self.string(&k("rope.scaling.type"))? {
-            if t != "none" {
+        let rope_scaling = match self.string(&k("rope.scaling.type"))?.as_deref() {
+            None | Some("none") => None,
+            Some("linear") => {
+                let factor = self.float(&k("rope.scaling.factor"))?.unwrap_or(1.0);
+                Some(json!({"rope_type": "linear", "factor": factor}))
+            }
+            Some(t) => {
                 return Err(self.err(&k("rope.scaling.type"), format!("`{t}` RoPE scaling is not supported")));
+            }
+        };
+        for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+            if self.content.tensor_infos.contains_key(name) {
+                return Err(Error::Weight {
+                    file: self.source(),
+                    name: name.into(),
+                    message: "LongRoPE factors (Phi-3's long-context models) are not supported".into(),
+                });
             }
         }
         if self.content.tensor_infos.contains_key("rope_freqs.weight") {
@@ -252,10 +265,11 @@ impl GgufFile {
                 message: "per-frequency RoPE factors (Llama 3.1 scaling) are not supported".into(),
             });
         }
-        if let Some(w) = self.uint(&k("attention.sliding_window"))? {
-            if w > 0 {
-                return Err(self.err(&k("attention.sliding_window"), "sliding-window attention is not supported"));
-            }
+        // llama.cpp windows Gemma's local layers and every Phi-3 layer; its `llama`, `qwen2`
+        // and `qwen3` have no window.
+        let window = self.uint(&k("attention.sliding_window"))?.filter(|&w| w > 0);
+        if let (Some(_), Family::Llama | Family::Qwen2 | Family::Qwen3) = (window, family) {
+            return Err(self.err(&k("attention.sliding_window"), "sliding-window attention is not supported here"));
         }
         let hidden = self.usize_req(&k("embedding_length"))?;
         let heads = self.usize_req(&k("attention.head_count"))?;
@@ -271,13 +285,12 @@ impl GgufFile {
                 );
             }
         }
-        if let Some(r) = self.uint(&k("rope.dimension_count"))? {
-            if r as usize != head_dim {
-                return Err(self.err(
-                    &k("rope.dimension_count"),
-                    format!("{r} differs from the head width {head_dim}; partial rotary embeddings are not supported"),
-                ));
-            }
+        let rotary = self.uint(&k("rope.dimension_count"))?.map_or(head_dim, |r| r as usize);
+        if rotary != head_dim && (family != Family::Phi3 || rotary > head_dim || rotary % 2 != 0) {
+            return Err(self.err(
+                &k("rope.dimension_count"),
+                format!("{rotary} differs from the head width {head_dim}; only phi3 rotates part of a head"),
+            ));
         }
         let vocab = match self.uint(&k("vocab_size"))? {
             Some(v) => v as usize,
@@ -306,6 +319,50 @@ impl GgufFile {
             // (Qwen2's query, key and value projections always have biases, its output none.)
             let bias = self.content.tensor_infos.contains_key("blk.0.attn_q.bias");
             cfg.insert("attention_bias".into(), json!(bias));
+        }
+        if let Some(s) = rope_scaling {
+            cfg.insert("rope_scaling".into(), s);
+        }
+        if let Some(w) = window {
+            cfg.insert("sliding_window".into(), json!(w));
+        }
+        match family {
+            Family::Gemma2 | Family::Gemma3 => {
+                cfg.insert("hidden_act".into(), json!("gelu_pytorch_tanh"));
+                cfg.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
+                if window.is_none() {
+                    cfg.insert("sliding_window".into(), Value::Null);
+                }
+                // llama.cpp scales scores by width / heads in the 27B models (46 and 62 layers),
+                // by head_dim otherwise: transformers' query_pre_attn_scalar of each.
+                let layers = self.usize_req(&k("block_count"))?;
+                let big = (family == Family::Gemma2 && layers == 46) || (family == Family::Gemma3 && layers == 62);
+                cfg.insert("query_pre_attn_scalar".into(), json!(if big { hidden / heads } else { head_dim }));
+                if family == Family::Gemma2 {
+                    // llama.cpp's defaults where the file says nothing.
+                    for (key, field, default) in [
+                        ("attn_logit_softcapping", "attn_logit_softcapping", 50.0),
+                        ("final_logit_softcapping", "final_logit_softcapping", 30.0),
+                    ] {
+                        let v = self.float(&k(key))?.unwrap_or(default);
+                        cfg.insert(field.into(), json!((v as f32).to_string().parse::<f64>().unwrap_or(v)));
+                    }
+                } else {
+                    let local = self.float(&k("rope.freq_base_swa"))?.unwrap_or(10000.0);
+                    cfg.insert("rope_local_base_freq".into(), json!(local));
+                    let pattern = self.uint(&k("attention.sliding_window_pattern"))?.unwrap_or(6);
+                    cfg.insert("sliding_window_pattern".into(), json!(pattern));
+                }
+            }
+            Family::Phi3 => {
+                if rotary != head_dim {
+                    cfg.insert("partial_rotary_factor".into(), json!(rotary as f64 / head_dim as f64));
+                }
+                if let Some(n) = self.uint(&k("rope.scaling.original_context_length"))? {
+                    cfg.insert("original_max_position_embeddings".into(), json!(n));
+                }
+            }
+            _ => {}
         }
         for (field, key) in [
             ("bos_token_id", "tokenizer.ggml.bos_token_id"),
@@ -555,6 +612,9 @@ impl GgufFile {
                     if entry.layout == Layout::Transpose {
                         t = t.t()?.contiguous()?;
                     }
+                    if entry.layout == Layout::PlusOne {
+                        t = (t - 1.0)?;
+                    }
                     out.plain.insert(hf, t);
                 }
                 other => return Err(bad(format!("tensor type {other:?} is not supported"))),
@@ -612,9 +672,6 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
         out.push(TensorEntry { gg, hf, shape, layout, required })
     };
     match config {
-        ModelConfig::Llama(cfg) if cfg.family.is_gemma() || cfg.fused_projections() => {
-            return Err(format!("{} models are not read from or written to GGUF yet", cfg.family.model_type()))
-        }
         ModelConfig::Llama(cfg) => {
             let (d, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
             let (hd, q, kv) =
@@ -625,26 +682,48 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
                 "llama" => (Layout::Permute(cfg.num_attention_heads), Layout::Permute(cfg.kv_heads())),
                 _ => (Layout::Same, Layout::Same),
             };
+            // Gemma's norms are stored as their scales (`1 + w`).
+            let norm = if cfg.family.is_gemma() { Layout::PlusOne } else { Layout::Same };
             push("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![v, d], Layout::Same, true);
             for i in 0..cfg.num_hidden_layers {
                 let (qkv_bias, o_bias) = (cfg.qkv_bias(), cfg.o_bias());
+                let mut named = |gg: &str, hf: &str, shape: Vec<usize>, layout: Layout| {
+                    let (gg, hf) = (format!("blk.{i}.{gg}.weight"), format!("model.layers.{i}.{hf}.weight"));
+                    push(gg, hf, shape, layout, true)
+                };
                 if cfg.qk_norm() {
-                    for (gg, hf) in [("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")] {
-                        let (gg, hf) = (format!("blk.{i}.{gg}.weight"), format!("model.layers.{i}.{hf}.weight"));
-                        push(gg, hf, vec![hd], Layout::Same, true);
-                    }
+                    named("attn_q_norm", "self_attn.q_norm", vec![hd], norm);
+                    named("attn_k_norm", "self_attn.k_norm", vec![hd], norm);
                 }
-                for (gg, hf, w, b, layout, b_required) in [
-                    ("attn_norm", "input_layernorm", vec![d], None, Layout::Same, false),
-                    ("attn_q", "self_attn.q_proj", vec![q, d], Some(q), hq, qkv_bias),
-                    ("attn_k", "self_attn.k_proj", vec![kv, d], Some(kv), hkv, qkv_bias),
-                    ("attn_v", "self_attn.v_proj", vec![kv, d], Some(kv), Layout::Same, qkv_bias),
-                    ("attn_output", "self_attn.o_proj", vec![d, q], Some(d), Layout::Same, o_bias),
-                    ("ffn_norm", "post_attention_layernorm", vec![d], None, Layout::Same, false),
-                    ("ffn_gate", "mlp.gate_proj", vec![f, d], Some(f), Layout::Same, false),
-                    ("ffn_up", "mlp.up_proj", vec![f, d], Some(f), Layout::Same, false),
-                    ("ffn_down", "mlp.down_proj", vec![d, f], Some(d), Layout::Same, false),
-                ] {
+                if cfg.family.is_gemma() {
+                    // llama.cpp's names: `ffn_norm` is the norm before the MLP.
+                    named("post_attention_norm", "post_attention_layernorm", vec![d], norm);
+                    named("ffn_norm", "pre_feedforward_layernorm", vec![d], norm);
+                    named("post_ffw_norm", "post_feedforward_layernorm", vec![d], norm);
+                } else {
+                    named("ffn_norm", "post_attention_layernorm", vec![d], Layout::Same);
+                }
+                named("attn_norm", "input_layernorm", vec![d], norm);
+                let mut projections =
+                    vec![("attn_output", "self_attn.o_proj", vec![d, q], Some(d), Layout::Same, o_bias)];
+                if cfg.fused_projections() {
+                    // Phi-3: llama.cpp's `ffn_up` is the fused gate and up projection.
+                    let qkv = q + 2 * kv;
+                    projections.extend([
+                        ("attn_qkv", "self_attn.qkv_proj", vec![qkv, d], Some(qkv), Layout::Same, qkv_bias),
+                        ("ffn_up", "mlp.gate_up_proj", vec![2 * f, d], Some(2 * f), Layout::Same, false),
+                    ]);
+                } else {
+                    projections.extend([
+                        ("attn_q", "self_attn.q_proj", vec![q, d], Some(q), hq, qkv_bias),
+                        ("attn_k", "self_attn.k_proj", vec![kv, d], Some(kv), hkv, qkv_bias),
+                        ("attn_v", "self_attn.v_proj", vec![kv, d], Some(kv), Layout::Same, qkv_bias),
+                        ("ffn_gate", "mlp.gate_proj", vec![f, d], Some(f), Layout::Same, false),
+                        ("ffn_up", "mlp.up_proj", vec![f, d], Some(f), Layout::Same, false),
+                    ]);
+                }
+                projections.push(("ffn_down", "mlp.down_proj", vec![d, f], Some(d), Layout::Same, false));
+                for (gg, hf, w, b, layout, b_required) in projections {
                     let (gg, hf) = (format!("blk.{i}.{gg}"), format!("model.layers.{i}.{hf}"));
                     push(format!("{gg}.weight"), format!("{hf}.weight"), w, layout, true);
                     if let Some(b) = b {
@@ -652,7 +731,7 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
                     }
                 }
             }
-            push("output_norm.weight".into(), "model.norm.weight".into(), vec![d], Layout::Same, true);
+            push("output_norm.weight".into(), "model.norm.weight".into(), vec![d], norm, true);
             if !cfg.tie_word_embeddings {
                 push("output.weight".into(), "lm_head.weight".into(), vec![v, d], Layout::Same, true);
             }
@@ -1041,6 +1120,9 @@ enum Layout {
     Permute(usize),
     /// An HF `Conv1D` weight (`[in, out]`) as llama.cpp's `[out, in]`.
     Transpose,
+    /// Gemma's norm weight `w` (the scale minus one) stored as the scale `1 + w`, as
+    /// llama.cpp's converter writes it.
+    PlusOne,
 }
 
 /// Writes a Llama or GPT-2 `model` with its byte-level BPE or character-level `tokenizer` as a
@@ -1054,17 +1136,58 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
     let (arch, vocab_size, name, mut meta) = match model.config() {
         ModelConfig::Llama(cfg) => {
             let arch = llama_cpp_arch(cfg.family);
-            if cfg.hidden_act != crate::config::Activation::Silu {
-                return Err(Error::invalid("model", format!("llama.cpp's {arch} architecture computes SiLU only")));
+            let refuse =
+                |field: &'static str, what: String| Err(Error::invalid(field, format!("llama.cpp's {arch} {what}")));
+            let (gemma, layers) = (cfg.family.is_gemma(), cfg.num_hidden_layers);
+            let act = if gemma { crate::config::Activation::GeluTanh } else { crate::config::Activation::Silu };
+            if cfg.activation() != act {
+                return refuse("hidden_act", format!("architecture computes {act:?} only"));
             }
-            if (0..cfg.num_hidden_layers).any(|i| cfg.layer_window(i).is_some()) {
-                return Err(Error::invalid(
+            // What llama.cpp fixes for each architecture, which the model must agree with.
+            let windowed: Vec<bool> = (0..layers).map(|i| cfg.layer_window(i).is_some()).collect();
+            let window = (0..layers).find_map(|i| cfg.layer_window(i));
+            let llama_cpp_windows: Vec<bool> = match cfg.family {
+                Family::Gemma2 => (0..layers).map(|i| i % 2 == 0).collect(),
+                Family::Gemma3 => (0..layers).map(|i| (i + 1) % 6 != 0).collect(),
+                Family::Phi3 => vec![true; layers],
+                _ => vec![false; layers],
+            };
+            if window.is_some() && windowed != llama_cpp_windows {
+                return refuse(
                     "sliding_window",
-                    format!("llama.cpp's {arch} architecture has no sliding window; this model attends through one"),
-                ));
+                    format!("architecture windows layers {llama_cpp_windows:?}; this model windows {windowed:?}"),
+                );
             }
-            if cfg.rope_scaling()? != crate::config::RopeScaling::None {
-                return Err(Error::invalid("rope_scaling", "RoPE scaling is not written to GGUF files yet"));
+            if cfg.family == Family::Gemma3 && cfg.rope_for(true)? != (10000.0, crate::config::RopeScaling::None) {
+                return refuse("rope_local_base_freq", "architecture rotates local layers by base 10000".into());
+            }
+            let (theta, scaling) = cfg.rope_for(false)?;
+            let mut meta_scaling = Vec::new();
+            match scaling {
+                crate::config::RopeScaling::None => {}
+                crate::config::RopeScaling::Linear { factor } => {
+                    meta_scaling.push((format!("{arch}.rope.scaling.type"), GValue::String("linear".into())));
+                    meta_scaling.push((format!("{arch}.rope.scaling.factor"), GValue::F32(factor as f32)));
+                }
+                other => {
+                    return Err(Error::invalid(
+                        "rope_scaling",
+                        format!("{other:?} is not written to GGUF files yet (linear scaling is)"),
+                    ))
+                }
+            }
+            if gemma {
+                let big =
+                    (cfg.family == Family::Gemma2 && layers == 46) || (cfg.family == Family::Gemma3 && layers == 62);
+                let scalar = if big { cfg.hidden_size / cfg.num_attention_heads } else { cfg.head_dim() };
+                if cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim()) != scalar {
+                    return refuse("query_pre_attn_scalar", format!("architecture scales scores by {scalar}^-½ here"));
+                }
+            }
+            if cfg.family == Family::Gemma2
+                && (cfg.attn_logit_softcapping.is_none() || cfg.final_logit_softcapping.is_none())
+            {
+                return refuse("attn_logit_softcapping", "architecture soft-caps scores and logits always".into());
             }
             if cfg.o_bias() || cfg.mlp_bias || (cfg.qkv_bias() && cfg.family != Family::Qwen2) {
                 return Err(Error::invalid(
@@ -1083,10 +1206,29 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
                 (k("attention.head_count_kv"), u(cfg.kv_heads())),
                 (k("attention.key_length"), u(cfg.head_dim())),
                 (k("attention.value_length"), u(cfg.head_dim())),
-                (k("rope.dimension_count"), u(cfg.head_dim())),
-                (k("rope.freq_base"), GValue::F32(cfg.rope_theta() as f32)),
+                (k("rope.dimension_count"), u(cfg.rotary_dim())),
+                (k("rope.freq_base"), GValue::F32(theta as f32)),
                 (k("attention.layer_norm_rms_epsilon"), GValue::F32(cfg.rms_norm_eps as f32)),
             ];
+            let mut meta = meta;
+            meta.extend(meta_scaling);
+            if let Some(w) = window {
+                meta.push((k("attention.sliding_window"), u(w)));
+            }
+            if let Some(c) = cfg.attn_logit_softcapping {
+                meta.push((k("attn_logit_softcapping"), GValue::F32(c as f32)));
+            }
+            if let Some(c) = cfg.final_logit_softcapping {
+                meta.push((k("final_logit_softcapping"), GValue::F32(c as f32)));
+            }
+            if cfg.family == Family::Phi3 {
+                let original = cfg
+                    .extra
+                    .get("original_max_position_embeddings")
+                    .and_then(Value::as_u64)
+                    .map_or(cfg.max_position_embeddings, |n| n as usize);
+                meta.push((k("rope.scaling.original_context_length"), u(original)));
+            }
             (arch, cfg.vocab_size, cfg.extra.get("_name_or_path").and_then(Value::as_str), meta)
         }
         ModelConfig::Gpt2(cfg) => {
@@ -1218,6 +1360,7 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
             Layout::Same => {}
             Layout::Permute(heads) => t = permute_rows(&t, heads)?,
             Layout::Transpose => t = t.t()?.contiguous()?,
+            Layout::PlusOne => t = (t + 1.0)?,
         }
         // Position tables stay f32 (llama.cpp's converter does not quantize them either).
         let ty = if t.rank() == 2 && gg != "position_embd.weight" {

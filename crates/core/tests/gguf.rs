@@ -82,15 +82,31 @@ fn f32_gguf_has_the_models_logits_and_tokenizer() {
     }
 }
 
-/// Qwen2 (query/key/value biases) and Qwen3 (query/key head norms, head_dim apart from the
-/// width) are written under llama.cpp's `qwen2`/`qwen3` architectures, without the `llama`
-/// row permutation, and read back as the same family with the same logits (f32, and Q8_0
-/// computing what its dequantized weights imply).
+/// The families of the Llama block are written under llama.cpp's architectures and read back
+/// as the same family with the same logits (f32, and Q8_0 computing what its dequantized
+/// weights imply): Qwen2 (query/key/value biases) and Qwen3 (query/key head norms, head_dim
+/// apart from the width), without the `llama` row permutation; Gemma 2 and 3 (norms stored as
+/// `1 + w`, soft caps, windows on the local layers, Gemma 3's head norms and linear RoPE
+/// scaling); Phi-3 (fused projections, half the head rotated, a window).
 #[test]
-fn qwen_families_round_trip() {
+fn llama_block_families_round_trip() {
     let tok = tokenizer();
     // (A Qwen3 head_dim of width / heads is written too: the family's default is 128.)
-    for (family, extra) in [("qwen2", ""), ("qwen3", r#","head_dim":32"#), ("qwen3", r#","head_dim":64"#)] {
+    for (family, extra) in [
+        ("qwen2", ""),
+        ("qwen3", r#","head_dim":32"#),
+        ("qwen3", r#","head_dim":64"#),
+        (
+            "gemma2",
+            r#","head_dim":64,"query_pre_attn_scalar":64,"sliding_window":4,"attn_logit_softcapping":5.0,
+            "final_logit_softcapping":3.0"#,
+        ),
+        (
+            "gemma3_text",
+            r#","head_dim":32,"query_pre_attn_scalar":32,"sliding_window":4,"rope_scaling":{"rope_type":"linear","factor":8.0}"#,
+        ),
+        ("phi3", r#","sliding_window":4,"partial_rotary_factor":0.5"#),
+    ] {
         let cfg = ModelConfig::from_json(
             &format!(
                 r#"{{"model_type":"{family}","vocab_size":{},"hidden_size":256,"intermediate_size":512,
@@ -113,9 +129,17 @@ fn qwen_families_round_trip() {
         let path = dir.join("m.gguf");
         write_model(&m, &tok, &path, WriteType::F32).unwrap();
         let file = lmstack_core::gguf::GgufFile::open(&path).unwrap();
-        assert_eq!(file.architecture().unwrap(), family);
+        assert_eq!(file.architecture().unwrap(), family.trim_end_matches("_text"));
         let back = Pretrained::load(&path, DType::F32, &Device::Cpu).unwrap();
         assert_eq!(back.model.config().model_type_str(), family);
+        let (ModelConfig::Llama(a), ModelConfig::Llama(b)) = (m.config(), back.model.config()) else { panic!() };
+        let windows = |c: &lmstack_core::config::LlamaConfig| (0..2).map(|i| c.layer_window(i)).collect::<Vec<_>>();
+        assert_eq!(windows(a), windows(b), "{family}");
+        assert_eq!(
+            (a.rotary_dim(), a.rope_for(false).unwrap()),
+            (b.rotary_dim(), b.rope_for(false).unwrap()),
+            "{family}"
+        );
         assert_eq!(back.model.num_parameters(), m.num_parameters());
         let d = max_diff(&m.forward(&ids(), None).unwrap(), &back.model.forward(&ids(), None).unwrap());
         assert!(d < 1e-5, "{family}: {d}");

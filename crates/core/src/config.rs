@@ -456,8 +456,8 @@ impl RopeScaling {
 }
 
 /// Llama and the families built from its block ([`Family`]: `model_type` `"llama"`,
-/// `"mistral"`, `"qwen2"`, `"qwen3"`), mirroring `transformers.LlamaConfig` and the fields the
-/// other families' config classes add.
+/// `"mistral"`, `"qwen2"`, `"qwen3"`, `"gemma2"`, `"gemma3_text"`, `"phi3"`), mirroring
+/// `transformers.LlamaConfig` and the fields the other families' config classes add.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LlamaConfig {
     /// Which family the `model_type` named.
@@ -536,7 +536,7 @@ pub struct LlamaConfig {
     /// Gemma 3: the RoPE base of the local (sliding) layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_local_base_freq: Option<f64>,
-    /// The attention window of the sliding layers (Mistral, Qwen2/3; see
+    /// The attention window of the sliding layers (Mistral, Qwen2/3, Gemma, Phi-3; see
     /// [`LlamaConfig::layer_window`]): a token sees itself and the `sliding_window - 1` before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
@@ -701,7 +701,10 @@ impl LlamaConfig {
         let kind = if sliding { "sliding_attention" } else { "full_attention" };
         let nested = self.rope_parameters.as_ref().and_then(|p| p.get(kind)).and_then(Value::as_object);
         if let Some(m) = nested {
-            let theta = m.get("rope_theta").and_then(Value::as_f64).unwrap_or_else(|| self.rope_theta());
+            let theta = m.get("rope_theta").and_then(Value::as_f64).unwrap_or_else(|| match sliding {
+                true if self.family == Family::Gemma3 => self.rope_local_base_freq.unwrap_or(10000.0),
+                _ => self.rope_theta(),
+            });
             return Ok((theta, self.rope_spec_of(&format!("rope_parameters.{kind}"), m)?));
         }
         if sliding && self.family == Family::Gemma3 {
@@ -1290,6 +1293,12 @@ impl ModelConfig {
                             format!("is not a field of model type `{}`", c.family.model_type()),
                         );
                     }
+                }
+                if c.family != Family::Gemma3 && c.extra.contains_key("sliding_window_pattern") {
+                    return err(
+                        "sliding_window_pattern",
+                        format!("is not a field of model type `{}`", c.family.model_type()),
+                    );
                 }
                 for key in ["resid_pdrop", "embd_pdrop"] {
                     if let Some(v) = c.extra.get(key).filter(|v| v.as_f64() != Some(0.0)) {

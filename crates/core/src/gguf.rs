@@ -767,7 +767,7 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
             }
         }
         ModelConfig::Bert(_) => {
-            return Err("only llama, mistral, qwen2, qwen3 and gpt2 models are read from and written to GGUF".into())
+            return Err("only gpt2 and the Llama-block families (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3) are read from and written to GGUF".into())
         }
     }
     Ok(out)
@@ -1251,7 +1251,7 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
         ModelConfig::Bert(_) => {
             return Err(Error::invalid(
                 "model",
-                "only llama, mistral, qwen2, qwen3 and gpt2 models are written as GGUF",
+                "only gpt2 and the Llama-block families (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3) are written as GGUF; bert is not",
             ))
         }
     };

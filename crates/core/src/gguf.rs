@@ -258,13 +258,6 @@ impl GgufFile {
                 });
             }
         }
-        if self.content.tensor_infos.contains_key("rope_freqs.weight") {
-            return Err(Error::Weight {
-                file: self.source(),
-                name: "rope_freqs.weight".into(),
-                message: "per-frequency RoPE factors (Llama 3.1 scaling) are not supported".into(),
-            });
-        }
         // llama.cpp windows Gemma's local layers and every Phi-3 layer; its `llama`, `qwen2`
         // and `qwen3` have no window.
         let window = self.uint(&k("attention.sliding_window"))?.filter(|&w| w > 0);
@@ -322,6 +315,26 @@ impl GgufFile {
         }
         if let Some(s) = rope_scaling {
             cfg.insert("rope_scaling".into(), s);
+        }
+        if self.content.tensor_infos.contains_key(ROPE_FREQS) {
+            // Llama 3.1's scaling, as llama.cpp's converter stores it: a divisor per frequency.
+            let file = std::fs::File::open(&self.path).map_err(|e| Error::io("reading", &self.path, e))?;
+            let bad = |message: String| Error::Weight { file: self.source(), name: ROPE_FREQS.into(), message };
+            let t = self
+                .content
+                .tensor(&mut std::io::BufReader::new(file), ROPE_FREQS, &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| bad(e.to_string()))?;
+            let theta = self.float(&k("rope.freq_base"))?.unwrap_or(10000.0);
+            let fit = llama3_scaling_of(&t, rotary, theta).ok_or_else(|| {
+                bad(format!(
+                    "{} per-frequency RoPE divisors that are not Llama 3.1's scaling (low/high frequency factors 1 or \
+                     2 / 2, 4 or 8, an original context of 2K to 128K); other factors are not supported",
+                    t.len()
+                ))
+            })?;
+            cfg.insert("rope_scaling".into(), fit);
         }
         if let Some(w) = window {
             cfg.insert("sliding_window".into(), json!(w));
@@ -567,6 +580,10 @@ impl GgufFile {
         names.sort_by_key(|&(_, o)| o);
         for (name, _) in names {
             let bad = |message: String| Error::Weight { file: self.source(), name: name.clone(), message };
+            if name == ROPE_FREQS {
+                // Read into the config's `rope_scaling` (`GgufFile::config`).
+                continue;
+            }
             let entry = by_name.get(name.as_str()).ok_or_else(|| {
                 bad(format!("not a tensor of a {arch} model of this configuration that lmstack knows"))
             })?;
@@ -771,6 +788,48 @@ fn tensor_map(config: &ModelConfig) -> std::result::Result<Vec<TensorEntry>, Str
         }
     }
     Ok(out)
+}
+
+/// llama.cpp's tensor of per-frequency RoPE divisors (Llama 3.1's scaling).
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The divisor of each RoPE frequency that Llama 3.1's `scaling` makes (what llama.cpp's
+/// converter writes as `rope_freqs.weight`), for `dim` rotated dimensions with base `theta`.
+fn llama3_divisors(scaling: &crate::config::RopeScaling, dim: usize, theta: f64) -> Vec<f64> {
+    let (plain, _) = crate::config::RopeScaling::None.frequencies(dim, theta);
+    let (scaled, _) = scaling.frequencies(dim, theta);
+    plain.iter().zip(&scaled).map(|(p, s)| p / s).collect()
+}
+
+/// The `rope_scaling` of type `llama3` whose divisors are `divisors` (within 1e-5, relative),
+/// searched over the values Llama 3.1–3.3 and their derivatives publish; `None` if none fits.
+fn llama3_scaling_of(divisors: &[f32], dim: usize, theta: f64) -> Option<Value> {
+    let factor = *divisors.last()? as f64;
+    if divisors.len() != dim / 2 || !(factor.is_finite() && factor > 0.0) {
+        return None;
+    }
+    for original in [8192.0, 4096.0, 2048.0, 16384.0, 32768.0, 65536.0, 131072.0] {
+        for (low, high) in [(1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (2.0, 8.0)] {
+            let s = crate::config::RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: original,
+            };
+            let fits = llama3_divisors(&s, dim, theta)
+                .iter()
+                .zip(divisors)
+                .all(|(a, &b)| (a - b as f64).abs() <= 1e-5 * a.abs().max(1.0));
+            if fits {
+                let factor = (factor as f32).to_string().parse::<f64>().unwrap_or(factor);
+                return Some(json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original as u64,
+                }));
+            }
+        }
+    }
+    None
 }
 
 /// The llama.cpp architecture (`general.architecture`) of a family of the Llama block: Mistral
@@ -1133,6 +1192,8 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
     let s = |v: &str| GValue::String(v.to_owned());
     let u = |v: usize| GValue::U32(v as u32);
     // Per architecture: its metadata.
+    // Tensors llama.cpp wants that the model does not hold as parameters (f32).
+    let mut extra_tensors: Vec<(String, Tensor)> = Vec::new();
     let (arch, vocab_size, name, mut meta) = match model.config() {
         ModelConfig::Llama(cfg) => {
             let arch = llama_cpp_arch(cfg.family);
@@ -1163,8 +1224,14 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
             }
             let (theta, scaling) = cfg.rope_for(false)?;
             let mut meta_scaling = Vec::new();
+            let mut rope_freqs = None;
             match scaling {
                 crate::config::RopeScaling::None => {}
+                s @ crate::config::RopeScaling::Llama3 { .. } if arch == "llama" => {
+                    let d: Vec<f32> = llama3_divisors(&s, cfg.rotary_dim(), theta).iter().map(|&x| x as f32).collect();
+                    let n = d.len();
+                    rope_freqs = Some(Tensor::from_vec(d, n, &Device::Cpu)?);
+                }
                 crate::config::RopeScaling::Linear { factor } => {
                     meta_scaling.push((format!("{arch}.rope.scaling.type"), GValue::String("linear".into())));
                     meta_scaling.push((format!("{arch}.rope.scaling.factor"), GValue::F32(factor as f32)));
@@ -1172,7 +1239,7 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
                 other => {
                     return Err(Error::invalid(
                         "rope_scaling",
-                        format!("{other:?} is not written to GGUF files yet (linear scaling is)"),
+                        format!("{other:?} is not written to GGUF files yet (linear is, and llama3 for llama)"),
                     ))
                 }
             }
@@ -1212,6 +1279,7 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
             ];
             let mut meta = meta;
             meta.extend(meta_scaling);
+            extra_tensors.extend(rope_freqs.map(|t| (ROPE_FREQS.to_string(), t)));
             if let Some(w) = window {
                 meta.push((k("attention.sliding_window"), u(w)));
             }
@@ -1384,6 +1452,14 @@ pub fn write_model(model: &crate::Model, tokenizer: &Tokenizer, path: &Path, wty
             message: e.to_string(),
         })?;
         qts.push((gg, q));
+    }
+    for (name, t) in extra_tensors {
+        let q = QTensor::quantize(&t, GgmlDType::F32).map_err(|e| Error::Weight {
+            file: path.display().to_string(),
+            name: name.clone(),
+            message: e.to_string(),
+        })?;
+        qts.push((name, q));
     }
     let mut buf = std::io::Cursor::new(Vec::new());
     let meta_refs: Vec<(&str, &GValue)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -93,6 +93,12 @@ fn llama_block_families_round_trip() {
     let tok = tokenizer();
     // (A Qwen3 head_dim of width / heads is written too: the family's default is 128.)
     for (family, extra) in [
+        // Llama 3.1's RoPE scaling: llama.cpp's `rope_freqs.weight`, read back as the config.
+        (
+            "llama",
+            r#","rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":32.0,"low_freq_factor":1.0,
+            "high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        ),
         ("qwen2", ""),
         ("qwen3", r#","head_dim":32"#),
         ("qwen3", r#","head_dim":64"#),
@@ -111,7 +117,7 @@ fn llama_block_families_round_trip() {
             &format!(
                 r#"{{"model_type":"{family}","vocab_size":{},"hidden_size":256,"intermediate_size":512,
                 "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":1,"max_position_embeddings":64,
-                "rms_norm_eps":1e-6,"rope_theta":1000000.0,"tie_word_embeddings":true,"initializer_range":0.05{extra}}}"#,
+                "rms_norm_eps":1e-6,"tie_word_embeddings":true,"initializer_range":0.05{extra}}}"#,
                 tok.vocab_size()
             ),
             "test",

@@ -148,19 +148,7 @@ fn layer_windows_follow_transformers() {
 
 #[test]
 fn fixture_configs_round_trip() {
-    for name in [
-        "tiny-gpt2",
-        "tiny-llama",
-        "tiny-bert",
-        "tiny-bert-cls",
-        "tiny-qwen2",
-        "tiny-qwen3",
-        "tiny-mistral",
-        "tiny-llama3",
-        "tiny-gemma2",
-        "tiny-gemma3",
-        "tiny-phi3",
-    ] {
+    for name in common::all_fixtures() {
         let cfg = ModelConfig::from_file(&common::fixture(name).join("config.json")).unwrap();
         let again = ModelConfig::from_value(cfg.to_value(), name).unwrap();
         assert_eq!(cfg.to_value(), again.to_value(), "{name}");

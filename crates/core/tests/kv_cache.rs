@@ -10,20 +10,10 @@ use lmstack_core::{DType, Device, Model, SeqStep, Tensor};
 const TOL: f32 = 1e-5;
 
 fn models() -> Vec<(&'static str, Model)> {
-    [
-        "tiny-gpt2",
-        "tiny-llama",
-        "tiny-qwen2",
-        "tiny-qwen3",
-        "tiny-mistral",
-        "tiny-llama3",
-        "tiny-gemma2",
-        "tiny-gemma3",
-        "tiny-phi3",
-    ]
-    .into_iter()
-    .map(|n| (n, Model::load(&fixture(n), DType::F32, &Device::Cpu).unwrap()))
-    .collect()
+    common::CAUSAL_FIXTURES
+        .into_iter()
+        .map(|n| (n, Model::load(&fixture(n), DType::F32, &Device::Cpu).unwrap()))
+        .collect()
 }
 
 fn tokens(n: usize, seed: u32, vocab: usize) -> Vec<u32> {

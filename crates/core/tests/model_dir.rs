@@ -22,19 +22,7 @@ fn ids() -> Tensor {
 
 #[test]
 fn save_and_reload_gives_identical_logits() {
-    for name in [
-        "tiny-gpt2",
-        "tiny-llama",
-        "tiny-bert",
-        "tiny-bert-cls",
-        "tiny-qwen2",
-        "tiny-qwen3",
-        "tiny-mistral",
-        "tiny-llama3",
-        "tiny-gemma2",
-        "tiny-gemma3",
-        "tiny-phi3",
-    ] {
+    for name in common::all_fixtures() {
         let m = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
         let dir = tmp(name);
         m.save(&dir).unwrap();

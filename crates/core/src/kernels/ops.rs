@@ -901,6 +901,17 @@ fn down(v: crate::kernels::gemm::View, rows: usize) -> crate::kernels::gemm::Vie
 }
 
 impl AttnSpec {
+    /// Whole rows, every earlier key (no segments, window or soft cap).
+    fn new(
+        (b, t, h, kvh, d): (usize, usize, usize, usize, usize),
+        causal: bool,
+        scale: f64,
+        key_mask: Option<Vec<u8>>,
+    ) -> Self {
+        let key_mask = key_mask.map(Arc::new);
+        Self { b, t, h, kvh, d, causal, scale, key_mask, segments: None, window: None, softcap: None }
+    }
+
     /// The sequences attention runs over: `(row, start, len)`.
     fn seqs(&self) -> Vec<(usize, usize, usize)> {
         match &self.segments {
@@ -1132,21 +1143,7 @@ impl Attention {
         scale: f64,
         key_mask: Option<Vec<u8>>,
     ) -> Self {
-        Self {
-            spec: AttnSpec {
-                b,
-                t,
-                h,
-                kvh,
-                d,
-                causal,
-                scale,
-                key_mask: key_mask.map(Arc::new),
-                segments: None,
-                window: None,
-                softcap: None,
-            },
-        }
+        Self { spec: AttnSpec::new((b, t, h, kvh, d), causal, scale, key_mask) }
     }
 
     /// Attention within each of the sequences packed along `t` (`(row, start, len)`; see
@@ -1238,21 +1235,7 @@ pub struct AttentionQkv {
 impl AttentionQkv {
     /// An attention op over packed projections; `key_mask` as in [`Attention::new`].
     pub fn new(b: usize, t: usize, h: usize, d: usize, causal: bool, scale: f64, key_mask: Option<Vec<u8>>) -> Self {
-        Self {
-            spec: AttnSpec {
-                b,
-                t,
-                h,
-                kvh: h,
-                d,
-                causal,
-                scale,
-                key_mask: key_mask.map(Arc::new),
-                segments: None,
-                window: None,
-                softcap: None,
-            },
-        }
+        Self { spec: AttnSpec::new((b, t, h, h, d), causal, scale, key_mask) }
     }
 
     /// As [`Attention::with_segments`].

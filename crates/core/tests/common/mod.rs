@@ -6,6 +6,24 @@ use std::path::PathBuf;
 use lmstack_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+/// The causal LM fixtures: GPT-2, Llama, and each family of the Llama block.
+pub const CAUSAL_FIXTURES: [&str; 9] = [
+    "tiny-gpt2",
+    "tiny-llama",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-mistral",
+    "tiny-llama3",
+    "tiny-gemma2",
+    "tiny-gemma3",
+    "tiny-phi3",
+];
+
+/// Every model fixture: the causal ones and BERT's.
+pub fn all_fixtures() -> impl Iterator<Item = &'static str> {
+    CAUSAL_FIXTURES.into_iter().chain(["tiny-bert", "tiny-bert-cls"])
+}
+
 /// `crates/core/tests/data/NAME`.
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)

@@ -1012,6 +1012,32 @@ impl ModelConfig {
                 return Err(Error::config(source, "model_type", format!("missing; expected one of {}", known_types())))
             }
         };
+        // Gemma 3's multimodal checkpoints (`Gemma3ForConditionalGeneration`): the text model
+        // its `text_config` describes (the vision tower is not read).
+        let model_type = if model_type == "gemma3" {
+            let text = match map.remove("text_config") {
+                Some(Value::Object(t)) => t,
+                other => {
+                    let found = other.map_or("nothing".to_string(), |v| v.to_string());
+                    return Err(Error::config(source, "text_config", format!("expected an object, found {found}")));
+                }
+            };
+            if let Some(tie) = map.get("tie_word_embeddings").cloned() {
+                map = text;
+                map.entry("tie_word_embeddings").or_insert(tie);
+            } else {
+                map = text;
+            }
+            match map.remove("model_type") {
+                None => "gemma3_text".to_string(),
+                Some(Value::String(s)) if s == "gemma3_text" => s,
+                Some(other) => {
+                    return Err(Error::config(source, "text_config.model_type", format!("{other} is not gemma3_text")))
+                }
+            }
+        } else {
+            model_type
+        };
         let family = Family::of(&model_type);
         if let Some(f) = family {
             for (k, v) in f.defaults() {

@@ -35,6 +35,9 @@ fn config_cases() {
     check(r#"{"model_type":"gemma2","hidden_size":64,"num_attention_heads":4,"num_key_value_heads":2}"#, "");
     check(r#"{"model_type":"gemma2","attn_logit_softcapping":-1.0}"#, "attn_logit_softcapping");
     check(r#"{"model_type":"gemma3_text","use_bidirectional_attention":true}"#, "use_bidirectional_attention");
+    check(r#"{"model_type":"gemma3","vision_config":{}}"#, "text_config");
+    check(r#"{"model_type":"gemma3","text_config":{"model_type":"llama"}}"#, "text_config.model_type");
+    check(r#"{"model_type":"gemma3","text_config":{"hidden_size":64,"num_attention_heads":4}}"#, "");
     check(r#"{"model_type":"llama","final_logit_softcapping":30.0}"#, "final_logit_softcapping");
     check(r#"{"model_type":"phi3","partial_rotary_factor":0.75,"resid_pdrop":0.0}"#, "");
     check(r#"{"model_type":"phi3","resid_pdrop":0.1}"#, "resid_pdrop");

@@ -6,11 +6,17 @@ mod common;
 use common::{expected, fixture, ids_tensor};
 use lmstack_core::{DType, Device, Model, Tensor};
 
-/// Compares the logits of `name` at every real (unpadded) position.
+/// Compares the logits of `name` at every real (unpadded) position, and the parameter count.
 fn check_lm(name: &str) {
+    let model = check_logits(name);
+    let exp = expected(name);
+    assert_eq!(model.num_parameters() as u64, exp["num_parameters"].as_u64().unwrap(), "{name}: parameter count");
+}
+
+/// Compares the logits of `name` at every real (unpadded) position; returns the model.
+fn check_logits(name: &str) -> Model {
     let exp = expected(name);
     let model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(model.num_parameters() as u64, exp["num_parameters"].as_u64().unwrap(), "{name}: parameter count");
     let ids = ids_tensor(&exp["input_ids"]);
     let mask = ids_tensor(&exp["attention_mask"]);
     let tt = (!exp["token_type_ids"].is_null()).then(|| ids_tensor(&exp["token_type_ids"]));
@@ -32,6 +38,7 @@ fn check_lm(name: &str) {
         }
     }
     assert!(worst < 1e-4, "{name}: max |lmstack - transformers| = {worst}");
+    model
 }
 
 #[test]
@@ -67,6 +74,15 @@ fn gemma2_soft_caps_and_sandwich_norms_match_transformers() {
 #[test]
 fn gemma3_local_rope_and_head_norms_match_transformers() {
     check_lm("tiny-gemma3");
+}
+
+/// A Gemma 3 multimodal checkpoint is read as its text model: the vision tower is left out
+/// (so are its parameters), the logits of text are `Gemma3ForConditionalGeneration`'s.
+#[test]
+fn gemma3_multimodal_checkpoints_read_as_their_text_model() {
+    let m = check_logits("tiny-gemma3-mm");
+    assert_eq!(m.config().model_type_str(), "gemma3_text");
+    assert!(m.num_parameters() < expected("tiny-gemma3-mm")["num_parameters"].as_u64().unwrap() as usize);
 }
 
 #[test]

@@ -33,6 +33,36 @@ use crate::config::{Family, LlamaConfig};
 use crate::nn::{attention, checkpointed, checkpoints, keep_rows, AttnCtx, Embedding, Linear, RmsNorm, Rotary, Scores};
 use crate::Result;
 
+/// Reads the language model of a multimodal checkpoint (Gemma 3's
+/// `Gemma3ForConditionalGeneration`) as a text model: `language_model.model.*` (the layout on
+/// the Hub) and `model.language_model.*` (`transformers` ≥ 5 in memory) become `model.*`, and
+/// the vision tower and projector are dropped.
+pub fn normalize_names(tensors: &mut std::collections::HashMap<String, Tensor>) {
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    for name in names {
+        let renamed = if let Some(rest) =
+            name.strip_prefix("language_model.model.").or_else(|| name.strip_prefix("model.language_model."))
+        {
+            Some(format!("model.{rest}"))
+        } else if let Some(rest) = name.strip_prefix("language_model.") {
+            Some(rest.to_string())
+        } else if ["vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            tensors.remove(&name);
+            None
+        } else {
+            None
+        };
+        if let Some(new) = renamed {
+            if let Some(t) = tensors.remove(&name) {
+                tensors.insert(new, t);
+            }
+        }
+    }
+}
+
 /// `head(hidden)`, soft-capped by `cap`: `cap · tanh(logits / cap)`.
 fn logits_of(head: &Linear, cap: Option<f64>, hidden: &Tensor) -> Result<Tensor> {
     let logits = head.forward(hidden)?;

@@ -791,7 +791,7 @@ pub fn load_checkpoint(dir: &Path, config: &ModelConfig) -> Result<(HashMap<Stri
     match config {
         ModelConfig::Gpt2(_) => gpt2::normalize_names(&mut tensors),
         ModelConfig::Bert(_) => bert::normalize_names(&mut tensors),
-        ModelConfig::Llama(_) => {}
+        ModelConfig::Llama(_) => llama::normalize_names(&mut tensors),
     }
     Ok((tensors, file))
 }

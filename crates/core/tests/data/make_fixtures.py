@@ -259,6 +259,29 @@ def main():
         with open(os.path.join(d, "expected.json"), "w") as f:
             json.dump(exp, f)
 
+    # Gemma 3's multimodal checkpoint (Gemma3ForConditionalGeneration, as the 4B-27B models are
+    # published): lmstack reads its text model, so the logits of text-only input must match.
+    d = os.path.join(HERE, "tiny-gemma3-mm")
+    os.makedirs(d, exist_ok=True)
+    tc = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=16,
+        initializer_range=0.3,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    vc = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=16, patch_size=8)
+    cfg = transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4, image_token_index=63,
+                                    boi_token_index=61, eoi_token_index=62)
+    model = transformers.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    ids, mask = batch(61, [20, 13, 5], 5)  # no image tokens (61-63)
+    dump(model, d, ids, mask)
+
+
 def verify(d):
     """Loads an lmstack-written directory in transformers and compares logits."""
     with open(os.path.join(d, "expected.json")) as f:

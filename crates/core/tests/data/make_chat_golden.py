@@ -18,6 +18,11 @@ TEMPLATES = {
     # Qwen2.5-Instruct's template (its tokenizer_config.json): tools in the system turn, calls
     # as <tool_call> blocks with `arguments | tojson`, tool results as <tool_response> blocks.
     "qwen2_5": QWEN2_5,
+    # Gemma 2's template (google/gemma-2-2b-it): no system role, the assistant called `model`,
+    # contents trimmed.
+    "gemma": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}",
+    # Phi-3-mini-4k-instruct's template: <|system|>/<|user|>/<|assistant|> turns closed by <|end|>.
+    "phi3": "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
     # Tools rendered with tojson (Python json.dumps spacing), dict methods and loop controls.
     "tools": "{%- if tools %}{{- 'Tools:\n' }}{%- for t in tools %}{{- t | tojson(indent=2) }}\n{%- endfor %}{%- endif %}{%- for m in messages %}{%- if m.role == 'system' %}{% continue %}{% endif %}{{- m.role | upper }}: {{ m.content | trim }}{% if m.get('name') %} ({{ m.name }}){% endif %}\n{%- for k, v in m.items() if k not in ['role', 'content', 'name'] %}  {{ k }}={{ v | tojson }}\n{%- endfor %}{%- endfor %}{%- if add_generation_prompt %}ASSISTANT:{% endif %}",
 }

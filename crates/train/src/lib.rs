@@ -22,6 +22,7 @@ pub mod corpus;
 pub mod data;
 pub mod finetune;
 pub mod optim;
+pub mod preference;
 pub mod pretrain;
 pub mod runlog;
 pub mod sft;

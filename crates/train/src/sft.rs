@@ -172,6 +172,22 @@ fn encode_checked(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
 /// Tokenizes one example; with `train_on_inputs` every token is scored, otherwise only
 /// assistant turns / the completion. The first token is never scored (nothing precedes it).
 pub fn tokenize(ex: &Example, tok: &Tokenizer, fmt: &ChatFormat, train_on_inputs: bool) -> Result<Tokenized> {
+    scored_from(ex, tok, fmt, train_on_inputs, 0)
+}
+
+/// [`tokenize`] of a conversation scoring only the assistant turns from message `first` on
+/// (a preference pair's answer after its prompt, which may hold earlier assistant turns).
+pub fn tokenize_from(ex: &Example, tok: &Tokenizer, fmt: &ChatFormat, first: usize) -> Result<Tokenized> {
+    scored_from(ex, tok, fmt, false, first)
+}
+
+fn scored_from(
+    ex: &Example,
+    tok: &Tokenizer,
+    fmt: &ChatFormat,
+    train_on_inputs: bool,
+    first: usize,
+) -> Result<Tokenized> {
     // BOS first, unless the chat template writes it itself (Llama 3's `{{ bos_token }}`;
     // SmolLM2's ChatML, whose BOS is `<|im_start|>`): as `apply_chat_template` gives it, not twice.
     let bos_text = tok.special_tokens().bos.clone().unwrap_or_default();
@@ -201,7 +217,7 @@ pub fn tokenize(ex: &Example, tok: &Tokenizer, fmt: &ChatFormat, train_on_inputs
         Example::Chat(msgs) => {
             let mut done = String::new();
             for (i, (role, _)) in msgs.iter().enumerate() {
-                let is_assistant = role == "assistant";
+                let is_assistant = role == "assistant" && i >= first;
                 if is_assistant {
                     // The generation prompt belongs to the context.
                     let with_prompt = fmt.render(tok, &msgs[..i], true)?;

@@ -13,6 +13,12 @@
 //!
 //! Each line has `task`, `prompt`, `answer` and the chat form `messages` (user, assistant), so
 //! it feeds `train finetune` and an eval task alike.
+//!
+//! `--preference` writes preference pairs instead, in TRL's conversational shape: `prompt` (the
+//! user turn), `chosen` (the right answer) and `rejected` (a wrong one that is checkably wrong:
+//! the words left in their order for `reverse`, sorted backwards for `sort`, another key's
+//! value for `lookup`, reordered or another word for `copy`, a sum off by 1 to 10 for `add`),
+//! with `task` and `answer` kept for scoring.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -76,9 +82,77 @@ pub fn example(task: &str, rng: &mut ChaCha8Rng) -> Result<(String, String)> {
     })
 }
 
+/// A wrong answer to `prompt` (whose right answer is `answer`), as the module describes:
+/// always different from `answer`.
+pub fn wrong_answer(task: &str, prompt: &str, answer: &str, rng: &mut ChaCha8Rng) -> Result<String> {
+    let words_of = |s: &str| -> Vec<String> { s.split(' ').map(str::to_owned).collect() };
+    let wrong = match task {
+        "reverse" => prompt.trim_start_matches("reverse: ").to_owned(),
+        "sort" => {
+            let mut w = words_of(answer);
+            w.reverse();
+            w.join(" ")
+        }
+        "lookup" => {
+            // `a:x b:y c:z. b?`: another key's value.
+            let values: Vec<&str> =
+                prompt.split(". ").next().unwrap_or("").split(' ').filter_map(|kv| kv.split(':').nth(1)).collect();
+            let others: Vec<&&str> = values.iter().filter(|v| **v != answer).collect();
+            others.choose(rng).map(|v| v.to_string()).unwrap_or_default()
+        }
+        "copy" => {
+            let mut w = words_of(answer);
+            if w.len() > 1 {
+                w.reverse();
+                w.join(" ")
+            } else {
+                WORDS
+                    .iter()
+                    .filter(|x| **x != answer)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .choose(rng)
+                    .map(|x| x.to_string())
+                    .unwrap_or_default()
+            }
+        }
+        "add" => {
+            let n: i64 = answer.parse().map_err(|_| Error::Msg(format!("add: `{answer}` is not a number")))?;
+            let off = rng.random_range(1..=10i64) * if rng.random_bool(0.5) || n < 10 { 1 } else { -1 };
+            (n + off).to_string()
+        }
+        other => return Err(Error::Msg(format!("--tasks: `{other}` is not one of {}", TASKS.join(", ")))),
+    };
+    if wrong.is_empty() || wrong == answer {
+        return Err(Error::Msg(format!("no wrong answer to `{prompt}` differs from `{answer}`")));
+    }
+    Ok(wrong)
+}
+
+/// What each line of [`write_shaped`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// An instruction example (`messages`, `prompt`, `answer`).
+    Sft,
+    /// A preference pair (`prompt`, `chosen`, `rejected` as messages; `answer`).
+    Preference,
+}
+
 /// Writes `train.jsonl` (`n_train` examples) and `test.jsonl` (`n_test`, no prompt shared with
 /// train) under `out`, tasks in turn; returns the counts written.
 pub fn write(out: &Path, tasks: &[String], n_train: usize, n_test: usize, seed: u64) -> Result<(usize, usize)> {
+    write_shaped(out, tasks, n_train, n_test, seed, Shape::Sft)
+}
+
+/// [`write`], each line an instruction example or a preference pair.
+pub fn write_shaped(
+    out: &Path,
+    tasks: &[String],
+    n_train: usize,
+    n_test: usize,
+    seed: u64,
+    shape: Shape,
+) -> Result<(usize, usize)> {
     if tasks.is_empty() {
         return Err(Error::Msg(format!("--tasks: name at least one of {}", TASKS.join(", "))));
     }
@@ -88,6 +162,8 @@ pub fn write(out: &Path, tasks: &[String], n_train: usize, n_test: usize, seed: 
         }
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // Wrong answers from a stream of their own, so a seed gives the same prompts in both shapes.
+    let mut wrong_rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x9e37_79b9_7f4a_7c15));
     let mut seen = HashSet::new();
     let mut gen = |n: usize, seen: &mut HashSet<String>| -> Result<String> {
         let mut lines = String::new();
@@ -103,8 +179,17 @@ pub fn write(out: &Path, tasks: &[String], n_train: usize, n_test: usize, seed: 
             if !seen.insert(prompt.clone()) {
                 continue;
             }
-            let line = json!({"task": task, "prompt": prompt, "answer": answer,
-                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]});
+            let line = match shape {
+                Shape::Sft => json!({"task": task, "prompt": prompt, "answer": answer,
+                    "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}),
+                Shape::Preference => {
+                    let wrong = wrong_answer(task, &prompt, &answer, &mut wrong_rng)?;
+                    json!({"task": task, "answer": answer,
+                        "prompt": [{"role": "user", "content": prompt}],
+                        "chosen": [{"role": "assistant", "content": answer}],
+                        "rejected": [{"role": "assistant", "content": wrong}]})
+                }
+            };
             lines.push_str(&line.to_string());
             lines.push('\n');
             made += 1;
@@ -164,5 +249,48 @@ mod tests {
             std::fs::read(d2.path().join("test.jsonl")).unwrap()
         );
         assert!(write(dir.path(), &["poetry".into()], 1, 1, 1).unwrap_err().to_string().contains("poetry"));
+    }
+
+    /// Preference pairs: the same prompts as the instruction data of the same seed, the chosen
+    /// answer right, the rejected one wrong for every task, and each line a pair
+    /// `preference::read_pairs` reads.
+    #[test]
+    fn preference_pairs_prefer_the_right_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let tasks: Vec<String> = TASKS.iter().map(|s| s.to_string()).collect();
+        write_shaped(dir.path(), &tasks, 200, 20, 3, Shape::Preference).unwrap();
+        let f = crate::preference::read_pairs(&dir.path().join("train.jsonl")).unwrap();
+        assert_eq!((f.pairs.len(), f.identical.len()), (200, 0));
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("train.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        for v in &lines {
+            let (task, answer) = (v["task"].as_str().unwrap(), v["answer"].as_str().unwrap());
+            assert_eq!(v["chosen"][0]["content"], answer);
+            let wrong = v["rejected"][0]["content"].as_str().unwrap();
+            assert_ne!(wrong, answer, "{v}");
+            if task == "add" {
+                let off = wrong.parse::<i64>().unwrap() - answer.parse::<i64>().unwrap();
+                assert!((1..=10).contains(&off.abs()), "{v}");
+            }
+        }
+        let sft = tempfile::tempdir().unwrap();
+        write(sft.path(), &tasks, 200, 20, 3).unwrap();
+        let prompts = |d: &Path, f: &str, field: &str| -> Vec<String> {
+            std::fs::read_to_string(d.join(f))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    match field {
+                        "prompt" => v["prompt"].as_str().map(str::to_owned).unwrap(),
+                        _ => v["prompt"][0]["content"].as_str().unwrap().to_owned(),
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(prompts(sft.path(), "test.jsonl", "prompt"), prompts(dir.path(), "test.jsonl", "messages"));
     }
 }

@@ -51,6 +51,10 @@ pub(crate) struct SynthArgs {
     /// Seed.
     #[arg(long, default_value_t = 1234)]
     seed: u64,
+    /// Write preference pairs (`prompt`, `chosen`: the right answer, `rejected`: a wrong one)
+    /// in TRL's conversational shape instead of instruction examples.
+    #[arg(long)]
+    preference: bool,
 }
 
 #[derive(Args, Debug)]
@@ -114,9 +118,12 @@ pub(crate) struct DataArgs {
 }
 
 fn synth_cmd(a: &SynthArgs) -> Result<ExitCode> {
-    let (n, m) = lmstack_train::synth::write(&a.out, &a.tasks, a.train, a.test, a.seed)?;
+    use lmstack_train::synth::{write_shaped, Shape};
+    let shape = if a.preference { Shape::Preference } else { Shape::Sft };
+    let (n, m) = write_shaped(&a.out, &a.tasks, a.train, a.test, a.seed, shape)?;
     println!(
-        "{n} training and {m} test examples of {} in {} (train.jsonl, test.jsonl)",
+        "{n} training and {m} test {} of {} in {} (train.jsonl, test.jsonl)",
+        if a.preference { "preference pairs" } else { "examples" },
         a.tasks.join(", "),
         a.out.display()
     );

@@ -1,0 +1,134 @@
+//! Preference data: TRL's line shapes (explicit or implicit prompt, text or messages), bad lines
+//! named by `file:line` and field, pairs without a difference counted, and answers scored alone.
+
+use lmstack_core::Tokenizer;
+use lmstack_train::preference::{read_pairs, tokenize_pair, Pair, Turns};
+use lmstack_train::sft::ChatFormat;
+use serde_json::json;
+
+fn chat(msgs: &[(&str, &str)]) -> Turns {
+    Turns::Chat(msgs.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect())
+}
+
+fn text(s: &str) -> Turns {
+    Turns::Text(s.into())
+}
+
+/// Each shape, and the prompt TRL's `extract_prompt` (trl 1.16) finds in the implicit ones.
+#[test]
+fn trl_shapes_read_as_trl_reads_them() {
+    let cases = [
+        (
+            json!({"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}),
+            Pair { prompt: text("The sky is"), chosen: text(" blue."), rejected: text(" green.") },
+        ),
+        // The space before the first difference goes to the answers.
+        (
+            json!({"chosen": "The sky is blue.", "rejected": "The sky is green."}),
+            Pair { prompt: text("The sky is"), chosen: text(" blue."), rejected: text(" green.") },
+        ),
+        (
+            json!({"prompt": [{"role": "user", "content": "What color is the sky?"}],
+                   "chosen": [{"role": "assistant", "content": "It is blue."}],
+                   "rejected": [{"role": "assistant", "content": "It is green."}]}),
+            Pair {
+                prompt: chat(&[("user", "What color is the sky?")]),
+                chosen: chat(&[("assistant", "It is blue.")]),
+                rejected: chat(&[("assistant", "It is green.")]),
+            },
+        ),
+        // Implicit, several turns: the common messages are the prompt.
+        (
+            json!({"chosen": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sky?"},
+                              {"role": "assistant", "content": "Blue."}],
+                   "rejected": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Sky?"},
+                                {"role": "assistant", "content": "Green."}]}),
+            Pair {
+                prompt: chat(&[("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Sky?")]),
+                chosen: chat(&[("assistant", "Blue.")]),
+                rejected: chat(&[("assistant", "Green.")]),
+            },
+        ),
+    ];
+    for (line, want) in cases {
+        assert_eq!(Pair::from_value(&line).unwrap(), want, "{line}");
+    }
+}
+
+/// Bad lines name the file, the line and the field; ties are counted and left out.
+#[test]
+fn bad_lines_are_named_and_ties_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prefs.jsonl");
+    let good = r#"{"prompt": "2+2=", "chosen": "4", "rejected": "5"}"#;
+    for (line, want) in [
+        (r#"{"prompt": "2+2=", "chosen": "4"}"#, "`rejected` is missing"),
+        (r#"{"prompt": "2+2=", "chosen": 4, "rejected": "5"}"#, "chosen: expected a string or a list of messages"),
+        (
+            r#"{"prompt": [{"role": "user", "content": "hi"}], "chosen": "4", "rejected": "5"}"#,
+            "must all be text or all be messages",
+        ),
+        (
+            r#"{"prompt": [], "chosen": [{"role": "bot", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}"#,
+            "chosen[0].role: `bot`",
+        ),
+        (
+            r#"{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "user", "content": "4"}], "rejected": [{"role": "user", "content": "5"}]}"#,
+            "`chosen` has no assistant turn",
+        ),
+        (r#"not json"#, "not JSON"),
+    ] {
+        std::fs::write(&path, format!("{good}\n{line}\n")).unwrap();
+        let err = read_pairs(&path).unwrap_err().to_string();
+        assert!(err.contains(&format!("{}:2: ", path.display())), "{err}");
+        assert!(err.contains(want), "{err} (wanted {want})");
+    }
+    let tie = r#"{"prompt": "2+2=", "chosen": "4", "rejected": "4"}"#;
+    std::fs::write(&path, format!("{good}\n\n{tie}\n{good}\n")).unwrap();
+    let f = read_pairs(&path).unwrap();
+    assert_eq!((f.pairs.len(), f.lines.clone(), f.identical.clone()), (2, vec![1, 4], vec![3]));
+    std::fs::write(&path, format!("{tie}\n")).unwrap();
+    let err = read_pairs(&path).unwrap_err().to_string();
+    assert!(err.contains("no preference pairs with two different answers"), "{err}");
+}
+
+/// Both sequences start with the same prompt tokens; only the answer (and its end-of-turn or
+/// end-of-sequence token) is scored, not an assistant turn inside the prompt.
+#[test]
+fn only_the_answers_are_scored() {
+    let corpus = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,:?!+=\n0123456789";
+    let mut tok = Tokenizer::from_chars(corpus.chars()).unwrap();
+    tok.add_special_tokens(&["<eos>"]);
+    let mut sp = tok.special_tokens().clone();
+    sp.eos = Some("<eos>".into());
+    tok.set_special_tokens(sp).unwrap();
+    let fmt = ChatFormat::from_spec("plain", &tok).unwrap();
+    let decode = |ids: &[u32]| tok.decode(ids, false).unwrap();
+    let scored_text = |t: &lmstack_train::sft::Tokenized| -> String {
+        let ids: Vec<u32> = t.ids.iter().zip(&t.scored).filter(|(_, s)| **s).map(|(i, _)| *i).collect();
+        decode(&ids)
+    };
+    // Text: prompt, answer, end of sequence.
+    let p = Pair { prompt: text("2+2="), chosen: text("4"), rejected: text("five") };
+    let (c, r) = tokenize_pair(&p, &tok, &fmt).unwrap();
+    assert_eq!(scored_text(&c), "4<eos>");
+    assert_eq!(scored_text(&r), "five<eos>");
+    assert_eq!(decode(&c.ids), "2+2=4<eos>");
+    // Messages, with an earlier assistant turn in the prompt that must not be scored.
+    let p = Pair {
+        prompt: chat(&[("user", "Hi"), ("assistant", "Hello."), ("user", "Sky?")]),
+        chosen: chat(&[("assistant", "Blue.")]),
+        rejected: chat(&[("assistant", "Green.")]),
+    };
+    let (c, r) = tokenize_pair(&p, &tok, &fmt).unwrap();
+    for (t, answer) in [(&c, " Blue.\n"), (&r, " Green.\n")] {
+        // (The plain template: the generation prompt `assistant:` is context, the rest scored.)
+        let first = t.scored.iter().position(|s| *s).unwrap();
+        let context = decode(&t.ids[..first]);
+        assert_eq!(context, "user: Hi\nassistant: Hello.\nuser: Sky?\nassistant:");
+        assert!(t.scored[first..].iter().all(|s| *s));
+        assert_eq!(scored_text(t), answer);
+    }
+}

@@ -144,7 +144,7 @@ pub fn write(out: &Path, tasks: &[String], n_train: usize, n_test: usize, seed: 
     write_shaped(out, tasks, n_train, n_test, seed, Shape::Sft)
 }
 
-/// [`write`], each line an instruction example or a preference pair.
+/// [`write()`], each line an instruction example or a preference pair.
 pub fn write_shaped(
     out: &Path,
     tasks: &[String],

@@ -202,3 +202,124 @@ pub fn tokenize_pair(pair: &Pair, tok: &Tokenizer, fmt: &ChatFormat) -> Result<(
     };
     Ok((one(&pair.chosen)?, one(&pair.rejected)?))
 }
+
+/// A preference loss of TRL's `DPOTrainer` (its `loss_type`), on sequence log-probabilities
+/// (sums over each answer's tokens) of the policy and of the reference model. With
+/// `Δ = (log π(chosen) − log π_ref(chosen)) − (log π(rejected) − log π_ref(rejected))`:
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PreferenceLoss {
+    /// DPO (`sigmoid`): `−log σ(β·Δ)`.
+    Sigmoid,
+    /// DPO robust to a fraction `label_smoothing` of flipped labels (`robust`):
+    /// `(−(1 − ε) log σ(βΔ) + ε log σ(−βΔ)) / (1 − 2ε)`.
+    Robust {
+        /// ε, in `[0, 0.5)`.
+        label_smoothing: f64,
+    },
+    /// IPO (`ipo`): `(Δ_c / n_c − Δ_r / n_r − 1 / (2β))²`, each log-ratio divided by its
+    /// answer's length in tokens (as TRL, following the IPO authors).
+    Ipo,
+    /// SLiC's hinge (`hinge`): `max(0, 1 − βΔ)`.
+    Hinge,
+}
+
+/// Sequence log-probabilities of a batch of pairs (`[n]` tensors) and the answers' lengths.
+#[derive(Debug, Clone, Copy)]
+pub struct PairLogps<'a> {
+    /// The policy's log-probability of each chosen answer (differentiable).
+    pub policy_chosen: &'a candle_core::Tensor,
+    /// The policy's log-probability of each rejected answer (differentiable).
+    pub policy_rejected: &'a candle_core::Tensor,
+    /// The reference model's, of the chosen answers.
+    pub ref_chosen: &'a candle_core::Tensor,
+    /// The reference model's, of the rejected answers.
+    pub ref_rejected: &'a candle_core::Tensor,
+    /// Scored tokens of each chosen answer.
+    pub len_chosen: &'a [usize],
+    /// Scored tokens of each rejected answer.
+    pub len_rejected: &'a [usize],
+}
+
+/// A batch's preference loss and the rewards TRL logs.
+#[derive(Debug)]
+pub struct PreferenceOutput {
+    /// The mean loss over the pairs (a scalar, differentiable in the policy's log-probabilities).
+    pub loss: candle_core::Tensor,
+    /// `β · (log π(chosen) − log π_ref(chosen))` per pair (`rewards/chosen`).
+    pub chosen_rewards: Vec<f64>,
+    /// The same of the rejected answers (`rewards/rejected`).
+    pub rejected_rewards: Vec<f64>,
+}
+
+impl PreferenceOutput {
+    /// Mean chosen minus rejected reward (`rewards/margins`).
+    pub fn margin(&self) -> f64 {
+        mean(self.chosen_rewards.iter().zip(&self.rejected_rewards).map(|(c, r)| c - r))
+    }
+
+    /// Fraction of pairs whose chosen reward is the higher (`rewards/accuracies`).
+    pub fn accuracy(&self) -> f64 {
+        mean(self.chosen_rewards.iter().zip(&self.rejected_rewards).map(|(c, r)| f64::from(u8::from(c > r))))
+    }
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    s / n.max(1) as f64
+}
+
+/// `log σ(x)`, stable for large `|x|` and differentiable: `min(x, 0) − log(1 + e^{−|x|})`.
+fn log_sigmoid(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    x.minimum(0.0)? - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+/// The `kind` loss of the pairs `p` with strength `beta`, as TRL 1.16's `DPOTrainer` computes
+/// it (`crates/train/tests/data/make_preference_losses.py` runs TRL's own code on fixed
+/// log-probabilities to check).
+pub fn preference_loss(kind: PreferenceLoss, beta: f64, p: PairLogps<'_>) -> Result<PreferenceOutput> {
+    if !(beta.is_finite() && beta > 0.0) {
+        return Err(Error::Msg(format!("beta: {beta} must be positive")));
+    }
+    let n = p.policy_chosen.dim(0)?;
+    for (name, t) in
+        [("policy_rejected", p.policy_rejected), ("ref_chosen", p.ref_chosen), ("ref_rejected", p.ref_rejected)]
+    {
+        if t.dims() != [n] {
+            return Err(Error::Msg(format!("{name}: shape {:?}, expected [{n}]", t.dims())));
+        }
+    }
+    let chosen = (p.policy_chosen - p.ref_chosen)?;
+    let rejected = (p.policy_rejected - p.ref_rejected)?;
+    let delta = (&chosen - &rejected)?;
+    let per_pair = match kind {
+        PreferenceLoss::Sigmoid => log_sigmoid(&(&delta * beta)?)?.neg()?,
+        PreferenceLoss::Robust { label_smoothing: e } => {
+            if !(0.0..0.5).contains(&e) {
+                return Err(Error::Msg(format!("label_smoothing: {e} must be in [0, 0.5)")));
+            }
+            let clean = (log_sigmoid(&(&delta * beta)?)? * -(1.0 - e))?;
+            let flipped = (log_sigmoid(&(&delta * -beta)?)? * -e)?;
+            ((clean - flipped)? / (1.0 - 2.0 * e))?
+        }
+        PreferenceLoss::Ipo => {
+            if p.len_chosen.len() != n || p.len_rejected.len() != n {
+                return Err(Error::Msg(format!("IPO needs the {n} answers' lengths")));
+            }
+            let per_token = |lens: &[usize]| -> candle_core::Result<candle_core::Tensor> {
+                let inv: Vec<f64> = lens.iter().map(|&l| 1.0 / l.max(1) as f64).collect();
+                candle_core::Tensor::from_vec(inv, n, p.policy_chosen.device())?.to_dtype(chosen.dtype())
+            };
+            let d = ((&chosen * per_token(p.len_chosen)?)? - (&rejected * per_token(p.len_rejected)?)?)?;
+            (d - 1.0 / (2.0 * beta))?.sqr()?
+        }
+        PreferenceLoss::Hinge => (&delta * -beta)?.affine(1.0, 1.0)?.relu()?,
+    };
+    let rewards = |t: &candle_core::Tensor| -> Result<Vec<f64>> {
+        Ok((t.detach() * beta)?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+    };
+    Ok(PreferenceOutput {
+        loss: per_pair.mean_all()?,
+        chosen_rewards: rewards(&chosen)?,
+        rejected_rewards: rewards(&rejected)?,
+    })
+}

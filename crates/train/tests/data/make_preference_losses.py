@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""TRL's DPO losses on fixed log-probabilities, for crates/train/tests/preference.rs.
+
+Regenerate (needs `pip install torch trl==1.16.0`, no network):
+
+    python3 crates/train/tests/data/make_preference_losses.py
+
+trl 1.16 computes its losses inline in `DPOTrainer._compute_loss`, not in a function of the
+log-probabilities; this script runs that very code (the lines from `chosen_logratios = ...` to
+the loss accumulation, read from the installed trl's source) on fixed sequence log-probabilities
+and completion lengths, and writes the losses and the logged rewards to
+`preference_losses.json`.
+"""
+import json
+import math
+import os
+import textwrap
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+import trl
+import trl.trainer.dpo_trainer as dpo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def trl_block():
+    lines = open(dpo.__file__).read().splitlines()
+    start = next(i for i, l in enumerate(lines) if "chosen_logratios = chosen_logps - ref_chosen_logps" in l)
+    end = next(i for i, l in enumerate(lines) if i > start and "loss += per_sequence_loss.mean() * loss_weight" in l)
+    return compile(textwrap.dedent("\n".join(lines[start:end + 1])), "trl_dpo_loss", "exec")
+
+
+def main():
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    lens_c = torch.randint(3, 12, (n,), generator=g)
+    lens_r = torch.randint(3, 12, (n,), generator=g)
+    # Sequence log-probabilities: sums over the completion's tokens.
+    pc = -(torch.rand(n, generator=g, dtype=torch.float64) * 2 + 0.2) * lens_c
+    pr = -(torch.rand(n, generator=g, dtype=torch.float64) * 2 + 0.2) * lens_r
+    rc = pc + torch.randn(n, generator=g, dtype=torch.float64)
+    rr = pr + torch.randn(n, generator=g, dtype=torch.float64)
+    width = int(max(lens_c.max(), lens_r.max()))
+    mask = torch.zeros(2 * n, width)
+    for i, l in enumerate(torch.cat([lens_c, lens_r]).tolist()):
+        mask[i, :l] = 1
+    block = trl_block()
+    cases = []
+    for loss_type, beta, smoothing in [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("robust", 0.1, 0.2),
+                                       ("ipo", 0.1, 0.0), ("hinge", 0.3, 0.0)]:
+        self = SimpleNamespace(beta=beta, label_smoothing=smoothing, loss_types=[loss_type], loss_weights=[1.0],
+                               f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, use_weighting=False)
+        ns = {"self": self, "chosen_logps": pc, "rejected_logps": pr, "ref_chosen_logps": rc,
+              "ref_rejected_logps": rr, "completion_mask": mask, "device": "cpu", "torch": torch, "F": F,
+              "math": math}
+        exec(block, ns)
+        chosen_rewards = beta * (pc - rc)
+        rejected_rewards = beta * (pr - rr)
+        cases.append({
+            "loss_type": loss_type, "beta": beta, "label_smoothing": smoothing, "loss": float(ns["loss"]),
+            "rewards/chosen": float(chosen_rewards.mean()), "rewards/rejected": float(rejected_rewards.mean()),
+            "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+            "rewards/accuracies": float((chosen_rewards > rejected_rewards).double().mean()),
+        })
+    out = {"trl_version": trl.__version__, "policy_chosen": pc.tolist(), "policy_rejected": pr.tolist(),
+           "ref_chosen": rc.tolist(), "ref_rejected": rr.tolist(), "len_chosen": lens_c.tolist(),
+           "len_rejected": lens_r.tolist(), "cases": cases}
+    with open(os.path.join(HERE, "preference_losses.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"{len(cases)} cases (trl {trl.__version__})")
+
+
+if __name__ == "__main__":
+    main()

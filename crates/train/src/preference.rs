@@ -36,19 +36,7 @@ impl Turns {
     fn parse(v: &Value, field: &str) -> std::result::Result<Self, String> {
         match v {
             Value::String(s) => Ok(Turns::Text(s.clone())),
-            Value::Array(list) => {
-                let mut out = Vec::with_capacity(list.len());
-                for (i, m) in list.iter().enumerate() {
-                    let role = m["role"].as_str().ok_or_else(|| format!("{field}[{i}].role: expected a string"))?;
-                    if !matches!(role, "system" | "user" | "assistant") {
-                        return Err(format!("{field}[{i}].role: `{role}` is not system, user or assistant"));
-                    }
-                    let content =
-                        m["content"].as_str().ok_or_else(|| format!("{field}[{i}].content: expected a string"))?;
-                    out.push((role.to_owned(), content.to_owned()));
-                }
-                Ok(Turns::Chat(out))
-            }
+            Value::Array(list) => Ok(Turns::Chat(crate::sft::parse_messages(list, field)?)),
             other => Err(format!("{field}: expected a string or a list of messages, found {other}")),
         }
     }

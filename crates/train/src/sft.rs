@@ -47,16 +47,7 @@ impl Example {
             if list.is_empty() {
                 return Err("`messages` is empty".into());
             }
-            let mut out = Vec::new();
-            for (i, msg) in list.iter().enumerate() {
-                let role = msg["role"].as_str().ok_or_else(|| format!("messages[{i}].role: expected a string"))?;
-                if !matches!(role, "system" | "user" | "assistant") {
-                    return Err(format!("messages[{i}].role: `{role}` is not system, user or assistant"));
-                }
-                let content =
-                    msg["content"].as_str().ok_or_else(|| format!("messages[{i}].content: expected a string"))?;
-                out.push((role.to_owned(), content.to_owned()));
-            }
+            let out = parse_messages(list, "messages")?;
             if !out.iter().any(|(r, _)| r == "assistant") {
                 return Err("`messages` has no assistant turn to learn from".into());
             }
@@ -70,6 +61,21 @@ impl Example {
             _ => Err("expected `messages`, or `prompt` and `completion`".into()),
         }
     }
+}
+
+/// Chat messages `(role, content)` from a JSON list; errors name `field[i].role` or
+/// `field[i].content`.
+pub fn parse_messages(list: &[Value], field: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut out = Vec::with_capacity(list.len());
+    for (i, msg) in list.iter().enumerate() {
+        let role = msg["role"].as_str().ok_or_else(|| format!("{field}[{i}].role: expected a string"))?;
+        if !matches!(role, "system" | "user" | "assistant") {
+            return Err(format!("{field}[{i}].role: `{role}` is not system, user or assistant"));
+        }
+        let content = msg["content"].as_str().ok_or_else(|| format!("{field}[{i}].content: expected a string"))?;
+        out.push((role.to_owned(), content.to_owned()));
+    }
+    Ok(out)
 }
 
 /// Reads a JSONL file of examples; a bad line is an error naming `file:line` and the field.

@@ -499,7 +499,7 @@ pub struct LlamaConfig {
     /// RoPE parameters in the newer transformers layout (`{"rope_type", "rope_theta"}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<Map<String, Value>>,
-    /// RoPE scaling in the older layout (see [`LlamaConfig::rope_scaling`]).
+    /// RoPE scaling in the older layout (see [`LlamaConfig::rope_for`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<Value>,
     /// Biases on the q/k/v/o projections.
@@ -711,11 +711,6 @@ impl LlamaConfig {
             return Ok((self.rope_local_base_freq.unwrap_or(10000.0), RopeScaling::None));
         }
         Ok((self.rope_theta(), self.rope_spec()?))
-    }
-
-    /// The RoPE scaling of `rope_scaling`, or of `rope_parameters` (`transformers` ≥ 5), checked.
-    pub fn rope_scaling(&self) -> Result<RopeScaling> {
-        self.rope_spec().map_err(|(field, msg)| Error::config("config.json", field, msg))
     }
 
     fn rope_spec(&self) -> std::result::Result<RopeScaling, (String, String)> {

@@ -26,7 +26,7 @@ pub fn packed_attention(
     spans: &[(usize, usize)],
     caches: &mut [&mut KvCache],
     layer: usize,
-    scores_: crate::nn::Scores,
+    how: crate::nn::Scores,
 ) -> Result<Vec<f32>> {
     use crate::kernels::gemm::{matmul, View};
     use crate::kernels::simd;
@@ -38,7 +38,7 @@ pub fn packed_attention(
     let n_rep = heads / kv_heads;
     let caches: Vec<&KvCache> = caches.iter().map(|c| &**c).collect();
     let total: usize = spans.iter().map(|s| s.1).sum();
-    let (scale, window, softcap) = (scores_.scale as f32, scores_.window, scores_.softcap.map(|c| c as f32));
+    let (scale, window, softcap) = (how.scale as f32, how.window, how.softcap.map(|c| c as f32));
     // The first key a token that sees `visible` keys (itself and all before it) attends to.
     let first = |visible: usize| window.map_or(0, |w| visible.saturating_sub(w));
     let mut out = vec![0f32; total * heads * d];

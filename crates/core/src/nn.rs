@@ -643,20 +643,25 @@ pub struct RmsNorm {
     eps: f64,
     /// Gemma's: the stored weight is the scale minus one.
     plus_one: bool,
+    /// Gemma's scale `1 + weight` in the compute dtype, taken once when the weight is frozen
+    /// (a trainable one is added to at each call, so the gradient reaches it).
+    scale: Option<Tensor>,
 }
 
 impl RmsNorm {
     /// Loads an RMSNorm of width `dim`, initialised to the identity.
     pub fn load(vb: VarBuilder<'_>, dim: usize, eps: f64) -> Result<Self> {
         let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
-        Ok(Self { weight, eps, plus_one: false })
+        Ok(Self { weight, eps, plus_one: false, scale: None })
     }
 
     /// Loads Gemma's RMSNorm, `x / rms(x) · (1 + weight)` computed in f32 (initialised to the
     /// identity: a zero weight).
     pub fn load_gemma(vb: VarBuilder<'_>, dim: usize, eps: f64) -> Result<Self> {
         let weight = vb.get_with_hints(dim, "weight", Init::Const(0.0))?;
-        Ok(Self { weight, eps, plus_one: true })
+        let scale =
+            if weight.is_variable() { None } else { Some((weight.to_dtype(compute_dtype(weight.dtype()))? + 1.0)?) };
+        Ok(Self { weight, eps, plus_one: true, scale })
     }
 
     /// # Shapes
@@ -666,8 +671,11 @@ impl RmsNorm {
             // Gemma multiplies in f32 before casting back (Llama after): the same for f32.
             let dtype = xs.dtype();
             let cd = compute_dtype(dtype);
-            let w = (self.weight.to_dtype(cd)? + 1.0)?;
-            let unit = Self { weight: w, eps: self.eps, plus_one: false };
+            let w = match &self.scale {
+                Some(s) if s.dtype() == cd => s.clone(),
+                _ => (self.weight.to_dtype(cd)? + 1.0)?,
+            };
+            let unit = Self { weight: w, eps: self.eps, plus_one: false, scale: None };
             return unit.forward(&xs.to_dtype(cd)?)?.to_dtype(dtype);
         }
         let dtype = xs.dtype();
@@ -971,7 +979,7 @@ pub fn keep_rows(x: Tensor, attn: Tensor, keep: Option<&Tensor>) -> Result<(Tens
 }
 
 /// How a layer's attention scores its keys.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scores {
     /// The multiplier of `q · k` (usually `1 / √head_dim`).
     pub scale: f64,
@@ -1000,9 +1008,9 @@ pub fn attention(
     v: &Tensor,
     ctx: &mut AttnCtx<'_, '_>,
     layer: usize,
-    scores_: Scores,
+    how: Scores,
 ) -> Result<Tensor> {
-    let Scores { scale, window, softcap } = scores_;
+    let Scores { scale, window, softcap } = how;
     // `cap · tanh(s / cap)`, differentiably.
     let cap = |s: Tensor| -> Result<Tensor> {
         Ok(match softcap {
@@ -1059,7 +1067,7 @@ pub fn attention(
                 spans,
                 caches,
                 layer,
-                Scores { scale, window, softcap },
+                how,
             )?;
             Ok(Tensor::from_vec(out, (1, t, h * d), q.device())?.to_dtype(q.dtype())?)
         }

@@ -73,7 +73,7 @@ fn set_enabled_in<R>(on: bool, f: impl FnOnce() -> R) -> R {
 }
 
 /// Runs `f` with this thread's `flag` set to `value`, restored afterwards (also on a panic).
-fn with_flag<R>(flag: &'static std::thread::LocalKey<Cell<bool>>, value: bool, f: impl FnOnce() -> R) -> R {
+pub(crate) fn with_flag<R>(flag: &'static std::thread::LocalKey<Cell<bool>>, value: bool, f: impl FnOnce() -> R) -> R {
     struct Restore(&'static std::thread::LocalKey<Cell<bool>>, bool);
     impl Drop for Restore {
         fn drop(&mut self) {

@@ -16,6 +16,23 @@ use candle_nn::{Init, VarBuilder};
 use crate::kv_cache::KvCache;
 use crate::Result;
 
+thread_local! {
+    static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every [`Linear`]'s adapter switched off on this thread (restored afterwards,
+/// also on a panic): the base model's output without a second copy of its weights, as PEFT's
+/// `disable_adapter()` gives DPO its reference model. Work `f` hands to other threads (rayon
+/// tasks that call the model) must switch adapters off there too.
+pub fn without_adapters<R>(f: impl FnOnce() -> R) -> R {
+    crate::grad::with_flag(&ADAPTERS_OFF, true, f)
+}
+
+/// Whether adapters are switched off on this thread ([`without_adapters`]).
+pub fn adapters_off() -> bool {
+    ADAPTERS_OFF.with(std::cell::Cell::get)
+}
+
 /// A learned addition to a [`Linear`]'s output, such as a LoRA adapter.
 ///
 /// The adapter receives the same input as the layer and returns `[.., out_features]`, which is
@@ -288,8 +305,8 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.project(xs)?;
         match &self.adapter {
-            Some(a) => y + a.forward(xs)?,
-            None => Ok(y),
+            Some(a) if !adapters_off() => y + a.forward(xs)?,
+            _ => Ok(y),
         }
     }
 }

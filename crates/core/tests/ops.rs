@@ -242,3 +242,63 @@ fn packed_sequences_train_as_separate_ones() {
     let err = Segments::new(vec![(1, 0, 4)], 1, 8).unwrap_err().to_string();
     assert!(err.contains("outside"), "{err}");
 }
+
+/// `Model::sequence_logps` is each row's sum of its scored tokens' log-probabilities, as the
+/// full logits give them; under gradient checkpointing (chunks that cut across rows) its
+/// values and gradients are the same.
+#[test]
+fn sequence_logps_sum_each_rows_scored_tokens() {
+    let _guard = TOGGLE.lock().unwrap_or_else(|p| p.into_inner());
+    let dev = Device::Cpu;
+    for cfg in [
+        r#"{"model_type":"gpt2","vocab_size":29,"n_positions":16,"n_embd":12,"n_layer":2,"n_head":3}"#,
+        r#"{"model_type":"qwen2","vocab_size":29,"hidden_size":16,"intermediate_size":24,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":16}"#,
+    ] {
+        let mut m = Model::init(ModelConfig::from_json(cfg, "t").unwrap(), 3, DType::F64, &dev).unwrap();
+        let ids: Vec<u32> = (0..30u32).map(|i| (i * 11 + 2) % 29).collect();
+        let mut labels: Vec<u32> = ids.iter().map(|i| (i * 3 + 1) % 29).collect();
+        // Row 0 scores its last 4, row 1 nothing, row 2 positions 2..7 but 4.
+        labels[..6].fill(IGNORE_INDEX);
+        labels[10..20].fill(IGNORE_INDEX);
+        labels[20..22].fill(IGNORE_INDEX);
+        labels[24] = IGNORE_INDEX;
+        labels[27..].fill(IGNORE_INDEX);
+        let x = Tensor::from_vec(ids, (3, 10), &dev).unwrap();
+        let y = Tensor::from_vec(labels.clone(), (3, 10), &dev).unwrap();
+        let lsm = candle_nn::ops::log_softmax(&m.forward(&x, None).unwrap(), D::Minus1).unwrap();
+        let lsm: Vec<Vec<Vec<f64>>> = lsm.to_vec3().unwrap();
+        let mut want = [0.0f64; 3];
+        for (p, &l) in labels.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX) {
+            want[p / 10] += lsm[p / 10][p % 10][l as usize];
+        }
+        let vars = m.params().vars();
+        let run = |m: &Model| {
+            let (s, counts) = m.sequence_logps(&x, &y).unwrap();
+            assert_eq!(counts, [4, 0, 4]);
+            // A weighted sum, so each row's gradient counts differently.
+            let loss = (&s * Tensor::new(&[1.0f64, 2.0, -0.5], &dev).unwrap()).unwrap().sum_all().unwrap();
+            let g = lmstack_core::grad::backward(&loss, &vars.values().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())
+                .unwrap();
+            let grads: Vec<Vec<f64>> = vars
+                .values()
+                .map(|v| g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap())
+                .collect();
+            (s.to_vec1::<f64>().unwrap(), grads)
+        };
+        let (plain, g_plain) = run(&m);
+        for (a, b) in plain.iter().zip(want) {
+            assert!((a - b).abs() < 1e-9, "{cfg}: {plain:?} vs {want:?}");
+        }
+        assert!(g_plain.iter().all(|g| g.iter().any(|x| *x != 0.0)), "{cfg}: a parameter got no gradient");
+        m.set_gradient_checkpointing(true).unwrap();
+        m.set_loss_chunk_rows(Some(3));
+        let (ckpt, g_ckpt) = run(&m);
+        for (a, b) in ckpt.iter().zip(&plain) {
+            assert!((a - b).abs() < 1e-9, "{cfg}: checkpointed {ckpt:?} vs {plain:?}");
+        }
+        for (a, b) in g_ckpt.iter().zip(&g_plain) {
+            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            assert!(d < 1e-9, "{cfg}: checkpointed gradient differs by {d}");
+        }
+    }
+}

@@ -636,11 +636,22 @@ impl CustomOp2 for CrossEntropy {
 /// # Shapes
 /// `logits`: `[n, vocab]`, `targets`: `[n]` (u32) → scalar.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> crate::Result<(Tensor, usize)> {
-    let tv = targets.to_vec1::<u32>()?;
-    let count = tv.iter().filter(|&&t| t != IGNORE_INDEX).count();
+    let (per_row, count) = token_nll(logits, targets)?;
     if count == 0 {
         return Err(crate::Error::invalid("targets", "every target is ignored; nothing to score"));
     }
+    Ok(((per_row.sum_all()? / count as f64)?, count))
+}
+
+/// Each row's negative log-likelihood of its target, `logsumexp(row) − row[target]` (0 where
+/// the target is [`IGNORE_INDEX`]), and the number of scored rows. Differentiable with respect
+/// to `logits`, by the same kernels as [`cross_entropy`].
+///
+/// # Shapes
+/// `logits`: `[n, vocab]`, `targets`: `[n]` (u32) → `[n]`.
+pub fn token_nll(logits: &Tensor, targets: &Tensor) -> crate::Result<(Tensor, usize)> {
+    let tv = targets.to_vec1::<u32>()?;
+    let count = tv.iter().filter(|&&t| t != IGNORE_INDEX).count();
     let per_row = if supported(logits) {
         logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)?
     } else {
@@ -654,7 +665,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> crate::Result<(Tensor
         let picked = lsm.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?;
         (picked.neg()? * keep)?
     };
-    Ok(((per_row.sum_all()? / count as f64)?, count))
+    Ok((per_row, count))
 }
 
 // ---------------------------------------------------------------- linear

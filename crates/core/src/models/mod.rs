@@ -468,40 +468,103 @@ impl Model {
     /// # Shapes
     /// `input_ids`, `labels`: `[b, t]` (u32) → scalar.
     pub fn lm_loss(&self, input_ids: &Tensor, labels: &Tensor, segments: Option<&Segments>) -> Result<(Tensor, usize)> {
-        use crate::kernels::ops::{cross_entropy, IGNORE_INDEX};
+        use crate::kernels::ops::cross_entropy;
+        let (total, n) = self.over_scored(
+            input_ids,
+            labels,
+            segments,
+            std::sync::Arc::new(|logits: &Tensor, targets: &Tensor, _: usize| {
+                let (mean, k) = cross_entropy(logits, targets)?;
+                Ok((mean * k as f64)?)
+            }),
+        )?;
+        Ok(((total / n as f64)?, n))
+    }
+
+    /// The log-probability of each row's scored labels, summed over the row (a DPO answer's
+    /// sequence log-probability), and how many labels each row scores (rows scoring none sum
+    /// to 0). The same scored-rows-only head and chunking as [`Model::lm_loss`];
+    /// differentiable when the model is trainable. Causal models.
+    ///
+    /// # Shapes
+    /// `input_ids`, `labels`: `[b, t]` (u32) → `[b]`.
+    pub fn sequence_logps(&self, input_ids: &Tensor, labels: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+        use crate::kernels::ops::{token_nll, IGNORE_INDEX};
+        if !self.config.is_causal() {
+            return Err(Error::invalid("model", "sequence log-probabilities need a causal model"));
+        }
+        let (b, t) = labels.dims2()?;
+        let lv = labels.flatten_all()?.to_vec1::<u32>()?;
+        // Row of each scored position, in the order the scored rows go through the head.
+        let row_of: Vec<usize> = lv.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, _)| i / t).collect();
+        let mut counts = vec![0usize; b];
+        row_of.iter().for_each(|&r| counts[r] += 1);
+        let row_of = std::sync::Arc::new(row_of);
+        let (sums, _) = self.over_scored(
+            input_ids,
+            labels,
+            None,
+            std::sync::Arc::new(move |logits: &Tensor, targets: &Tensor, start: usize| {
+                let (nll, _) = token_nll(logits, targets)?;
+                let len = nll.dim(0)?;
+                // A [b, len] 0/1 matrix gathers each scored token into its row's sum.
+                let mut assign = vec![0f32; b * len];
+                for (j, &r) in row_of[start..start + len].iter().enumerate() {
+                    assign[r * len + j] = 1.0;
+                }
+                let assign = Tensor::from_vec(assign, (b, len), nll.device())?.to_dtype(nll.dtype())?;
+                Ok(assign.matmul(&nll.unsqueeze(1)?)?.squeeze(1)?.neg()?)
+            }),
+        )?;
+        Ok((sums, counts))
+    }
+
+    /// Runs the output head on the positions `labels` scores (not [`IGNORE_INDEX`]) and sums
+    /// `reduce(logits, targets, start)` over chunks of them (`start`: the chunk's first scored
+    /// position), each chunk a checkpoint under [`Model::set_gradient_checkpointing`]; one
+    /// chunk otherwise. Returns the sum and the number of scored positions (at least one).
+    ///
+    /// [`IGNORE_INDEX`]: crate::kernels::ops::IGNORE_INDEX
+    fn over_scored(
+        &self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        segments: Option<&Segments>,
+        reduce: std::sync::Arc<dyn Fn(&Tensor, &Tensor, usize) -> crate::Result<Tensor> + Send + Sync>,
+    ) -> Result<(Tensor, usize)> {
+        use crate::kernels::ops::IGNORE_INDEX;
         if labels.dims() != input_ids.dims() {
             return Err(Error::invalid(
                 "labels",
                 format!("shape {:?} does not match input_ids {:?}", labels.dims(), input_ids.dims()),
             ));
         }
-        let hidden = self.hidden_states_in(input_ids, None, None, segments)?;
-        let (b, t, d) = hidden.dims3()?;
         let lv = labels.flatten_all()?.to_vec1::<u32>()?;
         let (rows, targets): (Vec<u32>, Vec<u32>) =
             lv.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, &l)| (i as u32, l)).unzip();
         if targets.is_empty() {
             return Err(Error::invalid("labels", "every label is ignored; nothing to score"));
         }
+        let hidden = self.hidden_states_in(input_ids, None, None, segments)?;
+        let (b, t, d) = hidden.dims3()?;
         let n = targets.len();
         let h = hidden.reshape((b * t, d))?;
         let h = if n < b * t { h.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)? } else { h };
         let head = self.output_head();
         if !self.gradient_checkpointing() || !crate::grad::enabled() {
             let logits = head(&h)?;
-            return cross_entropy(&logits, &Tensor::from_vec(targets, n, &self.device)?);
+            return Ok((reduce(&logits, &Tensor::from_vec(targets, n, &self.device)?, 0)?, n));
         }
         let chunk = self.loss_chunk_rows();
         let mut total: Option<Tensor> = None;
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
             let tc = Tensor::from_slice(&targets[start..start + len], len, &self.device)?;
-            let head = head.clone();
+            let (head, reduce) = (head.clone(), reduce.clone());
             let part = crate::grad::checkpoint(
                 &h.narrow(0, start, len)?,
                 std::sync::Arc::new(move |h: &Tensor| {
-                    let (mean, k) = cross_entropy(&head(h)?, &tc)?;
-                    mean * k as f64
+                    Ok(reduce(&head(h)?, &tc, start)?)
                 }),
             )?;
             total = Some(match total {
@@ -509,7 +572,7 @@ impl Model {
                 None => part,
             });
         }
-        Ok(((total.expect("n > 0") / n as f64)?, n))
+        Ok((total.expect("n > 0"), n))
     }
 
     /// The output head as a function of hidden rows (`[.., d]` → `[.., vocab]`): the LM head

@@ -277,8 +277,9 @@ fn sequence_logps_sum_each_rows_scored_tokens() {
             assert_eq!(counts, [4, 0, 4]);
             // A weighted sum, so each row's gradient counts differently.
             let loss = (&s * Tensor::new(&[1.0f64, 2.0, -0.5], &dev).unwrap()).unwrap().sum_all().unwrap();
-            let g = lmstack_core::grad::backward(&loss, &vars.values().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())
-                .unwrap();
+            let g =
+                lmstack_core::grad::backward(&loss, &vars.values().map(|v| v.as_tensor().clone()).collect::<Vec<_>>())
+                    .unwrap();
             let grads: Vec<Vec<f64>> = vars
                 .values()
                 .map(|v| g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap())

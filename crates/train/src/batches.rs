@@ -159,40 +159,62 @@ pub fn shard_grads(
     batch: &Batch,
     shards: usize,
 ) -> Result<(f64, HashMap<String, Vec<f32>>)> {
-    use rayon::prelude::*;
     let b = batch.inputs.dim(0)?;
-    let shards = shards.clamp(1, b);
-    let bounds: Vec<(usize, usize)> = (0..shards).map(|i| (i * b / shards, (i + 1) * b / shards)).collect();
-    type Part = (f64, usize, HashMap<String, Vec<f32>>);
-    let parts: Vec<Result<Part>> = bounds
+    let (loss, grads, _) = parallel_grads(opt, b, shards, |lo, hi| {
+        let part = batch.rows(lo, hi)?;
+        if part.scored()? == 0 {
+            return Ok(None);
+        }
+        let (loss, n) = batch_loss(model, &part)?;
+        Ok(Some((loss, n, ())))
+    })?;
+    Ok((loss, grads))
+}
+
+/// The data-parallel step every objective shares: `items` (a micro-batch's examples) cut into
+/// `shards` contiguous slices, each run on its own core by `part(lo, hi)` (a forward pass
+/// returning the slice's mean loss, its weight — the scored tokens or examples it averages
+/// over — and what the objective wants back, or `None` when the slice carries no loss), then
+/// one backward pass per slice; gradients and losses combined weighted by the slices'
+/// weights, in slice order so the result is reproducible. Returns the combined loss,
+/// gradients and each slice's extra.
+pub fn parallel_grads<T: Send>(
+    opt: &AdamW,
+    items: usize,
+    shards: usize,
+    part: impl Fn(usize, usize) -> Result<Option<(Tensor, usize, T)>> + Sync,
+) -> Result<(f64, HashMap<String, Vec<f32>>, Vec<T>)> {
+    use rayon::prelude::*;
+    let shards = shards.clamp(1, items.max(1));
+    let bounds: Vec<(usize, usize)> = (0..shards).map(|i| (i * items / shards, (i + 1) * items / shards)).collect();
+    type Part<T> = Option<(f64, usize, HashMap<String, Vec<f32>>, T)>;
+    let parts: Vec<Result<Part<T>>> = bounds
         .par_iter()
-        .map(|&(lo, hi)| -> Result<Part> {
+        .map(|&(lo, hi)| -> Result<Part<T>> {
             // Gradients on for this slice whatever the worker was doing (it may pick the task
             // up while waiting inside another slice's checkpointed forward, under no_grad).
             lmstack_core::grad::with_grad(|| {
-                let part = batch.rows(lo, hi)?;
-                if part.scored()? == 0 {
-                    return Ok((0.0, 0, HashMap::new()));
-                }
-                let (loss, n) = batch_loss(model, &part)?;
+                let Some((loss, n, extra)) = part(lo, hi)? else { return Ok(None) };
                 let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 let vars: Vec<Tensor> = opt.vars().map(|(_, v)| v.as_tensor().clone()).collect();
                 let g = lmstack_core::grad::backward(&loss, &vars)?;
-                Ok((l, n, optim::collect_grads(opt, &g)?))
+                Ok(Some((l, n, optim::collect_grads(opt, &g)?, extra)))
             })
         })
         .collect();
-    let parts: Vec<_> = parts.into_iter().collect::<Result<_>>()?;
+    let parts: Vec<_> = parts.into_iter().collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
     let total: usize = parts.iter().map(|p| p.1).sum();
     if total == 0 {
         return Err(Error::Msg("the batch has no scored tokens".into()));
     }
     let mut grads = HashMap::new();
     let mut loss = 0.0;
-    for (l, n, g) in parts {
+    let mut extras = Vec::with_capacity(parts.len());
+    for (l, n, g, extra) in parts {
         let w = n as f64 / total as f64;
         loss += l * w;
         optim::accumulate(&mut grads, g, w as f32);
+        extras.push(extra);
     }
-    Ok((loss, grads))
+    Ok((loss, grads, extras))
 }

@@ -169,13 +169,13 @@ impl Objective for Classification<'_> {
         let (loss, _) = cross_entropy(&logits, &Tensor::new(ys.as_slice(), dev)?)?;
         let l = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let grads = if l.is_finite() { optim::collect_grads(opt, &loss.backward()?)? } else { HashMap::new() };
-        Ok(MicroBatch { loss: l, grads, tokens: 0 })
+        Ok(MicroBatch { loss: l, grads, tokens: 0, metrics: BTreeMap::new() })
     }
 
     fn evaluate(&mut self, _rng: &mut ChaCha8Rng) -> Result<Option<Evaluation>> {
         let acc = accuracy(&frozen(self.model)?, self.val, self.pad)?;
         let text = format!("held-out accuracy {acc:.3}");
-        Ok(Some(Evaluation { loss: 1.0 - acc, perplexity: false, text, tracks_best: false }))
+        Ok(Some(Evaluation { loss: 1.0 - acc, perplexity: false, text, tracks_best: false, metrics: BTreeMap::new() }))
     }
 
     fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {

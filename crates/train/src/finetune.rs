@@ -54,7 +54,7 @@ pub enum Method {
     Lora,
 }
 
-/// `sft` ([`run`]) or `classify` ([`crate::classify::run`]).
+/// `sft` ([`run`]), `classify` ([`crate::classify::run`]) or `dpo` ([`crate::dpo::run`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
@@ -63,6 +63,29 @@ pub enum Task {
     Sft,
     /// A classification head on a masked LM (bert).
     Classify,
+    /// Preference tuning of a causal LM on chosen/rejected pairs (DPO and its relatives:
+    /// `loss_type`).
+    Dpo,
+}
+
+/// The preference loss of a `dpo` run (TRL's `loss_type`; see
+/// [`crate::preference::PreferenceLoss`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LossType {
+    /// DPO: `−log σ(βΔ)`.
+    #[default]
+    Sigmoid,
+    /// DPO robust to flipped labels (`label_smoothing`).
+    Robust,
+    /// IPO: the squared distance of the length-normalised margin from `1/(2β)`.
+    Ipo,
+    /// SLiC's hinge: `max(0, 1 − βΔ)`.
+    Hinge,
+}
+
+fn default_beta() -> f64 {
+    0.1
 }
 
 /// A finetuning run's configuration (saved as `finetune.json`).
@@ -129,6 +152,24 @@ pub struct FinetuneConfig {
     /// end, one row per parallel slice, each attending only within itself ([`sft::packed`]).
     #[serde(default)]
     pub padding_free: bool,
+    /// `dpo`: the strength β of the pull towards the reference model (TRL's `beta`).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    /// `dpo`: the preference loss.
+    #[serde(default)]
+    pub loss_type: LossType,
+    /// `dpo` with `loss_type` `robust`: the assumed fraction ε of flipped labels.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// `dpo`: the reference model (a model directory with the base's tokenizer); without it
+    /// the base is the reference (LoRA: the base with the adapters switched off, no second
+    /// copy of its weights).
+    #[serde(default)]
+    pub ref_model: Option<PathBuf>,
+    /// `dpo`: compute the reference's log-probabilities of every pair once before training
+    /// (kept in the run directory) instead of at every step (TRL's `precompute_ref_log_probs`).
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
 }
 
 impl Default for FinetuneConfig {
@@ -161,6 +202,11 @@ impl Default for FinetuneConfig {
             seed: 1337,
             gradient_checkpointing: false,
             padding_free: false,
+            beta: default_beta(),
+            loss_type: LossType::Sigmoid,
+            label_smoothing: 0.0,
+            ref_model: None,
+            precompute_ref_log_probs: false,
         }
     }
 }
@@ -171,6 +217,7 @@ impl Task {
         PathBuf::from(match self {
             Task::Sft => "runs/finetune",
             Task::Classify => "runs/classify",
+            Task::Dpo => "runs/dpo",
         })
     }
 }
@@ -179,6 +226,9 @@ impl FinetuneConfig {
     /// The defaults of a `task` run (`method` unless given: LoRA for SFT, full for
     /// classification), each task's learning rate, step count, base model and data.
     pub fn for_task(task: Task, method: Option<Method>) -> FinetuneConfig {
+        if task == Task::Dpo {
+            return FinetuneConfig::for_dpo(method.unwrap_or(Method::Lora));
+        }
         let classify = task == Task::Classify;
         let method = method.unwrap_or(if classify { Method::Full } else { Method::Lora });
         let lr = match (classify, method) {
@@ -198,6 +248,44 @@ impl FinetuneConfig {
             lr,
             min_lr: lr / 10.0,
             ..FinetuneConfig::default()
+        }
+    }
+
+    /// A `dpo` run's defaults: the full SFT model of the README's walk-through as the base
+    /// and the reference, the synthetic preference pairs (`train data synth --preference`),
+    /// β = 0.1 and no dropout (TRL's `disable_dropout`: dropout would make the policy differ
+    /// from the reference before any training).
+    fn for_dpo(method: Method) -> FinetuneConfig {
+        let lr = match method {
+            Method::Lora => 2e-3,
+            Method::Full => 2e-4,
+        };
+        FinetuneConfig {
+            task: Task::Dpo,
+            base: "runs/finetune-full/model".into(),
+            data: "data/synth-preference/train.jsonl".into(),
+            val_data: Some("data/synth-preference/test.jsonl".into()),
+            out_dir: Task::Dpo.default_out_dir(),
+            method,
+            lora_dropout: 0.0,
+            max_steps: 250,
+            lr,
+            min_lr: lr / 10.0,
+            warmup_steps: 10,
+            eval_interval: 50,
+            checkpoint_interval: 50,
+            ..FinetuneConfig::default()
+        }
+    }
+
+    /// The preference loss a `dpo` run trains with.
+    pub fn preference_loss(&self) -> crate::preference::PreferenceLoss {
+        use crate::preference::PreferenceLoss as P;
+        match self.loss_type {
+            LossType::Sigmoid => P::Sigmoid,
+            LossType::Robust => P::Robust { label_smoothing: self.label_smoothing },
+            LossType::Ipo => P::Ipo,
+            LossType::Hinge => P::Hinge,
         }
     }
 
@@ -227,6 +315,25 @@ impl FinetuneConfig {
         if self.method == Method::Lora {
             self.lora_config().validate("--lora-*")?;
         }
+        if self.task == Task::Dpo {
+            if !(self.beta.is_finite() && self.beta > 0.0) {
+                return bad("beta", format!("{} must be positive", self.beta));
+            }
+            if !(0.0..0.5).contains(&self.label_smoothing) {
+                return bad("label-smoothing", format!("{} is outside [0, 0.5)", self.label_smoothing));
+            }
+            if self.label_smoothing > 0.0 && self.loss_type != LossType::Robust {
+                return bad(
+                    "label-smoothing",
+                    "applies to --loss-type robust (TRL's conservative DPO); the other losses have none".into(),
+                );
+            }
+            if self.padding_free {
+                return bad("padding-free", "not supported for --task dpo".into());
+            }
+        } else if self.ref_model.is_some() || self.precompute_ref_log_probs {
+            return bad("ref-model", "a reference model belongs to --task dpo".into());
+        }
         Ok(())
     }
 
@@ -251,8 +358,10 @@ impl FinetuneConfig {
         let (a, b) = (as_map(self)?, as_map(other)?);
         Ok(a.iter()
             .filter(|(k, v)| {
-                !matches!(k.as_str(), "out_dir" | "max_steps" | "gradient_checkpointing" | "padding_free")
-                    && b.get(k.as_str()) != Some(*v)
+                !matches!(
+                    k.as_str(),
+                    "out_dir" | "max_steps" | "gradient_checkpointing" | "padding_free" | "precompute_ref_log_probs"
+                ) && b.get(k.as_str()) != Some(*v)
             })
             .map(|(k, v)| {
                 let here = b.get(k.as_str()).cloned().unwrap_or(serde_json::Value::Null);
@@ -513,7 +622,7 @@ impl Objective for Sft<'_> {
         let line = serde_json::json!({"step": step, "examples": picks.iter().map(|i| self.train_index[i]).collect::<Vec<_>>()});
         writeln!(self.order, "{line}").map_err(|e| Error::Msg(format!("data_order.jsonl: {e}")))?;
         let (loss, grads) = shard_grads(self.model, opt, &b.into_batch(), self.parallel_shards)?;
-        Ok(MicroBatch { loss, grads, tokens })
+        Ok(MicroBatch { loss, grads, tokens, metrics: BTreeMap::new() })
     }
 
     fn evaluate(&mut self, _rng: &mut ChaCha8Rng) -> Result<Option<Evaluation>> {
@@ -521,7 +630,13 @@ impl Objective for Sft<'_> {
             return Ok(None);
         }
         let v = self.val_loss()?;
-        Ok(Some(Evaluation { loss: v, perplexity: true, text: format!("val loss {v:.4}"), tracks_best: true }))
+        Ok(Some(Evaluation {
+            loss: v,
+            perplexity: true,
+            text: format!("val loss {v:.4}"),
+            tracks_best: true,
+            metrics: BTreeMap::new(),
+        }))
     }
 
     fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
@@ -599,6 +714,77 @@ pub fn grow_vocab(
     Ok(lmstack_core::ModelConfig::from_value(j, "finetune config")?)
 }
 
+/// Which of `n` examples are held out for validation: `val_fraction` of them (at least one
+/// when any is asked for and two or more exist), drawn with `seed`.
+pub(crate) fn held_out(n: usize, val_fraction: f64, seed: u64) -> Vec<bool> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let asked = (n as f64 * val_fraction).round() as usize;
+    let n_val = asked.max(usize::from(val_fraction > 0.0)).min(n.saturating_sub(1));
+    let mut held = vec![false; n];
+    idx[..n_val].iter().for_each(|&i| held[i] = true);
+    held
+}
+
+/// The model a finetuning run trains, and its trainable variables: every weight (`full`: a
+/// trainable copy of the base's, or the checkpoint's, the embeddings grown to `tok`'s
+/// vocabulary) or adapters on the frozen base (`lora`: the base as loaded, quantized where
+/// its file is — QLoRA on a GGUF, no f32 copy — the adapters fresh or the checkpoint's).
+/// `step` and `training` drive the adapters' dropout.
+pub(crate) fn trainable_model(
+    cfg: &FinetuneConfig,
+    base: Model,
+    tok: &lmstack_core::Tokenizer,
+    resume_from: Option<&checkpoint::Loaded>,
+    step: Arc<AtomicU64>,
+    training: Arc<AtomicBool>,
+) -> Result<(Model, BTreeMap<String, Var>)> {
+    let mut mcfg = base.config().clone();
+    if cfg.method == Method::Lora && tok.vocab_size() > mcfg.vocab_size() {
+        return Err(Error::Msg(format!(
+            "the tokenizer has {} tokens, the base model's embedding {}; LoRA cannot train new embeddings (use --method full)",
+            tok.vocab_size(),
+            mcfg.vocab_size()
+        )));
+    }
+    match cfg.method {
+        Method::Lora => {
+            let mut m = base;
+            let vars = attach_lora(&mut m, &cfg.lora_config(), cfg.seed, step, training)?;
+            if let Some(l) = resume_from {
+                for (k, v) in &vars {
+                    let t = l
+                        .weights
+                        .get(k)
+                        .ok_or_else(|| Error::Msg(format!("{}: the checkpoint has no `{k}`", l.dir.display())))?;
+                    v.set(t)?;
+                }
+            }
+            Ok((m, vars))
+        }
+        Method::Full => {
+            let mut weights: HashMap<String, Tensor> = match resume_from {
+                Some(l) => l.weights.clone(),
+                None => base.params().tensors().into_iter().collect(),
+            };
+            let dev = base.device().clone();
+            drop(base);
+            if tok.vocab_size() > mcfg.vocab_size() && resume_from.is_none() {
+                mcfg = grow_vocab(&mut weights, &mcfg, tok.vocab_size())?;
+            } else if tok.vocab_size() > mcfg.vocab_size() {
+                let mut j = mcfg.to_value();
+                j["vocab_size"] = serde_json::json!(tok.vocab_size());
+                mcfg = lmstack_core::ModelConfig::from_value(j, "finetune config")?;
+            }
+            let src = cfg.base.join("model.safetensors").display().to_string();
+            let store = ParamStore::trainable(weights, &src, None);
+            let m = Model::new(mcfg, &store, DType::F32, &dev)?;
+            let vars = m.params().vars();
+            Ok((m, vars))
+        }
+    }
+}
+
 /// Runs (or with `resume`, continues) a finetuning run.
 pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
     let resume = opts.resume;
@@ -661,14 +847,9 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
             v
         }
         None => {
-            let mut idx: Vec<usize> = (0..train.len()).collect();
-            idx.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
-            // At least one example is held out when any is asked for and two or more exist.
-            let asked = (train.len() as f64 * cfg.val_fraction).round() as usize;
-            let n_val = asked.max(usize::from(cfg.val_fraction > 0.0)).min(train.len().saturating_sub(1));
-            let val_idx: std::collections::HashSet<usize> = idx[..n_val].iter().copied().collect();
+            let held = held_out(train.len(), cfg.val_fraction, cfg.seed);
             let (v, t): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| val_idx.contains(i));
+                std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| held[*i]);
             train = t.into_iter().map(|x| x.1).collect();
             v.into_iter().map(|x| x.1).collect()
         }
@@ -696,55 +877,11 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         )));
     }
 
-    // The model: trainable everywhere (full) or frozen with trainable adapters (LoRA). LoRA
-    // takes the base as loaded: frozen, and quantized where the file is (a GGUF base: QLoRA,
-    // no f32 copy of its weights).
     let base_parameters = base.model.num_parameters();
-    let mut mcfg = base.model.config().clone();
     let step_counter = Arc::new(AtomicU64::new(0));
     let training = Arc::new(AtomicBool::new(false));
-    if cfg.method == Method::Lora && tok.vocab_size() > mcfg.vocab_size() {
-        return Err(Error::Msg(format!(
-            "the tokenizer has {} tokens, the base model's embedding {}; LoRA cannot train new embeddings (use --method full)",
-            tok.vocab_size(),
-            mcfg.vocab_size()
-        )));
-    }
-    let (mut model, vars) = match cfg.method {
-        Method::Lora => {
-            let mut m = base.model;
-            let vars = attach_lora(&mut m, &cfg.lora_config(), cfg.seed, step_counter.clone(), training.clone())?;
-            if let Some(l) = &resume_from {
-                for (k, v) in &vars {
-                    let t = l
-                        .weights
-                        .get(k)
-                        .ok_or_else(|| Error::Msg(format!("{}: the checkpoint has no `{k}`", l.dir.display())))?;
-                    v.set(t)?;
-                }
-            }
-            (m, vars)
-        }
-        Method::Full => {
-            let mut weights: HashMap<String, Tensor> = match &resume_from {
-                Some(l) => l.weights.clone(),
-                None => base.model.params().tensors().into_iter().collect(),
-            };
-            drop(base);
-            if tok.vocab_size() > mcfg.vocab_size() && resume_from.is_none() {
-                mcfg = grow_vocab(&mut weights, &mcfg, tok.vocab_size())?;
-            } else if tok.vocab_size() > mcfg.vocab_size() {
-                let mut j = mcfg.to_value();
-                j["vocab_size"] = serde_json::json!(tok.vocab_size());
-                mcfg = lmstack_core::ModelConfig::from_value(j, "finetune config")?;
-            }
-            let src = cfg.base.join("model.safetensors").display().to_string();
-            let store = ParamStore::trainable(weights, &src, None);
-            let m = Model::new(mcfg.clone(), &store, DType::F32, &dev)?;
-            let vars = m.params().vars();
-            (m, vars)
-        }
-    };
+    let (mut model, vars) =
+        trainable_model(cfg, base.model, &tok, resume_from.as_ref(), step_counter.clone(), training.clone())?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
     let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };

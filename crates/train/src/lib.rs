@@ -10,6 +10,8 @@
 //! - [`pretrain`]: pretraining (causal or masked LM on a corpus).
 //! - [`sft`], [`finetune`]: instruction data with loss masks; full and LoRA finetuning, merging.
 //! - [`classify`]: a classification head on a masked LM.
+//! - [`preference`], [`dpo`]: chosen/rejected pairs and TRL's preference losses; preference
+//!   tuning (DPO, IPO, hinge) against a reference model, full or LoRA.
 //!
 //! Depends on `lmstack-core` for tokenizers and models; knows nothing of HTTP or serving.
 #![deny(missing_docs)]
@@ -20,6 +22,7 @@ pub mod classify;
 pub mod config;
 pub mod corpus;
 pub mod data;
+pub mod dpo;
 pub mod finetune;
 pub mod optim;
 pub mod preference;

@@ -257,13 +257,13 @@ impl Objective for Pretraining<'_> {
         let (cfg, dev) = (self.cfg, self.model.device());
         let b = batches::sample_batch(self.train, cfg.batch_size, cfg.block_size, self.labels, rng, dev)?;
         let (loss, grads) = shard_grads(self.model, opt, &b, cfg.parallel_shards)?;
-        Ok(MicroBatch { loss, grads, tokens: (cfg.batch_size * cfg.block_size) as u64 })
+        Ok(MicroBatch { loss, grads, tokens: (cfg.batch_size * cfg.block_size) as u64, metrics: Default::default() })
     }
 
     fn evaluate(&mut self, rng: &mut ChaCha8Rng) -> Result<Option<Evaluation>> {
         let v = estimate(self.model, self.val, self.cfg, self.labels, self.cfg.eval_iters, rng)?;
         let text = format!("val loss {v:.4} (perplexity {:.2})", v.exp());
-        Ok(Some(Evaluation { loss: v, perplexity: true, text, tracks_best: true }))
+        Ok(Some(Evaluation { loss: v, perplexity: true, text, tracks_best: true, metrics: Default::default() }))
     }
 
     fn on_best(&mut self, _step: u64) -> Result<()> {

@@ -2,6 +2,7 @@
 //! throughput, validation loss and perplexity) and `loss.svg`, the train and validation loss
 //! curves drawn from it.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -30,12 +31,25 @@ pub struct Record {
     /// `exp(loss)` (val records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perplexity: Option<f64>,
+    /// What the task logs beside its loss, by TRL's names (a preference run's
+    /// `rewards/chosen`, `rewards/margins`, `rewards/accuracies`, `logps/chosen` …).
+    #[serde(flatten)]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 impl Record {
     /// A training record.
     pub fn train(step: u64, loss: f64, lr: f64, tokens_per_sec: Option<f64>, grad_norm: Option<f64>) -> Self {
-        Self { step, split: "train".into(), loss, lr: Some(lr), tokens_per_sec, grad_norm, perplexity: None }
+        Self {
+            step,
+            split: "train".into(),
+            loss,
+            lr: Some(lr),
+            tokens_per_sec,
+            grad_norm,
+            perplexity: None,
+            metrics: BTreeMap::new(),
+        }
     }
 
     /// A validation record; `perplexity` is `exp(loss)` when the loss is in nats per token.
@@ -48,7 +62,14 @@ impl Record {
             tokens_per_sec: None,
             grad_norm: None,
             perplexity: with_perplexity.then(|| loss.exp()),
+            metrics: BTreeMap::new(),
         }
+    }
+
+    /// The record with the task's `metrics` beside its loss.
+    pub fn with_metrics(mut self, metrics: BTreeMap<String, f64>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 

@@ -112,6 +112,9 @@ pub struct MicroBatch {
     pub grads: HashMap<String, Vec<f32>>,
     /// Training tokens it consumed (counted in [`TrainerState::tokens_seen`]).
     pub tokens: u64,
+    /// What the task logs beside the loss (means over the micro-batch), averaged like the loss
+    /// into each training record.
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// An evaluation's result.
@@ -125,6 +128,8 @@ pub struct Evaluation {
     pub text: String,
     /// Whether it competes for [`TrainerState::best_val`].
     pub tracks_best: bool,
+    /// What the task logs beside the loss, in the `val` record.
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// A training task, as the loop sees it.
@@ -237,8 +242,10 @@ impl Trainer {
         let (first_step, first_tokens) = (self.state.step, self.state.tokens_seen);
         let clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
         let accum = cfg.grad_accum.max(1);
-        // Training loss summed since the last record, steps and tokens in it, and its start.
+        // Training loss summed since the last record, steps and tokens in it, and its start;
+        // the task's metrics summed over the same steps.
         let mut window = (0.0f64, 0u64, 0u64, Instant::now());
+        let mut window_metrics: BTreeMap<String, f64> = BTreeMap::new();
         let mut interrupted = false;
         let mut side_secs = 0.0f64;
         while self.state.step < cfg.max_steps {
@@ -255,6 +262,9 @@ impl Trainer {
                 loss_sum += m.loss;
                 tokens += m.tokens;
                 optim::accumulate(&mut grads, m.grads, 1.0 / accum as f32);
+                for (k, v) in m.metrics {
+                    *window_metrics.entry(k).or_default() += v / accum as f64;
+                }
             }
             let norm = clip.map(|c| optim::clip_grad_norm(&mut grads, c));
             let loss = loss_sum / accum as f64;
@@ -275,7 +285,9 @@ impl Trainer {
             if done.is_multiple_of(cfg.log_interval.max(1)) || done == cfg.max_steps {
                 let mean = window.0 / window.1 as f64;
                 let tps = cfg.throughput.then(|| window.2 as f64 / window.3.elapsed().as_secs_f64().max(1e-9));
-                self.log.write(&Record::train(done, mean, lr, tps, norm))?;
+                let metrics =
+                    std::mem::take(&mut window_metrics).into_iter().map(|(k, v)| (k, v / window.1 as f64)).collect();
+                self.log.write(&Record::train(done, mean, lr, tps, norm).with_metrics(metrics))?;
                 bar.set_message(match tps {
                     Some(tps) => format!("loss {mean:.4} lr {lr:.2e} {tps:.0} tok/s"),
                     None => format!("loss {mean:.4} lr {lr:.2e}"),
@@ -286,7 +298,7 @@ impl Trainer {
             let side = Instant::now();
             if done.is_multiple_of(cfg.eval_interval.max(1)) || done == cfg.max_steps {
                 if let Some(e) = obj.evaluate(&mut self.state.eval_rng)? {
-                    self.log.write(&Record::val(done, e.loss, e.perplexity))?;
+                    self.log.write(&Record::val(done, e.loss, e.perplexity).with_metrics(e.metrics.clone()))?;
                     if cfg.print_evals {
                         runlog::bar_println(&bar, format!("step {done}: train loss {loss:.4}, {}", e.text));
                     }

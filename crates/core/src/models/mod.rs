@@ -496,7 +496,8 @@ impl Model {
         let (b, t) = labels.dims2()?;
         let lv = labels.flatten_all()?.to_vec1::<u32>()?;
         // Row of each scored position, in the order the scored rows go through the head.
-        let row_of: Vec<usize> = lv.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, _)| i / t).collect();
+        let row_of: Vec<usize> =
+            lv.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, _)| i / t).collect();
         let mut counts = vec![0usize; b];
         row_of.iter().for_each(|&r| counts[r] += 1);
         let row_of = std::sync::Arc::new(row_of);
@@ -563,9 +564,7 @@ impl Model {
             let (head, reduce) = (head.clone(), reduce.clone());
             let part = crate::grad::checkpoint(
                 &h.narrow(0, start, len)?,
-                std::sync::Arc::new(move |h: &Tensor| {
-                    Ok(reduce(&head(h)?, &tc, start)?)
-                }),
+                std::sync::Arc::new(move |h: &Tensor| Ok(reduce(&head(h)?, &tc, start)?)),
             )?;
             total = Some(match total {
                 Some(t) => (t + part)?,

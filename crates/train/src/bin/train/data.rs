@@ -35,9 +35,9 @@ pub(crate) enum DataSub {
 
 #[derive(Args, Debug)]
 pub(crate) struct SynthArgs {
-    /// Output directory.
-    #[arg(long, default_value = "data/synth")]
-    out: PathBuf,
+    /// Output directory [default: data/synth; with --preference, data/synth-preference].
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Tasks, comma-separated: reverse, sort, lookup, copy, add (`add` needs digits in the
     /// base model's vocabulary).
     #[arg(long, value_delimiter = ',', default_value = "reverse,sort,lookup,copy")]
@@ -120,12 +120,14 @@ pub(crate) struct DataArgs {
 fn synth_cmd(a: &SynthArgs) -> Result<ExitCode> {
     use lmstack_train::synth::{write_shaped, Shape};
     let shape = if a.preference { Shape::Preference } else { Shape::Sft };
-    let (n, m) = write_shaped(&a.out, &a.tasks, a.train, a.test, a.seed, shape)?;
+    let out =
+        a.out.clone().unwrap_or_else(|| (if a.preference { "data/synth-preference" } else { "data/synth" }).into());
+    let (n, m) = write_shaped(&out, &a.tasks, a.train, a.test, a.seed, shape)?;
     println!(
         "{n} training and {m} test {} of {} in {} (train.jsonl, test.jsonl)",
         if a.preference { "preference pairs" } else { "examples" },
         a.tasks.join(", "),
-        a.out.display()
+        out.display()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -10,19 +10,20 @@ use clap::Args;
 #[derive(Args, Debug)]
 pub(crate) struct FinetuneArgs {
     /// `sft`: instruction finetuning of a causal LM; `classify`: a classification head on a
-    /// masked LM (bert) [default: sft].
+    /// masked LM (bert); `dpo`: preference tuning on chosen/rejected pairs [default: sft].
     #[arg(long, value_enum)]
     task: Option<lmstack_train::finetune::Task>,
-    /// Base model directory [default: runs/shakespeare-char/model; classify:
-    /// runs/shakespeare-bert/model].
+    /// Base model directory (or GGUF file, LoRA only) [default: runs/shakespeare-char/model;
+    /// classify: runs/shakespeare-bert/model; dpo: runs/finetune-full/model].
     #[arg(long)]
     base: Option<PathBuf>,
     /// Training examples, JSONL [default: data/synth/train.jsonl; classify:
-    /// data/classify/train.jsonl with `{"text", "label"}` lines].
+    /// data/classify/train.jsonl with `{"text", "label"}` lines; dpo:
+    /// data/synth-preference/train.jsonl with TRL's `prompt`/`chosen`/`rejected` lines].
     #[arg(long)]
     data: Option<PathBuf>,
     /// Held-out examples (JSONL) [default: --val-fraction of --data; classify:
-    /// data/classify/test.jsonl].
+    /// data/classify/test.jsonl; dpo: data/synth-preference/test.jsonl].
     #[arg(long)]
     val_data: Option<PathBuf>,
     /// Held out for validation without --val-data [default: 0.05].
@@ -92,6 +93,23 @@ pub(crate) struct FinetuneArgs {
     /// within itself (no compute spent on padding; same loss up to rounding).
     #[arg(long)]
     padding_free: bool,
+    /// dpo: strength of the pull towards the reference model [default: 0.1].
+    #[arg(long)]
+    beta: Option<f64>,
+    /// dpo: sigmoid (DPO), robust (DPO with --label-smoothing), ipo, hinge [default: sigmoid].
+    #[arg(long, value_enum)]
+    loss_type: Option<lmstack_train::finetune::LossType>,
+    /// dpo with --loss-type robust: the assumed fraction of flipped labels [default: 0].
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// dpo: the reference model directory [default: the base; with LoRA, the base with the
+    /// adapters switched off].
+    #[arg(long)]
+    ref_model: Option<PathBuf>,
+    /// dpo: compute the reference's log-probabilities once before training instead of at every
+    /// step.
+    #[arg(long)]
+    precompute_ref_log_probs: bool,
     #[command(flatten)]
     run: crate::RunFlags,
 }
@@ -118,7 +136,11 @@ impl FinetuneArgs {
         }
         set!(task, base, data, val_fraction, out_dir, method, lora_r, lora_alpha, lora_dropout, target_modules);
         set!(chat_template, max_steps, batch_size, grad_accum, warmup_steps, weight_decay, eval_interval);
-        set!(checkpoint_interval, seed);
+        set!(checkpoint_interval, seed, beta, loss_type, label_smoothing);
+        if self.ref_model.is_some() {
+            c.ref_model = self.ref_model.clone();
+        }
+        c.precompute_ref_log_probs |= self.precompute_ref_log_probs;
         if self.val_data.is_some() {
             c.val_data = self.val_data.clone();
         }
@@ -156,6 +178,29 @@ pub(crate) fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
         );
         println!(
             "try: cargo run --release --bin train -- sample --model {} --classify \"Why dost thou weep\"",
+            s.output.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cfg.task == Task::Dpo {
+        let s = lmstack_train::dpo::run(&cfg, &opts)?;
+        if s.interrupted {
+            println!("interrupted at step {}; {resume_line}", s.steps);
+            return Ok(ExitCode::from(130));
+        }
+        let val = match (s.val_loss, s.reward_accuracy) {
+            ((before, Some(after)), Some(acc)) if !before.is_nan() => format!(
+                "held-out loss {before:.4} → {after:.4}, reward accuracy {acc:.3}, chosen answer the more likely {:.3} → {:.3}",
+                s.likelihood_accuracy.0,
+                s.likelihood_accuracy.1.unwrap_or(f64::NAN)
+            ),
+            _ => "no held-out pairs".to_owned(),
+        };
+        println!(
+            "done: {} steps, {:.0} ms/step ({:.0} training alone); {val}; wrote {}",
+            s.steps,
+            s.ms_per_step,
+            s.train_ms_per_step,
             s.output.display()
         );
         return Ok(ExitCode::SUCCESS);

@@ -1,0 +1,591 @@
+//! Preference tuning (`train finetune --task dpo`): DPO and its relatives (TRL's
+//! `DPOTrainer` `loss_type`s `sigmoid`, `robust`, `ipo`, `hinge`) on chosen/rejected pairs
+//! ([`crate::preference`]), full or LoRA, as an objective of the one training loop.
+//!
+//! Each step draws `batch_size` pairs; their chosen and rejected sequences go through the
+//! model as one padded batch per parallel slice (TRL's `concatenated_forward`), giving each
+//! answer's summed log-probability ([`Model::sequence_logps`]). The reference model's come
+//! from, in order of cost:
+//! - the run directory's `reference_logps.json`, computed once before training
+//!   (`precompute_ref_log_probs`, TRL's option of that name);
+//! - for LoRA, the same model with its adapters switched off
+//!   ([`lmstack_core::nn::without_adapters`], PEFT's `disable_adapter()`): a forward pass
+//!   without gradients and without a second copy of the weights, so a quantized GGUF base
+//!   serves as its own reference;
+//! - a frozen model: the base (full finetuning keeps its weights apart from the trained copy)
+//!   or `ref_model`, whose tokenizer must be the base's.
+//!
+//! Logged per step, as TRL logs them: the loss, `rewards/chosen`, `rewards/rejected`,
+//! `rewards/margins`, `rewards/accuracies`, `logps/chosen` and `logps/rejected`; each
+//! evaluation logs the same over the held-out pairs. Pairs whose answers are the same, and
+//! pairs longer than the model's context, are left out and counted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use lmstack_core::{Model, Pretrained, Tokenizer};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::batches::parallel_grads;
+use crate::checkpoint::TrainerState;
+use crate::finetune::{self, FinetuneConfig, Method};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::preference::{self, PairLogps, PreferenceLoss};
+use crate::runlog::{self, Record};
+use crate::sft::{self, ChatFormat, Tokenized};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions, Trainer};
+use crate::{Error, Result};
+
+/// A tokenized preference pair: the chosen and the rejected sequence, each scored on its
+/// answer alone ([`preference::tokenize_pair`]).
+#[derive(Debug, Clone)]
+pub struct PairTokens {
+    /// Prompt + chosen answer.
+    pub chosen: Tokenized,
+    /// Prompt + rejected answer.
+    pub rejected: Tokenized,
+}
+
+/// Where the reference model's log-probabilities come from.
+enum Reference<'a> {
+    /// The trained model with its adapters switched off (LoRA on the base).
+    AdaptersOff,
+    /// A frozen model: the base, or `ref_model`.
+    Frozen(&'a Model),
+    /// Computed before training: `[chosen, rejected]` per training and per held-out pair.
+    Precomputed(&'a RefLogps),
+}
+
+/// The reference's sequence log-probabilities of every pair, computed once
+/// (`reference_logps.json` in the run directory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefLogps {
+    /// The reference model they were computed with.
+    pub reference: PathBuf,
+    /// `[chosen, rejected]` of each training pair, in data order.
+    pub train: Vec<[f64; 2]>,
+    /// The same of each held-out pair.
+    pub val: Vec<[f64; 2]>,
+}
+
+/// Sequence log-probabilities of `pairs` under `model`: `[n]` chosen, `[n]` rejected (one
+/// padded batch, chosen rows first), and the answers' lengths in scored tokens.
+fn pair_logps(
+    model: &Model,
+    pairs: &[&PairTokens],
+    max_len: usize,
+    pad: u32,
+) -> Result<(Tensor, Tensor, Vec<usize>, Vec<usize>)> {
+    let n = pairs.len();
+    let rows: Vec<&Tokenized> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
+    let b = sft::batch(&rows, max_len, pad, model.device())?;
+    let (sums, counts) = model.sequence_logps(&b.inputs, &b.labels)?;
+    Ok((sums.narrow(0, 0, n)?, sums.narrow(0, n, n)?, counts[..n].to_vec(), counts[n..].to_vec()))
+}
+
+/// The reference's log-probabilities of `pairs` from a model, without gradients; `adapters_off`
+/// switches the model's adapters off for the pass.
+fn reference_pass(
+    model: &Model,
+    adapters_off: bool,
+    pairs: &[&PairTokens],
+    max_len: usize,
+    pad: u32,
+) -> Result<(Tensor, Tensor)> {
+    let pass = || lmstack_core::grad::no_grad(|| pair_logps(model, pairs, max_len, pad));
+    let (c, r, _, _) = if adapters_off { lmstack_core::nn::without_adapters(pass)? } else { pass()? };
+    Ok((c.detach(), r.detach()))
+}
+
+/// What one slice of pairs gives back besides its loss: per pair, the rewards and the policy's
+/// log-probabilities.
+#[derive(Debug, Default)]
+struct PairStats {
+    chosen_rewards: Vec<f64>,
+    rejected_rewards: Vec<f64>,
+    logps_chosen: Vec<f64>,
+    logps_rejected: Vec<f64>,
+}
+
+impl PairStats {
+    fn extend(&mut self, o: PairStats) {
+        self.chosen_rewards.extend(o.chosen_rewards);
+        self.rejected_rewards.extend(o.rejected_rewards);
+        self.logps_chosen.extend(o.logps_chosen);
+        self.logps_rejected.extend(o.logps_rejected);
+    }
+
+    /// TRL's logged means: `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
+    /// `rewards/accuracies`, `logps/chosen`, `logps/rejected`.
+    fn metrics(&self) -> BTreeMap<String, f64> {
+        let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+        let pairs = || self.chosen_rewards.iter().zip(&self.rejected_rewards);
+        let margins: Vec<f64> = pairs().map(|(c, r)| c - r).collect();
+        let wins: Vec<f64> = pairs().map(|(c, r)| f64::from(u8::from(c > r))).collect();
+        [
+            ("rewards/chosen", mean(&self.chosen_rewards)),
+            ("rewards/rejected", mean(&self.rejected_rewards)),
+            ("rewards/margins", mean(&margins)),
+            ("rewards/accuracies", mean(&wins)),
+            ("logps/chosen", mean(&self.logps_chosen)),
+            ("logps/rejected", mean(&self.logps_rejected)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    /// The fraction of pairs whose chosen answer the policy finds the more likely.
+    fn likelihood_accuracy(&self) -> f64 {
+        let wins = self.logps_chosen.iter().zip(&self.logps_rejected).filter(|(c, r)| c > r).count();
+        wins as f64 / self.logps_chosen.len().max(1) as f64
+    }
+}
+
+/// Which pairs a slice holds: training pairs by index, or held-out ones.
+#[derive(Clone, Copy)]
+enum Split {
+    Train,
+    Val,
+}
+
+/// The preference objective as the trainer sees it.
+struct Dpo<'a> {
+    model: &'a Model,
+    method: Method,
+    reference: Reference<'a>,
+    loss: PreferenceLoss,
+    beta: f64,
+    train: &'a [PairTokens],
+    val: &'a [PairTokens],
+    vars: &'a BTreeMap<String, Var>,
+    max_len: usize,
+    pad: u32,
+    batch_size: usize,
+    parallel_shards: usize,
+    /// The step adapters' dropout masks are drawn for.
+    step: Arc<AtomicU64>,
+    /// Whether adapters' dropout is on.
+    training: Arc<AtomicBool>,
+}
+
+impl Dpo<'_> {
+    /// The reference's log-probabilities of the pairs `idx` of `split`.
+    fn reference(&self, split: Split, idx: &[usize]) -> Result<(Tensor, Tensor)> {
+        let (set, pre) = match (split, &self.reference) {
+            (Split::Train, Reference::Precomputed(r)) => (self.train, Some(&r.train)),
+            (Split::Val, Reference::Precomputed(r)) => (self.val, Some(&r.val)),
+            (Split::Train, _) => (self.train, None),
+            (Split::Val, _) => (self.val, None),
+        };
+        if let Some(pre) = pre {
+            let col = |j: usize| Tensor::new(idx.iter().map(|&i| pre[i][j] as f32).collect::<Vec<_>>(), &Device::Cpu);
+            return Ok((col(0)?, col(1)?));
+        }
+        let pairs: Vec<&PairTokens> = idx.iter().map(|&i| &set[i]).collect();
+        match self.reference {
+            Reference::AdaptersOff => reference_pass(self.model, true, &pairs, self.max_len, self.pad),
+            Reference::Frozen(m) => reference_pass(m, false, &pairs, self.max_len, self.pad),
+            Reference::Precomputed(_) => unreachable!("handled above"),
+        }
+    }
+
+    /// The loss of pairs `idx` of `split` and their statistics (differentiable when gradients
+    /// are on).
+    fn pairs_loss(&self, model: &Model, split: Split, idx: &[usize]) -> Result<(Tensor, PairStats)> {
+        let set = match split {
+            Split::Train => self.train,
+            Split::Val => self.val,
+        };
+        let (ref_c, ref_r) = self.reference(split, idx)?;
+        let pairs: Vec<&PairTokens> = idx.iter().map(|&i| &set[i]).collect();
+        let (pc, pr, lc, lr) = pair_logps(model, &pairs, self.max_len, self.pad)?;
+        let out = preference::preference_loss(
+            self.loss,
+            self.beta,
+            PairLogps {
+                policy_chosen: &pc,
+                policy_rejected: &pr,
+                ref_chosen: &ref_c.to_dtype(pc.dtype())?,
+                ref_rejected: &ref_r.to_dtype(pr.dtype())?,
+                len_chosen: &lc,
+                len_rejected: &lr,
+            },
+        )?;
+        let values = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.detach().to_dtype(DType::F64)?.to_vec1()?) };
+        let stats = PairStats {
+            logps_chosen: values(&pc)?,
+            logps_rejected: values(&pr)?,
+            chosen_rewards: out.chosen_rewards,
+            rejected_rewards: out.rejected_rewards,
+        };
+        Ok((out.loss, stats))
+    }
+
+    /// Loss and statistics over the held-out pairs (no graph, adapters' dropout off).
+    fn val_stats(&self) -> Result<(f64, PairStats)> {
+        let was = self.training.swap(false, Ordering::Relaxed);
+        let frozen_copy;
+        let model = match self.method {
+            Method::Full => {
+                frozen_copy = frozen(self.model)?;
+                &frozen_copy
+            }
+            Method::Lora => self.model,
+        };
+        let result = lmstack_core::grad::no_grad(|| -> Result<(f64, PairStats)> {
+            let mut stats = PairStats::default();
+            let mut total = 0.0;
+            let idx: Vec<usize> = (0..self.val.len()).collect();
+            for chunk in idx.chunks(16) {
+                let (loss, s) = self.pairs_loss(model, Split::Val, chunk)?;
+                total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
+                stats.extend(s);
+            }
+            Ok((total / self.val.len().max(1) as f64, stats))
+        });
+        self.training.store(was, Ordering::Relaxed);
+        lmstack_core::release_free_memory();
+        result
+    }
+}
+
+impl Objective for Dpo<'_> {
+    fn micro_batch(&mut self, step: u64, opt: &AdamW, rng: &mut ChaCha8Rng) -> Result<MicroBatch> {
+        self.step.store(step, Ordering::Relaxed);
+        let k = self.batch_size.min(self.train.len());
+        let picks = rand::seq::index::sample(rng, self.train.len(), k).into_vec();
+        let (loss, grads, parts) = parallel_grads(opt, k, self.parallel_shards, |lo, hi| {
+            let (loss, stats) = self.pairs_loss(self.model, Split::Train, &picks[lo..hi])?;
+            Ok(Some((loss, hi - lo, stats)))
+        })?;
+        let mut stats = PairStats::default();
+        parts.into_iter().for_each(|s| stats.extend(s));
+        let tokens =
+            picks.iter().map(|&i| (self.train[i].chosen.n_scored() + self.train[i].rejected.n_scored()) as u64);
+        Ok(MicroBatch { loss, grads, tokens: tokens.sum(), metrics: stats.metrics() })
+    }
+
+    fn evaluate(&mut self, _rng: &mut ChaCha8Rng) -> Result<Option<Evaluation>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        let (loss, stats) = self.val_stats()?;
+        let m = stats.metrics();
+        let text = format!(
+            "val loss {loss:.4}, reward accuracy {:.3}, margin {:.3}",
+            m["rewards/accuracies"], m["rewards/margins"]
+        );
+        Ok(Some(Evaluation { loss, perplexity: false, text, tracks_best: true, metrics: m }))
+    }
+
+    fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
+}
+
+/// What a preference run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct DpoSummary {
+    /// Steps completed.
+    pub steps: u64,
+    /// Stopped early on request.
+    pub interrupted: bool,
+    /// Held-out preference loss before (the reference itself: `ln 2` for DPO) and after.
+    pub val_loss: (f64, Option<f64>),
+    /// Held-out implicit reward accuracy after training: the fraction of pairs whose chosen
+    /// answer gains more log-probability over the reference than the rejected one.
+    pub reward_accuracy: Option<f64>,
+    /// Held-out fraction of pairs whose chosen answer the model finds the more likely, before
+    /// (the base) and after.
+    pub likelihood_accuracy: (f64, Option<f64>),
+    /// Trainable parameters.
+    pub trainable_parameters: usize,
+    /// Parameters of the base model.
+    pub base_parameters: usize,
+    /// Training / held-out pairs used.
+    pub pairs: (usize, usize),
+    /// Pairs left out: the same two answers (their lines), longer than the context.
+    pub left_out: (Vec<String>, usize),
+    /// Mean wall time per step (ms), evaluations and checkpoints included.
+    pub ms_per_step: f64,
+    /// Mean wall time of the training steps alone (ms).
+    pub train_ms_per_step: f64,
+    /// Peak resident memory (MiB).
+    pub peak_rss_mib: Option<f64>,
+    /// Where the result is: `model/` or `adapter/`.
+    pub output: PathBuf,
+}
+
+/// Whether two tokenizers map the same strings to the same ids.
+fn same_vocab(a: &Tokenizer, b: &Tokenizer) -> bool {
+    a.inner().get_vocab(true) == b.inner().get_vocab(true)
+}
+
+/// Tokenized pairs of a file, with the pairs left out: ties (their `file:line`) and those
+/// longer than `max_len + 1` tokens (counted).
+fn prepare(
+    path: &Path,
+    tok: &Tokenizer,
+    fmt: &ChatFormat,
+    max_len: usize,
+) -> Result<(Vec<PairTokens>, Vec<String>, usize)> {
+    let file = preference::read_pairs(path)?;
+    let mut kept = Vec::new();
+    let mut too_long = 0;
+    for (pair, line) in file.pairs.iter().zip(&file.lines) {
+        let (chosen, rejected) = preference::tokenize_pair(pair, tok, fmt)
+            .map_err(|e| Error::Msg(format!("{}:{line}: {e}", path.display())))?;
+        if chosen.ids.len().max(rejected.ids.len()) > max_len + 1 {
+            too_long += 1;
+        } else {
+            kept.push(PairTokens { chosen, rejected });
+        }
+    }
+    let ties = file.identical.iter().map(|l| format!("{}:{l}", path.display())).collect();
+    Ok((kept, ties, too_long))
+}
+
+/// Computes the reference's log-probabilities of every pair with `model` (adapters off when
+/// `adapters_off`), in parallel chunks, without gradients.
+fn precompute(
+    model: &Model,
+    adapters_off: bool,
+    reference: &Path,
+    sets: [&[PairTokens]; 2],
+    max_len: usize,
+    pad: u32,
+) -> Result<RefLogps> {
+    use rayon::prelude::*;
+    let one = |set: &[PairTokens]| -> Result<Vec<[f64; 2]>> {
+        let chunks: Vec<&[PairTokens]> = set.chunks(8).collect();
+        let parts: Vec<Result<Vec<[f64; 2]>>> = chunks
+            .par_iter()
+            .map(|chunk| {
+                let pairs: Vec<&PairTokens> = chunk.iter().collect();
+                let (c, r) = reference_pass(model, adapters_off, &pairs, max_len, pad)?;
+                let (c, r): (Vec<f64>, Vec<f64>) =
+                    (c.to_dtype(DType::F64)?.to_vec1()?, r.to_dtype(DType::F64)?.to_vec1()?);
+                Ok(c.into_iter().zip(r).map(|(c, r)| [c, r]).collect())
+            })
+            .collect();
+        Ok(parts.into_iter().collect::<Result<Vec<_>>>()?.concat())
+    };
+    Ok(RefLogps { reference: reference.to_owned(), train: one(sets[0])?, val: one(sets[1])? })
+}
+
+/// Runs (or with `resume`, continues) a preference tuning run.
+pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
+    let resume = opts.resume;
+    cfg.validate()?;
+    if cfg.task != finetune::Task::Dpo {
+        return Err(Error::Msg("dpo::run trains --task dpo runs".into()));
+    }
+    let out = &cfg.out_dir;
+    let resume_from = finetune::prepare_run_dir(cfg, opts)?;
+    let dev = Device::Cpu;
+    let base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
+    if !base.model.config().is_causal() {
+        return Err(Error::Msg(format!(
+            "--base {}: a {} model is a masked LM; preference tuning needs a causal LM",
+            cfg.base.display(),
+            base.model.config().model_type_str()
+        )));
+    }
+    let tok = base.tokenizer.clone();
+    let ref_model = match &cfg.ref_model {
+        Some(dir) => {
+            let r = Pretrained::load(dir, DType::F32, &dev)?;
+            if !same_vocab(&r.tokenizer, &tok) {
+                return Err(Error::Msg(format!(
+                    "--ref-model {}: its tokenizer ({} tokens) is not the base's, {} ({} tokens); the reference must score the same token ids",
+                    dir.display(),
+                    r.tokenizer.vocab_size(),
+                    cfg.base.display(),
+                    tok.vocab_size()
+                )));
+            }
+            Some(r.model)
+        }
+        None => None,
+    };
+    let fmt = ChatFormat::from_spec(&cfg.chat_template, &tok)?;
+    let max_len = base.model.max_len();
+    let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
+
+    let (mut train, mut ties, mut too_long) = prepare(&cfg.data, &tok, &fmt, max_len)?;
+    let val = match &cfg.val_data {
+        Some(p) => {
+            let (v, t, l) = prepare(p, &tok, &fmt, max_len)?;
+            ties.extend(t);
+            too_long += l;
+            v
+        }
+        None => {
+            let held = finetune::held_out(train.len(), cfg.val_fraction, cfg.seed);
+            let (v, t): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| held[*i]);
+            train = t.into_iter().map(|x| x.1).collect();
+            v.into_iter().map(|x| x.1).collect()
+        }
+    };
+    if train.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no pair fits the model's context of {max_len} tokens ({too_long} longer)",
+            cfg.data.display()
+        )));
+    }
+
+    // The reference computed once, before any weight changes (a resumed run reads it back).
+    let ref_path = out.join("reference_logps.json");
+    let ref_name = cfg.ref_model.clone().unwrap_or_else(|| cfg.base.clone());
+    let precomputed: Option<RefLogps> = if resume && ref_path.is_file() {
+        let r: RefLogps = lmstack_core::io::read_json(&ref_path)?;
+        if r.train.len() != train.len() || r.val.len() != val.len() {
+            return Err(Error::Msg(format!(
+                "{}: {} training and {} held-out pairs, the data now {} and {}",
+                ref_path.display(),
+                r.train.len(),
+                r.val.len(),
+                train.len(),
+                val.len()
+            )));
+        }
+        Some(r)
+    } else if cfg.precompute_ref_log_probs {
+        let m = ref_model.as_ref().unwrap_or(&base.model);
+        let r = precompute(m, false, &ref_name, [&train, &val], max_len, pad)?;
+        lmstack_core::io::write_json(&ref_path, &r)?;
+        Some(r)
+    } else {
+        None
+    };
+
+    let base_parameters = base.model.num_parameters();
+    // Full finetuning with the base as the reference keeps a frozen copy of the base's weights
+    // (the trained model copies them into variables).
+    let base_reference = (precomputed.is_none() && ref_model.is_none() && cfg.method == Method::Full)
+        .then(|| frozen(&base.model))
+        .transpose()?;
+    let step_counter = Arc::new(AtomicU64::new(0));
+    let training = Arc::new(AtomicBool::new(false));
+    let (mut model, vars) =
+        finetune::trainable_model(cfg, base.model, &tok, resume_from.as_ref(), step_counter.clone(), training.clone())?;
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
+    let reference = match (&precomputed, &ref_model, &base_reference) {
+        (Some(r), _, _) => Reference::Precomputed(r),
+        (None, Some(m), _) | (None, None, Some(m)) => Reference::Frozen(m),
+        (None, None, None) => Reference::AdaptersOff,
+    };
+    let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
+    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
+    let resumed = resume_from.map(|l| (l.state, l.optimizer));
+    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
+    let mut trainer = Trainer::new(out, vars.clone(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
+    let mut objective = Dpo {
+        model: &model,
+        method: cfg.method,
+        reference,
+        loss: cfg.preference_loss(),
+        beta: cfg.beta,
+        train: &train,
+        val: &val,
+        vars: &vars,
+        max_len,
+        pad,
+        batch_size: cfg.batch_size,
+        parallel_shards: cfg.parallel_shards,
+        step: step_counter,
+        training: training.clone(),
+    };
+    // Before: the held-out loss and likelihood accuracy of the starting point. A resumed run
+    // reads the loss its log recorded at step 0.
+    let logged = if resume { runlog::initial_val(trainer.log.path())? } else { None };
+    let (base_val, base_likelihood) = match logged {
+        _ if val.is_empty() => (f64::NAN, f64::NAN),
+        Some(v) => (v, f64::NAN),
+        None => {
+            let (loss, stats) = objective.val_stats()?;
+            if !resume {
+                trainer.log.write(&Record::val(0, loss, false).with_metrics(stats.metrics()))?;
+            }
+            (loss, stats.likelihood_accuracy())
+        }
+    };
+    let reference_line = match &objective.reference {
+        Reference::Precomputed(_) => format!("{} (precomputed)", ref_name.display()),
+        Reference::AdaptersOff => format!("{} (adapters off)", cfg.base.display()),
+        Reference::Frozen(_) => ref_name.display().to_string(),
+    };
+    println!(
+        "{:?} preference tuning ({:?}, beta {}) of {} ({} parameters; {} trainable): {} train / {} held-out pairs ({} left out: {} with the same answers, {} longer than {max_len} tokens); reference {reference_line}",
+        cfg.method,
+        cfg.loss_type,
+        cfg.beta,
+        cfg.base.display(),
+        base_parameters,
+        trainable_parameters,
+        train.len(),
+        val.len(),
+        ties.len() + too_long,
+        ties.len(),
+        too_long,
+    );
+    if !val.is_empty() && !base_likelihood.is_nan() {
+        println!(
+            "held-out: loss {base_val:.4}; the model prefers the chosen answer of {:.1}% of pairs",
+            100.0 * base_likelihood
+        );
+    }
+    if resume {
+        println!("resuming at step {} of {}", trainer.state.step, cfg.max_steps);
+    }
+
+    let loop_cfg = cfg.loop_config();
+    training.store(true, Ordering::Relaxed);
+    let outcome = trainer.run(&loop_cfg, &mut objective)?;
+    training.store(false, Ordering::Relaxed);
+    let title = format!("{:?} preference tuning ({:?}), {} steps", cfg.method, cfg.loss_type, trainer.state.step);
+    trainer.write_loss_plot(out, &title)?;
+    let after = if outcome.interrupted || val.is_empty() { None } else { Some(objective.val_stats()?) };
+    let output = match cfg.method {
+        Method::Full => {
+            let dir = out.join("model");
+            let mut tok = tok.clone();
+            if let Some(src) = fmt.source() {
+                tok.set_chat_template(Some(src.to_owned()));
+            }
+            Pretrained { model: frozen(&model)?, tokenizer: tok, dir: None }.save(&dir)?;
+            dir
+        }
+        Method::Lora => {
+            let dir = out.join("adapter");
+            finetune::save_adapter(&dir, &cfg.lora_config(), &vars)?;
+            for lin in model.linears_mut() {
+                lin.set_adapter(None);
+            }
+            dir
+        }
+    };
+    let summary = DpoSummary {
+        steps: trainer.state.step,
+        interrupted: outcome.interrupted,
+        val_loss: (base_val, after.as_ref().map(|a| a.0)),
+        reward_accuracy: after.as_ref().map(|a| a.1.metrics()["rewards/accuracies"]),
+        likelihood_accuracy: (base_likelihood, after.as_ref().map(|a| a.1.likelihood_accuracy())),
+        trainable_parameters,
+        base_parameters,
+        pairs: (train.len(), val.len()),
+        left_out: (ties, too_long),
+        ms_per_step: outcome.ms_per_step(),
+        train_ms_per_step: outcome.train_ms_per_step(),
+        peak_rss_mib: peak_rss_mib(),
+        output,
+    };
+    lmstack_core::io::write_json(&out.join("summary.json"), &summary)?;
+    Ok(summary)
+}

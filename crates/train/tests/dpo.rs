@@ -1,0 +1,301 @@
+//! Preference tuning (`finetune --task dpo`): the DPO loss through LoRA against the base with its
+//! adapters off (gradients match finite differences), and `dpo::run` end to end: the held-out
+//! preference is learned, TRL's metrics are logged, a crash-and-resume run equals the
+//! uninterrupted one, ties and over-long pairs are counted, bad settings are refused.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use lmstack_core::lora::{LoraConfig, TargetModules};
+use lmstack_core::{Model, ModelConfig, Pretrained, Tokenizer};
+use lmstack_train::dpo;
+use lmstack_train::finetune::{self, FinetuneConfig, LossType, Method, Task};
+use lmstack_train::preference::{self, PairLogps, PreferenceLoss};
+use lmstack_train::sft::{self, ChatFormat};
+use lmstack_train::trainer::RunOptions;
+
+const CHARS: &str = "abcdefghijklmnopqrstuvwxyz :.?\n";
+
+fn tiny(dir: &Path, arch: &str, seed: u64, chars: &str) -> Pretrained {
+    let tok = Tokenizer::from_chars(chars.chars()).unwrap();
+    let v = tok.vocab_size();
+    let cfg = match arch {
+        "gpt2" => format!(
+            r#"{{"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 2, "n_positions": 32, "vocab_size": {v}}}"#
+        ),
+        _ => format!(
+            r#"{{"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32, "vocab_size": {v}, "tie_word_embeddings": false}}"#
+        ),
+    };
+    let model = Model::init(ModelConfig::from_json(&cfg, "t").unwrap(), seed, DType::F32, &Device::Cpu).unwrap();
+    Pretrained { model, tokenizer: tok, dir: None }.save(dir).unwrap();
+    Pretrained::load(dir, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// 64 pairs "copy: a b" → chosen "a b.", rejected "a b?" (a preference that carries over to
+/// held-out prompts); then a tie and a pair longer than the context of 32.
+fn write_pairs(dir: &Path) {
+    let words = ["cat", "dog", "sun", "sea", "owl", "fig", "oak", "elk"];
+    let mut s = String::new();
+    for i in 0..64 {
+        let (a, b) = (words[i % 8], words[(i % 8 + 1 + (i / 8) % 7) % 8]);
+        let line = serde_json::json!({"prompt": format!("copy: {a} {b}\n"), "chosen": format!("{a} {b}."), "rejected": format!("{a} {b}?")});
+        s.push_str(&format!("{line}\n"));
+    }
+    s.push_str("{\"prompt\": \"copy: owl owl\\n\", \"chosen\": \"owl owl\", \"rejected\": \"owl owl\"}\n");
+    s.push_str(&format!("{}\n", serde_json::json!({"prompt": "copy: ".repeat(8), "chosen": "a", "rejected": "b"})));
+    std::fs::write(dir.join("pairs.jsonl"), s).unwrap();
+}
+
+fn cfg(dir: &Path, method: Method, out: &str, steps: u64) -> FinetuneConfig {
+    FinetuneConfig {
+        base: dir.join("base"),
+        data: dir.join("pairs.jsonl"),
+        val_data: None,
+        val_fraction: 0.25,
+        out_dir: dir.join(out),
+        max_steps: steps,
+        batch_size: 8,
+        lr: 2e-2,
+        min_lr: 2e-3,
+        warmup_steps: 2,
+        eval_interval: 10,
+        checkpoint_interval: 10,
+        chat_template: "plain".into(),
+        target_modules: vec!["c_attn".into(), "c_fc".into(), "lm_head".into()],
+        ..FinetuneConfig::for_task(Task::Dpo, Some(method))
+    }
+}
+
+fn opts(resume: bool) -> RunOptions {
+    RunOptions { resume, ..Default::default() }
+}
+
+/// The DPO loss of a LoRA model against the same model with its adapters off: the reference is
+/// the base exactly (a model without adapters gives the same log-probabilities), and the
+/// gradients in A and B agree with finite differences.
+#[test]
+fn dpo_through_lora_against_the_base_matches_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(dir.path(), "llama", 3, CHARS);
+    let tok = p.tokenizer.clone();
+    let plain = Pretrained::load(dir.path(), DType::F32, &Device::Cpu).unwrap().model;
+    let mut model = p.model;
+    let lora: LoraConfig = serde_json::from_value(
+        serde_json::json!({"r": 2, "lora_alpha": 4.0, "target_modules": TargetModules::Special("all-linear".into())}),
+    )
+    .unwrap();
+    let vars =
+        finetune::attach_lora(&mut model, &lora, 1, Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)))
+            .unwrap();
+    // B ≠ 0, so the policy differs from the reference and A gets gradients.
+    for (k, v) in &vars {
+        if k.ends_with("lora_B.weight") {
+            let (o, r) = v.dims2().unwrap();
+            let vals: Vec<f32> = (0..o * r).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.05).collect();
+            v.set(&Tensor::from_vec(vals, (o, r), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let fmt = ChatFormat::from_spec("plain", &tok).unwrap();
+    let pairs: Vec<_> = [("copy: cat dog\n", "cat dog", "dog cat"), ("copy: sun\n", "sun", "sea oak")]
+        .iter()
+        .map(|(p, c, r)| {
+            let pair = preference::Pair {
+                prompt: preference::Turns::Text(p.to_string()),
+                chosen: preference::Turns::Text(c.to_string()),
+                rejected: preference::Turns::Text(r.to_string()),
+            };
+            preference::tokenize_pair(&pair, &tok, &fmt).unwrap()
+        })
+        .collect();
+    let rows: Vec<&sft::Tokenized> = pairs.iter().map(|p| &p.0).chain(pairs.iter().map(|p| &p.1)).collect();
+    let b = sft::batch(&rows, 32, 0, &Device::Cpu).unwrap();
+    let (reference, counts) = lmstack_core::grad::no_grad(|| {
+        lmstack_core::nn::without_adapters(|| model.sequence_logps(&b.inputs, &b.labels))
+    })
+    .unwrap();
+    let (base, _) = plain.sequence_logps(&b.inputs, &b.labels).unwrap();
+    let (r, bv): (Vec<f32>, Vec<f32>) = (reference.to_vec1().unwrap(), base.to_vec1().unwrap());
+    assert!(r.iter().zip(&bv).all(|(a, b)| (a - b).abs() < 1e-5), "adapters off {r:?} vs base {bv:?}");
+    let loss_of = |kind: PreferenceLoss| -> Tensor {
+        let (s, _) = model.sequence_logps(&b.inputs, &b.labels).unwrap();
+        let (lc, lr) = (counts[..2].to_vec(), counts[2..].to_vec());
+        preference::preference_loss(
+            kind,
+            0.5,
+            PairLogps {
+                policy_chosen: &s.narrow(0, 0, 2).unwrap(),
+                policy_rejected: &s.narrow(0, 2, 2).unwrap(),
+                ref_chosen: &reference.narrow(0, 0, 2).unwrap(),
+                ref_rejected: &reference.narrow(0, 2, 2).unwrap(),
+                len_chosen: &lc,
+                len_rejected: &lr,
+            },
+        )
+        .unwrap()
+        .loss
+    };
+    for kind in [PreferenceLoss::Sigmoid, PreferenceLoss::Ipo] {
+        let loss = loss_of(kind);
+        let grads = loss.backward().unwrap();
+        for key in [
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight",
+        ] {
+            let v = &vars[key];
+            let g: Vec<f32> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(g.iter().any(|x| *x != 0.0), "{kind:?} {key}: zero gradient");
+            let orig = v.as_tensor().copy().unwrap();
+            let flat: Vec<f32> = orig.flatten_all().unwrap().to_vec1().unwrap();
+            let i = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
+            let eps = 1e-2f32;
+            let at = |delta: f32| -> f64 {
+                let mut w = flat.clone();
+                w[i] += delta;
+                v.set(&Tensor::from_vec(w, orig.shape(), &Device::Cpu).unwrap()).unwrap();
+                loss_of(kind).to_scalar::<f32>().unwrap() as f64
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            v.set(&orig).unwrap();
+            assert!(
+                (fd - g[i] as f64).abs() < 1e-3 + 0.03 * fd.abs(),
+                "{kind:?} {key}: analytic {} vs numeric {fd}",
+                g[i]
+            );
+        }
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in std::fs::read_dir(src).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn lora_dpo_learns_the_preference_logs_trl_metrics_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(&dir.path().join("base"), "gpt2", 7, CHARS);
+    write_pairs(dir.path());
+    let c = FinetuneConfig { precompute_ref_log_probs: true, ..cfg(dir.path(), Method::Lora, "lora", 20) };
+    let s = dpo::run(&c, &opts(false)).unwrap();
+    // The tie and the pair longer than the context are left out and reported.
+    assert_eq!(s.left_out.0.len(), 1, "{s:?}");
+    assert!(s.left_out.0[0].ends_with("pairs.jsonl:65"), "{s:?}");
+    assert_eq!(s.left_out.1, 1, "{s:?}");
+    assert_eq!(s.pairs, (48, 16));
+    // Before training the policy is the reference: DPO's loss is ln 2.
+    assert!((s.val_loss.0 - std::f64::consts::LN_2).abs() < 1e-6, "{s:?}");
+    let after = s.val_loss.1.unwrap();
+    assert!(after < 0.5, "held-out loss {} → {after}", s.val_loss.0);
+    assert!(s.reward_accuracy.unwrap() >= 0.9, "{s:?}");
+    // TRL's metrics in every training record and in the evaluations.
+    let log = std::fs::read_to_string(dir.path().join("lora/metrics.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for r in &records {
+        for k in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            assert!(r[k].as_f64().is_some_and(f64::is_finite), "{k} missing from {r}");
+        }
+        let (m, c, rj) = (
+            r["rewards/margins"].as_f64().unwrap(),
+            r["rewards/chosen"].as_f64().unwrap(),
+            r["rewards/rejected"].as_f64().unwrap(),
+        );
+        assert!((m - (c - rj)).abs() < 1e-9, "{r}");
+    }
+    let last_train = records.iter().rev().find(|r| r["split"] == "train").unwrap();
+    assert!(last_train["rewards/margins"].as_f64().unwrap() > 0.5, "{last_train}");
+    assert!(dir.path().join("lora/adapter/adapter_model.safetensors").is_file());
+    assert!(dir.path().join("lora/reference_logps.json").is_file());
+
+    // A crash after step 10: the step-10 checkpoint alone, resumed, gives the same adapter.
+    let copy = dir.path().join("crashed");
+    for f in ["finetune.json", "metrics.jsonl", "reference_logps.json"] {
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::copy(dir.path().join("lora").join(f), copy.join(f)).unwrap();
+    }
+    copy_dir(&dir.path().join("lora/checkpoints/step-0000010"), &copy.join("checkpoints/step-0000010"));
+    std::fs::write(copy.join("checkpoints/latest"), "step-0000010\n").unwrap();
+    let c2 = FinetuneConfig { out_dir: copy.clone(), ..c.clone() };
+    let mut json: serde_json::Value = lmstack_core::io::read_json(&copy.join("finetune.json")).unwrap();
+    json["out_dir"] = serde_json::json!(copy);
+    std::fs::write(copy.join("finetune.json"), json.to_string()).unwrap();
+    dpo::run(&c2, &opts(true)).unwrap();
+    let load =
+        |d: &Path| candle_core::safetensors::load(d.join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let (a, b) = (load(&dir.path().join("lora")), load(&copy));
+    for (k, t) in &a {
+        let d = (t - &b[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{k} differs after resuming");
+    }
+}
+
+/// Online references give the precomputed reference's result: LoRA with adapters off, full
+/// finetuning with a frozen copy of the base.
+#[test]
+fn online_and_precomputed_references_train_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(&dir.path().join("base"), "llama", 5, CHARS);
+    write_pairs(dir.path());
+    for method in [Method::Lora, Method::Full] {
+        let lr = if method == Method::Full { 5e-3 } else { 2e-2 };
+        let online = cfg(dir.path(), method, &format!("{method:?}-online"), 6);
+        let online = FinetuneConfig { lr, min_lr: lr / 10.0, ..online };
+        let pre = FinetuneConfig {
+            precompute_ref_log_probs: true,
+            out_dir: dir.path().join(format!("{method:?}-pre")),
+            ..online.clone()
+        };
+        let a = dpo::run(&online, &opts(false)).unwrap();
+        let b = dpo::run(&pre, &opts(false)).unwrap();
+        let (la, lb) = (a.val_loss.1.unwrap(), b.val_loss.1.unwrap());
+        assert!((la - lb).abs() < 1e-4, "{method:?}: online {la} vs precomputed {lb}");
+        assert!(la < a.val_loss.0, "{method:?}: {a:?}");
+    }
+}
+
+#[test]
+fn bad_settings_and_a_reference_with_another_tokenizer_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(&dir.path().join("base"), "gpt2", 7, CHARS);
+    tiny(&dir.path().join("other"), "gpt2", 7, "abcdefghijklmnopqrstuvwxyz :.?\n!");
+    write_pairs(dir.path());
+    let c = cfg(dir.path(), Method::Lora, "bad", 2);
+    let err = |c: FinetuneConfig| dpo::run(&c, &opts(false)).unwrap_err().to_string();
+    let e = err(FinetuneConfig { ref_model: Some(dir.path().join("other")), ..c.clone() });
+    assert!(e.contains("--ref-model") && e.contains("other") && e.contains("base"), "{e}");
+    let e = err(FinetuneConfig { beta: 0.0, ..c.clone() });
+    assert!(e.contains("--beta"), "{e}");
+    let e = err(FinetuneConfig { label_smoothing: 0.1, ..c.clone() });
+    assert!(e.contains("--label-smoothing") && e.contains("robust"), "{e}");
+    let e = err(FinetuneConfig { label_smoothing: 0.6, loss_type: LossType::Robust, ..c.clone() });
+    assert!(e.contains("--label-smoothing"), "{e}");
+    // A bad line names file:line and the field.
+    std::fs::write(dir.path().join("bad.jsonl"), "{\"prompt\": \"a\", \"chosen\": \"b\"}\n").unwrap();
+    let e = err(FinetuneConfig { data: dir.path().join("bad.jsonl"), ..c.clone() });
+    assert!(e.contains("bad.jsonl:1") && e.contains("rejected"), "{e}");
+    // Robust DPO and IPO train too (finite, falling losses).
+    for loss_type in [LossType::Robust, LossType::Ipo, LossType::Hinge] {
+        let c = FinetuneConfig {
+            loss_type,
+            label_smoothing: if loss_type == LossType::Robust { 0.1 } else { 0.0 },
+            out_dir: dir.path().join(format!("{loss_type:?}")),
+            max_steps: 8,
+            ..c.clone()
+        };
+        let s = dpo::run(&c, &opts(false)).unwrap();
+        let (before, after) = (s.val_loss.0, s.val_loss.1.unwrap());
+        assert!(after.is_finite() && after < before, "{loss_type:?}: {before} → {after}");
+    }
+}

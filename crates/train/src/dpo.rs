@@ -160,6 +160,8 @@ struct Dpo<'a> {
     reference: Reference<'a>,
     loss: PreferenceLoss,
     beta: f64,
+    /// Weight of the chosen answers' token NLL added to the loss.
+    sft_weight: f64,
     train: &'a [PairTokens],
     val: &'a [PairTokens],
     vars: &'a BTreeMap<String, Var>,
@@ -216,6 +218,13 @@ impl Dpo<'_> {
                 len_rejected: &lr,
             },
         )?;
+        // TRL's "sft" loss: the mean negative log-likelihood of the chosen answers' tokens.
+        let loss = if self.sft_weight > 0.0 {
+            let nll = (pc.sum_all()?.neg()? / lc.iter().sum::<usize>().max(1) as f64)?;
+            (out.loss + (nll * self.sft_weight)?)?
+        } else {
+            out.loss
+        };
         let values = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.detach().to_dtype(DType::F64)?.to_vec1()?) };
         let stats = PairStats {
             logps_chosen: values(&pc)?,
@@ -223,7 +232,7 @@ impl Dpo<'_> {
             chosen_rewards: out.chosen_rewards,
             rejected_rewards: out.rejected_rewards,
         };
-        Ok((out.loss, stats))
+        Ok((loss, stats))
     }
 
     /// Loss and statistics over the held-out pairs (no graph, adapters' dropout off).
@@ -492,6 +501,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         reference,
         loss: cfg.preference_loss(),
         beta: cfg.beta,
+        sft_weight: cfg.sft_weight,
         train: &train,
         val: &val,
         vars: &vars,

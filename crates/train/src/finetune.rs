@@ -161,6 +161,11 @@ pub struct FinetuneConfig {
     /// `dpo` with `loss_type` `robust`: the assumed fraction ε of flipped labels.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// `dpo`: weight of the chosen answers' mean token negative log-likelihood added to the
+    /// preference loss (TRL's `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, w]`; RPO's
+    /// `rpo_alpha`): it keeps the chosen answers likely while the margin grows.
+    #[serde(default)]
+    pub sft_weight: f64,
     /// `dpo`: the reference model (a model directory with the base's tokenizer); without it
     /// the base is the reference (LoRA: the base with the adapters switched off, no second
     /// copy of its weights).
@@ -205,6 +210,7 @@ impl Default for FinetuneConfig {
             beta: default_beta(),
             loss_type: LossType::Sigmoid,
             label_smoothing: 0.0,
+            sft_weight: 0.0,
             ref_model: None,
             precompute_ref_log_probs: false,
         }
@@ -251,23 +257,28 @@ impl FinetuneConfig {
         }
     }
 
-    /// A `dpo` run's defaults: the full SFT model of the README's walk-through as the base
-    /// and the reference, the synthetic preference pairs (`train data synth --preference`),
-    /// β = 0.1 and no dropout (TRL's `disable_dropout`: dropout would make the policy differ
-    /// from the reference before any training).
+    /// A `dpo` run's defaults: the README's SFT model (`runs/finetune-merged`: the LoRA
+    /// adapter of `train finetune` merged into its base by `train merge`) as the base and the
+    /// reference, the synthetic preference pairs (`train data synth --preference`), no
+    /// dropout (TRL's `disable_dropout`: dropout would make the policy differ from the
+    /// reference before any training), and β = 0.5 with the chosen answers' NLL at weight 1:
+    /// on that model DPO alone (TRL's β = 0.1) widens the margin by making the chosen answers
+    /// unlikely too, and its greedy answers get worse (docs/finetuning.md).
     fn for_dpo(method: Method) -> FinetuneConfig {
         let lr = match method {
-            Method::Lora => 2e-3,
-            Method::Full => 2e-4,
+            Method::Lora => 1e-3,
+            Method::Full => 1e-4,
         };
         FinetuneConfig {
             task: Task::Dpo,
-            base: "runs/finetune-full/model".into(),
+            base: "runs/finetune-merged".into(),
             data: "data/synth-preference/train.jsonl".into(),
             val_data: Some("data/synth-preference/test.jsonl".into()),
             out_dir: Task::Dpo.default_out_dir(),
             method,
             lora_dropout: 0.0,
+            beta: 0.5,
+            sft_weight: 1.0,
             max_steps: 250,
             lr,
             min_lr: lr / 10.0,
@@ -327,6 +338,9 @@ impl FinetuneConfig {
                     "label-smoothing",
                     "applies to --loss-type robust (TRL's conservative DPO); the other losses have none".into(),
                 );
+            }
+            if !(self.sft_weight.is_finite() && self.sft_weight >= 0.0) {
+                return bad("sft-weight", format!("{} must be 0 or more", self.sft_weight));
             }
             if self.padding_free {
                 return bad("padding-free", "not supported for --task dpo".into());

@@ -65,6 +65,8 @@ fn cfg(dir: &Path, method: Method, out: &str, steps: u64) -> FinetuneConfig {
         checkpoint_interval: 10,
         chat_template: "plain".into(),
         target_modules: vec!["c_attn".into(), "c_fc".into(), "lm_head".into()],
+        beta: 0.1,
+        sft_weight: 0.0,
         ..FinetuneConfig::for_task(Task::Dpo, Some(method))
     }
 }
@@ -285,6 +287,15 @@ fn bad_settings_and_a_reference_with_another_tokenizer_are_refused() {
     std::fs::write(dir.path().join("bad.jsonl"), "{\"prompt\": \"a\", \"chosen\": \"b\"}\n").unwrap();
     let e = err(FinetuneConfig { data: dir.path().join("bad.jsonl"), ..c.clone() });
     assert!(e.contains("bad.jsonl:1") && e.contains("rejected"), "{e}");
+    // The chosen answers' NLL adds to the loss (a random model's is about ln 31 a token).
+    let s = dpo::run(
+        &FinetuneConfig { sft_weight: 1.0, out_dir: dir.path().join("sft"), max_steps: 4, ..c.clone() },
+        &opts(false),
+    )
+    .unwrap();
+    assert!(s.val_loss.0 > std::f64::consts::LN_2 + 2.0, "{s:?}");
+    let e = err(FinetuneConfig { sft_weight: -1.0, ..c.clone() });
+    assert!(e.contains("--sft-weight"), "{e}");
     // Robust DPO and IPO train too (finite, falling losses).
     for loss_type in [LossType::Robust, LossType::Ipo, LossType::Hinge] {
         let c = FinetuneConfig {

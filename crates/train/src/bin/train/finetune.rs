@@ -14,7 +14,7 @@ pub(crate) struct FinetuneArgs {
     #[arg(long, value_enum)]
     task: Option<lmstack_train::finetune::Task>,
     /// Base model directory (or GGUF file, LoRA only) [default: runs/shakespeare-char/model;
-    /// classify: runs/shakespeare-bert/model; dpo: runs/finetune-full/model].
+    /// classify: runs/shakespeare-bert/model; dpo: runs/finetune-merged].
     #[arg(long)]
     base: Option<PathBuf>,
     /// Training examples, JSONL [default: data/synth/train.jsonl; classify:
@@ -56,7 +56,7 @@ pub(crate) struct FinetuneArgs {
     /// Also score the prompt tokens.
     #[arg(long)]
     train_on_inputs: bool,
-    /// Optimizer steps [default: 1500; classify: 600].
+    /// Optimizer steps [default: 1500; classify: 600; dpo: 250, an epoch of the synthetic pairs].
     #[arg(long)]
     max_steps: Option<u64>,
     /// Examples per micro-batch [default: 16].
@@ -66,7 +66,7 @@ pub(crate) struct FinetuneArgs {
     #[arg(long)]
     grad_accum: Option<usize>,
     /// Peak learning rate; the cosine ends at a tenth of it [default: 5e-3 for LoRA, 1e-3 for
-    /// full, 1e-4 for classify].
+    /// full, 1e-4 for classify; dpo: 1e-3 for LoRA, 1e-4 for full].
     #[arg(long)]
     lr: Option<f64>,
     /// Warmup steps [default: 20].
@@ -93,7 +93,7 @@ pub(crate) struct FinetuneArgs {
     /// within itself (no compute spent on padding; same loss up to rounding).
     #[arg(long)]
     padding_free: bool,
-    /// dpo: strength of the pull towards the reference model [default: 0.1].
+    /// dpo: strength of the pull towards the reference model [default: 0.5].
     #[arg(long)]
     beta: Option<f64>,
     /// dpo: sigmoid (DPO), robust (DPO with --label-smoothing), ipo, hinge [default: sigmoid].
@@ -102,6 +102,10 @@ pub(crate) struct FinetuneArgs {
     /// dpo with --loss-type robust: the assumed fraction of flipped labels [default: 0].
     #[arg(long)]
     label_smoothing: Option<f64>,
+    /// dpo: weight of the chosen answers' token NLL added to the loss (TRL's "sft" loss_type
+    /// beside "sigmoid"; RPO) [default: 1].
+    #[arg(long)]
+    sft_weight: Option<f64>,
     /// dpo: the reference model directory [default: the base; with LoRA, the base with the
     /// adapters switched off].
     #[arg(long)]
@@ -136,7 +140,7 @@ impl FinetuneArgs {
         }
         set!(task, base, data, val_fraction, out_dir, method, lora_r, lora_alpha, lora_dropout, target_modules);
         set!(chat_template, max_steps, batch_size, grad_accum, warmup_steps, weight_decay, eval_interval);
-        set!(checkpoint_interval, seed, beta, loss_type, label_smoothing);
+        set!(checkpoint_interval, seed, beta, loss_type, label_smoothing, sft_weight);
         if self.ref_model.is_some() {
             c.ref_model = self.ref_model.clone();
         }

@@ -171,6 +171,9 @@ pub fn shard_grads(
     Ok((loss, grads))
 }
 
+/// Gradients by trainable parameter name.
+pub type Grads = HashMap<String, Vec<f32>>;
+
 /// The data-parallel step every objective shares: `items` (a micro-batch's examples) cut into
 /// `shards` contiguous slices, each run on its own core by `part(lo, hi)` (a forward pass
 /// returning the slice's mean loss, its weight — the scored tokens or examples it averages
@@ -183,7 +186,7 @@ pub fn parallel_grads<T: Send>(
     items: usize,
     shards: usize,
     part: impl Fn(usize, usize) -> Result<Option<(Tensor, usize, T)>> + Sync,
-) -> Result<(f64, HashMap<String, Vec<f32>>, Vec<T>)> {
+) -> Result<(f64, Grads, Vec<T>)> {
     use rayon::prelude::*;
     let shards = shards.clamp(1, items.max(1));
     let bounds: Vec<(usize, usize)> = (0..shards).map(|i| (i * items / shards, (i + 1) * items / shards)).collect();

@@ -562,25 +562,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
     let title = format!("{:?} preference tuning ({:?}), {} steps", cfg.method, cfg.loss_type, trainer.state.step);
     trainer.write_loss_plot(out, &title)?;
     let after = if outcome.interrupted || val.is_empty() { None } else { Some(objective.val_stats()?) };
-    let output = match cfg.method {
-        Method::Full => {
-            let dir = out.join("model");
-            let mut tok = tok.clone();
-            if let Some(src) = fmt.source() {
-                tok.set_chat_template(Some(src.to_owned()));
-            }
-            Pretrained { model: frozen(&model)?, tokenizer: tok, dir: None }.save(&dir)?;
-            dir
-        }
-        Method::Lora => {
-            let dir = out.join("adapter");
-            finetune::save_adapter(&dir, &cfg.lora_config(), &vars)?;
-            for lin in model.linears_mut() {
-                lin.set_adapter(None);
-            }
-            dir
-        }
-    };
+    let output = finetune::write_result(cfg, &mut model, tok, &fmt, &vars)?;
     let summary = DpoSummary {
         steps: trainer.state.step,
         interrupted: outcome.interrupted,

@@ -961,25 +961,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
     let title = format!("{:?} finetuning, {} steps", cfg.method, trainer.state.step);
     trainer.write_loss_plot(out, &title)?;
     let final_val = if outcome.interrupted || val.is_empty() { None } else { Some(objective.val_loss()?) };
-    let output = match cfg.method {
-        Method::Full => {
-            let dir = out.join("model");
-            if let Some(src) = fmt.source() {
-                tok.set_chat_template(Some(src.to_owned()));
-            }
-            Pretrained { model: frozen(&model)?, tokenizer: tok, dir: None }.save(&dir)?;
-            dir
-        }
-        Method::Lora => {
-            let dir = out.join("adapter");
-            save_adapter(&dir, &cfg.lora_config(), &vars)?;
-            // Detach the adapters so the frozen model can be dropped cleanly.
-            for lin in model.linears_mut() {
-                lin.set_adapter(None);
-            }
-            dir
-        }
-    };
+    let output = write_result(cfg, &mut model, tok, &fmt, &vars)?;
     let summary = FinetuneSummary {
         steps: trainer.state.step,
         interrupted: outcome.interrupted,
@@ -995,6 +977,37 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
     };
     lmstack_core::io::write_json(&out.join("summary.json"), &summary)?;
     Ok(summary)
+}
+
+/// Writes a finetuning run's result into its directory and returns where: `model/` (full: a
+/// complete model directory, its tokenizer carrying the chat template `fmt` trained with) or
+/// `adapter/` (LoRA: PEFT's files; the adapters are then detached from `model`).
+pub(crate) fn write_result(
+    cfg: &FinetuneConfig,
+    model: &mut Model,
+    mut tok: lmstack_core::Tokenizer,
+    fmt: &ChatFormat,
+    vars: &BTreeMap<String, Var>,
+) -> Result<PathBuf> {
+    match cfg.method {
+        Method::Full => {
+            let dir = cfg.out_dir.join("model");
+            if let Some(src) = fmt.source() {
+                tok.set_chat_template(Some(src.to_owned()));
+            }
+            Pretrained { model: frozen(model)?, tokenizer: tok, dir: None }.save(&dir)?;
+            Ok(dir)
+        }
+        Method::Lora => {
+            let dir = cfg.out_dir.join("adapter");
+            save_adapter(&dir, &cfg.lora_config(), vars)?;
+            // Detach the adapters so the frozen model can be dropped cleanly.
+            for lin in model.linears_mut() {
+                lin.set_adapter(None);
+            }
+            Ok(dir)
+        }
+    }
 }
 
 /// `train merge`: folds a PEFT adapter into its base and writes a complete model directory.

@@ -77,6 +77,9 @@ pub struct SeqStep<'a> {
     pub all_logits: bool,
 }
 
+/// What [`Model`]'s scored-rows head sums over chunks: `(logits, targets, start)` → a tensor.
+type ScoredReduce = std::sync::Arc<dyn Fn(&Tensor, &Tensor, usize) -> crate::Result<Tensor> + Send + Sync>;
+
 impl Model {
     /// Builds a model from `config` with parameters from `store`.
     pub fn new(config: ModelConfig, store: &ParamStore, dtype: DType, device: &Device) -> Result<Self> {
@@ -531,7 +534,7 @@ impl Model {
         input_ids: &Tensor,
         labels: &Tensor,
         segments: Option<&Segments>,
-        reduce: std::sync::Arc<dyn Fn(&Tensor, &Tensor, usize) -> crate::Result<Tensor> + Send + Sync>,
+        reduce: ScoredReduce,
     ) -> Result<(Tensor, usize)> {
         use crate::kernels::ops::IGNORE_INDEX;
         if labels.dims() != input_ids.dims() {

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batches::parallel_grads;
 use crate::checkpoint::TrainerState;
-use crate::finetune::{self, FinetuneConfig, Method};
+use crate::finetune::{self, FinetuneConfig, LossType, Method};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::preference::{self, PairLogps, PreferenceLoss};
 use crate::runlog::{self, Record};
@@ -58,6 +58,8 @@ enum Reference<'a> {
     Frozen(&'a Model),
     /// Computed before training: `[chosen, rejected]` per training and per held-out pair.
     Precomputed(&'a RefLogps),
+    /// None (ORPO).
+    None,
 }
 
 /// The reference's sequence log-probabilities of every pair, computed once
@@ -109,6 +111,8 @@ struct PairStats {
     rejected_rewards: Vec<f64>,
     logps_chosen: Vec<f64>,
     logps_rejected: Vec<f64>,
+    /// The loss's own metrics (ORPO's), each with the pairs it is the mean over.
+    extra: Vec<(&'static str, f64, usize)>,
 }
 
 impl PairStats {
@@ -117,6 +121,7 @@ impl PairStats {
         self.rejected_rewards.extend(o.rejected_rewards);
         self.logps_chosen.extend(o.logps_chosen);
         self.logps_rejected.extend(o.logps_rejected);
+        self.extra.extend(o.extra);
     }
 
     /// TRL's logged means: `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
@@ -136,7 +141,19 @@ impl PairStats {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(self.extra_means())
         .collect()
+    }
+
+    /// The loss's own metrics, averaged over the slices weighted by their pairs.
+    fn extra_means(&self) -> Vec<(String, f64)> {
+        let mut sums: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+        for &(k, v, n) in &self.extra {
+            let e = sums.entry(k).or_default();
+            e.0 += v * n as f64;
+            e.1 += n;
+        }
+        sums.into_iter().map(|(k, (s, n))| (k.to_owned(), s / n.max(1) as f64)).collect()
     }
 
     /// The fraction of pairs whose chosen answer the policy finds the more likely.
@@ -158,7 +175,8 @@ struct Dpo<'a> {
     model: &'a Model,
     method: Method,
     reference: Reference<'a>,
-    loss: PreferenceLoss,
+    /// The loss against the reference, or `None`: ORPO, without one.
+    loss: Option<PreferenceLoss>,
     beta: f64,
     /// Weight of the chosen answers' token NLL added to the loss.
     sft_weight: f64,
@@ -176,7 +194,7 @@ struct Dpo<'a> {
 }
 
 impl Dpo<'_> {
-    /// The reference's log-probabilities of the pairs `idx` of `split`.
+    /// The reference's log-probabilities of the pairs `idx` of `split` (not called for ORPO).
     fn reference(&self, split: Split, idx: &[usize]) -> Result<(Tensor, Tensor)> {
         let (set, pre) = match (split, &self.reference) {
             (Split::Train, Reference::Precomputed(r)) => (self.train, Some(&r.train)),
@@ -193,6 +211,7 @@ impl Dpo<'_> {
             Reference::AdaptersOff => reference_pass(self.model, true, &pairs, self.max_len, self.pad),
             Reference::Frozen(m) => reference_pass(m, false, &pairs, self.max_len, self.pad),
             Reference::Precomputed(_) => unreachable!("handled above"),
+            Reference::None => Err(Error::Msg("this loss has no reference model".into())),
         }
     }
 
@@ -203,27 +222,30 @@ impl Dpo<'_> {
             Split::Train => self.train,
             Split::Val => self.val,
         };
-        let (ref_c, ref_r) = self.reference(split, idx)?;
         let pairs: Vec<&PairTokens> = idx.iter().map(|&i| &set[i]).collect();
-        let (pc, pr, lc, lr) = pair_logps(model, &pairs, self.max_len, self.pad)?;
-        let out = preference::preference_loss(
-            self.loss,
-            self.beta,
-            PairLogps {
-                policy_chosen: &pc,
-                policy_rejected: &pr,
-                ref_chosen: &ref_c.to_dtype(pc.dtype())?,
-                ref_rejected: &ref_r.to_dtype(pr.dtype())?,
-                len_chosen: &lc,
-                len_rejected: &lr,
-            },
-        )?;
-        // TRL's "sft" loss: the mean negative log-likelihood of the chosen answers' tokens.
-        let loss = if self.sft_weight > 0.0 {
-            let nll = (pc.sum_all()?.neg()? / lc.iter().sum::<usize>().max(1) as f64)?;
-            (out.loss + (nll * self.sft_weight)?)?
-        } else {
-            out.loss
+        let (out, pc, pr, lc) = match self.loss {
+            None => {
+                let (pc, pr, lc, lr) = pair_logps(model, &pairs, self.max_len, self.pad)?;
+                (preference::orpo_loss(self.beta, &pc, &pr, &lc, &lr)?, pc, pr, lc)
+            }
+            Some(kind) => {
+                let (ref_c, ref_r) = self.reference(split, idx)?;
+                let (pc, pr, lc, lr) = pair_logps(model, &pairs, self.max_len, self.pad)?;
+                let p = PairLogps {
+                    policy_chosen: &pc,
+                    policy_rejected: &pr,
+                    ref_chosen: &ref_c.to_dtype(pc.dtype())?,
+                    ref_rejected: &ref_r.to_dtype(pr.dtype())?,
+                    len_chosen: &lc,
+                    len_rejected: &lr,
+                };
+                (preference::preference_loss(kind, self.beta, p)?, pc, pr, lc)
+            }
+        };
+        // TRL's "sft" loss beside the preference loss: the chosen answers' token NLL.
+        let loss = match self.sft_weight {
+            w if w > 0.0 => (out.loss + (preference::chosen_nll(&pc, &lc)? * w)?)?,
+            _ => out.loss,
         };
         let values = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.detach().to_dtype(DType::F64)?.to_vec1()?) };
         let stats = PairStats {
@@ -231,6 +253,7 @@ impl Dpo<'_> {
             logps_rejected: values(&pr)?,
             chosen_rewards: out.chosen_rewards,
             rejected_rewards: out.rejected_rewards,
+            extra: out.metrics.into_iter().map(|(k, v)| (k, v, idx.len())).collect(),
         };
         Ok((loss, stats))
     }
@@ -477,15 +500,17 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
     let base_parameters = base.model.num_parameters();
     // Full finetuning with the base as the reference keeps a frozen copy of the base's weights
     // (the trained model copies them into variables).
-    let base_reference = (precomputed.is_none() && ref_model.is_none() && cfg.method == Method::Full)
-        .then(|| frozen(&base.model))
-        .transpose()?;
+    let base_reference =
+        (precomputed.is_none() && ref_model.is_none() && cfg.method == Method::Full && cfg.loss_type != LossType::Orpo)
+            .then(|| frozen(&base.model))
+            .transpose()?;
     let step_counter = Arc::new(AtomicU64::new(0));
     let training = Arc::new(AtomicBool::new(false));
     let (mut model, vars) =
         finetune::trainable_model(cfg, base.model, &tok, resume_from.as_ref(), step_counter.clone(), training.clone())?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
     let reference = match (&precomputed, &ref_model, &base_reference) {
+        _ if cfg.loss_type == LossType::Orpo => Reference::None,
         (Some(r), _, _) => Reference::Precomputed(r),
         (None, Some(m), _) | (None, None, Some(m)) => Reference::Frozen(m),
         (None, None, None) => Reference::AdaptersOff,
@@ -499,7 +524,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         model: &model,
         method: cfg.method,
         reference,
-        loss: cfg.preference_loss(),
+        loss: (cfg.loss_type != LossType::Orpo).then(|| cfg.preference_loss()),
         beta: cfg.beta,
         sft_weight: cfg.sft_weight,
         train: &train,
@@ -530,6 +555,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         Reference::Precomputed(_) => format!("{} (precomputed)", ref_name.display()),
         Reference::AdaptersOff => format!("{} (adapters off)", cfg.base.display()),
         Reference::Frozen(_) => ref_name.display().to_string(),
+        Reference::None => "none (ORPO)".into(),
     };
     println!(
         "{:?} preference tuning ({:?}, beta {}) of {} ({} parameters; {} trainable): {} train / {} held-out pairs ({} left out: {} with the same answers, {} longer than {max_len} tokens); reference {reference_line}",

@@ -82,6 +82,9 @@ pub enum LossType {
     Ipo,
     /// SLiC's hinge: `max(0, 1 − βΔ)`.
     Hinge,
+    /// ORPO (no reference model): the chosen answers' NLL minus β × the log-sigmoid of the
+    /// log odds ratio of the per-token log-probabilities.
+    Orpo,
 }
 
 fn default_beta() -> f64 {
@@ -297,6 +300,7 @@ impl FinetuneConfig {
             LossType::Robust => P::Robust { label_smoothing: self.label_smoothing },
             LossType::Ipo => P::Ipo,
             LossType::Hinge => P::Hinge,
+            LossType::Orpo => unreachable!("ORPO has no reference model: preference::orpo_loss"),
         }
     }
 
@@ -341,6 +345,14 @@ impl FinetuneConfig {
             }
             if !(self.sft_weight.is_finite() && self.sft_weight >= 0.0) {
                 return bad("sft-weight", format!("{} must be 0 or more", self.sft_weight));
+            }
+            if self.loss_type == LossType::Orpo {
+                if self.ref_model.is_some() || self.precompute_ref_log_probs {
+                    return bad("ref-model", "ORPO has no reference model".into());
+                }
+                if self.sft_weight > 0.0 {
+                    return bad("sft-weight", "ORPO's loss holds the chosen answers' NLL already".into());
+                }
             }
             if self.padding_free {
                 return bad("padding-free", "not supported for --task dpo".into());

@@ -237,6 +237,9 @@ pub struct PreferenceOutput {
     pub chosen_rewards: Vec<f64>,
     /// The same of the rejected answers (`rewards/rejected`).
     pub rejected_rewards: Vec<f64>,
+    /// What the loss logs besides the rewards, by TRL's names (ORPO's `nll_loss`,
+    /// `log_odds_ratio`, `log_odds_chosen`).
+    pub metrics: Vec<(&'static str, f64)>,
 }
 
 impl PreferenceOutput {
@@ -309,5 +312,63 @@ pub fn preference_loss(kind: PreferenceLoss, beta: f64, p: PairLogps<'_>) -> Res
         loss: per_pair.mean_all()?,
         chosen_rewards: rewards(&chosen)?,
         rejected_rewards: rewards(&rejected)?,
+        metrics: Vec::new(),
+    })
+}
+
+/// TRL's `sft` loss: the mean negative log-likelihood of the chosen answers' tokens,
+/// `−Σ log π(chosen) / Σ n_chosen` over the batch (differentiable; a scalar).
+pub fn chosen_nll(policy_chosen: &candle_core::Tensor, len_chosen: &[usize]) -> Result<candle_core::Tensor> {
+    let tokens = len_chosen.iter().sum::<usize>();
+    if tokens == 0 {
+        return Err(Error::Msg("the chosen answers have no scored tokens".into()));
+    }
+    Ok((policy_chosen.sum_all()?.neg()? / tokens as f64)?)
+}
+
+/// ORPO (TRL's `ORPOTrainer`; no reference model), on the policy's sequence log-probabilities
+/// and the answers' lengths: with `a_c`, `a_r` the mean log-probability per token of the
+/// chosen and the rejected answer and `log odds(a) = a − log(1 − e^a)`, the loss is
+/// `NLL(chosen) − β · mean(log σ(log odds(a_c) − log odds(a_r)))`. Rewards are `β · a`; the
+/// metrics are `nll_loss`, `log_odds_ratio` (the mean `log σ(…)`) and `log_odds_chosen` (the
+/// mean log-odds ratio). Computed in f64; the loss comes back in the log-probabilities' dtype.
+pub fn orpo_loss(
+    beta: f64,
+    policy_chosen: &candle_core::Tensor,
+    policy_rejected: &candle_core::Tensor,
+    len_chosen: &[usize],
+    len_rejected: &[usize],
+) -> Result<PreferenceOutput> {
+    use candle_core::{DType, Tensor};
+    if !(beta.is_finite() && beta > 0.0) {
+        return Err(Error::Msg(format!("beta: {beta} must be positive")));
+    }
+    let n = policy_chosen.dim(0)?;
+    if policy_rejected.dims() != [n] || len_chosen.len() != n || len_rejected.len() != n {
+        return Err(Error::Msg(format!("ORPO needs {n} rejected log-probabilities and the 2 × {n} answers' lengths")));
+    }
+    let dtype = policy_chosen.dtype();
+    let per_token = |t: &Tensor, lens: &[usize]| -> Result<Tensor> {
+        let inv: Vec<f64> = lens.iter().map(|&l| 1.0 / l.max(1) as f64).collect();
+        Ok((t.to_dtype(DType::F64)? * Tensor::from_vec(inv, n, t.device())?)?)
+    };
+    let (ac, ar) = (per_token(policy_chosen, len_chosen)?, per_token(policy_rejected, len_rejected)?);
+    // log(1 − e^a), a < 0 (kept off 0, where it is −∞).
+    let log1mexp = |a: &Tensor| -> Result<Tensor> { Ok((a.minimum(-1e-12)?.exp()?.neg()? + 1.0)?.log()?) };
+    let log_odds = ((&ac - &ar)? - (log1mexp(&ac)? - log1mexp(&ar)?)?)?;
+    let ratio = log_sigmoid(&log_odds)?;
+    let nll = chosen_nll(&policy_chosen.to_dtype(DType::F64)?, len_chosen)?;
+    let loss = (&nll - (ratio.mean_all()? * beta)?)?;
+    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.detach().to_scalar::<f64>()?) };
+    let rewards = |t: &Tensor| -> Result<Vec<f64>> { Ok((t.detach() * beta)?.to_vec1::<f64>()?) };
+    Ok(PreferenceOutput {
+        loss: loss.to_dtype(dtype)?,
+        chosen_rewards: rewards(&ac)?,
+        rejected_rewards: rewards(&ar)?,
+        metrics: vec![
+            ("nll_loss", scalar(&nll)?),
+            ("log_odds_ratio", scalar(&ratio.mean_all()?)?),
+            ("log_odds_chosen", scalar(&log_odds.mean_all()?)?),
+        ],
     })
 }

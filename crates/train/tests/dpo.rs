@@ -296,8 +296,12 @@ fn bad_settings_and_a_reference_with_another_tokenizer_are_refused() {
     assert!(s.val_loss.0 > std::f64::consts::LN_2 + 2.0, "{s:?}");
     let e = err(FinetuneConfig { sft_weight: -1.0, ..c.clone() });
     assert!(e.contains("--sft-weight"), "{e}");
-    // Robust DPO and IPO train too (finite, falling losses).
-    for loss_type in [LossType::Robust, LossType::Ipo, LossType::Hinge] {
+    // Robust DPO, IPO, hinge and ORPO train too (finite, falling losses).
+    let e = err(FinetuneConfig { loss_type: LossType::Orpo, precompute_ref_log_probs: true, ..c.clone() });
+    assert!(e.contains("ORPO has no reference"), "{e}");
+    let e = err(FinetuneConfig { loss_type: LossType::Orpo, sft_weight: 1.0, ..c.clone() });
+    assert!(e.contains("--sft-weight"), "{e}");
+    for loss_type in [LossType::Robust, LossType::Ipo, LossType::Hinge, LossType::Orpo] {
         let c = FinetuneConfig {
             loss_type,
             label_smoothing: if loss_type == LossType::Robust { 0.1 } else { 0.0 },

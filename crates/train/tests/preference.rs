@@ -139,7 +139,7 @@ fn only_the_answers_are_scored() {
 #[test]
 fn losses_equal_trls_and_their_gradients_finite_differences() {
     use candle_core::{Device, Tensor, Var};
-    use lmstack_train::preference::{preference_loss, PairLogps, PreferenceLoss};
+    use lmstack_train::preference::{chosen_nll, orpo_loss, preference_loss, PairLogps, PreferenceLoss};
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/preference_losses.json");
     let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let v = |k: &str| -> Vec<f64> { serde_json::from_value(d[k].clone()).unwrap() };
@@ -147,8 +147,11 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
     let t = |x: &[f64]| Tensor::new(x, &Device::Cpu).unwrap();
     let (pc, pr, rc, rr) = (v("policy_chosen"), v("policy_rejected"), v("ref_chosen"), v("ref_rejected"));
     let (lc, lr) = (lens("len_chosen"), lens("len_rejected"));
-    let run = |kind: PreferenceLoss, beta: f64, pc: &Tensor| {
+    // A case of the file: a DPO-family loss (with TRL's `sft` loss beside it at `sft`), or ORPO
+    // (`kind` None).
+    let run = |kind: Option<PreferenceLoss>, beta: f64, sft: f64, pc: &Tensor| {
         let (pr, rc, rr) = (t(&pr), t(&rc), t(&rr));
+        let Some(kind) = kind else { return orpo_loss(beta, pc, &pr, &lc, &lr).unwrap() };
         let p = PairLogps {
             policy_chosen: pc,
             policy_rejected: &pr,
@@ -157,36 +160,48 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
             len_chosen: &lc,
             len_rejected: &lr,
         };
-        preference_loss(kind, beta, p).unwrap()
+        let mut out = preference_loss(kind, beta, p).unwrap();
+        if sft > 0.0 {
+            out.loss = (out.loss + (chosen_nll(pc, &lc).unwrap() * sft).unwrap()).unwrap();
+        }
+        out
     };
     let cases = d["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 5);
+    assert_eq!(cases.len(), 8);
     for c in cases {
         let beta = c["beta"].as_f64().unwrap();
+        let sft = c["sft_weight"].as_f64().unwrap();
         let kind = match c["loss_type"].as_str().unwrap() {
-            "sigmoid" => PreferenceLoss::Sigmoid,
-            "robust" => PreferenceLoss::Robust { label_smoothing: c["label_smoothing"].as_f64().unwrap() },
-            "ipo" => PreferenceLoss::Ipo,
-            "hinge" => PreferenceLoss::Hinge,
+            "sigmoid" => Some(PreferenceLoss::Sigmoid),
+            "robust" => Some(PreferenceLoss::Robust { label_smoothing: c["label_smoothing"].as_f64().unwrap() }),
+            "ipo" => Some(PreferenceLoss::Ipo),
+            "hinge" => Some(PreferenceLoss::Hinge),
+            "orpo" => None,
             other => panic!("{other}"),
         };
         let var = Var::from_tensor(&t(&pc)).unwrap();
-        let out = run(kind, beta, var.as_tensor());
+        let out = run(kind, beta, sft, var.as_tensor());
         let loss = out.loss.to_scalar::<f64>().unwrap();
-        let close = |a: f64, b: &serde_json::Value| (a - b.as_f64().unwrap()).abs() < 1e-9;
+        // TRL computes ORPO in f32 (`.float()`), the DPO losses in the inputs' f64.
+        let tol = if kind.is_none() { 1e-6 } else { 1e-9 };
+        let close = |a: f64, b: &serde_json::Value| (a - b.as_f64().unwrap()).abs() < tol;
         assert!(close(loss, &c["loss"]), "{kind:?}: loss {loss} vs TRL {}", c["loss"]);
         let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
         assert!(close(mean(&out.chosen_rewards), &c["rewards/chosen"]), "{kind:?}");
         assert!(close(mean(&out.rejected_rewards), &c["rewards/rejected"]), "{kind:?}");
         assert!(close(out.margin(), &c["rewards/margins"]), "{kind:?}");
         assert!(close(out.accuracy(), &c["rewards/accuracies"]), "{kind:?}");
+        for (k, v) in &out.metrics {
+            assert!(close(*v, &c[*k]), "{kind:?} {k}: {v} vs TRL {}", c[*k]);
+        }
+        assert_eq!(out.metrics.len(), if kind.is_none() { 3 } else { 0 });
         // d loss / d log π(chosen), by finite differences.
         let g = out.loss.backward().unwrap().get(var.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
         for i in 0..pc.len() {
             let at = |h: f64| {
                 let mut x = pc.clone();
                 x[i] += h;
-                run(kind, beta, &t(&x)).loss.to_scalar::<f64>().unwrap()
+                run(kind, beta, sft, &t(&x)).loss.to_scalar::<f64>().unwrap()
             };
             let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
             assert!((fd - g[i]).abs() < 1e-6 * fd.abs().max(1.0), "{kind:?}: d/dpc[{i}] {} vs {fd}", g[i]);

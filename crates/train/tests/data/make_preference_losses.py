@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TRL's DPO losses on fixed log-probabilities, for crates/train/tests/preference.rs.
+"""TRL's DPO and ORPO losses on fixed log-probabilities, for crates/train/tests/preference.rs.
 
 Regenerate (needs `pip install torch trl==1.16.0`, no network):
 
@@ -9,7 +9,10 @@ trl 1.16 computes its losses inline in `DPOTrainer._compute_loss`, not in a func
 log-probabilities; this script runs that very code (the lines from `chosen_logratios = ...` to
 the loss accumulation, read from the installed trl's source) on fixed sequence log-probabilities
 and completion lengths, and writes the losses and the logged rewards to
-`preference_losses.json`.
+`preference_losses.json`. The `sft` loss type runs beside `sigmoid` (`loss_weights`), on
+per-token log-probabilities that sum to the sequence ones. ORPO is `ORPOTrainer.odds_ratio_loss`
+(trl.experimental.orpo) on the per-token means, and the chosen answers' token NLL, combined as
+`get_batch_loss_metrics` does.
 """
 import json
 import math
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import trl
 import trl.trainer.dpo_trainer as dpo
+from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,15 +50,21 @@ def main():
     mask = torch.zeros(2 * n, width)
     for i, l in enumerate(torch.cat([lens_c, lens_r]).tolist()):
         mask[i, :l] = 1
+    # Per-token log-probabilities: each sequence's sum spread evenly over its tokens.
+    per_token = torch.zeros(2 * n, width, dtype=torch.float64)
+    for i, (s, l) in enumerate(zip(torch.cat([pc, pr]).tolist(), torch.cat([lens_c, lens_r]).tolist())):
+        per_token[i, :l] = s / l
     block = trl_block()
     cases = []
-    for loss_type, beta, smoothing in [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.0), ("robust", 0.1, 0.2),
-                                       ("ipo", 0.1, 0.0), ("hinge", 0.3, 0.0)]:
-        self = SimpleNamespace(beta=beta, label_smoothing=smoothing, loss_types=[loss_type], loss_weights=[1.0],
+    for loss_type, beta, smoothing, sft in [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 0.0),
+                                            ("robust", 0.1, 0.2, 0.0), ("ipo", 0.1, 0.0, 0.0),
+                                            ("hinge", 0.3, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 1.0)]:
+        types, weights = ([loss_type, "sft"], [1.0, sft]) if sft else ([loss_type], [1.0])
+        self = SimpleNamespace(beta=beta, label_smoothing=smoothing, loss_types=types, loss_weights=weights,
                                f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, use_weighting=False)
         ns = {"self": self, "chosen_logps": pc, "rejected_logps": pr, "ref_chosen_logps": rc,
-              "ref_rejected_logps": rr, "completion_mask": mask, "device": "cpu", "torch": torch, "F": F,
-              "math": math}
+              "ref_rejected_logps": rr, "completion_mask": mask, "shift_completion_mask": mask,
+              "per_token_logps": per_token, "device": "cpu", "torch": torch, "F": F, "math": math}
         exec(block, ns)
         chosen_rewards = beta * (pc - rc)
         rejected_rewards = beta * (pr - rr)
@@ -63,6 +73,20 @@ def main():
             "rewards/chosen": float(chosen_rewards.mean()), "rewards/rejected": float(rejected_rewards.mean()),
             "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
             "rewards/accuracies": float((chosen_rewards > rejected_rewards).double().mean()),
+            "sft_weight": sft,
+        })
+    for beta in [0.1, 0.25]:
+        self = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device="cpu"))
+        losses, chosen_rewards, rejected_rewards, ratio, log_odds = ORPOTrainer.odds_ratio_loss(
+            self, pc / lens_c, pr / lens_r)
+        nll = -pc.sum() / lens_c.sum()  # CrossEntropyLoss's mean over the chosen answers' tokens
+        cases.append({
+            "loss_type": "orpo", "beta": beta, "label_smoothing": 0.0, "sft_weight": 0.0,
+            "loss": float(nll - losses.mean()),
+            "rewards/chosen": float(chosen_rewards.mean()), "rewards/rejected": float(rejected_rewards.mean()),
+            "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+            "rewards/accuracies": float((chosen_rewards > rejected_rewards).double().mean()),
+            "nll_loss": float(nll), "log_odds_ratio": float(ratio), "log_odds_chosen": float(log_odds),
         })
     out = {"trl_version": trl.__version__, "policy_chosen": pc.tolist(), "policy_rejected": pr.tolist(),
            "ref_chosen": rc.tolist(), "ref_rejected": rr.tolist(), "len_chosen": lens_c.tolist(),

@@ -96,7 +96,8 @@ pub(crate) struct FinetuneArgs {
     /// dpo: strength of the pull towards the reference model [default: 0.5].
     #[arg(long)]
     beta: Option<f64>,
-    /// dpo: sigmoid (DPO), robust (DPO with --label-smoothing), ipo, hinge [default: sigmoid].
+    /// dpo: sigmoid (DPO), robust (DPO with --label-smoothing), ipo, hinge, or orpo (no
+    /// reference model; beta 0.1 unless given) [default: sigmoid].
     #[arg(long, value_enum)]
     loss_type: Option<lmstack_train::finetune::LossType>,
     /// dpo with --loss-type robust: the assumed fraction of flipped labels [default: 0].
@@ -131,10 +132,16 @@ impl FinetuneArgs {
             }
             false => None,
         };
+        let fresh = saved.is_none();
         let mut c = match saved {
             Some(saved) => saved,
             None => FinetuneConfig::for_task(self.task.unwrap_or_default(), self.method),
         };
+        // ORPO's own defaults (TRL's ORPOConfig): β = 0.1, and its loss holds the NLL term.
+        if fresh && self.loss_type == Some(lmstack_train::finetune::LossType::Orpo) {
+            c.beta = 0.1;
+            c.sft_weight = 0.0;
+        }
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }

@@ -161,15 +161,55 @@ pub fn initial_val(path: &Path) -> Result<Option<f64>> {
     Ok(read(path)?.iter().find(|r| r.step == 0 && r.split == "val").map(|r| r.loss))
 }
 
-/// Draws the train and validation loss curves as a self-contained SVG.
+/// Draws the train and validation loss curves as a self-contained SVG; a run that logs
+/// rewards (a preference run) gets a panel each for `rewards/margins` and
+/// `rewards/accuracies` below the loss.
 pub fn loss_svg(records: &[Record], title: &str) -> String {
-    let (w, h) = (720.0, 420.0);
-    let (left, right, top, bottom) = (64.0, 20.0, 40.0, 48.0);
-    let train: Vec<(f64, f64)> =
-        records.iter().filter(|r| r.split == "train").map(|r| (r.step as f64, r.loss)).collect();
-    let val: Vec<(f64, f64)> = records.iter().filter(|r| r.split == "val").map(|r| (r.step as f64, r.loss)).collect();
-    let all = train.iter().chain(&val);
-    let xmax = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let series = |get: &dyn Fn(&Record) -> Option<f64>, split: &str| -> Vec<(f64, f64)> {
+        records.iter().filter(|r| r.split == split).filter_map(|r| Some((r.step as f64, get(r)?))).collect()
+    };
+    let preference = records.iter().any(|r| r.metrics.contains_key("rewards/margins"));
+    let mut panels: Vec<(String, Vec<(f64, f64)>, Vec<(f64, f64)>)> = vec![(
+        if preference { "loss" } else { "loss (nats/token)" }.to_owned(),
+        series(&|r| Some(r.loss), "train"),
+        series(&|r| Some(r.loss), "val"),
+    )];
+    if preference {
+        for key in ["rewards/margins", "rewards/accuracies"] {
+            let get = |r: &Record| r.metrics.get(key).copied();
+            panels.push((key.to_owned(), series(&get, "train"), series(&get, "val")));
+        }
+    }
+    let (w, ph) = (720.0, 380.0);
+    let h = 40.0 + ph * panels.len() as f64;
+    let xmax = panels.iter().flat_map(|p| p.1.iter().chain(&p.2)).map(|p| p.0).fold(1.0, f64::max);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
+        w / 2.0,
+        escape(title)
+    );
+    for (i, (label, train, val)) in panels.iter().enumerate() {
+        panel(&mut s, 40.0 + ph * i as f64, (w, ph), xmax, label, train, val);
+    }
+    s += "</svg>\n";
+    s
+}
+
+/// One chart of `loss_svg`: axes, grid, the train line, the validation points, a legend; its
+/// top at `y0`, `(w, h)` in size.
+fn panel(
+    s: &mut String,
+    y0: f64,
+    (w, h): (f64, f64),
+    xmax: f64,
+    label: &str,
+    train: &[(f64, f64)],
+    val: &[(f64, f64)],
+) {
+    let (left, right, top, bottom) = (64.0, 20.0, y0, y0 + h - 48.0);
+    let all = train.iter().chain(val);
     let (mut ymin, mut ymax) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
     if !ymin.is_finite() {
         (ymin, ymax) = (0.0, 1.0);
@@ -180,65 +220,56 @@ pub fn loss_svg(records: &[Record], title: &str) -> String {
     let pad = (ymax - ymin) * 0.05;
     let (ymin, ymax) = (ymin - pad, ymax + pad);
     let sx = |x: f64| left + x / xmax * (w - left - right);
-    let sy = |y: f64| top + (ymax - y) / (ymax - ymin) * (h - top - bottom);
+    let sy = |y: f64| top + (ymax - y) / (ymax - ymin) * (bottom - top);
     let path = |pts: &[(f64, f64)]| -> String {
         pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect::<Vec<_>>().join(" ")
     };
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
-        w / 2.0,
-        escape(title)
-    );
     for i in 0..=5 {
         let y = ymin + (ymax - ymin) * i as f64 / 5.0;
         let (x2, yy, tx, ty) = (w - right, sy(y), left - 6.0, sy(y) + 4.0);
-        s += &format!(
+        *s += &format!(
             "<line x1=\"{left}\" x2=\"{x2}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/><text x=\"{tx}\" y=\"{ty:.1}\" text-anchor=\"end\">{y:.2}</text>\n"
         );
         let x = xmax * i as f64 / 5.0;
-        s += &format!(
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
-            sx(x),
-            h - bottom + 18.0,
-            x.round()
-        );
+        *s +=
+            &format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", sx(x), bottom + 18.0, x.round());
     }
-    s += &format!(
-        "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{0}\" stroke=\"black\"/><line x1=\"{left}\" x2=\"{1}\" y1=\"{0}\" y2=\"{0}\" stroke=\"black\"/>\n",
-        h - bottom,
+    *s += &format!(
+        "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{bottom}\" stroke=\"black\"/><line x1=\"{left}\" x2=\"{0}\" y1=\"{bottom}\" y2=\"{bottom}\" stroke=\"black\"/>\n",
         w - right
     );
-    s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>\n", (left + w - right) / 2.0, h - 10.0);
-    s += &format!(
-        "<text transform=\"translate(16 {}) rotate(-90)\" text-anchor=\"middle\">loss (nats/token)</text>\n",
-        (top + h - bottom) / 2.0
+    *s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>\n",
+        (left + w - right) / 2.0,
+        bottom + 38.0
+    );
+    *s += &format!(
+        "<text transform=\"translate(16 {}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
+        (top + bottom) / 2.0,
+        escape(label)
     );
     if !train.is_empty() {
-        s +=
-            &format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n", path(&train));
+        *s +=
+            &format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n", path(train));
     }
     if !val.is_empty() {
-        s += &format!("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"{}\"/>\n", path(&val));
-        for &(x, y) in &val {
-            s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#d62728\"/>\n", sx(x), sy(y));
+        *s += &format!("<polyline fill=\"none\" stroke=\"#d62728\" stroke-width=\"2\" points=\"{}\"/>\n", path(val));
+        for &(x, y) in val {
+            *s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#d62728\"/>\n", sx(x), sy(y));
         }
     }
     let lx = w - right - 150.0;
     let (ly, y1, y2) = (top + 4.0, top + 18.0, top + 36.0);
     let (x1, x2, xt) = (lx + 8.0, lx + 32.0, lx + 40.0);
-    s += &format!("<rect x=\"{lx}\" y=\"{ly}\" width=\"140\" height=\"44\" fill=\"white\" stroke=\"#999\"/>\n");
-    s += &format!(
+    *s += &format!("<rect x=\"{lx}\" y=\"{ly}\" width=\"140\" height=\"44\" fill=\"white\" stroke=\"#999\"/>\n");
+    *s += &format!(
         "<line x1=\"{x1}\" x2=\"{x2}\" y1=\"{y1}\" y2=\"{y1}\" stroke=\"#1f77b4\" stroke-width=\"2\"/><text x=\"{xt}\" y=\"{}\">train</text>\n",
         y1 + 4.0
     );
-    s += &format!(
+    *s += &format!(
         "<line x1=\"{x1}\" x2=\"{x2}\" y1=\"{y2}\" y2=\"{y2}\" stroke=\"#d62728\" stroke-width=\"2\"/><text x=\"{xt}\" y=\"{}\">validation</text>\n",
         y2 + 4.0
     );
-    s += "</svg>\n";
-    s
 }
 
 fn escape(s: &str) -> String {

@@ -220,6 +220,10 @@ fn lora_dpo_learns_the_preference_logs_trl_metrics_and_resumes_exactly() {
     assert!(last_train["rewards/margins"].as_f64().unwrap() > 0.5, "{last_train}");
     assert!(dir.path().join("lora/adapter/adapter_model.safetensors").is_file());
     assert!(dir.path().join("lora/reference_logps.json").is_file());
+    // The loss plot has the margins and accuracies below the loss.
+    let svg = std::fs::read_to_string(dir.path().join("lora/loss.svg")).unwrap();
+    assert!(svg.contains(">rewards/margins<") && svg.contains(">rewards/accuracies<"), "{svg}");
+    assert_eq!(svg.matches("<polyline").count(), 6, "train and validation lines of 3 panels");
 
     // A crash after step 10: the step-10 checkpoint alone, resumed, gives the same adapter.
     let copy = dir.path().join("crashed");

@@ -1149,6 +1149,22 @@ impl ModelConfig {
         }
     }
 
+    /// The number of outputs of a causal model's sequence-classification head (`score`, a
+    /// `…ForSequenceClassification` architecture: a reward model has 1): from `id2label`, else
+    /// `num_labels`, else `transformers`' default 2. `None` for a language model and for BERT
+    /// (whose classifier is [`BertConfig::num_labels`]).
+    pub fn score_labels(&self) -> Option<usize> {
+        if !self.is_causal() || !self.architectures().iter().any(|a| a.ends_with("ForSequenceClassification")) {
+            return None;
+        }
+        let extra = self.extra();
+        let n = match extra.get("id2label") {
+            Some(Value::Object(m)) => Some(m.len()),
+            _ => extra.get("num_labels").and_then(Value::as_u64).map(|n| n as usize),
+        };
+        Some(n.unwrap_or(2))
+    }
+
     /// The `architectures` list, if present.
     pub fn architectures(&self) -> Vec<String> {
         self.extra()

@@ -151,6 +151,31 @@ fn bert_classifier_logits_match_transformers() {
     assert_eq!(cfg.labels(), ["negative", "neutral", "positive"]);
 }
 
+/// Reward models (`LlamaForSequenceClassification`, `GPT2ForSequenceClassification`, one label):
+/// the score of each row's last non-pad token, as transformers pools it; their LM computations
+/// are refused.
+#[test]
+fn reward_model_scores_match_transformers() {
+    for name in common::REWARD_FIXTURES {
+        let exp = expected(name);
+        let model = Model::load(&fixture(name), DType::F32, &Device::Cpu).unwrap();
+        assert!(model.is_scorer(), "{name}");
+        assert_eq!(model.num_parameters() as u64, exp["num_parameters"].as_u64().unwrap(), "{name}");
+        let ids = ids_tensor(&exp["input_ids"]);
+        let scores = model.score(&ids).unwrap();
+        let want: Vec<Vec<f32>> = serde_json::from_value(exp["logits"].clone()).unwrap();
+        let want = Tensor::new(want, &Device::Cpu).unwrap();
+        let d = common::max_diff(&scores, &want);
+        assert!(d < 1e-4, "{name}: max diff {d}: {scores} vs {want}");
+        // Pooling another token would give other scores.
+        let spread =
+            want.max_all().unwrap().to_scalar::<f32>().unwrap() - want.min_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(spread > 0.1, "{name}: scores too close to tell poolings apart");
+        let err = model.forward(&ids, None).unwrap_err().to_string();
+        assert!(err.contains("no LM head"), "{err}");
+    }
+}
+
 #[test]
 fn bf16_logits_stay_close_to_f32() {
     let exp = expected("tiny-llama");

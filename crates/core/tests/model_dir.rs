@@ -32,6 +32,7 @@ fn save_and_reload_gives_identical_logits() {
             Some(bert) if bert.heads().classifier.is_some() => {
                 (m.classify(&ids(), None, None).unwrap(), back.classify(&ids(), None, None).unwrap())
             }
+            _ if m.is_scorer() => (m.score(&ids()).unwrap(), back.score(&ids()).unwrap()),
             _ => (m.forward(&ids(), None).unwrap(), back.forward(&ids(), None).unwrap()),
         };
         assert_eq!(max_diff(&a, &b), 0.0, "{name}");

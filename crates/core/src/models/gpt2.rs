@@ -67,7 +67,9 @@ impl Block {
 
 impl Gpt2 {
     /// Loads (or initialises) the model from `vb` rooted at the checkpoint's top level.
-    pub fn load(vb: VarBuilder<'_>, cfg: &Gpt2Config) -> Result<Self> {
+    /// Without `lm_head` (a sequence classifier, whose checkpoint has none) the head is a
+    /// view of the token embedding that nothing computes with.
+    pub fn load(vb: VarBuilder<'_>, cfg: &Gpt2Config, lm_head: bool) -> Result<Self> {
         let t = vb.pp("transformer");
         let d = cfg.n_embd;
         // `initializer_range` (GPT-2 and nanoGPT: 0.02), and GPT-2's scaled init of the
@@ -96,7 +98,7 @@ impl Gpt2 {
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::load(t.pp("ln_f"), d, cfg.layer_norm_epsilon)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = if cfg.tie_word_embeddings || !lm_head {
             Linear::from_tensors(wte.table().clone(), None, "lm_head")
         } else {
             Linear::load(vb.pp("lm_head"), d, cfg.vocab_size, false, std)?
@@ -165,7 +167,8 @@ impl Gpt2 {
 }
 
 /// Renames checkpoint tensors to the canonical `transformer.*` layout (the original OpenAI
-/// checkpoints have no prefix) and drops the attention-mask buffers older files carry.
+/// checkpoints have no prefix; a sequence classifier's `score` head keeps its name) and drops
+/// the attention-mask buffers older files carry.
 pub fn normalize_names(tensors: &mut std::collections::HashMap<String, Tensor>) {
     let keys: Vec<String> = tensors.keys().cloned().collect();
     for k in keys {
@@ -173,7 +176,7 @@ pub fn normalize_names(tensors: &mut std::collections::HashMap<String, Tensor>) 
             tensors.remove(&k);
             continue;
         }
-        if !k.starts_with("transformer.") && !k.starts_with("lm_head.") {
+        if !k.starts_with("transformer.") && !k.starts_with("lm_head.") && !k.starts_with("score.") {
             if let Some(t) = tensors.remove(&k) {
                 tensors.insert(format!("transformer.{k}"), t);
             }

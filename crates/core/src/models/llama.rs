@@ -209,7 +209,9 @@ impl Block {
 
 impl Llama {
     /// Loads (or initialises) the model from `vb` rooted at the checkpoint's top level.
-    pub fn load(vb: VarBuilder<'_>, cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+    /// Without `lm_head` (a sequence classifier, whose checkpoint has none) the head is a
+    /// view of the token embedding that nothing computes with.
+    pub fn load(vb: VarBuilder<'_>, cfg: &LlamaConfig, dtype: DType, device: &Device, lm_head: bool) -> Result<Self> {
         let m = vb.pp("model");
         let d = cfg.hidden_size;
         let (h, kvh, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
@@ -287,7 +289,7 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = norm(m.pp("norm"), d)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = if cfg.tie_word_embeddings || !lm_head {
             Linear::from_tensors(embed_tokens.table().clone(), None, "lm_head")
         } else {
             Linear::load(vb.pp("lm_head"), d, cfg.vocab_size, false, std)?

@@ -49,6 +49,9 @@ pub struct Model {
     stored: DType,
     /// Rows per loss chunk under checkpointing ([`Model::set_loss_chunk_rows`]).
     loss_chunk_rows: Option<usize>,
+    /// A causal model's sequence-classification head (`score`: hidden → labels, no bias), in
+    /// place of the LM head ([`Model::score`]).
+    score: Option<Linear>,
 }
 
 /// Above this many bytes of weights, [`Model::forward_cached`] parallelises each matrix
@@ -87,9 +90,17 @@ impl Model {
             return Err(Error::invalid("dtype", format!("{dtype:?} is not a float type")));
         }
         let vb = store.var_builder(dtype, device);
+        let labels = config.score_labels();
+        let score = match labels {
+            Some(n) => {
+                let std = config.extra().get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+                Some(Linear::load(vb.pp("score"), config.hidden_size(), n, false, std)?)
+            }
+            None => None,
+        };
         let arch = match &config {
-            ModelConfig::Gpt2(c) => Arch::Gpt2(gpt2::Gpt2::load(vb, c)?),
-            ModelConfig::Llama(c) => Arch::Llama(llama::Llama::load(vb, c, dtype, device)?),
+            ModelConfig::Gpt2(c) => Arch::Gpt2(gpt2::Gpt2::load(vb, c, labels.is_none())?),
+            ModelConfig::Llama(c) => Arch::Llama(llama::Llama::load(vb, c, dtype, device, labels.is_none())?),
             ModelConfig::Bert(c) => {
                 let heads = bert::BertHeads::infer(c, &config.architectures(), &|n| store_has(store, n));
                 Arch::Bert(bert::Bert::load(vb, c, heads)?)
@@ -106,6 +117,7 @@ impl Model {
             kv_bf16: false,
             stored: DType::F32,
             loss_chunk_rows: None,
+            score,
         };
         if store.has_quantized() {
             m.attach_quantized()?;
@@ -210,14 +222,21 @@ impl Model {
     pub fn config_json(&self) -> serde_json::Value {
         let mut cfg = self.config.clone();
         let archs = match &self.arch {
-            Arch::Gpt2(_) => "GPT2LMHeadModel",
-            Arch::Llama(_) => match &self.config {
-                ModelConfig::Llama(c) => c.family.causal_lm_class(),
-                _ => "LlamaForCausalLM",
-            },
-            Arch::Bert(b) if b.heads().classifier.is_some() => "BertForSequenceClassification",
-            Arch::Bert(b) if b.heads().mlm => "BertForMaskedLM",
-            Arch::Bert(_) => "BertModel",
+            Arch::Gpt2(_) if self.score.is_some() => "GPT2ForSequenceClassification".to_owned(),
+            Arch::Gpt2(_) => "GPT2LMHeadModel".into(),
+            Arch::Llama(_) => {
+                let class = match &self.config {
+                    ModelConfig::Llama(c) => c.family.causal_lm_class(),
+                    _ => "LlamaForCausalLM",
+                };
+                match self.score {
+                    Some(_) => class.replace("ForCausalLM", "ForSequenceClassification"),
+                    None => class.into(),
+                }
+            }
+            Arch::Bert(b) if b.heads().classifier.is_some() => "BertForSequenceClassification".into(),
+            Arch::Bert(b) if b.heads().mlm => "BertForMaskedLM".into(),
+            Arch::Bert(_) => "BertModel".into(),
         };
         let extra = cfg.extra_mut();
         extra.insert("architectures".into(), serde_json::json!([archs]));
@@ -409,6 +428,7 @@ impl Model {
     /// # Shapes
     /// `input_ids`: `[b, t]` (u32) → `[b, t, vocab_size]`.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        self.check_lm_head()?;
         let hidden = self.hidden_states(input_ids, attention_mask, None)?;
         match &self.arch {
             Arch::Gpt2(m) => Ok(m.lm_head().forward(&hidden)?),
@@ -537,6 +557,7 @@ impl Model {
         reduce: ScoredReduce,
     ) -> Result<(Tensor, usize)> {
         use crate::kernels::ops::IGNORE_INDEX;
+        self.check_lm_head()?;
         if labels.dims() != input_ids.dims() {
             return Err(Error::invalid(
                 "labels",
@@ -686,6 +707,53 @@ impl Model {
         bert.classify(&hidden)
     }
 
+    /// A sequence classifier's scores (a reward model's: one label): the `score` head on the
+    /// final hidden state of each row's last token that is not `pad_token_id`, as
+    /// `transformers`' `…ForSequenceClassification` pools (without `pad_token_id`, the last
+    /// token, for one row only). Differentiable when the model is trainable.
+    ///
+    /// # Shapes
+    /// `input_ids`: `[b, t]` (u32) → `[b, labels]`.
+    pub fn score(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let head = self.score.as_ref().ok_or_else(|| {
+            Error::invalid("model", "this model has no sequence-classification head (`score`); it is a language model")
+        })?;
+        let (b, t) = input_ids.dims2()?;
+        let last: Vec<u32> = match self.config.token_id("pad_token_id") {
+            Some(pad) => input_ids
+                .to_vec2::<u32>()?
+                .iter()
+                .map(|row| row.iter().rposition(|&x| x != pad).unwrap_or(0) as u32)
+                .collect(),
+            None if b == 1 => vec![t as u32 - 1],
+            None => return Err(Error::invalid(
+                "pad_token_id",
+                "the config has none, so the last token of each padded row cannot be found (score one row at a time)",
+            )),
+        };
+        let hidden = self.hidden_states_in(input_ids, None, None, None)?;
+        let d = hidden.dim(2)?;
+        let rows: Vec<u32> = last.iter().enumerate().map(|(i, &p)| i as u32 * t as u32 + p).collect();
+        let pooled = hidden.reshape((b * t, d))?.index_select(&Tensor::from_vec(rows, b, &self.device)?, 0)?;
+        Ok(head.forward(&pooled)?)
+    }
+
+    /// Whether the model is a sequence classifier (a reward model: [`Model::score`]).
+    pub fn is_scorer(&self) -> bool {
+        self.score.is_some()
+    }
+
+    /// Refuses LM computations on a sequence classifier, whose LM head is only a stand-in.
+    fn check_lm_head(&self) -> Result<()> {
+        match self.score {
+            Some(_) => Err(Error::invalid(
+                "model",
+                "a sequence classifier (reward model) has no LM head; score texts with Model::score",
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Runs the new tokens of several sequences in one batched forward, each continuing its
     /// own KV cache at its own position (prefill and decode steps may be mixed). Returns, per
     /// sequence, f32 logits `[n_new, vocab]` when `all_logits`, else `[1, vocab]` for the last
@@ -720,6 +788,7 @@ impl Model {
     /// [`Model::forward_cached`] on the threads `threads` says. Every sequence gets the same
     /// logits whichever is chosen.
     pub fn forward_cached_on(&self, steps: &mut [SeqStep<'_>], threads: StepThreads) -> Result<Vec<Tensor>> {
+        self.check_lm_head()?;
         // Check every sequence first, so a bad one fails the step before any cache advances.
         for s in steps.iter() {
             if s.tokens.is_empty() {

@@ -19,9 +19,12 @@ pub const CAUSAL_FIXTURES: [&str; 9] = [
     "tiny-phi3",
 ];
 
-/// Every model fixture: the causal ones and BERT's.
+/// Reward models: causal LMs' sequence-classification heads.
+pub const REWARD_FIXTURES: [&str; 2] = ["tiny-llama-reward", "tiny-gpt2-reward"];
+
+/// Every model fixture: the causal ones, the reward models and BERT's.
 pub fn all_fixtures() -> impl Iterator<Item = &'static str> {
-    CAUSAL_FIXTURES.into_iter().chain(["tiny-bert", "tiny-bert-cls"])
+    CAUSAL_FIXTURES.into_iter().chain(REWARD_FIXTURES).chain(["tiny-bert", "tiny-bert-cls"])
 }
 
 /// `crates/core/tests/data/NAME`.

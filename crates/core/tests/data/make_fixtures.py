@@ -14,7 +14,8 @@ Verify an lmstack-written directory in transformers (the reverse direction):
 
     python3 crates/core/tests/data/make_fixtures.py --verify DIR
 
-which loads DIR with `transformers` and compares its logits to DIR/expected.json.
+which loads DIR with `transformers` and compares its logits to DIR/expected.json. `--reward`
+writes the reward-model fixtures alone.
 """
 import json
 import os
@@ -282,6 +283,29 @@ def main():
     dump(model, d, ids, mask)
 
 
+def reward_models():
+    """Reward models: a causal LM's sequence-classification head (`score`, one label), pooled
+    at each row's last token that is not the pad token (rows padded with pad_token_id 0)."""
+    torch.manual_seed(7)
+    for name, cls, cfg in [
+        ("tiny-llama-reward", "LlamaForSequenceClassification", transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, num_labels=1,
+            pad_token_id=0, attn_implementation="eager")),
+        ("tiny-gpt2-reward", "GPT2ForSequenceClassification", transformers.GPT2Config(
+            vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, num_labels=1, pad_token_id=0, bos_token_id=63, eos_token_id=63)),
+    ]:
+        d = os.path.join(HERE, name)
+        os.makedirs(d, exist_ok=True)
+        model = getattr(transformers, cls)(cfg)
+        with torch.no_grad():  # a score head large enough that pooling the wrong token shows
+            model.score.weight.mul_(20.0)
+        ids, mask = batch(64, [12, 7, 3], 6)
+        ids = [[x % 63 + 1 if m else 0 for x, m in zip(r, rm)] for r, rm in zip(ids, mask)]
+        dump(model, d, ids, mask)
+
+
 def verify(d):
     """Loads an lmstack-written directory in transformers and compares logits."""
     with open(os.path.join(d, "expected.json")) as f:
@@ -309,5 +333,8 @@ def verify(d):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--verify":
         verify(sys.argv[2])
+    elif sys.argv[1:] == ["--reward"]:
+        reward_models()
     else:
         main()
+        reward_models()

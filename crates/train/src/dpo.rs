@@ -360,7 +360,7 @@ fn same_vocab(a: &Tokenizer, b: &Tokenizer) -> bool {
 
 /// Tokenized pairs of a file, with the pairs left out: ties (their `file:line`) and those
 /// longer than `max_len + 1` tokens (counted).
-fn prepare(
+pub(crate) fn prepare(
     path: &Path,
     tok: &Tokenizer,
     fmt: &ChatFormat,

@@ -66,6 +66,9 @@ pub enum Task {
     /// Preference tuning of a causal LM on chosen/rejected pairs (DPO and its relatives:
     /// `loss_type`).
     Dpo,
+    /// A reward model: a causal LM with a one-label score head, trained on chosen/rejected
+    /// pairs ([`crate::reward::run`]).
+    Reward,
 }
 
 /// The preference loss of a `dpo` run (TRL's `loss_type`; see
@@ -227,6 +230,7 @@ impl Task {
             Task::Sft => "runs/finetune",
             Task::Classify => "runs/classify",
             Task::Dpo => "runs/dpo",
+            Task::Reward => "runs/reward",
         })
     }
 }
@@ -237,6 +241,24 @@ impl FinetuneConfig {
     pub fn for_task(task: Task, method: Option<Method>) -> FinetuneConfig {
         if task == Task::Dpo {
             return FinetuneConfig::for_dpo(method.unwrap_or(Method::Lora));
+        }
+        if task == Task::Reward {
+            // Three epochs of the synthetic pairs: the held-out accuracy is 0.77 after one, 0.81
+            // after three (docs/finetuning.md).
+            let lr = 3e-4;
+            return FinetuneConfig {
+                max_steps: 750,
+                eval_interval: 250,
+                checkpoint_interval: 250,
+                method: method.unwrap_or(Method::Full),
+                task,
+                out_dir: task.default_out_dir(),
+                lr,
+                min_lr: lr / 10.0,
+                beta: default_beta(),
+                sft_weight: 0.0,
+                ..FinetuneConfig::for_dpo(Method::Full)
+            };
         }
         let classify = task == Task::Classify;
         let method = method.unwrap_or(if classify { Method::Full } else { Method::Lora });
@@ -307,6 +329,9 @@ impl FinetuneConfig {
     /// Checks values; errors name the flag.
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, m: String| Err(Error::Msg(format!("--{f}: {m}")));
+        if self.task == Task::Reward {
+            crate::reward::check_method(self.method)?;
+        }
         if self.task == Task::Classify && self.method == Method::Lora {
             return Err(Error::Msg(
                 "--task classify trains every weight; --method lora is not supported for it".into(),
@@ -816,7 +841,13 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
     let resume = opts.resume;
     cfg.validate()?;
     if cfg.task != Task::Sft {
-        return Err(Error::Msg("a classify run is trained by `train finetune --task classify`".into()));
+        return Err(Error::Msg(
+            format!(
+                "finetune::run trains sft runs; a {:?} run has its own (`train finetune --task {:?}`)",
+                cfg.task, cfg.task
+            )
+            .to_lowercase(),
+        ));
     }
     let out = &cfg.out_dir;
     let resume_from = prepare_run_dir(cfg, opts)?;

@@ -11,7 +11,8 @@
 //! - [`sft`], [`finetune`]: instruction data with loss masks; full and LoRA finetuning, merging.
 //! - [`classify`]: a classification head on a masked LM.
 //! - [`preference`], [`dpo`]: chosen/rejected pairs and TRL's preference losses; preference
-//!   tuning (DPO, IPO, hinge) against a reference model, full or LoRA.
+//!   tuning (DPO, IPO, hinge, ORPO) against a reference model, full or LoRA.
+//! - [`reward`]: reward models (a score head on a causal LM, Bradley–Terry loss).
 //!
 //! Depends on `lmstack-core` for tokenizers and models; knows nothing of HTTP or serving.
 #![deny(missing_docs)]
@@ -27,6 +28,7 @@ pub mod finetune;
 pub mod optim;
 pub mod preference;
 pub mod pretrain;
+pub mod reward;
 pub mod runlog;
 pub mod sft;
 pub mod synth;

@@ -10,7 +10,8 @@ use clap::Args;
 #[derive(Args, Debug)]
 pub(crate) struct FinetuneArgs {
     /// `sft`: instruction finetuning of a causal LM; `classify`: a classification head on a
-    /// masked LM (bert); `dpo`: preference tuning on chosen/rejected pairs [default: sft].
+    /// masked LM (bert); `dpo`: preference tuning on chosen/rejected pairs; `reward`: a reward
+    /// model (a score head, Bradley–Terry loss) on the same pairs [default: sft].
     #[arg(long, value_enum)]
     task: Option<lmstack_train::finetune::Task>,
     /// Base model directory (or GGUF file, LoRA only) [default: runs/shakespeare-char/model;
@@ -189,6 +190,29 @@ pub(crate) fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
         );
         println!(
             "try: cargo run --release --bin train -- sample --model {} --classify \"Why dost thou weep\"",
+            s.output.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cfg.task == Task::Reward {
+        let s = lmstack_train::reward::run(&cfg, &opts)?;
+        if s.interrupted {
+            println!("interrupted at step {}; {resume_line}", s.steps);
+            return Ok(ExitCode::from(130));
+        }
+        let acc = match s.accuracy {
+            (before, Some(after)) if !before.is_nan() => {
+                format!(
+                    "held-out accuracy {before:.3} → {after:.3}, loss {:.4} → {:.4}",
+                    s.val_loss.0,
+                    s.val_loss.1.unwrap_or(f64::NAN)
+                )
+            }
+            _ => "no held-out pairs".to_owned(),
+        };
+        println!("done: {} steps, {:.0} ms/step; {acc}; wrote {}", s.steps, s.train_ms_per_step, s.output.display());
+        println!(
+            "try: cargo run --release --bin train -- sample --model {} --reward '[{{\"role\": \"user\", \"content\": \"reverse: a b\"}}, {{\"role\": \"assistant\", \"content\": \"b a\"}}]'",
             s.output.display()
         );
         return Ok(ExitCode::SUCCESS);

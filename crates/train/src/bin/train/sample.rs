@@ -39,6 +39,10 @@ pub(crate) struct SampleArgs {
     /// Classifier (bert with a classification head): the label probabilities of this text.
     #[arg(long)]
     classify: Option<String>,
+    /// Reward model (`finetune --task reward`): the reward of this text, or of a JSON list of
+    /// chat messages rendered with the model's chat template.
+    #[arg(long, conflicts_with_all = ["classify", "fill"])]
+    reward: Option<String>,
     /// How many tokens --fill lists.
     #[arg(long, default_value_t = 5)]
     top: usize,
@@ -49,6 +53,10 @@ pub(crate) fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
         .with_context(|| format!("loading {}", a.model.display()))?;
     if let Some(dir) = &a.adapter {
         lmstack_core::lora::load_peft(&mut p.model, dir)?;
+    }
+    if let Some(text) = &a.reward {
+        println!("{:.4}", lmstack_train::reward::score_text(&p, text)?);
+        return Ok(ExitCode::SUCCESS);
     }
     p.model.repack_for_inference()?;
     if let Some(text) = &a.fill {

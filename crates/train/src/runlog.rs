@@ -169,7 +169,8 @@ pub fn loss_svg(records: &[Record], title: &str) -> String {
         records.iter().filter(|r| r.split == split).filter_map(|r| Some((r.step as f64, get(r)?))).collect()
     };
     let preference = records.iter().any(|r| r.metrics.contains_key("rewards/margins"));
-    let mut panels: Vec<(String, Vec<(f64, f64)>, Vec<(f64, f64)>)> = vec![(
+    type Points = Vec<(f64, f64)>;
+    let mut panels: Vec<(String, Points, Points)> = vec![(
         if preference { "loss" } else { "loss (nats/token)" }.to_owned(),
         series(&|r| Some(r.loss), "train"),
         series(&|r| Some(r.loss), "val"),

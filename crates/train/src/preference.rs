@@ -316,6 +316,59 @@ pub fn preference_loss(kind: PreferenceLoss, beta: f64, p: PairLogps<'_>) -> Res
     })
 }
 
+/// KTO's loss (TRL's `KTOTrainer`, `loss_type` `kto`) of unpaired answers: with
+/// `r = log π(y) − log π_ref(y)` and the batch's KL estimate `kl` (the mean log-ratio of
+/// mismatched prompt/answer pairs, clamped at 0 and held constant), a desirable answer costs
+/// `w_d · (1 − σ(β(r − kl)))`, an undesirable one `w_u · (1 − σ(β(kl − r)))`; the loss is their
+/// mean. `desirable[i]` labels answer `i`. Rewards are `β · r`, split by label.
+pub fn kto_loss(
+    beta: f64,
+    kl: f64,
+    policy: &candle_core::Tensor,
+    reference: &candle_core::Tensor,
+    desirable: &[bool],
+    weights: (f64, f64),
+) -> Result<KtoOutput> {
+    use candle_core::Tensor;
+    if !(beta.is_finite() && beta > 0.0) {
+        return Err(Error::Msg(format!("beta: {beta} must be positive")));
+    }
+    let n = policy.dim(0)?;
+    if reference.dims() != [n] || desirable.len() != n || n == 0 {
+        return Err(Error::Msg(format!("KTO needs {n} reference log-probabilities and labels")));
+    }
+    let r = (policy - reference)?;
+    // σ's argument: β(r − kl) for a desirable answer, β(kl − r) for an undesirable one.
+    let sign: Vec<f64> = desirable.iter().map(|&d| if d { beta } else { -beta }).collect();
+    let weight: Vec<f64> = desirable.iter().map(|&d| if d { weights.0 } else { weights.1 }).collect();
+    let as_t =
+        |v: Vec<f64>| -> Result<Tensor> { Ok(Tensor::from_vec(v, n, policy.device())?.to_dtype(policy.dtype())?) };
+    let z = ((&r - kl)? * as_t(sign)?)?;
+    let sigmoid = (z.neg()?.exp()? + 1.0)?.recip()?;
+    let per = ((sigmoid.neg()? + 1.0)? * as_t(weight)?)?;
+    let rewards: Vec<f64> = (r.detach() * beta)?.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+    let (mut chosen, mut rejected) = (Vec::new(), Vec::new());
+    for (&d, x) in desirable.iter().zip(rewards) {
+        if d {
+            chosen.push(x)
+        } else {
+            rejected.push(x)
+        }
+    }
+    Ok(KtoOutput { loss: per.mean_all()?, chosen_rewards: chosen, rejected_rewards: rejected })
+}
+
+/// A batch's KTO loss and the rewards TRL logs.
+#[derive(Debug)]
+pub struct KtoOutput {
+    /// The mean loss (a scalar, differentiable in the policy's log-probabilities).
+    pub loss: candle_core::Tensor,
+    /// `β · r` of the desirable answers (`rewards/chosen` is their mean).
+    pub chosen_rewards: Vec<f64>,
+    /// `β · r` of the undesirable answers (`rewards/rejected`).
+    pub rejected_rewards: Vec<f64>,
+}
+
 /// TRL's `sft` loss: the mean negative log-likelihood of the chosen answers' tokens,
 /// `−Σ log π(chosen) / Σ n_chosen` over the batch (differentiable; a scalar).
 pub fn chosen_nll(policy_chosen: &candle_core::Tensor, len_chosen: &[usize]) -> Result<candle_core::Tensor> {

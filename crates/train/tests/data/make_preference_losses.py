@@ -36,6 +36,15 @@ def trl_block():
     return compile(textwrap.dedent("\n".join(lines[start:end + 1])), "trl_dpo_loss", "exec")
 
 
+def kto_block():
+    """KTOTrainer._compute_loss's lines from the chosen losses to their concatenation."""
+    import trl.trainer.kto_trainer as kto
+    lines = open(kto.__file__).read().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.strip() == "# Chosen losses")
+    end = next(i for i, l in enumerate(lines) if i > start and l.strip() == "0,") + 1
+    return compile(textwrap.dedent("\n".join(lines[start:end + 1])), "trl_kto_loss", "exec")
+
+
 def main():
     g = torch.Generator().manual_seed(0)
     n = 6
@@ -88,9 +97,23 @@ def main():
             "rewards/accuracies": float((chosen_rewards > rejected_rewards).double().mean()),
             "nll_loss": float(nll), "log_odds_ratio": float(ratio), "log_odds_chosen": float(log_odds),
         })
+    # KTO on unpaired answers: the chosen ones desirable, the rejected ones not, with a KL
+    # estimate (TRL's, clamped at 0), as KTOTrainer computes them.
+    block = kto_block()
+    kto_cases = []
+    for beta, kl, wd, wu in [(0.1, 0.0, 1.0, 1.0), (0.5, 0.7, 1.0, 1.33), (0.2, 2.5, 0.8, 1.0)]:
+        self = SimpleNamespace(beta=beta, loss_type="kto", desirable_weight=wd, undesirable_weight=wu,
+                               accelerator=SimpleNamespace(device="cpu"))
+        ns = {"self": self, "chosen_logps": pc, "ref_chosen_logps": rc, "rejected_logps": pr,
+              "ref_rejected_logps": rr, "kl": torch.tensor(kl, dtype=torch.float64), "torch": torch, "F": F}
+        exec(block, ns)
+        kto_cases.append({"beta": beta, "kl": kl, "desirable_weight": wd, "undesirable_weight": wu,
+                          "loss": float(ns["losses"].nanmean()),
+                          "rewards/chosen": float(ns["chosen_rewards"].mean()),
+                          "rewards/rejected": float(ns["rejected_rewards"].mean())})
     out = {"trl_version": trl.__version__, "policy_chosen": pc.tolist(), "policy_rejected": pr.tolist(),
            "ref_chosen": rc.tolist(), "ref_rejected": rr.tolist(), "len_chosen": lens_c.tolist(),
-           "len_rejected": lens_r.tolist(), "cases": cases}
+           "len_rejected": lens_r.tolist(), "cases": cases, "kto": kto_cases}
     with open(os.path.join(HERE, "preference_losses.json"), "w") as f:
         json.dump(out, f, indent=1)
     print(f"{len(cases)} cases (trl {trl.__version__})")

@@ -410,14 +410,25 @@ fn precompute(
     Ok(RefLogps { reference: reference.to_owned(), train: one(sets[0])?, val: one(sets[1])? })
 }
 
-/// Runs (or with `resume`, continues) a preference tuning run.
-pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
-    let resume = opts.resume;
+/// What every preference run starts from: the base, its tokenizer and chat format, its
+/// context, the pad token, the reference model `ref_model` names (its tokenizer checked), and
+/// the checkpoint to resume.
+pub(crate) struct Setup {
+    pub base: Pretrained,
+    pub tok: Tokenizer,
+    pub fmt: ChatFormat,
+    pub max_len: usize,
+    pub pad: u32,
+    pub ref_model: Option<Model>,
+    pub resume_from: Option<crate::checkpoint::Loaded>,
+}
+
+/// Checks `cfg` for a `task` run, prepares the run directory and loads what [`Setup`] holds.
+pub(crate) fn setup(cfg: &FinetuneConfig, opts: &RunOptions, task: finetune::Task) -> Result<Setup> {
     cfg.validate()?;
-    if cfg.task != finetune::Task::Dpo {
-        return Err(Error::Msg("dpo::run trains --task dpo runs".into()));
+    if cfg.task != task {
+        return Err(Error::Msg(format!("this function trains --task {task:?} runs").to_lowercase()));
     }
-    let out = &cfg.out_dir;
     let resume_from = finetune::prepare_run_dir(cfg, opts)?;
     let dev = Device::Cpu;
     let base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
@@ -448,7 +459,14 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
     let fmt = ChatFormat::from_spec(&cfg.chat_template, &tok)?;
     let max_len = base.model.max_len();
     let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
+    Ok(Setup { base, tok, fmt, max_len, pad, ref_model, resume_from })
+}
 
+/// Runs (or with `resume`, continues) a preference tuning run.
+pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
+    let resume = opts.resume;
+    let out = &cfg.out_dir;
+    let Setup { base, tok, fmt, max_len, pad, ref_model, resume_from } = setup(cfg, opts, finetune::Task::Dpo)?;
     let (mut train, mut ties, mut too_long) = prepare(&cfg.data, &tok, &fmt, max_len)?;
     let val = match &cfg.val_data {
         Some(p) => {
@@ -457,13 +475,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
             too_long += l;
             v
         }
-        None => {
-            let held = finetune::held_out(train.len(), cfg.val_fraction, cfg.seed);
-            let (v, t): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| held[*i]);
-            train = t.into_iter().map(|x| x.1).collect();
-            v.into_iter().map(|x| x.1).collect()
-        }
+        None => finetune::split_off_val(&mut train, cfg),
     };
     if train.is_empty() {
         return Err(Error::Msg(format!(

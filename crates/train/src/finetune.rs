@@ -777,6 +777,15 @@ pub(crate) fn held_out(n: usize, val_fraction: f64, seed: u64) -> Vec<bool> {
     held
 }
 
+/// Moves the held-out part of `train` (as [`held_out`] draws it with `cfg`'s fraction and seed)
+/// out and returns it; both keep their order.
+pub(crate) fn split_off_val<T>(train: &mut Vec<T>, cfg: &FinetuneConfig) -> Vec<T> {
+    let held = held_out(train.len(), cfg.val_fraction, cfg.seed);
+    let (v, t): (Vec<_>, Vec<_>) = std::mem::take(train).into_iter().enumerate().partition(|(i, _)| held[*i]);
+    *train = t.into_iter().map(|x| x.1).collect();
+    v.into_iter().map(|x| x.1).collect()
+}
+
 /// The model a finetuning run trains, and its trainable variables: every weight (`full`: a
 /// trainable copy of the base's, or the checkpoint's, the embeddings grown to `tok`'s
 /// vocabulary) or adapters on the frozen base (`lora`: the base as loaded, quantized where
@@ -903,13 +912,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
             skipped += s;
             v
         }
-        None => {
-            let held = held_out(train.len(), cfg.val_fraction, cfg.seed);
-            let (v, t): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| held[*i]);
-            train = t.into_iter().map(|x| x.1).collect();
-            v.into_iter().map(|x| x.1).collect()
-        }
+        None => split_off_val(&mut train, cfg),
     };
     let (train_index, train): (Vec<usize>, Vec<Tokenized>) = train.into_iter().unzip();
     let (val_index, val): (Vec<usize>, Vec<Tokenized>) = val.into_iter().unzip();

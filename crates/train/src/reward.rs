@@ -227,13 +227,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<RewardSummary> {
             too_long += l;
             v
         }
-        None => {
-            let held = finetune::held_out(train.len(), cfg.val_fraction, cfg.seed);
-            let (v, t): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut train).into_iter().enumerate().partition(|(i, _)| held[*i]);
-            train = t.into_iter().map(|x| x.1).collect();
-            v.into_iter().map(|x| x.1).collect()
-        }
+        None => finetune::split_off_val(&mut train, cfg),
     };
     if train.is_empty() {
         return Err(Error::Msg(format!(

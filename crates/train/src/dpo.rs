@@ -84,9 +84,15 @@ fn pair_logps(
 ) -> Result<(Tensor, Tensor, Vec<usize>, Vec<usize>)> {
     let n = pairs.len();
     let rows: Vec<&Tokenized> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
-    let b = sft::batch(&rows, max_len, pad, model.device())?;
-    let (sums, counts) = model.sequence_logps(&b.inputs, &b.labels)?;
+    let (sums, counts) = seq_logps(model, &rows, max_len, pad)?;
     Ok((sums.narrow(0, 0, n)?, sums.narrow(0, n, n)?, counts[..n].to_vec(), counts[n..].to_vec()))
+}
+
+/// Each row's summed log-probability of its scored tokens under `model` (`[n]`, one padded
+/// batch), and how many tokens each scores.
+pub(crate) fn seq_logps(model: &Model, rows: &[&Tokenized], max_len: usize, pad: u32) -> Result<(Tensor, Vec<usize>)> {
+    let b = sft::batch(rows, max_len, pad, model.device())?;
+    Ok(model.sequence_logps(&b.inputs, &b.labels)?)
 }
 
 /// The reference's log-probabilities of `pairs` from a model, without gradients; `adapters_off`

@@ -69,6 +69,8 @@ pub enum Task {
     /// A reward model: a causal LM with a one-label score head, trained on chosen/rejected
     /// pairs ([`crate::reward::run`]).
     Reward,
+    /// KTO on answers labelled good or bad one by one ([`crate::kto::run`]).
+    Kto,
 }
 
 /// The preference loss of a `dpo` run (TRL's `loss_type`; see
@@ -92,6 +94,10 @@ pub enum LossType {
 
 fn default_beta() -> f64 {
     0.1
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// A finetuning run's configuration (saved as `finetune.json`).
@@ -172,6 +178,12 @@ pub struct FinetuneConfig {
     /// `rpo_alpha`): it keeps the chosen answers likely while the margin grows.
     #[serde(default)]
     pub sft_weight: f64,
+    /// `kto`: the weight of the desirable answers' losses (TRL's `desirable_weight`).
+    #[serde(default = "one")]
+    pub desirable_weight: f64,
+    /// `kto`: the weight of the undesirable answers' losses.
+    #[serde(default = "one")]
+    pub undesirable_weight: f64,
     /// `dpo`: the reference model (a model directory with the base's tokenizer); without it
     /// the base is the reference (LoRA: the base with the adapters switched off, no second
     /// copy of its weights).
@@ -217,6 +229,8 @@ impl Default for FinetuneConfig {
             loss_type: LossType::Sigmoid,
             label_smoothing: 0.0,
             sft_weight: 0.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
             ref_model: None,
             precompute_ref_log_probs: false,
         }
@@ -231,6 +245,7 @@ impl Task {
             Task::Classify => "runs/classify",
             Task::Dpo => "runs/dpo",
             Task::Reward => "runs/reward",
+            Task::Kto => "runs/kto",
         })
     }
 }
@@ -241,6 +256,16 @@ impl FinetuneConfig {
     pub fn for_task(task: Task, method: Option<Method>) -> FinetuneConfig {
         if task == Task::Dpo {
             return FinetuneConfig::for_dpo(method.unwrap_or(Method::Lora));
+        }
+        if task == Task::Kto {
+            // TRL's KTOConfig: β = 0.1; there is no NLL term.
+            return FinetuneConfig {
+                task,
+                out_dir: task.default_out_dir(),
+                beta: default_beta(),
+                sft_weight: 0.0,
+                ..FinetuneConfig::for_dpo(method.unwrap_or(Method::Lora))
+            };
         }
         if task == Task::Reward {
             // Three epochs of the synthetic pairs: the held-out accuracy is 0.77 after one, 0.81
@@ -355,7 +380,30 @@ impl FinetuneConfig {
         if self.method == Method::Lora {
             self.lora_config().validate("--lora-*")?;
         }
-        if self.task == Task::Dpo {
+        if self.task == Task::Kto {
+            if !(self.beta.is_finite() && self.beta > 0.0) {
+                return bad("beta", format!("{} must be positive", self.beta));
+            }
+            for (f, w) in [("desirable-weight", self.desirable_weight), ("undesirable-weight", self.undesirable_weight)]
+            {
+                if !(w.is_finite() && w > 0.0) {
+                    return bad(f, format!("{w} must be positive"));
+                }
+            }
+            if self.precompute_ref_log_probs {
+                return bad(
+                    "precompute-ref-log-probs",
+                    "not supported for --task kto (its KL term is estimated per batch)".into(),
+                );
+            }
+            if self.sft_weight > 0.0 || self.loss_type != LossType::Sigmoid || self.label_smoothing > 0.0 {
+                return bad(
+                    "loss-type",
+                    "--task kto has its own loss; --loss-type, --label-smoothing and --sft-weight belong to --task dpo"
+                        .into(),
+                );
+            }
+        } else if self.task == Task::Dpo {
             if !(self.beta.is_finite() && self.beta > 0.0) {
                 return bad("beta", format!("{} must be positive", self.beta));
             }
@@ -382,7 +430,7 @@ impl FinetuneConfig {
             if self.padding_free {
                 return bad("padding-free", "not supported for --task dpo".into());
             }
-        } else if self.ref_model.is_some() || self.precompute_ref_log_probs {
+        } else if self.task != Task::Kto && (self.ref_model.is_some() || self.precompute_ref_log_probs) {
             return bad("ref-model", "a reference model belongs to --task dpo".into());
         }
         Ok(())

@@ -13,6 +13,7 @@
 //! - [`preference`], [`dpo`]: chosen/rejected pairs and TRL's preference losses; preference
 //!   tuning (DPO, IPO, hinge, ORPO) against a reference model, full or LoRA.
 //! - [`reward`]: reward models (a score head on a causal LM, Bradley–Terry loss).
+//! - [`kto`]: KTO on answers labelled good or bad one by one.
 //!
 //! Depends on `lmstack-core` for tokenizers and models; knows nothing of HTTP or serving.
 #![deny(missing_docs)]
@@ -25,6 +26,7 @@ pub mod corpus;
 pub mod data;
 pub mod dpo;
 pub mod finetune;
+pub mod kto;
 pub mod optim;
 pub mod preference;
 pub mod pretrain;

@@ -176,19 +176,79 @@ pub fn read_pairs(path: &Path) -> Result<PairFile> {
 /// end-of-turn markup of a chat answer, or the end-of-sequence token after a text one,
 /// included), both beginning with the same prompt tokens.
 pub fn tokenize_pair(pair: &Pair, tok: &Tokenizer, fmt: &ChatFormat) -> Result<(Tokenized, Tokenized)> {
-    let one = |answer: &Turns| -> Result<Tokenized> {
-        match (&pair.prompt, answer) {
-            (Turns::Text(p), Turns::Text(a)) => {
-                crate::sft::tokenize(&Example::Completion { prompt: p.clone(), completion: a.clone() }, tok, fmt, false)
-            }
-            (Turns::Chat(p), Turns::Chat(a)) => {
-                let msgs: Vec<(String, String)> = p.iter().chain(a).cloned().collect();
-                crate::sft::tokenize_from(&Example::Chat(msgs), tok, fmt, p.len())
-            }
-            _ => Err(Error::Msg("the prompt and the answers must all be text or all be messages".into())),
+    Ok((
+        tokenize_answer(&pair.prompt, &pair.chosen, tok, fmt)?,
+        tokenize_answer(&pair.prompt, &pair.rejected, tok, fmt)?,
+    ))
+}
+
+/// `prompt` followed by `answer`, scored on the answer alone (see [`tokenize_pair`]).
+pub fn tokenize_answer(prompt: &Turns, answer: &Turns, tok: &Tokenizer, fmt: &ChatFormat) -> Result<Tokenized> {
+    match (prompt, answer) {
+        (Turns::Text(p), Turns::Text(a)) => {
+            crate::sft::tokenize(&Example::Completion { prompt: p.clone(), completion: a.clone() }, tok, fmt, false)
         }
-    };
-    Ok((one(&pair.chosen)?, one(&pair.rejected)?))
+        (Turns::Chat(p), Turns::Chat(a)) => {
+            let msgs: Vec<(String, String)> = p.iter().chain(a).cloned().collect();
+            crate::sft::tokenize_from(&Example::Chat(msgs), tok, fmt, p.len())
+        }
+        _ => Err(Error::Msg("the prompt and the answers must all be text or all be messages".into())),
+    }
+}
+
+/// An answer labelled good or bad on its own (TRL's "unpaired preference" type, which
+/// `KTOTrainer` reads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unpaired {
+    /// The context.
+    pub prompt: Turns,
+    /// The answer.
+    pub completion: Turns,
+    /// Whether it is desirable.
+    pub label: bool,
+    /// Its line in the file (1-based).
+    pub line: usize,
+}
+
+/// Reads unpaired examples: `{"prompt", "completion", "label": true|false}` lines, text or
+/// messages; a preference pair's line (any shape [`Pair::from_value`] reads) gives two, its
+/// chosen answer desirable and its rejected one not (TRL's `unpair_preference_dataset`), except
+/// a pair whose two answers are the same: its line is returned apart. A bad line is an error
+/// naming `file:line` and the field.
+pub fn read_unpaired(path: &Path) -> Result<(Vec<Unpaired>, Vec<usize>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::Msg(format!("reading {}: {e}", path.display())))?;
+    let (mut out, mut ties) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = format!("{}:{}", path.display(), i + 1);
+        let v: Value = serde_json::from_str(line).map_err(|e| Error::Msg(format!("{at}: not JSON: {e}")))?;
+        let (line, bad) = (i + 1, |e: String| Error::Msg(format!("{at}: {e}")));
+        if v.get("chosen").is_some() || v.get("rejected").is_some() {
+            let p = Pair::from_value(&v).map_err(bad)?;
+            if p.is_tie() {
+                ties.push(line);
+                continue;
+            }
+            out.push(Unpaired { prompt: p.prompt.clone(), completion: p.chosen, label: true, line });
+            out.push(Unpaired { prompt: p.prompt, completion: p.rejected, label: false, line });
+            continue;
+        }
+        let get = |k: &str| v.get(k).ok_or_else(|| format!("`{k}` is missing"));
+        let prompt = Turns::parse(get("prompt").map_err(bad)?, "prompt").map_err(bad)?;
+        let completion = Turns::parse(get("completion").map_err(bad)?, "completion").map_err(bad)?;
+        let label =
+            get("label").map_err(bad)?.as_bool().ok_or_else(|| bad("`label`: expected true or false".into()))?;
+        if matches!(prompt, Turns::Chat(_)) != matches!(completion, Turns::Chat(_)) {
+            return Err(bad("`prompt` and `completion` must both be text or both be messages".into()));
+        }
+        if completion.is_empty() {
+            return Err(bad("`completion` is empty".into()));
+        }
+        out.push(Unpaired { prompt, completion, label, line });
+    }
+    if out.is_empty() {
+        return Err(Error::Msg(format!("{}: no examples", path.display())));
+    }
+    Ok((out, ties))
 }
 
 /// A preference loss of TRL's `DPOTrainer` (its `loss_type`), on sequence log-probabilities

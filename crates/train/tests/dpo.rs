@@ -318,3 +318,40 @@ fn bad_settings_and_a_reference_with_another_tokenizer_are_refused() {
         assert!(after.is_finite() && after < before, "{loss_type:?}: {before} → {after}");
     }
 }
+
+/// KTO (`--task kto`) on the pairs split into desirable and undesirable answers, and on
+/// TRL's unpaired lines: the held-out margin opens, `kl` is logged, bad lines are named.
+#[test]
+fn kto_learns_from_unpaired_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(&dir.path().join("base"), "llama", 5, CHARS);
+    write_pairs(dir.path());
+    let c = FinetuneConfig {
+        out_dir: dir.path().join("kto"),
+        ..FinetuneConfig { task: Task::Kto, beta: 0.1, ..cfg(dir.path(), Method::Lora, "kto", 20) }
+    };
+    let s = lmstack_train::kto::run(&c, &opts(false)).unwrap();
+    // 64 pairs give 128 examples, half desirable; the tie is left out, and the over-long
+    // pair's two answers.
+    assert_eq!(s.ties.len(), 1, "{s:?}");
+    assert_eq!(s.too_long, 2, "{s:?}");
+    assert_eq!(s.examples.0 + s.examples.1, 128, "{s:?}");
+    assert!(s.val_loss.1.unwrap() < s.val_loss.0, "{s:?}");
+    assert!(s.margin.unwrap() > 0.0, "{s:?}");
+    let log = std::fs::read_to_string(dir.path().join("kto/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    for k in ["kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"] {
+        assert!(last[k].as_f64().is_some_and(f64::is_finite), "{k} missing from {last}");
+    }
+    // TRL's unpaired shape; a missing label is named.
+    let lines = "{\"prompt\": \"copy: cat dog\\n\", \"completion\": \"cat dog.\", \"label\": true}\n\
+                 {\"prompt\": \"copy: cat dog\\n\", \"completion\": \"cat dog?\"}\n";
+    std::fs::write(dir.path().join("unpaired.jsonl"), lines).unwrap();
+    let bad = FinetuneConfig { data: dir.path().join("unpaired.jsonl"), out_dir: dir.path().join("bad"), ..c.clone() };
+    let e = lmstack_train::kto::run(&bad, &opts(false)).unwrap_err().to_string();
+    assert!(e.contains("unpaired.jsonl:2") && e.contains("label"), "{e}");
+    let e = lmstack_train::kto::run(&FinetuneConfig { undesirable_weight: 0.0, ..c.clone() }, &opts(false))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--undesirable-weight"), "{e}");
+}

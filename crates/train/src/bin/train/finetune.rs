@@ -11,7 +11,8 @@ use clap::Args;
 pub(crate) struct FinetuneArgs {
     /// `sft`: instruction finetuning of a causal LM; `classify`: a classification head on a
     /// masked LM (bert); `dpo`: preference tuning on chosen/rejected pairs; `reward`: a reward
-    /// model (a score head, Bradley–Terry loss) on the same pairs [default: sft].
+    /// model (a score head, Bradley–Terry loss) on the same pairs; `kto`: KTO on answers
+    /// labelled good or bad (`{"prompt", "completion", "label"}` lines, or pairs) [default: sft].
     #[arg(long, value_enum)]
     task: Option<lmstack_train::finetune::Task>,
     /// Base model directory (or GGUF file, LoRA only) [default: runs/shakespeare-char/model;
@@ -108,7 +109,13 @@ pub(crate) struct FinetuneArgs {
     /// beside "sigmoid"; RPO) [default: 1].
     #[arg(long)]
     sft_weight: Option<f64>,
-    /// dpo: the reference model directory [default: the base; with LoRA, the base with the
+    /// kto: weight of the desirable answers' losses [default: 1].
+    #[arg(long)]
+    desirable_weight: Option<f64>,
+    /// kto: weight of the undesirable answers' losses [default: 1].
+    #[arg(long)]
+    undesirable_weight: Option<f64>,
+    /// dpo, kto: the reference model directory [default: the base; with LoRA, the base with the
     /// adapters switched off].
     #[arg(long)]
     ref_model: Option<PathBuf>,
@@ -148,7 +155,16 @@ impl FinetuneArgs {
         }
         set!(task, base, data, val_fraction, out_dir, method, lora_r, lora_alpha, lora_dropout, target_modules);
         set!(chat_template, max_steps, batch_size, grad_accum, warmup_steps, weight_decay, eval_interval);
-        set!(checkpoint_interval, seed, beta, loss_type, label_smoothing, sft_weight);
+        set!(
+            checkpoint_interval,
+            seed,
+            beta,
+            loss_type,
+            label_smoothing,
+            sft_weight,
+            desirable_weight,
+            undesirable_weight
+        );
         if self.ref_model.is_some() {
             c.ref_model = self.ref_model.clone();
         }
@@ -215,6 +231,21 @@ pub(crate) fn finetune_cmd(a: &FinetuneArgs) -> Result<ExitCode> {
             "try: cargo run --release --bin train -- sample --model {} --reward '[{{\"role\": \"user\", \"content\": \"reverse: a b\"}}, {{\"role\": \"assistant\", \"content\": \"b a\"}}]'",
             s.output.display()
         );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cfg.task == Task::Kto {
+        let s = lmstack_train::kto::run(&cfg, &opts)?;
+        if s.interrupted {
+            println!("interrupted at step {}; {resume_line}", s.steps);
+            return Ok(ExitCode::from(130));
+        }
+        let val = match (s.val_loss, s.margin) {
+            ((before, Some(after)), Some(m)) if !before.is_nan() => {
+                format!("held-out loss {before:.4} → {after:.4}, reward margin {m:.3}")
+            }
+            _ => "no held-out examples".to_owned(),
+        };
+        println!("done: {} steps, {:.0} ms/step; {val}; wrote {}", s.steps, s.train_ms_per_step, s.output.display());
         return Ok(ExitCode::SUCCESS);
     }
     if cfg.task == Task::Dpo {

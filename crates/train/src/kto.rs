@@ -1,0 +1,348 @@
+//! KTO (`train finetune --task kto`, TRL's `KTOTrainer`): preference tuning on answers
+//! labelled good or bad one by one ([`preference::read_unpaired`]; pairs are split into one of
+//! each), full or LoRA, against a reference model as DPO has it (LoRA: the base with the
+//! adapters off; full: a frozen copy of the base; or `ref_model`).
+//!
+//! Each step draws `batch_size` examples. The KL estimate comes first, without gradients: each
+//! example's prompt with the previous example's answer (the answers rotated by one within the
+//! micro-batch, as TRL rotates them), `mean(log π − log π_ref)` over those mismatched pairs,
+//! clamped at 0. Then each parallel slice computes [`preference::kto_loss`] with it.
+//! Logged as TRL logs them: `kl`, `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
+//! `logps/chosen`, `logps/rejected` (chosen: the desirable answers).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var};
+use lmstack_core::{Model, Tokenizer};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::batches::parallel_grads;
+use crate::checkpoint::TrainerState;
+use crate::dpo::{seq_logps, setup, Setup};
+use crate::finetune::{self, FinetuneConfig, Method};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::preference::{self, Unpaired};
+use crate::runlog::Record;
+use crate::sft::{ChatFormat, Tokenized};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions, Trainer};
+use crate::{Error, Result};
+
+/// An unpaired example and its tokens.
+#[derive(Debug, Clone)]
+pub struct KtoItem {
+    /// The example.
+    pub ex: Unpaired,
+    /// Prompt + answer, scored on the answer.
+    pub tokens: Tokenized,
+}
+
+/// Per-example rewards and log-probabilities, by label.
+#[derive(Debug, Default)]
+struct Stats {
+    chosen: Vec<(f64, f64)>,
+    rejected: Vec<(f64, f64)>,
+    kl: Vec<f64>,
+}
+
+impl Stats {
+    fn extend(&mut self, o: Stats) {
+        self.chosen.extend(o.chosen);
+        self.rejected.extend(o.rejected);
+        self.kl.extend(o.kl);
+    }
+
+    fn metrics(&self) -> BTreeMap<String, f64> {
+        let mean = |xs: &mut dyn Iterator<Item = f64>| {
+            let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+            (n > 0).then(|| s / n as f64)
+        };
+        let mut m = BTreeMap::new();
+        let mut put = |k: &str, v: Option<f64>| {
+            if let Some(v) = v {
+                m.insert(k.to_owned(), v);
+            }
+        };
+        let (rc, rr) = (mean(&mut self.chosen.iter().map(|x| x.0)), mean(&mut self.rejected.iter().map(|x| x.0)));
+        put("kl", mean(&mut self.kl.iter().copied()));
+        put("rewards/chosen", rc);
+        put("rewards/rejected", rr);
+        put("rewards/margins", rc.zip(rr).map(|(c, r)| c - r));
+        put("logps/chosen", mean(&mut self.chosen.iter().map(|x| x.1)));
+        put("logps/rejected", mean(&mut self.rejected.iter().map(|x| x.1)));
+        m
+    }
+}
+
+/// KTO as the trainer sees it.
+struct Kto<'a> {
+    model: &'a Model,
+    method: Method,
+    /// A frozen reference model, or `None`: the trained model with its adapters off.
+    reference: Option<&'a Model>,
+    beta: f64,
+    weights: (f64, f64),
+    train: &'a [KtoItem],
+    val: &'a [KtoItem],
+    tok: &'a Tokenizer,
+    fmt: &'a ChatFormat,
+    vars: &'a BTreeMap<String, Var>,
+    max_len: usize,
+    pad: u32,
+    batch_size: usize,
+    parallel_shards: usize,
+    step: Arc<AtomicU64>,
+    training: Arc<AtomicBool>,
+}
+
+impl Kto<'_> {
+    /// The reference's log-probabilities of `rows`, without gradients.
+    fn reference_logps(&self, rows: &[&Tokenized]) -> Result<Tensor> {
+        let pass = |m: &Model| lmstack_core::grad::no_grad(|| seq_logps(m, rows, self.max_len, self.pad));
+        let (s, _) = match self.reference {
+            Some(m) => pass(m)?,
+            None => lmstack_core::nn::without_adapters(|| pass(self.model))?,
+        };
+        Ok(s.detach())
+    }
+
+    /// TRL's KL estimate over `items`: each prompt with the previous item's answer, the mean
+    /// policy-minus-reference log-probability, clamped at 0.
+    fn kl(&self, model: &Model, items: &[&KtoItem]) -> Result<f64> {
+        let k = items.len();
+        let rows: Vec<Tokenized> = (0..k)
+            .map(|j| {
+                let other = &items[(j + k - 1) % k].ex.completion;
+                preference::tokenize_answer(&items[j].ex.prompt, other, self.tok, self.fmt)
+            })
+            .collect::<Result<_>>()?;
+        let rows: Vec<&Tokenized> = rows.iter().collect();
+        let (policy, _) = lmstack_core::grad::no_grad(|| seq_logps(model, &rows, self.max_len, self.pad))?;
+        let diff = (policy.detach() - self.reference_logps(&rows)?)?.to_dtype(DType::F64)?;
+        Ok(diff.mean_all()?.to_scalar::<f64>()?.max(0.0))
+    }
+
+    /// The KTO loss of `items` with the estimate `kl`, and their statistics.
+    fn items_loss(&self, model: &Model, items: &[&KtoItem], kl: f64) -> Result<(Tensor, Stats)> {
+        let rows: Vec<&Tokenized> = items.iter().map(|i| &i.tokens).collect();
+        let reference = self.reference_logps(&rows)?;
+        let (policy, _) = seq_logps(model, &rows, self.max_len, self.pad)?;
+        let labels: Vec<bool> = items.iter().map(|i| i.ex.label).collect();
+        let out =
+            preference::kto_loss(self.beta, kl, &policy, &reference.to_dtype(policy.dtype())?, &labels, self.weights)?;
+        let logps: Vec<f64> = policy.detach().to_dtype(DType::F64)?.to_vec1()?;
+        let (mut c, mut r) = (out.chosen_rewards.into_iter(), out.rejected_rewards.into_iter());
+        let mut stats = Stats::default();
+        for (&label, lp) in labels.iter().zip(logps) {
+            match label {
+                true => stats.chosen.push((c.next().expect("one reward per desirable answer"), lp)),
+                false => stats.rejected.push((r.next().expect("one reward per undesirable answer"), lp)),
+            }
+        }
+        stats.kl.push(kl);
+        Ok((out.loss, stats))
+    }
+
+    /// Loss and statistics over the held-out examples, in chunks of 16 (each its own KL
+    /// estimate); no graph, adapters' dropout off.
+    fn val_stats(&self) -> Result<(f64, Stats)> {
+        let was = self.training.swap(false, Ordering::Relaxed);
+        let frozen_copy;
+        let model = match self.method {
+            Method::Full => {
+                frozen_copy = frozen(self.model)?;
+                &frozen_copy
+            }
+            Method::Lora => self.model,
+        };
+        let result = lmstack_core::grad::no_grad(|| -> Result<(f64, Stats)> {
+            let (mut total, mut stats) = (0.0, Stats::default());
+            for chunk in self.val.chunks(16) {
+                let items: Vec<&KtoItem> = chunk.iter().collect();
+                let kl = self.kl(model, &items)?;
+                let (loss, s) = self.items_loss(model, &items, kl)?;
+                total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
+                stats.extend(s);
+            }
+            Ok((total / self.val.len().max(1) as f64, stats))
+        });
+        self.training.store(was, Ordering::Relaxed);
+        lmstack_core::release_free_memory();
+        result
+    }
+}
+
+impl Objective for Kto<'_> {
+    fn micro_batch(&mut self, step: u64, opt: &AdamW, rng: &mut ChaCha8Rng) -> Result<MicroBatch> {
+        self.step.store(step, Ordering::Relaxed);
+        let k = self.batch_size.min(self.train.len());
+        let picks = rand::seq::index::sample(rng, self.train.len(), k).into_vec();
+        let items: Vec<&KtoItem> = picks.iter().map(|&i| &self.train[i]).collect();
+        let kl = self.kl(self.model, &items)?;
+        let (loss, grads, parts) = parallel_grads(opt, k, self.parallel_shards, |lo, hi| {
+            let (loss, stats) = self.items_loss(self.model, &items[lo..hi], kl)?;
+            Ok(Some((loss, hi - lo, stats)))
+        })?;
+        let mut stats = Stats::default();
+        parts.into_iter().for_each(|s| stats.extend(s));
+        let tokens = items.iter().map(|i| i.tokens.n_scored() as u64).sum();
+        Ok(MicroBatch { loss, grads, tokens, metrics: stats.metrics() })
+    }
+
+    fn evaluate(&mut self, _rng: &mut ChaCha8Rng) -> Result<Option<Evaluation>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        let (loss, stats) = self.val_stats()?;
+        let m = stats.metrics();
+        let text = format!("val loss {loss:.4}, margin {:.3}", m.get("rewards/margins").copied().unwrap_or(f64::NAN));
+        Ok(Some(Evaluation { loss, perplexity: false, text, tracks_best: true, metrics: m }))
+    }
+
+    fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+    }
+}
+
+/// What a KTO run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct KtoSummary {
+    /// Steps completed.
+    pub steps: u64,
+    /// Stopped early on request.
+    pub interrupted: bool,
+    /// Held-out loss before and after.
+    pub val_loss: (f64, Option<f64>),
+    /// Held-out `rewards/margins` after training (desirable minus undesirable mean reward).
+    pub margin: Option<f64>,
+    /// Training / held-out examples used, and of the training ones the desirable.
+    pub examples: (usize, usize, usize),
+    /// Examples longer than the context, left out.
+    pub too_long: usize,
+    /// Pairs with the same two answers, left out (`file:line`).
+    pub ties: Vec<String>,
+    /// Mean wall time of the training steps alone (ms).
+    pub train_ms_per_step: f64,
+    /// Peak resident memory (MiB).
+    pub peak_rss_mib: Option<f64>,
+    /// Where the result is: `model/` or `adapter/`.
+    pub output: PathBuf,
+}
+
+/// Tokenized examples of a file, the `file:line` of pairs left out as ties, and how many
+/// examples were longer than `max_len + 1` tokens.
+fn prepare(
+    path: &Path,
+    tok: &Tokenizer,
+    fmt: &ChatFormat,
+    max_len: usize,
+) -> Result<(Vec<KtoItem>, Vec<String>, usize)> {
+    let mut kept = Vec::new();
+    let mut too_long = 0;
+    let (examples, ties) = preference::read_unpaired(path)?;
+    for ex in examples {
+        let tokens = preference::tokenize_answer(&ex.prompt, &ex.completion, tok, fmt)
+            .map_err(|e| Error::Msg(format!("{}:{}: {e}", path.display(), ex.line)))?;
+        if tokens.ids.len() > max_len + 1 {
+            too_long += 1;
+        } else {
+            kept.push(KtoItem { ex, tokens });
+        }
+    }
+    Ok((kept, ties.iter().map(|l| format!("{}:{l}", path.display())).collect(), too_long))
+}
+
+/// Runs (or with `resume`, continues) a KTO run.
+pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
+    let resume = opts.resume;
+    let out = &cfg.out_dir;
+    let Setup { base, tok, fmt, max_len, pad, ref_model, resume_from } = setup(cfg, opts, finetune::Task::Kto)?;
+    let (mut train, mut ties, mut too_long) = prepare(&cfg.data, &tok, &fmt, max_len)?;
+    let val = match &cfg.val_data {
+        Some(p) => {
+            let (v, t, l) = prepare(p, &tok, &fmt, max_len)?;
+            ties.extend(t);
+            too_long += l;
+            v
+        }
+        None => finetune::split_off_val(&mut train, cfg),
+    };
+    if train.is_empty() {
+        return Err(Error::Msg(format!(
+            "{}: no example fits the model's context of {max_len} tokens ({too_long} longer)",
+            cfg.data.display()
+        )));
+    }
+    let desirable = train.iter().filter(|i| i.ex.label).count();
+    // Full finetuning with the base as the reference keeps a frozen copy of the base's weights.
+    let base_reference =
+        (ref_model.is_none() && cfg.method == Method::Full).then(|| frozen(&base.model)).transpose()?;
+    let step_counter = Arc::new(AtomicU64::new(0));
+    let training = Arc::new(AtomicBool::new(false));
+    let (mut model, vars) =
+        finetune::trainable_model(cfg, base.model, &tok, resume_from.as_ref(), step_counter.clone(), training.clone())?;
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
+    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
+    let resumed = resume_from.map(|l| (l.state, l.optimizer));
+    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
+    let mut trainer = Trainer::new(out, vars.clone(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
+    let mut objective = Kto {
+        model: &model,
+        method: cfg.method,
+        reference: ref_model.as_ref().or(base_reference.as_ref()),
+        beta: cfg.beta,
+        weights: (cfg.desirable_weight, cfg.undesirable_weight),
+        train: &train,
+        val: &val,
+        tok: &tok,
+        fmt: &fmt,
+        vars: &vars,
+        max_len,
+        pad,
+        batch_size: cfg.batch_size,
+        parallel_shards: cfg.parallel_shards,
+        step: step_counter,
+        training: training.clone(),
+    };
+    let before = if val.is_empty() || resume { None } else { Some(objective.val_stats()?) };
+    if let Some((loss, stats)) = &before {
+        trainer.log.write(&Record::val(0, *loss, false).with_metrics(stats.metrics()))?;
+    }
+    println!(
+        "{:?} KTO (beta {}, weights {} / {}) of {}: {} train ({desirable} desirable) / {} held-out examples ({too_long} longer than {max_len} tokens and {} tied pairs left out)",
+        cfg.method,
+        cfg.beta,
+        cfg.desirable_weight,
+        cfg.undesirable_weight,
+        cfg.base.display(),
+        train.len(),
+        val.len(),
+        ties.len()
+    );
+    if resume {
+        println!("resuming at step {} of {}", trainer.state.step, cfg.max_steps);
+    }
+    training.store(true, Ordering::Relaxed);
+    let outcome = trainer.run(&cfg.loop_config(), &mut objective)?;
+    training.store(false, Ordering::Relaxed);
+    trainer.write_loss_plot(out, &format!("{:?} KTO, {} steps", cfg.method, trainer.state.step))?;
+    let after = if outcome.interrupted || val.is_empty() { None } else { Some(objective.val_stats()?) };
+    let output = finetune::write_result(cfg, &mut model, tok.clone(), &fmt, &vars)?;
+    let summary = KtoSummary {
+        steps: trainer.state.step,
+        interrupted: outcome.interrupted,
+        val_loss: (before.as_ref().map_or(f64::NAN, |b| b.0), after.as_ref().map(|a| a.0)),
+        margin: after.as_ref().and_then(|a| a.1.metrics().get("rewards/margins").copied()),
+        examples: (train.len(), val.len(), desirable),
+        too_long,
+        ties,
+        train_ms_per_step: outcome.train_ms_per_step(),
+        peak_rss_mib: peak_rss_mib(),
+        output,
+    };
+    lmstack_core::io::write_json(&out.join("summary.json"), &summary)?;
+    Ok(summary)
+}

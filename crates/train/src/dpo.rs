@@ -266,16 +266,7 @@ impl Dpo<'_> {
 
     /// Loss and statistics over the held-out pairs (no graph, adapters' dropout off).
     fn val_stats(&self) -> Result<(f64, PairStats)> {
-        let was = self.training.swap(false, Ordering::Relaxed);
-        let frozen_copy;
-        let model = match self.method {
-            Method::Full => {
-                frozen_copy = frozen(self.model)?;
-                &frozen_copy
-            }
-            Method::Lora => self.model,
-        };
-        let result = lmstack_core::grad::no_grad(|| -> Result<(f64, PairStats)> {
+        finetune::evaluating(self.model, self.method, &self.training, |model| -> Result<(f64, PairStats)> {
             let mut stats = PairStats::default();
             let mut total = 0.0;
             let idx: Vec<usize> = (0..self.val.len()).collect();
@@ -285,10 +276,7 @@ impl Dpo<'_> {
                 stats.extend(s);
             }
             Ok((total / self.val.len().max(1) as f64, stats))
-        });
-        self.training.store(was, Ordering::Relaxed);
-        lmstack_core::release_free_memory();
-        result
+        })
     }
 }
 

@@ -673,21 +673,7 @@ struct Sft<'a> {
 impl Sft<'_> {
     /// Masked loss over the validation examples (no graph, adapters' dropout off).
     fn val_loss(&self) -> Result<f64> {
-        let was = self.training.swap(false, Ordering::Relaxed);
-        let frozen_copy;
-        let model = match self.method {
-            Method::Full => {
-                frozen_copy = frozen(self.model)?;
-                &frozen_copy
-            }
-            // With gradients off the adapters are read as constants (`TrainableLora::forward`):
-            // nothing builds a graph.
-            Method::Lora => self.model,
-        };
-        let result = lmstack_core::grad::no_grad(|| self.masked_loss(model));
-        self.training.store(was, Ordering::Relaxed);
-        lmstack_core::release_free_memory();
-        result
+        evaluating(self.model, self.method, &self.training, |m| self.masked_loss(m))
     }
 
     fn masked_loss(&self, model: &Model) -> Result<f64> {
@@ -823,6 +809,33 @@ pub(crate) fn held_out(n: usize, val_fraction: f64, seed: u64) -> Vec<bool> {
     let mut held = vec![false; n];
     idx[..n_val].iter().for_each(|&i| held[i] = true);
     held
+}
+
+/// Runs `f` on the model as evaluation sees it: gradients off, adapters' dropout off
+/// (`training` cleared for the call), and for full finetuning a frozen copy sharing the
+/// weights (LoRA's adapters, with gradients off, are read as constants: nothing builds a
+/// graph); frees the memory the pass used afterwards.
+pub(crate) fn evaluating<R>(
+    model: &Model,
+    method: Method,
+    training: &AtomicBool,
+    f: impl FnOnce(&Model) -> Result<R>,
+) -> Result<R> {
+    let was = training.swap(false, Ordering::Relaxed);
+    let result = (|| {
+        let frozen_copy;
+        let model = match method {
+            Method::Full => {
+                frozen_copy = frozen(model)?;
+                &frozen_copy
+            }
+            Method::Lora => model,
+        };
+        lmstack_core::grad::no_grad(|| f(model))
+    })();
+    training.store(was, Ordering::Relaxed);
+    lmstack_core::release_free_memory();
+    result
 }
 
 /// Moves the held-out part of `train` (as [`held_out`] draws it with `cfg`'s fraction and seed)

@@ -149,16 +149,7 @@ impl Kto<'_> {
     /// Loss and statistics over the held-out examples, in chunks of 16 (each its own KL
     /// estimate); no graph, adapters' dropout off.
     fn val_stats(&self) -> Result<(f64, Stats)> {
-        let was = self.training.swap(false, Ordering::Relaxed);
-        let frozen_copy;
-        let model = match self.method {
-            Method::Full => {
-                frozen_copy = frozen(self.model)?;
-                &frozen_copy
-            }
-            Method::Lora => self.model,
-        };
-        let result = lmstack_core::grad::no_grad(|| -> Result<(f64, Stats)> {
+        finetune::evaluating(self.model, self.method, &self.training, |model| -> Result<(f64, Stats)> {
             let (mut total, mut stats) = (0.0, Stats::default());
             for chunk in self.val.chunks(16) {
                 let items: Vec<&KtoItem> = chunk.iter().collect();
@@ -168,10 +159,7 @@ impl Kto<'_> {
                 stats.extend(s);
             }
             Ok((total / self.val.len().max(1) as f64, stats))
-        });
-        self.training.store(was, Ordering::Relaxed);
-        lmstack_core::release_free_memory();
-        result
+        })
     }
 }
 

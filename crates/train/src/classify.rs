@@ -20,11 +20,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::checkpoint::TrainerState;
 use crate::finetune::FinetuneConfig;
-use crate::optim::{self, AdamW, AdamWConfig};
+use crate::optim::{self, AdamW};
 use crate::runlog::{self, Record};
-use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, RunOptions, Trainer};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, LoopConfig, MicroBatch, Objective, RunOptions};
 use crate::{Error, Result};
 
 /// A labelled text.
@@ -260,10 +259,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<ClassifySummary> {
     let store = ParamStore::trainable(weights, &parameters_src, Some(cfg.seed));
     let model = Model::new(mcfg, &store, DType::F32, &dev)?;
     let parameters = model.num_parameters();
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
-    let resumed = resume_from.map(|l| (l.state, l.optimizer));
-    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
-    let mut trainer = Trainer::new(out, model.params().vars(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
+    let mut trainer = crate::finetune::new_trainer(cfg, model.params().vars(), resume_from, opts)?;
     // The log's step-0 record is the error rate before training (1 − accuracy); a resumed run
     // reports that as its "before", not the accuracy of the partly trained model it resumes.
     let logged = if resume { runlog::initial_val(trainer.log.path())? } else { None };

@@ -31,13 +31,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::batches::parallel_grads;
-use crate::checkpoint::TrainerState;
 use crate::finetune::{self, FinetuneConfig, LossType, Method};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamW;
 use crate::preference::{self, PairLogps, PreferenceLoss};
 use crate::runlog::{self, Record};
 use crate::sft::{self, ChatFormat, Tokenized};
-use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions, Trainer};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions};
 use crate::{Error, Result};
 
 /// A tokenized preference pair: the chosen and the rejected sequence, each scored on its
@@ -202,21 +201,20 @@ struct Dpo<'a> {
 impl Dpo<'_> {
     /// The reference's log-probabilities of the pairs `idx` of `split` (not called for ORPO).
     fn reference(&self, split: Split, idx: &[usize]) -> Result<(Tensor, Tensor)> {
-        let (set, pre) = match (split, &self.reference) {
-            (Split::Train, Reference::Precomputed(r)) => (self.train, Some(&r.train)),
-            (Split::Val, Reference::Precomputed(r)) => (self.val, Some(&r.val)),
-            (Split::Train, _) => (self.train, None),
-            (Split::Val, _) => (self.val, None),
+        let (set, val) = match split {
+            Split::Train => (self.train, false),
+            Split::Val => (self.val, true),
         };
-        if let Some(pre) = pre {
-            let col = |j: usize| Tensor::new(idx.iter().map(|&i| pre[i][j] as f32).collect::<Vec<_>>(), &Device::Cpu);
-            return Ok((col(0)?, col(1)?));
-        }
-        let pairs: Vec<&PairTokens> = idx.iter().map(|&i| &set[i]).collect();
+        let pairs = || -> Vec<&PairTokens> { idx.iter().map(|&i| &set[i]).collect() };
         match self.reference {
-            Reference::AdaptersOff => reference_pass(self.model, true, &pairs, self.max_len, self.pad),
-            Reference::Frozen(m) => reference_pass(m, false, &pairs, self.max_len, self.pad),
-            Reference::Precomputed(_) => unreachable!("handled above"),
+            Reference::Precomputed(r) => {
+                let pre = if val { &r.val } else { &r.train };
+                let col =
+                    |j: usize| Tensor::new(idx.iter().map(|&i| pre[i][j] as f32).collect::<Vec<_>>(), &Device::Cpu);
+                Ok((col(0)?, col(1)?))
+            }
+            Reference::AdaptersOff => reference_pass(self.model, true, &pairs(), self.max_len, self.pad),
+            Reference::Frozen(m) => reference_pass(m, false, &pairs(), self.max_len, self.pad),
             Reference::None => Err(Error::Msg("this loss has no reference model".into())),
         }
     }
@@ -310,7 +308,7 @@ impl Objective for Dpo<'_> {
     }
 
     fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
-        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+        crate::trainer::detached(self.vars)
     }
 }
 
@@ -522,15 +520,12 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         (None, None, None) => Reference::AdaptersOff,
     };
     let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
-    let resumed = resume_from.map(|l| (l.state, l.optimizer));
-    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
-    let mut trainer = Trainer::new(out, vars.clone(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
+    let mut trainer = finetune::new_trainer(cfg, vars.clone(), resume_from, opts)?;
     let mut objective = Dpo {
         model: &model,
         method: cfg.method,
         reference,
-        loss: (cfg.loss_type != LossType::Orpo).then(|| cfg.preference_loss()),
+        loss: cfg.preference_loss(),
         beta: cfg.beta,
         sft_weight: cfg.sft_weight,
         train: &train,

@@ -339,15 +339,16 @@ impl FinetuneConfig {
         }
     }
 
-    /// The preference loss a `dpo` run trains with.
-    pub fn preference_loss(&self) -> crate::preference::PreferenceLoss {
+    /// The loss against a reference model a `dpo` run trains with; `None` for ORPO, which has
+    /// no reference ([`crate::preference::orpo_loss`]).
+    pub fn preference_loss(&self) -> Option<crate::preference::PreferenceLoss> {
         use crate::preference::PreferenceLoss as P;
         match self.loss_type {
-            LossType::Sigmoid => P::Sigmoid,
-            LossType::Robust => P::Robust { label_smoothing: self.label_smoothing },
-            LossType::Ipo => P::Ipo,
-            LossType::Hinge => P::Hinge,
-            LossType::Orpo => unreachable!("ORPO has no reference model: preference::orpo_loss"),
+            LossType::Sigmoid => Some(P::Sigmoid),
+            LossType::Robust => Some(P::Robust { label_smoothing: self.label_smoothing }),
+            LossType::Ipo => Some(P::Ipo),
+            LossType::Hinge => Some(P::Hinge),
+            LossType::Orpo => None,
         }
     }
 
@@ -725,7 +726,7 @@ impl Objective for Sft<'_> {
     }
 
     fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
-        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+        crate::trainer::detached(self.vars)
     }
 }
 
@@ -836,6 +837,20 @@ pub(crate) fn evaluating<R>(
     training.store(was, Ordering::Relaxed);
     lmstack_core::release_free_memory();
     result
+}
+
+/// The trainer of a finetuning run over `vars`: AdamW (β 0.9/0.999, `cfg`'s weight decay),
+/// fresh from `cfg`'s seed or resumed from `resumed`'s state and moments.
+pub(crate) fn new_trainer(
+    cfg: &FinetuneConfig,
+    vars: BTreeMap<String, Var>,
+    resumed: Option<checkpoint::Loaded>,
+    opts: &RunOptions,
+) -> Result<Trainer> {
+    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
+    let resumed = resumed.map(|l| (l.state, l.optimizer));
+    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
+    Trainer::new(&cfg.out_dir, vars, adam, resumed, fresh, opts.stop.clone(), opts.progress)
 }
 
 /// Moves the held-out part of `train` (as [`held_out`] draws it with `cfg`'s fraction and seed)
@@ -1005,10 +1020,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
         trainable_model(cfg, base.model, &tok, resume_from.as_ref(), step_counter.clone(), training.clone())?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
     let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
-    let resumed = resume_from.map(|l| (l.state, l.optimizer));
-    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
-    let mut trainer = Trainer::new(out, vars.clone(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
+    let mut trainer = new_trainer(cfg, vars.clone(), resume_from, opts)?;
     let mut objective = Sft {
         model: &model,
         method: cfg.method,

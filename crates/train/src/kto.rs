@@ -21,14 +21,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::batches::parallel_grads;
-use crate::checkpoint::TrainerState;
 use crate::dpo::{seq_logps, setup, Setup};
 use crate::finetune::{self, FinetuneConfig, Method};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamW;
 use crate::preference::{self, Unpaired};
 use crate::runlog::Record;
 use crate::sft::{ChatFormat, Tokenized};
-use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions, Trainer};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions};
 use crate::{Error, Result};
 
 /// An unpaired example and its tokens.
@@ -191,7 +190,7 @@ impl Objective for Kto<'_> {
     }
 
     fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
-        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+        crate::trainer::detached(self.vars)
     }
 }
 
@@ -273,10 +272,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
     let (mut model, vars) =
         finetune::trainable_model(cfg, base.model, &tok, resume_from.as_ref(), step_counter.clone(), training.clone())?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
-    let resumed = resume_from.map(|l| (l.state, l.optimizer));
-    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
-    let mut trainer = Trainer::new(out, vars.clone(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
+    let mut trainer = finetune::new_trainer(cfg, vars.clone(), resume_from, opts)?;
     let mut objective = Kto {
         model: &model,
         method: cfg.method,

@@ -18,13 +18,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::batches::parallel_grads;
-use crate::checkpoint::TrainerState;
 use crate::dpo::PairTokens;
 use crate::finetune::{self, FinetuneConfig, Method};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamW;
 use crate::runlog::Record;
 use crate::sft::{self, ChatFormat, Example};
-use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions, Trainer};
+use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions};
 use crate::{Error, Result};
 
 /// Right-pads whole sequences with `pad` into `[b, t]` inputs (all of each sequence: a reward
@@ -146,7 +145,7 @@ impl Objective for RewardObjective<'_> {
     }
 
     fn checkpoint_tensors(&self) -> BTreeMap<String, Tensor> {
-        self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+        crate::trainer::detached(self.vars)
     }
 }
 
@@ -253,10 +252,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<RewardSummary> {
     let mut model = Model::new(mcfg, &store, DType::F32, &dev)?;
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
     let vars = model.params().vars();
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: cfg.weight_decay };
-    let resumed = resume_from.map(|l| (l.state, l.optimizer));
-    let fresh = TrainerState::fresh(cfg.seed ^ 0xDA7A, cfg.seed);
-    let mut trainer = Trainer::new(out, vars.clone(), adam, resumed, fresh, opts.stop.clone(), opts.progress)?;
+    let mut trainer = finetune::new_trainer(cfg, vars.clone(), resume_from, opts)?;
     let mut objective = RewardObjective {
         model: &model,
         train: &train,

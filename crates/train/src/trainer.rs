@@ -334,6 +334,11 @@ impl Trainer {
     }
 }
 
+/// The current values of trainable variables, detached (what a checkpoint of them keeps).
+pub fn detached(vars: &BTreeMap<String, Var>) -> BTreeMap<String, Tensor> {
+    vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect()
+}
+
 /// A frozen copy of `model` sharing its current weights, for evaluation and sampling without
 /// building a backward graph.
 pub fn frozen(model: &Model) -> Result<Model> {

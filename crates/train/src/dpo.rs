@@ -227,14 +227,11 @@ impl Dpo<'_> {
             Split::Val => self.val,
         };
         let pairs: Vec<&PairTokens> = idx.iter().map(|&i| &set[i]).collect();
-        let (out, pc, pr, lc) = match self.loss {
-            None => {
-                let (pc, pr, lc, lr) = pair_logps(model, &pairs, self.max_len, self.pad)?;
-                (preference::orpo_loss(self.beta, &pc, &pr, &lc, &lr)?, pc, pr, lc)
-            }
+        let (pc, pr, lc, lr) = pair_logps(model, &pairs, self.max_len, self.pad)?;
+        let out = match self.loss {
+            None => preference::orpo_loss(self.beta, &pc, &pr, &lc, &lr)?,
             Some(kind) => {
                 let (ref_c, ref_r) = self.reference(split, idx)?;
-                let (pc, pr, lc, lr) = pair_logps(model, &pairs, self.max_len, self.pad)?;
                 let p = PairLogps {
                     policy_chosen: &pc,
                     policy_rejected: &pr,
@@ -243,7 +240,7 @@ impl Dpo<'_> {
                     len_chosen: &lc,
                     len_rejected: &lr,
                 };
-                (preference::preference_loss(kind, self.beta, p)?, pc, pr, lc)
+                preference::preference_loss(kind, self.beta, p)?
             }
         };
         // TRL's "sft" loss beside the preference loss: the chosen answers' token NLL.
@@ -374,16 +371,9 @@ pub(crate) fn prepare(
     Ok((kept, ties, too_long))
 }
 
-/// Computes the reference's log-probabilities of every pair with `model` (adapters off when
-/// `adapters_off`), in parallel chunks, without gradients.
-fn precompute(
-    model: &Model,
-    adapters_off: bool,
-    reference: &Path,
-    sets: [&[PairTokens]; 2],
-    max_len: usize,
-    pad: u32,
-) -> Result<RefLogps> {
+/// Computes the reference's log-probabilities of every pair with `model` (before any adapter
+/// attaches or any weight trains), in parallel chunks, without gradients.
+fn precompute(model: &Model, reference: &Path, sets: [&[PairTokens]; 2], max_len: usize, pad: u32) -> Result<RefLogps> {
     use rayon::prelude::*;
     let one = |set: &[PairTokens]| -> Result<Vec<[f64; 2]>> {
         let chunks: Vec<&[PairTokens]> = set.chunks(8).collect();
@@ -391,7 +381,7 @@ fn precompute(
             .par_iter()
             .map(|chunk| {
                 let pairs: Vec<&PairTokens> = chunk.iter().collect();
-                let (c, r) = reference_pass(model, adapters_off, &pairs, max_len, pad)?;
+                let (c, r) = reference_pass(model, false, &pairs, max_len, pad)?;
                 let (c, r): (Vec<f64>, Vec<f64>) =
                     (c.to_dtype(DType::F64)?.to_vec1()?, r.to_dtype(DType::F64)?.to_vec1()?);
                 Ok(c.into_iter().zip(r).map(|(c, r)| [c, r]).collect())
@@ -494,7 +484,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         Some(r)
     } else if cfg.precompute_ref_log_probs {
         let m = ref_model.as_ref().unwrap_or(&base.model);
-        let r = precompute(m, false, &ref_name, [&train, &val], max_len, pad)?;
+        let r = precompute(m, &ref_name, [&train, &val], max_len, pad)?;
         lmstack_core::io::write_json(&ref_path, &r)?;
         Some(r)
     } else {

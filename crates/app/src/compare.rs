@@ -7,7 +7,11 @@
 //!   ones alike, since each resample is re-aggregated;
 //! - a p-value: **McNemar's exact test** on the discordant documents when the metric is a 0/1
 //!   score per document (accuracy, exact match, assertions), otherwise the paired bootstrap's
-//!   two-sided p.
+//!   two-sided p;
+//! - for a metric scored once per document, how often each run did better: B's **win rate**
+//!   (documents where B scores better, ties counted half, over all documents). With the
+//!   `reward` metric it is the share of prompts whose B answer the reward model prefers, which
+//!   is only compared when both runs were scored by the same reward model.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::scores::{aggregate, aggregation, higher_is_better, Stats};
+use crate::scores::{aggregate, aggregation, higher_is_better, Aggregation, Stats};
 
 /// A finished run read back from its output folder.
 #[derive(Debug, Clone)]
@@ -90,12 +94,29 @@ pub struct Comparison {
     pub test: String,
     /// Whether larger is better for this metric.
     pub higher_is_better: bool,
+    /// Documents where B did better, where A did, and ties (metrics scored once per document).
+    pub wins: Option<(usize, usize, usize)>,
 }
 
 impl Comparison {
     /// `b − a`.
     pub fn diff(&self) -> f64 {
         self.b - self.a
+    }
+
+    /// B's win rate: documents where B did better, ties counted half, over all of them.
+    pub fn win_rate(&self) -> Option<f64> {
+        let (b, a, t) = self.wins?;
+        let n = (a + b + t) as f64;
+        (n > 0.0).then(|| (b as f64 + t as f64 / 2.0) / n)
+    }
+
+    /// The win rate and its counts for people (`0.670 (64/30/6)`), or `—`.
+    pub fn wins_text(&self) -> String {
+        match (self.win_rate(), self.wins) {
+            (Some(r), Some((b, a, t))) => format!("{r:.3} ({b}/{a}/{t})"),
+            _ => "—".into(),
+        }
     }
 
     /// In words: which run is better, or that the difference may be chance (at `alpha`).
@@ -133,6 +154,17 @@ pub fn compare(a: &Run, b: &Run, iters: usize, seed: u64) -> anyhow::Result<Vec<
             }
             if xa.is_empty() {
                 continue;
+            }
+            if metric == "reward" {
+                let graders = |p: &Value| p["reward_model"].as_str().unwrap_or("?").to_owned();
+                if let Some((pa, pb)) = pairs.iter().find(|(pa, pb)| graders(pa) != graders(pb)) {
+                    anyhow::bail!(
+                        "task {task}: `reward` was scored by different reward models ({} in A, {} in B, doc {}); rescore both runs with the same --reward-model",
+                        graders(pa),
+                        graders(pb),
+                        pa["doc_id"]
+                    );
+                }
             }
             out.push(compare_metric(task, metric, filter, &xa, &xb, iters, seed));
         }
@@ -182,6 +214,14 @@ pub fn compare_metric(
         let ge = diffs.iter().filter(|d| **d >= 0.0).count() as f64 / m;
         ((2.0 * le.min(ge)).min(1.0), "paired bootstrap")
     };
+    // Per-document scores of a mean metric are the metric itself (higher is better); a
+    // corpus-level metric's statistics are not comparable document by document.
+    let per_doc = how == Aggregation::Mean && xa.iter().chain(xb).all(|s| s.len() == 1);
+    let wins = per_doc.then(|| {
+        let b = xa.iter().zip(xb).filter(|(x, y)| y[0] > x[0]).count();
+        let a = xa.iter().zip(xb).filter(|(x, y)| x[0] > y[0]).count();
+        (b, a, n - a - b)
+    });
     Comparison {
         task: task.to_owned(),
         metric: metric.to_owned(),
@@ -193,6 +233,7 @@ pub fn compare_metric(
         p,
         test: test.to_owned(),
         higher_is_better: higher_is_better(metric),
+        wins,
     }
 }
 
@@ -227,12 +268,12 @@ pub fn fmt_p(p: f64) -> String {
 /// A Markdown table of comparisons.
 pub fn markdown(cs: &[Comparison], alpha: f64) -> String {
     let mut s = String::from(
-        "| task | metric | filter | n | A | B | B − A | 95% CI | p | test | verdict |\n\
-         | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |\n",
+        "| task | metric | filter | n | A | B | B − A | 95% CI | p | test | B wins (B/A/tie) | verdict |\n\
+         | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | --- |\n",
     );
     for c in cs {
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.4} | {:.4} | {:+.4} | [{:+.4}, {:+.4}] | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.4} | {:.4} | {:+.4} | [{:+.4}, {:+.4}] | {} | {} | {} | {} |\n",
             c.task,
             c.metric,
             c.filter,
@@ -244,6 +285,7 @@ pub fn markdown(cs: &[Comparison], alpha: f64) -> String {
             c.ci.1,
             fmt_p(c.p),
             c.test,
+            c.wins_text(),
             c.verdict(alpha)
         ));
     }
@@ -284,5 +326,42 @@ mod tests {
         assert_eq!(c3.test, "paired bootstrap");
         assert!(c3.diff() < 0.0 && c3.p < 0.01, "{c3:?}");
         assert_eq!(c3.verdict(0.05), "B better");
+        assert_eq!(c3.wins, None, "a ratio metric's statistics are not per-document scores");
+        // McNemar's discordant pairs are the wins of a 0/1 metric.
+        assert_eq!(c.wins, Some((30, 0, 70)));
+        assert!((c.win_rate().unwrap() - 0.65).abs() < 1e-12);
+    }
+
+    #[test]
+    fn rewards_compare_by_win_rate_when_one_model_scored_both() {
+        // B's answer gets the higher reward on 60 documents, A's on 30, 10 tie.
+        let a: Vec<Stats> = (0..100).map(|i| vec![f64::from(i % 7)]).collect();
+        let b: Vec<Stats> = a
+            .iter()
+            .enumerate()
+            .map(|(i, s)| vec![s[0] + [1.5, -0.5, 0.0][usize::from(i % 10 >= 6) + usize::from(i % 10 >= 9)]])
+            .collect();
+        let c = compare_metric("t", "reward", "none", &a, &b, 1000, 1);
+        assert_eq!(c.wins, Some((60, 30, 10)));
+        assert_eq!(c.wins_text(), "0.650 (60/30/10)");
+        assert_eq!(c.test, "paired bootstrap");
+        let run = |model: &str, scores: &[Stats]| {
+            Run {
+            dir: PathBuf::from(model),
+            results: serde_json::json!({}),
+            samples: BTreeMap::from([(
+                "t".to_owned(),
+                scores
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| serde_json::json!({"doc_id": i, "scores": {"reward,none": s[0]}, "reward_model": model}))
+                    .collect(),
+            )]),
+        }
+        };
+        let cs = compare(&run("rm", &a), &run("rm", &b), 200, 1).unwrap();
+        assert_eq!(cs[0].wins, Some((60, 30, 10)));
+        let e = compare(&run("rm", &a), &run("other-rm", &b), 200, 1).unwrap_err().to_string();
+        assert!(e.contains("different reward models") && e.contains("other-rm"), "{e}");
     }
 }

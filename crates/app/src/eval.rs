@@ -20,6 +20,7 @@ use serde_json::{json, Map, Value};
 use crate::assertions::Assertion;
 use crate::backend::Backend;
 use crate::judge::Judge;
+use crate::reward::RewardModel;
 use crate::schema::{FilterStep, OutputType};
 use crate::scores::{self, aggregation, apply_filters, exact_match, value_stderr, Stats};
 use crate::task::{Task, TaskError};
@@ -64,21 +65,37 @@ impl TaskResult {
     }
 }
 
+/// The models that grade generated answers, beside the task's own metrics.
+#[derive(Default, Clone, Copy)]
+pub struct Graders<'a> {
+    /// Grades `llm-rubric` assertions.
+    pub judge: Option<&'a Judge>,
+    /// Gives the `reward` metric.
+    pub reward: Option<&'a RewardModel>,
+}
+
 /// Evaluates one task; `progress` is called with the number of documents done. Tasks with
-/// `llm-rubric` assertions need a `judge`.
+/// `llm-rubric` assertions need a judge, tasks with the `reward` metric a reward model.
 pub fn run_task(
     task: &Task,
     backend: &mut dyn Backend,
-    judge: Option<&Judge>,
+    graders: Graders<'_>,
     opts: &EvalOptions,
     progress: &mut dyn FnMut(usize),
 ) -> anyhow::Result<TaskResult> {
     let n = opts.limit.map_or(task.docs.len(), |l| l.min(task.docs.len()));
     let names = task.metric_names();
     let wanted = |key: &str| names.iter().any(|m| key.split(',').next() == Some(m.as_str()));
-    if judge.is_none() && task.assertions.iter().any(Assertion::is_model_graded) {
+    if graders.judge.is_none() && task.assertions.iter().any(Assertion::is_model_graded) {
         anyhow::bail!(
             "{}: llm-rubric assertions need a judge model; pass --judge URL (an OpenAI-compatible endpoint)",
+            task.file.display()
+        );
+    }
+    let reward = names.iter().any(|m| m == "reward");
+    if reward && graders.reward.is_none() {
+        anyhow::bail!(
+            "{}: the `reward` metric needs a reward model; pass --reward-model DIR (a `train finetune --task reward` output)",
             task.file.display()
         );
     }
@@ -158,7 +175,7 @@ pub fn run_task(
                     ));
                 }
             }
-            OutputType::GenerateUntil => recs = generate_chunk(task, backend, judge, opts, &ids)?,
+            OutputType::GenerateUntil => recs = generate_chunk(task, backend, graders, reward, opts, &ids)?,
         }
         for (mut rec, st) in recs {
             let st: BTreeMap<String, Stats> = st.into_iter().filter(|(k, _)| wanted(k)).collect();
@@ -188,11 +205,13 @@ pub fn run_task(
 }
 
 /// Generates for a chunk of documents and scores each output under each filter: text metrics,
-/// assertions (deterministic ones here, rubric ones by the judge in one concurrent batch).
+/// assertions (deterministic ones here, rubric ones by the judge in one concurrent batch), and
+/// (`reward`) the reward model's score in one batch.
 fn generate_chunk(
     task: &Task,
     backend: &mut dyn Backend,
-    judge: Option<&Judge>,
+    graders: Graders<'_>,
+    reward: bool,
     opts: &EvalOptions,
     ids: &[usize],
 ) -> anyhow::Result<Vec<(Value, BTreeMap<String, Stats>)>> {
@@ -211,6 +230,9 @@ fn generate_chunk(
     // (record, filter, assertion index) awaiting the judge, with what it grades.
     let mut pending: Vec<(usize, String, usize)> = Vec::new();
     let mut to_grade: Vec<(&Assertion, String, Value)> = Vec::new();
+    // (record, filter) awaiting the reward model, with (context, answer, where).
+    let mut to_reward: Vec<(usize, String)> = Vec::new();
+    let mut reward_items: Vec<(String, String, String)> = Vec::new();
     for ((&i, (ctx, _)), out) in ids.iter().zip(&reqs).zip(outs) {
         let doc = &task.docs[i];
         let target = task.doc_to_target(doc)?;
@@ -230,6 +252,14 @@ fn generate_chunk(
             st.insert(format!("bleu,{name}"), scores::bleu_stats(&f, &target));
             st.insert(format!("chrf,{name}"), scores::chrf_stats(&f, &target));
             st.insert(format!("rougeL,{name}"), vec![scores::rouge_l(&f, &target)]);
+            if reward {
+                to_reward.push((recs.len(), name.clone()));
+                reward_items.push((
+                    ctx.clone(),
+                    f.clone(),
+                    format!("{}: doc {i} (filter {name})", task.file.display()),
+                ));
+            }
             let mut outcomes = Vec::new();
             for (k, a) in task.assertions.iter().enumerate() {
                 if a.is_model_graded() {
@@ -256,7 +286,14 @@ fn generate_chunk(
         }
         recs.push((rec, st));
     }
-    if let (Some(judge), false) = (judge, to_grade.is_empty()) {
+    if let (Some(rm), false) = (graders.reward, reward_items.is_empty()) {
+        for ((r, filter), v) in to_reward.into_iter().zip(rm.score(&reward_items)?) {
+            let (rec, st) = &mut recs[r];
+            st.insert(format!("reward,{filter}"), vec![v]);
+            rec["reward_model"] = json!(rm.name());
+        }
+    }
+    if let (Some(judge), false) = (graders.judge, to_grade.is_empty()) {
         let graded = judge.grade(&to_grade)?;
         for ((r, filter, k), o) in pending.into_iter().zip(graded) {
             let a = &task.assertions[k];

@@ -9,7 +9,8 @@
 //!   `assert` extension); a leaf module.
 //! - [`task`]: loading and checking task files, their local datasets and prompts.
 //! - [`assertions`]: promptfoo-style checks on generations; [`judge`]: `llm-rubric` grading by
-//!   a judge model over HTTP.
+//!   a judge model over HTTP; [`reward`]: the `reward` metric, a reward model scoring each
+//!   generated answer in-process.
 //! - [`backend`]: log-likelihoods and generations from a model directory in-process;
 //!   [`endpoint`]: the same from any OpenAI-compatible server over HTTP.
 //! - [`scores`]: lm-eval's metric definitions, filters, standard errors (the eval's scores;
@@ -27,6 +28,7 @@ pub mod endpoint;
 pub mod eval;
 pub mod judge;
 pub mod report;
+pub mod reward;
 pub mod schema;
 pub mod scores;
 pub mod task;

@@ -184,7 +184,7 @@ pub fn compare_report(a: &Run, b: &Run, comparisons: &[Comparison], alpha: f64) 
             };
             json!({"task": c.task, "metric": c.metric, "filter": c.filter, "n": c.n, "a": fmt(c.a), "b": fmt(c.b),
                    "diff": format!("{:+.4}", c.diff()), "ci": format!("[{:+.4}, {:+.4}]", c.ci.0, c.ci.1),
-                   "p": crate::compare::fmt_p(c.p), "test": c.test, "verdict": verdict, "class": class})
+                   "p": crate::compare::fmt_p(c.p), "test": c.test, "wins": c.wins_text(), "verdict": verdict, "class": class})
         })
         .collect();
     let mut tasks = Vec::new();

@@ -35,7 +35,7 @@ pub fn metrics_for(t: OutputType) -> &'static [&'static str] {
     match t {
         OutputType::Loglikelihood => &["perplexity", "acc"],
         OutputType::MultipleChoice => &["acc", "acc_norm"],
-        OutputType::GenerateUntil => &["exact_match", "f1", "bleu", "chrf", "rougeL"],
+        OutputType::GenerateUntil => &["exact_match", "f1", "bleu", "chrf", "rougeL", "reward"],
         OutputType::LoglikelihoodRolling => &["word_perplexity", "byte_perplexity", "bits_per_byte"],
     }
 }

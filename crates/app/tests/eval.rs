@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use lmstack_app::backend::{Backend, BackendResult, LocalBackend};
-use lmstack_app::eval::{self, EvalOptions, Suite};
+use lmstack_app::eval::{self, EvalOptions, Graders, Suite};
+use lmstack_app::reward::RewardModel;
 use lmstack_app::schema::GenerationKwargs;
 use lmstack_app::task::Task;
 use lmstack_core::sampling::log_softmax;
@@ -48,7 +49,7 @@ fn multiple_choice_and_generation_metrics_follow_lm_eval() {
         "task: mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: mc.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: \"Q: {{q}}\"\ndoc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
     );
     let task = Task::load(&mc).unwrap();
-    let r = eval::run_task(&task, &mut Scripted, None, &EvalOptions::default(), &mut |_| {}).unwrap();
+    let r = eval::run_task(&task, &mut Scripted, Graders::default(), &EvalOptions::default(), &mut |_| {}).unwrap();
     // doc 0: ll(a) = -2, ll(xx) = -1 → right. doc 1: ll(xb) = -2, ll(bbbbbbbb) = -9 → wrong;
     // normalised by length: -2/2 = -1 vs -9/8 → still wrong.
     assert_eq!(r.get("acc"), Some(0.5));
@@ -63,7 +64,7 @@ fn multiple_choice_and_generation_metrics_follow_lm_eval() {
         "task: gen\ndataset_path: csv\ndataset_kwargs:\n  data_files:\n    test: gen.csv\ntest_split: test\noutput_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\nfilter_list:\n  - name: get-answer\n    filter:\n      - function: regex\n        regex_pattern: \"answer is (\\\\d+)\"\n      - function: take_first\nmetric_list:\n  - metric: exact_match\n",
     );
     let task = Task::load(&gen).unwrap();
-    let r = eval::run_task(&task, &mut Scripted, None, &EvalOptions::default(), &mut |_| {}).unwrap();
+    let r = eval::run_task(&task, &mut Scripted, Graders::default(), &EvalOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(r.metrics["exact_match,get-answer"], 0.5);
     assert_eq!(r.samples[0]["filtered_resps"]["get-answer"], "4");
 
@@ -76,7 +77,7 @@ fn multiple_choice_and_generation_metrics_follow_lm_eval() {
     let results: Vec<_> = suite
         .tasks
         .iter()
-        .map(|t| eval::run_task(t, &mut Scripted, None, &EvalOptions::default(), &mut |_| {}).unwrap())
+        .map(|t| eval::run_task(t, &mut Scripted, Graders::default(), &EvalOptions::default(), &mut |_| {}).unwrap())
         .collect();
     let bad = eval::check_thresholds(&suite, &results);
     assert_eq!(bad.len(), 1, "{bad:?}");
@@ -144,7 +145,8 @@ fn lm_eval_group_files_task_files_and_one_data_file_load() {
     let names: Vec<&str> = suite.tasks.iter().map(|t| t.config.task.as_str()).collect();
     assert_eq!(names, ["second", "first"]);
     assert_eq!(suite.tasks[0].docs.len(), 2);
-    let r = eval::run_task(&suite.tasks[0], &mut Scripted, None, &EvalOptions::default(), &mut |_| {}).unwrap();
+    let r = eval::run_task(&suite.tasks[0], &mut Scripted, Graders::default(), &EvalOptions::default(), &mut |_| {})
+        .unwrap();
     assert_eq!(r.samples.len(), 2);
 
     let one = Suite::load(&second).unwrap();
@@ -244,7 +246,7 @@ fn a_task_constrains_its_generations_to_a_schema() {
     let schema = "{type: json_schema, json_schema: {name: x, schema: {type: object, properties: {k: {enum: [ab, cd]}, n: {type: integer, minimum: 0, maximum: 9}}, required: [k, n], additionalProperties: false}}}";
     let t = Task::load(&write(dir.path(), "j.yaml", &task(schema))).unwrap();
     let mut b = LocalBackend::load(&mdir).unwrap();
-    let r = eval::run_task(&t, &mut b, None, &EvalOptions::default(), &mut |_| {}).unwrap();
+    let r = eval::run_task(&t, &mut b, Graders::default(), &EvalOptions::default(), &mut |_| {}).unwrap();
     assert_eq!(r.get("schema_valid"), Some(1.0), "{:?}", r.samples);
     assert!(r.get("field_accuracy").is_some());
     for s in &r.samples {
@@ -274,8 +276,11 @@ fn the_builtin_shakespeare_suite_runs() {
     Pretrained { model, tokenizer: tok, dir: None }.save(dir.path()).unwrap();
     let mut b = LocalBackend::load(dir.path()).unwrap();
     let opts = EvalOptions { limit: Some(4), ..Default::default() };
-    let results: Vec<_> =
-        suite.tasks.iter().map(|t| eval::run_task(t, &mut b, None, &opts, &mut |_| {}).unwrap()).collect();
+    let results: Vec<_> = suite
+        .tasks
+        .iter()
+        .map(|t| eval::run_task(t, &mut b, Graders::default(), &opts, &mut |_| {}).unwrap())
+        .collect();
     // An untrained model over 66 characters: about log2(66) ≈ 6 bits per byte.
     let bpb = results[0].get("bits_per_byte").unwrap();
     assert!((5.0..7.5).contains(&bpb), "{bpb}");
@@ -309,4 +314,59 @@ fn a_missing_data_file_names_the_task_file_and_key() {
     .unwrap();
     let e = format!("{:#}", lmstack_app::eval::Suite::load(&p).unwrap_err());
     assert!(e.contains("t.yaml") && e.contains("dataset_kwargs.data_files.test") && e.contains("nothere.jsonl"), "{e}");
+}
+
+/// The `reward` metric: a reward model scores each generated answer in its context, as text
+/// (context then answer) or, with `--chat`, as the conversation its chat template renders; each
+/// score equals the reward model's own forward on those characters. Without a reward model the
+/// task is refused naming the flag, and a language model is not taken for one.
+#[test]
+fn the_reward_metric_scores_answers_with_a_reward_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::from_chars("abcdefghijklmnopqrstuvwxyzT .:\n".chars()).unwrap();
+    // The pad token is an id no text produces, so each row pools at its own last character.
+    let pad = tok.vocab_size();
+    let cfg = format!(
+        r#"{{"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"], "num_labels": 1, "pad_token_id": {pad}, "n_embd": 16, "n_head": 2, "n_layer": 2, "n_positions": 64, "vocab_size": {}}}"#,
+        pad + 1
+    );
+    let model = Model::init(ModelConfig::from_json(&cfg, "t").unwrap(), 7, DType::F32, &Device::Cpu).unwrap();
+    let rdir = dir.path().join("rm");
+    Pretrained { model, tokenizer: tok, dir: None }.save(&rdir).unwrap();
+    write(dir.path(), "d.jsonl", "{\"w\": \"cat\"}\n{\"w\": \"dog\"}\n{\"w\": \"owl\"}\n");
+    let yaml = "task: r\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: generate_until\ndoc_to_text: \"say {{w}}\"\ndoc_to_target: \"{{w}}\"\nmetric_list:\n  - metric: exact_match\n  - metric: reward\n";
+    let t = Task::load(&write(dir.path(), "r.yaml", yaml)).unwrap();
+    let e = eval::run_task(&t, &mut Scripted, Graders::default(), &EvalOptions::default(), &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("--reward-model"), "{e}");
+
+    let p = Pretrained::load(&rdir, DType::F32, &Device::Cpu).unwrap();
+    let direct = |text: &str| -> f64 {
+        let ids = p.tokenizer.encode(text, false).unwrap();
+        let x = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        f64::from(p.model.score(&x).unwrap().to_vec2::<f32>().unwrap()[0][0])
+    };
+    let mut means = Vec::new();
+    for chat in [false, true] {
+        let rm = RewardModel::load(&rdir).unwrap().with_chat(chat);
+        let graders = Graders { reward: Some(&rm), ..Default::default() };
+        let r = eval::run_task(&t, &mut Scripted, graders, &EvalOptions::default(), &mut |_| {}).unwrap();
+        let mut sum = 0.0;
+        for s in &r.samples {
+            let (ctx, out) = (s["arguments"]["context"].as_str().unwrap(), s["resps"][0].as_str().unwrap());
+            // The plain chat template (the reward model's tokenizer has none of its own).
+            let text = if chat { format!("user: {ctx}\nassistant: {out}\n") } else { format!("{ctx}{out}") };
+            let got = s["scores"]["reward,none"].as_f64().unwrap();
+            assert!((got - direct(&text)).abs() < 1e-5, "chat {chat}: {got} vs {} for {text:?}", direct(&text));
+            assert_eq!(s["reward_model"], rm.name());
+            sum += got;
+        }
+        assert!((r.get("reward").unwrap() - sum / 3.0).abs() < 1e-9);
+        means.push(sum);
+    }
+    assert!((means[0] - means[1]).abs() > 1e-6, "the chat rendering must change what the model reads");
+
+    let lm = dir.path().join("lm");
+    tiny_model(&lm);
+    let e = RewardModel::load(&lm).err().unwrap().to_string();
+    assert!(e.contains("not a reward model"), "{e}");
 }

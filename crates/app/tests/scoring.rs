@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use lmstack_app::backend::{Backend, BackendResult};
 use lmstack_app::endpoint::EndpointBackend;
-use lmstack_app::eval::{self, EvalOptions, Suite};
+use lmstack_app::eval::{self, EvalOptions, Graders, Suite};
 use lmstack_app::judge::Judge;
 use lmstack_app::schema::GenerationKwargs;
 use lmstack_app::scores::{aggregate, bleu_stats, Aggregation};
@@ -166,13 +166,21 @@ fn generations_are_scored_by_metrics_assertions_and_a_judge() {
     );
 
     // Without a judge the rubric cannot be graded: a clear error before any generation.
-    let e = eval::run_task(task, &mut answers_a(), None, &EvalOptions::default(), &mut |_| {}).unwrap_err();
+    let e =
+        eval::run_task(task, &mut answers_a(), Graders::default(), &EvalOptions::default(), &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("--judge"), "{e}");
 
     let (url, calls) = spawn_judge();
     let cache = dir.path().join("judge_cache.jsonl");
     let judge = Judge::new(EndpointBackend::new(&url, None, None, Some(&cache)).unwrap());
-    let r = eval::run_task(task, &mut answers_b(), Some(&judge), &EvalOptions::default(), &mut |_| {}).unwrap();
+    let r = eval::run_task(
+        task,
+        &mut answers_b(),
+        Graders { judge: Some(&judge), ..Default::default() },
+        &EvalOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 4, "one judge request per document");
     // exact: only the JSON answer; icontains target: paris, red json, hello there → 3 of 4.
     assert_eq!(r.get("exact_match"), Some(0.25));
@@ -196,7 +204,14 @@ fn generations_are_scored_by_metrics_assertions_and_a_judge() {
     assert_eq!(r.samples[0]["scores"]["polite,none"], 0.9);
 
     // Run A: the judge's non-JSON reply is a failed grade with the reason, not an error.
-    let ra = eval::run_task(task, &mut answers_a(), Some(&judge), &EvalOptions::default(), &mut |_| {}).unwrap();
+    let ra = eval::run_task(
+        task,
+        &mut answers_a(),
+        Graders { judge: Some(&judge), ..Default::default() },
+        &EvalOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     let why = ra.samples[2]["assertions"]["none"][3]["reason"].as_str().unwrap();
     assert!(why.contains("not a JSON verdict"), "{why}");
     assert_eq!(ra.samples[2]["assertions"]["none"][1]["pass"], false, "contains sorry");
@@ -204,7 +219,14 @@ fn generations_are_scored_by_metrics_assertions_and_a_judge() {
     // A rerun asks the judge nothing new: answers come from the cache.
     let before = calls.load(Ordering::SeqCst);
     let judge2 = Judge::new(EndpointBackend::new(&url, None, None, Some(&cache)).unwrap());
-    eval::run_task(task, &mut answers_b(), Some(&judge2), &EvalOptions::default(), &mut |_| {}).unwrap();
+    eval::run_task(
+        task,
+        &mut answers_b(),
+        Graders { judge: Some(&judge2), ..Default::default() },
+        &EvalOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), before);
     assert!(eval::check_thresholds(&suite, &[r]).is_empty());
 }
@@ -233,8 +255,14 @@ fn bad_assertions_are_refused_naming_the_field() {
 fn run_to(dir: &Path, suite: &Suite, backend: &mut dyn Backend, judge: &Judge, name: &str) -> std::path::PathBuf {
     let out = dir.join(name);
     let opts = EvalOptions::default();
-    let results: Vec<_> =
-        suite.tasks.iter().map(|t| eval::run_task(t, backend, Some(judge), &opts, &mut |_| {}).unwrap()).collect();
+    let results: Vec<_> = suite
+        .tasks
+        .iter()
+        .map(|t| {
+            eval::run_task(t, backend, Graders { judge: Some(judge), ..Default::default() }, &opts, &mut |_| {})
+                .unwrap()
+        })
+        .collect();
     eval::write_run(&out, suite, &results, name, &opts).unwrap();
     out
 }

@@ -3,6 +3,8 @@
 //! - [`tokenizer`]: Hugging Face `tokenizer.json` loading, BPE and character-level training,
 //!   incremental (streaming) decoding.
 //! - [`chat`]: Hugging Face chat templates rendered as `transformers` renders them.
+//! - [`examples`]: conversations and prompt/completion pairs as token ids with a loss mask, as
+//!   finetuning trains on them and reward models score them.
 //! - [`config`]: `config.json` for `gpt2`, `llama` (and `mistral`) and `bert`.
 //! - [`models`]: the transformer architectures and [`Model`], with a differentiable
 //!   whole-batch forward and a KV-cached prefill/decode forward over per-sequence caches.
@@ -22,6 +24,7 @@ pub mod config;
 pub mod constraint;
 pub mod decoding;
 pub mod error;
+pub mod examples;
 pub mod gguf;
 pub mod grad;
 pub mod io;

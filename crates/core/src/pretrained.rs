@@ -59,6 +59,40 @@ impl Pretrained {
         self.tokenizer.stage(dir, &mut files)?;
         files.commit()
     }
+
+    /// An example as a reward model (a sequence classifier with one label: [`Model::score`])
+    /// reads it: tokenized as finetuning tokenized its pairs ([`crate::examples::tokenize`])
+    /// with the model's own chat template (its tokenizer's, else `plain`). Refused when the
+    /// model is not a reward model or the example is longer than its context.
+    pub fn reward_tokens(&self, example: &crate::examples::Example) -> Result<Vec<u32>> {
+        if self.model.config().score_labels() != Some(1) {
+            return Err(Error::invalid(
+                "model",
+                "rewards need a reward model (a …ForSequenceClassification directory with one label)",
+            ));
+        }
+        let fmt = crate::examples::ChatFormat::from_spec("model", &self.tokenizer)?;
+        let ids = crate::examples::tokenize(example, &self.tokenizer, &fmt, false)?.ids;
+        if ids.len() > self.model.max_len() {
+            return Err(Error::ContextOverflow { len: ids.len(), max: self.model.max_len() });
+        }
+        Ok(ids)
+    }
+
+    /// The reward of each sequence ([`Pretrained::reward_tokens`]), `batch` at a time, padded on
+    /// the right with the config's `pad_token_id` (one at a time without one).
+    pub fn rewards(&self, rows: &[Vec<u32>], batch: usize) -> Result<Vec<f64>> {
+        let pad = self.model.config().token_id("pad_token_id");
+        let batch = if pad.is_some() { batch.max(1) } else { 1 };
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(batch) {
+            let chunk: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+            let ids = crate::examples::pad_right(&chunk, pad.unwrap_or(0), self.model.device())?;
+            let s = crate::grad::no_grad(|| self.model.score(&ids))?;
+            out.extend(s.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        }
+        Ok(out)
+    }
 }
 
 /// The tokenizer must not produce ids the embedding table lacks.

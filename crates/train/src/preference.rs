@@ -185,12 +185,15 @@ pub fn tokenize_pair(pair: &Pair, tok: &Tokenizer, fmt: &ChatFormat) -> Result<(
 /// `prompt` followed by `answer`, scored on the answer alone (see [`tokenize_pair`]).
 pub fn tokenize_answer(prompt: &Turns, answer: &Turns, tok: &Tokenizer, fmt: &ChatFormat) -> Result<Tokenized> {
     match (prompt, answer) {
-        (Turns::Text(p), Turns::Text(a)) => {
-            crate::sft::tokenize(&Example::Completion { prompt: p.clone(), completion: a.clone() }, tok, fmt, false)
-        }
+        (Turns::Text(p), Turns::Text(a)) => Ok(crate::sft::tokenize(
+            &Example::Completion { prompt: p.clone(), completion: a.clone() },
+            tok,
+            fmt,
+            false,
+        )?),
         (Turns::Chat(p), Turns::Chat(a)) => {
             let msgs: Vec<(String, String)> = p.iter().chain(a).cloned().collect();
-            crate::sft::tokenize_from(&Example::Chat(msgs), tok, fmt, p.len())
+            Ok(crate::sft::tokenize_from(&Example::Chat(msgs), tok, fmt, p.len())?)
         }
         _ => Err(Error::Msg("the prompt and the answers must all be text or all be messages".into())),
     }

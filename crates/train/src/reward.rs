@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
+use lmstack_core::examples::pad_right;
 use lmstack_core::params::ParamStore;
 use lmstack_core::{Model, ModelConfig, Pretrained, Tokenizer};
 use rand_chacha::ChaCha8Rng;
@@ -26,24 +27,12 @@ use crate::sft::{self, ChatFormat, Example};
 use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions};
 use crate::{Error, Result};
 
-/// Right-pads whole sequences with `pad` into `[b, t]` inputs (all of each sequence: a reward
-/// model reads its last token too).
-fn pad_rows(rows: &[&[u32]], pad: u32, dev: &Device) -> Result<Tensor> {
-    let t = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
-    let mut ids = Vec::with_capacity(rows.len() * t);
-    for r in rows {
-        ids.extend_from_slice(r);
-        ids.extend(std::iter::repeat_n(pad, t - r.len()));
-    }
-    Ok(Tensor::from_vec(ids, (rows.len(), t), dev)?)
-}
-
 /// The scores of pairs' chosen and rejected sequences (`[n]` each), one padded batch.
 fn pair_scores(model: &Model, pairs: &[&PairTokens], pad: u32) -> Result<(Tensor, Tensor)> {
     let n = pairs.len();
     let rows: Vec<&[u32]> =
         pairs.iter().map(|p| p.chosen.ids.as_slice()).chain(pairs.iter().map(|p| p.rejected.ids.as_slice())).collect();
-    let s = model.score(&pad_rows(&rows, pad, model.device())?)?.squeeze(1)?;
+    let s = model.score(&pad_right(&rows, pad, model.device())?)?.squeeze(1)?;
     Ok((s.narrow(0, 0, n)?, s.narrow(0, n, n)?))
 }
 
@@ -301,29 +290,16 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<RewardSummary> {
 
 /// The reward `p` (a reward model) gives `text`: a JSON list of chat messages rendered with the
 /// model's chat template, or plain text (followed by EOS), tokenized as training tokenized its
-/// pairs.
+/// pairs ([`Pretrained::rewards`]).
 pub fn score_text(p: &Pretrained, text: &str) -> Result<f64> {
-    if !p.model.is_scorer() {
-        return Err(Error::Msg("--reward needs a reward model (a …ForSequenceClassification directory)".into()));
-    }
-    let fmt = ChatFormat::from_spec("model", &p.tokenizer)?;
     let ex = match serde_json::from_str::<serde_json::Value>(text) {
         Ok(serde_json::Value::Array(list)) => {
             Example::Chat(sft::parse_messages(&list, "--reward").map_err(|e| Error::Msg(format!("--reward: {e}")))?)
         }
         _ => Example::Completion { prompt: String::new(), completion: text.to_owned() },
     };
-    let t = sft::tokenize(&ex, &p.tokenizer, &fmt, false)?;
-    if t.ids.len() > p.model.max_len() {
-        return Err(Error::Msg(format!(
-            "--reward: {} tokens, longer than the model's context of {}",
-            t.ids.len(),
-            p.model.max_len()
-        )));
-    }
-    let ids = Tensor::new(t.ids.as_slice(), p.model.device())?.unsqueeze(0)?;
-    let s = lmstack_core::grad::no_grad(|| p.model.score(&ids))?;
-    Ok(s.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0])
+    let ids = p.reward_tokens(&ex).map_err(|e| Error::Msg(format!("--reward: {e}")))?;
+    Ok(p.rewards(&[ids], 1)?[0])
 }
 
 /// Whether `method` can train a reward model.

@@ -14,6 +14,7 @@ use lmstack_app::endpoint::EndpointBackend;
 use lmstack_app::eval::{self, EvalOptions, Suite};
 use lmstack_app::judge::Judge;
 use lmstack_app::report;
+use lmstack_app::reward::RewardModel;
 
 /// Evaluate a model on an eval suite (lm-evaluation-harness task files), or compare two runs.
 #[derive(Debug, Parser)]
@@ -103,6 +104,11 @@ struct RunArgs {
     /// Bearer token for the judge endpoint.
     #[arg(long, env = "LMSTACK_JUDGE_API_KEY", hide_env_values = true)]
     judge_api_key: Option<String>,
+    /// A reward model for the `reward` metric (a `train finetune --task reward` directory, or
+    /// any one-label `…ForSequenceClassification` one). It reads conversations with --chat,
+    /// text pairs without.
+    #[arg(long)]
+    reward_model: Option<PathBuf>,
 }
 
 fn run(cli: RunArgs) -> anyhow::Result<bool> {
@@ -147,6 +153,11 @@ fn run(cli: RunArgs) -> anyhow::Result<bool> {
         }
         None => None,
     };
+    let reward = match &cli.reward_model {
+        Some(dir) => Some(RewardModel::load(dir)?.with_chat(cli.chat)),
+        None => None,
+    };
+    let graders = eval::Graders { judge: judge.as_ref(), reward: reward.as_ref() };
     let mut results = Vec::new();
     for task in &suite.tasks {
         let n = opts.limit.map_or(task.docs.len(), |l| l.min(task.docs.len()));
@@ -155,7 +166,7 @@ fn run(cli: RunArgs) -> anyhow::Result<bool> {
                 .expect("valid template"),
         );
         bar.set_prefix(task.config.task.clone());
-        let r = eval::run_task(task, backend.as_mut(), judge.as_ref(), &opts, &mut |k| bar.inc(k as u64))?;
+        let r = eval::run_task(task, backend.as_mut(), graders, &opts, &mut |k| bar.inc(k as u64))?;
         bar.finish();
         results.push(r);
     }

@@ -2,6 +2,9 @@
 //! `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_A.weight`
 //! (`[r, in]`) and `.lora_B.weight` (`[out, r]`). An adapter adds `scale · B(A x)` to the frozen
 //! projection's output, with `scale = lora_alpha / r` (or `lora_alpha / √r` with `use_rslora`).
+//!
+//! Modules listed in `modules_to_save` (a reward model's new `score` head) are trained whole
+//! beside the adapters and saved whole, as PEFT saves them: `base_model.model.score.weight`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -37,9 +40,12 @@ pub struct LoraConfig {
     /// The base model (informational).
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
-    /// e.g. `"CAUSAL_LM"`.
+    /// e.g. `"CAUSAL_LM"`, `"SEQ_CLS"`.
     #[serde(default)]
     pub task_type: Option<String>,
+    /// Modules trained and saved whole beside the adapters (`["score"]` for a reward model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_to_save: Option<Vec<String>>,
     /// Fields lmstack does not interpret, kept so a round trip preserves them.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -139,11 +145,14 @@ pub struct PeftAdapter {
     pub config: LoraConfig,
     /// Module path → (`A [r, in]`, `B [out, r]`).
     pub weights: BTreeMap<String, (Tensor, Tensor)>,
+    /// Whole weights of `modules_to_save`, by the base model's tensor name (`score.weight`).
+    pub modules: BTreeMap<String, Tensor>,
     /// The weights file (for messages).
     pub file: String,
 }
 
-/// Reads a PEFT adapter directory; every tensor must be a `lora_A`/`lora_B` pair of rank `r`.
+/// Reads a PEFT adapter directory; every tensor must be a `lora_A`/`lora_B` pair of rank `r`,
+/// or a whole weight of a module in `modules_to_save`.
 pub fn read_peft(dir: &Path) -> Result<PeftAdapter> {
     let cfg_path = dir.join("adapter_config.json");
     let config: LoraConfig = crate::io::read_json(&cfg_path)?;
@@ -153,8 +162,17 @@ pub fn read_peft(dir: &Path) -> Result<PeftAdapter> {
     let tensors: HashMap<String, Tensor> = crate::models::read_safetensors(&st)?;
     let mut a_of = BTreeMap::new();
     let mut b_of = BTreeMap::new();
+    let mut modules = BTreeMap::new();
+    let saved = config.modules_to_save.clone().unwrap_or_default();
     for (k, t) in tensors {
         let path = k.strip_prefix("base_model.model.");
+        let module = path.and_then(|p| p.rsplit_once('.')).map(|(m, _)| m);
+        if let (Some(p), Some(m)) = (path, module) {
+            if !p.contains(".lora_") && saved.iter().any(|s| m == s || m.ends_with(&format!(".{s}"))) {
+                modules.insert(p.to_owned(), t);
+                continue;
+            }
+        }
         match path.and_then(|p| p.strip_suffix(".lora_A.weight")) {
             Some(m) => a_of.insert(m.to_owned(), t),
             None => match path.and_then(|p| p.strip_suffix(".lora_B.weight")) {
@@ -163,7 +181,7 @@ pub fn read_peft(dir: &Path) -> Result<PeftAdapter> {
                     return Err(weight(
                         &file,
                         &k,
-                        "is not a PEFT LoRA key (base_model.model.<path>.lora_A/B.weight)".into(),
+                        "is not a PEFT LoRA key (base_model.model.<path>.lora_A/B.weight) nor a weight of `modules_to_save`".into(),
                     ))
                 }
             },
@@ -189,14 +207,21 @@ pub fn read_peft(dir: &Path) -> Result<PeftAdapter> {
     if weights.is_empty() {
         return Err(weight(&file, "", "the adapter has no LoRA weights".into()));
     }
-    Ok(PeftAdapter { config, weights, file })
+    Ok(PeftAdapter { config, weights, modules, file })
 }
 
 /// Reads a PEFT adapter directory and attaches its adapters to `model`'s projections; returns
 /// how many were attached. Every tensor in the file must belong to a projection of the model,
 /// with shapes that fit it.
 pub fn load_peft(model: &mut Model, dir: &Path) -> Result<usize> {
-    let PeftAdapter { config, mut weights, file } = read_peft(dir)?;
+    let PeftAdapter { config, mut weights, modules, file } = read_peft(dir)?;
+    if let Some(k) = modules.keys().next() {
+        return Err(weight(
+            &file,
+            &format!("base_model.model.{k}"),
+            "is a whole module trained beside the adapters (`modules_to_save`: a reward model's head); fold the adapter into its base with `train merge` and load the merged directory".into(),
+        ));
+    }
     let dtype: DType = model.dtype();
     let device = model.device().clone();
     let scale = config.scale();
@@ -229,8 +254,9 @@ pub fn load_peft(model: &mut Model, dir: &Path) -> Result<usize> {
 }
 
 /// Folds an adapter into a model's stored weights: `W ← W + scale · B A` for each adapted
-/// projection (`{path}.weight`; GPT-2's `Conv1D` weights are stored transposed, `[in, out]`).
-/// The merged model computes what base + adapter computes, with no adapter at run time.
+/// projection (`{path}.weight`; GPT-2's `Conv1D` weights are stored transposed, `[in, out]`),
+/// and the whole weights of `modules_to_save` in place of (or beside) the base's. The merged
+/// model computes what base + adapter computes, with no adapter at run time.
 pub fn merge_into(
     weights: &mut HashMap<String, Tensor>,
     model: &crate::ModelConfig,
@@ -255,6 +281,18 @@ pub fn merge_into(
         let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
         weights.insert(key, merged);
     }
+    for (name, t) in &adapter.modules {
+        if let Some(w) = weights.get(name) {
+            if w.dims() != t.dims() {
+                return Err(weight(
+                    &adapter.file,
+                    &format!("base_model.model.{name}"),
+                    format!("shape {:?} does not fit the base's `{name}` {:?}", t.dims(), w.dims()),
+                ));
+            }
+        }
+        weights.insert(name.clone(), t.clone());
+    }
     Ok(())
 }
 
@@ -262,11 +300,18 @@ fn weight(file: &str, name: &str, message: String) -> Error {
     Error::Weight { file: file.to_owned(), name: name.to_owned(), message }
 }
 
-/// Writes `adapters` (module path → A, B) and `cfg` as a PEFT adapter directory (both files
-/// or, on an error, neither).
-pub fn save_peft(dir: &Path, cfg: &LoraConfig, adapters: &BTreeMap<String, (Tensor, Tensor)>) -> Result<()> {
+/// Writes `adapters` (module path → A, B), the whole weights of `modules` (tensor name →
+/// weight; `cfg.modules_to_save` names their modules) and `cfg` as a PEFT adapter directory
+/// (both files or, on an error, neither).
+pub fn save_peft(
+    dir: &Path,
+    cfg: &LoraConfig,
+    adapters: &BTreeMap<String, (Tensor, Tensor)>,
+    modules: &BTreeMap<String, Tensor>,
+) -> Result<()> {
     let mut files = crate::io::FileSet::in_dir(dir)?;
-    let mut t = BTreeMap::new();
+    let mut t: BTreeMap<String, Tensor> =
+        modules.iter().map(|(k, v)| (format!("base_model.model.{k}"), v.clone())).collect();
     for (path, (a, b)) in adapters {
         t.insert(peft_key(path, "A"), a.clone());
         t.insert(peft_key(path, "B"), b.clone());

@@ -37,6 +37,8 @@ struct Inner {
     used: std::collections::HashSet<String>,
     file: String,
     trainable: bool,
+    /// In a frozen store, the parameters that train all the same ([`ParamStore::frozen_except`]).
+    trainable_names: std::collections::HashSet<String>,
     init_rng: Option<ChaCha8Rng>,
     params: BTreeMap<String, Param>,
     /// Parameters dropped by [`ParamStore::release`]: name → element count.
@@ -63,6 +65,7 @@ impl ParamStore {
                 used: Default::default(),
                 file: file.to_owned(),
                 trainable,
+                trainable_names: Default::default(),
                 init_rng: init_seed.map(ChaCha8Rng::seed_from_u64),
                 params: BTreeMap::new(),
                 released: BTreeMap::new(),
@@ -134,6 +137,20 @@ impl ParamStore {
     /// `init_seed` is `None`).
     pub fn trainable(tensors: HashMap<String, Tensor>, file: &str, init_seed: Option<u64>) -> Self {
         Self::new(tensors, file, true, init_seed)
+    }
+
+    /// Frozen parameters except those named in `trainable` (a new head trained beside LoRA
+    /// adapters: PEFT's `modules_to_save`), which become variables, initialised from an RNG
+    /// seeded with `init_seed` when `tensors` lacks them. Any other missing tensor is an error.
+    pub fn frozen_except(
+        tensors: HashMap<String, Tensor>,
+        file: &str,
+        trainable: &[&str],
+        init_seed: Option<u64>,
+    ) -> Self {
+        let store = Self::new(tensors, file, false, init_seed);
+        store.lock().trainable_names = trainable.iter().map(|s| (*s).to_owned()).collect();
+        store
     }
 
     /// Freshly initialised trainable parameters (pretraining from scratch).
@@ -262,6 +279,7 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
             }
             return Ok(p.tensor.clone());
         }
+        let trainable = inner.trainable || inner.trainable_names.contains(name);
         let tensor = if let Some(t) = inner.source.get(name).cloned() {
             if t.shape() != &s {
                 candle_core::bail!(
@@ -273,13 +291,13 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
             }
             inner.used.insert(name.to_owned());
             t.to_dtype(dtype)?.to_device(dev)?
-        } else if let Some(rng) = inner.init_rng.as_mut() {
+        } else if let (true, Some(rng)) = (trainable, inner.init_rng.as_mut()) {
             let data = init_tensor(rng, &s, h);
             Tensor::from_vec(data, s, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?
         } else {
             candle_core::bail!("{}: tensor `{name}` is missing", inner.file);
         };
-        let param = if inner.trainable {
+        let param = if trainable {
             let var = Var::from_tensor(&tensor)?;
             Param { tensor: var.as_tensor().clone(), var: Some(var) }
         } else {

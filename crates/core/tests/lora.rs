@@ -49,12 +49,12 @@ fn peft_adapters_load_and_apply() {
     let base = m.forward(&ids(), None).unwrap();
 
     let zero = adapters(&mut m, 4, true);
-    lora::save_peft(&dir, &config(4), &zero).unwrap();
+    lora::save_peft(&dir, &config(4), &zero, &Default::default()).unwrap();
     assert_eq!(lora::load_peft(&mut m, &dir).unwrap(), 4); // 2 layers × q, v
     assert!(max_diff(&m.forward(&ids(), None).unwrap(), &base) < 1e-6, "B = 0 changed the logits");
 
     let trained = adapters(&mut m, 4, false);
-    lora::save_peft(&dir, &config(4), &trained).unwrap();
+    lora::save_peft(&dir, &config(4), &trained, &Default::default()).unwrap();
     let text = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
     assert!(text.contains("\"peft_type\": \"LORA\"") || text.contains("\"peft_type\":\"LORA\""), "{text}");
     let mut loaded = Model::load(&fixture("tiny-llama"), DType::F32, &Device::Cpu).unwrap();
@@ -81,24 +81,24 @@ fn malformed_adapters_are_refused_naming_the_tensor() {
     let mut wrong_shape = good.clone();
     let (a, _) = wrong_shape[&path].clone();
     wrong_shape.insert(path.clone(), (a, Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap()));
-    lora::save_peft(&dir, &config(2), &wrong_shape).unwrap();
+    lora::save_peft(&dir, &config(2), &wrong_shape, &Default::default()).unwrap();
     let e = lora::load_peft(&mut m, &dir).unwrap_err().to_string();
     assert!(e.contains(&path) && e.contains("do not fit"), "{e}");
 
     let mut stray = good.clone();
     stray.insert("model.layers.9.self_attn.q_proj".into(), good[&path].clone());
-    lora::save_peft(&dir, &config(2), &stray).unwrap();
+    lora::save_peft(&dir, &config(2), &stray, &Default::default()).unwrap();
     let e = lora::load_peft(&mut m, &dir).unwrap_err().to_string();
     assert!(e.contains("layers.9") && e.contains("does not belong"), "{e}");
 
     let mut cfg = config(2);
     cfg.target_modules = TargetModules::Special(".*proj".into());
-    lora::save_peft(&dir, &cfg, &good).unwrap();
+    lora::save_peft(&dir, &cfg, &good, &Default::default()).unwrap();
     let e = lora::load_peft(&mut m, &dir).unwrap_err().to_string();
     assert!(e.contains("target_modules"), "{e}");
     let mut cfg = config(2);
     cfg.r = 0;
-    lora::save_peft(&dir, &cfg, &good).unwrap();
+    lora::save_peft(&dir, &cfg, &good, &Default::default()).unwrap();
     let e = lora::load_peft(&mut m, &dir).unwrap_err().to_string();
     assert!(e.contains("adapter_config.json") && e.contains("the rank must be positive"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -837,7 +837,7 @@ async fn lora_adapters_apply_on_top_of_the_model() {
             }
         }
         let dir = d.path().join(if zero { "zero" } else { "trained" });
-        lora::save_peft(&dir, &cfg, &ad).unwrap();
+        lora::save_peft(&dir, &cfg, &ad, &Default::default()).unwrap();
         opts.adapter = Some(dir);
         let with = lps(common::router(&opts)).await;
         assert_eq!(with == base, zero, "zero = {zero}: {with} vs {base}");

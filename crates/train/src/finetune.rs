@@ -355,8 +355,11 @@ impl FinetuneConfig {
     /// Checks values; errors name the flag.
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, m: String| Err(Error::Msg(format!("--{f}: {m}")));
-        if self.task == Task::Reward {
-            crate::reward::check_method(self.method)?;
+        if self.task == Task::Reward && lmstack_core::gguf::is_gguf(&self.base) {
+            return Err(Error::Msg(format!(
+                "--base {}: a reward model is built on a model directory (safetensors); a GGUF base is not supported for --task reward",
+                self.base.display()
+            )));
         }
         if self.task == Task::Classify && self.method == Method::Lora {
             return Err(Error::Msg(
@@ -505,7 +508,9 @@ impl FinetuneConfig {
             use_rslora: false,
             bias: "none".into(),
             base_model_name_or_path: Some(self.base.display().to_string()),
-            task_type: Some("CAUSAL_LM".into()),
+            // A reward model's new head trains whole beside the adapters (PEFT's SEQ_CLS task).
+            task_type: Some(if self.task == Task::Reward { "SEQ_CLS" } else { "CAUSAL_LM" }.into()),
+            modules_to_save: (self.task == Task::Reward).then(|| vec!["score".into()]),
             extra: Default::default(),
         }
     }
@@ -606,16 +611,21 @@ pub fn attach_lora(
     Ok(vars)
 }
 
-/// Writes the trained adapters in PEFT's layout.
+/// Writes the trained adapters in PEFT's layout, with the whole modules trained beside them
+/// (variables named `base_model.model.<tensor name>`, as PEFT saves `modules_to_save`).
 pub fn save_adapter(dir: &Path, cfg: &LoraConfig, vars: &BTreeMap<String, Var>) -> Result<()> {
     let mut adapters = BTreeMap::new();
+    let mut modules = BTreeMap::new();
     for (k, v) in vars {
-        if let Some(path) = k.strip_prefix("base_model.model.").and_then(|p| p.strip_suffix(".lora_A.weight")) {
+        let Some(name) = k.strip_prefix("base_model.model.") else { continue };
+        if let Some(path) = name.strip_suffix(".lora_A.weight") {
             let b = &vars[&lmstack_core::lora::peft_key(path, "B")];
             adapters.insert(path.to_owned(), (v.as_tensor().detach(), b.as_tensor().detach()));
+        } else if !name.ends_with(".lora_B.weight") {
+            modules.insert(name.to_owned(), v.as_tensor().detach());
         }
     }
-    lmstack_core::lora::save_peft(dir, cfg, &adapters)?;
+    lmstack_core::lora::save_peft(dir, cfg, &adapters, &modules)?;
     Ok(())
 }
 
@@ -1100,7 +1110,8 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
 
 /// Writes a finetuning run's result into its directory and returns where: `model/` (full: a
 /// complete model directory, its tokenizer carrying the chat template `fmt` trained with) or
-/// `adapter/` (LoRA: PEFT's files; the adapters are then detached from `model`).
+/// `adapter/` (LoRA: PEFT's files, and the tokenizer with its chat template when that is not
+/// the base's own; the adapters are then detached from `model`).
 pub(crate) fn write_result(
     cfg: &FinetuneConfig,
     model: &mut Model,
@@ -1120,6 +1131,12 @@ pub(crate) fn write_result(
         Method::Lora => {
             let dir = cfg.out_dir.join("adapter");
             save_adapter(&dir, &cfg.lora_config(), vars)?;
+            // The chat template trained with, when it is not the base tokenizer's own, goes
+            // beside the adapter (as TRL saves the tokenizer), so `train merge` keeps it.
+            if let Some(src) = fmt.source() {
+                tok.set_chat_template(Some(src.to_owned()));
+                tok.save(&dir)?;
+            }
             // Detach the adapters so the frozen model can be dropped cleanly.
             for lin in model.linears_mut() {
                 lin.set_adapter(None);
@@ -1135,8 +1152,16 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path) -> Result<()> {
     let a = lmstack_core::lora::read_peft(adapter)?;
     let mut weights: HashMap<String, Tensor> = p.model.params().tensors().into_iter().collect();
     lmstack_core::lora::merge_into(&mut weights, p.model.config(), &a)?;
+    // A reward model's adapter (its `score` head saved whole) turns its LM base into a
+    // sequence classifier, as PEFT's SEQ_CLS adapter on `AutoModelForSequenceClassification`.
+    let mcfg = if a.modules.contains_key("score.weight") && !p.model.is_scorer() {
+        weights.remove("lm_head.weight");
+        crate::reward::scorer_config(p.model.config(), crate::reward::pad_id(p.model.config(), &p.tokenizer))?
+    } else {
+        p.model.config().clone()
+    };
     let store = ParamStore::frozen(weights, "<merged weights>");
-    let model = Model::new(p.model.config().clone(), &store, DType::F32, &Device::Cpu)?;
+    let model = Model::new(mcfg, &store, DType::F32, &Device::Cpu)?;
     let mut tok = p.tokenizer.clone();
     // A tokenizer saved beside the adapter (with the chat template it was trained with) wins.
     if adapter.join("tokenizer.json").is_file() {

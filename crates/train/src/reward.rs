@@ -10,6 +10,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use lmstack_core::examples::pad_right;
@@ -24,7 +26,7 @@ use crate::finetune::{self, FinetuneConfig, Method};
 use crate::optim::AdamW;
 use crate::runlog::Record;
 use crate::sft::{self, ChatFormat, Example};
-use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions};
+use crate::trainer::{peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions};
 use crate::{Error, Result};
 
 /// The scores of pairs' chosen and rejected sequences (`[n]` each), one padded batch.
@@ -85,30 +87,33 @@ struct RewardObjective<'a> {
     pad: u32,
     batch_size: usize,
     parallel_shards: usize,
+    method: Method,
+    /// The step, for the adapters' dropout masks.
+    step: Arc<AtomicU64>,
+    /// Whether the adapters' dropout is on.
+    training: Arc<AtomicBool>,
 }
 
 impl RewardObjective<'_> {
     /// Loss and scores over the held-out pairs (no graph).
     fn val_stats(&self) -> Result<(f64, Stats)> {
-        let model = frozen(self.model)?;
-        let result = lmstack_core::grad::no_grad(|| -> Result<(f64, Stats)> {
+        finetune::evaluating(self.model, self.method, &self.training, |model| {
             let (mut total, mut stats) = (0.0, Stats::default());
             for chunk in self.val.chunks(16) {
                 let pairs: Vec<&PairTokens> = chunk.iter().collect();
-                let (c, r) = pair_scores(&model, &pairs, self.pad)?;
+                let (c, r) = pair_scores(model, &pairs, self.pad)?;
                 let (loss, s) = bradley_terry(&c, &r)?;
                 total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
                 stats.extend(s);
             }
             Ok((total / self.val.len().max(1) as f64, stats))
-        });
-        lmstack_core::release_free_memory();
-        result
+        })
     }
 }
 
 impl Objective for RewardObjective<'_> {
-    fn micro_batch(&mut self, _step: u64, opt: &AdamW, rng: &mut ChaCha8Rng) -> Result<MicroBatch> {
+    fn micro_batch(&mut self, step: u64, opt: &AdamW, rng: &mut ChaCha8Rng) -> Result<MicroBatch> {
+        self.step.store(step, Ordering::Relaxed);
         let k = self.batch_size.min(self.train.len());
         let picks = rand::seq::index::sample(rng, self.train.len(), k).into_vec();
         let (loss, grads, parts) = parallel_grads(opt, k, self.parallel_shards, |lo, hi| {
@@ -161,8 +166,14 @@ pub struct RewardSummary {
     pub output: PathBuf,
 }
 
+/// The pad token that ends each row's scored part: the config's, else the tokenizer's pad or
+/// EOS, else id 0.
+pub(crate) fn pad_id(cfg: &ModelConfig, tok: &Tokenizer) -> u32 {
+    cfg.token_id("pad_token_id").or(tok.pad_id()).or(tok.eos_id()).unwrap_or(0)
+}
+
 /// The configuration of `base` as a one-label sequence classifier, its pad token set.
-fn scorer_config(base: &ModelConfig, pad: u32) -> Result<ModelConfig> {
+pub(crate) fn scorer_config(base: &ModelConfig, pad: u32) -> Result<ModelConfig> {
     let mut j = base.to_value();
     let class = match base {
         ModelConfig::Gpt2(_) => "GPT2ForSequenceClassification".to_owned(),
@@ -197,8 +208,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<RewardSummary> {
     let tok: Tokenizer = base.tokenizer.clone();
     let fmt = ChatFormat::from_spec(&cfg.chat_template, &tok)?;
     let max_len = base.model.max_len();
-    // The pad token ends each row's scored part: the config's, else the tokenizer's pad or EOS.
-    let pad = base.model.config().token_id("pad_token_id").or(tok.pad_id()).or(tok.eos_id()).unwrap_or(0);
+    let pad = pad_id(base.model.config(), &tok);
     let fits = |p: &PairTokens| p.chosen.ids.len().max(p.rejected.ids.len()) <= max_len;
     let read = |path: &std::path::Path| -> Result<(Vec<PairTokens>, Vec<String>, usize)> {
         let (pairs, ties, long) = crate::dpo::prepare(path, &tok, &fmt, max_len)?;
@@ -224,23 +234,58 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<RewardSummary> {
         )));
     }
 
-    // The model: the base's weights (its LM head dropped), a fresh `score` head, every weight
-    // trainable; or the checkpoint's.
+    // The model: the base's weights (its LM head dropped) and a fresh `score` head. Full:
+    // every weight trains (from the checkpoint's values on resume). LoRA: the base stays
+    // frozen, adapters train on its projections and the head trains whole beside them (PEFT's
+    // `modules_to_save`), its variable named as PEFT saves it.
     let mcfg =
         if base.model.is_scorer() { base.model.config().clone() } else { scorer_config(base.model.config(), pad)? };
-    let mut weights: HashMap<String, Tensor> = match &resume_from {
-        Some(l) => l.weights.clone(),
-        None => base.model.params().tensors().into_iter().collect(),
-    };
+    let mut weights: HashMap<String, Tensor> = base.model.params().tensors().into_iter().collect();
     if !base.model.is_scorer() {
         weights.remove("lm_head.weight");
     }
     drop(base);
     let src = cfg.base.display().to_string();
-    let store = ParamStore::trainable(weights, &src, Some(cfg.seed));
-    let mut model = Model::new(mcfg, &store, DType::F32, &dev)?;
+    let step_counter = Arc::new(AtomicU64::new(0));
+    let training = Arc::new(AtomicBool::new(false));
+    let (mut model, vars) = match cfg.method {
+        Method::Full => {
+            if let Some(l) = &resume_from {
+                weights = l.weights.clone();
+            }
+            let store = ParamStore::trainable(weights, &src, Some(cfg.seed));
+            let model = Model::new(mcfg, &store, DType::F32, &dev)?;
+            let vars = model.params().vars();
+            (model, vars)
+        }
+        Method::Lora => {
+            let store = ParamStore::frozen_except(weights, &src, &["score.weight"], Some(cfg.seed));
+            let model = Model::new(mcfg, &store, DType::F32, &dev)?;
+            let score = model.params().vars().remove("score.weight").ok_or_else(|| {
+                Error::Msg(format!("--base {}: the model built no `score.weight` head", cfg.base.display()))
+            })?;
+            let (model, mut vars) = finetune::trainable_model(
+                cfg,
+                model,
+                &tok,
+                resume_from.as_ref(),
+                step_counter.clone(),
+                training.clone(),
+            )?;
+            let key = "base_model.model.score.weight";
+            if let Some(l) = &resume_from {
+                let t = l
+                    .weights
+                    .get(key)
+                    .ok_or_else(|| Error::Msg(format!("{}: the checkpoint has no `{key}`", l.dir.display())))?;
+                score.set(t)?;
+            }
+            vars.insert(key.to_owned(), score);
+            (model, vars)
+        }
+    };
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
-    let vars = model.params().vars();
+    let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
     let mut trainer = finetune::new_trainer(cfg, vars.clone(), resume_from, opts)?;
     let mut objective = RewardObjective {
         model: &model,
@@ -250,13 +295,17 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<RewardSummary> {
         pad,
         batch_size: cfg.batch_size,
         parallel_shards: cfg.parallel_shards,
+        method: cfg.method,
+        step: step_counter,
+        training: training.clone(),
     };
     let before = if val.is_empty() || resume { None } else { Some(objective.val_stats()?) };
     if let Some((loss, stats)) = &before {
         trainer.log.write(&Record::val(0, *loss, false).with_metrics(stats.metrics()))?;
     }
     println!(
-        "reward model from {} ({} parameters): {} train / {} held-out pairs ({} left out: {} with the same answers, {} longer than {max_len} tokens)",
+        "{:?} reward model from {} ({} parameters; {trainable_parameters} trainable): {} train / {} held-out pairs ({} left out: {} with the same answers, {} longer than {max_len} tokens)",
+        cfg.method,
         cfg.base.display(),
         model.num_parameters(),
         train.len(),
@@ -268,10 +317,22 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<RewardSummary> {
     if resume {
         println!("resuming at step {} of {}", trainer.state.step, cfg.max_steps);
     }
+    training.store(true, Ordering::Relaxed);
     let outcome = trainer.run(&cfg.loop_config(), &mut objective)?;
+    training.store(false, Ordering::Relaxed);
     trainer.write_loss_plot(out, &format!("reward model, {} steps", trainer.state.step))?;
     let after = if outcome.interrupted || val.is_empty() { None } else { Some(objective.val_stats()?) };
-    let output = finetune::write_result(cfg, &mut model, tok, &fmt, &vars)?;
+    let output = match cfg.method {
+        Method::Full => finetune::write_result(cfg, &mut model, tok, &fmt, &vars)?,
+        // The adapter (PEFT's layout, which `AutoModelForSequenceClassification` + `PeftModel`
+        // load), and the model it makes with its base, ready to score with.
+        Method::Lora => {
+            let adapter = finetune::write_result(cfg, &mut model, tok, &fmt, &vars)?;
+            let merged = out.join("model");
+            finetune::merge(&cfg.base, &adapter, &merged)?;
+            merged
+        }
+    };
     let acc = |s: &Option<(f64, Stats)>| s.as_ref().map(|(_, st)| st.metrics()["accuracy"]);
     let summary = RewardSummary {
         steps: trainer.state.step,
@@ -300,14 +361,4 @@ pub fn score_text(p: &Pretrained, text: &str) -> Result<f64> {
     };
     let ids = p.reward_tokens(&ex).map_err(|e| Error::Msg(format!("--reward: {e}")))?;
     Ok(p.rewards(&[ids], 1)?[0])
-}
-
-/// Whether `method` can train a reward model.
-pub(crate) fn check_method(method: Method) -> Result<()> {
-    match method {
-        Method::Full => Ok(()),
-        Method::Lora => Err(Error::Msg(
-            "--task reward trains every weight (the new score head must train with them); use --method full".into(),
-        )),
-    }
 }

@@ -84,12 +84,12 @@ fn adapters_merge_exactly_and_untrained_ones_change_nothing() {
             adapters.insert(lin.path().to_owned(), (a, b));
         }
         // B = 0: the base model's logits, exactly.
-        lora::save_peft(&dir.path().join("zero"), &cfg, &zero).unwrap();
+        lora::save_peft(&dir.path().join("zero"), &cfg, &zero, &Default::default()).unwrap();
         lora::load_peft(&mut p.model, &dir.path().join("zero")).unwrap();
         assert_eq!(logits(&p.model), before, "{arch}: an untrained adapter changed the logits");
 
         let ad = dir.path().join("adapter");
-        lora::save_peft(&ad, &cfg, &adapters).unwrap();
+        lora::save_peft(&ad, &cfg, &adapters, &Default::default()).unwrap();
         let n = lora::load_peft(&mut p.model, &ad).unwrap();
         assert!(n >= 8, "{arch}: {n} adapters");
         let with_adapter = logits(&p.model);

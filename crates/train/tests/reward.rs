@@ -84,13 +84,103 @@ fn a_reward_model_learns_the_preference_and_scores_texts() {
         let lm = Pretrained::load(&dir.path().join(arch), DType::F32, &Device::Cpu).unwrap();
         assert!(reward::score_text(&lm, "a").unwrap_err().to_string().contains("reward model"));
     }
-    // LoRA is refused with the reason.
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// A LoRA reward model (PEFT's `SEQ_CLS` with `modules_to_save=["score"]`): the base stays
+/// frozen while the adapters and the whole new head train. The adapter holds the head under
+/// PEFT's key; the run's `model/` and `train merge` both give a classifier that scores as the
+/// base with the adapters and that head does; a crashed run resumes to the same adapter.
+#[test]
+fn a_lora_reward_model_trains_its_head_beside_the_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    write_pairs(&dir.path().join("pairs.jsonl"));
+    let base = dir.path().join("base");
+    tiny(&base, "qwen2");
     let c = FinetuneConfig {
-        base: dir.path().join("gpt2"),
+        base: base.clone(),
         data: dir.path().join("pairs.jsonl"),
+        val_data: None,
+        val_fraction: 0.25,
         out_dir: dir.path().join("lora"),
+        max_steps: 20,
+        batch_size: 8,
+        lr: 2e-2,
+        min_lr: 2e-3,
+        warmup_steps: 2,
+        eval_interval: 10,
+        checkpoint_interval: 10,
+        chat_template: "plain".into(),
         ..FinetuneConfig::for_task(Task::Reward, Some(Method::Lora))
     };
-    let e = reward::run(&c, &RunOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("--method full"), "{e}");
+    let s = reward::run(&c, &RunOptions::default()).unwrap();
+    assert!(s.accuracy.1.unwrap() >= 0.9, "{s:?}");
+    let adapter = dir.path().join("lora/adapter");
+    let ac: serde_json::Value = lmstack_core::io::read_json(&adapter.join("adapter_config.json")).unwrap();
+    assert_eq!((ac["task_type"].as_str(), &ac["modules_to_save"]), (Some("SEQ_CLS"), &serde_json::json!(["score"])));
+    let saved = lmstack_core::models::read_safetensors(&adapter.join("adapter_model.safetensors")).unwrap();
+    assert!(saved.contains_key("base_model.model.score.weight"), "{:?}", saved.keys());
+    assert!(saved.keys().any(|k| k.ends_with("lora_A.weight")), "{:?}", saved.keys());
+    assert_eq!(s.output, dir.path().join("lora/model"));
+
+    // Base + adapters + head, put together by hand, scores as the run's merged model does.
+    let merged = Pretrained::load(&s.output, DType::F32, &Device::Cpu).unwrap();
+    let a = lmstack_core::lora::read_peft(&adapter).unwrap();
+    let b = Pretrained::load(&base, DType::F32, &Device::Cpu).unwrap();
+    let mut weights: std::collections::HashMap<String, candle_core::Tensor> =
+        b.model.params().tensors().into_iter().filter(|(k, _)| k != "lm_head.weight").collect();
+    weights.insert("score.weight".into(), a.modules["score.weight"].clone());
+    let store = lmstack_core::params::ParamStore::frozen(weights, "by hand");
+    let mut by_hand = Model::new(merged.model.config().clone(), &store, DType::F32, &Device::Cpu).unwrap();
+    let mut attached = 0;
+    for lin in by_hand.linears_mut() {
+        if let Some((la, lb)) = a.weights.get(lin.path()) {
+            let lora = lmstack_core::lora::Lora { a: la.clone(), b: lb.clone(), scale: a.config.scale() };
+            lin.set_adapter(Some(std::sync::Arc::new(lora)));
+            attached += 1;
+        }
+    }
+    assert!(attached > 0);
+    let ids = candle_core::Tensor::new(&[[3u32, 9, 4, 12, 7, 1], [5, 2, 8, 8, 11, 6]], &Device::Cpu).unwrap();
+    let (x, y) = (by_hand.score(&ids).unwrap(), merged.model.score(&ids).unwrap());
+    let d = (x - &y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(d < 1e-5, "merged differs from base + adapter by {d}");
+    // `train merge` makes the same model; an LM loader is told to merge.
+    let again = dir.path().join("merged");
+    lmstack_train::finetune::merge(&base, &adapter, &again).unwrap();
+    let again = Pretrained::load(&again, DType::F32, &Device::Cpu).unwrap();
+    let z = again.model.score(&ids).unwrap();
+    assert_eq!((z - &y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    let mut lm = Pretrained::load(&base, DType::F32, &Device::Cpu).unwrap();
+    let e = lmstack_core::lora::load_peft(&mut lm.model, &adapter).unwrap_err().to_string();
+    assert!(e.contains("score.weight") && e.contains("train merge"), "{e}");
+    let good = reward::score_text(&merged, "copy: elk owl\nelk owl.").unwrap();
+    let bad = reward::score_text(&merged, "copy: elk owl\nelk owl?").unwrap();
+    assert!(good > bad, "{good} vs {bad}");
+
+    // A crash after step 10: the step-10 checkpoint alone, resumed, gives the same adapter.
+    let copy = dir.path().join("crashed");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in ["finetune.json", "metrics.jsonl"] {
+        std::fs::copy(dir.path().join("lora").join(f), copy.join(f)).unwrap();
+    }
+    copy_dir(&dir.path().join("lora/checkpoints/step-0000010"), &copy.join("checkpoints/step-0000010"));
+    std::fs::write(copy.join("checkpoints/latest"), "step-0000010\n").unwrap();
+    let mut json: serde_json::Value = lmstack_core::io::read_json(&copy.join("finetune.json")).unwrap();
+    json["out_dir"] = serde_json::json!(copy);
+    std::fs::write(copy.join("finetune.json"), json.to_string()).unwrap();
+    let c2 = FinetuneConfig { out_dir: copy.clone(), ..c.clone() };
+    reward::run(&c2, &RunOptions { resume: true, ..Default::default() }).unwrap();
+    let resumed = lmstack_core::models::read_safetensors(&copy.join("adapter/adapter_model.safetensors")).unwrap();
+    for (k, t) in &saved {
+        let d = (t - &resumed[k]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{k} differs after resuming");
+    }
 }

@@ -108,7 +108,7 @@ impl ChatFormat {
     /// Renders `msgs` (role, content) with the tokenizer's special tokens.
     pub fn render(&self, tok: &Tokenizer, msgs: &[(String, String)], add_generation_prompt: bool) -> Result<String> {
         let v: Vec<Value> = msgs.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
-        Ok(self.template.render(&Value::Array(v), add_generation_prompt, tok.special_tokens(), &Default::default())?)
+        self.template.render(&Value::Array(v), add_generation_prompt, tok.special_tokens(), &Default::default())
     }
 }
 

@@ -34,8 +34,9 @@ pub(crate) struct FinetuneArgs {
     /// Run directory [default: runs/finetune; classify: runs/classify].
     #[arg(long)]
     out_dir: Option<PathBuf>,
-    /// `full` (every weight) or `lora` (adapters on a frozen base) [default: lora; classify:
-    /// full, the only one it supports].
+    /// `full` (every weight) or `lora` (adapters on a frozen base; a reward model's new head
+    /// trains whole beside them and the run writes `adapter/` and the merged `model/`)
+    /// [default: lora; classify: full, the only one it supports; reward: full].
     #[arg(long, value_enum)]
     method: Option<lmstack_train::finetune::Method>,
     /// LoRA rank [default: 8].

@@ -173,14 +173,7 @@ fn generations_are_scored_by_metrics_assertions_and_a_judge() {
     let (url, calls) = spawn_judge();
     let cache = dir.path().join("judge_cache.jsonl");
     let judge = Judge::new(EndpointBackend::new(&url, None, None, Some(&cache)).unwrap());
-    let r = eval::run_task(
-        task,
-        &mut answers_b(),
-        Graders { judge: Some(&judge), ..Default::default() },
-        &EvalOptions::default(),
-        &mut |_| {},
-    )
-    .unwrap();
+    let r = judged(task, &mut answers_b(), &judge);
     assert_eq!(calls.load(Ordering::SeqCst), 4, "one judge request per document");
     // exact: only the JSON answer; icontains target: paris, red json, hello there → 3 of 4.
     assert_eq!(r.get("exact_match"), Some(0.25));
@@ -204,14 +197,7 @@ fn generations_are_scored_by_metrics_assertions_and_a_judge() {
     assert_eq!(r.samples[0]["scores"]["polite,none"], 0.9);
 
     // Run A: the judge's non-JSON reply is a failed grade with the reason, not an error.
-    let ra = eval::run_task(
-        task,
-        &mut answers_a(),
-        Graders { judge: Some(&judge), ..Default::default() },
-        &EvalOptions::default(),
-        &mut |_| {},
-    )
-    .unwrap();
+    let ra = judged(task, &mut answers_a(), &judge);
     let why = ra.samples[2]["assertions"]["none"][3]["reason"].as_str().unwrap();
     assert!(why.contains("not a JSON verdict"), "{why}");
     assert_eq!(ra.samples[2]["assertions"]["none"][1]["pass"], false, "contains sorry");
@@ -219,14 +205,7 @@ fn generations_are_scored_by_metrics_assertions_and_a_judge() {
     // A rerun asks the judge nothing new: answers come from the cache.
     let before = calls.load(Ordering::SeqCst);
     let judge2 = Judge::new(EndpointBackend::new(&url, None, None, Some(&cache)).unwrap());
-    eval::run_task(
-        task,
-        &mut answers_b(),
-        Graders { judge: Some(&judge2), ..Default::default() },
-        &EvalOptions::default(),
-        &mut |_| {},
-    )
-    .unwrap();
+    judged(task, &mut answers_b(), &judge2);
     assert_eq!(calls.load(Ordering::SeqCst), before);
     assert!(eval::check_thresholds(&suite, &[r]).is_empty());
 }
@@ -250,6 +229,12 @@ fn bad_assertions_are_refused_naming_the_field() {
         let e = Task::load(&p).unwrap_err().to_string();
         assert!(e.contains(needle) && e.contains(&format!("t{i}.yaml")), "case {i}: {e}");
     }
+}
+
+/// Runs `task` with `judge` grading its rubrics, default options.
+fn judged(task: &Task, backend: &mut dyn Backend, judge: &Judge) -> eval::TaskResult {
+    let graders = Graders { judge: Some(judge), ..Default::default() };
+    eval::run_task(task, backend, graders, &EvalOptions::default(), &mut |_| {}).unwrap()
 }
 
 fn run_to(dir: &Path, suite: &Suite, backend: &mut dyn Backend, judge: &Judge, name: &str) -> std::path::PathBuf {

@@ -3,6 +3,8 @@
 //! preference is learned, TRL's metrics are logged, a crash-and-resume run equals the
 //! uninterrupted one, ties and over-long pairs are counted, bad settings are refused.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -51,23 +53,10 @@ fn write_pairs(dir: &Path) {
 
 fn cfg(dir: &Path, method: Method, out: &str, steps: u64) -> FinetuneConfig {
     FinetuneConfig {
-        base: dir.join("base"),
-        data: dir.join("pairs.jsonl"),
-        val_data: None,
-        val_fraction: 0.25,
-        out_dir: dir.join(out),
-        max_steps: steps,
-        batch_size: 8,
-        lr: 2e-2,
-        min_lr: 2e-3,
-        warmup_steps: 2,
-        eval_interval: 10,
-        checkpoint_interval: 10,
-        chat_template: "plain".into(),
         target_modules: vec!["c_attn".into(), "c_fc".into(), "lm_head".into()],
         beta: 0.1,
         sft_weight: 0.0,
-        ..FinetuneConfig::for_task(Task::Dpo, Some(method))
+        ..common::small_run(&dir.join("base"), &dir.join("pairs.jsonl"), &dir.join(out), steps, Task::Dpo, method)
     }
 }
 
@@ -170,14 +159,6 @@ fn dpo_through_lora_against_the_base_matches_finite_differences() {
     }
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for f in std::fs::read_dir(src).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
-    }
-}
-
 #[test]
 fn lora_dpo_learns_the_preference_logs_trl_metrics_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -227,16 +208,8 @@ fn lora_dpo_learns_the_preference_logs_trl_metrics_and_resumes_exactly() {
 
     // A crash after step 10: the step-10 checkpoint alone, resumed, gives the same adapter.
     let copy = dir.path().join("crashed");
-    for f in ["finetune.json", "metrics.jsonl", "reference_logps.json"] {
-        std::fs::create_dir_all(&copy).unwrap();
-        std::fs::copy(dir.path().join("lora").join(f), copy.join(f)).unwrap();
-    }
-    copy_dir(&dir.path().join("lora/checkpoints/step-0000010"), &copy.join("checkpoints/step-0000010"));
-    std::fs::write(copy.join("checkpoints/latest"), "step-0000010\n").unwrap();
+    common::crashed_copy(&dir.path().join("lora"), &copy, 10, &["reference_logps.json"]);
     let c2 = FinetuneConfig { out_dir: copy.clone(), ..c.clone() };
-    let mut json: serde_json::Value = lmstack_core::io::read_json(&copy.join("finetune.json")).unwrap();
-    json["out_dir"] = serde_json::json!(copy);
-    std::fs::write(copy.join("finetune.json"), json.to_string()).unwrap();
     dpo::run(&c2, &opts(true)).unwrap();
     let load =
         |d: &Path| candle_core::safetensors::load(d.join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();

@@ -4,6 +4,8 @@
 //! layout, a crash-and-resume run equals the uninterrupted one, full finetuning writes a model
 //! directory carrying its chat template).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -371,22 +373,7 @@ fn lora_finetuning_learns_resumes_exactly_and_writes_peft() {
 
     // A crash after step 10: drop the step-20 checkpoint, resume, and get the same adapter.
     let copy = dir.path().join("lora-crashed");
-    std::fs::create_dir_all(copy.join("checkpoints")).unwrap();
-    for f in ["finetune.json", "metrics.jsonl", "data_order.jsonl"] {
-        std::fs::copy(dir.path().join("lora").join(f), copy.join(f)).unwrap();
-    }
-    let src = dir.path().join("lora/checkpoints/step-0000010");
-    let dst = copy.join("checkpoints/step-0000010");
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in std::fs::read_dir(&src).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
-    }
-    std::fs::write(copy.join("checkpoints/latest"), "step-0000010\n").unwrap();
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(copy.join("finetune.json")).unwrap()).unwrap();
-    json["out_dir"] = serde_json::json!(copy);
-    std::fs::write(copy.join("finetune.json"), json.to_string()).unwrap();
+    common::crashed_copy(&dir.path().join("lora"), &copy, 10, &["data_order.jsonl"]);
     let c2 = FinetuneConfig { out_dir: copy.clone(), ..c.clone() };
     finetune::run(&c2, &opts(true, stop.clone())).unwrap();
     let t2 = candle_core::safetensors::load(copy.join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();

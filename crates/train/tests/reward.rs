@@ -2,6 +2,8 @@
 //! preference with the Bradley–Terry loss, logs TRL's figures, and is saved as a
 //! `…ForSequenceClassification` directory that scores texts (`train sample --reward`).
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::{DType, Device};
@@ -86,14 +88,6 @@ fn a_reward_model_learns_the_preference_and_scores_texts() {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 /// A LoRA reward model (PEFT's `SEQ_CLS` with `modules_to_save=["score"]`): the base stays
 /// frozen while the adapters and the whole new head train. The adapter holds the head under
 /// PEFT's key; the run's `model/` and `train merge` both give a classifier that scores as the
@@ -104,22 +98,14 @@ fn a_lora_reward_model_trains_its_head_beside_the_adapters() {
     write_pairs(&dir.path().join("pairs.jsonl"));
     let base = dir.path().join("base");
     tiny(&base, "qwen2");
-    let c = FinetuneConfig {
-        base: base.clone(),
-        data: dir.path().join("pairs.jsonl"),
-        val_data: None,
-        val_fraction: 0.25,
-        out_dir: dir.path().join("lora"),
-        max_steps: 20,
-        batch_size: 8,
-        lr: 2e-2,
-        min_lr: 2e-3,
-        warmup_steps: 2,
-        eval_interval: 10,
-        checkpoint_interval: 10,
-        chat_template: "plain".into(),
-        ..FinetuneConfig::for_task(Task::Reward, Some(Method::Lora))
-    };
+    let c = common::small_run(
+        &base,
+        &dir.path().join("pairs.jsonl"),
+        &dir.path().join("lora"),
+        20,
+        Task::Reward,
+        Method::Lora,
+    );
     let s = reward::run(&c, &RunOptions::default()).unwrap();
     assert!(s.accuracy.1.unwrap() >= 0.9, "{s:?}");
     let adapter = dir.path().join("lora/adapter");
@@ -167,15 +153,7 @@ fn a_lora_reward_model_trains_its_head_beside_the_adapters() {
 
     // A crash after step 10: the step-10 checkpoint alone, resumed, gives the same adapter.
     let copy = dir.path().join("crashed");
-    std::fs::create_dir_all(&copy).unwrap();
-    for f in ["finetune.json", "metrics.jsonl"] {
-        std::fs::copy(dir.path().join("lora").join(f), copy.join(f)).unwrap();
-    }
-    copy_dir(&dir.path().join("lora/checkpoints/step-0000010"), &copy.join("checkpoints/step-0000010"));
-    std::fs::write(copy.join("checkpoints/latest"), "step-0000010\n").unwrap();
-    let mut json: serde_json::Value = lmstack_core::io::read_json(&copy.join("finetune.json")).unwrap();
-    json["out_dir"] = serde_json::json!(copy);
-    std::fs::write(copy.join("finetune.json"), json.to_string()).unwrap();
+    common::crashed_copy(&dir.path().join("lora"), &copy, 10, &[]);
     let c2 = FinetuneConfig { out_dir: copy.clone(), ..c.clone() };
     reward::run(&c2, &RunOptions { resume: true, ..Default::default() }).unwrap();
     let resumed = lmstack_core::models::read_safetensors(&copy.join("adapter/adapter_model.safetensors")).unwrap();

@@ -61,16 +61,50 @@ enum Reference<'a> {
     None,
 }
 
-/// The reference's sequence log-probabilities of every pair, computed once
-/// (`reference_logps.json` in the run directory).
+/// The reference's sequence log-probabilities of every example, computed once
+/// (`reference_logps.json` in the run directory): `[chosen, rejected]` of a DPO pair, `[answer,
+/// KL pair]` of a KTO example.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RefLogps {
     /// The reference model they were computed with.
     pub reference: PathBuf,
-    /// `[chosen, rejected]` of each training pair, in data order.
+    /// The two log-probabilities of each training example, in data order.
     pub train: Vec<[f64; 2]>,
-    /// The same of each held-out pair.
+    /// The same of each held-out example.
     pub val: Vec<[f64; 2]>,
+}
+
+/// The run's precomputed reference log-probabilities (TRL's `precompute_ref_log_probs`): read
+/// back from `reference_logps.json` on resume (refused when the data no longer have
+/// `counts` = (training, held-out) examples), computed once by `compute` when asked for, or
+/// `None`.
+pub(crate) fn reference_cache(
+    cfg: &FinetuneConfig,
+    resume: bool,
+    counts: (usize, usize),
+    compute: impl FnOnce() -> Result<RefLogps>,
+) -> Result<Option<RefLogps>> {
+    let ref_path = cfg.out_dir.join("reference_logps.json");
+    if resume && ref_path.is_file() {
+        let r: RefLogps = lmstack_core::io::read_json(&ref_path)?;
+        if (r.train.len(), r.val.len()) != counts {
+            return Err(Error::Msg(format!(
+                "{}: {} training and {} held-out examples, the data now {} and {}",
+                ref_path.display(),
+                r.train.len(),
+                r.val.len(),
+                counts.0,
+                counts.1
+            )));
+        }
+        Ok(Some(r))
+    } else if cfg.precompute_ref_log_probs {
+        let r = compute()?;
+        lmstack_core::io::write_json(&ref_path, &r)?;
+        Ok(Some(r))
+    } else {
+        Ok(None)
+    }
 }
 
 /// Sequence log-probabilities of `pairs` under `model`: `[n]` chosen, `[n]` rejected (one
@@ -467,29 +501,10 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
     }
 
     // The reference computed once, before any weight changes (a resumed run reads it back).
-    let ref_path = out.join("reference_logps.json");
     let ref_name = cfg.ref_model.clone().unwrap_or_else(|| cfg.base.clone());
-    let precomputed: Option<RefLogps> = if resume && ref_path.is_file() {
-        let r: RefLogps = lmstack_core::io::read_json(&ref_path)?;
-        if r.train.len() != train.len() || r.val.len() != val.len() {
-            return Err(Error::Msg(format!(
-                "{}: {} training and {} held-out pairs, the data now {} and {}",
-                ref_path.display(),
-                r.train.len(),
-                r.val.len(),
-                train.len(),
-                val.len()
-            )));
-        }
-        Some(r)
-    } else if cfg.precompute_ref_log_probs {
-        let m = ref_model.as_ref().unwrap_or(&base.model);
-        let r = precompute(m, &ref_name, [&train, &val], max_len, pad)?;
-        lmstack_core::io::write_json(&ref_path, &r)?;
-        Some(r)
-    } else {
-        None
-    };
+    let precomputed = reference_cache(cfg, resume, (train.len(), val.len()), || {
+        precompute(ref_model.as_ref().unwrap_or(&base.model), &ref_name, [&train, &val], max_len, pad)
+    })?;
 
     let base_parameters = base.model.num_parameters();
     // Full finetuning with the base as the reference keeps a frozen copy of the base's weights

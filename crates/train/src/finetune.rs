@@ -396,12 +396,6 @@ impl FinetuneConfig {
                     return bad(f, format!("{w} must be positive"));
                 }
             }
-            if self.precompute_ref_log_probs {
-                return bad(
-                    "precompute-ref-log-probs",
-                    "not supported for --task kto (its KL term is estimated per batch)".into(),
-                );
-            }
             if self.sft_weight > 0.0 || self.loss_type != LossType::Sigmoid || self.label_smoothing > 0.0 {
                 return bad(
                     "loss-type",

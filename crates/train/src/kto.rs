@@ -3,10 +3,15 @@
 //! each), full or LoRA, against a reference model as DPO has it (LoRA: the base with the
 //! adapters off; full: a frozen copy of the base; or `ref_model`).
 //!
-//! Each step draws `batch_size` examples. The KL estimate comes first, without gradients: each
-//! example's prompt with the previous example's answer (the answers rotated by one within the
-//! micro-batch, as TRL rotates them), `mean(log π − log π_ref)` over those mismatched pairs,
-//! clamped at 0. Then each parallel slice computes [`preference::kto_loss`] with it.
+//! Each example has a KL pair fixed when the data are read, as TRL's `_get_kl_dataset` fixes
+//! it: its prompt with the previous example's answer within its block of `batch_size` examples
+//! (16 for held-out ones), in data order, the first taking the block's last (the answers
+//! rotated by one); an answer to the same prompt (the other half of a split pair) is passed
+//! over for the one before it. Each step draws `batch_size` examples. The KL estimate comes
+//! first, without gradients: `mean(log π − log π_ref)` over their KL pairs, clamped at 0. Then
+//! each parallel slice computes [`preference::kto_loss`] with it. With
+//! `precompute_ref_log_probs` the reference's log-probabilities of every answer and KL pair are
+//! computed once and kept in `reference_logps.json`.
 //! Logged as TRL logs them: `kl`, `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
 //! `logps/chosen`, `logps/rejected` (chosen: the desirable answers).
 
@@ -21,7 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::batches::parallel_grads;
-use crate::dpo::{seq_logps, setup, Setup};
+use crate::dpo::{reference_cache, seq_logps, setup, RefLogps, Setup};
 use crate::finetune::{self, FinetuneConfig, Method};
 use crate::optim::AdamW;
 use crate::preference::{self, Unpaired};
@@ -37,6 +42,31 @@ pub struct KtoItem {
     pub ex: Unpaired,
     /// Prompt + answer, scored on the answer.
     pub tokens: Tokenized,
+    /// Its KL pair: the prompt with another example's answer ([`assign_kl_pairs`]).
+    pub kl: Tokenized,
+}
+
+/// Gives each item its KL pair: within consecutive blocks of `block` items, the prompt with
+/// the previous item's answer (the first item takes the block's last: TRL's +1 offset),
+/// passing over answers to the same prompt; with no other prompt in the block, its own answer.
+pub fn assign_kl_pairs(items: &mut [KtoItem], block: usize, tok: &Tokenizer, fmt: &ChatFormat) -> Result<()> {
+    for chunk in items.chunks_mut(block.max(1)) {
+        let k = chunk.len();
+        let pairs: Vec<Tokenized> = (0..k)
+            .map(|j| {
+                let prompt = &chunk[j].ex.prompt;
+                let other = (1..k)
+                    .map(|d| &chunk[(j + k - d) % k].ex)
+                    .find(|o| &o.prompt != prompt)
+                    .map_or(&chunk[j].ex.completion, |o| &o.completion);
+                preference::tokenize_answer(prompt, other, tok, fmt)
+            })
+            .collect::<Result<_>>()?;
+        for (item, kl) in chunk.iter_mut().zip(pairs) {
+            item.kl = kl;
+        }
+    }
+    Ok(())
 }
 
 /// Per-example rewards and log-probabilities, by label.
@@ -86,8 +116,8 @@ struct Kto<'a> {
     weights: (f64, f64),
     train: &'a [KtoItem],
     val: &'a [KtoItem],
-    tok: &'a Tokenizer,
-    fmt: &'a ChatFormat,
+    /// The reference's `[answer, KL pair]` log-probabilities, when precomputed.
+    precomputed: Option<&'a RefLogps>,
     vars: &'a BTreeMap<String, Var>,
     max_len: usize,
     pad: u32,
@@ -97,9 +127,36 @@ struct Kto<'a> {
     training: Arc<AtomicBool>,
 }
 
+/// A draw of examples: the items and, when precomputed, their reference log-probabilities.
+struct Draw<'a> {
+    items: Vec<&'a KtoItem>,
+    refs: Option<Vec<[f64; 2]>>,
+}
+
+impl Draw<'_> {
+    fn slice(&self, lo: usize, hi: usize) -> Draw<'_> {
+        Draw { items: self.items[lo..hi].to_vec(), refs: self.refs.as_ref().map(|r| r[lo..hi].to_vec()) }
+    }
+}
+
 impl Kto<'_> {
-    /// The reference's log-probabilities of `rows`, without gradients.
-    fn reference_logps(&self, rows: &[&Tokenized]) -> Result<Tensor> {
+    /// The examples at `idx` of `set` (the training or held-out items, `train` telling which
+    /// precomputed list is theirs).
+    fn draw<'s>(&'s self, set: &'s [KtoItem], train: bool, idx: &[usize]) -> Draw<'s> {
+        let refs = self.precomputed.map(|r| {
+            let list = if train { &r.train } else { &r.val };
+            idx.iter().map(|&i| list[i]).collect()
+        });
+        Draw { items: idx.iter().map(|&i| &set[i]).collect(), refs }
+    }
+
+    /// The reference's log-probabilities of `rows` (`which` of the precomputed pair when
+    /// there is one), without gradients.
+    fn reference_logps(&self, rows: &[&Tokenized], refs: Option<&[[f64; 2]]>, which: usize) -> Result<Tensor> {
+        if let Some(r) = refs {
+            let v: Vec<f32> = r.iter().map(|x| x[which] as f32).collect();
+            return Ok(Tensor::from_vec(v, rows.len(), self.model.device())?);
+        }
         let pass = |m: &Model| lmstack_core::grad::no_grad(|| seq_logps(m, rows, self.max_len, self.pad));
         let (s, _) = match self.reference {
             Some(m) => pass(m)?,
@@ -108,26 +165,21 @@ impl Kto<'_> {
         Ok(s.detach())
     }
 
-    /// TRL's KL estimate over `items`: each prompt with the previous item's answer, the mean
-    /// policy-minus-reference log-probability, clamped at 0.
-    fn kl(&self, model: &Model, items: &[&KtoItem]) -> Result<f64> {
-        let k = items.len();
-        let rows: Vec<Tokenized> = (0..k)
-            .map(|j| {
-                let other = &items[(j + k - 1) % k].ex.completion;
-                preference::tokenize_answer(&items[j].ex.prompt, other, self.tok, self.fmt)
-            })
-            .collect::<Result<_>>()?;
-        let rows: Vec<&Tokenized> = rows.iter().collect();
+    /// TRL's KL estimate over a draw: the mean policy-minus-reference log-probability of its
+    /// items' KL pairs, clamped at 0.
+    fn kl(&self, model: &Model, d: &Draw<'_>) -> Result<f64> {
+        let rows: Vec<&Tokenized> = d.items.iter().map(|i| &i.kl).collect();
         let (policy, _) = lmstack_core::grad::no_grad(|| seq_logps(model, &rows, self.max_len, self.pad))?;
-        let diff = (policy.detach() - self.reference_logps(&rows)?)?.to_dtype(DType::F64)?;
+        let reference = self.reference_logps(&rows, d.refs.as_deref(), 1)?;
+        let diff = (policy.detach().to_dtype(DType::F64)? - reference.to_dtype(DType::F64)?)?;
         Ok(diff.mean_all()?.to_scalar::<f64>()?.max(0.0))
     }
 
-    /// The KTO loss of `items` with the estimate `kl`, and their statistics.
-    fn items_loss(&self, model: &Model, items: &[&KtoItem], kl: f64) -> Result<(Tensor, Stats)> {
+    /// The KTO loss of a draw with the estimate `kl`, and its statistics.
+    fn items_loss(&self, model: &Model, d: &Draw<'_>, kl: f64) -> Result<(Tensor, Stats)> {
+        let items = &d.items;
         let rows: Vec<&Tokenized> = items.iter().map(|i| &i.tokens).collect();
-        let reference = self.reference_logps(&rows)?;
+        let reference = self.reference_logps(&rows, d.refs.as_deref(), 0)?;
         let (policy, _) = seq_logps(model, &rows, self.max_len, self.pad)?;
         let labels: Vec<bool> = items.iter().map(|i| i.ex.label).collect();
         let out =
@@ -150,10 +202,11 @@ impl Kto<'_> {
     fn val_stats(&self) -> Result<(f64, Stats)> {
         finetune::evaluating(self.model, self.method, &self.training, |model| -> Result<(f64, Stats)> {
             let (mut total, mut stats) = (0.0, Stats::default());
-            for chunk in self.val.chunks(16) {
-                let items: Vec<&KtoItem> = chunk.iter().collect();
-                let kl = self.kl(model, &items)?;
-                let (loss, s) = self.items_loss(model, &items, kl)?;
+            let idx: Vec<usize> = (0..self.val.len()).collect();
+            for chunk in idx.chunks(16) {
+                let d = self.draw(self.val, false, chunk);
+                let kl = self.kl(model, &d)?;
+                let (loss, s) = self.items_loss(model, &d, kl)?;
                 total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
                 stats.extend(s);
             }
@@ -167,15 +220,15 @@ impl Objective for Kto<'_> {
         self.step.store(step, Ordering::Relaxed);
         let k = self.batch_size.min(self.train.len());
         let picks = rand::seq::index::sample(rng, self.train.len(), k).into_vec();
-        let items: Vec<&KtoItem> = picks.iter().map(|&i| &self.train[i]).collect();
-        let kl = self.kl(self.model, &items)?;
+        let d = self.draw(self.train, true, &picks);
+        let kl = self.kl(self.model, &d)?;
         let (loss, grads, parts) = parallel_grads(opt, k, self.parallel_shards, |lo, hi| {
-            let (loss, stats) = self.items_loss(self.model, &items[lo..hi], kl)?;
+            let (loss, stats) = self.items_loss(self.model, &d.slice(lo, hi), kl)?;
             Ok(Some((loss, hi - lo, stats)))
         })?;
         let mut stats = Stats::default();
         parts.into_iter().for_each(|s| stats.extend(s));
-        let tokens = items.iter().map(|i| i.tokens.n_scored() as u64).sum();
+        let tokens = d.items.iter().map(|i| i.tokens.n_scored() as u64).sum();
         Ok(MicroBatch { loss, grads, tokens, metrics: stats.metrics() })
     }
 
@@ -236,10 +289,32 @@ fn prepare(
         if tokens.ids.len() > max_len + 1 {
             too_long += 1;
         } else {
-            kept.push(KtoItem { ex, tokens });
+            kept.push(KtoItem { ex, tokens, kl: Tokenized { ids: Vec::new(), scored: Vec::new() } });
         }
     }
     Ok((kept, ties.iter().map(|l| format!("{}:{l}", path.display())).collect(), too_long))
+}
+
+/// The reference's `[answer, KL pair]` log-probabilities of every example, computed with
+/// `model` before anything trains, in parallel chunks, without gradients.
+fn precompute(model: &Model, reference: &Path, sets: [&[KtoItem]; 2], max_len: usize, pad: u32) -> Result<RefLogps> {
+    use rayon::prelude::*;
+    let one = |set: &[KtoItem]| -> Result<Vec<[f64; 2]>> {
+        let parts: Vec<Result<Vec<[f64; 2]>>> = set
+            .par_chunks(8)
+            .map(|chunk| {
+                let logps = |rows: Vec<&Tokenized>| -> Result<Vec<f64>> {
+                    let (s, _) = lmstack_core::grad::no_grad(|| seq_logps(model, &rows, max_len, pad))?;
+                    Ok(s.to_dtype(DType::F64)?.to_vec1()?)
+                };
+                let answers = logps(chunk.iter().map(|i| &i.tokens).collect())?;
+                let kl = logps(chunk.iter().map(|i| &i.kl).collect())?;
+                Ok(answers.into_iter().zip(kl).map(|(a, k)| [a, k]).collect())
+            })
+            .collect();
+        Ok(parts.into_iter().collect::<Result<Vec<_>>>()?.concat())
+    };
+    Ok(RefLogps { reference: reference.to_owned(), train: one(sets[0])?, val: one(sets[1])? })
 }
 
 /// Runs (or with `resume`, continues) a KTO run.
@@ -248,7 +323,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
     let out = &cfg.out_dir;
     let Setup { base, tok, fmt, max_len, pad, ref_model, resume_from } = setup(cfg, opts, finetune::Task::Kto)?;
     let (mut train, mut ties, mut too_long) = prepare(&cfg.data, &tok, &fmt, max_len)?;
-    let val = match &cfg.val_data {
+    let mut val = match &cfg.val_data {
         Some(p) => {
             let (v, t, l) = prepare(p, &tok, &fmt, max_len)?;
             ties.extend(t);
@@ -263,10 +338,19 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
             cfg.data.display()
         )));
     }
+    assign_kl_pairs(&mut train, cfg.batch_size, &tok, &fmt)?;
+    assign_kl_pairs(&mut val, 16, &tok, &fmt)?;
     let desirable = train.iter().filter(|i| i.ex.label).count();
+    // The reference's log-probabilities computed once, before any weight changes (a resumed
+    // run reads them back).
+    let ref_name = cfg.ref_model.clone().unwrap_or_else(|| cfg.base.clone());
+    let precomputed = reference_cache(cfg, resume, (train.len(), val.len()), || {
+        precompute(ref_model.as_ref().unwrap_or(&base.model), &ref_name, [&train, &val], max_len, pad)
+    })?;
     // Full finetuning with the base as the reference keeps a frozen copy of the base's weights.
-    let base_reference =
-        (ref_model.is_none() && cfg.method == Method::Full).then(|| frozen(&base.model)).transpose()?;
+    let base_reference = (precomputed.is_none() && ref_model.is_none() && cfg.method == Method::Full)
+        .then(|| frozen(&base.model))
+        .transpose()?;
     let step_counter = Arc::new(AtomicU64::new(0));
     let training = Arc::new(AtomicBool::new(false));
     let (mut model, vars) =
@@ -281,8 +365,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
         weights: (cfg.desirable_weight, cfg.undesirable_weight),
         train: &train,
         val: &val,
-        tok: &tok,
-        fmt: &fmt,
+        precomputed: precomputed.as_ref(),
         vars: &vars,
         max_len,
         pad,

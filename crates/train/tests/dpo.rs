@@ -327,4 +327,66 @@ fn kto_learns_from_unpaired_answers() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("--undesirable-weight"), "{e}");
+
+    // Precomputed reference log-probabilities (answers and KL pairs) train as the online
+    // reference does, LoRA (adapters off) and full (a frozen base); a resumed run reads them back.
+    for method in [Method::Lora, Method::Full] {
+        let lr = if method == Method::Full { 5e-3 } else { 2e-2 };
+        let online = FinetuneConfig {
+            task: Task::Kto,
+            beta: 0.1,
+            lr,
+            min_lr: lr / 10.0,
+            ..cfg(dir.path(), method, &format!("kto-{method:?}"), 6)
+        };
+        let pre = FinetuneConfig {
+            precompute_ref_log_probs: true,
+            out_dir: dir.path().join(format!("kto-{method:?}-pre")),
+            ..online.clone()
+        };
+        let a = lmstack_train::kto::run(&online, &opts(false)).unwrap();
+        let b = lmstack_train::kto::run(&pre, &opts(false)).unwrap();
+        let (la, lb) = (a.val_loss.1.unwrap(), b.val_loss.1.unwrap());
+        assert!((la - lb).abs() < 1e-4, "{method:?}: online {la} vs precomputed {lb}");
+        assert!((a.val_loss.0 - b.val_loss.0).abs() < 1e-6, "{a:?} vs {b:?}");
+        assert!(pre.out_dir.join("reference_logps.json").is_file());
+        let more = FinetuneConfig { max_steps: 8, ..pre.clone() };
+        let r = lmstack_train::kto::run(&more, &opts(true)).unwrap();
+        assert_eq!(r.steps, 8);
+    }
+}
+
+/// Each KTO example's KL pair is its prompt with another prompt's answer, fixed when the data
+/// are read: the previous example's within its block (TRL's +1 offset), passing over the other
+/// half of its own pair.
+#[test]
+fn kto_kl_pairs_mismatch_prompts_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny(&dir.path().join("base"), "gpt2", 7, CHARS);
+    write_pairs(dir.path());
+    let fmt = ChatFormat::from_spec("plain", &p.tokenizer).unwrap();
+    let (examples, _) = preference::read_unpaired(&dir.path().join("pairs.jsonl")).unwrap();
+    let mut items: Vec<lmstack_train::kto::KtoItem> = examples[..16]
+        .iter()
+        .map(|ex| {
+            let tokens = preference::tokenize_answer(&ex.prompt, &ex.completion, &p.tokenizer, &fmt).unwrap();
+            lmstack_train::kto::KtoItem { ex: ex.clone(), tokens, kl: sft::Tokenized { ids: vec![], scored: vec![] } }
+        })
+        .collect();
+    lmstack_train::kto::assign_kl_pairs(&mut items, 8, &p.tokenizer, &fmt).unwrap();
+    let text = |t: &sft::Tokenized| p.tokenizer.decode(&t.ids, false).unwrap();
+    let turns = |t: &preference::Turns| match t {
+        preference::Turns::Text(s) => s.clone(),
+        preference::Turns::Chat(_) => unreachable!("the test's pairs are text"),
+    };
+    for (j, item) in items.iter().enumerate() {
+        let (block, k) = (j / 8 * 8, j % 8);
+        // Items come in (chosen, rejected) pairs of one prompt: the previous item in the block
+        // with another prompt is two back for a rejected answer's pair, one back for a chosen one.
+        let back = if k % 2 == 1 { 2 } else { 1 };
+        let other = &items[block + (k + 8 - back) % 8];
+        assert_ne!(other.ex.prompt, item.ex.prompt);
+        let want = format!("{}{}", turns(&item.ex.prompt), turns(&other.ex.completion));
+        assert_eq!(text(&item.kl), want, "item {j}");
+    }
 }

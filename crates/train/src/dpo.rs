@@ -34,7 +34,7 @@ use crate::batches::parallel_grads;
 use crate::finetune::{self, FinetuneConfig, LossType, Method};
 use crate::optim::AdamW;
 use crate::preference::{self, PairLogps, PreferenceLoss};
-use crate::runlog::{self, Record};
+use crate::runlog::{self, DataOrder, Record};
 use crate::sft::{self, ChatFormat, Tokenized};
 use crate::trainer::{frozen, peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions};
 use crate::{Error, Result};
@@ -47,6 +47,8 @@ pub struct PairTokens {
     pub chosen: Tokenized,
     /// Prompt + rejected answer.
     pub rejected: Tokenized,
+    /// Its 0-based line in the data file (for `data_order.jsonl`).
+    pub index: usize,
 }
 
 /// Where the reference model's log-probabilities come from.
@@ -213,6 +215,8 @@ enum Split {
 struct Dpo<'a> {
     model: &'a Model,
     method: Method,
+    /// `data_order.jsonl`: the pairs each micro-batch drew.
+    order: DataOrder,
     reference: Reference<'a>,
     /// The loss against the reference, or `None`: ORPO, without one.
     loss: Option<PreferenceLoss>,
@@ -314,6 +318,7 @@ impl Objective for Dpo<'_> {
         self.step.store(step, Ordering::Relaxed);
         let k = self.batch_size.min(self.train.len());
         let picks = rand::seq::index::sample(rng, self.train.len(), k).into_vec();
+        self.order.step(step, picks.iter().map(|&i| self.train[i].index))?;
         let (loss, grads, parts) = parallel_grads(opt, k, self.parallel_shards, |lo, hi| {
             let (loss, stats) = self.pairs_loss(self.model, Split::Train, &picks[lo..hi])?;
             Ok(Some((loss, hi - lo, stats)))
@@ -398,7 +403,7 @@ pub(crate) fn prepare(
         if chosen.ids.len().max(rejected.ids.len()) > max_len + 1 {
             too_long += 1;
         } else {
-            kept.push(PairTokens { chosen, rejected });
+            kept.push(PairTokens { chosen, rejected, index: line - 1 });
         }
     }
     let ties = file.identical.iter().map(|l| format!("{}:{l}", path.display())).collect();
@@ -526,9 +531,11 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
     };
     let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
     let mut trainer = finetune::new_trainer(cfg, vars.clone(), resume_from, opts)?;
+    let val_index: Vec<usize> = val.iter().map(|p| p.index).collect();
     let mut objective = Dpo {
         model: &model,
         method: cfg.method,
+        order: DataOrder::open(out, resume, &val_index, cfg.val_data.is_some())?,
         reference,
         loss: cfg.preference_loss(),
         beta: cfg.beta,

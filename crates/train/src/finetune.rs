@@ -19,7 +19,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -662,7 +661,7 @@ struct Sft<'a> {
     /// Each training example's index in the data file.
     train_index: &'a [usize],
     /// `data_order.jsonl`: the examples each micro-batch drew.
-    order: std::fs::File,
+    order: crate::runlog::DataOrder,
     val: &'a [Tokenized],
     vars: &'a BTreeMap<String, Var>,
     max_len: usize,
@@ -711,8 +710,7 @@ impl Objective for Sft<'_> {
             false => sft::batch(&refs, self.max_len, self.pad, dev)?,
         };
         let tokens = b.n_scored as u64;
-        let line = serde_json::json!({"step": step, "examples": picks.iter().map(|i| self.train_index[i]).collect::<Vec<_>>()});
-        writeln!(self.order, "{line}").map_err(|e| Error::Msg(format!("data_order.jsonl: {e}")))?;
+        self.order.step(step, picks.iter().map(|i| self.train_index[i]))?;
         let (loss, grads) = shard_grads(self.model, opt, &b.into_batch(), self.parallel_shards)?;
         Ok(MicroBatch { loss, grads, tokens, metrics: BTreeMap::new() })
     }
@@ -1000,18 +998,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<FinetuneSummary> {
     let (val_index, val): (Vec<usize>, Vec<Tokenized>) = val.into_iter().unzip();
     // Which examples each step drew, for a peer run on the same data order
     // (`crates/train/examples/peft_reference.py --order`).
-    let order_path = out.join("data_order.jsonl");
-    let mut order = std::fs::OpenOptions::new()
-        .create(true)
-        .append(resume)
-        .write(true)
-        .truncate(!resume)
-        .open(&order_path)
-        .map_err(|e| Error::Msg(format!("{}: {e}", order_path.display())))?;
-    if !resume {
-        let line = serde_json::json!({"val": val_index, "val_file": cfg.val_data.is_some()});
-        writeln!(order, "{line}").map_err(|e| Error::Msg(format!("{}: {e}", order_path.display())))?;
-    }
+    let order = crate::runlog::DataOrder::open(out, resume, &val_index, cfg.val_data.is_some())?;
     if train.is_empty() {
         return Err(Error::Msg(format!(
             "{}: no example fits the model's context of {max_len} tokens",

@@ -24,7 +24,7 @@ use crate::batches::parallel_grads;
 use crate::dpo::PairTokens;
 use crate::finetune::{self, FinetuneConfig, Method};
 use crate::optim::AdamW;
-use crate::runlog::Record;
+use crate::runlog::{DataOrder, Record};
 use crate::sft::{self, ChatFormat, Example};
 use crate::trainer::{peak_rss_mib, Evaluation, MicroBatch, Objective, RunOptions};
 use crate::{Error, Result};
@@ -81,6 +81,8 @@ impl Stats {
 /// Reward modelling as the trainer sees it.
 struct RewardObjective<'a> {
     model: &'a Model,
+    /// `data_order.jsonl`: the pairs each micro-batch drew.
+    order: DataOrder,
     train: &'a [PairTokens],
     val: &'a [PairTokens],
     vars: &'a BTreeMap<String, Var>,
@@ -116,6 +118,7 @@ impl Objective for RewardObjective<'_> {
         self.step.store(step, Ordering::Relaxed);
         let k = self.batch_size.min(self.train.len());
         let picks = rand::seq::index::sample(rng, self.train.len(), k).into_vec();
+        self.order.step(step, picks.iter().map(|&i| self.train[i].index))?;
         let (loss, grads, parts) = parallel_grads(opt, k, self.parallel_shards, |lo, hi| {
             let pairs: Vec<&PairTokens> = picks[lo..hi].iter().map(|&i| &self.train[i]).collect();
             let (c, r) = pair_scores(self.model, &pairs, self.pad)?;
@@ -287,8 +290,10 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<RewardSummary> {
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)?;
     let trainable_parameters: usize = vars.values().map(|v| v.elem_count()).sum();
     let mut trainer = finetune::new_trainer(cfg, vars.clone(), resume_from, opts)?;
+    let val_index: Vec<usize> = val.iter().map(|p| p.index).collect();
     let mut objective = RewardObjective {
         model: &model,
+        order: DataOrder::open(out, resume, &val_index, cfg.val_data.is_some())?,
         train: &train,
         val: &val,
         vars: &vars,

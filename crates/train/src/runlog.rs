@@ -142,6 +142,46 @@ impl MetricsLog {
     }
 }
 
+/// `data_order.jsonl`: which examples a run held out and drew at each step, by their 0-based
+/// index in the data file, so a peer (`crates/train/examples/peft_reference.py --order`) can
+/// train on the same order. The first line is `{"val": [...], "val_file": bool}` (the held-out
+/// examples, from a file of their own when `val_file`), then one `{"step", "examples"}` line
+/// a micro-batch. A resumed run appends (its steps from the checkpoint on come again).
+#[derive(Debug)]
+pub struct DataOrder {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl DataOrder {
+    /// Opens `<out>/data_order.jsonl`: fresh, its first line the held-out examples `val`, or
+    /// (`resume`) for appending.
+    pub fn open(out: &Path, resume: bool, val: &[usize], val_file: bool) -> Result<Self> {
+        let path = out.join("data_order.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(resume)
+            .write(true)
+            .truncate(!resume)
+            .open(&path)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let mut order = Self { path, file };
+        if !resume {
+            order.line(&serde_json::json!({"val": val, "val_file": val_file}))?;
+        }
+        Ok(order)
+    }
+
+    /// Records the examples micro-batch `step` drew.
+    pub fn step(&mut self, step: u64, examples: impl IntoIterator<Item = usize>) -> Result<()> {
+        self.line(&serde_json::json!({"step": step, "examples": examples.into_iter().collect::<Vec<_>>()}))
+    }
+
+    fn line(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| Error::Msg(format!("writing {}: {e}", self.path.display())))
+    }
+}
+
 /// Reads every record of a `metrics.jsonl`; a bad line is an error naming its number.
 pub fn read(path: &Path) -> Result<Vec<Record>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::Msg(format!("reading {}: {e}", path.display())))?;

@@ -201,6 +201,21 @@ fn lora_dpo_learns_the_preference_logs_trl_metrics_and_resumes_exactly() {
     assert!(last_train["rewards/margins"].as_f64().unwrap() > 0.5, "{last_train}");
     assert!(dir.path().join("lora/adapter/adapter_model.safetensors").is_file());
     assert!(dir.path().join("lora/reference_logps.json").is_file());
+    // `data_order.jsonl`: the held-out pairs, then the 8 training pairs of each of the 20
+    // steps, by 0-based line of the data file (the tie on line 65 and the long pair on 66 never).
+    let order: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("lora/data_order.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let held: Vec<u64> = order[0]["val"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!((held.len(), order.len()), (16, 21));
+    for (i, l) in order[1..].iter().enumerate() {
+        assert_eq!(l["step"].as_u64(), Some(i as u64));
+        let ex = l["examples"].as_array().unwrap();
+        assert_eq!(ex.len(), 8);
+        assert!(ex.iter().all(|e| e.as_u64().unwrap() < 64 && !held.contains(&e.as_u64().unwrap())), "{l}");
+    }
     // The loss plot has the margins and accuracies below the loss.
     let svg = std::fs::read_to_string(dir.path().join("lora/loss.svg")).unwrap();
     assert!(svg.contains(">rewards/margins<") && svg.contains(">rewards/accuracies<"), "{svg}");

@@ -86,6 +86,34 @@ pub enum LossType {
     Ipo,
     /// SLiC's hinge: `max(0, 1 − βΔ)`.
     Hinge,
+    /// EXO's pairwise loss (`label_smoothing` ε > 0 is the target's mass on the rejected answer).
+    #[serde(rename = "exo_pair")]
+    #[value(name = "exo_pair")]
+    ExoPair,
+    /// NCA's pairwise loss: each answer's own log-ratio, not only their difference.
+    #[serde(rename = "nca_pair")]
+    #[value(name = "nca_pair")]
+    NcaPair,
+    /// BCO on pairs: the chosen log-ratio pushed up and the rejected one down, each on its own.
+    #[serde(rename = "bco_pair")]
+    #[value(name = "bco_pair")]
+    BcoPair,
+    /// SPPO with hard probabilities: the log-ratios' squared distances from `±1/(2β)`.
+    #[serde(rename = "sppo_hard")]
+    #[value(name = "sppo_hard")]
+    SppoHard,
+    /// APO-zero: the chosen answers' likelihood up, the rejected ones' down.
+    #[serde(rename = "apo_zero")]
+    #[value(name = "apo_zero")]
+    ApoZero,
+    /// APO-down: both down, the rejected ones more.
+    #[serde(rename = "apo_down")]
+    #[value(name = "apo_down")]
+    ApoDown,
+    /// DPO on length-normalised log-ratios (each divided by its answer's tokens).
+    #[serde(rename = "sigmoid_norm")]
+    #[value(name = "sigmoid_norm")]
+    SigmoidNorm,
     /// ORPO (no reference model): the chosen answers' NLL minus β × the log-sigmoid of the
     /// log odds ratio of the per-token log-probabilities.
     Orpo,
@@ -349,6 +377,13 @@ impl FinetuneConfig {
             LossType::Robust => Some(P::Robust { label_smoothing: self.label_smoothing }),
             LossType::Ipo => Some(P::Ipo),
             LossType::Hinge => Some(P::Hinge),
+            LossType::ExoPair => Some(P::ExoPair { label_smoothing: self.label_smoothing }),
+            LossType::NcaPair => Some(P::NcaPair),
+            LossType::BcoPair => Some(P::BcoPair),
+            LossType::SppoHard => Some(P::SppoHard),
+            LossType::ApoZero => Some(P::ApoZero),
+            LossType::ApoDown => Some(P::ApoDown),
+            LossType::SigmoidNorm => Some(P::SigmoidNorm),
             LossType::Orpo => None,
         }
     }
@@ -409,11 +444,16 @@ impl FinetuneConfig {
             if !(0.0..0.5).contains(&self.label_smoothing) {
                 return bad("label-smoothing", format!("{} is outside [0, 0.5)", self.label_smoothing));
             }
-            if self.label_smoothing > 0.0 && self.loss_type != LossType::Robust {
+            let smoothed = matches!(self.loss_type, LossType::Robust | LossType::ExoPair);
+            if self.label_smoothing > 0.0 && !smoothed {
                 return bad(
                     "label-smoothing",
-                    "applies to --loss-type robust (TRL's conservative DPO); the other losses have none".into(),
+                    "applies to --loss-type robust (TRL's conservative DPO) and exo_pair; the other losses have none"
+                        .into(),
                 );
+            }
+            if self.loss_type == LossType::ExoPair && self.label_smoothing == 0.0 {
+                return bad("label-smoothing", "exo_pair needs ε > 0 (its loss has log ε; e.g. 1e-3)".into());
             }
             if !(self.sft_weight.is_finite() && self.sft_weight >= 0.0) {
                 return bad("sft-weight", format!("{} must be 0 or more", self.sft_weight));

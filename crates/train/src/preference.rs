@@ -272,6 +272,24 @@ pub enum PreferenceLoss {
     Ipo,
     /// SLiC's hinge (`hinge`): `max(0, 1 − βΔ)`.
     Hinge,
+    /// EXO (`exo_pair`): the KL divergence of `[σ(βΔ), σ(−βΔ)]` from `[1 − ε, ε]`.
+    ExoPair {
+        /// ε, in `(0, 0.5)`.
+        label_smoothing: f64,
+    },
+    /// NCA (`nca_pair`), with `c`, `r` the chosen and rejected log-ratios:
+    /// `−log σ(βc) − ½ log σ(−βc) − ½ log σ(−βr)`.
+    NcaPair,
+    /// BCO on pairs (`bco_pair`): `−log σ(βc) − log σ(−βr)`.
+    BcoPair,
+    /// SPPO, hard (`sppo_hard`): `(c − 1/(2β))² + (r + 1/(2β))²`.
+    SppoHard,
+    /// APO-zero (`apo_zero`): `1 − σ(βc) + σ(βr)`.
+    ApoZero,
+    /// APO-down (`apo_down`): `σ(βc) + 1 − σ(βΔ)`.
+    ApoDown,
+    /// DPO on length-normalised log-ratios (`sigmoid_norm`): `−log σ(β(c / n_c − r / n_r))`.
+    SigmoidNorm,
 }
 
 /// Sequence log-probabilities of a batch of pairs (`[n]` tensors) and the answers' lengths.
@@ -327,6 +345,23 @@ fn log_sigmoid(x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tens
     x.minimum(0.0)? - (x.abs()?.neg()?.exp()? + 1.0)?.log()?
 }
 
+/// `c / n_c − r / n_r`: each log-ratio divided by its answer's length in tokens.
+fn length_normalised(
+    p: &PairLogps<'_>,
+    chosen: &candle_core::Tensor,
+    rejected: &candle_core::Tensor,
+) -> Result<candle_core::Tensor> {
+    let n = chosen.dim(0)?;
+    if p.len_chosen.len() != n || p.len_rejected.len() != n {
+        return Err(Error::Msg(format!("a length-normalised loss needs the {n} answers' lengths")));
+    }
+    let per_token = |lens: &[usize]| -> candle_core::Result<candle_core::Tensor> {
+        let inv: Vec<f64> = lens.iter().map(|&l| 1.0 / l.max(1) as f64).collect();
+        candle_core::Tensor::from_vec(inv, n, chosen.device())?.to_dtype(chosen.dtype())
+    };
+    Ok(((chosen * per_token(p.len_chosen)?)? - (rejected * per_token(p.len_rejected)?)?)?)
+}
+
 /// The `kind` loss of the pairs `p` with strength `beta`, as TRL 1.16's `DPOTrainer` computes
 /// it (`crates/train/tests/data/make_preference_losses.py` runs TRL's own code on fixed
 /// log-probabilities to check).
@@ -355,18 +390,37 @@ pub fn preference_loss(kind: PreferenceLoss, beta: f64, p: PairLogps<'_>) -> Res
             let flipped = (log_sigmoid(&(&delta * -beta)?)? * -e)?;
             ((clean - flipped)? / (1.0 - 2.0 * e))?
         }
-        PreferenceLoss::Ipo => {
-            if p.len_chosen.len() != n || p.len_rejected.len() != n {
-                return Err(Error::Msg(format!("IPO needs the {n} answers' lengths")));
-            }
-            let per_token = |lens: &[usize]| -> candle_core::Result<candle_core::Tensor> {
-                let inv: Vec<f64> = lens.iter().map(|&l| 1.0 / l.max(1) as f64).collect();
-                candle_core::Tensor::from_vec(inv, n, p.policy_chosen.device())?.to_dtype(chosen.dtype())
-            };
-            let d = ((&chosen * per_token(p.len_chosen)?)? - (&rejected * per_token(p.len_rejected)?)?)?;
-            (d - 1.0 / (2.0 * beta))?.sqr()?
-        }
+        PreferenceLoss::Ipo => (length_normalised(&p, &chosen, &rejected)? - 1.0 / (2.0 * beta))?.sqr()?,
         PreferenceLoss::Hinge => (&delta * -beta)?.affine(1.0, 1.0)?.relu()?,
+        PreferenceLoss::ExoPair { label_smoothing: e } => {
+            if !(e > 0.0 && e < 0.5) {
+                return Err(Error::Msg(format!("label_smoothing: {e} must be in (0, 0.5) for exo_pair")));
+            }
+            let z = (&delta * beta)?;
+            let (log_qw, log_ql) = (log_sigmoid(&z)?, log_sigmoid(&z.neg()?)?);
+            let win = (log_qw.exp()? * (&log_qw - (1.0 - e).ln())?)?;
+            let lose = (log_ql.exp()? * (&log_ql - e.ln())?)?;
+            (win + lose)?
+        }
+        PreferenceLoss::NcaPair => {
+            let (c, r) = ((&chosen * beta)?, (&rejected * beta)?);
+            let half = ((log_sigmoid(&c.neg()?)? + log_sigmoid(&r.neg()?)?)? * 0.5)?;
+            (log_sigmoid(&c)?.neg()? - half)?
+        }
+        PreferenceLoss::BcoPair => (log_sigmoid(&(&chosen * beta)?)?.neg()? - log_sigmoid(&(&rejected * -beta)?)?)?,
+        PreferenceLoss::SppoHard => {
+            let m = 0.5 / beta;
+            ((&chosen - m)?.sqr()? + (&rejected + m)?.sqr()?)?
+        }
+        PreferenceLoss::ApoZero => {
+            let sigmoid = |t: candle_core::Tensor| log_sigmoid(&t)?.exp();
+            (sigmoid((&chosen * -beta)?)? + sigmoid((&rejected * beta)?)?)?
+        }
+        PreferenceLoss::ApoDown => {
+            let sigmoid = |t: candle_core::Tensor| log_sigmoid(&t)?.exp();
+            (sigmoid((&chosen * beta)?)? + sigmoid((&delta * -beta)?)?)?
+        }
+        PreferenceLoss::SigmoidNorm => log_sigmoid(&(length_normalised(&p, &chosen, &rejected)? * beta)?)?.neg()?,
     };
     let rewards = |t: &candle_core::Tensor| -> Result<Vec<f64>> {
         Ok((t.detach() * beta)?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)

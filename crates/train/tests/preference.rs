@@ -167,7 +167,7 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
         out
     };
     let cases = d["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 15);
     for c in cases {
         let beta = c["beta"].as_f64().unwrap();
         let sft = c["sft_weight"].as_f64().unwrap();
@@ -176,14 +176,22 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
             "robust" => Some(PreferenceLoss::Robust { label_smoothing: c["label_smoothing"].as_f64().unwrap() }),
             "ipo" => Some(PreferenceLoss::Ipo),
             "hinge" => Some(PreferenceLoss::Hinge),
+            "exo_pair" => Some(PreferenceLoss::ExoPair { label_smoothing: c["label_smoothing"].as_f64().unwrap() }),
+            "nca_pair" => Some(PreferenceLoss::NcaPair),
+            "bco_pair" => Some(PreferenceLoss::BcoPair),
+            "sppo_hard" => Some(PreferenceLoss::SppoHard),
+            "apo_zero" => Some(PreferenceLoss::ApoZero),
+            "apo_down" => Some(PreferenceLoss::ApoDown),
+            "sigmoid_norm" => Some(PreferenceLoss::SigmoidNorm),
             "orpo" => None,
             other => panic!("{other}"),
         };
         let var = Var::from_tensor(&t(&pc)).unwrap();
         let out = run(kind, beta, sft, var.as_tensor());
         let loss = out.loss.to_scalar::<f64>().unwrap();
-        // TRL computes ORPO in f32 (`.float()`), the DPO losses in the inputs' f64.
-        let tol = if kind.is_none() { 1e-6 } else { 1e-9 };
+        // TRL computes ORPO in f32 (`.float()`) and EXO's ε as an f32 tensor, the other losses
+        // in the inputs' f64.
+        let tol = if matches!(kind, None | Some(PreferenceLoss::ExoPair { .. })) { 1e-6 } else { 1e-9 };
         let close = |a: f64, b: &serde_json::Value| (a - b.as_f64().unwrap()).abs() < tol;
         assert!(close(loss, &c["loss"]), "{kind:?}: loss {loss} vs TRL {}", c["loss"]);
         let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
@@ -219,6 +227,7 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
     };
     assert!(preference_loss(PreferenceLoss::Sigmoid, 0.0, p).is_err());
     assert!(preference_loss(PreferenceLoss::Robust { label_smoothing: 0.5 }, 0.1, p).is_err());
+    assert!(preference_loss(PreferenceLoss::ExoPair { label_smoothing: 0.0 }, 0.1, p).is_err());
 }
 
 /// KTO on unpaired answers (the file's chosen answers desirable, its rejected ones not) equals

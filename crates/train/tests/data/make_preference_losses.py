@@ -9,7 +9,8 @@ trl 1.16 computes its losses inline in `DPOTrainer._compute_loss`, not in a func
 log-probabilities; this script runs that very code (the lines from `chosen_logratios = ...` to
 the loss accumulation, read from the installed trl's source) on fixed sequence log-probabilities
 and completion lengths, and writes the losses and the logged rewards to
-`preference_losses.json`. The `sft` loss type runs beside `sigmoid` (`loss_weights`), on
+`preference_losses.json`: `sigmoid`, `robust`, `ipo`, `hinge`, `exo_pair`, `nca_pair`, `bco_pair`,
+`sppo_hard`, `apo_zero`, `apo_down`, `sigmoid_norm`. The `sft` loss type runs beside `sigmoid` (`loss_weights`), on
 per-token log-probabilities that sum to the sequence ones. ORPO is `ORPOTrainer.odds_ratio_loss`
 (trl.experimental.orpo) on the per-token means, and the chosen answers' token NLL, combined as
 `get_batch_loss_metrics` does.
@@ -67,7 +68,11 @@ def main():
     cases = []
     for loss_type, beta, smoothing, sft in [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 0.0),
                                             ("robust", 0.1, 0.2, 0.0), ("ipo", 0.1, 0.0, 0.0),
-                                            ("hinge", 0.3, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 1.0)]:
+                                            ("hinge", 0.3, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 1.0),
+                                            ("exo_pair", 0.1, 1e-3, 0.0), ("nca_pair", 0.1, 0.0, 0.0),
+                                            ("bco_pair", 0.2, 0.0, 0.0), ("sppo_hard", 0.5, 0.0, 0.0),
+                                            ("apo_zero", 0.1, 0.0, 0.0), ("apo_down", 0.3, 0.0, 0.0),
+                                            ("sigmoid_norm", 0.5, 0.0, 0.0)]:
         types, weights = ([loss_type, "sft"], [1.0, sft]) if sft else ([loss_type], [1.0])
         self = SimpleNamespace(beta=beta, label_smoothing=smoothing, loss_types=types, loss_weights=weights,
                                f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, use_weighting=False)

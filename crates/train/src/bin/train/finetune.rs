@@ -99,11 +99,13 @@ pub(crate) struct FinetuneArgs {
     /// dpo: strength of the pull towards the reference model [default: 0.5].
     #[arg(long)]
     beta: Option<f64>,
-    /// dpo: sigmoid (DPO), robust (DPO with --label-smoothing), ipo, hinge, or orpo (no
-    /// reference model; beta 0.1 unless given) [default: sigmoid].
+    /// dpo: TRL's loss types: sigmoid (DPO), robust (DPO with --label-smoothing), ipo, hinge,
+    /// exo_pair (with --label-smoothing > 0), nca_pair, bco_pair, sppo_hard, apo_zero, apo_down,
+    /// sigmoid_norm; or orpo (no reference model; beta 0.1 unless given) [default: sigmoid].
     #[arg(long, value_enum)]
     loss_type: Option<lmstack_train::finetune::LossType>,
-    /// dpo with --loss-type robust: the assumed fraction of flipped labels [default: 0].
+    /// dpo with --loss-type robust or exo_pair: the assumed fraction of flipped labels
+    /// [default: 0].
     #[arg(long)]
     label_smoothing: Option<f64>,
     /// dpo: weight of the chosen answers' token NLL added to the loss (TRL's "sft" loss_type

@@ -66,6 +66,12 @@ impl LocalBackend {
         if !p.model.config().is_causal() {
             anyhow::bail!("{}: eval needs a causal language model (gpt2 or llama)", dir.display());
         }
+        if p.model.is_scorer() {
+            anyhow::bail!(
+                "{}: a reward model (no LM head) cannot be evaluated as a language model; pass it as --reward-model for the `reward` metric",
+                dir.display()
+            );
+        }
         Ok(Self { p, name: dir.display().to_string(), batch: 32, chat: false, max_length: None, constrainer: None })
     }
 

@@ -369,4 +369,7 @@ fn the_reward_metric_scores_answers_with_a_reward_model() {
     tiny_model(&lm);
     let e = RewardModel::load(&lm).err().unwrap().to_string();
     assert!(e.contains("not a reward model"), "{e}");
+    // … nor a reward model for the model under evaluation.
+    let e = LocalBackend::load(&rdir).err().unwrap().to_string();
+    assert!(e.contains("--reward-model"), "{e}");
 }

@@ -92,6 +92,12 @@ pub fn load(opts: &ServeOptions, metrics: Arc<Metrics>) -> anyhow::Result<Ready>
     let load_dtype = if packed_bf16 { DType::F32 } else { opts.dtype };
     let mut p = Pretrained::load(&opts.model, load_dtype, &Device::Cpu)
         .with_context(|| format!("loading the model directory {}", opts.model.display()))?;
+    if p.model.is_scorer() {
+        anyhow::bail!(
+            "{} is a reward model (a sequence classifier, no LM head): it scores texts and cannot generate; serve a language model",
+            opts.model.display()
+        );
+    }
     if let Some(dir) = &opts.adapter {
         let n = lmstack_core::lora::load_peft(&mut p.model, dir)
             .with_context(|| format!("loading the adapter {}", dir.display()))?;

@@ -1320,3 +1320,27 @@ async fn forced_tokens_are_fast_forwarded_with_the_same_output() {
     // All but the `g` and the `7` (and the first `{`, which the first step samples).
     assert_eq!(after - before, (text.chars().count() - 3) as f64, "forced tokens of {text}");
 }
+
+/// A reward model (a sequence classifier, no LM head) is refused at start-up, saying what it
+/// is, rather than failing every request.
+#[test]
+fn a_reward_model_is_refused_at_start_up() {
+    let (d, mut opts) = setup();
+    let p = Pretrained::load(d.path(), DType::F32, &Device::Cpu).unwrap();
+    let mut cfg = p.model.config_json();
+    cfg["architectures"] = json!([cfg["architectures"][0]
+        .as_str()
+        .unwrap()
+        .replace("ForCausalLM", "ForSequenceClassification")
+        .replace("LMHeadModel", "ForSequenceClassification")]);
+    cfg["num_labels"] = json!(1);
+    cfg["pad_token_id"] = json!(0);
+    let config = lmstack_core::ModelConfig::from_value(cfg, "test").unwrap();
+    assert_eq!(config.score_labels(), Some(1), "{config:?}");
+    let model = lmstack_core::Model::init(config, 3, DType::F32, &Device::Cpu).unwrap();
+    let rm = d.path().join("rm");
+    Pretrained { model, tokenizer: p.tokenizer, dir: None }.save(&rm).unwrap();
+    opts.model = rm;
+    let e = lmstack_serve::server::load(&opts, Arc::new(Metrics::new())).map(|_| ()).unwrap_err();
+    assert!(format!("{e:#}").contains("reward model"), "{e:#}");
+}

@@ -58,6 +58,12 @@ pub(crate) fn sample_cmd(a: &SampleArgs) -> Result<ExitCode> {
         println!("{:.4}", lmstack_train::reward::score_text(&p, text)?);
         return Ok(ExitCode::SUCCESS);
     }
+    if p.model.is_scorer() {
+        anyhow::bail!(
+            "{} is a reward model (a sequence classifier, no LM head): score a text with --reward TEXT",
+            a.model.display()
+        );
+    }
     p.model.repack_for_inference()?;
     if let Some(text) = &a.fill {
         for (i, top) in lmstack_train::classify::fill_mask(&p, text, a.top)?.iter().enumerate() {

@@ -273,7 +273,7 @@ fn sequence_logps_sum_each_rows_scored_tokens() {
         }
         let vars = m.params().vars();
         let run = |m: &Model| {
-            let (s, counts) = m.sequence_logps(&x, &y).unwrap();
+            let (s, counts) = m.sequence_logps(&x, &y, None).unwrap();
             assert_eq!(counts, [4, 0, 4]);
             // A weighted sum, so each row's gradient counts differently.
             let loss = (&s * Tensor::new(&[1.0f64, 2.0, -0.5], &dev).unwrap()).unwrap().sum_all().unwrap();
@@ -301,5 +301,18 @@ fn sequence_logps_sum_each_rows_scored_tokens() {
             let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
             assert!(d < 1e-9, "{cfg}: checkpointed gradient differs by {d}");
         }
+        // Padding-free: the three rows packed end to end in one, each attending only within
+        // itself with positions from 0, give the same sums per segment.
+        let packed_x = x.flatten_all().unwrap().unsqueeze(0).unwrap();
+        let packed_y = y.flatten_all().unwrap().unsqueeze(0).unwrap();
+        let segs = lmstack_core::nn::Segments::new(vec![(0, 0, 10), (0, 10, 10), (0, 20, 10)], 1, 30).unwrap();
+        let (s, counts) = m.sequence_logps(&packed_x, &packed_y, Some(&segs)).unwrap();
+        assert_eq!(counts, [4, 0, 4]);
+        for (a, b) in s.to_vec1::<f64>().unwrap().iter().zip(&plain) {
+            assert!((a - b).abs() < 1e-9, "{cfg}: packed {a} vs padded {b}");
+        }
+        // A scored position outside every segment is refused.
+        let part = lmstack_core::nn::Segments::new(vec![(0, 0, 10)], 1, 30).unwrap();
+        assert!(m.sequence_logps(&packed_x, &packed_y, Some(&part)).is_err());
     }
 }

@@ -109,25 +109,51 @@ pub(crate) fn reference_cache(
     }
 }
 
+/// How sequences go through the model: cut to the context (`max_len`), padded with `pad` into
+/// one batch, or (`padding_free`, TRL's) packed end to end in rows of about the context's
+/// length, each attending only within itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batching {
+    pub max_len: usize,
+    pub pad: u32,
+    pub padding_free: bool,
+}
+
 /// Sequence log-probabilities of `pairs` under `model`: `[n]` chosen, `[n]` rejected (one
-/// padded batch, chosen rows first), and the answers' lengths in scored tokens.
+/// batch, chosen rows first), and the answers' lengths in scored tokens.
 fn pair_logps(
     model: &Model,
     pairs: &[&PairTokens],
-    max_len: usize,
-    pad: u32,
+    batching: Batching,
 ) -> Result<(Tensor, Tensor, Vec<usize>, Vec<usize>)> {
     let n = pairs.len();
     let rows: Vec<&Tokenized> = pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
-    let (sums, counts) = seq_logps(model, &rows, max_len, pad)?;
+    let (sums, counts) = seq_logps(model, &rows, batching)?;
     Ok((sums.narrow(0, 0, n)?, sums.narrow(0, n, n)?, counts[..n].to_vec(), counts[n..].to_vec()))
 }
 
-/// Each row's summed log-probability of its scored tokens under `model` (`[n]`, one padded
-/// batch), and how many tokens each scores.
-pub(crate) fn seq_logps(model: &Model, rows: &[&Tokenized], max_len: usize, pad: u32) -> Result<(Tensor, Vec<usize>)> {
-    let b = sft::batch(rows, max_len, pad, model.device())?;
-    Ok(model.sequence_logps(&b.inputs, &b.labels)?)
+/// Each row's summed log-probability of its scored tokens under `model` (`[n]`, in `rows`'
+/// order, however they are batched), and how many tokens each scores.
+pub(crate) fn seq_logps(model: &Model, rows: &[&Tokenized], batching: Batching) -> Result<(Tensor, Vec<usize>)> {
+    let Batching { max_len, pad, padding_free } = batching;
+    if !padding_free {
+        let b = sft::batch(rows, max_len, pad, model.device())?;
+        return Ok(model.sequence_logps(&b.inputs, &b.labels, None)?);
+    }
+    let tokens: usize = rows.iter().map(|r| r.ids.len().min(max_len + 1).saturating_sub(1)).sum();
+    let (b, order) = sft::packed_with_order(rows, tokens.div_ceil(max_len).max(1), max_len, pad, model.device())?;
+    if order.len() != rows.len() {
+        return Err(Error::Msg("a sequence of one token has nothing to score".into()));
+    }
+    let (sums, counts) = model.sequence_logps(&b.inputs, &b.labels, b.segments.as_ref())?;
+    // Segment `k` holds row `order[k]`: back to the rows' order.
+    let mut at = vec![0u32; rows.len()];
+    for (k, &row) in order.iter().enumerate() {
+        at[row] = k as u32;
+    }
+    let counts = at.iter().map(|&k| counts[k as usize]).collect();
+    let sums = sums.index_select(&Tensor::from_vec(at, rows.len(), sums.device())?, 0)?;
+    Ok((sums, counts))
 }
 
 /// The reference's log-probabilities of `pairs` from a model, without gradients; `adapters_off`
@@ -136,10 +162,9 @@ fn reference_pass(
     model: &Model,
     adapters_off: bool,
     pairs: &[&PairTokens],
-    max_len: usize,
-    pad: u32,
+    batching: Batching,
 ) -> Result<(Tensor, Tensor)> {
-    let pass = || lmstack_core::grad::no_grad(|| pair_logps(model, pairs, max_len, pad));
+    let pass = || lmstack_core::grad::no_grad(|| pair_logps(model, pairs, batching));
     let (c, r, _, _) = if adapters_off { lmstack_core::nn::without_adapters(pass)? } else { pass()? };
     Ok((c.detach(), r.detach()))
 }
@@ -226,8 +251,7 @@ struct Dpo<'a> {
     train: &'a [PairTokens],
     val: &'a [PairTokens],
     vars: &'a BTreeMap<String, Var>,
-    max_len: usize,
-    pad: u32,
+    batching: Batching,
     batch_size: usize,
     parallel_shards: usize,
     /// The step adapters' dropout masks are drawn for.
@@ -251,8 +275,8 @@ impl Dpo<'_> {
                     |j: usize| Tensor::new(idx.iter().map(|&i| pre[i][j] as f32).collect::<Vec<_>>(), &Device::Cpu);
                 Ok((col(0)?, col(1)?))
             }
-            Reference::AdaptersOff => reference_pass(self.model, true, &pairs(), self.max_len, self.pad),
-            Reference::Frozen(m) => reference_pass(m, false, &pairs(), self.max_len, self.pad),
+            Reference::AdaptersOff => reference_pass(self.model, true, &pairs(), self.batching),
+            Reference::Frozen(m) => reference_pass(m, false, &pairs(), self.batching),
             Reference::None => Err(Error::Msg("this loss has no reference model".into())),
         }
     }
@@ -265,7 +289,7 @@ impl Dpo<'_> {
             Split::Val => self.val,
         };
         let pairs: Vec<&PairTokens> = idx.iter().map(|&i| &set[i]).collect();
-        let (pc, pr, lc, lr) = pair_logps(model, &pairs, self.max_len, self.pad)?;
+        let (pc, pr, lc, lr) = pair_logps(model, &pairs, self.batching)?;
         let out = match self.loss {
             None => preference::orpo_loss(self.beta, &pc, &pr, &lc, &lr)?,
             Some(kind) => {
@@ -412,7 +436,7 @@ pub(crate) fn prepare(
 
 /// Computes the reference's log-probabilities of every pair with `model` (before any adapter
 /// attaches or any weight trains), in parallel chunks, without gradients.
-fn precompute(model: &Model, reference: &Path, sets: [&[PairTokens]; 2], max_len: usize, pad: u32) -> Result<RefLogps> {
+fn precompute(model: &Model, reference: &Path, sets: [&[PairTokens]; 2], batching: Batching) -> Result<RefLogps> {
     use rayon::prelude::*;
     let one = |set: &[PairTokens]| -> Result<Vec<[f64; 2]>> {
         let chunks: Vec<&[PairTokens]> = set.chunks(8).collect();
@@ -420,7 +444,7 @@ fn precompute(model: &Model, reference: &Path, sets: [&[PairTokens]; 2], max_len
             .par_iter()
             .map(|chunk| {
                 let pairs: Vec<&PairTokens> = chunk.iter().collect();
-                let (c, r) = reference_pass(model, false, &pairs, max_len, pad)?;
+                let (c, r) = reference_pass(model, false, &pairs, batching)?;
                 let (c, r): (Vec<f64>, Vec<f64>) =
                     (c.to_dtype(DType::F64)?.to_vec1()?, r.to_dtype(DType::F64)?.to_vec1()?);
                 Ok(c.into_iter().zip(r).map(|(c, r)| [c, r]).collect())
@@ -507,8 +531,9 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
 
     // The reference computed once, before any weight changes (a resumed run reads it back).
     let ref_name = cfg.ref_model.clone().unwrap_or_else(|| cfg.base.clone());
+    let batching = Batching { max_len, pad, padding_free: cfg.padding_free };
     let precomputed = reference_cache(cfg, resume, (train.len(), val.len()), || {
-        precompute(ref_model.as_ref().unwrap_or(&base.model), &ref_name, [&train, &val], max_len, pad)
+        precompute(ref_model.as_ref().unwrap_or(&base.model), &ref_name, [&train, &val], batching)
     })?;
 
     let base_parameters = base.model.num_parameters();
@@ -543,8 +568,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         train: &train,
         val: &val,
         vars: &vars,
-        max_len,
-        pad,
+        batching,
         batch_size: cfg.batch_size,
         parallel_shards: cfg.parallel_shards,
         step: step_counter,

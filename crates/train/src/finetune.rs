@@ -188,7 +188,8 @@ pub struct FinetuneConfig {
     #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Padding-free batches (TRL's `padding_free`): each micro-batch's examples packed end to
-    /// end, one row per parallel slice, each attending only within itself ([`sft::packed`]).
+    /// end, each attending only within itself ([`sft::packed`]): one row per parallel slice
+    /// (SFT), rows of about the context's length (DPO, KTO).
     #[serde(default)]
     pub padding_free: bool,
     /// `dpo`: the strength β of the pull towards the reference model (TRL's `beta`).
@@ -397,6 +398,12 @@ impl FinetuneConfig {
                 self.base.display()
             )));
         }
+        if self.padding_free && matches!(self.task, Task::Classify | Task::Reward) {
+            return bad(
+                "padding-free",
+                "not supported for --task classify or reward (each sequence is read at one pooled token)".into(),
+            );
+        }
         if self.task == Task::Classify && self.method == Method::Lora {
             return Err(Error::Msg(
                 "--task classify trains every weight; --method lora is not supported for it".into(),
@@ -465,9 +472,6 @@ impl FinetuneConfig {
                 if self.sft_weight > 0.0 {
                     return bad("sft-weight", "ORPO's loss holds the chosen answers' NLL already".into());
                 }
-            }
-            if self.padding_free {
-                return bad("padding-free", "not supported for --task dpo".into());
             }
         } else if self.task != Task::Kto && (self.ref_model.is_some() || self.precompute_ref_log_probs) {
             return bad("ref-model", "a reference model belongs to --task dpo".into());

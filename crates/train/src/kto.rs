@@ -26,7 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::batches::parallel_grads;
-use crate::dpo::{reference_cache, seq_logps, setup, RefLogps, Setup};
+use crate::dpo::{reference_cache, seq_logps, setup, Batching, RefLogps, Setup};
 use crate::finetune::{self, FinetuneConfig, Method};
 use crate::optim::AdamW;
 use crate::preference::{self, Unpaired};
@@ -119,8 +119,7 @@ struct Kto<'a> {
     /// The reference's `[answer, KL pair]` log-probabilities, when precomputed.
     precomputed: Option<&'a RefLogps>,
     vars: &'a BTreeMap<String, Var>,
-    max_len: usize,
-    pad: u32,
+    batching: Batching,
     batch_size: usize,
     parallel_shards: usize,
     step: Arc<AtomicU64>,
@@ -157,7 +156,7 @@ impl Kto<'_> {
             let v: Vec<f32> = r.iter().map(|x| x[which] as f32).collect();
             return Ok(Tensor::from_vec(v, rows.len(), self.model.device())?);
         }
-        let pass = |m: &Model| lmstack_core::grad::no_grad(|| seq_logps(m, rows, self.max_len, self.pad));
+        let pass = |m: &Model| lmstack_core::grad::no_grad(|| seq_logps(m, rows, self.batching));
         let (s, _) = match self.reference {
             Some(m) => pass(m)?,
             None => lmstack_core::nn::without_adapters(|| pass(self.model))?,
@@ -169,7 +168,7 @@ impl Kto<'_> {
     /// items' KL pairs, clamped at 0.
     fn kl(&self, model: &Model, d: &Draw<'_>) -> Result<f64> {
         let rows: Vec<&Tokenized> = d.items.iter().map(|i| &i.kl).collect();
-        let (policy, _) = lmstack_core::grad::no_grad(|| seq_logps(model, &rows, self.max_len, self.pad))?;
+        let (policy, _) = lmstack_core::grad::no_grad(|| seq_logps(model, &rows, self.batching))?;
         let reference = self.reference_logps(&rows, d.refs.as_deref(), 1)?;
         let diff = (policy.detach().to_dtype(DType::F64)? - reference.to_dtype(DType::F64)?)?;
         Ok(diff.mean_all()?.to_scalar::<f64>()?.max(0.0))
@@ -180,7 +179,7 @@ impl Kto<'_> {
         let items = &d.items;
         let rows: Vec<&Tokenized> = items.iter().map(|i| &i.tokens).collect();
         let reference = self.reference_logps(&rows, d.refs.as_deref(), 0)?;
-        let (policy, _) = seq_logps(model, &rows, self.max_len, self.pad)?;
+        let (policy, _) = seq_logps(model, &rows, self.batching)?;
         let labels: Vec<bool> = items.iter().map(|i| i.ex.label).collect();
         let out =
             preference::kto_loss(self.beta, kl, &policy, &reference.to_dtype(policy.dtype())?, &labels, self.weights)?;
@@ -297,14 +296,14 @@ fn prepare(
 
 /// The reference's `[answer, KL pair]` log-probabilities of every example, computed with
 /// `model` before anything trains, in parallel chunks, without gradients.
-fn precompute(model: &Model, reference: &Path, sets: [&[KtoItem]; 2], max_len: usize, pad: u32) -> Result<RefLogps> {
+fn precompute(model: &Model, reference: &Path, sets: [&[KtoItem]; 2], batching: Batching) -> Result<RefLogps> {
     use rayon::prelude::*;
     let one = |set: &[KtoItem]| -> Result<Vec<[f64; 2]>> {
         let parts: Vec<Result<Vec<[f64; 2]>>> = set
             .par_chunks(8)
             .map(|chunk| {
                 let logps = |rows: Vec<&Tokenized>| -> Result<Vec<f64>> {
-                    let (s, _) = lmstack_core::grad::no_grad(|| seq_logps(model, &rows, max_len, pad))?;
+                    let (s, _) = lmstack_core::grad::no_grad(|| seq_logps(model, &rows, batching))?;
                     Ok(s.to_dtype(DType::F64)?.to_vec1()?)
                 };
                 let answers = logps(chunk.iter().map(|i| &i.tokens).collect())?;
@@ -344,8 +343,9 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
     // The reference's log-probabilities computed once, before any weight changes (a resumed
     // run reads them back).
     let ref_name = cfg.ref_model.clone().unwrap_or_else(|| cfg.base.clone());
+    let batching = Batching { max_len, pad, padding_free: cfg.padding_free };
     let precomputed = reference_cache(cfg, resume, (train.len(), val.len()), || {
-        precompute(ref_model.as_ref().unwrap_or(&base.model), &ref_name, [&train, &val], max_len, pad)
+        precompute(ref_model.as_ref().unwrap_or(&base.model), &ref_name, [&train, &val], batching)
     })?;
     // Full finetuning with the base as the reference keeps a frozen copy of the base's weights.
     let base_reference = (precomputed.is_none() && ref_model.is_none() && cfg.method == Method::Full)
@@ -367,8 +367,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
         val: &val,
         precomputed: precomputed.as_ref(),
         vars: &vars,
-        max_len,
-        pad,
+        batching,
         batch_size: cfg.batch_size,
         parallel_shards: cfg.parallel_shards,
         step: step_counter,

@@ -79,24 +79,47 @@ fn inputs_and_labels(x: &Tokenized, max_len: usize) -> (Vec<u32>, Vec<u32>) {
 /// within itself with positions from 0; rows shorter than the longest are padded at the end.
 /// The same loss and gradients as [`batch`], without computing padding.
 pub fn packed(items: &[&Tokenized], rows: usize, max_len: usize, pad: u32, dev: &Device) -> Result<SftBatch> {
+    Ok(packed_with_order(items, rows, max_len, pad, dev)?.0)
+}
+
+/// [`packed`], and which of `items` each segment holds, in span order (row by row, left to
+/// right; items with nothing to read are left out).
+pub fn packed_with_order(
+    items: &[&Tokenized],
+    rows: usize,
+    max_len: usize,
+    pad: u32,
+    dev: &Device,
+) -> Result<(SftBatch, Vec<usize>)> {
     let rows = rows.clamp(1, items.len().max(1));
-    let mut seqs: Vec<(Vec<u32>, Vec<u32>)> =
-        items.iter().map(|x| inputs_and_labels(x, max_len)).filter(|(x, _)| !x.is_empty()).collect();
-    seqs.sort_by_key(|(x, _)| std::cmp::Reverse(x.len()));
+    let mut seqs: Vec<(Vec<u32>, Vec<u32>)> = Vec::new();
+    let mut item_of = Vec::new();
+    for (k, x) in items.iter().enumerate() {
+        let s = inputs_and_labels(x, max_len);
+        if !s.0.is_empty() {
+            seqs.push(s);
+            item_of.push(k);
+        }
+    }
+    let mut by_len: Vec<usize> = (0..seqs.len()).collect();
+    by_len.sort_by_key(|&i| std::cmp::Reverse(seqs[i].0.len()));
     let mut fill: Vec<Vec<usize>> = vec![Vec::new(); rows];
     let mut lens = vec![0usize; rows];
-    for (i, (x, _)) in seqs.iter().enumerate() {
+    for i in by_len {
+        let x = &seqs[i].0;
         let r = (0..rows).min_by_key(|&r| (lens[r], r)).expect("rows > 0");
         fill[r].push(i);
         lens[r] += x.len();
     }
     let t = lens.iter().copied().max().unwrap_or(0).max(1);
     let (mut inputs, mut labels, mut spans) = (Vec::with_capacity(rows * t), Vec::with_capacity(rows * t), Vec::new());
+    let mut order = Vec::new();
     for (r, members) in fill.iter().enumerate() {
         let mut at = 0;
         for &i in members {
             let (x, y) = &seqs[i];
             spans.push((r, at, x.len()));
+            order.push(item_of[i]);
             inputs.extend_from_slice(x);
             labels.extend_from_slice(y);
             at += x.len();
@@ -105,12 +128,13 @@ pub fn packed(items: &[&Tokenized], rows: usize, max_len: usize, pad: u32, dev: 
         labels.extend(std::iter::repeat_n(IGNORE_INDEX, t - at));
     }
     let n_scored = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    Ok(SftBatch {
+    let batch = SftBatch {
         inputs: Tensor::from_vec(inputs, (rows, t), dev)?,
         labels: Tensor::from_vec(labels, (rows, t), dev)?,
         n_scored,
         segments: Some(Segments::new(spans, rows, t)?),
-    })
+    };
+    Ok((batch, order))
 }
 
 /// Pads `items` to the longest (cut to `max_len + 1` tokens from the left) and builds inputs and

@@ -104,14 +104,14 @@ fn dpo_through_lora_against_the_base_matches_finite_differences() {
     let rows: Vec<&sft::Tokenized> = pairs.iter().map(|p| &p.0).chain(pairs.iter().map(|p| &p.1)).collect();
     let b = sft::batch(&rows, 32, 0, &Device::Cpu).unwrap();
     let (reference, counts) = lmstack_core::grad::no_grad(|| {
-        lmstack_core::nn::without_adapters(|| model.sequence_logps(&b.inputs, &b.labels))
+        lmstack_core::nn::without_adapters(|| model.sequence_logps(&b.inputs, &b.labels, None))
     })
     .unwrap();
-    let (base, _) = plain.sequence_logps(&b.inputs, &b.labels).unwrap();
+    let (base, _) = plain.sequence_logps(&b.inputs, &b.labels, None).unwrap();
     let (r, bv): (Vec<f32>, Vec<f32>) = (reference.to_vec1().unwrap(), base.to_vec1().unwrap());
     assert!(r.iter().zip(&bv).all(|(a, b)| (a - b).abs() < 1e-5), "adapters off {r:?} vs base {bv:?}");
     let loss_of = |kind: PreferenceLoss| -> Tensor {
-        let (s, _) = model.sequence_logps(&b.inputs, &b.labels).unwrap();
+        let (s, _) = model.sequence_logps(&b.inputs, &b.labels, None).unwrap();
         let (lc, lr) = (counts[..2].to_vec(), counts[2..].to_vec());
         preference::preference_loss(
             kind,
@@ -369,6 +369,39 @@ fn kto_learns_from_unpaired_answers() {
         let r = lmstack_train::kto::run(&more, &opts(true)).unwrap();
         assert_eq!(r.steps, 8);
     }
+}
+
+/// Padding-free batches (TRL's `padding_free`: the sequences packed end to end, each attending
+/// only within itself) train DPO and KTO as padded ones do.
+#[test]
+fn padding_free_preference_runs_equal_padded_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(&dir.path().join("base"), "llama", 5, CHARS);
+    write_pairs(dir.path());
+    for task in [Task::Dpo, Task::Kto] {
+        let padded = FinetuneConfig { task, ..cfg(dir.path(), Method::Lora, &format!("{task:?}-padded"), 6) };
+        let packed = FinetuneConfig {
+            padding_free: true,
+            out_dir: dir.path().join(format!("{task:?}-packed")),
+            ..padded.clone()
+        };
+        let losses = |c: &FinetuneConfig| match task {
+            Task::Dpo => {
+                let s = dpo::run(c, &opts(false)).unwrap();
+                (s.val_loss.0, s.val_loss.1.unwrap())
+            }
+            _ => {
+                let s = lmstack_train::kto::run(c, &opts(false)).unwrap();
+                (s.val_loss.0, s.val_loss.1.unwrap())
+            }
+        };
+        let (a, b) = (losses(&padded), losses(&packed));
+        assert!((a.0 - b.0).abs() < 1e-5 && (a.1 - b.1).abs() < 1e-4, "{task:?}: padded {a:?} vs packed {b:?}");
+        assert!(a.1 < a.0, "{task:?}: {a:?}");
+    }
+    let reward = FinetuneConfig { task: Task::Reward, padding_free: true, ..cfg(dir.path(), Method::Full, "r", 2) };
+    let e = lmstack_train::reward::run(&reward, &opts(false)).unwrap_err().to_string();
+    assert!(e.contains("--padding-free"), "{e}");
 }
 
 /// Each KTO example's KL pair is its prompt with another prompt's answer, fixed when the data

@@ -506,28 +506,49 @@ impl Model {
 
     /// The log-probability of each row's scored labels, summed over the row (a DPO answer's
     /// sequence log-probability), and how many labels each row scores (rows scoring none sum
-    /// to 0). The same scored-rows-only head and chunking as [`Model::lm_loss`];
-    /// differentiable when the model is trainable. Causal models.
+    /// to 0). With `segments` (sequences packed along rows, padding-free) the sums are per
+    /// segment, in span order. The same scored-rows-only head and chunking as
+    /// [`Model::lm_loss`]; differentiable when the model is trainable. Causal models.
     ///
     /// # Shapes
-    /// `input_ids`, `labels`: `[b, t]` (u32) → `[b]`.
-    pub fn sequence_logps(&self, input_ids: &Tensor, labels: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    /// `input_ids`, `labels`: `[b, t]` (u32) → `[b]`, or `[segments]`.
+    pub fn sequence_logps(
+        &self,
+        input_ids: &Tensor,
+        labels: &Tensor,
+        segments: Option<&Segments>,
+    ) -> Result<(Tensor, Vec<usize>)> {
         use crate::kernels::ops::{token_nll, IGNORE_INDEX};
         if !self.config.is_causal() {
             return Err(Error::invalid("model", "sequence log-probabilities need a causal model"));
         }
-        let (b, t) = labels.dims2()?;
+        let (rows, t) = labels.dims2()?;
         let lv = labels.flatten_all()?.to_vec1::<u32>()?;
-        // Row of each scored position, in the order the scored rows go through the head.
-        let row_of: Vec<usize> =
-            lv.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, _)| i / t).collect();
+        // The sequence each position belongs to: its row, or its segment.
+        let (b, seq_of): (usize, Vec<Option<usize>>) = match segments {
+            None => (rows, (0..rows * t).map(|i| Some(i / t)).collect()),
+            Some(s) => {
+                let mut of = vec![None; rows * t];
+                for (k, &(row, start, len)) in s.spans().iter().enumerate() {
+                    of[row * t + start..row * t + start + len].iter_mut().for_each(|x| *x = Some(k));
+                }
+                (s.spans().len(), of)
+            }
+        };
+        // Sequence of each scored position, in the order the scored rows go through the head.
+        let mut row_of = Vec::new();
+        for (i, &l) in lv.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX) {
+            row_of.push(seq_of[i].ok_or_else(|| {
+                Error::invalid("labels", format!("position {i} is scored (label {l}) outside every segment"))
+            })?);
+        }
         let mut counts = vec![0usize; b];
         row_of.iter().for_each(|&r| counts[r] += 1);
         let row_of = std::sync::Arc::new(row_of);
         let (sums, _) = self.over_scored(
             input_ids,
             labels,
-            None,
+            segments,
             std::sync::Arc::new(move |logits: &Tensor, targets: &Tensor, start: usize| {
                 let (nll, _) = token_nll(logits, targets)?;
                 let len = nll.dim(0)?;

@@ -19,12 +19,14 @@
 
 use std::path::Path;
 
-use lmstack_core::examples::Example;
+use lmstack_core::examples::{ChatFormat, Example};
 use lmstack_core::{DType, Device, Pretrained};
 
 /// A reward model run in-process.
 pub struct RewardModel {
     p: Pretrained,
+    /// Its chat template, compiled once.
+    fmt: ChatFormat,
     name: String,
     chat: bool,
 }
@@ -35,13 +37,13 @@ impl RewardModel {
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let p = Pretrained::load(dir, DType::F32, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("--reward-model {}: {e}", dir.display()))?;
-        if p.model.config().score_labels() != Some(1) {
-            anyhow::bail!(
+        let fmt = p.reward_format().map_err(|_| {
+            anyhow::anyhow!(
                 "--reward-model {}: not a reward model (a …ForSequenceClassification directory with one label, as `train finetune --task reward` writes)",
                 dir.display()
-            );
-        }
-        Ok(Self { p, name: dir.display().to_string(), chat: false })
+            )
+        })?;
+        Ok(Self { p, fmt, name: dir.display().to_string(), chat: false })
     }
 
     /// Scores conversations (`chat`: the policy was asked through its chat template) instead
@@ -59,7 +61,11 @@ impl RewardModel {
                 true => Example::Chat(vec![("user".into(), ctx.clone()), ("assistant".into(), answer.clone())]),
                 false => Example::Completion { prompt: ctx.clone(), completion: answer.clone() },
             };
-            rows.push(self.p.reward_tokens(&ex).map_err(|e| anyhow::anyhow!("reward model {}: {at}: {e}", self.name))?);
+            rows.push(
+                self.p
+                    .reward_tokens(&ex, &self.fmt)
+                    .map_err(|e| anyhow::anyhow!("reward model {}: {at}: {e}", self.name))?,
+            );
         }
         self.p.rewards(&rows, 16).map_err(|e| anyhow::anyhow!("reward model {}: {e}", self.name))
     }

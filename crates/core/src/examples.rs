@@ -113,7 +113,7 @@ impl ChatFormat {
 }
 
 /// A tokenized example: input ids and, per position, the label (next token or [`IGNORE_INDEX`](crate::kernels::ops::IGNORE_INDEX)).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Tokenized {
     /// Token ids.
     pub ids: Vec<u32>,

@@ -60,19 +60,29 @@ impl Pretrained {
         files.commit()
     }
 
-    /// An example as a reward model (a sequence classifier with one label: [`Model::score`])
-    /// reads it: tokenized as finetuning tokenized its pairs ([`crate::examples::tokenize`])
-    /// with the model's own chat template (its tokenizer's, else `plain`). Refused when the
-    /// model is not a reward model or the example is longer than its context.
-    pub fn reward_tokens(&self, example: &crate::examples::Example) -> Result<Vec<u32>> {
+    /// The chat format a reward model reads conversations in: its tokenizer's template, else
+    /// `plain`, as training rendered them. Refused when the model is not a reward model (a
+    /// sequence classifier with one label).
+    pub fn reward_format(&self) -> Result<crate::examples::ChatFormat> {
         if self.model.config().score_labels() != Some(1) {
             return Err(Error::invalid(
                 "model",
                 "rewards need a reward model (a …ForSequenceClassification directory with one label)",
             ));
         }
-        let fmt = crate::examples::ChatFormat::from_spec("model", &self.tokenizer)?;
-        let ids = crate::examples::tokenize(example, &self.tokenizer, &fmt, false)?.ids;
+        crate::examples::ChatFormat::from_spec("model", &self.tokenizer)
+    }
+
+    /// An example as a reward model (a sequence classifier with one label: [`Model::score`])
+    /// reads it: tokenized as finetuning tokenized its pairs ([`crate::examples::tokenize`])
+    /// with `fmt`, the model's own chat template ([`Pretrained::reward_format`]). Refused when
+    /// the example is longer than the model's context.
+    pub fn reward_tokens(
+        &self,
+        example: &crate::examples::Example,
+        fmt: &crate::examples::ChatFormat,
+    ) -> Result<Vec<u32>> {
+        let ids = crate::examples::tokenize(example, &self.tokenizer, fmt, false)?.ids;
         if ids.len() > self.model.max_len() {
             return Err(Error::ContextOverflow { len: ids.len(), max: self.model.max_len() });
         }

@@ -288,7 +288,8 @@ fn prepare(
         if tokens.ids.len() > max_len + 1 {
             too_long += 1;
         } else {
-            kept.push(KtoItem { ex, tokens, kl: Tokenized { ids: Vec::new(), scored: Vec::new() } });
+            // The KL pair comes once every item is read ([`assign_kl_pairs`]).
+            kept.push(KtoItem { ex, tokens, kl: Tokenized::default() });
         }
     }
     Ok((kept, ties.iter().map(|l| format!("{}:{l}", path.display())).collect(), too_long))

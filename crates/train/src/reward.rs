@@ -364,6 +364,9 @@ pub fn score_text(p: &Pretrained, text: &str) -> Result<f64> {
         }
         _ => Example::Completion { prompt: String::new(), completion: text.to_owned() },
     };
-    let ids = p.reward_tokens(&ex).map_err(|e| Error::Msg(format!("--reward: {e}")))?;
+    let ids = p
+        .reward_format()
+        .and_then(|fmt| p.reward_tokens(&ex, &fmt))
+        .map_err(|e| Error::Msg(format!("--reward: {e}")))?;
     Ok(p.rewards(&[ids], 1)?[0])
 }

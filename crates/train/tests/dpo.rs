@@ -418,7 +418,7 @@ fn kto_kl_pairs_mismatch_prompts_and_answers() {
         .iter()
         .map(|ex| {
             let tokens = preference::tokenize_answer(&ex.prompt, &ex.completion, &p.tokenizer, &fmt).unwrap();
-            lmstack_train::kto::KtoItem { ex: ex.clone(), tokens, kl: sft::Tokenized { ids: vec![], scored: vec![] } }
+            lmstack_train::kto::KtoItem { ex: ex.clone(), tokens, kl: Default::default() }
         })
         .collect();
     lmstack_train::kto::assign_kl_pairs(&mut items, 8, &p.tokenizer, &fmt).unwrap();

@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::quantized::gguf_file::{self, Value as GValue};
 use candle_core::quantized::QTensor;
@@ -14,8 +15,12 @@ use lmstack_core::gguf::{write_model, GgufFile, WriteType};
 use lmstack_core::params::ParamStore;
 use lmstack_core::{DType, Device, Model, ModelConfig, Pretrained, SeqStep, Tensor, Tokenizer};
 
+/// A fresh directory for each call: tests run on parallel threads of one process, and two
+/// of them writing the same scratch file read each other's half-written text.
 fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("lmstack-gguf-{tag}-{}", std::process::id()));
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("lmstack-gguf-{tag}-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }

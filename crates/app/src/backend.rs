@@ -4,7 +4,7 @@
 
 use lmstack_core::sampling::{argmax, logprobs_of};
 use lmstack_core::tokenizer::common_prefix;
-use lmstack_core::{DType, Decoding, Device, Pretrained, SamplingParams, SeqStep, StopConditions, Tensor};
+use lmstack_core::{DType, Decoding, Device, Pretrained, SamplingParams, StopConditions, Tensor};
 
 use crate::schema::GenerationKwargs;
 
@@ -223,64 +223,29 @@ impl Backend for LocalBackend {
     fn generate(&mut self, reqs: &[(String, GenerationKwargs)]) -> BackendResult<Vec<String>> {
         let tok = self.p.tokenizer.clone();
         let max = self.max_len();
-        let mut out = vec![String::new(); reqs.len()];
-        for (c, chunk) in reqs.chunks(self.batch).enumerate() {
-            struct S {
-                cache: lmstack_core::KvCache,
-                next: Vec<u32>,
-                decoding: Decoding,
-                text: String,
-                done: bool,
+        let mut requests = Vec::with_capacity(reqs.len());
+        for (ctx, kw) in reqs {
+            let limit = kw.max_gen_toks.unwrap_or(256).min(max - 1);
+            let mut ids = tok.encode(&self.chat_context(ctx)?, false)?;
+            if ids.is_empty() {
+                ids = self.prefix_token().into_iter().collect();
             }
-            let mut seqs = Vec::new();
-            for (ctx, kw) in chunk {
-                let limit = kw.max_gen_toks.unwrap_or(256).min(max - 1);
-                let mut ids = tok.encode(&self.chat_context(ctx)?, false)?;
-                if ids.is_empty() {
-                    ids = self.prefix_token().into_iter().collect();
+            let keep = (max - limit).min(ids.len()).max(1);
+            let ids = ids[ids.len() - keep..].to_vec();
+            // Greedy, ending at end-of-sequence, the `until` strings (left out) or `limit`.
+            let stop = StopConditions { max_tokens: limit, stop: kw.until.clone(), ..Default::default() };
+            let mut decoding = Decoding::new(&tok, SamplingParams::greedy(), &ids, 0, stop, true)?;
+            if let Some(g) = kw.grammar().map_err(anyhow::Error::msg)? {
+                if self.constrainer.is_none() {
+                    self.constrainer = Some(lmstack_core::Constrainer::new(&tok, self.p.model.config().vocab_size())?);
                 }
-                let keep = (max - limit).min(ids.len()).max(1);
-                let ids = ids[ids.len() - keep..].to_vec();
-                // Greedy, ending at end-of-sequence, the `until` strings (left out) or `limit`.
-                let stop = StopConditions { max_tokens: limit, stop: kw.until.clone(), ..Default::default() };
-                let mut decoding = Decoding::new(&tok, SamplingParams::greedy(), &ids, 0, stop, true)?;
-                if let Some(g) = kw.grammar().map_err(anyhow::Error::msg)? {
-                    if self.constrainer.is_none() {
-                        self.constrainer =
-                            Some(lmstack_core::Constrainer::new(&tok, self.p.model.config().vocab_size())?);
-                    }
-                    let c = self.constrainer.as_ref().expect("made above");
-                    decoding = decoding.with_constraint(Some(c.constraint(&g)?));
-                }
-                seqs.push(S { cache: self.p.model.new_cache(), next: ids, decoding, text: String::new(), done: false });
+                let c = self.constrainer.as_ref().expect("made above");
+                decoding = decoding.with_constraint(Some(c.constraint(&g)?));
             }
-            while seqs.iter().any(|s| !s.done) {
-                let mut steps: Vec<SeqStep<'_>> = Vec::new();
-                let mut which = Vec::new();
-                for (i, s) in seqs.iter_mut().enumerate() {
-                    if !s.done {
-                        steps.push(SeqStep { tokens: &s.next, cache: &mut s.cache, all_logits: false });
-                        which.push(i);
-                    }
-                }
-                let logits = self.p.model.forward_cached(&mut steps)?;
-                drop(steps);
-                for (i, l) in which.into_iter().zip(logits) {
-                    let s = &mut seqs[i];
-                    let step = s.decoding.step(&l.squeeze(0)?.to_vec1::<f32>()?)?;
-                    s.text.push_str(&step.text);
-                    if step.finish.is_some() || s.cache.len() + 1 >= max {
-                        s.text.push_str(&s.decoding.finish());
-                        s.done = true;
-                    }
-                    s.next = vec![step.sampled.token];
-                }
-            }
-            for (j, s) in seqs.into_iter().enumerate() {
-                out[c * self.batch + j] = s.text;
-            }
+            requests.push((ids, decoding));
         }
-        Ok(out)
+        let out = lmstack_core::decoding::generate_batch(&self.p.model, requests, self.batch)?;
+        Ok(out.into_iter().map(|g| g.text).collect())
     }
 }
 

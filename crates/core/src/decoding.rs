@@ -324,6 +324,89 @@ pub fn generate(
     Ok(text)
 }
 
+/// What [`generate_batch`] gives for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// The released text (the stop string that ended it left out, as [`Decoding`] keeps it).
+    pub text: String,
+    /// The sampled token ids, the last one (end-of-sequence, a stop token) included.
+    pub tokens: Vec<u32>,
+    /// Why it ended; [`Finish::Length`] also when the context filled up.
+    pub finish: Finish,
+}
+
+/// Generates after each prompt with its own [`Decoding`] (sampling, stop conditions, a
+/// constraint), `batch` sequences per model step. A prompt must leave room in the context
+/// for at least one token; a sequence ends when its decoding finishes or the context is full
+/// (no sliding window: a batch keeps what each sequence was conditioned on).
+pub fn generate_batch(model: &Model, requests: Vec<(Vec<u32>, Decoding)>, batch: usize) -> Result<Vec<Generated>> {
+    let max = model.max_len();
+    for (i, (ids, _)) in requests.iter().enumerate() {
+        if ids.is_empty() || ids.len() >= max {
+            return Err(crate::Error::invalid(
+                "prompt",
+                format!("request {i}: {} prompt tokens (the context holds {max}; at least one is needed)", ids.len()),
+            ));
+        }
+    }
+    struct Seq {
+        cache: crate::KvCache,
+        next: Vec<u32>,
+        decoding: Decoding,
+        out: Generated,
+        done: bool,
+    }
+    let mut out = Vec::with_capacity(requests.len());
+    let mut requests = requests.into_iter();
+    loop {
+        let mut seqs: Vec<Seq> = requests
+            .by_ref()
+            .take(batch.max(1))
+            .map(|(next, decoding)| Seq {
+                cache: model.new_cache(),
+                next,
+                decoding,
+                out: Generated { text: String::new(), tokens: Vec::new(), finish: Finish::Length },
+                done: false,
+            })
+            .collect();
+        if seqs.is_empty() {
+            return Ok(out);
+        }
+        for s in seqs.iter_mut().filter(|s| s.decoding.stop.max_tokens == 0) {
+            s.done = true;
+        }
+        while seqs.iter().any(|s| !s.done) {
+            let mut which = Vec::new();
+            let mut steps: Vec<SeqStep<'_>> = Vec::new();
+            for (i, s) in seqs.iter_mut().enumerate().filter(|(_, s)| !s.done) {
+                s.decoding.prepare();
+                steps.push(SeqStep { tokens: &s.next, cache: &mut s.cache, all_logits: false });
+                which.push(i);
+            }
+            let logits = model.forward_cached(&mut steps)?;
+            drop(steps);
+            for (i, l) in which.into_iter().zip(logits) {
+                let s = &mut seqs[i];
+                let step = s.decoding.step(&l.squeeze(0)?.to_vec1::<f32>()?)?;
+                s.out.text.push_str(&step.text);
+                s.out.tokens.push(step.sampled.token);
+                if let Some(f) = step.finish {
+                    s.out.finish = f;
+                    s.done = true;
+                } else if s.cache.len() >= max {
+                    s.done = true;
+                }
+                s.next = vec![step.sampled.token];
+            }
+        }
+        for mut s in seqs {
+            s.out.text.push_str(&s.decoding.finish());
+            out.push(s.out);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -110,6 +110,23 @@ impl ChatFormat {
         let v: Vec<Value> = msgs.iter().map(|(r, c)| json!({"role": r, "content": c})).collect();
         self.template.render(&Value::Array(v), add_generation_prompt, tok.special_tokens(), &Default::default())
     }
+
+    /// The markup around an assistant answer after `prompt`: the text the template writes
+    /// between its generation prompt and the answer's content (ChatML: none; `plain`: the
+    /// space after `assistant:`), and the text that ends the turn (`<|im_end|>\n`, `\n`).
+    /// A sampled answer is its text less the first, stopped at the second. `None` when the
+    /// conversation with an answer does not begin with the generation prompt.
+    pub fn answer_markup(&self, tok: &Tokenizer, prompt: &[(String, String)]) -> Result<Option<(String, String)>> {
+        const MARK: &str = "\u{e000}answer\u{e000}";
+        let open = self.render(tok, prompt, true)?;
+        let mut msgs = prompt.to_vec();
+        msgs.push(("assistant".into(), MARK.into()));
+        let full = self.render(tok, &msgs, false)?;
+        Ok(full.strip_prefix(open.as_str()).and_then(|rest| {
+            let at = rest.find(MARK)?;
+            Some((rest[..at].to_owned(), rest[at + MARK.len()..].to_owned()))
+        }))
+    }
 }
 
 /// A tokenized example: input ids and, per position, the label (next token or [`IGNORE_INDEX`](crate::kernels::ops::IGNORE_INDEX)).
@@ -218,6 +235,35 @@ fn scored_from(
     Ok(Tokenized { ids, scored })
 }
 
+/// The ids an answer to `prompt` is generated after: the prompt as [`tokenize`] writes it
+/// before an answer (BOS, pieces encoded as training encodes them, the template's generation
+/// prompt), so a sampled answer continues the very context a preference loss will score it in.
+/// `Chat` holds the prompt's messages (no answer); a `Completion`'s completion is not read.
+pub fn answer_context(prompt: &Example, tok: &Tokenizer, fmt: &ChatFormat) -> Result<Vec<u32>> {
+    let with_answer = match prompt {
+        Example::Chat(msgs) => {
+            let mut m = msgs.clone();
+            m.push(("assistant".into(), String::new()));
+            let first = msgs.len();
+            return Ok(context_of(&scored_from(&Example::Chat(m), tok, fmt, false, first)?));
+        }
+        Example::Completion { prompt, .. } => Example::Completion { prompt: prompt.clone(), completion: String::new() },
+    };
+    let mut t = scored_from(&with_answer, tok, fmt, false, 0)?;
+    // Prompt then (empty completion) then EOS: all before the EOS.
+    if tok.eos_id().is_some() {
+        t.ids.pop();
+        t.scored.pop();
+    }
+    Ok(t.ids)
+}
+
+/// The ids before the first scored one.
+fn context_of(t: &Tokenized) -> Vec<u32> {
+    let n = t.scored.iter().position(|&s| s).unwrap_or(t.ids.len());
+    t.ids[..n].to_vec()
+}
+
 fn not_incremental(i: usize) -> Error {
     Error::field("chat_template", format!(
         "the chat template does not render messages incrementally (the conversation up to message {i} is not a prefix of the next); the loss mask cannot be placed"
@@ -286,6 +332,39 @@ mod tests {
         let plain = ChatFormat::from_spec("plain", &t).unwrap();
         let y = tokenize(&ex, &t, &plain, false).unwrap();
         assert_eq!((y.ids[0], y.ids.iter().filter(|&&i| i == bos).count()), (bos, 1));
+    }
+
+    /// An answer is generated after exactly the ids training scores it after, and the
+    /// template's markup around an answer is found for plain, ChatML and a template that ends
+    /// a turn with one token and no newline (as Llama 3's `<|eot_id|>`).
+    #[test]
+    fn answers_continue_the_context_training_scores_them_in() {
+        let mut t = tok();
+        t.add_special_tokens(&["<s>", "<|im_start|>", "<|im_end|>", "<|eot_id|>"]);
+        t.set_special_tokens(SpecialTokens { bos: Some("<s>".into()), ..Default::default() }).unwrap();
+        let prompt = vec![("system".to_owned(), "be brief".to_owned()), ("user".to_owned(), "hi".to_owned())];
+        let eot = "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n\n{{ m.content }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n\n{% endif %}";
+        let file = std::env::temp_dir().join(format!("lmstack-answer-markup-{}.jinja", std::process::id()));
+        std::fs::write(&file, eot).unwrap();
+        for (spec, open, close) in
+            [("plain", " ", "\n"), ("chatml", "", "<|im_end|>\n"), (file.to_str().unwrap(), "", "<|eot_id|>")]
+        {
+            let fmt = ChatFormat::from_spec(spec, &t).unwrap();
+            let markup = fmt.answer_markup(&t, &prompt).unwrap();
+            assert_eq!(markup, Some((open.to_owned(), close.to_owned())), "{spec}");
+            let ctx = answer_context(&Example::Chat(prompt.clone()), &t, &fmt).unwrap();
+            let mut whole = prompt.clone();
+            whole.push(("assistant".into(), "yo".into()));
+            let x = tokenize_from(&Example::Chat(whole), &t, &fmt, prompt.len()).unwrap();
+            let first = x.scored.iter().position(|&s| s).unwrap();
+            assert_eq!(ctx, x.ids[..first], "{spec}: {:?}", t.decode(&ctx, false));
+            assert_eq!(t.decode(&x.ids[first..], false).unwrap(), format!("{open}yo{close}"), "{spec}");
+        }
+        let _ = std::fs::remove_file(&file);
+        // A text prompt: BOS and the prompt, as a completion is scored after it.
+        let fmt = ChatFormat::from_spec("plain", &t).unwrap();
+        let ctx = answer_context(&Example::Completion { prompt: "hi ".into(), completion: "ignored".into() }, &t, &fmt);
+        assert_eq!(t.decode(&ctx.unwrap(), false).unwrap(), "<s>hi ");
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //!   tuning (DPO, IPO, hinge, ORPO) against a reference model, full or LoRA.
 //! - [`reward`]: reward models (a score head on a causal LM, Bradley–Terry loss).
 //! - [`kto`]: KTO on answers labelled good or bad one by one.
+//! - [`onpolicy`]: preference pairs from a model's own sampled answers, ranked by a checker or
+//!   a reward model.
 //!
 //! Depends on `lmstack-core` for tokenizers and models; knows nothing of HTTP or serving.
 #![deny(missing_docs)]
@@ -27,6 +29,7 @@ pub mod data;
 pub mod dpo;
 pub mod finetune;
 pub mod kto;
+pub mod onpolicy;
 pub mod optim;
 pub mod preference;
 pub mod pretrain;

@@ -20,9 +20,10 @@ pub(crate) struct DataCmd {
 pub(crate) fn run(d: &DataCmd) -> Result<ExitCode> {
     match &d.sub {
         Some(DataSub::Synth(s)) => synth_cmd(s),
+        Some(DataSub::Pairs(p)) => pairs_cmd(p),
         None => match &d.args {
             Some(a) => data_cmd(a),
-            None => Err(anyhow::anyhow!("train data: give --input and --out, or a subcommand (synth)")),
+            None => Err(anyhow::anyhow!("train data: give --input and --out, or a subcommand (synth, pairs)")),
         },
     }
 }
@@ -31,6 +32,70 @@ pub(crate) fn run(d: &DataCmd) -> Result<ExitCode> {
 pub(crate) enum DataSub {
     /// Generate a labelled instruction dataset (train.jsonl, test.jsonl) from templates.
     Synth(SynthArgs),
+    /// Build preference pairs from a model's own answers: sample several per prompt, rank
+    /// them by the reference answer or a reward model, keep the best against the worst.
+    Pairs(PairsArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PairsArgs {
+    /// The policy: a model directory or GGUF file (the SFT model to tune next).
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter directory applied on top of --model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// JSONL prompts: `prompt` (text or messages) or `messages` (the turns before the last
+    /// assistant turn); `answer` holds the reference answer when ranking by it.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Output JSONL of preference pairs (TRL's shape; `train finetune --task dpo --data`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write every sampled answer with its score to this JSONL file (`prompt`,
+    /// `completion`, `score`; ranked by the reference answer, a `label` for `finetune --task
+    /// kto`).
+    #[arg(long)]
+    samples: Option<PathBuf>,
+    /// Rank answers with this reward model (`finetune --task reward`) instead of by the
+    /// line's reference `answer` (exact match after trimming).
+    #[arg(long)]
+    reward_model: Option<PathBuf>,
+    /// An answer is right when it contains the reference `answer` (ignoring case), rather
+    /// than equals it: for models that answer in sentences.
+    #[arg(long, conflicts_with = "reward_model")]
+    contains: bool,
+    /// Answers sampled per prompt.
+    #[arg(long, default_value_t = 4)]
+    n: usize,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Top-k filter, 0 = off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Top-p filter, 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Keep a pair only when the best answer's score exceeds the worst's by more than this.
+    #[arg(long, default_value_t = 0.0)]
+    min_margin: f64,
+    /// Chat template the prompts are rendered with: `model`, `plain`, `chatml` or a file (as
+    /// `finetune --chat-template`; the policy was finetuned with it).
+    #[arg(long, default_value = "model")]
+    chat_template: String,
+    /// Sequences per model step.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Seed.
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -129,6 +194,69 @@ fn synth_cmd(a: &SynthArgs) -> Result<ExitCode> {
         a.tasks.join(", "),
         out.display()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pairs_cmd(a: &PairsArgs) -> Result<ExitCode> {
+    use anyhow::Context;
+    use lmstack_core::{DType, Device, Pretrained, SamplingParams};
+    use lmstack_train::onpolicy::{build, PairsConfig, Ranker};
+    let mut policy = Pretrained::load(&a.model, DType::F32, &Device::Cpu)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(dir) = &a.adapter {
+        lmstack_core::lora::load_peft(&mut policy.model, dir)
+            .with_context(|| format!("applying the adapter {}", dir.display()))?;
+    }
+    policy.model.repack_for_inference()?;
+    let ranker = match &a.reward_model {
+        Some(dir) => {
+            let model = Pretrained::load(dir, DType::F32, &Device::Cpu)
+                .with_context(|| format!("loading the reward model {}", dir.display()))?;
+            Ranker::Reward { model: Box::new(model), name: dir.display().to_string() }
+        }
+        None if a.contains => Ranker::Contains,
+        None => Ranker::Exact,
+    };
+    let cfg = PairsConfig {
+        policy: match &a.adapter {
+            Some(ad) => format!("{} + {}", a.model.display(), ad.display()),
+            None => a.model.display().to_string(),
+        },
+        prompts: a.prompts.clone(),
+        out: a.out.clone(),
+        samples: a.samples.clone(),
+        n: a.n,
+        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, ..Default::default() },
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+        chat_template: a.chat_template.clone(),
+        min_margin: a.min_margin,
+        batch: a.batch,
+        limit: a.limit,
+    };
+    let t0 = std::time::Instant::now();
+    let s = build(&policy, &ranker, &cfg, |done, all| {
+        eprint!("\r{done}/{all} prompts ({:.0} s)", t0.elapsed().as_secs_f64());
+    })?;
+    eprintln!();
+    if s.resumed > 0 {
+        println!("resumed after {} prompts answered by an interrupted run", s.resumed);
+    }
+    let what = match a.reward_model {
+        Some(_) => "mean reward",
+        None => "answers right",
+    };
+    println!(
+        "{} pairs from {} prompts × {} answers in {} ({} prompts without a pair: all answers scored alike; {what} {:.3}; {} answers cut off at --max-tokens)",
+        s.pairs,
+        s.prompts,
+        a.n,
+        a.out.display(),
+        s.no_pair,
+        s.mean_score,
+        s.cut_off
+    );
+    println!("tune on them with: train finetune --task dpo --data {} --base {}", a.out.display(), a.model.display());
     Ok(ExitCode::SUCCESS)
 }
 

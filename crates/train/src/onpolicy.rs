@@ -5,8 +5,8 @@
 //! their scores differ by more than a margin. DPO on such pairs pushes down the mistakes the
 //! model actually makes, rather than ones a data generator made up.
 //!
-//! Prompts are read from JSONL lines in the shapes preference and SFT data have: `prompt` (text
-//! or a list of messages), else `messages` (the turns before the last assistant turn). Each
+//! Prompts are read from JSONL lines in the shapes SFT and preference data have: `messages`
+//! (the turns before the last assistant turn), else `prompt` (text or a list of messages). Each
 //! answer is generated after the very ids the preference loss will score it in
 //! ([`lmstack_core::examples::answer_context`]), ended where the chat template ends an
 //! assistant turn ([`ChatFormat::answer_markup`]).
@@ -149,27 +149,29 @@ fn read_prompts(path: &Path, limit: Option<usize>) -> Result<Vec<PromptLine>> {
 
 fn prompt_of(v: &Value) -> std::result::Result<Example, String> {
     let obj = v.as_object().ok_or("expected a JSON object")?;
+    if let Some(list) = obj.get("messages") {
+        let list = list.as_array().ok_or("`messages` must be a list")?;
+        let mut msgs = parse_messages(list, "messages")?;
+        if let Some(last) = msgs.iter().rposition(|(r, _)| r == "assistant") {
+            msgs.truncate(last);
+        }
+        if msgs.is_empty() {
+            return Err("`messages` has no turn before its last assistant turn to answer".into());
+        }
+        return Ok(Example::Chat(msgs));
+    }
     match obj.get("prompt") {
-        Some(Value::String(s)) => return Ok(Example::Completion { prompt: s.clone(), completion: String::new() }),
+        Some(Value::String(s)) => Ok(Example::Completion { prompt: s.clone(), completion: String::new() }),
         Some(Value::Array(list)) => {
             let msgs = parse_messages(list, "prompt")?;
             if msgs.is_empty() {
                 return Err("`prompt` is an empty list of messages".into());
             }
-            return Ok(Example::Chat(msgs));
+            Ok(Example::Chat(msgs))
         }
-        Some(other) => return Err(format!("`prompt`: expected a string or a list of messages, found {other}")),
-        None => {}
+        Some(other) => Err(format!("`prompt`: expected a string or a list of messages, found {other}")),
+        None => Err("expected `messages` or `prompt`".into()),
     }
-    let list = obj.get("messages").and_then(Value::as_array).ok_or("expected `prompt`, or a list of `messages`")?;
-    let mut msgs = parse_messages(list, "messages")?;
-    if let Some(last) = msgs.iter().rposition(|(r, _)| r == "assistant") {
-        msgs.truncate(last);
-    }
-    if msgs.is_empty() {
-        return Err("`messages` has no turn before its last assistant turn to answer".into());
-    }
-    Ok(Example::Chat(msgs))
 }
 
 /// The seed of answer `k` to the prompt on `line`: the same at any batch size or resume point.

@@ -229,6 +229,30 @@ fn synth_finetune_merge_and_sample_from_the_command_line() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // On-policy pairs from the merged model's answers to the SFT lines' conversations: pairs
+    // where its answers are right and wrong, or the count of prompts without any; every
+    // answer is written either way.
+    let o = train()
+        .args(["data", "pairs", "--n", "4", "--max-tokens", "8", "--model"])
+        .arg(&merged)
+        .arg("--prompts")
+        .arg(synth.join("test.jsonl"))
+        .arg("--out")
+        .arg(d.join("pairs.jsonl"))
+        .arg("--samples")
+        .arg(d.join("samples.jsonl"))
+        .output()
+        .unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("from 8 prompts × 4 answers") || err.contains("no pairs: all 4 answers to each of the 8 prompts"),
+        "{out}{err}"
+    );
+    let samples = std::fs::read_to_string(d.join("samples.jsonl")).unwrap();
+    assert_eq!(samples.lines().count(), 32);
+    let first: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    assert_eq!(first["prompt"][0]["role"], "user", "{first}");
+    assert!(first["label"].is_boolean() && first["completion"][0]["role"] == "assistant", "{first}");
 
     // Text the base's vocabulary cannot encode, a missing base, a bert-only flag on a causal model.
     let o = train()

@@ -45,8 +45,9 @@ pub(crate) struct PairsArgs {
     /// A PEFT LoRA adapter directory applied on top of --model.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// JSONL prompts: `prompt` (text or messages) or `messages` (the turns before the last
-    /// assistant turn); `answer` holds the reference answer when ranking by it.
+    /// JSONL prompts: `messages` (the turns before the last assistant turn) or `prompt` (text
+    /// or messages), as SFT and preference data have them; `answer` holds the reference
+    /// answer when ranking by it.
     #[arg(long)]
     prompts: PathBuf,
     /// Output JSONL of preference pairs (TRL's shape; `train finetune --task dpo --data`).

@@ -31,7 +31,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::batches::parallel_grads;
-use crate::finetune::{self, FinetuneConfig, LossType, Method};
+use crate::finetune::{self, FinetuneConfig, LossType, Method, TruncationMode};
 use crate::optim::AdamW;
 use crate::preference::{self, PairLogps, PreferenceLoss};
 use crate::runlog::{self, DataOrder, Record};
@@ -393,8 +393,11 @@ pub struct DpoSummary {
     pub base_parameters: usize,
     /// Training / held-out pairs used.
     pub pairs: (usize, usize),
-    /// Pairs left out: the same two answers (their lines), longer than the context.
+    /// Pairs left out: the same two answers (their lines), and those with no answer token
+    /// within the length limit (counted).
     pub left_out: (Vec<String>, usize),
+    /// Pairs kept but cut to the length limit.
+    pub truncated: usize,
     /// Mean wall time per step (ms), evaluations and checkpoints included.
     pub ms_per_step: f64,
     /// Mean wall time of the training steps alone (ms).
@@ -410,28 +413,52 @@ fn same_vocab(a: &Tokenizer, b: &Tokenizer) -> bool {
     a.inner().get_vocab(true) == b.inner().get_vocab(true)
 }
 
-/// Tokenized pairs of a file, with the pairs left out: ties (their `file:line`) and those
-/// longer than `max_len + 1` tokens (counted).
+/// The pairs or examples of a file, tokenized and cut to the run's length limit, with what
+/// was left out.
+pub(crate) struct Prepared<T> {
+    pub items: Vec<T>,
+    /// Pairs with the same two answers (`file:line`).
+    pub ties: Vec<String>,
+    /// Left out: no answer token within the limit.
+    pub too_long: usize,
+    /// Kept, cut to the limit.
+    pub truncated: usize,
+}
+
+impl<T> Prepared<T> {
+    /// Adds `other`'s counts of what was left out or cut to these; returns its items.
+    pub fn count(&mut self, mut other: Prepared<T>) -> Vec<T> {
+        self.ties.append(&mut other.ties);
+        self.too_long += other.too_long;
+        self.truncated += other.truncated;
+        other.items
+    }
+}
+
+/// Tokenized pairs of a file, each sequence cut to `limit` tokens as `mode` says; left out:
+/// ties (their `file:line`) and pairs with an answer cut away entirely (counted).
 pub(crate) fn prepare(
     path: &Path,
     tok: &Tokenizer,
     fmt: &ChatFormat,
-    max_len: usize,
-) -> Result<(Vec<PairTokens>, Vec<String>, usize)> {
+    (limit, mode): (usize, TruncationMode),
+) -> Result<Prepared<PairTokens>> {
     let file = preference::read_pairs(path)?;
-    let mut kept = Vec::new();
-    let mut too_long = 0;
+    let mut out = Prepared { items: Vec::new(), ties: Vec::new(), too_long: 0, truncated: 0 };
     for (pair, line) in file.pairs.iter().zip(&file.lines) {
-        let (chosen, rejected) = preference::tokenize_pair(pair, tok, fmt)
+        let (mut chosen, mut rejected) = preference::tokenize_pair(pair, tok, fmt)
             .map_err(|e| Error::Msg(format!("{}:{line}: {e}", path.display())))?;
-        if chosen.ids.len().max(rejected.ids.len()) > max_len + 1 {
-            too_long += 1;
+        let cut = chosen.ids.len().max(rejected.ids.len()) > limit;
+        let kept = [&mut chosen, &mut rejected].map(|t| preference::truncate(t, limit, mode));
+        if kept != [true, true] {
+            out.too_long += 1;
         } else {
-            kept.push(PairTokens { chosen, rejected, index: line - 1 });
+            out.truncated += usize::from(cut);
+            out.items.push(PairTokens { chosen, rejected, index: line - 1 });
         }
     }
-    let ties = file.identical.iter().map(|l| format!("{}:{l}", path.display())).collect();
-    Ok((kept, ties, too_long))
+    out.ties = file.identical.iter().map(|l| format!("{}:{l}", path.display())).collect();
+    Ok(out)
 }
 
 /// Computes the reference's log-probabilities of every pair with `model` (before any adapter
@@ -463,6 +490,9 @@ pub(crate) struct Setup {
     pub tok: Tokenizer,
     pub fmt: ChatFormat,
     pub max_len: usize,
+    /// Most tokens of a sequence (`max_length`, else what the context holds) and which end of
+    /// a longer one is kept.
+    pub limit: (usize, TruncationMode),
     pub pad: u32,
     pub ref_model: Option<Model>,
     pub resume_from: Option<crate::checkpoint::Loaded>,
@@ -503,29 +533,35 @@ pub(crate) fn setup(cfg: &FinetuneConfig, opts: &RunOptions, task: finetune::Tas
     };
     let fmt = ChatFormat::from_spec(&cfg.chat_template, &tok)?;
     let max_len = base.model.max_len();
+    // A sequence of `max_len + 1` tokens fits: its last token is only a label.
+    let limit = cfg.max_length.unwrap_or(max_len + 1);
+    if limit > max_len + 1 {
+        return Err(Error::Msg(format!(
+            "--max-length {limit}: the model's context of {max_len} holds sequences of at most {} tokens",
+            max_len + 1
+        )));
+    }
     let pad = tok.pad_id().or(tok.eos_id()).unwrap_or(0);
-    Ok(Setup { base, tok, fmt, max_len, pad, ref_model, resume_from })
+    Ok(Setup { base, tok, fmt, max_len, limit: (limit, cfg.truncation_mode), pad, ref_model, resume_from })
 }
 
 /// Runs (or with `resume`, continues) a preference tuning run.
 pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
     let resume = opts.resume;
     let out = &cfg.out_dir;
-    let Setup { base, tok, fmt, max_len, pad, ref_model, resume_from } = setup(cfg, opts, finetune::Task::Dpo)?;
-    let (mut train, mut ties, mut too_long) = prepare(&cfg.data, &tok, &fmt, max_len)?;
+    let Setup { base, tok, fmt, max_len, limit, pad, ref_model, resume_from } = setup(cfg, opts, finetune::Task::Dpo)?;
+    let mut data = prepare(&cfg.data, &tok, &fmt, limit)?;
+    let mut train = std::mem::take(&mut data.items);
     let val = match &cfg.val_data {
-        Some(p) => {
-            let (v, t, l) = prepare(p, &tok, &fmt, max_len)?;
-            ties.extend(t);
-            too_long += l;
-            v
-        }
+        Some(p) => data.count(prepare(p, &tok, &fmt, limit)?),
         None => finetune::split_off_val(&mut train, cfg),
     };
+    let Prepared { ties, too_long, truncated, .. } = data;
     if train.is_empty() {
         return Err(Error::Msg(format!(
-            "{}: no pair fits the model's context of {max_len} tokens ({too_long} longer)",
-            cfg.data.display()
+            "{}: no pair has an answer within {} tokens ({too_long} left out)",
+            cfg.data.display(),
+            limit.0
         )));
     }
 
@@ -595,7 +631,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         Reference::None => "none (ORPO)".into(),
     };
     println!(
-        "{:?} preference tuning ({:?}, beta {}) of {} ({} parameters; {} trainable): {} train / {} held-out pairs ({} left out: {} with the same answers, {} longer than {max_len} tokens); reference {reference_line}",
+        "{:?} preference tuning ({:?}, beta {}) of {} ({} parameters; {} trainable): {} train / {} held-out pairs ({} left out: {} with the same answers, {} with no answer token within {} tokens; {truncated} cut to {} tokens, {}); reference {reference_line}",
         cfg.method,
         cfg.loss_type,
         cfg.beta,
@@ -607,6 +643,9 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         ties.len() + too_long,
         ties.len(),
         too_long,
+        limit.0,
+        limit.0,
+        limit.1.as_str(),
     );
     if !val.is_empty() && !base_likelihood.is_nan() {
         println!(
@@ -636,6 +675,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         base_parameters,
         pairs: (train.len(), val.len()),
         left_out: (ties, too_long),
+        truncated,
         ms_per_step: outcome.ms_per_step(),
         train_ms_per_step: outcome.train_ms_per_step(),
         peak_rss_mib: peak_rss_mib(),

@@ -72,6 +72,31 @@ pub enum Task {
     Kto,
 }
 
+/// Which end of a preference sequence longer than `max_length` is kept (TRL's
+/// `truncation_mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncationMode {
+    /// The first `max_length` tokens (the answer's end is cut); a sequence whose prompt alone
+    /// fills them is left out.
+    #[default]
+    #[value(name = "keep_start")]
+    KeepStart,
+    /// The last `max_length` tokens (the prompt's beginning is cut); `dpo` only, as in TRL.
+    #[value(name = "keep_end")]
+    KeepEnd,
+}
+
+impl TruncationMode {
+    /// TRL's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TruncationMode::KeepStart => "keep_start",
+            TruncationMode::KeepEnd => "keep_end",
+        }
+    }
+}
+
 /// The preference loss of a `dpo` run (TRL's `loss_type`; see
 /// [`crate::preference::PreferenceLoss`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -221,6 +246,13 @@ pub struct FinetuneConfig {
     /// (kept in the run directory) instead of at every step (TRL's `precompute_ref_log_probs`).
     #[serde(default)]
     pub precompute_ref_log_probs: bool,
+    /// `dpo`, `kto`: the most tokens of a sequence (prompt and answer); longer ones are cut as
+    /// `truncation_mode` says (TRL's `max_length`). Default: what the model's context holds.
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    /// `dpo`, `kto`: which end of a longer sequence is kept.
+    #[serde(default)]
+    pub truncation_mode: TruncationMode,
 }
 
 impl Default for FinetuneConfig {
@@ -261,6 +293,8 @@ impl Default for FinetuneConfig {
             undesirable_weight: 1.0,
             ref_model: None,
             precompute_ref_log_probs: false,
+            max_length: None,
+            truncation_mode: TruncationMode::KeepStart,
         }
     }
 }
@@ -475,6 +509,22 @@ impl FinetuneConfig {
             }
         } else if self.task != Task::Kto && (self.ref_model.is_some() || self.precompute_ref_log_probs) {
             return bad("ref-model", "a reference model belongs to --task dpo".into());
+        }
+        let preference = matches!(self.task, Task::Dpo | Task::Kto);
+        if !preference && (self.max_length.is_some() || self.truncation_mode != TruncationMode::KeepStart) {
+            return bad(
+                "max-length",
+                "--max-length and --truncation-mode belong to --task dpo and kto (SFT and reward data longer than the context are left out and counted)".into(),
+            );
+        }
+        if self.task == Task::Kto && self.truncation_mode == TruncationMode::KeepEnd {
+            return bad(
+                "truncation-mode",
+                "KTO keeps the start of a sequence (as TRL's KTOTrainer): keep_end belongs to --task dpo".into(),
+            );
+        }
+        if self.max_length.is_some_and(|n| n < 2) {
+            return bad("max-length", "a sequence needs at least 2 tokens (a prompt token and an answer token)".into());
         }
         Ok(())
     }

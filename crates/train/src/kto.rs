@@ -26,8 +26,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::batches::parallel_grads;
-use crate::dpo::{reference_cache, seq_logps, setup, Batching, RefLogps, Setup};
-use crate::finetune::{self, FinetuneConfig, Method};
+use crate::dpo::{reference_cache, seq_logps, setup, Batching, Prepared, RefLogps, Setup};
+use crate::finetune::{self, FinetuneConfig, Method, TruncationMode};
 use crate::optim::AdamW;
 use crate::preference::{self, Unpaired};
 use crate::runlog::Record;
@@ -259,8 +259,10 @@ pub struct KtoSummary {
     pub margin: Option<f64>,
     /// Training / held-out examples used, and of the training ones the desirable.
     pub examples: (usize, usize, usize),
-    /// Examples longer than the context, left out.
+    /// Examples with no answer token within the length limit, left out.
     pub too_long: usize,
+    /// Examples kept but cut to the length limit.
+    pub truncated: usize,
     /// Pairs with the same two answers, left out (`file:line`).
     pub ties: Vec<String>,
     /// Mean wall time of the training steps alone (ms).
@@ -271,28 +273,30 @@ pub struct KtoSummary {
     pub output: PathBuf,
 }
 
-/// Tokenized examples of a file, the `file:line` of pairs left out as ties, and how many
-/// examples were longer than `max_len + 1` tokens.
+/// Tokenized examples of a file, each cut to `limit` tokens as `mode` says; left out: the
+/// `file:line` of pairs that are ties, and examples with no answer token within the limit.
 fn prepare(
     path: &Path,
     tok: &Tokenizer,
     fmt: &ChatFormat,
-    max_len: usize,
-) -> Result<(Vec<KtoItem>, Vec<String>, usize)> {
-    let mut kept = Vec::new();
-    let mut too_long = 0;
+    (limit, mode): (usize, TruncationMode),
+) -> Result<Prepared<KtoItem>> {
+    let mut out = Prepared { items: Vec::new(), ties: Vec::new(), too_long: 0, truncated: 0 };
     let (examples, ties) = preference::read_unpaired(path)?;
     for ex in examples {
-        let tokens = preference::tokenize_answer(&ex.prompt, &ex.completion, tok, fmt)
+        let mut tokens = preference::tokenize_answer(&ex.prompt, &ex.completion, tok, fmt)
             .map_err(|e| Error::Msg(format!("{}:{}: {e}", path.display(), ex.line)))?;
-        if tokens.ids.len() > max_len + 1 {
-            too_long += 1;
-        } else {
+        let cut = tokens.ids.len() > limit;
+        if preference::truncate(&mut tokens, limit, mode) {
+            out.truncated += usize::from(cut);
             // The KL pair comes once every item is read ([`assign_kl_pairs`]).
-            kept.push(KtoItem { ex, tokens, kl: Tokenized::default() });
+            out.items.push(KtoItem { ex, tokens, kl: Tokenized::default() });
+        } else {
+            out.too_long += 1;
         }
     }
-    Ok((kept, ties.iter().map(|l| format!("{}:{l}", path.display())).collect(), too_long))
+    out.ties = ties.iter().map(|l| format!("{}:{l}", path.display())).collect();
+    Ok(out)
 }
 
 /// The reference's `[answer, KL pair]` log-probabilities of every example, computed with
@@ -321,25 +325,28 @@ fn precompute(model: &Model, reference: &Path, sets: [&[KtoItem]; 2], batching: 
 pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
     let resume = opts.resume;
     let out = &cfg.out_dir;
-    let Setup { base, tok, fmt, max_len, pad, ref_model, resume_from } = setup(cfg, opts, finetune::Task::Kto)?;
-    let (mut train, mut ties, mut too_long) = prepare(&cfg.data, &tok, &fmt, max_len)?;
+    let Setup { base, tok, fmt, max_len, limit, pad, ref_model, resume_from } = setup(cfg, opts, finetune::Task::Kto)?;
+    let mut data = prepare(&cfg.data, &tok, &fmt, limit)?;
+    let mut train = std::mem::take(&mut data.items);
     let mut val = match &cfg.val_data {
-        Some(p) => {
-            let (v, t, l) = prepare(p, &tok, &fmt, max_len)?;
-            ties.extend(t);
-            too_long += l;
-            v
-        }
+        Some(p) => data.count(prepare(p, &tok, &fmt, limit)?),
         None => finetune::split_off_val(&mut train, cfg),
     };
+    let Prepared { ties, too_long, truncated, .. } = data;
     if train.is_empty() {
         return Err(Error::Msg(format!(
-            "{}: no example fits the model's context of {max_len} tokens ({too_long} longer)",
-            cfg.data.display()
+            "{}: no example has an answer within {} tokens ({too_long} left out)",
+            cfg.data.display(),
+            limit.0
         )));
     }
     assign_kl_pairs(&mut train, cfg.batch_size, &tok, &fmt)?;
     assign_kl_pairs(&mut val, 16, &tok, &fmt)?;
+    // KL pairs (a prompt with another prompt's answer) are cut to the same limit, as TRL cuts
+    // its KL sequences; one left without an answer token adds nothing to the KL estimate.
+    for item in train.iter_mut().chain(val.iter_mut()) {
+        preference::truncate(&mut item.kl, limit.0, limit.1);
+    }
     let desirable = train.iter().filter(|i| i.ex.label).count();
     // The reference's log-probabilities computed once, before any weight changes (a resumed
     // run reads them back).
@@ -379,7 +386,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
         trainer.log.write(&Record::val(0, *loss, false).with_metrics(stats.metrics()))?;
     }
     println!(
-        "{:?} KTO (beta {}, weights {} / {}) of {}: {} train ({desirable} desirable) / {} held-out examples ({too_long} longer than {max_len} tokens and {} tied pairs left out)",
+        "{:?} KTO (beta {}, weights {} / {}) of {}: {} train ({desirable} desirable) / {} held-out examples ({too_long} with no answer token within {} tokens and {} tied pairs left out; {truncated} cut to {} tokens)",
         cfg.method,
         cfg.beta,
         cfg.desirable_weight,
@@ -387,7 +394,9 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
         cfg.base.display(),
         train.len(),
         val.len(),
-        ties.len()
+        limit.0,
+        ties.len(),
+        limit.0,
     );
     if resume {
         println!("resuming at step {} of {}", trainer.state.step, cfg.max_steps);
@@ -405,6 +414,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
         margin: after.as_ref().and_then(|a| a.1.metrics().get("rewards/margins").copied()),
         examples: (train.len(), val.len(), desirable),
         too_long,
+        truncated,
         ties,
         train_ms_per_step: outcome.train_ms_per_step(),
         peak_rss_mib: peak_rss_mib(),

@@ -182,6 +182,25 @@ pub fn tokenize_pair(pair: &Pair, tok: &Tokenizer, fmt: &ChatFormat) -> Result<(
     ))
 }
 
+/// Cuts `t` to `max` tokens, keeping its start or its end (TRL's `truncation_mode`); false when
+/// no scored token is left (the prompt alone filled `max`). The first token kept is never
+/// scored (nothing precedes it).
+pub fn truncate(t: &mut Tokenized, max: usize, mode: crate::finetune::TruncationMode) -> bool {
+    let n = t.ids.len();
+    if n > max {
+        let range = match mode {
+            crate::finetune::TruncationMode::KeepStart => 0..max,
+            crate::finetune::TruncationMode::KeepEnd => n - max..n,
+        };
+        t.ids = t.ids[range.clone()].to_vec();
+        t.scored = t.scored[range].to_vec();
+        if let Some(s) = t.scored.first_mut() {
+            *s = false;
+        }
+    }
+    t.n_scored() > 0
+}
+
 /// `prompt` followed by `answer`, scored on the answer alone (see [`tokenize_pair`]).
 pub fn tokenize_answer(prompt: &Turns, answer: &Turns, tok: &Tokenizer, fmt: &ChatFormat) -> Result<Tokenized> {
     match (prompt, answer) {

@@ -214,11 +214,12 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<RewardSummary> {
     let pad = pad_id(base.model.config(), &tok);
     let fits = |p: &PairTokens| p.chosen.ids.len().max(p.rejected.ids.len()) <= max_len;
     let read = |path: &std::path::Path| -> Result<(Vec<PairTokens>, Vec<String>, usize)> {
-        let (pairs, ties, long) = crate::dpo::prepare(path, &tok, &fmt, max_len)?;
-        let before = pairs.len();
-        let kept: Vec<PairTokens> = pairs.into_iter().filter(|p| fits(p)).collect();
-        let long = long + before - kept.len();
-        Ok((kept, ties, long))
+        // Nothing cut (as TRL's RewardTrainer, longer pairs are left out).
+        let all = crate::dpo::prepare(path, &tok, &fmt, (usize::MAX, Default::default()))?;
+        let before = all.items.len();
+        let kept: Vec<PairTokens> = all.items.into_iter().filter(|p| fits(p)).collect();
+        let long = all.too_long + before - kept.len();
+        Ok((kept, all.ties, long))
     };
     let (mut train, mut ties, mut too_long) = read(&cfg.data)?;
     let val = match &cfg.val_data {

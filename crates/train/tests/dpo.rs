@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use lmstack_core::lora::{LoraConfig, TargetModules};
 use lmstack_core::{Model, ModelConfig, Pretrained, Tokenizer};
 use lmstack_train::dpo;
-use lmstack_train::finetune::{self, FinetuneConfig, LossType, Method, Task};
+use lmstack_train::finetune::{self, FinetuneConfig, LossType, Method, Task, TruncationMode};
 use lmstack_train::preference::{self, PairLogps, PreferenceLoss};
 use lmstack_train::sft::{self, ChatFormat};
 use lmstack_train::trainer::RunOptions;
@@ -288,6 +288,30 @@ fn bad_settings_and_a_reference_with_another_tokenizer_are_refused() {
     assert!(s.val_loss.0 > std::f64::consts::LN_2 + 2.0, "{s:?}");
     let e = err(FinetuneConfig { sft_weight: -1.0, ..c.clone() });
     assert!(e.contains("--sft-weight"), "{e}");
+    // Over-long sequences are cut as TRL cuts them (`max_length`, `truncation_mode`): each
+    // pair is 22 tokens ("copy: cat dog\n" then "cat dog."), the last one's prompt alone 48.
+    let cut = |max_length: usize, truncation_mode: TruncationMode, name: &str| {
+        let c = FinetuneConfig {
+            max_length: Some(max_length),
+            truncation_mode,
+            out_dir: dir.path().join(name),
+            max_steps: 1,
+            ..c.clone()
+        };
+        dpo::run(&c, &opts(false))
+    };
+    let s = cut(18, TruncationMode::KeepStart, "keep-start").unwrap();
+    assert_eq!((s.truncated, s.left_out.1, s.pairs.0 + s.pairs.1), (64, 1, 64), "{s:?}");
+    let s = cut(12, TruncationMode::KeepEnd, "keep-end").unwrap();
+    assert_eq!((s.truncated, s.left_out.1, s.pairs.0 + s.pairs.1), (65, 0, 65), "{s:?}");
+    let e = cut(12, TruncationMode::KeepStart, "prompt-fills").unwrap_err().to_string();
+    assert!(e.contains("no pair has an answer within 12 tokens (65 left out)"), "{e}");
+    let e = cut(34, TruncationMode::KeepStart, "too-long").unwrap_err().to_string();
+    assert!(e.contains("--max-length 34") && e.contains("at most 33 tokens"), "{e}");
+    let e = finetune::run(&FinetuneConfig { task: Task::Sft, max_length: Some(20), ..c.clone() }, &opts(false))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("belong to --task dpo and kto"), "{e}");
     // Robust DPO, IPO, hinge and ORPO train too (finite, falling losses).
     let e = err(FinetuneConfig { loss_type: LossType::Orpo, precompute_ref_log_probs: true, ..c.clone() });
     assert!(e.contains("ORPO has no reference"), "{e}");

@@ -6,6 +6,29 @@ use lmstack_train::preference::{read_pairs, tokenize_pair, Pair, Turns};
 use lmstack_train::sft::ChatFormat;
 use serde_json::json;
 
+/// TRL's `DataCollatorForPreference` cuts `prompt + answer` to `[:max_length]` (keep_start) or
+/// `[-max_length:]` (keep_end), its completion mask alike, and drops a pair whose prompt alone
+/// fills `max_length`; its loss never scores the first position. The cases are TRL 1.16's
+/// collator output on prompt ids 0..6 and answer ids 6..10 (its keep_end mask for 3 tokens is
+/// [1, 1, 1], whose first entry its shifted loss does not read).
+#[test]
+fn over_long_sequences_are_cut_as_trl_cuts_them() {
+    use lmstack_train::finetune::TruncationMode::{KeepEnd, KeepStart};
+    use lmstack_train::preference::truncate;
+    use lmstack_train::sft::Tokenized;
+    let t = Tokenized { ids: (0..10).collect(), scored: (0..10).map(|i| i >= 6).collect() };
+    let cut = |max, mode| {
+        let mut c = t.clone();
+        let kept = truncate(&mut c, max, mode);
+        (c.ids, c.scored.iter().map(|&s| u8::from(s)).collect::<Vec<_>>(), kept)
+    };
+    assert_eq!(cut(10, KeepStart), (t.ids.clone(), vec![0, 0, 0, 0, 0, 0, 1, 1, 1, 1], true));
+    assert_eq!(cut(8, KeepStart), ((0..8).collect(), vec![0, 0, 0, 0, 0, 0, 1, 1], true));
+    assert_eq!(cut(8, KeepEnd), ((2..10).collect(), vec![0, 0, 0, 0, 1, 1, 1, 1], true));
+    assert_eq!(cut(3, KeepEnd), ((7..10).collect(), vec![0, 1, 1], true));
+    assert_eq!(cut(6, KeepStart), ((0..6).collect(), vec![0; 6], false), "the prompt fills 6 tokens");
+}
+
 fn chat(msgs: &[(&str, &str)]) -> Turns {
     Turns::Chat(msgs.iter().map(|(r, c)| (r.to_string(), c.to_string())).collect())
 }

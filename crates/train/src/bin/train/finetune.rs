@@ -126,6 +126,14 @@ pub(crate) struct FinetuneArgs {
     /// step.
     #[arg(long)]
     precompute_ref_log_probs: bool,
+    /// dpo, kto: the most tokens of a sequence (prompt and answer); longer ones are cut
+    /// (TRL's max_length) [default: what the model's context holds].
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// dpo, kto: which end of a longer sequence is kept: keep_start (a sequence whose prompt
+    /// fills --max-length is left out) or keep_end (dpo only) [default: keep_start].
+    #[arg(long, value_enum)]
+    truncation_mode: Option<lmstack_train::finetune::TruncationMode>,
     #[command(flatten)]
     run: crate::RunFlags,
 }
@@ -166,8 +174,12 @@ impl FinetuneArgs {
             label_smoothing,
             sft_weight,
             desirable_weight,
-            undesirable_weight
+            undesirable_weight,
+            truncation_mode
         );
+        if self.max_length.is_some() {
+            c.max_length = self.max_length;
+        }
         if self.ref_model.is_some() {
             c.ref_model = self.ref_model.clone();
         }

@@ -245,6 +245,8 @@ struct Dpo<'a> {
     reference: Reference<'a>,
     /// The loss against the reference, or `None`: ORPO, without one.
     loss: Option<PreferenceLoss>,
+    /// The f-divergence of `loss`.
+    divergence: preference::FDivergence,
     beta: f64,
     /// Weight of the chosen answers' token NLL added to the loss.
     sft_weight: f64,
@@ -302,7 +304,7 @@ impl Dpo<'_> {
                     len_chosen: &lc,
                     len_rejected: &lr,
                 };
-                preference::preference_loss(kind, self.beta, p)?
+                preference::preference_loss(kind, self.beta, self.divergence, p)?
             }
         };
         // TRL's "sft" loss beside the preference loss: the chosen answers' token NLL.
@@ -599,6 +601,7 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<DpoSummary> {
         order: DataOrder::open(out, resume, &val_index, cfg.val_data.is_some())?,
         reference,
         loss: cfg.preference_loss(),
+        divergence: cfg.f_divergence(),
         beta: cfg.beta,
         sft_weight: cfg.sft_weight,
         train: &train,

@@ -139,9 +139,46 @@ pub enum LossType {
     #[serde(rename = "sigmoid_norm")]
     #[value(name = "sigmoid_norm")]
     SigmoidNorm,
+    /// DiscoPOP: a blend of the logistic and the exponential loss, by `--discopop-tau`.
+    Discopop,
+    /// AOT: the policy's and the reference's log-ratio differences, each sorted over the
+    /// (per-shard) batch, compared by conservative DPO's loss.
+    Aot,
+    /// AOT on the chosen and the rejected log-ratios sorted apart (for unpaired data).
+    #[serde(rename = "aot_unpaired")]
+    #[value(name = "aot_unpaired")]
+    AotUnpaired,
     /// ORPO (no reference model): the chosen answers' NLL minus β × the log-sigmoid of the
     /// log odds ratio of the per-token log-probabilities.
     Orpo,
+}
+
+/// The f-divergence DPO regularises with (TRL's `f_divergence_type`; see
+/// [`crate::preference::FDivergence`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FDivergenceType {
+    /// Standard DPO.
+    #[default]
+    #[value(name = "reverse_kl")]
+    ReverseKl,
+    /// Forward KL.
+    #[value(name = "forward_kl")]
+    ForwardKl,
+    /// Jensen–Shannon.
+    #[value(name = "js_divergence")]
+    JsDivergence,
+    /// α-divergence, α from `--f-alpha-divergence-coef`.
+    #[value(name = "alpha_divergence")]
+    AlphaDivergence,
+}
+
+fn default_alpha() -> f64 {
+    0.5
+}
+
+fn default_tau() -> f64 {
+    0.05
 }
 
 fn default_beta() -> f64 {
@@ -253,6 +290,15 @@ pub struct FinetuneConfig {
     /// `dpo`, `kto`: which end of a longer sequence is kept.
     #[serde(default)]
     pub truncation_mode: TruncationMode,
+    /// `dpo`: the f-divergence of the loss (TRL's `f_divergence_type`).
+    #[serde(default)]
+    pub f_divergence_type: FDivergenceType,
+    /// `dpo` with `alpha_divergence`: α (TRL's `f_alpha_divergence_coef`).
+    #[serde(default = "default_alpha")]
+    pub f_alpha_divergence_coef: f64,
+    /// `dpo` with `discopop`: τ (TRL's `discopop_tau`).
+    #[serde(default = "default_tau")]
+    pub discopop_tau: f64,
 }
 
 impl Default for FinetuneConfig {
@@ -295,6 +341,9 @@ impl Default for FinetuneConfig {
             precompute_ref_log_probs: false,
             max_length: None,
             truncation_mode: TruncationMode::KeepStart,
+            f_divergence_type: FDivergenceType::ReverseKl,
+            f_alpha_divergence_coef: default_alpha(),
+            discopop_tau: default_tau(),
         }
     }
 }
@@ -419,7 +468,21 @@ impl FinetuneConfig {
             LossType::ApoZero => Some(P::ApoZero),
             LossType::ApoDown => Some(P::ApoDown),
             LossType::SigmoidNorm => Some(P::SigmoidNorm),
+            LossType::Discopop => Some(P::Discopop { tau: self.discopop_tau }),
+            LossType::Aot => Some(P::Aot { label_smoothing: self.label_smoothing }),
+            LossType::AotUnpaired => Some(P::AotUnpaired { label_smoothing: self.label_smoothing }),
             LossType::Orpo => None,
+        }
+    }
+
+    /// The f-divergence a `dpo` run's loss takes.
+    pub fn f_divergence(&self) -> crate::preference::FDivergence {
+        use crate::preference::FDivergence as F;
+        match self.f_divergence_type {
+            FDivergenceType::ReverseKl => F::ReverseKl,
+            FDivergenceType::ForwardKl => F::ForwardKl,
+            FDivergenceType::JsDivergence => F::JsDivergence,
+            FDivergenceType::AlphaDivergence => F::Alpha(self.f_alpha_divergence_coef),
         }
     }
 
@@ -485,7 +548,8 @@ impl FinetuneConfig {
             if !(0.0..0.5).contains(&self.label_smoothing) {
                 return bad("label-smoothing", format!("{} is outside [0, 0.5)", self.label_smoothing));
             }
-            let smoothed = matches!(self.loss_type, LossType::Robust | LossType::ExoPair);
+            let smoothed =
+                matches!(self.loss_type, LossType::Robust | LossType::ExoPair | LossType::Aot | LossType::AotUnpaired);
             if self.label_smoothing > 0.0 && !smoothed {
                 return bad(
                     "label-smoothing",
@@ -498,6 +562,23 @@ impl FinetuneConfig {
             }
             if !(self.sft_weight.is_finite() && self.sft_weight >= 0.0) {
                 return bad("sft-weight", format!("{} must be 0 or more", self.sft_weight));
+            }
+            if self.f_divergence_type != FDivergenceType::ReverseKl
+                && !self.preference_loss().is_some_and(|l| l.takes_f_divergence())
+            {
+                return bad(
+                    "f-divergence-type",
+                    format!(
+                        "{:?} is defined for the reverse KL divergence only; the others apply to sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust and discopop (as TRL)",
+                        self.loss_type
+                    ),
+                );
+            }
+            if !self.f_alpha_divergence_coef.is_finite() {
+                return bad("f-alpha-divergence-coef", format!("{} must be finite", self.f_alpha_divergence_coef));
+            }
+            if !(self.discopop_tau.is_finite() && self.discopop_tau > 0.0) {
+                return bad("discopop-tau", format!("{} must be positive", self.discopop_tau));
             }
             if self.loss_type == LossType::Orpo {
                 if self.ref_model.is_some() || self.precompute_ref_log_probs {
@@ -516,6 +597,9 @@ impl FinetuneConfig {
                 "max-length",
                 "--max-length and --truncation-mode belong to --task dpo and kto (SFT and reward data longer than the context are left out and counted)".into(),
             );
+        }
+        if self.task != Task::Dpo && self.f_divergence_type != FDivergenceType::ReverseKl {
+            return bad("f-divergence-type", "belongs to --task dpo".into());
         }
         if self.task == Task::Kto && self.truncation_mode == TruncationMode::KeepEnd {
             return bad(

@@ -309,6 +309,70 @@ pub enum PreferenceLoss {
     ApoDown,
     /// DPO on length-normalised log-ratios (`sigmoid_norm`): `−log σ(β(c / n_c − r / n_r))`.
     SigmoidNorm,
+    /// DiscoPOP (`discopop`): with `z = βΔ` and `m = σ(z / τ)`, `(1 − m)(−log σ(z)) + m e^{−z}`.
+    Discopop {
+        /// τ, positive (TRL's `discopop_tau`, 0.05 by default).
+        tau: f64,
+    },
+    /// AOT (`aot`): `−(1 − ε) log σ(βδ) − ε log σ(−βδ)` on `δ = sort(log π(c) − log π(r)) −
+    /// sort(log π_ref(c) − log π_ref(r))`, each sorted over the batch.
+    Aot {
+        /// ε, in `[0, 0.5)`.
+        label_smoothing: f64,
+    },
+    /// AOT for unpaired data (`aot_unpaired`): the same on `δ = sort(c) − sort(r)`.
+    AotUnpaired {
+        /// ε, in `[0, 0.5)`.
+        label_smoothing: f64,
+    },
+}
+
+/// The f-divergence a DPO-family loss regularises with (TRL's `f_divergence_type`): the
+/// log-ratios `x` become scores `f'(e^x)` before the chosen and rejected ones are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum FDivergence {
+    /// `x` (standard DPO).
+    #[default]
+    ReverseKl,
+    /// `1 − e^{−x}`.
+    ForwardKl,
+    /// `log 2 + log σ(x)`.
+    JsDivergence,
+    /// `(e^{(α−1)x} − 1) / (α − 1)`, the exponent clamped at 80 as TRL clamps it; `x` at α = 1.
+    Alpha(f64),
+}
+
+impl FDivergence {
+    fn scores(self, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        Ok(match self {
+            FDivergence::ReverseKl => x.clone(),
+            FDivergence::ForwardKl => x.neg()?.exp()?.affine(-1.0, 1.0)?,
+            FDivergence::JsDivergence => (log_sigmoid(x)? + std::f64::consts::LN_2)?,
+            FDivergence::Alpha(a) if (a - 1.0).abs() < 1e-6 => x.clone(),
+            FDivergence::Alpha(a) => (((x * (a - 1.0))?.minimum(80.0)?.exp()? - 1.0)? * (1.0 / (a - 1.0)))?,
+        })
+    }
+}
+
+/// Sorts a `[n]` tensor ascending, differentiably (the order taken from its values).
+fn sorted(t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    let v = t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+    let mut order: Vec<u32> = (0..v.len() as u32).collect();
+    order.sort_by(|&a, &b| v[a as usize].total_cmp(&v[b as usize]));
+    let idx = candle_core::Tensor::new(order.as_slice(), t.device())?;
+    Ok(t.index_select(&idx, 0)?)
+}
+
+impl PreferenceLoss {
+    /// Whether TRL lets `f_divergence_type` change this loss (the losses of the scores'
+    /// difference, and IPO's and `sigmoid_norm`'s length-normalised one).
+    pub fn takes_f_divergence(self) -> bool {
+        use PreferenceLoss as P;
+        matches!(
+            self,
+            P::Sigmoid | P::SigmoidNorm | P::Hinge | P::Ipo | P::ExoPair { .. } | P::Robust { .. } | P::Discopop { .. }
+        )
+    }
 }
 
 /// Sequence log-probabilities of a batch of pairs (`[n]` tensors) and the answers' lengths.
@@ -384,7 +448,16 @@ fn length_normalised(
 /// The `kind` loss of the pairs `p` with strength `beta`, as TRL 1.16's `DPOTrainer` computes
 /// it (`crates/train/tests/data/make_preference_losses.py` runs TRL's own code on fixed
 /// log-probabilities to check).
-pub fn preference_loss(kind: PreferenceLoss, beta: f64, p: PairLogps<'_>) -> Result<PreferenceOutput> {
+///
+/// `divergence` turns the log-ratios into scores first (TRL's `f_divergence_type`); only the
+/// losses TRL allows it for take one other than [`FDivergence::ReverseKl`]. Rewards are
+/// always `β` times the log-ratios, as TRL logs them.
+pub fn preference_loss(
+    kind: PreferenceLoss,
+    beta: f64,
+    divergence: FDivergence,
+    p: PairLogps<'_>,
+) -> Result<PreferenceOutput> {
     if !(beta.is_finite() && beta > 0.0) {
         return Err(Error::Msg(format!("beta: {beta} must be positive")));
     }
@@ -396,17 +469,33 @@ pub fn preference_loss(kind: PreferenceLoss, beta: f64, p: PairLogps<'_>) -> Res
             return Err(Error::Msg(format!("{name}: shape {:?}, expected [{n}]", t.dims())));
         }
     }
-    let chosen = (p.policy_chosen - p.ref_chosen)?;
-    let rejected = (p.policy_rejected - p.ref_rejected)?;
+    if divergence != FDivergence::ReverseKl && !kind.takes_f_divergence() {
+        return Err(Error::Msg(format!("{kind:?}: TRL defines it for the reverse KL divergence only")));
+    }
+    let smoothing = |e: f64| -> Result<()> {
+        match (0.0..0.5).contains(&e) {
+            true => Ok(()),
+            false => Err(Error::Msg(format!("label_smoothing: {e} must be in [0, 0.5)"))),
+        }
+    };
+    // `−(1 − ε) log σ(βδ)` and `−ε log σ(−βδ)`: robust DPO takes their difference over
+    // `1 − 2ε`, AOT (conservative DPO's form) their sum.
+    let terms = |delta: &candle_core::Tensor, e: f64| -> Result<(candle_core::Tensor, candle_core::Tensor)> {
+        let clean = (log_sigmoid(&(delta * beta)?)? * -(1.0 - e))?;
+        let flipped = (log_sigmoid(&(delta * -beta)?)? * -e)?;
+        Ok((clean, flipped))
+    };
+    let chosen_logratios = (p.policy_chosen - p.ref_chosen)?;
+    let rejected_logratios = (p.policy_rejected - p.ref_rejected)?;
+    let chosen = divergence.scores(&chosen_logratios)?;
+    let rejected = divergence.scores(&rejected_logratios)?;
     let delta = (&chosen - &rejected)?;
+    let (c, r) = (&chosen_logratios, &rejected_logratios);
     let per_pair = match kind {
         PreferenceLoss::Sigmoid => log_sigmoid(&(&delta * beta)?)?.neg()?,
         PreferenceLoss::Robust { label_smoothing: e } => {
-            if !(0.0..0.5).contains(&e) {
-                return Err(Error::Msg(format!("label_smoothing: {e} must be in [0, 0.5)")));
-            }
-            let clean = (log_sigmoid(&(&delta * beta)?)? * -(1.0 - e))?;
-            let flipped = (log_sigmoid(&(&delta * -beta)?)? * -e)?;
+            smoothing(e)?;
+            let (clean, flipped) = terms(&delta, e)?;
             ((clean - flipped)? / (1.0 - 2.0 * e))?
         }
         PreferenceLoss::Ipo => (length_normalised(&p, &chosen, &rejected)? - 1.0 / (2.0 * beta))?.sqr()?,
@@ -422,32 +511,53 @@ pub fn preference_loss(kind: PreferenceLoss, beta: f64, p: PairLogps<'_>) -> Res
             (win + lose)?
         }
         PreferenceLoss::NcaPair => {
-            let (c, r) = ((&chosen * beta)?, (&rejected * beta)?);
+            let (c, r) = ((c * beta)?, (r * beta)?);
             let half = ((log_sigmoid(&c.neg()?)? + log_sigmoid(&r.neg()?)?)? * 0.5)?;
             (log_sigmoid(&c)?.neg()? - half)?
         }
-        PreferenceLoss::BcoPair => (log_sigmoid(&(&chosen * beta)?)?.neg()? - log_sigmoid(&(&rejected * -beta)?)?)?,
+        PreferenceLoss::BcoPair => (log_sigmoid(&(c * beta)?)?.neg()? - log_sigmoid(&(r * -beta)?)?)?,
         PreferenceLoss::SppoHard => {
             let m = 0.5 / beta;
-            ((&chosen - m)?.sqr()? + (&rejected + m)?.sqr()?)?
+            ((c - m)?.sqr()? + (r + m)?.sqr()?)?
         }
         PreferenceLoss::ApoZero => {
             let sigmoid = |t: candle_core::Tensor| log_sigmoid(&t)?.exp();
-            (sigmoid((&chosen * -beta)?)? + sigmoid((&rejected * beta)?)?)?
+            (sigmoid((c * -beta)?)? + sigmoid((r * beta)?)?)?
         }
         PreferenceLoss::ApoDown => {
             let sigmoid = |t: candle_core::Tensor| log_sigmoid(&t)?.exp();
-            (sigmoid((&chosen * beta)?)? + sigmoid((&delta * -beta)?)?)?
+            (sigmoid((c * beta)?)? + sigmoid(((c - r)? * -beta)?)?)?
         }
         PreferenceLoss::SigmoidNorm => log_sigmoid(&(length_normalised(&p, &chosen, &rejected)? * beta)?)?.neg()?,
+        PreferenceLoss::Discopop { tau } => {
+            if !(tau.is_finite() && tau > 0.0) {
+                return Err(Error::Msg(format!("discopop_tau: {tau} must be positive")));
+            }
+            let z = (&delta * beta)?;
+            let m = log_sigmoid(&(&z / tau)?)?.exp()?;
+            let logistic = log_sigmoid(&z)?.neg()?;
+            ((logistic * m.affine(-1.0, 1.0)?)? + (z.neg()?.exp()? * m)?)?
+        }
+        PreferenceLoss::Aot { label_smoothing: e } => {
+            smoothing(e)?;
+            let policy = sorted(&(p.policy_chosen - p.policy_rejected)?)?;
+            let reference = sorted(&(p.ref_chosen - p.ref_rejected)?)?;
+            let (clean, flipped) = terms(&(policy - reference)?, e)?;
+            (clean + flipped)?
+        }
+        PreferenceLoss::AotUnpaired { label_smoothing: e } => {
+            smoothing(e)?;
+            let (clean, flipped) = terms(&(sorted(c)? - sorted(r)?)?, e)?;
+            (clean + flipped)?
+        }
     };
     let rewards = |t: &candle_core::Tensor| -> Result<Vec<f64>> {
         Ok((t.detach() * beta)?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
     };
     Ok(PreferenceOutput {
         loss: per_pair.mean_all()?,
-        chosen_rewards: rewards(&chosen)?,
-        rejected_rewards: rewards(&rejected)?,
+        chosen_rewards: rewards(c)?,
+        rejected_rewards: rewards(r)?,
         metrics: Vec::new(),
     })
 }

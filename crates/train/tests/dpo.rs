@@ -116,6 +116,7 @@ fn dpo_through_lora_against_the_base_matches_finite_differences() {
         preference::preference_loss(
             kind,
             0.5,
+            preference::FDivergence::ReverseKl,
             PairLogps {
                 policy_chosen: &s.narrow(0, 0, 2).unwrap(),
                 policy_rejected: &s.narrow(0, 2, 2).unwrap(),

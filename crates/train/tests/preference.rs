@@ -162,7 +162,7 @@ fn only_the_answers_are_scored() {
 #[test]
 fn losses_equal_trls_and_their_gradients_finite_differences() {
     use candle_core::{Device, Tensor, Var};
-    use lmstack_train::preference::{chosen_nll, orpo_loss, preference_loss, PairLogps, PreferenceLoss};
+    use lmstack_train::preference::{chosen_nll, orpo_loss, preference_loss, FDivergence, PairLogps, PreferenceLoss};
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/preference_losses.json");
     let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let v = |k: &str| -> Vec<f64> { serde_json::from_value(d[k].clone()).unwrap() };
@@ -172,7 +172,7 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
     let (lc, lr) = (lens("len_chosen"), lens("len_rejected"));
     // A case of the file: a DPO-family loss (with TRL's `sft` loss beside it at `sft`), or ORPO
     // (`kind` None).
-    let run = |kind: Option<PreferenceLoss>, beta: f64, sft: f64, pc: &Tensor| {
+    let run = |kind: Option<PreferenceLoss>, beta: f64, div: FDivergence, sft: f64, pc: &Tensor| {
         let (pr, rc, rr) = (t(&pr), t(&rc), t(&rr));
         let Some(kind) = kind else { return orpo_loss(beta, pc, &pr, &lc, &lr).unwrap() };
         let p = PairLogps {
@@ -183,17 +183,25 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
             len_chosen: &lc,
             len_rejected: &lr,
         };
-        let mut out = preference_loss(kind, beta, p).unwrap();
+        let mut out = preference_loss(kind, beta, div, p).unwrap();
         if sft > 0.0 {
             out.loss = (out.loss + (chosen_nll(pc, &lc).unwrap() * sft).unwrap()).unwrap();
         }
         out
     };
     let cases = d["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 15);
+    assert_eq!(cases.len(), 30);
     for c in cases {
         let beta = c["beta"].as_f64().unwrap();
         let sft = c["sft_weight"].as_f64().unwrap();
+        let smoothing = c["label_smoothing"].as_f64().unwrap();
+        let div = match c["f_divergence_type"].as_str() {
+            None | Some("reverse_kl") => FDivergence::ReverseKl,
+            Some("forward_kl") => FDivergence::ForwardKl,
+            Some("js_divergence") => FDivergence::JsDivergence,
+            Some("alpha_divergence") => FDivergence::Alpha(c["f_alpha_divergence_coef"].as_f64().unwrap()),
+            Some(other) => panic!("{other}"),
+        };
         let kind = match c["loss_type"].as_str().unwrap() {
             "sigmoid" => Some(PreferenceLoss::Sigmoid),
             "robust" => Some(PreferenceLoss::Robust { label_smoothing: c["label_smoothing"].as_f64().unwrap() }),
@@ -206,17 +214,24 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
             "apo_zero" => Some(PreferenceLoss::ApoZero),
             "apo_down" => Some(PreferenceLoss::ApoDown),
             "sigmoid_norm" => Some(PreferenceLoss::SigmoidNorm),
+            "discopop" => Some(PreferenceLoss::Discopop { tau: c["discopop_tau"].as_f64().unwrap() }),
+            "aot" => Some(PreferenceLoss::Aot { label_smoothing: smoothing }),
+            "aot_unpaired" => Some(PreferenceLoss::AotUnpaired { label_smoothing: smoothing }),
             "orpo" => None,
             other => panic!("{other}"),
         };
         let var = Var::from_tensor(&t(&pc)).unwrap();
-        let out = run(kind, beta, sft, var.as_tensor());
+        let out = run(kind, beta, div, sft, var.as_tensor());
         let loss = out.loss.to_scalar::<f64>().unwrap();
-        // TRL computes ORPO in f32 (`.float()`) and EXO's ε as an f32 tensor, the other losses
-        // in the inputs' f64.
-        let tol = if matches!(kind, None | Some(PreferenceLoss::ExoPair { .. })) { 1e-6 } else { 1e-9 };
+        // TRL computes ORPO in f32 (`.float()`), EXO's ε as an f32 tensor and the α-divergence
+        // cases in f32 (it knows no f64 clamp), the other losses in the inputs' f64.
+        let tol = match (kind, div) {
+            (_, FDivergence::Alpha(_)) => 1e-5,
+            (None | Some(PreferenceLoss::ExoPair { .. }), _) => 1e-6,
+            _ => 1e-9,
+        };
         let close = |a: f64, b: &serde_json::Value| (a - b.as_f64().unwrap()).abs() < tol;
-        assert!(close(loss, &c["loss"]), "{kind:?}: loss {loss} vs TRL {}", c["loss"]);
+        assert!(close(loss, &c["loss"]), "{kind:?} {div:?}: loss {loss} vs TRL {}", c["loss"]);
         let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
         assert!(close(mean(&out.chosen_rewards), &c["rewards/chosen"]), "{kind:?}");
         assert!(close(mean(&out.rejected_rewards), &c["rewards/rejected"]), "{kind:?}");
@@ -232,7 +247,7 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
             let at = |h: f64| {
                 let mut x = pc.clone();
                 x[i] += h;
-                run(kind, beta, sft, &t(&x)).loss.to_scalar::<f64>().unwrap()
+                run(kind, beta, div, sft, &t(&x)).loss.to_scalar::<f64>().unwrap()
             };
             let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
             assert!((fd - g[i]).abs() < 1e-6 * fd.abs().max(1.0), "{kind:?}: d/dpc[{i}] {} vs {fd}", g[i]);
@@ -248,9 +263,15 @@ fn losses_equal_trls_and_their_gradients_finite_differences() {
         len_chosen: &lc,
         len_rejected: &lr,
     };
-    assert!(preference_loss(PreferenceLoss::Sigmoid, 0.0, p).is_err());
-    assert!(preference_loss(PreferenceLoss::Robust { label_smoothing: 0.5 }, 0.1, p).is_err());
-    assert!(preference_loss(PreferenceLoss::ExoPair { label_smoothing: 0.0 }, 0.1, p).is_err());
+    let rkl = FDivergence::ReverseKl;
+    assert!(preference_loss(PreferenceLoss::Sigmoid, 0.0, rkl, p).is_err());
+    assert!(preference_loss(PreferenceLoss::Robust { label_smoothing: 0.5 }, 0.1, rkl, p).is_err());
+    assert!(preference_loss(PreferenceLoss::ExoPair { label_smoothing: 0.0 }, 0.1, rkl, p).is_err());
+    assert!(preference_loss(PreferenceLoss::Aot { label_smoothing: 0.5 }, 0.1, rkl, p).is_err());
+    assert!(preference_loss(PreferenceLoss::Discopop { tau: 0.0 }, 0.1, rkl, p).is_err());
+    // TRL defines the f-divergences for the losses of the scores' difference only.
+    let e = preference_loss(PreferenceLoss::NcaPair, 0.1, FDivergence::ForwardKl, p).unwrap_err();
+    assert!(e.to_string().contains("reverse KL"), "{e}");
 }
 
 /// KTO on unpaired answers (the file's chosen answers desirable, its rejected ones not) equals

@@ -10,7 +10,8 @@ log-probabilities; this script runs that very code (the lines from `chosen_logra
 the loss accumulation, read from the installed trl's source) on fixed sequence log-probabilities
 and completion lengths, and writes the losses and the logged rewards to
 `preference_losses.json`: `sigmoid`, `robust`, `ipo`, `hinge`, `exo_pair`, `nca_pair`, `bco_pair`,
-`sppo_hard`, `apo_zero`, `apo_down`, `sigmoid_norm`. The `sft` loss type runs beside `sigmoid` (`loss_weights`), on
+`sppo_hard`, `apo_zero`, `apo_down`, `sigmoid_norm`, `discopop`, `aot`, `aot_unpaired`, and the
+losses that take one under each `f_divergence_type` (forward KL, Jensen–Shannon, α). The `sft` loss type runs beside `sigmoid` (`loss_weights`), on
 per-token log-probabilities that sum to the sequence ones. ORPO is `ORPOTrainer.odds_ratio_loss`
 (trl.experimental.orpo) on the per-token means, and the chosen answers' token NLL, combined as
 `get_batch_loss_metrics` does.
@@ -66,19 +67,32 @@ def main():
         per_token[i, :l] = s / l
     block = trl_block()
     cases = []
-    for loss_type, beta, smoothing, sft in [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 0.0),
-                                            ("robust", 0.1, 0.2, 0.0), ("ipo", 0.1, 0.0, 0.0),
-                                            ("hinge", 0.3, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 1.0),
-                                            ("exo_pair", 0.1, 1e-3, 0.0), ("nca_pair", 0.1, 0.0, 0.0),
-                                            ("bco_pair", 0.2, 0.0, 0.0), ("sppo_hard", 0.5, 0.0, 0.0),
-                                            ("apo_zero", 0.1, 0.0, 0.0), ("apo_down", 0.3, 0.0, 0.0),
-                                            ("sigmoid_norm", 0.5, 0.0, 0.0)]:
+    plain = [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 0.0), ("robust", 0.1, 0.2, 0.0),
+             ("ipo", 0.1, 0.0, 0.0), ("hinge", 0.3, 0.0, 0.0), ("sigmoid", 0.5, 0.0, 1.0),
+             ("exo_pair", 0.1, 1e-3, 0.0), ("nca_pair", 0.1, 0.0, 0.0), ("bco_pair", 0.2, 0.0, 0.0),
+             ("sppo_hard", 0.5, 0.0, 0.0), ("apo_zero", 0.1, 0.0, 0.0), ("apo_down", 0.3, 0.0, 0.0),
+             ("sigmoid_norm", 0.5, 0.0, 0.0), ("discopop", 0.1, 0.0, 0.0), ("aot", 0.1, 0.0, 0.0),
+             ("aot", 0.2, 0.1, 0.0), ("aot_unpaired", 0.1, 0.0, 0.0), ("aot_unpaired", 0.3, 0.2, 0.0)]
+    # (loss, beta, label smoothing, sft weight, f-divergence, its α, DiscoPOP's τ)
+    cases_in = [c + ("reverse_kl", 0.5, 0.05) for c in plain] + [
+        ("sigmoid", 0.1, 0.0, 0.0, "forward_kl", 0.5, 0.05), ("sigmoid", 0.1, 0.0, 0.0, "js_divergence", 0.5, 0.05),
+        ("sigmoid", 0.1, 0.0, 0.0, "alpha_divergence", 0.5, 0.05), ("ipo", 0.1, 0.0, 0.0, "forward_kl", 0.5, 0.05),
+        ("sigmoid_norm", 0.5, 0.0, 0.0, "js_divergence", 0.5, 0.05),
+        ("hinge", 0.3, 0.0, 0.0, "alpha_divergence", 0.3, 0.05), ("robust", 0.1, 0.2, 0.0, "forward_kl", 0.5, 0.05),
+        ("exo_pair", 0.1, 1e-3, 0.0, "js_divergence", 0.5, 0.05),
+        ("discopop", 0.5, 0.0, 0.0, "forward_kl", 0.5, 0.2),
+        ("sigmoid", 0.5, 0.0, 1.0, "alpha_divergence", 1.0, 0.05)]
+    for loss_type, beta, smoothing, sft, fdiv, alpha, tau in cases_in:
         types, weights = ([loss_type, "sft"], [1.0, sft]) if sft else ([loss_type], [1.0])
         self = SimpleNamespace(beta=beta, label_smoothing=smoothing, loss_types=types, loss_weights=weights,
-                               f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, use_weighting=False)
-        ns = {"self": self, "chosen_logps": pc, "rejected_logps": pr, "ref_chosen_logps": rc,
-              "ref_rejected_logps": rr, "completion_mask": mask, "shift_completion_mask": mask,
-              "per_token_logps": per_token, "device": "cpu", "torch": torch, "F": F, "math": math}
+                               f_divergence_type=fdiv, f_alpha_divergence_coef=alpha, use_weighting=False,
+                               args=SimpleNamespace(discopop_tau=tau))
+        # TRL's α-divergence clamps by dtype and knows f16, bf16 and f32 only: those cases run
+        # in f32, as a training run would.
+        cast = (lambda x: x.float()) if fdiv == "alpha_divergence" else (lambda x: x)
+        ns = {"self": self, "chosen_logps": cast(pc), "rejected_logps": cast(pr), "ref_chosen_logps": cast(rc),
+              "ref_rejected_logps": cast(rr), "completion_mask": mask, "shift_completion_mask": mask,
+              "per_token_logps": cast(per_token), "device": "cpu", "torch": torch, "F": F, "math": math}
         exec(block, ns)
         chosen_rewards = beta * (pc - rc)
         rejected_rewards = beta * (pr - rr)
@@ -87,7 +101,7 @@ def main():
             "rewards/chosen": float(chosen_rewards.mean()), "rewards/rejected": float(rejected_rewards.mean()),
             "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
             "rewards/accuracies": float((chosen_rewards > rejected_rewards).double().mean()),
-            "sft_weight": sft,
+            "sft_weight": sft, "f_divergence_type": fdiv, "f_alpha_divergence_coef": alpha, "discopop_tau": tau,
         })
     for beta in [0.1, 0.25]:
         self = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device="cpu"))

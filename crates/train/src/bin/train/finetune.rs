@@ -101,11 +101,12 @@ pub(crate) struct FinetuneArgs {
     beta: Option<f64>,
     /// dpo: TRL's loss types: sigmoid (DPO), robust (DPO with --label-smoothing), ipo, hinge,
     /// exo_pair (with --label-smoothing > 0), nca_pair, bco_pair, sppo_hard, apo_zero, apo_down,
-    /// sigmoid_norm; or orpo (no reference model; beta 0.1 unless given) [default: sigmoid].
+    /// sigmoid_norm, discopop, aot, aot_unpaired; or orpo (no reference model; beta 0.1 unless
+    /// given) [default: sigmoid].
     #[arg(long, value_enum)]
     loss_type: Option<lmstack_train::finetune::LossType>,
-    /// dpo with --loss-type robust or exo_pair: the assumed fraction of flipped labels
-    /// [default: 0].
+    /// dpo with --loss-type robust, exo_pair, aot or aot_unpaired: the assumed fraction of
+    /// flipped labels [default: 0].
     #[arg(long)]
     label_smoothing: Option<f64>,
     /// dpo: weight of the chosen answers' token NLL added to the loss (TRL's "sft" loss_type
@@ -126,6 +127,16 @@ pub(crate) struct FinetuneArgs {
     /// step.
     #[arg(long)]
     precompute_ref_log_probs: bool,
+    /// dpo: the f-divergence the loss regularises with (TRL's f_divergence_type):
+    /// reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence [default: reverse_kl].
+    #[arg(long, value_enum)]
+    f_divergence_type: Option<lmstack_train::finetune::FDivergenceType>,
+    /// dpo with --f-divergence-type alpha_divergence: α [default: 0.5].
+    #[arg(long)]
+    f_alpha_divergence_coef: Option<f64>,
+    /// dpo with --loss-type discopop: τ, the temperature of its blend [default: 0.05].
+    #[arg(long)]
+    discopop_tau: Option<f64>,
     /// dpo, kto: the most tokens of a sequence (prompt and answer); longer ones are cut
     /// (TRL's max_length) [default: what the model's context holds].
     #[arg(long)]
@@ -175,7 +186,10 @@ impl FinetuneArgs {
             sft_weight,
             desirable_weight,
             undesirable_weight,
-            truncation_mode
+            truncation_mode,
+            f_divergence_type,
+            f_alpha_divergence_coef,
+            discopop_tau
         );
         if self.max_length.is_some() {
             c.max_length = self.max_length;

@@ -88,7 +88,7 @@ pub struct PairsConfig {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PairsSummary {
     /// Prompts answered.
     pub prompts: usize,
@@ -191,7 +191,8 @@ struct Progress {
     prompts_done: usize,
     /// The length of each output's partial file at that point.
     bytes: Vec<u64>,
-    summary: (usize, usize, usize, usize, f64, usize, usize),
+    /// The totals so far (`mean_score` holds the sum of the scores until the end).
+    summary: PairsSummary,
 }
 
 /// An output written through `PATH.partial`, appended to a group at a time and renamed when
@@ -284,8 +285,8 @@ pub fn build(
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .filter(|p: &Progress| p.settings == settings);
+    // `mean_score` sums the scores until the end.
     let mut s = PairsSummary::default();
-    let mut score_sum = 0.0;
     let mut done = 0;
     let paths: Vec<&Path> = std::iter::once(cfg.out.as_path()).chain(cfg.samples.as_deref()).collect();
     let keep = previous.as_ref().map(|p| p.bytes.clone()).filter(|b| b.len() == paths.len());
@@ -294,7 +295,7 @@ pub fn build(
         outs.push(Partial::open(path, keep.as_ref().map_or(0, |b| b[i]))?);
     }
     if let (Some(p), Some(_)) = (&previous, &keep) {
-        (s.prompts, s.pairs, s.no_pair, s.answers, score_sum, s.cut_off, s.empty) = p.summary;
+        s = p.summary.clone();
         done = p.prompts_done;
         s.resumed = done;
     }
@@ -342,7 +343,7 @@ pub fn build(
             s.cut_off += answers.iter().filter(|g| g.finish == Finish::Length).count();
             let scores = score(ranker, reward_fmt.as_ref(), p, &texts)
                 .map_err(|e| Error::Msg(format!("{}:{}: {e}", cfg.prompts.display(), p.line)))?;
-            score_sum += scores.iter().sum::<f64>();
+            s.mean_score += scores.iter().sum::<f64>();
             s.answers += texts.len();
             s.prompts += 1;
             let answer = |t: &str| match &p.prompt {
@@ -401,12 +402,7 @@ pub fn build(
         }
         done += group.len();
         let bytes = outs.iter_mut().zip(&lines).map(|(o, l)| o.append(l)).collect::<Result<Vec<_>>>()?;
-        let progress = Progress {
-            settings: settings.clone(),
-            prompts_done: done,
-            bytes,
-            summary: (s.prompts, s.pairs, s.no_pair, s.answers, score_sum, s.cut_off, s.empty),
-        };
+        let progress = Progress { settings: settings.clone(), prompts_done: done, bytes, summary: s.clone() };
         let progress = serde_json::to_string(&progress).expect("plain data");
         lmstack_core::io::write_atomic(&progress_path, progress.as_bytes())?;
         on_progress(done, prompts.len());
@@ -427,7 +423,7 @@ pub fn build(
         )));
     }
     pairs.finish()?;
-    s.mean_score = score_sum / s.answers.max(1) as f64;
+    s.mean_score /= s.answers.max(1) as f64;
     Ok(s)
 }
 

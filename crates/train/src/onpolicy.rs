@@ -85,6 +85,9 @@ pub struct PairsConfig {
     pub batch: usize,
     /// Read only the first this many prompts.
     pub limit: Option<usize>,
+    /// Ranked by the reference answer: when no sampled answer is right, the reference is the
+    /// chosen answer (against the worst sample) rather than no pair being made.
+    pub reference_chosen: bool,
 }
 
 /// What a run did.
@@ -107,6 +110,8 @@ pub struct PairsSummary {
     pub empty: usize,
     /// Prompts read from a previous, interrupted run.
     pub resumed: usize,
+    /// Pairs whose chosen answer is the reference (`reference_chosen`: no sample was right).
+    pub reference_chosen: usize,
 }
 
 /// One prompt line.
@@ -264,10 +269,11 @@ pub fn build(
     // Resume: the partial outputs and how far they got, if made with the same settings.
     let progress_path = PathBuf::from(format!("{}.partial.progress.json", cfg.out.display()));
     let settings = format!(
-        "policy={} prompts={} samples={:?} n={} sampling={:?} seed={} max_tokens={} template={} margin={} limit={:?} ranker={}",
+        "policy={} prompts={} samples={:?} reference_chosen={} n={} sampling={:?} seed={} max_tokens={} template={} margin={} limit={:?} ranker={}",
         cfg.policy,
         cfg.prompts.display(),
         cfg.samples,
+        cfg.reference_chosen,
         cfg.n,
         cfg.sampling,
         cfg.seed,
@@ -384,7 +390,16 @@ pub fn build(
                 s.no_pair += 1;
                 continue;
             };
-            if scores[best] - scores[worst] <= cfg.min_margin || texts[best] == texts[worst] {
+            // Every answer wrong: the reference answer, when asked for, is chosen against the
+            // worst (SPIN's and RPO's gold answer against the model's own).
+            let (chosen, chosen_score) = match p.answer.as_deref() {
+                Some(a) if cfg.reference_chosen && ranker.by_answer() && scores[best] == 0.0 => {
+                    s.reference_chosen += 1;
+                    (a.trim(), 1.0)
+                }
+                _ => (texts[best].as_str(), scores[best]),
+            };
+            if chosen_score - scores[worst] <= cfg.min_margin || chosen == texts[worst] {
                 s.no_pair += 1;
                 continue;
             }
@@ -392,9 +407,9 @@ pub fn build(
                 0,
                 json!({
                     "prompt": prompt,
-                    "chosen": answer(&texts[best]),
+                    "chosen": answer(chosen),
                     "rejected": answer(&texts[worst]),
-                    "chosen_score": scores[best],
+                    "chosen_score": chosen_score,
                     "rejected_score": scores[worst],
                 }),
             );

@@ -33,6 +33,7 @@ fn config(dir: &Path, out: &str, batch: usize) -> PairsConfig {
         min_margin: 0.0,
         batch,
         limit: None,
+        reference_chosen: false,
     }
 }
 
@@ -100,6 +101,19 @@ fn reference_answers_rank_sampled_answers_and_an_interrupted_run_resumes() {
     assert_eq!(lines(&cfg.out), pairs);
     assert_eq!(lines(cfg.samples.as_ref().unwrap()), samples);
     assert!(!dir.path().join("resumed.jsonl.partial").exists());
+    // With the reference chosen where every answer is wrong: a pair for every prompt not
+    // answered right every time.
+    let gold = build(
+        &policy,
+        &Ranker::Exact,
+        &PairsConfig { reference_chosen: true, ..config(dir.path(), "gold.jsonl", 64) },
+        |_, _| {},
+    )
+    .unwrap();
+    assert!(gold.reference_chosen > 0 && gold.pairs == whole.pairs + gold.reference_chosen, "{gold:?}");
+    for p in lines(&dir.path().join("gold.jsonl")) {
+        assert_eq!(p["chosen"], p["answer"], "{p}");
+    }
     // Other settings start again rather than resume.
     let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         build(&policy, &Ranker::Exact, &cfg, |done, _| assert!(done < 15, "interrupted"))
@@ -180,4 +194,13 @@ fn bad_prompts_and_settings_are_refused_naming_what() {
     }
     let e = run("{\"prompt\": \"ab\", \"answer\": \"a\"}\n", PairsConfig { n: 1, ..cfg() });
     assert!(e.contains("at least 2"), "{e}");
+    // With `reference_chosen`, a prompt no sample gets right pairs its reference with the worst.
+    std::fs::write(dir.path().join("prompts.jsonl"), "{\"prompt\": \"ab\", \"answer\": \"c\"}\n").unwrap();
+    let s = build(&policy, &Ranker::Exact, &PairsConfig { reference_chosen: true, ..cfg() }, |_, _| {}).unwrap();
+    assert_eq!((s.pairs, s.reference_chosen), (1, 1), "{s:?}");
+    let p = &lines(&dir.path().join("out.jsonl"))[0];
+    assert_eq!(
+        (&p["chosen"], p["chosen_score"].as_f64(), p["rejected_score"].as_f64()),
+        (&json!("c"), Some(1.0), Some(0.0))
+    );
 }

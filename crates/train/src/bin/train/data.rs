@@ -66,6 +66,10 @@ pub(crate) struct PairsArgs {
     /// than equals it: for models that answer in sentences.
     #[arg(long, conflicts_with = "reward_model")]
     contains: bool,
+    /// When no sampled answer is right, pair the reference `answer` (chosen) against the
+    /// worst sample, as SPIN and RPO pair the gold answer with the model's own.
+    #[arg(long, conflicts_with = "reward_model")]
+    reference_chosen: bool,
     /// Answers sampled per prompt.
     #[arg(long, default_value_t = 4)]
     n: usize,
@@ -234,12 +238,16 @@ fn pairs_cmd(a: &PairsArgs) -> Result<ExitCode> {
         min_margin: a.min_margin,
         batch: a.batch,
         limit: a.limit,
+        reference_chosen: a.reference_chosen,
     };
     let t0 = std::time::Instant::now();
     let s = build(&policy, &ranker, &cfg, |done, all| {
         eprint!("\r{done}/{all} prompts ({:.0} s)", t0.elapsed().as_secs_f64());
     })?;
     eprintln!();
+    if s.reference_chosen > 0 {
+        println!("{} pairs have the reference answer as chosen (no sampled answer was right)", s.reference_chosen);
+    }
     if s.resumed > 0 {
         println!("resumed after {} prompts answered by an interrupted run", s.resumed);
     }

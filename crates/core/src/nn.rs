@@ -61,6 +61,9 @@ pub struct Linear {
     /// The weight held quantized ([`Linear::set_quantized`]): `weight` is a placeholder of its
     /// shape and this computes.
     quant: Option<Arc<QTensor>>,
+    /// Products through `quant` are exact even where no gradient flows
+    /// ([`Linear::set_exact_products`]).
+    exact: bool,
 }
 
 impl Linear {
@@ -77,6 +80,7 @@ impl Linear {
             adapter: None,
             packed: None,
             released: false,
+            exact: false,
             quant: None,
         })
     }
@@ -94,6 +98,7 @@ impl Linear {
             adapter: None,
             packed: None,
             released: false,
+            exact: false,
             quant: None,
         })
     }
@@ -108,6 +113,7 @@ impl Linear {
             adapter: None,
             packed: None,
             released: false,
+            exact: false,
             quant: None,
         }
     }
@@ -178,6 +184,16 @@ impl Linear {
         self.quant = Some(q);
         self.packed = None;
         Ok(())
+    }
+
+    /// With `on`, products through a quantized weight are the exact ones (the weight
+    /// dequantized, as training computes them) whether or not a gradient flows; without, a pass
+    /// without gradients takes candle's quantized kernels, which round activations to 8 bits.
+    /// Training sets it: a preference loss compares the policy's pass (with gradients) with the
+    /// reference's (without), and the two must compute the same function — on SmolLM2's Q4_1
+    /// file the kernels' rounding alone moved a sequence's log-probability by 0.15–0.45.
+    pub fn set_exact_products(&mut self, on: bool) {
+        self.exact = on;
     }
 
     /// The quantized weight, when the layer holds one ([`Linear::set_quantized`]).
@@ -316,7 +332,7 @@ impl Linear {
     fn project(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dequantized;
         let (weight, in_out) = match &self.quant {
-            Some(q) if !xs.track_op() && !crate::grad::in_checkpointed_forward() => {
+            Some(q) if !xs.track_op() && !crate::grad::in_checkpointed_forward() && !self.exact => {
                 let y = match quantized_forward(q, xs)? {
                     Some(y) => y,
                     None => QMatMul::QTensor(q.clone()).forward(&xs.contiguous()?)?,
@@ -326,9 +342,10 @@ impl Linear {
                     None => Ok(y),
                 };
             }
-            // Training (a gradient flows to the input, or a checkpointed forward the backward
-            // pass reruns): the exact product with the weight dequantized a slice of rows at a
-            // time, forward and backward (no f32 copy of the weight is made or kept).
+            // Training (a gradient flows to the input, a checkpointed forward the backward pass
+            // reruns, or a pass compared with those: `exact`): the exact product with the
+            // weight dequantized a slice of rows at a time, forward and backward (no f32 copy
+            // of the weight is made or kept).
             Some(q) if xs.device().is_cpu() && xs.dtype() == DType::F32 => {
                 let y = xs.contiguous()?.apply_op1(QuantizedLinear::new(q.clone()))?;
                 return match &self.bias {

@@ -336,6 +336,34 @@ fn a_gradient_reaches_adapters_below_a_quantized_layer() {
     assert!(max_diff(&gx.narrow(2, 0, inp).unwrap(), &want.contiguous().unwrap()) < 1e-4);
 }
 
+/// With exact products (what training sets), a quantized projection computes the same with a
+/// gradient flowing or without: a DPO reference pass (no gradients) equals the policy's pass
+/// (gradients) through the same weights. Without, the pass without gradients takes candle's
+/// kernels, whose 8-bit activations move the output.
+#[test]
+fn exact_products_make_passes_with_and_without_gradients_agree() {
+    let tok = tokenizer();
+    let m = model(tok.vocab_size(), true);
+    let path = tmp("exact").join("m.gguf");
+    write_model(&m, &tok, &path, WriteType::Q4_1).unwrap();
+    let mut q = Model::load(&path, DType::F32, &Device::Cpu).unwrap();
+    let x = candle_core::Var::from_tensor(&q.forward(&ids(), None).unwrap()).unwrap();
+    use candle_core::Module;
+    for exact in [false, true] {
+        q.set_exact_products(exact);
+        let l = q.linears_mut().into_iter().find(|l| l.quantized().is_some()).unwrap();
+        let xs = x.as_tensor().narrow(2, 0, l.dims().0).unwrap();
+        let tracked = l.forward(&xs).unwrap();
+        let plain = l.forward(&xs.detach()).unwrap();
+        let d = max_diff(&tracked, &plain);
+        if exact {
+            assert!(d < 1e-5, "{d}");
+        } else {
+            assert!(d > 1e-4, "the 8-bit kernels round activations: {d}");
+        }
+    }
+}
+
 /// A change to a GGUF file's metadata and tensors.
 type Edit = Box<dyn FnOnce(&mut Vec<(String, GValue)>, &mut Vec<(String, QTensor)>)>;
 

@@ -508,7 +508,10 @@ pub(crate) fn setup(cfg: &FinetuneConfig, opts: &RunOptions, task: finetune::Tas
     }
     let resume_from = finetune::prepare_run_dir(cfg, opts)?;
     let dev = Device::Cpu;
-    let base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
+    let mut base = Pretrained::load(&cfg.base, DType::F32, &dev)?;
+    // The reference's passes (without gradients, precomputed or not) compute what the policy's
+    // (with) do: on a quantized base, the exact products rather than the 8-bit kernels.
+    base.model.set_exact_products(true);
     if !base.model.config().is_causal() {
         return Err(Error::Msg(format!(
             "--base {}: a {} model is a masked LM; preference tuning needs a causal LM",

@@ -781,6 +781,9 @@ pub fn attach_lora(
             cfg.target_modules
         )));
     }
+    // A quantized base computes every pass of the run alike, with gradients or without (the
+    // evaluations'): the exact products the gradient is taken through.
+    model.set_exact_products(true);
     Ok(vars)
 }
 

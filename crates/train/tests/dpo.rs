@@ -332,6 +332,42 @@ fn bad_settings_and_a_reference_with_another_tokenizer_are_refused() {
     }
 }
 
+/// QLoRA DPO on a quantized GGUF base: the reference (the base with the adapters off, without
+/// gradients) computes what the policy does, so before any update the logged rewards are 0
+/// (TRL's), online or precomputed.
+#[test]
+fn a_quantized_base_is_its_own_exact_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = Tokenizer::from_chars(CHARS.chars()).unwrap();
+    let config = format!(
+        r#"{{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 32, "vocab_size": {}, "tie_word_embeddings": false}}"#,
+        tokenizer.vocab_size()
+    );
+    let model = Model::init(ModelConfig::from_json(&config, "t").unwrap(), 3, DType::F32, &Device::Cpu).unwrap();
+    let gguf = dir.path().join("base.gguf");
+    lmstack_core::gguf::write_model(&model, &tokenizer, &gguf, lmstack_core::gguf::WriteType::Q8_0).unwrap();
+    write_pairs(dir.path());
+    for precompute in [false, true] {
+        let out = format!("q-{precompute}");
+        let c = FinetuneConfig {
+            base: gguf.clone(),
+            target_modules: vec!["all-linear".into()],
+            precompute_ref_log_probs: precompute,
+            ..cfg(dir.path(), Method::Lora, &out, 1)
+        };
+        dpo::run(&c, &opts(false)).unwrap();
+        let log = std::fs::read_to_string(dir.path().join(&out).join("metrics.jsonl")).unwrap();
+        let first: serde_json::Value = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .find(|r: &serde_json::Value| r["split"] == "train")
+            .unwrap();
+        for k in ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"] {
+            assert_eq!(first[k].as_f64(), Some(0.0), "precompute {precompute}: {k} in {first}");
+        }
+    }
+}
+
 /// KTO (`--task kto`) on the pairs split into desirable and undesirable answers, and on
 /// TRL's unpaired lines: the held-out margin opens, `kl` is logged, bad lines are named.
 #[test]

@@ -374,6 +374,15 @@ impl Model {
         }
     }
 
+    /// Makes every quantized projection compute exactly whether or not a gradient flows
+    /// ([`Linear::set_exact_products`]): what a training run needs, whose passes without
+    /// gradients (a reference model's, evaluations) are compared with those with.
+    pub fn set_exact_products(&mut self, on: bool) {
+        for lin in self.linears_mut() {
+            lin.set_exact_products(on);
+        }
+    }
+
     /// The BERT model, for its encoder-specific methods.
     pub fn as_bert(&self) -> Option<&bert::Bert> {
         match &self.arch {

@@ -69,6 +69,28 @@ pub fn assign_kl_pairs(items: &mut [KtoItem], block: usize, tok: &Tokenizer, fmt
     Ok(())
 }
 
+/// TRL's advice on unbalanced data (KTO paper, eq. 8): with `n_d` desirable and `n_u`
+/// undesirable examples, `w_d n_d / (w_u n_u)` should lie in `[1, 4/3]`. `None` when the data
+/// are balanced or one of the weights is in its range; otherwise the ranges (TRL's rounding),
+/// for one weight or the other.
+pub fn weight_advice(n_d: usize, n_u: usize, w_d: f64, w_u: f64) -> Option<String> {
+    let (n_d, n_u) = (n_d.max(1) as f64, n_u.max(1) as f64);
+    if n_d == n_u {
+        return None;
+    }
+    let round = |x: f64| (x * 100.0).round() / 100.0;
+    let d = (round(n_u * w_u / n_d), round(n_u * w_u / n_d * 1.33));
+    let u = (round(n_d * w_d / n_u / 1.33), round(n_d * w_d / n_u));
+    let within = |w: f64, (lo, hi): (f64, f64)| lo <= w && w <= hi;
+    if within(w_d, d) || within(w_u, u) {
+        return None;
+    }
+    Some(format!(
+        "{n_d} desirable and {n_u} undesirable examples with weights {w_d} / {w_u}: for balance (the KTO paper's eq. 8, as TRL advises) set EITHER --desirable-weight in [{}, {}] OR --undesirable-weight in [{}, {}]",
+        d.0, d.1, u.0, u.1
+    ))
+}
+
 /// Per-example rewards and log-probabilities, by label.
 #[derive(Debug, Default)]
 struct Stats {
@@ -398,6 +420,11 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
         ties.len(),
         limit.0,
     );
+    if let Some(advice) =
+        weight_advice(desirable, train.len() - desirable, cfg.desirable_weight, cfg.undesirable_weight)
+    {
+        eprintln!("note: {advice}");
+    }
     if resume {
         println!("resuming at step {} of {}", trainer.state.step, cfg.max_steps);
     }
@@ -422,4 +449,24 @@ pub fn run(cfg: &FinetuneConfig, opts: &RunOptions) -> Result<KtoSummary> {
     };
     lmstack_core::io::write_json(&out.join("summary.json"), &summary)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::weight_advice;
+
+    /// The ranges TRL 1.16's `KTOTrainer` prints for the same counts and weights.
+    #[test]
+    fn weight_advice_gives_trls_ranges() {
+        let a = weight_advice(23699, 8301, 1.0, 1.0).unwrap();
+        assert!(
+            a.contains("--desirable-weight in [0.35, 0.47]") && a.contains("--undesirable-weight in [2.15, 2.85]"),
+            "{a}"
+        );
+        assert_eq!(weight_advice(23699, 8301, 1.0, 2.5), None);
+        assert_eq!(weight_advice(23699, 8301, 0.4, 1.0), None);
+        // 100 / 80 with equal weights: the ratio 1.25 is within [1, 4/3].
+        assert_eq!(weight_advice(100, 80, 1.0, 1.0), None);
+        assert_eq!(weight_advice(64, 64, 1.0, 3.0), None, "balanced data");
+    }
 }

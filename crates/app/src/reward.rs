@@ -19,7 +19,7 @@
 
 use std::path::Path;
 
-use lmstack_core::examples::{ChatFormat, Example};
+use lmstack_core::examples::{ChatFormat, Turns};
 use lmstack_core::{DType, Device, Pretrained};
 
 /// A reward model run in-process.
@@ -57,13 +57,13 @@ impl RewardModel {
     pub fn score(&self, items: &[(String, String, String)]) -> anyhow::Result<Vec<f64>> {
         let mut rows = Vec::with_capacity(items.len());
         for (ctx, answer, at) in items {
-            let ex = match self.chat {
-                true => Example::Chat(vec![("user".into(), ctx.clone()), ("assistant".into(), answer.clone())]),
-                false => Example::Completion { prompt: ctx.clone(), completion: answer.clone() },
+            let prompt = match self.chat {
+                true => Turns::Chat(vec![("user".into(), ctx.clone())]),
+                false => Turns::Text(ctx.clone()),
             };
             rows.push(
                 self.p
-                    .reward_tokens(&ex, &self.fmt)
+                    .reward_tokens(&prompt.answered(answer), &self.fmt)
                     .map_err(|e| anyhow::anyhow!("reward model {}: {at}: {e}", self.name))?,
             );
         }

@@ -54,6 +54,64 @@ impl Example {
     }
 }
 
+/// A prompt or an answer: text, or chat messages `(role, content)` (the fields of TRL's
+/// preference and prompt-only datasets).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Turns {
+    /// Plain text.
+    Text(String),
+    /// Chat messages.
+    Chat(Vec<(String, String)>),
+}
+
+impl Turns {
+    /// A JSON string or list of messages; errors name `field`.
+    pub fn parse(v: &Value, field: &str) -> std::result::Result<Self, String> {
+        match v {
+            Value::String(s) => Ok(Turns::Text(s.clone())),
+            Value::Array(list) => Ok(Turns::Chat(parse_messages(list, field)?)),
+            other => Err(format!("{field}: expected a string or a list of messages, found {other}")),
+        }
+    }
+
+    /// No text, or no messages.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Turns::Text(s) => s.is_empty(),
+            Turns::Chat(m) => m.is_empty(),
+        }
+    }
+
+    /// As JSON: the string, or the list of `{"role", "content"}` messages.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Turns::Text(s) => json!(s),
+            Turns::Chat(m) => Value::Array(m.iter().map(|(r, c)| json!({"role": r, "content": c})).collect()),
+        }
+    }
+
+    /// An answer of this prompt's kind: one assistant message, or the text.
+    pub fn answer(&self, text: &str) -> Turns {
+        match self {
+            Turns::Chat(_) => Turns::Chat(vec![("assistant".into(), text.to_owned())]),
+            Turns::Text(_) => Turns::Text(text.to_owned()),
+        }
+    }
+
+    /// This prompt answered with `answer`: the conversation with an assistant turn, or the
+    /// text with its completion.
+    pub fn answered(&self, answer: &str) -> Example {
+        match self {
+            Turns::Chat(m) => {
+                let mut m = m.clone();
+                m.push(("assistant".into(), answer.to_owned()));
+                Example::Chat(m)
+            }
+            Turns::Text(p) => Example::Completion { prompt: p.clone(), completion: answer.to_owned() },
+        }
+    }
+}
+
 /// Chat messages `(role, content)` from a JSON list; errors name `field[i].role` or
 /// `field[i].content`.
 pub fn parse_messages(list: &[Value], field: &str) -> std::result::Result<Vec<(String, String)>, String> {
@@ -238,24 +296,14 @@ fn scored_from(
 /// The ids an answer to `prompt` is generated after: the prompt as [`tokenize`] writes it
 /// before an answer (BOS, pieces encoded as training encodes them, the template's generation
 /// prompt), so a sampled answer continues the very context a preference loss will score it in.
-/// `Chat` holds the prompt's messages (no answer); a `Completion`'s completion is not read.
-pub fn answer_context(prompt: &Example, tok: &Tokenizer, fmt: &ChatFormat) -> Result<Vec<u32>> {
-    let with_answer = match prompt {
-        Example::Chat(msgs) => {
-            let mut m = msgs.clone();
-            m.push(("assistant".into(), String::new()));
-            let first = msgs.len();
-            return Ok(context_of(&scored_from(&Example::Chat(m), tok, fmt, false, first)?));
-        }
-        Example::Completion { prompt, .. } => Example::Completion { prompt: prompt.clone(), completion: String::new() },
+pub fn answer_context(prompt: &Turns, tok: &Tokenizer, fmt: &ChatFormat) -> Result<Vec<u32>> {
+    let first = match prompt {
+        Turns::Chat(msgs) => msgs.len(),
+        Turns::Text(_) => 0,
     };
-    let mut t = scored_from(&with_answer, tok, fmt, false, 0)?;
-    // Prompt then (empty completion) then EOS: all before the EOS.
-    if tok.eos_id().is_some() {
-        t.ids.pop();
-        t.scored.pop();
-    }
-    Ok(t.ids)
+    // With an empty answer, the first scored token is its end-of-turn markup (or the EOS
+    // after a text prompt): the context is all before it.
+    Ok(context_of(&scored_from(&prompt.answered(""), tok, fmt, false, first)?))
 }
 
 /// The ids before the first scored one.
@@ -352,7 +400,7 @@ mod tests {
             let fmt = ChatFormat::from_spec(spec, &t).unwrap();
             let markup = fmt.answer_markup(&t, &prompt).unwrap();
             assert_eq!(markup, Some((open.to_owned(), close.to_owned())), "{spec}");
-            let ctx = answer_context(&Example::Chat(prompt.clone()), &t, &fmt).unwrap();
+            let ctx = answer_context(&Turns::Chat(prompt.clone()), &t, &fmt).unwrap();
             let mut whole = prompt.clone();
             whole.push(("assistant".into(), "yo".into()));
             let x = tokenize_from(&Example::Chat(whole), &t, &fmt, prompt.len()).unwrap();
@@ -363,7 +411,7 @@ mod tests {
         let _ = std::fs::remove_file(&file);
         // A text prompt: BOS and the prompt, as a completion is scored after it.
         let fmt = ChatFormat::from_spec("plain", &t).unwrap();
-        let ctx = answer_context(&Example::Completion { prompt: "hi ".into(), completion: "ignored".into() }, &t, &fmt);
+        let ctx = answer_context(&Turns::Text("hi ".into()), &t, &fmt);
         assert_eq!(t.decode(&ctx.unwrap(), false).unwrap(), "<s>hi ");
     }
 

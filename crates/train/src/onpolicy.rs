@@ -20,7 +20,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use lmstack_core::decoding::{generate_batch, Finish};
-use lmstack_core::examples::{answer_context, parse_messages, ChatFormat, Example};
+use lmstack_core::examples::{answer_context, parse_messages, ChatFormat, Turns};
 use lmstack_core::{Decoding, Pretrained, SamplingParams, StopConditions};
 use serde_json::{json, Value};
 
@@ -118,8 +118,8 @@ pub struct PairsSummary {
 struct PromptLine {
     /// 1-based line number.
     line: usize,
-    /// The prompt: messages (`Example::Chat`) or text (`Example::Completion`).
-    prompt: Example,
+    /// The prompt: messages or text.
+    prompt: Turns,
     /// The reference answer, when the line has one.
     answer: Option<String>,
     /// `task`, kept in the output.
@@ -152,31 +152,27 @@ fn read_prompts(path: &Path, limit: Option<usize>) -> Result<Vec<PromptLine>> {
     Ok(out)
 }
 
-fn prompt_of(v: &Value) -> std::result::Result<Example, String> {
+fn prompt_of(v: &Value) -> std::result::Result<Turns, String> {
     let obj = v.as_object().ok_or("expected a JSON object")?;
-    if let Some(list) = obj.get("messages") {
-        let list = list.as_array().ok_or("`messages` must be a list")?;
-        let mut msgs = parse_messages(list, "messages")?;
-        if let Some(last) = msgs.iter().rposition(|(r, _)| r == "assistant") {
-            msgs.truncate(last);
-        }
-        if msgs.is_empty() {
-            return Err("`messages` has no turn before its last assistant turn to answer".into());
-        }
-        return Ok(Example::Chat(msgs));
-    }
-    match obj.get("prompt") {
-        Some(Value::String(s)) => Ok(Example::Completion { prompt: s.clone(), completion: String::new() }),
-        Some(Value::Array(list)) => {
-            let msgs = parse_messages(list, "prompt")?;
-            if msgs.is_empty() {
-                return Err("`prompt` is an empty list of messages".into());
+    let prompt = match (obj.get("messages"), obj.get("prompt")) {
+        (Some(list), _) => {
+            let list = list.as_array().ok_or("`messages` must be a list")?;
+            let mut msgs = parse_messages(list, "messages")?;
+            if let Some(last) = msgs.iter().rposition(|(r, _)| r == "assistant") {
+                msgs.truncate(last);
             }
-            Ok(Example::Chat(msgs))
+            if msgs.is_empty() {
+                return Err("`messages` has no turn before its last assistant turn to answer".into());
+            }
+            Turns::Chat(msgs)
         }
-        Some(other) => Err(format!("`prompt`: expected a string or a list of messages, found {other}")),
-        None => Err("expected `messages` or `prompt`".into()),
+        (None, Some(p)) => Turns::parse(p, "prompt")?,
+        (None, None) => return Err("expected `messages` or `prompt`".into()),
+    };
+    if matches!(&prompt, Turns::Chat(m) if m.is_empty()) {
+        return Err("`prompt` is an empty list of messages".into());
     }
+    Ok(prompt)
 }
 
 /// The seed of answer `k` to the prompt on `line`: the same at any batch size or resume point.
@@ -322,8 +318,8 @@ pub fn build(
                 )));
             }
             let (open, close) = match &p.prompt {
-                Example::Chat(msgs) => fmt.answer_markup(tok, msgs)?.unwrap_or_default(),
-                Example::Completion { .. } => Default::default(),
+                Turns::Chat(msgs) => fmt.answer_markup(tok, msgs)?.unwrap_or_default(),
+                Turns::Text(_) => Default::default(),
             };
             let mut stop = StopConditions::max_tokens(cfg.max_tokens.min(max_len - ids.len()));
             // The end of the turn: a special token (`<|im_end|>`, left out of the text, so
@@ -352,14 +348,8 @@ pub fn build(
             s.mean_score += scores.iter().sum::<f64>();
             s.answers += texts.len();
             s.prompts += 1;
-            let answer = |t: &str| match &p.prompt {
-                Example::Chat(_) => json!([{"role": "assistant", "content": t}]),
-                Example::Completion { .. } => json!(t),
-            };
-            let prompt = match &p.prompt {
-                Example::Chat(m) => Value::Array(m.iter().map(|(r, c)| json!({"role": r, "content": c})).collect()),
-                Example::Completion { prompt, .. } => json!(prompt),
-            };
+            let answer = |t: &str| p.prompt.answer(t).to_value();
+            let prompt = p.prompt.to_value();
             let mut line = |i: usize, mut o: Value| {
                 if let Some(t) = &p.task {
                     o["task"] = t.clone();
@@ -372,7 +362,7 @@ pub fn build(
             };
             // A text completion needs some text (a chat answer always has its turn's markup).
             let usable: Vec<usize> =
-                (0..texts.len()).filter(|&i| matches!(p.prompt, Example::Chat(_)) || !texts[i].is_empty()).collect();
+                (0..texts.len()).filter(|&i| matches!(p.prompt, Turns::Chat(_)) || !texts[i].is_empty()).collect();
             s.empty += texts.len() - usable.len();
             if cfg.samples.is_some() {
                 for (t, &sc) in usable.iter().map(|&i| (&texts[i], &scores[i])) {
@@ -459,17 +449,7 @@ fn score(
             let rows = answers
                 .iter()
                 .map(|a| {
-                    let ex = match &p.prompt {
-                        Example::Chat(m) => {
-                            let mut m = m.clone();
-                            m.push(("assistant".into(), a.clone()));
-                            Example::Chat(m)
-                        }
-                        Example::Completion { prompt, .. } => {
-                            Example::Completion { prompt: prompt.clone(), completion: a.clone() }
-                        }
-                    };
-                    r.reward_tokens(&ex, fmt)
+                    r.reward_tokens(&p.prompt.answered(a), fmt)
                         .map_err(|e| format!("scoring the answer {a:?} with the reward model: {e}"))
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?;

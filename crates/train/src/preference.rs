@@ -23,31 +23,7 @@ use serde_json::Value;
 use crate::sft::{ChatFormat, Example, Tokenized};
 use crate::{Error, Result};
 
-/// A prompt or an answer: text, or chat messages `(role, content)`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Turns {
-    /// Plain text.
-    Text(String),
-    /// Chat messages.
-    Chat(Vec<(String, String)>),
-}
-
-impl Turns {
-    fn parse(v: &Value, field: &str) -> std::result::Result<Self, String> {
-        match v {
-            Value::String(s) => Ok(Turns::Text(s.clone())),
-            Value::Array(list) => Ok(Turns::Chat(crate::sft::parse_messages(list, field)?)),
-            other => Err(format!("{field}: expected a string or a list of messages, found {other}")),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        match self {
-            Turns::Text(s) => s.is_empty(),
-            Turns::Chat(m) => m.is_empty(),
-        }
-    }
-}
+pub use lmstack_core::examples::Turns;
 
 /// One preference example.
 #[derive(Debug, Clone, PartialEq)]

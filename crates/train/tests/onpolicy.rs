@@ -177,7 +177,7 @@ fn bad_prompts_and_settings_are_refused_naming_what() {
     };
     let cfg = || config(dir.path(), "out.jsonl", 8);
     for (text, needle) in [
-        ("{\"prompt\": \"ab\", \"answer\": \"a\"}\n{\"prompt\": 3}\n", "prompts.jsonl:2: `prompt`: expected a string"),
+        ("{\"prompt\": \"ab\", \"answer\": \"a\"}\n{\"prompt\": 3}\n", "prompts.jsonl:2: prompt: expected a string"),
         ("{\"prompt\": \"ab\"}\n", "prompts.jsonl:1: ranking by `answer` needs"),
         ("{\"prompt\": \"ab\", \"answer\": 1}\n", "prompts.jsonl:1: `answer`: expected a string"),
         ("{\"messages\": [{\"role\": \"assistant\", \"content\": \"a\"}], \"answer\": \"a\"}\n", "no turn before"),
